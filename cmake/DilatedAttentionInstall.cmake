@@ -1,0 +1,1 @@
+# install(EXPORT), package config and version files. (Filled in by the packaging work.)
