@@ -1,2 +1,6 @@
-# Optional back ends. Each defines its INTERFACE target only when its toolchain is found, so a
-# plain C++ consumer never needs CUDA, MPI or NCCL. (Filled in by the CUDA and ring work.)
+# Optional back ends, each opt-in and each in its own file. A back end defines its INTERFACE
+# target (DilatedAttention::cuda, ::mpi, ::nccl) only when its toolchain is found, so a plain C++
+# consumer never needs CUDA, MPI or NCCL.
+include(${CMAKE_CURRENT_LIST_DIR}/backends/cuda.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/backends/mpi.cmake)
+include(${CMAKE_CURRENT_LIST_DIR}/backends/nccl.cmake)

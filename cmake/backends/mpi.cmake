@@ -1,0 +1,1 @@
+# MPI back end: target dilated_attention_mpi / DilatedAttention::mpi when MPI is found.
