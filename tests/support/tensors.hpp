@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -78,6 +79,54 @@ double max_lse_diff(const std::vector<A>& a, const std::vector<B>& b) {
     if (!(diff <= worst)) worst = diff;
   }
   return worst;
+}
+
+// Elements of an LSE array [batch, num_heads, seq_len].
+inline std::size_t lse_size(const Shape& shape) {
+  return static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len);
+}
+
+// A tensor of `heads` heads filled by fill_random(seed); pads as in the Tensor constructor.
+template <class T>
+Tensor<T> random_tensor(const Shape& shape, std::int64_t heads, std::uint64_t seed,
+                        std::int64_t pad = 0, std::int64_t seq_pad = 0) {
+  Tensor<T> tensor(shape, heads, pad, seq_pad);
+  tensor.fill_random(seed);
+  return tensor;
+}
+
+// Q [.., num_heads, ..] and K, V [.., num_kv_heads, ..], seeded from one number.
+template <class T>
+struct Inputs {
+  Tensor<T> q, k, v;
+};
+template <class T>
+Inputs<T> random_inputs(const Shape& shape, std::uint64_t seed, std::int64_t pad = 0,
+                        std::int64_t seq_pad = 0) {
+  return {random_tensor<T>(shape, shape.num_heads, seed, pad, seq_pad),
+          random_tensor<T>(shape, shape.num_kv_heads, seed + 1, pad, seq_pad),
+          random_tensor<T>(shape, shape.num_kv_heads, seed + 2, pad, seq_pad)};
+}
+
+// Whether the logical elements of two tensors are bitwise equal (determinism checks); padding
+// is ignored. NaNs with the same payload count as equal, +0 and -0 do not.
+template <class T>
+bool bitwise_equal(const Tensor<T>& a, const Tensor<T>& b) {
+  if (a.shape.batch != b.shape.batch || a.shape.seq_len != b.shape.seq_len ||
+      a.heads != b.heads || a.shape.head_dim != b.shape.head_dim)
+    return false;
+  for (std::int64_t i = 0; i < a.shape.batch; ++i)
+    for (std::int64_t x = 0; x < a.shape.seq_len; ++x)
+      for (std::int64_t h = 0; h < a.heads; ++h)
+        if (std::memcmp(&a.at(i, x, h, 0), &b.at(i, x, h, 0),
+                        static_cast<std::size_t>(a.shape.head_dim) * sizeof(T)) != 0)
+          return false;
+  return true;
+}
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 }  // namespace dilated_attention::testing
