@@ -1,0 +1,12 @@
+#pragma once
+// The ring umbrella header (SPEC §4): rank p of P holds the contiguous shard [p*N/P, (p+1)*N/P)
+// of Q, K and V and receives exactly those rows of the single-device result. Pulls in no MPI and
+// no NCCL: include <dilated_attention/ring/mpi.hpp> (target DilatedAttention::mpi) or
+// <dilated_attention/ring/nccl.cuh> (target DilatedAttention::nccl) for those transports.
+
+#include "config.hpp"
+#include "ring/cpu_backend.hpp"
+#include "ring/forward.hpp"
+#include "ring/pattern_cache.hpp"
+#include "ring/schedule.hpp"
+#include "ring/transport.hpp"

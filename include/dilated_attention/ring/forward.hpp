@@ -1,0 +1,248 @@
+#pragma once
+// The ring driver: rank p of P computes its shard's rows of the single-device forward, fetching
+// from other ranks only the K/V rows its queries attend to. Generic over the compute back end
+// (ring/cpu_backend.hpp on the CPU; a CUDA back end provides the same members on device memory)
+// and over the transport (ring/transport.hpp, ring/mpi.hpp, ring/nccl.cuh).
+//
+// Per forward:
+//   1. validate (partition, config, global and shard-local shapes, views) before touching output;
+//   2. fetch the StepPlan of every (step, branch, offset) from the pattern cache;
+//   3. post step 1's exchange, compute step 0 (local blocks) while it is in flight, then for each
+//      step t: wait for t's rows, post t+1's exchange, compute t's blocks;
+//   4. mix the accumulated partials into O and LSE.
+// A step's message is the concatenation, over branch, offset, kv head and batch, of the K rows
+// then the V rows of the plan's progression. Sender and receiver derive the same layout from the
+// same plans, so no header travels and the byte counts are known in advance.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "../config.hpp"
+#include "../pattern.hpp"
+#include "cpu_backend.hpp"
+#include "pattern_cache.hpp"
+#include "schedule.hpp"
+#include "transport.hpp"
+
+namespace dilated_attention::ring {
+
+struct Options {
+  PatternCache* cache = nullptr;  // nullptr: default_pattern_cache()
+  int threads = 1;                // compute threads of this rank (ranks are often threads already)
+};
+
+// What one rank did in one forward; the tests check these against closed-form counts.
+struct Stats {
+  std::int64_t bytes_sent = 0, bytes_received = 0;
+  std::vector<std::int64_t> bytes_sent_per_branch;  // one entry per branch
+  std::int64_t sends_posted = 0, recvs_posted = 0;  // over steps 1..P-1
+  std::int64_t sends_skipped = 0, recvs_skipped = 0;
+  std::int64_t blocks_computed = 0;  // attend() calls
+};
+
+namespace detail {
+
+// One piece of a step's message: K then V rows of (branch, kv head, batch) for one offset.
+struct Piece {
+  std::int64_t branch, offset, kv_head, batch;
+  Progression rows;
+  std::size_t element_offset;  // where its K rows start; V rows follow
+};
+
+// The kv heads read by the query heads in `heads`, ascending and distinct.
+inline std::vector<std::int64_t> kv_heads_of(const Progression& heads, std::int64_t group) {
+  std::vector<std::int64_t> result;
+  for (std::int64_t j = 0; j < heads.count; ++j) {
+    const std::int64_t g = heads.at(j) / group;
+    if (result.empty() || result.back() != g) result.push_back(g);
+  }
+  return result;
+}
+
+}  // namespace detail
+
+// Runs the ring on an existing back end. Pattern, plans and layouts are host-side; the back end
+// owns every tensor buffer. Call only after validation (ring::forward does it).
+template <class Backend>
+Stats run_ring(const Config& config, const Shape& global, Transport& transport, Backend& backend,
+               PatternCache& cache) {
+  const Pattern pattern(config, global);
+  const std::int64_t num_ranks = transport.size(), rank = transport.rank();
+  const std::int64_t branches = pattern.num_branches();
+  const std::int64_t group = global.num_heads / global.num_kv_heads;
+  const std::int64_t dim = global.head_dim;
+  const bool mean = config.mixing == Mixing::mean;
+
+  // plans[t][i][o], null where no query head uses offset o of branch i.
+  std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> plans(
+      static_cast<std::size_t>(num_ranks));
+  std::vector<std::vector<std::vector<std::int64_t>>> kv_heads(static_cast<std::size_t>(branches));
+  for (std::int64_t i = 0; i < branches; ++i) {
+    const BranchGeometry g = pattern.branch(i);
+    for (std::int64_t o = 0; o < g.r; ++o)
+      kv_heads[static_cast<std::size_t>(i)].push_back(
+          detail::kv_heads_of(pattern.heads_with_offset(i, o), group));
+  }
+  for (std::int64_t t = 0; t < num_ranks; ++t) {
+    auto& step = plans[static_cast<std::size_t>(t)];
+    step.resize(static_cast<std::size_t>(branches));
+    for (std::int64_t i = 0; i < branches; ++i) {
+      const BranchGeometry g = pattern.branch(i);
+      step[static_cast<std::size_t>(i)].resize(static_cast<std::size_t>(g.r));
+      for (std::int64_t o = 0; o < g.r; ++o)
+        if (!kv_heads[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)].empty())
+          step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] =
+              cache.plan({global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t});
+    }
+  }
+
+  Stats stats;
+  stats.bytes_sent_per_branch.assign(static_cast<std::size_t>(branches), 0);
+
+  // The message layout of step t, outgoing (send_rows) or incoming (the received block's keys).
+  const auto layout = [&](std::int64_t t, bool outgoing, std::size_t& elements) {
+    std::vector<detail::Piece> pieces;
+    elements = 0;
+    for (std::int64_t i = 0; i < branches; ++i)
+      for (std::int64_t o = 0; o < pattern.branch(i).r; ++o) {
+        const auto& plan = plans[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]
+                                [static_cast<std::size_t>(o)];
+        if (!plan || !(outgoing ? plan->sends() : plan->receives())) continue;
+        const Progression rows = outgoing ? plan->send_rows : plan->blocks.front().keys;
+        for (const std::int64_t g : kv_heads[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)])
+          for (std::int64_t b = 0; b < global.batch; ++b) {
+            pieces.push_back({i, o, g, b, rows, elements});
+            elements += static_cast<std::size_t>(2 * rows.count * dim);
+          }
+      }
+    return pieces;
+  };
+  // The one peer of step t in each direction (every plan of a step agrees on it).
+  const auto peer = [&](std::int64_t t, bool outgoing) {
+    return static_cast<int>(outgoing ? (rank + t) % num_ranks
+                                     : (rank - t + num_ranks) % num_ranks);
+  };
+
+  struct InFlight {
+    typename Backend::Buffer send, recv;
+    std::vector<detail::Piece> incoming;
+    Transport::Ticket send_ticket = 0, recv_ticket = 0;
+    bool sending = false, receiving = false;
+  };
+  const auto post = [&](std::int64_t t, InFlight& flight) {
+    std::size_t send_elements = 0, recv_elements = 0;
+    const std::vector<detail::Piece> outgoing = layout(t, true, send_elements);
+    flight.incoming = layout(t, false, recv_elements);
+    flight.sending = send_elements > 0;
+    flight.receiving = recv_elements > 0;
+    if (flight.sending) {
+      flight.send = backend.make_buffer(send_elements);
+      for (const detail::Piece& piece : outgoing) {
+        backend.pack(flight.send, piece.element_offset, piece.batch, piece.kv_head, piece.rows);
+        stats.bytes_sent_per_branch[static_cast<std::size_t>(piece.branch)] +=
+            static_cast<std::int64_t>(2 * piece.rows.count * dim * Backend::element_size());
+      }
+    }
+    if (flight.receiving) flight.recv = backend.make_buffer(recv_elements);
+    const std::size_t send_bytes = send_elements * Backend::element_size();
+    const std::size_t recv_bytes = recv_elements * Backend::element_size();
+    transport.begin_group();
+    if (flight.receiving)
+      flight.recv_ticket = transport.post_recv(peer(t, false), static_cast<int>(t),
+                                               Backend::bytes(flight.recv), recv_bytes);
+    if (flight.sending)
+      flight.send_ticket = transport.post_send(peer(t, true), static_cast<int>(t),
+                                               Backend::bytes(flight.send), send_bytes);
+    transport.end_group();
+    stats.bytes_sent += static_cast<std::int64_t>(send_bytes);
+    stats.bytes_received += static_cast<std::int64_t>(recv_bytes);
+    (flight.sending ? stats.sends_posted : stats.sends_skipped) += 1;
+    (flight.receiving ? stats.recvs_posted : stats.recvs_skipped) += 1;
+  };
+
+  // Every block of step t, for every (batch, query head). Received keys are found through the
+  // incoming layout: the piece of (branch, offset, kv head, batch).
+  const auto compute = [&](std::int64_t t, const InFlight* flight) {
+    std::int64_t blocks = 0;
+    for (std::int64_t i = 0; i < branches; ++i)
+      for (std::int64_t o = 0; o < pattern.branch(i).r; ++o) {
+        const auto& plan = plans[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]
+                                [static_cast<std::size_t>(o)];
+        if (plan) blocks += static_cast<std::int64_t>(plan->blocks.size()) *
+                            pattern.heads_with_offset(i, o).count * global.batch;
+      }
+    if (blocks == 0) return;
+    stats.blocks_computed += blocks;
+    backend.for_each_head([&](std::int64_t b, std::int64_t h, typename Backend::Workspace& ws) {
+      const std::int64_t g = pattern.kv_head(h);
+      for (std::int64_t i = 0; i < branches; ++i) {
+        const std::int64_t o = pattern.offset(i, h);
+        if (o < 0) continue;
+        const auto& plan = plans[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]
+                                [static_cast<std::size_t>(o)];
+        const std::int64_t slot = mean ? i : 0;
+        if (flight == nullptr) {
+          for (const BlockPair& block : plan->blocks)
+            backend.attend_merge(ws, slot, b, h, g, block.queries, block.keys, nullptr, 0);
+          continue;
+        }
+        if (!plan->receives()) continue;
+        for (const detail::Piece& piece : flight->incoming)
+          if (piece.branch == i && piece.offset == o && piece.kv_head == g && piece.batch == b) {
+            const BlockPair& block = plan->blocks.front();
+            backend.attend_merge(ws, slot, b, h, g, block.queries, block.keys, &flight->recv,
+                                 piece.element_offset);
+            break;
+          }
+      }
+    });
+  };
+
+  std::vector<InFlight> flights(static_cast<std::size_t>(num_ranks));
+  if (num_ranks > 1) post(1, flights[1]);
+  compute(0, nullptr);
+  for (std::int64_t t = 1; t < num_ranks; ++t) {
+    InFlight& flight = flights[static_cast<std::size_t>(t)];
+    if (flight.receiving) transport.wait(flight.recv_ticket);
+    if (t + 1 < num_ranks) post(t + 1, flights[static_cast<std::size_t>(t + 1)]);
+    compute(t, &flight);
+    flight.recv = typename Backend::Buffer();
+    if (flight.sending) transport.wait(flight.send_ticket);
+    flight.send = typename Backend::Buffer();
+  }
+  return stats;
+}
+
+// Ring forward on the CPU (SPEC §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
+// views over this rank's shard (seq_len N / P, positions local to the shard); lse, when given,
+// is [batch, num_heads, N / P] contiguous. Rank and P come from the transport. Every rank must
+// call it with the same config and shape. Throws std::invalid_argument before writing any output.
+template <class T>
+Stats forward(const Config& config, const Shape& shape, Transport& transport,
+              View<const dilated_attention::detail::identity_t<T>> q,
+              View<const dilated_attention::detail::identity_t<T>> k,
+              View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
+              lse_type_t<T>* lse = nullptr, const Options& options = {}) {
+  validate_partition(shape.seq_len, transport.size(), transport.rank());
+  validate(config, shape);
+  Shape local = shape;
+  local.seq_len = shape.seq_len / transport.size();
+  validate(config, local, q, k, v, out, lse);
+  if (options.threads <= 0)
+    dilated_attention::detail::reject("options.threads = ", options.threads, ": must be positive");
+
+  const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
+  const std::int64_t accumulators =
+      config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
+  CpuBackend<T> backend(local, shard.begin, q, k, v,
+                        static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
+                        config.causal, accumulators, options.threads);
+  PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
+  Stats stats = run_ring(config, shape, transport, backend, cache);
+  backend.finish(out, lse);
+  return stats;
+}
+
+}  // namespace dilated_attention::ring
