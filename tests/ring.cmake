@@ -1,1 +1,5 @@
-# Tests of the ring area.
+# Tests of the ring area. Every ring test carries the label `ring`; the pattern-cache and
+# in-process transport tests also carry `tsan` (CI reruns them under ThreadSanitizer), and the
+# tests launched through mpiexec carry `mpi`.
+
+dilated_attention_add_test(ring_forward_test SOURCES ring_forward_test.cpp LABELS ring)

@@ -1,0 +1,244 @@
+// The ring forward equals the single-device forward (SPEC §6.9) for P = 1..4, with segments below,
+// equal to, above and not a multiple of the shard length, causal and not, every offset rule, both
+// mixings, MHA and GQA; and every rank sends exactly the rows its peers' queries attend to.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "ring_support.hpp"
+
+namespace da = dilated_attention;
+using da::testing::Tensor;
+
+namespace {
+
+struct Branches {
+  const char* name;
+  std::vector<std::int64_t> w, r;
+};
+
+// N = 24: shard lengths 24, 12, 8, 6 for P = 1..4.
+const std::vector<Branches>& branch_sets() {
+  static const std::vector<Branches> sets = {
+      {"below_shard", {4}, {1}},                    // w < L for every P: all local
+      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
+      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
+      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
+      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
+      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
+  };
+  return sets;
+}
+
+// The bytes rank p must send for branch i: every (batch, kv head, own row y, peer q) such that
+// some query head of q reading that kv head attends y from some query row in q's shard. Brute
+// force over the pattern, independent of the schedule.
+std::vector<std::vector<std::int64_t>> needed_bytes(const da::Pattern& pattern, int num_ranks,
+                                                    std::size_t element_size,
+                                                    std::vector<std::vector<bool>>* talks) {
+  const da::Shape& s = pattern.shape();
+  const std::int64_t length = s.seq_len / num_ranks;
+  std::vector<std::vector<std::int64_t>> bytes(static_cast<std::size_t>(num_ranks),
+                                               std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
+  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
+  for (int p = 0; p < num_ranks; ++p)
+    for (int q = 0; q < num_ranks; ++q) {
+      if (q == p) continue;
+      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+        for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
+          for (std::int64_t y = p * length; y < (p + 1) * length; ++y) {
+            bool needed = false;
+            for (std::int64_t h = 0; h < s.num_heads && !needed; ++h) {
+              if (pattern.kv_head(h) != g) continue;
+              for (std::int64_t x = q * length; x < (q + 1) * length && !needed; ++x)
+                needed = pattern.keys(i, h, x).contains(y);
+            }
+            if (needed) {
+              bytes[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)] +=
+                  2 * s.head_dim * s.batch * static_cast<std::int64_t>(element_size);
+              (*talks)[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] = true;
+            }
+          }
+    }
+  return bytes;
+}
+
+// The most offsets of one branch that the query heads reading one kv head use.
+std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
+  std::int64_t most = 0;
+  for (std::int64_t g = 0; g < pattern.shape().num_kv_heads; ++g) {
+    std::vector<std::int64_t> offsets;
+    for (std::int64_t h = 0; h < pattern.shape().num_heads; ++h)
+      if (pattern.kv_head(h) == g && pattern.offset(i, h) >= 0) offsets.push_back(pattern.offset(i, h));
+    std::sort(offsets.begin(), offsets.end());
+    most = std::max<std::int64_t>(most, std::unique(offsets.begin(), offsets.end()) - offsets.begin());
+  }
+  return most;
+}
+
+using Param = std::tuple<int /*set*/, da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
+
+class RingForward : public ::testing::TestWithParam<Param> {};
+
+TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
+  const auto [set, rule, mixing, causal, gqa] = GetParam();
+  const Branches& branches = branch_sets()[static_cast<std::size_t>(set)];
+  da::Config config;
+  config.segment_lengths = branches.w;
+  config.dilation_rates = branches.r;
+  config.causal = causal;
+  config.offsets = rule;
+  config.mixing = mixing;
+  const da::Shape shape{2, 24, 4, gqa ? 2 : 4, 8};
+  // Padded layouts, so the ring honours view strides.
+  Tensor<double> q(shape, shape.num_heads, 1, 3), k(shape, shape.num_kv_heads, 2),
+      v(shape, shape.num_kv_heads, 0, 5), expected(shape, shape.num_heads);
+  q.fill_random(11 + static_cast<std::uint64_t>(set));
+  k.fill_random(23);
+  v.fill_random(37);
+  std::vector<double> expected_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(),
+                                 expected_lse.data());
+  const da::Pattern pattern(config, shape);
+
+  for (int num_ranks = 1; num_ranks <= 4; ++num_ranks) {
+    SCOPED_TRACE("P = " + std::to_string(num_ranks));
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks);
+    EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+    EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+
+    std::vector<std::vector<bool>> talks;
+    const auto needed = needed_bytes(pattern, num_ranks, sizeof(double), &talks);
+    const std::int64_t length = shape.seq_len / num_ranks;
+    for (int p = 0; p < num_ranks; ++p) {
+      SCOPED_TRACE("rank " + std::to_string(p));
+      const da::ring::Stats& stats = run.stats[static_cast<std::size_t>(p)];
+      std::int64_t total = 0, peers = 0;
+      for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+        const std::int64_t sent = stats.bytes_sent_per_branch[static_cast<std::size_t>(i)];
+        EXPECT_EQ(sent, needed[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)]) << "branch " << i;
+        total += sent;
+        // At most 1/r of a ring of whole shards for this branch (per offset a kv head's readers
+        // use), rounding each peer's rows up.
+        const std::int64_t r = pattern.branch(i).r;
+        const std::int64_t whole_rows_per_peer = length;
+        const std::int64_t bound = (num_ranks - 1) * shape.batch * shape.num_kv_heads * 2 *
+                                   shape.head_dim * static_cast<std::int64_t>(sizeof(double)) *
+                                   ((whole_rows_per_peer + r - 1) / r) * offsets_per_kv_head(pattern, i);
+        EXPECT_LE(sent, bound) << "branch " << i;
+        if (!gqa) {
+          const std::int64_t whole = (num_ranks - 1) * shape.batch * length * shape.num_kv_heads * 2 *
+                                     shape.head_dim * static_cast<std::int64_t>(sizeof(double));
+          const std::int64_t rounding = (num_ranks - 1) * shape.batch * shape.num_kv_heads * 2 *
+                                        shape.head_dim * static_cast<std::int64_t>(sizeof(double));
+          EXPECT_LE(sent * r, whole + r * rounding) << "branch " << i;
+        }
+      }
+      for (int q2 = 0; q2 < num_ranks; ++q2) peers += talks[static_cast<std::size_t>(p)][static_cast<std::size_t>(q2)] ? 1 : 0;
+      EXPECT_EQ(stats.bytes_sent, total);
+      EXPECT_EQ(run.transport_bytes[static_cast<std::size_t>(p)], total);
+      // Skipped steps make no transport call: one send per peer that needs rows, no more.
+      EXPECT_EQ(run.transport_sends[static_cast<std::size_t>(p)], peers);
+      EXPECT_EQ(stats.sends_posted, peers);
+      EXPECT_EQ(stats.sends_posted + stats.sends_skipped, num_ranks - 1);
+      EXPECT_EQ(stats.recvs_posted + stats.recvs_skipped, num_ranks - 1);
+      EXPECT_EQ(run.transport_recvs[static_cast<std::size_t>(p)], stats.recvs_posted);
+    }
+  }
+}
+
+std::string name_of(const ::testing::TestParamInfo<Param>& info) {
+  const auto [set, rule, mixing, causal, gqa] = info.param;
+  return std::string(branch_sets()[static_cast<std::size_t>(set)].name) + "_" + da::to_string(rule) +
+         "_" + da::to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, RingForward,
+                         ::testing::Combine(::testing::Range(0, 6),
+                                            ::testing::Values(da::OffsetRule::modular,
+                                                              da::OffsetRule::blocked,
+                                                              da::OffsetRule::partitioned),
+                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
+                                            ::testing::Bool(), ::testing::Bool()),
+                         name_of);
+
+// Float storage, a longer sequence and several compute threads: still the reference, and
+// bitwise the same for any thread count (SPEC §6.11).
+TEST(RingForward, FloatStorageAndThreadCountInvariance) {
+  da::Config config;
+  config.segment_lengths = {16, 40, 96};
+  config.dilation_rates = {1, 2, 4};
+  config.causal = true;
+  const da::Shape shape{1, 96, 6, 3, 16};
+  Tensor<float> q(shape, 6), k(shape, 3), v(shape, 3), expected(shape, 6);
+  q.fill_random(5);
+  k.fill_random(6);
+  v.fill_random(7);
+  std::vector<float> expected_lse(static_cast<std::size_t>(6 * 96));
+  da::reference::forward<float>(config, shape, q.view(), k.view(), v.view(), expected.view(),
+                                expected_lse.data());
+  for (int num_ranks : {2, 3, 4}) {
+    SCOPED_TRACE("P = " + std::to_string(num_ranks));
+    const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 1);
+    const auto three = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 3);
+    EXPECT_LE(da::testing::max_abs_diff(one.out, expected), 2e-5);
+    EXPECT_LE(da::testing::max_lse_diff(one.lse, expected_lse), 2e-5);
+    EXPECT_EQ(one.out.storage, three.out.storage);
+    EXPECT_EQ(one.lse, three.lse);
+  }
+}
+
+// The ring can fail: a corrupted received row changes the answer (guards against a test that
+// compares the reference with itself).
+TEST(RingForward, CorruptedTransferIsDetected) {
+  class Corrupting final : public da::ring::Transport {
+   public:
+    explicit Corrupting(da::ring::Transport& inner) : inner_(inner) {}
+    int rank() const override { return inner_.rank(); }
+    int size() const override { return inner_.size(); }
+    Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
+      std::vector<unsigned char> copy(static_cast<const unsigned char*>(data),
+                                      static_cast<const unsigned char*>(data) + bytes);
+      if (bytes >= sizeof(double)) {
+        double first;
+        std::memcpy(&first, copy.data(), sizeof first);
+        first += 1.0;
+        std::memcpy(copy.data(), &first, sizeof first);
+      }
+      return inner_.post_send(peer, tag, copy.data(), bytes);
+    }
+    Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+      return inner_.post_recv(peer, tag, data, bytes);
+    }
+    void wait(Ticket ticket) override { inner_.wait(ticket); }
+
+   private:
+    da::ring::Transport& inner_;
+  };
+  da::Config config;
+  config.segment_lengths = {24};
+  config.dilation_rates = {1};
+  const da::Shape shape{1, 24, 2, 2, 4};
+  Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), expected(shape, 2), out(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::ring::run_in_process(2, [&](da::ring::Transport& inner) {
+    Corrupting transport(inner);
+    const std::int64_t begin = transport.rank() * 12;
+    da::ring::forward<double>(config, shape, transport, da::testing::shard_view(q.view(), begin),
+                              da::testing::shard_view(k.view(), begin),
+                              da::testing::shard_view(v.view(), begin),
+                              da::testing::shard_view(out.view(), begin));
+  });
+  EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
+}
+
+}  // namespace
