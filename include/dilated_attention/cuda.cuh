@@ -1,0 +1,11 @@
+#pragma once
+// The GPU umbrella header: dilated_attention::cuda::forward on device pointers for __half,
+// __nv_bfloat16 and float (SPEC §4). The only way CUDA enters a build: compile the including
+// translation unit with nvcc and link DilatedAttention::cuda. The CPU headers never include it.
+
+#include "config.hpp"
+#include "pattern.hpp"
+#include "reference.hpp"
+#include "cuda/error.cuh"
+#include "cuda/forward.cuh"
+#include "cuda/launch_plan.hpp"

@@ -1,0 +1,249 @@
+#pragma once
+// The launch plan of the CUDA forward kernels, in plain C++ so that it is tested on machines
+// without a GPU. Two halves:
+//  - host+device functions that say what one work unit computes: which (branch, segment) pairs
+//    overlap its window, which of its rows are queries there, how many keys it streams and in how
+//    many tiles. The kernel calls exactly these, so the host tests check the kernel's own bounds.
+//  - the host-side plan: the kernel parameters (pointers, strides, branches), grid and shared
+//    memory, built from a validated Config and Shape.
+// All index math comes from pattern.hpp (BranchGeometry, head_offset, Progression); nothing here
+// re-derives a segment or an offset.
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../config.hpp"
+#include "../host_device.hpp"
+#include "../pattern.hpp"
+
+namespace dilated_attention::cuda {
+
+// Branches travel by value inside the kernel parameters, so their number is capped. The LongNet
+// paper uses 5; a config with more gets std::invalid_argument.
+inline constexpr int kMaxBranches = 16;
+
+// A work unit is (batch, head, window): `kWindowRows` consecutive positions of one query head.
+// The same rows form the query tile of every branch (rows a branch does not select are masked),
+// which is what lets the online softmax run across branches in registers and write each output
+// row once. Keys stream in tiles of `kKeyTile` rows of one block (compressed, i.e. stride r).
+inline constexpr int kWindowRows = 64;
+inline constexpr int kKeyTile = 64;
+inline constexpr int kWarps = 4;  // each warp owns 16 rows of the window (mma m16)
+inline constexpr int kThreads = 32 * kWarps;
+
+// The head dimensions with compiled kernels, and their names for error messages.
+inline constexpr int kHeadDims[] = {32, 64, 96, 128};
+inline const char* supported_head_dims() { return "{32, 64, 96, 128}"; }
+inline bool head_dim_supported(std::int64_t head_dim) {
+  for (int d : kHeadDims)
+    if (d == head_dim) return true;
+  return false;
+}
+
+// What one (window, branch, segment) contributes for a head with a given offset.
+struct SegmentWork {
+  Progression keys;     // the block: rows of the segment with this offset, in compressed order
+  Progression queries;  // the block's rows inside the window (the queries of this work)
+  std::int64_t key_count = 0;  // keys streamed: all, or when causal those up to the last query
+  DILATED_ATTENTION_HOST_DEVICE bool empty() const { return queries.empty() || key_count <= 0; }
+  DILATED_ATTENTION_HOST_DEVICE std::int64_t tiles() const {
+    return (key_count + kKeyTile - 1) / kKeyTile;
+  }
+};
+
+// Segments of one branch that overlap the window [begin, end), end > begin.
+struct SegmentRange {
+  std::int64_t first, last;  // inclusive
+};
+DILATED_ATTENTION_HOST_DEVICE SegmentRange segments_overlapping(const BranchGeometry& g,
+                                                                std::int64_t begin,
+                                                                std::int64_t end) {
+  const std::int64_t last_row = end < g.n ? end - 1 : g.n - 1;
+  return {g.segment_of(begin), g.segment_of(last_row)};
+}
+
+DILATED_ATTENTION_HOST_DEVICE SegmentWork segment_work(const BranchGeometry& g,
+                                                       std::int64_t segment, std::int64_t offset,
+                                                       bool causal, std::int64_t begin,
+                                                       std::int64_t end) {
+  SegmentWork work;
+  work.keys = g.rows(segment, offset);  // empty for offset -1 (head does not run the branch)
+  work.queries = work.keys.within(begin, end < g.n ? end : g.n);
+  if (work.queries.empty()) return work;
+  // Non-causal: every query sees the whole block. Causal: the key set of the last query is the
+  // largest; later keys are never streamed (future tiles skipped).
+  work.key_count = causal ? work.keys.count_up_to(work.queries.last()) : work.keys.count;
+  return work;
+}
+
+// How many keys of `keys` (a block's rows) query x attends, or 0 if x is not in the block. Keys
+// j < key_limit are attended: the mask of one row inside a tile.
+DILATED_ATTENTION_HOST_DEVICE std::int64_t key_limit(const Progression& keys, std::int64_t x,
+                                                     bool causal) {
+  if (!keys.contains(x)) return 0;
+  return causal ? keys.index_of(x) + 1 : keys.count;
+}
+
+// Kernel parameters: everything by value, no device allocation, no pointer to host memory.
+struct BranchParams {
+  std::int64_t w, r;
+};
+
+struct ForwardParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;  // [batch, heads, seq] or null
+  std::int64_t q_batch, q_seq, q_head;
+  std::int64_t k_batch, k_seq, k_head;
+  std::int64_t v_batch, v_seq, v_head;
+  std::int64_t o_batch, o_seq, o_head;
+  std::int64_t batch, seq_len, heads, kv_heads, head_dim;
+  int num_branches;
+  BranchParams branches[kMaxBranches];
+  OffsetRule offsets;
+  Mixing mixing;
+  bool causal;
+  bool vector_io;      // every row start is 16-byte aligned: cp.async / 16-byte loads allowed
+  float scale;         // softmax scale
+  float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
+  std::int64_t windows;  // ceil(seq_len / kWindowRows)
+
+  DILATED_ATTENTION_HOST_DEVICE BranchGeometry branch(int i) const {
+    return {branches[i].w, branches[i].r, seq_len};
+  }
+  DILATED_ATTENTION_HOST_DEVICE std::int64_t offset(int i, std::int64_t head) const {
+    return head_offset(offsets, i, num_branches, branches[i].r, head, heads);
+  }
+  DILATED_ATTENTION_HOST_DEVICE std::int64_t kv_head(std::int64_t head) const {
+    return head / (heads / kv_heads);
+  }
+};
+
+// Block index -> (batch, head, window). Windows vary fastest so that neighbouring blocks share a
+// head's keys and values in L2.
+struct WorkUnit {
+  std::int64_t batch, head, window;
+  DILATED_ATTENTION_HOST_DEVICE std::int64_t begin() const { return window * kWindowRows; }
+};
+DILATED_ATTENTION_HOST_DEVICE WorkUnit work_unit(const ForwardParams& p, std::int64_t block) {
+  const std::int64_t window = block % p.windows, rest = block / p.windows;
+  return {rest / p.heads, rest % p.heads, window};
+}
+
+// Which kernel runs: tensor cores for 16-bit storage, SIMT (exact fp32 arithmetic) for float.
+enum class KernelKind { tensor_core, simt };
+
+struct LaunchPlan {
+  ForwardParams params;
+  KernelKind kind;
+  std::int64_t blocks;       // grid size (1-D)
+  int threads;               // per block
+  std::size_t shared_bytes;  // dynamic shared memory per block
+};
+
+namespace detail {
+
+// Shared memory of the tensor-core kernel: Q tile, two K and two V stages (rows padded by 8
+// elements so that ldmatrix rows fall in distinct banks), plus, for mean mixing, one fp32 slot per
+// thread per accumulator element.
+inline std::size_t tensor_core_shared_bytes(std::int64_t head_dim, Mixing mixing) {
+  const std::size_t pitch = static_cast<std::size_t>(head_dim + 8) * 2;  // bytes per 16-bit row
+  std::size_t bytes = pitch * (kWindowRows + 4 * kKeyTile);
+  if (mixing == Mixing::mean)
+    bytes += static_cast<std::size_t>(head_dim / 2) * kThreads * sizeof(float);
+  return bytes;
+}
+
+// SIMT kernel: one warp per query row, the row's query in shared memory (fp32).
+inline constexpr int kSimtRowsPerBlock = 4;
+inline std::size_t simt_shared_bytes(std::int64_t head_dim) {
+  return static_cast<std::size_t>(head_dim) * kSimtRowsPerBlock * sizeof(float);
+}
+
+inline bool aligned16(const void* pointer) {
+  return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
+}
+
+}  // namespace detail
+
+// Backend limits beyond SPEC §5, checked after validate(): head_dim, number of branches, sizes
+// that the kernel indexes with 32-bit block and tile counters. `element_bytes` is sizeof(T).
+inline void check_backend_limits(const Config& config, const Shape& shape) {
+  if (!head_dim_supported(shape.head_dim))
+    dilated_attention::detail::reject("shape.head_dim = ", shape.head_dim,
+                                      ": the CUDA back end supports head_dim in ",
+                                      supported_head_dims());
+  const auto branches = config.segment_lengths.size();
+  if (branches > static_cast<std::size_t>(kMaxBranches))
+    dilated_attention::detail::reject("config.segment_lengths has ", branches,
+                                      " branches: the CUDA back end supports at most ",
+                                      kMaxBranches);
+  const std::int64_t windows = (shape.seq_len + kWindowRows - 1) / kWindowRows;
+  const double blocks = static_cast<double>(windows) * static_cast<double>(shape.num_heads) *
+                        static_cast<double>(shape.batch);
+  if (shape.seq_len > (std::int64_t{1} << 31) - 1 || blocks > 2147483647.0)
+    dilated_attention::detail::reject(
+        "shape [batch ", shape.batch, ", seq_len ", shape.seq_len, ", heads ", shape.num_heads,
+        "] needs ", blocks, " thread blocks: the CUDA back end supports seq_len < 2^31 and at "
+        "most 2^31 - 1 blocks of ", kWindowRows, " rows");
+}
+
+// The plan of one forward call. Call after validate(); raises std::invalid_argument for the
+// back end's own limits. Touches no device memory.
+template <class T>
+LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View<const T>& q,
+                            const View<const T>& k, const View<const T>& v, const View<T>& out,
+                            float* lse, KernelKind kind) {
+  check_backend_limits(config, shape);
+  LaunchPlan plan{};
+  ForwardParams& p = plan.params;
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  p.lse = lse;
+  p.q_batch = q.batch_stride, p.q_seq = q.seq_stride, p.q_head = q.head_stride;
+  p.k_batch = k.batch_stride, p.k_seq = k.seq_stride, p.k_head = k.head_stride;
+  p.v_batch = v.batch_stride, p.v_seq = v.seq_stride, p.v_head = v.head_stride;
+  p.o_batch = out.batch_stride, p.o_seq = out.seq_stride, p.o_head = out.head_stride;
+  p.batch = shape.batch, p.seq_len = shape.seq_len, p.heads = shape.num_heads;
+  p.kv_heads = shape.num_kv_heads, p.head_dim = shape.head_dim;
+  p.num_branches = static_cast<int>(config.segment_lengths.size());
+  for (int i = 0; i < p.num_branches; ++i)
+    p.branches[i] = {config.segment_lengths[static_cast<std::size_t>(i)],
+                     config.dilation_rates[static_cast<std::size_t>(i)]};
+  p.offsets = config.offsets;
+  p.mixing = config.mixing;
+  p.causal = config.causal;
+  // 16-byte transfers need every row start 16-byte aligned: the base pointers and all strides
+  // (in bytes) multiples of 16. Otherwise the kernels fall back to element-wise copies.
+  const std::int64_t vec = 16 / static_cast<std::int64_t>(sizeof(T));
+  auto strides_ok = [vec](const auto& view) {
+    return view.batch_stride % vec == 0 && view.seq_stride % vec == 0 &&
+           view.head_stride % vec == 0 && detail::aligned16(view.data);
+  };
+  p.vector_io = strides_ok(q) && strides_ok(k) && strides_ok(v) && strides_ok(out);
+  const double scale = resolved_scale(config, shape);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.windows = (shape.seq_len + kWindowRows - 1) / kWindowRows;
+
+  plan.kind = kind;
+  if (kind == KernelKind::tensor_core) {
+    plan.blocks = p.windows * p.heads * p.batch;
+    plan.threads = kThreads;
+    plan.shared_bytes = detail::tensor_core_shared_bytes(shape.head_dim, config.mixing);
+  } else {
+    const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
+    plan.blocks = (rows + detail::kSimtRowsPerBlock - 1) / detail::kSimtRowsPerBlock;
+    plan.threads = 32 * detail::kSimtRowsPerBlock;
+    plan.shared_bytes = detail::simt_shared_bytes(shape.head_dim);
+  }
+  return plan;
+}
+
+}  // namespace dilated_attention::cuda
