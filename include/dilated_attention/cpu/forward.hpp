@@ -1,0 +1,164 @@
+#pragma once
+// The fast CPU forward (SPEC §4): dilated attention straight from the caller's memory.
+//
+// Work unit: one (batch, head, window of consecutive positions). Inside a window, for each
+// branch and each segment overlapping it, the window's rows that the head selects form a
+// strided query tile; cpu::attend computes its partial against that segment's strided keys
+// (the causal prefix only), and the partial is merged into the window's running (o, lse)
+// (merge.hpp). Branches and segments are visited in a fixed order, so every output row is
+// finished by one thread, once, identically whatever the thread count. All index math comes
+// from pattern.hpp.
+//
+// A window spans query_tile * max(r) positions (capped), so that even the most dilated branch
+// gives each window a full query tile while the window's scratch stays independent of N and w.
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../config.hpp"
+#include "../merge.hpp"
+#include "../pattern.hpp"
+#include "attend.hpp"
+#include "threads.hpp"
+
+namespace dilated_attention {
+
+namespace cpu::detail {
+
+// Positions per work unit: query_tile rows for the most dilated branch, at most 16 tiles long.
+inline std::int64_t window_length(const Pattern& pattern) {
+  std::int64_t max_rate = 1;
+  for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+    max_rate = std::max(max_rate, pattern.branch(i).r);
+  return query_tile * std::min<std::int64_t>(max_rate, 16);
+}
+
+// One thread's scratch: the block primitive's tiles plus the window's running result and the
+// partial of the current block. Sized by the window and head_dim only.
+template <class Acc>
+struct ForwardWorkspace {
+  ForwardWorkspace(std::int64_t window, std::int64_t head_dim)
+      : attend(head_dim),
+        window_o(window, head_dim),
+        partial_o(window, head_dim),
+        window_lse(static_cast<std::size_t>(window)),
+        partial_lse(static_cast<std::size_t>(window)) {}
+
+  AttendWorkspace<Acc> attend;
+  RowMajorMatrix<Acc> window_o, partial_o;
+  std::vector<Acc> window_lse, partial_lse;
+};
+
+template <class T>
+StridedRows<T> strided_rows(const T* head_base, std::int64_t seq_stride, const Progression& rows) {
+  return {head_base + rows.first * seq_stride, rows.stride * seq_stride, rows};
+}
+
+template <class T>
+void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t head,
+                    std::int64_t x0, std::int64_t x1, View<const T> q, View<const T> k,
+                    View<const T> v, View<T> out, lse_type_t<T>* lse,
+                    ForwardWorkspace<accumulator_t<T>>& workspace) {
+  using Acc = accumulator_t<T>;
+  const Config& config = pattern.config();
+  const Shape& shape = pattern.shape();
+  const std::int64_t dim = shape.head_dim, length = x1 - x0, kv_head = pattern.kv_head(head);
+  const Acc scale = static_cast<Acc>(resolved_scale(config, shape));
+  const Acc branch_weight = Acc(1) / static_cast<Acc>(pattern.num_branches());  // mean mixing
+  const T* q_head = q.data + batch * q.batch_stride + head * q.head_stride;
+  const T* k_head = k.data + batch * k.batch_stride + kv_head * k.head_stride;
+  const T* v_head = v.data + batch * v.batch_stride + kv_head * v.head_stride;
+
+  auto window_o = workspace.window_o.topRows(length);
+  window_o.setZero();
+  std::fill_n(workspace.window_lse.begin(), length, negative_infinity<Acc>());
+
+  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+    const std::int64_t offset = pattern.offset(i, head);
+    if (offset < 0) continue;  // partitioned: this head does not run branch i
+    const BranchGeometry geometry = pattern.branch(i);
+    for (std::int64_t s = geometry.segment_of(x0); s <= geometry.segment_of(x1 - 1); ++s) {
+      const Progression block = geometry.rows(s, offset);
+      const Progression queries = block.within(x0, x1);
+      if (queries.empty()) continue;
+      // A causal query sees the block up to itself; the last query of the tile bounds them all.
+      const Progression keys =
+          config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
+      attend(workspace.attend, strided_rows(q_head, q.seq_stride, queries),
+             strided_rows(k_head, k.seq_stride, keys), strided_rows(v_head, v.seq_stride, keys),
+             dim, scale, config.causal, workspace.partial_o.data(), workspace.partial_lse.data());
+
+      for (std::int64_t j = 0; j < queries.count; ++j) {
+        const std::int64_t row = queries.at(j) - x0;
+        Acc& row_lse = workspace.window_lse[static_cast<std::size_t>(row)];
+        const Acc partial_lse = workspace.partial_lse[static_cast<std::size_t>(j)];
+        if (config.mixing == Mixing::softmax) {
+          const MergeWeights<Acc> weights = merge_weights(row_lse, partial_lse);
+          window_o.row(row) = weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
+          row_lse = weights.lse;
+        } else {
+          window_o.row(row) += branch_weight * workspace.partial_o.row(j);
+          row_lse = log_add_exp(row_lse, partial_lse);
+        }
+      }
+    }
+  }
+
+  for (std::int64_t x = x0; x < x1; ++x) {
+    T* destination = out.data + batch * out.batch_stride + x * out.seq_stride + head * out.head_stride;
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(destination, dim) =
+        window_o.row(x - x0).template cast<T>();
+  }
+  if (lse != nullptr) {
+    lse_type_t<T>* lse_row = lse + (batch * shape.num_heads + head) * shape.seq_len;
+    for (std::int64_t x = x0; x < x1; ++x)
+      lse_row[x] = static_cast<lse_type_t<T>>(workspace.window_lse[static_cast<std::size_t>(x - x0)]);
+  }
+}
+
+}  // namespace cpu::detail
+
+// Fast CPU kernel (SPEC §4). T is float, double or Eigen::bfloat16 (float accumulation); lse,
+// when given, is [batch, num_heads, seq_len], contiguous, of lse_type_t<T>. Uses
+// options.num_threads threads (0: DILATED_ATTENTION_NUM_THREADS, else every hardware thread).
+// Raises std::invalid_argument before touching the output on bad input. Results are bitwise
+// identical from run to run and for any thread count.
+template <class T>
+void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
+             View<T> out, lse_type_t<T>* lse, const CpuOptions& options) {
+  static_assert(std::is_same_v<lse_type_t<T>, cpu::accumulator_t<T>>,
+                "the LSE is stored in the accumulator type");
+  validate(config, shape, q, k, v, out, lse);
+  const int num_threads = cpu::resolve_num_threads(options);
+  const Pattern pattern(config, shape);
+  const std::int64_t window = cpu::detail::window_length(pattern);
+  const std::int64_t windows = (shape.seq_len + window - 1) / window;
+  const std::int64_t units = shape.batch * shape.num_heads * windows;
+
+  // Consecutive units are consecutive windows of one head, so threads working side by side
+  // share the same key/value segments in cache.
+  cpu::run_units(units, num_threads, [&](const auto& next) {
+    cpu::detail::ForwardWorkspace<cpu::accumulator_t<T>> workspace(window, shape.head_dim);
+    for (std::int64_t unit = next(); unit >= 0; unit = next()) {
+      const std::int64_t w = unit % windows, bh = unit / windows;
+      const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);
+      cpu::detail::forward_window<T>(pattern, bh / shape.num_heads, bh % shape.num_heads, x0, x1,
+                                     q, k, v, out, lse, workspace);
+    }
+  });
+}
+
+// The same with the default options.
+template <class T>
+void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
+             View<T> out, lse_type_t<T>* lse = nullptr) {
+  forward<T>(config, shape, q, k, v, out, lse, CpuOptions{});
+}
+
+}  // namespace dilated_attention

@@ -1,0 +1,12 @@
+#pragma once
+// The CPU umbrella header (SPEC §4): the contract's types and validation, the pattern generator,
+// the merge algebra, the fp64 reference, and the fast threaded CPU forward. Needs only the C++17
+// standard library, Eigen 3.4 and threads.
+
+#include "config.hpp"
+#include "merge.hpp"
+#include "pattern.hpp"
+#include "reference.hpp"
+#include "cpu/attend.hpp"
+#include "cpu/threads.hpp"
+#include "cpu/forward.hpp"
