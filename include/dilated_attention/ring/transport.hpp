@@ -17,7 +17,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <map>
 #include <memory>
@@ -61,21 +60,25 @@ class InProcessWorld {
     if (bytes != 0) std::memcpy(message.data(), data, bytes);
     {
       std::lock_guard<std::mutex> lock(box.mutex);
-      box.queues[{from, tag}].push_back(std::move(message));
+      Channel& channel = box.channels[{from, tag}];
+      channel.arrived.emplace(channel.sent++, std::move(message));
     }
     box.ready.notify_all();
   }
 
-  // Blocks until a message from `from` with `tag` is in rank `to`'s mailbox, then copies it out.
-  void collect(int to, int from, int tag, void* data, std::size_t bytes) {
+  // Blocks until message number `sequence` from `from` with `tag` is in rank `to`'s mailbox,
+  // then copies it out. Numbering the messages of a (sender, tag) channel is what makes receives
+  // match in posting order even when they are waited for in another order (as MPI does).
+  void collect(int to, int from, int tag, std::int64_t sequence, void* data, std::size_t bytes) {
     Mailbox& box = mailboxes_.at(static_cast<std::size_t>(to));
     std::unique_lock<std::mutex> lock(box.mutex);
-    auto& queue = box.queues[{from, tag}];
-    box.ready.wait(lock, [&] { return !queue.empty() || box.aborted; });
-    if (queue.empty())
+    Channel& channel = box.channels[{from, tag}];
+    box.ready.wait(lock, [&] { return channel.arrived.count(sequence) != 0 || box.aborted; });
+    const auto found = channel.arrived.find(sequence);
+    if (found == channel.arrived.end())
       throw std::runtime_error("dilated_attention: in-process ring aborted: another rank failed");
-    std::vector<unsigned char> message = std::move(queue.front());
-    queue.pop_front();
+    std::vector<unsigned char> message = std::move(found->second);
+    channel.arrived.erase(found);
     lock.unlock();
     if (message.size() != bytes)
       throw std::runtime_error("dilated_attention: rank " + std::to_string(to) + " expected " +
@@ -97,10 +100,14 @@ class InProcessWorld {
   }
 
  private:
+  struct Channel {  // the messages of one (sender, tag) pair, numbered in sending order
+    std::int64_t sent = 0;
+    std::map<std::int64_t, std::vector<unsigned char>> arrived;
+  };
   struct Mailbox {
     std::mutex mutex;
     std::condition_variable ready;
-    std::map<std::pair<int, int>, std::deque<std::vector<unsigned char>>> queues;
+    std::map<std::pair<int, int>, Channel> channels;  // by (sender, tag)
     bool aborted = false;
   };
   std::vector<Mailbox> mailboxes_;
@@ -127,7 +134,8 @@ class InProcessTransport final : public Transport {
   Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
     check_peer(peer);
     const Ticket ticket = next_++;
-    pending_.emplace(ticket, Receive{peer, tag, data, bytes});
+    const std::int64_t sequence = posted_[{peer, tag}]++;
+    pending_.emplace(ticket, Receive{peer, tag, sequence, data, bytes});
     return ticket;
   }
   void wait(Ticket ticket) override {
@@ -137,12 +145,13 @@ class InProcessTransport final : public Transport {
       throw std::logic_error("dilated_attention: wait on an unknown or finished ticket");
     const Receive receive = found->second;
     pending_.erase(found);
-    world_.collect(rank_, receive.peer, receive.tag, receive.data, receive.bytes);
+    world_.collect(rank_, receive.peer, receive.tag, receive.sequence, receive.data, receive.bytes);
   }
 
  private:
   struct Receive {
     int peer, tag;
+    std::int64_t sequence;  // which message of the (peer, tag) channel this receive matches
     void* data;
     std::size_t bytes;
   };
@@ -157,6 +166,7 @@ class InProcessTransport final : public Transport {
   int rank_;
   Ticket next_ = 0;
   std::unordered_map<Ticket, Receive> pending_;
+  std::map<std::pair<int, int>, std::int64_t> posted_;  // receives posted per (peer, tag)
 };
 
 // Runs body(transport) on num_ranks threads, one per rank, and rethrows the first exception (by
