@@ -1,0 +1,472 @@
+// The CPU forward benchmarks behind the README's main job (benchmarks/run_comparison.sh):
+//
+//   sgemm/...                  Eigen SGEMM of a large square product, split over the same number
+//                              of threads the kernel uses: the machine's achievable FLOP rate.
+//   sgemm_attention_shaped/... the two Eigen products of one attention block (Q K^T, then P V) at
+//                              the kernel's block size: what plain matrix products reach at
+//                              these thin shapes.
+//   dense/D:d/N:n              the same kernel with one branch w = N, r = 1 (dense attention).
+//   dilated/D:d/N:n            the kernel on the configured branches.
+//
+// Each attention benchmark reports counters: useful GFLOP/s (exact count from
+// Pattern::useful_flops(): 4 * head_dim per attended pair, causal halves), the tensors' bytes,
+// the peak heap above them during the timed calls, the resident high-water delta, and the max
+// error against SPEC §2 on sampled rows. Ratios between benchmarks (to SGEMM, to dense, time(4N)
+// / time(N)) are taken from one run's JSON by benchmarks/plot_results.py.
+//
+// Flags of our own (after Google Benchmark's --benchmark_* flags); --help lists them.
+
+#include "cpu_benchmark_support.hpp"
+
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using namespace dilated_attention;
+namespace bench = dilated_attention::bench;
+
+struct Options {
+  std::vector<std::int64_t> seq_lens = {16384, 65536};
+  std::vector<std::int64_t> head_dims = {64};
+  std::int64_t batch = 1, heads = 8, kv_heads = 0;  // 0: same as heads
+  std::vector<std::int64_t> segments = {2048, 4096, 8192};
+  std::vector<std::int64_t> dilations = {1, 2, 4};
+  bool causal = false;
+  OffsetRule offsets = OffsetRule::modular;
+  Mixing mixing = Mixing::softmax;
+  std::int64_t dense_max_seq_len = 16384;
+  std::int64_t sgemm_size = 2048;
+  int sgemm_threads = 0;  // 0: hardware concurrency
+  int repetitions = 1;
+  int dense_repetitions = 1;
+  int sample_rows = 16;
+  bool dilated = true;
+  std::uint64_t seed = 20261122;
+};
+
+Options options;
+
+const char* const kUsage = R"(cpu_forward_benchmark [--benchmark_* flags] [options]
+
+Options (defaults are the issue's LongNet config):
+  --seq_lens=16384,65536        sequence lengths N of the attention benchmarks
+  --head_dims=64                head dims D (e.g. 64,128)
+  --batch=1 --heads=8           batch B and query heads H
+  --kv_heads=H                  key/value heads (grouped-query attention when < H)
+  --segments=2048,4096,8192     segment lengths w_i
+  --dilations=1,2,4             dilation rates r_i
+  --causal=false                causal masking
+  --offsets=modular             modular | blocked | partitioned
+  --mixing=softmax              softmax | mean
+  --dense_max_seq_len=16384     dense attention (w = N, r = 1) only for N up to this (it is O(N^2));
+                                0 skips dense
+  --dilated=true                false skips the dilated benchmarks
+  --sgemm_size=2048             M = N = K of the reference SGEMM; 0 skips the SGEMMs
+  --sgemm_threads=0             threads for the SGEMMs (0: the kernel's default, i.e.
+                                DILATED_ATTENTION_NUM_THREADS if set, else all hardware threads)
+  --repetitions=1               repetitions of the SGEMM and dilated benchmarks (median reported)
+  --dense_repetitions=1         repetitions of the dense benchmarks
+  --sample_rows=16              hashed rows per (batch, head) checked against SPEC §2 (plus the
+                                ends and segment boundaries); 0 skips the check
+  --seed=20261122               input seed
+)";
+
+std::vector<std::int64_t> parse_list(const std::string& text) {
+  std::vector<std::int64_t> values;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
+  if (values.empty()) throw std::invalid_argument("empty list: " + text);
+  return values;
+}
+
+bool parse_bool(const std::string& text) {
+  if (text == "1" || text == "true" || text == "yes" || text == "on") return true;
+  if (text == "0" || text == "false" || text == "no" || text == "off") return false;
+  throw std::invalid_argument("not a boolean: " + text);
+}
+
+// Returns false when an argument is not ours.
+bool parse_option(const std::string& arg) {
+  if (arg.rfind("--", 0) != 0) return false;
+  const std::size_t eq = arg.find('=');
+  if (eq == std::string::npos) return false;
+  const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
+  if (key == "seq_lens") options.seq_lens = parse_list(value);
+  else if (key == "head_dims") options.head_dims = parse_list(value);
+  else if (key == "batch") options.batch = std::stoll(value);
+  else if (key == "heads") options.heads = std::stoll(value);
+  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
+  else if (key == "segments") options.segments = parse_list(value);
+  else if (key == "dilations") options.dilations = parse_list(value);
+  else if (key == "causal") options.causal = parse_bool(value);
+  else if (key == "offsets") {
+    if (value == "modular") options.offsets = OffsetRule::modular;
+    else if (value == "blocked") options.offsets = OffsetRule::blocked;
+    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
+    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
+  } else if (key == "mixing") {
+    if (value == "softmax") options.mixing = Mixing::softmax;
+    else if (value == "mean") options.mixing = Mixing::mean;
+    else throw std::invalid_argument("--mixing must be softmax or mean");
+  } else if (key == "dense_max_seq_len") options.dense_max_seq_len = std::stoll(value);
+  else if (key == "dilated") options.dilated = parse_bool(value);
+  else if (key == "sgemm_size") options.sgemm_size = std::stoll(value);
+  else if (key == "sgemm_threads") options.sgemm_threads = std::stoi(value);
+  else if (key == "repetitions") options.repetitions = std::stoi(value);
+  else if (key == "dense_repetitions") options.dense_repetitions = std::stoi(value);
+  else if (key == "sample_rows") options.sample_rows = std::stoi(value);
+  else if (key == "seed") options.seed = std::stoull(value);
+  else return false;
+  return true;
+}
+
+// The kernel's own default: DILATED_ATTENTION_NUM_THREADS when set and positive, else every
+// hardware thread. The SGEMMs use the same count so that the ratio compares like with like.
+int sgemm_threads() {
+  if (options.sgemm_threads > 0) return options.sgemm_threads;
+  if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text)
+    if (const long value = std::strtol(text, nullptr, 10); value > 0) return static_cast<int>(value);
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+std::string join(const std::vector<std::int64_t>& values) {
+  std::string text;
+  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
+  return text;
+}
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// Progress: a line on stderr as each run starts (the console table prints as each one ends), so a
+// minutes-long dense run is visibly under way.
+void announce(const std::string& name) {
+  static std::set<std::string> announced;  // Google Benchmark may enter a benchmark several times
+  if (!announced.insert(name).second) return;
+  std::fprintf(stderr, "  ... running %s\n", name.c_str());
+  std::fflush(stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGEMM: C = A B with the columns of C split over threads, Eigen single-threaded inside each, so
+// the thread count is ours and not Eigen's (it is only multi-threaded under OpenMP).
+
+template <class Body>
+void run_on_threads(int threads, const Body& body) {
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) workers.emplace_back(body, t);
+  body(0);
+  for (std::thread& worker : workers) worker.join();
+}
+
+void BM_Sgemm(benchmark::State& state, const std::string& name) {
+  const Eigen::Index n = static_cast<Eigen::Index>(options.sgemm_size);
+  const int threads = sgemm_threads();
+  announce(name);
+  Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n);
+  Eigen::MatrixXf c = Eigen::MatrixXf::Zero(n, n);
+  const int eigen_threads = Eigen::nbThreads();
+  Eigen::setNbThreads(1);
+  for (auto _ : state) {
+    run_on_threads(threads, [&](int t) {
+      const Eigen::Index begin = n * t / threads, end = n * (t + 1) / threads;
+      c.middleCols(begin, end - begin).noalias() = a * b.middleCols(begin, end - begin);
+    });
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  Eigen::setNbThreads(eigen_threads);
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+// One attention block's products without the softmax: S = Q K^T (rows x rows), O = S V, one
+// block per thread. `rows` is the kernel's block length w / r.
+void BM_SgemmAttentionShaped(benchmark::State& state, const std::string& name, Eigen::Index rows,
+                             Eigen::Index dim) {
+  const int threads = sgemm_threads();
+  announce(name);
+  using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  struct Work {
+    RowMajor q, k, v, s, o;
+  };
+  std::vector<Work> work(static_cast<std::size_t>(threads));
+  for (Work& w : work) {
+    w.q = RowMajor::Random(rows, dim);
+    w.k = RowMajor::Random(rows, dim);
+    w.v = RowMajor::Random(rows, dim);
+    w.s = RowMajor::Zero(rows, rows);
+    w.o = RowMajor::Zero(rows, dim);
+  }
+  const int eigen_threads = Eigen::nbThreads();
+  Eigen::setNbThreads(1);
+  for (auto _ : state) {
+    run_on_threads(threads, [&](int t) {
+      Work& w = work[static_cast<std::size_t>(t)];
+      w.s.noalias() = w.q * w.k.transpose();
+      w.o.noalias() = w.s * w.v;
+    });
+    benchmark::ClobberMemory();
+  }
+  Eigen::setNbThreads(eigen_threads);
+  const double flops = 4.0 * static_cast<double>(rows) * static_cast<double>(rows) *
+                       static_cast<double>(dim) * threads;
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention benchmarks. Inputs of one (N, D) are made once and kept while consecutive
+// benchmarks (dense, then dilated, their repetitions) use them.
+
+struct Inputs {
+  Shape shape;
+  std::vector<float> q, k, v;
+};
+
+const Inputs& inputs_for(std::int64_t n, std::int64_t dim) {
+  static std::unique_ptr<Inputs> cached;
+  const std::int64_t kv_heads = options.kv_heads > 0 ? options.kv_heads : options.heads;
+  if (cached && cached->shape.seq_len == n && cached->shape.head_dim == dim) return *cached;
+  cached.reset();  // release the previous size first: N = 262144 inputs are GiBs
+  auto made = std::make_unique<Inputs>();
+  made->shape = Shape{options.batch, n, options.heads, kv_heads, dim};
+  const auto q_size = static_cast<std::size_t>(options.batch * n * options.heads * dim);
+  const auto kv_size = static_cast<std::size_t>(options.batch * n * kv_heads * dim);
+  made->q.resize(q_size);
+  made->k.resize(kv_size);
+  made->v.resize(kv_size);
+  bench::fill_uniform(made->q, options.seed * 3 + 0);
+  bench::fill_uniform(made->k, options.seed * 3 + 1);
+  bench::fill_uniform(made->v, options.seed * 3 + 2);
+  cached = std::move(made);
+  return *cached;
+}
+
+Config main_config() {
+  Config config;
+  config.segment_lengths = options.segments;
+  config.dilation_rates = options.dilations;
+  config.causal = options.causal;
+  config.offsets = options.offsets;
+  config.mixing = options.mixing;
+  return config;
+}
+
+Config dense_config(std::int64_t n) {
+  Config config = main_config();
+  config.segment_lengths = {n};
+  config.dilation_rates = {1};
+  return config;
+}
+
+void BM_Attention(benchmark::State& state, const std::string& name, bool dense, std::int64_t n,
+                  std::int64_t dim) {
+  announce(name);
+  const Inputs& in = inputs_for(n, dim);
+  const Shape& shape = in.shape;
+  const Config config = dense ? dense_config(n) : main_config();
+  const Pattern pattern(config, shape);
+
+  std::vector<float> out(in.q.size(), 0.0f);
+  std::vector<float> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * n), 0.0f);
+  const View<const float> q = contiguous_view<const float>(in.q.data(), shape, shape.num_heads);
+  const View<const float> k = contiguous_view<const float>(in.k.data(), shape, shape.num_kv_heads);
+  const View<const float> v = contiguous_view<const float>(in.v.data(), shape, shape.num_kv_heads);
+  const View<float> o = contiguous_view<float>(out.data(), shape, shape.num_heads);
+
+  const std::int64_t rss_at_reset = bench::reset_resident_peak();
+  bench::heap::reset_peak();
+  for (auto _ : state) {
+    bench::timed_forward<float>(config, shape, q, k, v, o, lse.data());
+    benchmark::ClobberMemory();
+  }
+  const std::int64_t heap_peak = bench::heap::peak_since_reset();
+  const std::int64_t rss_peak = bench::resident_peak_bytes();
+
+  const double tensor_bytes =
+      static_cast<double>((in.q.size() + in.k.size() + in.v.size() + out.size()) * sizeof(float) +
+                          lse.size() * sizeof(float));
+  const double flops = pattern.useful_flops();
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_flops"] = flops;
+  state.counters["N"] = static_cast<double>(n);
+  state.counters["D"] = static_cast<double>(dim);
+  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
+  state.counters["budget_MiB"] = tensor_bytes / kMiB + 64.0;
+  if (heap_peak >= 0) {
+    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
+    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
+  }
+  if (rss_at_reset >= 0 && rss_peak >= 0)
+    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
+
+  if (options.sample_rows > 0) {
+    const bench::SampledError error = bench::sampled_error<float>(
+        config, shape, q, k, v, o, lse.data(), options.sample_rows, options.seed);
+    state.counters["max_err_out"] = error.out;
+    state.counters["max_err_lse"] = error.lse_mismatch_infinite ? INFINITY : error.lse;
+    state.counters["sampled_rows"] = static_cast<double>(error.rows);
+  }
+}
+
+// The sampled-row oracle must agree with reference::forward wherever both can run; checked on
+// a small problem with every feature the oracle handles before any figure is reported.
+void check_sampled_oracle() {
+  double worst = 0.0;
+  for (const Mixing mixing : {Mixing::softmax, Mixing::mean})
+    for (const OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
+      for (const bool causal : {false, true}) {
+        const Shape shape{2, 301, 4, 2, 8};
+        Config config;
+        config.segment_lengths = {64, 100, 64};
+        config.dilation_rates = {1, 3, 2};
+        config.causal = causal;
+        config.offsets = rule;
+        config.mixing = mixing;
+        const auto size = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
+        const auto kv_size = size / 2;
+        std::vector<double> q(size), k(kv_size), v(kv_size), out(size);
+        std::vector<double> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+        bench::fill_uniform(q, 1);
+        bench::fill_uniform(k, 2);
+        bench::fill_uniform(v, 3);
+        const auto qv = contiguous_view<const double>(q.data(), shape, 4);
+        const auto kv = contiguous_view<const double>(k.data(), shape, 2);
+        const auto vv = contiguous_view<const double>(v.data(), shape, 2);
+        reference::forward<double>(config, shape, qv, kv, vv,
+                                   contiguous_view<double>(out.data(), shape, 4), lse.data());
+        const Pattern pattern(config, shape);
+        for (std::int64_t b = 0; b < shape.batch; ++b)
+          for (std::int64_t h = 0; h < shape.num_heads; ++h)
+            for (std::int64_t x = 0; x < shape.seq_len; ++x) {
+              const bench::RowResult row = bench::reference_row<double>(pattern, shape, qv, kv, vv, b, h, x);
+              const double ref_lse = lse[static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x)];
+              if (std::isinf(ref_lse) || std::isinf(row.lse)) {
+                if (ref_lse != row.lse) worst = INFINITY;
+              } else {
+                worst = std::max(worst, std::abs(ref_lse - row.lse));
+              }
+              for (std::int64_t d = 0; d < shape.head_dim; ++d)
+                worst = std::max(worst, std::abs(row.out[static_cast<std::size_t>(d)] -
+                                                 out[static_cast<std::size_t>(((b * shape.seq_len + x) * 4 + h) * 8 + d)]));
+            }
+      }
+  if (!(worst < 1e-12)) {
+    std::fprintf(stderr, "cpu_forward_benchmark: the sampled-row oracle disagrees with reference::forward "
+                         "by %g; refusing to report errors against it\n", worst);
+    std::exit(3);
+  }
+}
+
+void register_benchmarks() {
+  const int threads = sgemm_threads();
+  if (options.sgemm_size > 0) {
+    const std::string n = std::to_string(options.sgemm_size);
+    const std::string name = "sgemm/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(name.c_str(), BM_Sgemm, name)
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(options.repetitions);
+    // The kernel's block length is w / r; the most common one in the config stands for it.
+    std::map<std::int64_t, int> lengths;
+    for (std::size_t i = 0; i < options.segments.size(); ++i)
+      ++lengths[(options.segments[i] + options.dilations[i] - 1) / options.dilations[i]];
+    std::int64_t rows = 0;
+    int best = 0;
+    for (const auto& [length, count] : lengths)
+      if (count > best) rows = length, best = count;
+    for (std::int64_t dim : options.head_dims) {
+      const std::string shaped_name = "sgemm_attention_shaped/rows:" + std::to_string(rows) + "/D:" +
+                               std::to_string(dim) + "/threads:" + std::to_string(threads);
+      benchmark::RegisterBenchmark(shaped_name.c_str(), BM_SgemmAttentionShaped, shaped_name,
+                                   static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(dim))
+          ->Unit(benchmark::kMillisecond)->UseRealTime()
+          ->Repetitions(options.repetitions);
+    }
+  }
+  for (std::int64_t dim : options.head_dims)
+    for (std::int64_t n : options.seq_lens) {
+      const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
+      if (n <= options.dense_max_seq_len)
+        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), BM_Attention, "dense" + suffix, true, n, dim)
+            ->Unit(benchmark::kMillisecond)->UseRealTime()
+            ->Repetitions(options.dense_repetitions);
+      if (options.dilated)
+        benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), BM_Attention, "dilated" + suffix, false, n, dim)
+            ->Unit(benchmark::kMillisecond)->UseRealTime()
+            ->Repetitions(options.repetitions);
+    }
+}
+
+const char* offsets_name() { return to_string(options.offsets); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      std::fputs(kUsage, stdout);
+      std::puts("\nGoogle Benchmark flags:");
+      benchmark::PrintDefaultHelp();
+      return 0;
+    }
+  benchmark::Initialize(&argc, argv);
+  try {
+    for (int i = 1; i < argc; ++i)
+      if (!parse_option(argv[i])) {
+        std::fprintf(stderr, "cpu_forward_benchmark: unknown argument '%s' (see --help)\n", argv[i]);
+        return 2;
+      }
+    // Reject a bad config here, with the library's own message, rather than inside a benchmark.
+    for (std::int64_t dim : options.head_dims)
+      for (std::int64_t n : options.seq_lens)
+        validate(main_config(), Shape{options.batch, n, options.heads,
+                                      options.kv_heads > 0 ? options.kv_heads : options.heads, dim});
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "cpu_forward_benchmark: %s\n", error.what());
+    return 2;
+  }
+  check_sampled_oracle();
+
+  benchmark::AddCustomContext("implementation", DA_BENCH_IMPLEMENTATION);
+  benchmark::AddCustomContext("config", "B=" + std::to_string(options.batch) + " H=" +
+                                            std::to_string(options.heads) + " Hkv=" +
+                                            std::to_string(options.kv_heads > 0 ? options.kv_heads : options.heads) +
+                                            " w=" + join(options.segments) + " r=" + join(options.dilations) +
+                                            " causal=" + (options.causal ? "true" : "false") +
+                                            " offsets=" + offsets_name() + " mixing=" + to_string(options.mixing) +
+                                            " dtype=float");
+  benchmark::AddCustomContext("sgemm_threads", std::to_string(sgemm_threads()));
+  benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
+  benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
+                                                   std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                                                   std::to_string(EIGEN_MINOR_VERSION));
+#if defined(__VERSION__)
+  benchmark::AddCustomContext("compiler", __VERSION__);
+#endif
+#if defined(NDEBUG)
+  benchmark::AddCustomContext("assertions", "off (NDEBUG)");
+#else
+  benchmark::AddCustomContext("assertions", "on: not a release build, figures are not representative");
+#endif
+  register_benchmarks();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

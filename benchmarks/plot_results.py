@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Summarise one run of cpu_forward_benchmark: the main job's table, summary JSON and plot.
+
+    plot_results.py RESULTS.json [--out-dir DIR] [--no-plot]
+
+Reads the Google Benchmark JSON (--benchmark_out) of ONE run, so every ratio compares figures
+measured in the same process on the same machine state:
+
+  useful GFLOP/s    Pattern::useful_flops() (4 * head_dim per attended pair) / median real time
+  x SGEMM           useful GFLOP/s / GFLOP/s of the square Eigen SGEMM in the same binary
+  x shaped          useful GFLOP/s / GFLOP/s of Eigen's Q K^T and P V products at the block size
+  dense / dilated   time of dense attention (one branch w = N, r = 1) / time of dilated, same N, D
+  t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4)
+  peak MiB          q + k + v + out + lse + the heap the calls allocated on top (budget: +64 MiB)
+  max err           max |ours - SPEC 2 in double| over sampled rows (out and lse)
+
+Writes DIR/summary.json and, when matplotlib is importable, DIR/benchmark_cpu.png (time against
+N, log-log, dilated and dense). Only the standard library is needed for the table.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def kind_of(run):
+    return run["run_name"].split("/")[0]
+
+
+def representative_runs(benchmarks):
+    """One entry per benchmark: Google Benchmark's median aggregate when it wrote one, else the
+    run with the median real time among its repetitions."""
+    iterations, medians = {}, {}
+    for run in benchmarks:
+        name = run["run_name"]
+        if run.get("run_type") == "aggregate":
+            if run.get("aggregate_name") == "median":
+                medians[name] = run
+        else:
+            iterations.setdefault(name, []).append(run)
+    result = []
+    for name, runs in iterations.items():
+        if name in medians:
+            result.append(dict(medians[name], repetitions_used=len(runs)))
+        else:
+            runs = sorted(runs, key=lambda r: r["real_time"])
+            result.append(dict(runs[len(runs) // 2], repetitions_used=len(runs)))
+    return result
+
+
+def seconds(run):
+    return run["real_time"] * UNIT_SECONDS[run.get("time_unit", "ns")]
+
+
+def summarise(data):
+    runs = representative_runs(data["benchmarks"])
+    sgemm = [r for r in runs if kind_of(r) == "sgemm"]
+    shaped = {int(r["run_name"].split("/D:")[1].split("/")[0]): r for r in runs if kind_of(r) == "sgemm_attention_shaped"}
+    sgemm_gflops = sgemm[0]["GFLOPs"] if sgemm else None
+    attention = {}
+    for r in runs:
+        kind = kind_of(r)
+        if kind in ("dense", "dilated"):
+            attention[(kind, int(r["D"]), int(r["N"]))] = r
+
+    rows = []
+    for (kind, d, n), r in sorted(attention.items(), key=lambda item: (item[0][1], item[0][0] != "dilated", item[0][2])):
+        t = seconds(r)
+        gflops = r["useful_flops"] / t * 1e-9
+        row = {
+            "kind": kind,
+            "D": d,
+            "N": n,
+            "time_s": t,
+            "repetitions": r.get("repetitions_used", 1),
+            "useful_flops": r["useful_flops"],
+            "useful_GFLOPs": gflops,
+            "ratio_to_sgemm": gflops / sgemm_gflops if sgemm_gflops else None,
+            "ratio_to_shaped_sgemm": gflops / shaped[d]["GFLOPs"] if d in shaped else None,
+            "tensors_MiB": r.get("tensors_MiB"),
+            "heap_peak_MiB": r.get("heap_peak_MiB"),
+            "peak_MiB": r.get("peak_MiB"),
+            "budget_MiB": r.get("budget_MiB"),
+            "rss_peak_delta_MiB": r.get("rss_peak_delta_MiB"),
+            "max_err_out": r.get("max_err_out"),
+            "max_err_lse": r.get("max_err_lse"),
+            "sampled_rows": r.get("sampled_rows"),
+        }
+        dense = attention.get(("dense", d, n))
+        row["dense_over_dilated"] = seconds(dense) / t if kind == "dilated" and dense else None
+        quarter = attention.get((kind, d, n // 4)) if n % 4 == 0 else None
+        row["time_ratio_4x"] = t / seconds(quarter) if quarter else None
+        rows.append(row)
+
+    context = data.get("context", {})
+    return {
+        "context": {k: context.get(k) for k in ("date", "host_name", "num_cpus", "mhz_per_cpu", "load_avg",
+                                                  "implementation", "config", "sgemm_threads", "heap_counter",
+                                                  "eigen_version", "compiler", "assertions")},
+        "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops} if sgemm else None,
+        "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"]} for d, r in shaped.items()},
+        "rows": rows,
+    }
+
+
+def fmt(value, spec, missing="-"):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+def print_table(summary, out=sys.stdout):
+    ctx = summary["context"]
+    print(f"implementation: {ctx.get('implementation')}   config: {ctx.get('config')}", file=out)
+    print(f"machine: {ctx.get('num_cpus')} CPUs @ {ctx.get('mhz_per_cpu')} MHz, load average at start "
+          f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])}", file=out)
+    if summary["sgemm"]:
+        print(f"Eigen SGEMM ({summary['sgemm']['name'].split('/repeats')[0]}): "
+              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s", file=out)
+    for d, s in summary["sgemm_attention_shaped"].items():
+        print(f"Eigen attention-shaped products (Q K^T, P V; {s['name'].split('/repeats')[0]}): "
+              f"{s['GFLOPs']:.1f} GFLOP/s", file=out)
+    header = ("kind", "D", "N", "time", "GFLOP/s", "xSGEMM", "xshaped", "dense/dil", "t(N)/t(N/4)",
+              "peak MiB (budget)", "max err O", "max err LSE")
+    lines = []
+    for r in summary["rows"]:
+        t = r["time_s"]
+        time_text = f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.2f} s"
+        peak = f"{fmt(r['peak_MiB'], '.1f')} ({fmt(r['budget_MiB'], '.0f')})"
+        lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["useful_GFLOPs"], ".1f"),
+                      fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_shaped_sgemm"], ".2f"),
+                      fmt(r["dense_over_dilated"], ".1f"), fmt(r["time_ratio_4x"], ".2f"), peak,
+                      fmt(r["max_err_out"], ".1e"), fmt(r["max_err_lse"], ".1e")))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+    missing_dense = sorted({(r["D"], r["N"]) for r in summary["rows"] if r["kind"] == "dilated" and r["dense_over_dilated"] is None})
+    if missing_dense:
+        print("dense attention not measured at " + ", ".join(f"D={d} N={n}" for d, n in missing_dense) +
+              " (O(N^2); raise --dense-max-seq-len to include it)", file=out)
+
+
+def plot(summary, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not importable by " + sys.executable +
+              " (apt-get install python3-matplotlib, or pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    dims = sorted({r["D"] for r in summary["rows"]})
+    colors = {"dilated": "tab:blue", "dense": "tab:red"}
+    markers = ["o", "s", "^", "D"]
+    for i, d in enumerate(dims):
+        for kind in ("dilated", "dense"):
+            pts = sorted((r["N"], r["time_s"]) for r in summary["rows"] if r["kind"] == kind and r["D"] == d)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[kind],
+                    linestyle="-" if i == 0 else "--", label=f"{kind}, D={d} (measured)")
+            for x, y in pts:
+                ax.annotate(f"{y:.2f} s" if y >= 0.1 else f"{y * 1e3:.0f} ms", (x, y), textcoords="offset points",
+                            xytext=(4, -12 if kind == "dilated" else 6), fontsize=7, color=colors[kind])
+        # Dense beyond its last measured N, scaled as N^2, dotted and labelled as an extrapolation.
+        dense = sorted((r["N"], r["time_s"]) for r in summary["rows"] if r["kind"] == "dense" and r["D"] == d)
+        dilated_ns = sorted(r["N"] for r in summary["rows"] if r["kind"] == "dilated" and r["D"] == d)
+        if dense and dilated_ns and dilated_ns[-1] > dense[-1][0]:
+            n0, t0 = dense[-1]
+            xs = [n for n in dilated_ns if n >= n0]
+            ax.plot(xs, [t0 * (n / n0) ** 2 for n in xs], color=colors["dense"], linestyle=":",
+                    label=f"dense, D={d}: N^2 extrapolation (not measured)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("forward time per call (s)")
+    ctx = summary["context"]
+    ax.set_title(f"CPU forward, {ctx.get('config', '')}".replace(" causal", "\ncausal"), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", help="JSON written by cpu_forward_benchmark --benchmark_out")
+    parser.add_argument("--out-dir", default=None, help="where summary.json and benchmark_cpu.png go "
+                        "(default: the JSON's folder)")
+    parser.add_argument("--no-plot", action="store_true", help="print the table and write summary.json only")
+    args = parser.parse_args()
+    with open(args.results) as f:
+        data = json.load(f)
+    summary = summarise(data)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
+    os.makedirs(out_dir, exist_ok=True)
+    print_table(summary)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"summary: {os.path.join(out_dir, 'summary.json')}")
+    if not args.no_plot:
+        png = os.path.join(out_dir, "benchmark_cpu.png")
+        if plot(summary, png):
+            print(f"plot:    {png}")
+
+
+if __name__ == "__main__":
+    main()
