@@ -69,15 +69,23 @@ inline bool oracle_attends(const Config& config, std::int64_t num_heads, std::si
   return oracle_selected(config, num_heads, i, h, x) && oracle_selected(config, num_heads, i, h, y);
 }
 
-// C_h(x, y) for head h as a row-major seq_len x seq_len matrix.
+// C_h(x, y) for head h as a row-major seq_len x seq_len matrix. The same test as
+// oracle_attends, with Sel_i(h) tabulated once per branch so that big problems stay affordable.
 inline std::vector<int> count_matrix(const Config& config, const Shape& shape, std::int64_t h) {
   const std::int64_t n = shape.seq_len;
   std::vector<int> counts(static_cast<std::size_t>(n * n), 0);
-  for (std::size_t i = 0; i < config.segment_lengths.size(); ++i)
+  std::vector<char> selected(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < config.segment_lengths.size(); ++i) {
+    const std::int64_t w = config.segment_lengths[i];
     for (std::int64_t x = 0; x < n; ++x)
+      selected[static_cast<std::size_t>(x)] = oracle_selected(config, shape.num_heads, i, h, x);
+    for (std::int64_t x = 0; x < n; ++x) {
+      if (!selected[static_cast<std::size_t>(x)]) continue;
       for (std::int64_t y = 0; y < n; ++y)
-        if (oracle_attends(config, shape.num_heads, i, h, x, y))
+        if (selected[static_cast<std::size_t>(y)] && x / w == y / w && !(config.causal && y > x))
           ++counts[static_cast<std::size_t>(x * n + y)];
+    }
+  }
   return counts;
 }
 
