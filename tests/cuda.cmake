@@ -1,1 +1,23 @@
-# Tests of the cuda area.
+# Tests of the cuda area (label "cuda").
+#
+# cuda_launch_plan_test is plain C++ (the launch plan is host+device code) and always builds: it
+# checks the kernels' work decomposition against the pattern on any machine. The .cu tests build
+# whenever the CUDA target exists (nvcc found), also in CI without a GPU; their GPU cases skip
+# with "no CUDA device: ..." there, while their argument and error-path cases run.
+dilated_attention_add_test(cuda_launch_plan_test SOURCES cuda_launch_plan_test.cpp LABELS cuda)
+
+if(TARGET dilated_attention_cuda)
+  # Not dilated_attention_add_test: its GCC warning flags would reach nvcc itself.
+  function(dilated_attention_add_cuda_test name)
+    add_executable(${name} ${ARGN})
+    target_link_libraries(${name} PRIVATE DilatedAttention::cuda GTest::gtest_main)
+    target_include_directories(${name} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
+    target_compile_options(${name} PRIVATE
+      $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wshadow --Werror=all-warnings>)
+    gtest_discover_tests(${name} PROPERTIES LABELS cuda DISCOVERY_TIMEOUT 120)
+  endfunction()
+  # One executable per storage type, so that the kernels of each compile in parallel.
+  dilated_attention_add_cuda_test(cuda_forward_half_test cuda_forward_half_test.cu)
+  dilated_attention_add_cuda_test(cuda_forward_bfloat16_test cuda_forward_bfloat16_test.cu)
+  dilated_attention_add_cuda_test(cuda_forward_float_test cuda_forward_float_test.cu)
+endif()

@@ -1,0 +1,221 @@
+// The CUDA launch plan, on the host: the work units and tiles that the kernels iterate cover
+// exactly the blocks of the pattern, every query once, with exactly its keys, and no tile that
+// holds no attended key. Plain C++ (no CUDA needed): launch_plan.hpp is host+device code, and the
+// kernels call these very functions, so these tests check the kernels' own bounds.
+
+#include <dilated_attention/cuda/launch_plan.hpp>
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+namespace da = dilated_attention;
+namespace dc = dilated_attention::cuda;
+
+struct PlanCase {
+  da::Config config;
+  da::Shape shape;
+};
+
+da::Config config_of(std::vector<std::int64_t> w, std::vector<std::int64_t> r, bool causal,
+                     da::OffsetRule rule, da::Mixing mixing = da::Mixing::softmax) {
+  da::Config config;
+  config.segment_lengths = std::move(w);
+  config.dilation_rates = std::move(r);
+  config.causal = causal;
+  config.offsets = rule;
+  config.mixing = mixing;
+  return config;
+}
+
+std::vector<PlanCase> plan_cases() {
+  using R = da::OffsetRule;
+  std::vector<PlanCase> cases;
+  for (bool causal : {false, true}) {
+    cases.push_back({config_of({512}, {1}, causal, R::modular), {1, 200, 2, 2, 64}});
+    cases.push_back({config_of({48}, {1}, causal, R::modular), {1, 150, 2, 1, 64}});
+    cases.push_back({config_of({40}, {3}, causal, R::modular), {1, 130, 4, 4, 64}});
+    cases.push_back({config_of({5, 13}, {2, 3}, causal, R::modular), {1, 90, 3, 3, 32}});
+    cases.push_back({config_of({20, 50, 120}, {1, 3, 7}, causal, R::modular), {2, 200, 5, 5, 96}});
+    cases.push_back({config_of({16, 64}, {2, 4}, causal, R::blocked), {1, 160, 5, 5, 64}});
+    cases.push_back({config_of({32, 64, 128}, {1, 2, 4}, causal, R::partitioned), {1, 150, 5, 5, 128}});
+    cases.push_back({config_of({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, causal,
+                               R::modular),
+                     {1, 700, 12, 12, 64}});
+    cases.push_back({config_of({7}, {7}, causal, R::blocked), {1, 1, 3, 3, 64}});
+    cases.push_back({config_of({64, 64}, {2, 2}, causal, R::modular), {1, 129, 2, 2, 64}});
+  }
+  return cases;
+}
+
+// The work of one (head, branch) over all windows, as the kernel enumerates it.
+template <class Visit>
+void for_each_work(const da::Config& config, const da::Shape& shape, std::int64_t head,
+                   std::int64_t branch, Visit&& visit) {
+  const da::Pattern pattern(config, shape);
+  const da::BranchGeometry geometry = pattern.branch(branch);
+  const std::int64_t offset = pattern.offset(branch, head);
+  if (offset < 0) return;
+  const std::int64_t windows = (shape.seq_len + dc::kWindowRows - 1) / dc::kWindowRows;
+  for (std::int64_t window = 0; window < windows; ++window) {
+    const std::int64_t begin = window * dc::kWindowRows;
+    const std::int64_t end = std::min(begin + dc::kWindowRows, shape.seq_len);
+    const dc::SegmentRange segments = dc::segments_overlapping(geometry, begin, end);
+    for (std::int64_t s = segments.first; s <= segments.last; ++s) {
+      const dc::SegmentWork work = dc::segment_work(geometry, s, offset, config.causal, begin, end);
+      if (!work.empty()) visit(window, s, offset, work);
+    }
+  }
+}
+
+TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
+  for (const PlanCase& c : plan_cases()) {
+    const da::Pattern pattern(c.config, c.shape);
+    SCOPED_TRACE("N " + std::to_string(c.shape.seq_len) + " H " + std::to_string(c.shape.num_heads) +
+                 " G " + std::to_string(pattern.num_branches()) + (c.config.causal ? " causal" : ""));
+    // (branch, head, segment, x) from the pattern's blocks ...
+    std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected, seen;
+    for (const da::Block& block : pattern.blocks())
+      for (std::int64_t hi = 0; hi < block.heads.count; ++hi)
+        for (std::int64_t j = 0; j < block.rows.count; ++j)
+          expected.insert({block.branch, block.heads.at(hi), block.segment, block.rows.at(j)});
+    // ... against the same from the work units, each exactly once.
+    std::int64_t pairs = 0;
+    for (std::int64_t h = 0; h < c.shape.num_heads; ++h)
+      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+        for_each_work(c.config, c.shape, h, i,
+                      [&](std::int64_t window, std::int64_t s, std::int64_t offset,
+                          const dc::SegmentWork& work) {
+                        EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
+                        std::int64_t widest = 0;
+                        for (std::int64_t q = 0; q < work.queries.count; ++q) {
+                          const std::int64_t x = work.queries.at(q);
+                          EXPECT_EQ(x / dc::kWindowRows, window);
+                          EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
+                          const std::int64_t limit = dc::key_limit(work.keys, x, c.config.causal);
+                          EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
+                          EXPECT_LE(limit, work.key_count);
+                          widest = std::max(widest, limit);
+                          pairs += limit;
+                        }
+                        // Streamed keys are exactly those some query attends: no empty tile.
+                        EXPECT_EQ(work.key_count, widest);
+                        EXPECT_EQ(work.tiles(), (widest + dc::kKeyTile - 1) / dc::kKeyTile);
+                      });
+    EXPECT_EQ(seen, expected);
+    EXPECT_EQ(pairs * c.shape.batch, pattern.attended_pairs());
+  }
+}
+
+TEST(CudaLaunchPlan, RowsOutsideABlockAttendNothing) {
+  const da::BranchGeometry geometry{40, 3, 130};
+  const da::Progression keys = geometry.rows(1, 2);  // positions 42, 45, ..., 78
+  EXPECT_EQ(dc::key_limit(keys, 41, false), 0);
+  EXPECT_EQ(dc::key_limit(keys, 43, true), 0);
+  EXPECT_EQ(dc::key_limit(keys, 42, true), 1);
+  EXPECT_EQ(dc::key_limit(keys, 45, false), keys.count);
+  EXPECT_EQ(dc::key_limit(keys, 200, false), 0);
+}
+
+TEST(CudaLaunchPlan, GridMapsOneBlockToEachWorkUnit) {
+  const da::Shape shape{3, 200, 5, 5, 64};
+  std::vector<float> buffer(static_cast<std::size_t>(4 * 3 * 200 * 5 * 64 + 16));
+  float* base = buffer.data();
+  const std::int64_t size = 3 * 200 * 5 * 64;
+  const auto q = da::contiguous_view<const float>(base, shape, 5);
+  const auto k = da::contiguous_view<const float>(base + size, shape, 5);
+  const auto v = da::contiguous_view<const float>(base + 2 * size, shape, 5);
+  const auto out = da::contiguous_view(base + 3 * size, shape, 5);
+  const da::Config config = config_of({64}, {1}, false, da::OffsetRule::modular);
+  const dc::LaunchPlan plan =
+      dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.params.windows, 4);
+  EXPECT_EQ(plan.blocks, 4 * 5 * 3);
+  EXPECT_EQ(plan.threads, dc::kThreads);
+  std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t>> units;
+  for (std::int64_t block = 0; block < plan.blocks; ++block) {
+    const dc::WorkUnit unit = dc::work_unit(plan.params, block);
+    EXPECT_LT(unit.batch, 3);
+    EXPECT_LT(unit.head, 5);
+    EXPECT_LT(unit.window, 4);
+    units.insert({unit.batch, unit.head, unit.window});
+  }
+  EXPECT_EQ(static_cast<std::int64_t>(units.size()), plan.blocks);
+  // Neighbouring blocks share (batch, head): windows vary fastest.
+  EXPECT_EQ(dc::work_unit(plan.params, 1).window, 1);
+  EXPECT_EQ(dc::work_unit(plan.params, 1).head, 0);
+}
+
+TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
+  const da::Shape shape{1, 100, 6, 3, 128};
+  std::vector<float> buffer(1 << 20);
+  float* base = buffer.data();
+  while (reinterpret_cast<std::uintptr_t>(base) % 16 != 0) ++base;
+  const auto q = da::contiguous_view<const float>(base, shape, 6);
+  const auto k = da::contiguous_view<const float>(base + 100000, shape, 3);
+  const auto v = da::contiguous_view<const float>(base + 200000, shape, 3);
+  const auto out = da::contiguous_view(base + 300000, shape, 6);
+  da::Config config = config_of({32, 64}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean);
+  config.scale = 0.25;
+  dc::LaunchPlan plan =
+      dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.params.num_branches, 2);
+  EXPECT_EQ(plan.params.branches[1].w, 64);
+  EXPECT_EQ(plan.params.branches[1].r, 2);
+  EXPECT_TRUE(plan.params.causal);
+  EXPECT_EQ(plan.params.offsets, da::OffsetRule::blocked);
+  EXPECT_EQ(plan.params.mixing, da::Mixing::mean);
+  EXPECT_FLOAT_EQ(plan.params.scale_log2, 0.25f * 1.44269504f);
+  EXPECT_EQ(plan.params.kv_head(5), 2);
+  EXPECT_EQ(plan.params.k_seq, 3 * 128);
+  EXPECT_TRUE(plan.params.vector_io);
+  // Shared memory: Q + 2 K + 2 V stages of 64 rows with pitch D + 8, plus the mean slots; fits
+  // the 227 KiB of an H100 and the 163 KiB of an A100.
+  EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5 + 64 * 128 * 4});
+  EXPECT_LE(plan.shared_bytes, std::size_t{163 * 1024});
+  config.mixing = da::Mixing::softmax;
+  plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5});
+
+  // A head stride that is not a multiple of 16 bytes turns 16-byte transfers off.
+  auto odd = out;
+  odd.head_stride = 129;
+  odd.seq_stride = 6 * 129;
+  odd.batch_stride = 100 * 6 * 129;
+  plan = dc::make_launch_plan<float>(config, shape, q, k, v, odd, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_FALSE(plan.params.vector_io);
+
+  plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::simt);
+  EXPECT_EQ(plan.threads, 128);
+  EXPECT_EQ(plan.blocks, (1 * 6 * 100 + 3) / 4);
+}
+
+TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
+  const da::Config config = config_of({32}, {1}, false, da::OffsetRule::modular);
+  for (std::int64_t head_dim : {16, 80, 256}) {
+    try {
+      dc::check_backend_limits(config, {1, 64, 2, 2, head_dim});
+      ADD_FAILURE() << "head_dim " << head_dim << " accepted";
+    } catch (const std::invalid_argument& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find("head_dim = " + std::to_string(head_dim)), std::string::npos) << message;
+      EXPECT_NE(message.find("{32, 64, 96, 128}"), std::string::npos) << message;
+    }
+  }
+  for (std::int64_t head_dim : {32, 64, 96, 128})
+    EXPECT_NO_THROW(dc::check_backend_limits(config, {1, 64, 2, 2, head_dim}));
+  const da::Config many = config_of(std::vector<std::int64_t>(17, 8), std::vector<std::int64_t>(17, 1),
+                                    false, da::OffsetRule::modular);
+  EXPECT_THROW(dc::check_backend_limits(many, {1, 64, 20, 20, 64}), std::invalid_argument);
+  EXPECT_THROW(dc::check_backend_limits(config, {1, std::int64_t{1} << 31, 1, 1, 64}),
+               std::invalid_argument);
+}
+
+}  // namespace
