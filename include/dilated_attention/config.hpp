@@ -148,6 +148,19 @@ void check_view(const char* name, const View<T>& view, const Shape& shape, std::
   if (view.batch_stride < 0 || view.seq_stride < 0 || view.head_stride < 0)
     reject(name, " strides (batch ", view.batch_stride, ", seq ", view.seq_stride, ", head ",
            view.head_stride, ") must be non-negative");
+  // Strides so large that the view's span overflows int64 byte arithmetic describe no real
+  // memory; reject them here, before any offset is computed from them.
+  const double span_bytes =
+      (static_cast<double>(shape.batch - 1) * static_cast<double>(view.batch_stride) +
+       static_cast<double>(shape.seq_len - 1) * static_cast<double>(view.seq_stride) +
+       static_cast<double>(heads - 1) * static_cast<double>(view.head_stride) +
+       static_cast<double>(shape.head_dim)) *
+      static_cast<double>(sizeof(T));
+  if (span_bytes > 0x1p62)
+    reject(name, " strides (batch ", view.batch_stride, ", seq ", view.seq_stride, ", head ",
+           view.head_stride, ") span ", span_bytes, " bytes for shape [", shape.batch, ", ",
+           shape.seq_len, ", ", heads, ", ", shape.head_dim,
+           "]: more than 2^62 bytes cannot be addressed");
   if (is_output && self_overlapping(shape.head_dim, heads, view.head_stride, shape.seq_len,
                                     view.seq_stride, shape.batch, view.batch_stride))
     reject(name, " strides (batch ", view.batch_stride, ", seq ", view.seq_stride, ", head ",
