@@ -6,3 +6,33 @@ dilated_attention_add_test(ring_forward_test SOURCES ring_forward_test.cpp LABEL
 dilated_attention_add_test(ring_schedule_test SOURCES ring_schedule_test.cpp LABELS ring)
 dilated_attention_add_test(ring_pattern_cache_test SOURCES ring_pattern_cache_test.cpp LABELS "ring;tsan")
 dilated_attention_add_test(ring_transport_test SOURCES ring_transport_test.cpp LABELS "ring;tsan")
+
+# Ranks in separate processes: one executable, launched by mpiexec with 2, 3 and 4 ranks.
+if(TARGET dilated_attention_mpi)
+  add_executable(ring_mpi_test ring_mpi_test.cpp)
+  target_link_libraries(ring_mpi_test PRIVATE DilatedAttention::mpi)
+  target_include_directories(ring_mpi_test PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
+  target_compile_options(ring_mpi_test PRIVATE
+    $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Wshadow -Werror=return-type>)
+  # Open MPI refuses more ranks than cores and running as root unless told; CI does both.
+  set(DILATED_ATTENTION_MPIEXEC_EXTRA_FLAGS "--oversubscribe" CACHE STRING
+      "Extra mpiexec flags for the ring MPI tests (Open MPI: --oversubscribe)")
+  separate_arguments(_ring_mpiexec_extra UNIX_COMMAND "${DILATED_ATTENTION_MPIEXEC_EXTRA_FLAGS}")
+  foreach(ranks 2 3 4)
+    add_test(NAME ring_mpi_test_${ranks}
+             COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${ranks} ${_ring_mpiexec_extra}
+                     ${MPIEXEC_PREFLAGS} $<TARGET_FILE:ring_mpi_test> ${MPIEXEC_POSTFLAGS})
+    set_tests_properties(ring_mpi_test_${ranks} PROPERTIES
+      LABELS "ring;mpi" TIMEOUT 120
+      ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
+  endforeach()
+endif()
+
+# The NCCL transport: compiled wherever its target exists; the transfer case needs a GPU.
+if(TARGET dilated_attention_nccl)
+  add_executable(ring_nccl_test ring_nccl_test.cu)
+  target_link_libraries(ring_nccl_test PRIVATE DilatedAttention::nccl GTest::gtest_main)
+  target_compile_options(ring_nccl_test PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wshadow --Werror=all-warnings>)
+  gtest_discover_tests(ring_nccl_test PROPERTIES LABELS ring DISCOVERY_TIMEOUT 120)
+endif()

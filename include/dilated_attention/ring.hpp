@@ -6,6 +6,7 @@
 
 #include "config.hpp"
 #include "ring/cpu_backend.hpp"
+#include "ring/cpu_forward.hpp"
 #include "ring/forward.hpp"
 #include "ring/pattern_cache.hpp"
 #include "ring/schedule.hpp"

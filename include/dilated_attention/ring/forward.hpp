@@ -2,7 +2,9 @@
 // The ring driver: rank p of P computes its shard's rows of the single-device forward, fetching
 // from other ranks only the K/V rows its queries attend to. Generic over the compute back end
 // (ring/cpu_backend.hpp on the CPU; a CUDA back end provides the same members on device memory)
-// and over the transport (ring/transport.hpp, ring/mpi.hpp, ring/nccl.cuh).
+// and over the transport (ring/transport.hpp, ring/mpi.hpp, ring/nccl.cuh). This header needs
+// neither Eigen nor CUDA, so nvcc translation units include it as they are; the CPU entry point
+// ring::forward is in ring/cpu_forward.hpp.
 //
 // Per forward:
 //   1. validate (partition, config, global and shard-local shapes, views) before touching output;
@@ -21,7 +23,6 @@
 
 #include "../config.hpp"
 #include "../pattern.hpp"
-#include "cpu_backend.hpp"
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "transport.hpp"
@@ -212,36 +213,6 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
     if (flight.sending) transport.wait(flight.send_ticket);
     flight.send = typename Backend::Buffer();
   }
-  return stats;
-}
-
-// Ring forward on the CPU (SPEC §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
-// views over this rank's shard (seq_len N / P, positions local to the shard); lse, when given,
-// is [batch, num_heads, N / P] contiguous. Rank and P come from the transport. Every rank must
-// call it with the same config and shape. Throws std::invalid_argument before writing any output.
-template <class T>
-Stats forward(const Config& config, const Shape& shape, Transport& transport,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
-              lse_type_t<T>* lse = nullptr, const Options& options = {}) {
-  validate_partition(shape.seq_len, transport.size(), transport.rank());
-  validate(config, shape);
-  Shape local = shape;
-  local.seq_len = shape.seq_len / transport.size();
-  validate(config, local, q, k, v, out, lse);
-  if (options.threads <= 0)
-    dilated_attention::detail::reject("options.threads = ", options.threads, ": must be positive");
-
-  const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
-  const std::int64_t accumulators =
-      config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
-  CpuBackend<T> backend(local, shard.begin, q, k, v,
-                        static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
-                        config.causal, accumulators, options.threads);
-  PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
-  Stats stats = run_ring(config, shape, transport, backend, cache);
-  backend.finish(out, lse);
   return stats;
 }
 

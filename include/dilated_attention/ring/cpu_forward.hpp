@@ -1,0 +1,46 @@
+#pragma once
+// The CPU entry point of the ring (SPEC §4): ring::forward<T> runs the generic driver
+// (ring/forward.hpp) with the CPU back end (ring/cpu_backend.hpp).
+
+#include <cstdint>
+
+#include "../config.hpp"
+#include "cpu_backend.hpp"
+#include "forward.hpp"
+#include "pattern_cache.hpp"
+#include "schedule.hpp"
+#include "transport.hpp"
+
+namespace dilated_attention::ring {
+
+// Ring forward on the CPU (SPEC §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
+// views over this rank's shard (seq_len N / P, positions local to the shard); lse, when given,
+// is [batch, num_heads, N / P] contiguous. Rank and P come from the transport. Every rank must
+// call it with the same config and shape. Throws std::invalid_argument before writing any output.
+template <class T>
+Stats forward(const Config& config, const Shape& shape, Transport& transport,
+              View<const dilated_attention::detail::identity_t<T>> q,
+              View<const dilated_attention::detail::identity_t<T>> k,
+              View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
+              lse_type_t<T>* lse = nullptr, const Options& options = {}) {
+  validate_partition(shape.seq_len, transport.size(), transport.rank());
+  validate(config, shape);
+  Shape local = shape;
+  local.seq_len = shape.seq_len / transport.size();
+  validate(config, local, q, k, v, out, lse);
+  if (options.threads <= 0)
+    dilated_attention::detail::reject("options.threads = ", options.threads, ": must be positive");
+
+  const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
+  const std::int64_t accumulators =
+      config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
+  CpuBackend<T> backend(local, shard.begin, q, k, v,
+                        static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
+                        config.causal, accumulators, options.threads);
+  PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
+  Stats stats = run_ring(config, shape, transport, backend, cache);
+  backend.finish(out, lse);
+  return stats;
+}
+
+}  // namespace dilated_attention::ring
