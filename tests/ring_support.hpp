@@ -72,7 +72,7 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
     std::vector<lse_type_t<T>> local_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
     ring::Options options;
     options.cache = cache;
-    options.threads = threads;
+    options.num_threads = threads;
     run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(
         config, shape, transport, shard_view(q.view(), begin), shard_view(k.view(), begin),
         shard_view(v.view(), begin), shard_view(run.out.view(), begin), local_lse.data(), options);

@@ -28,15 +28,15 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
   Shape local = shape;
   local.seq_len = shape.seq_len / transport.size();
   validate(config, local, q, k, v, out, lse);
-  if (options.threads <= 0)
-    dilated_attention::detail::reject("options.threads = ", options.threads, ": must be positive");
+  if (options.num_threads <= 0)
+    dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
 
   const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
   const std::int64_t accumulators =
       config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
   CpuBackend<T> backend(local, shard.begin, q, k, v,
                         static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
-                        config.causal, accumulators, options.threads);
+                        config.causal, accumulators, options.num_threads);
   PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
   Stats stats = run_ring(config, shape, transport, backend, cache);
   backend.finish(out, lse);

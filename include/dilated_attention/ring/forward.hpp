@@ -31,7 +31,7 @@ namespace dilated_attention::ring {
 
 struct Options {
   PatternCache* cache = nullptr;  // nullptr: default_pattern_cache()
-  int threads = 1;                // compute threads of this rank (ranks are often threads already)
+  int num_threads = 1;  // compute threads of this rank (ranks are often threads already)
 };
 
 // What one rank did in one forward; the tests check these against closed-form counts.
