@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -107,6 +108,33 @@ TEST(DILATED_ATTENTION_SUITE(Errors), CudaFailureBecomesRuntimeError) {
     EXPECT_NE(std::string(error.what()).find("dilated_attention::cuda"), std::string::npos)
         << error.what();
   }
+}
+
+// The yardstick of SPEC §6.10 itself, on the host: the naive storage-type implementation is
+// close to the fp64 reference but not exact, so "at most twice its error" is a real bound that
+// an O(1) kernel bug cannot meet. Runs without a device.
+TEST(DILATED_ATTENTION_SUITE(Yardstick), NaiveStorageTypeErrorIsSmallButNotZero) {
+  const dt::Case c{"yardstick", dt::make_config({40, 96}, {1, 3}, true, da::OffsetRule::modular,
+                                                da::Mixing::mean),
+                   {1, 120, 3, 3, 64}};
+  const auto in = dt::random_device_test_inputs<T>(c.shape, 0, 0, 7);
+  const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
+  dt::Tensor<double> expected(c.shape, 3);
+  std::vector<double> expected_lse(static_cast<std::size_t>(120 * 3));
+  da::reference::forward<double>(c.config, c.shape, q.view(), k.view(), v.view(),
+                                 expected.view(), expected_lse.data());
+  dt::Tensor<T> naive(c.shape, 3);
+  std::vector<double> naive_lse;
+  dt::naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);
+  const double error = dt::max_abs_diff(naive, expected);
+  const double lse_error = dt::max_lse_diff(naive_lse, expected_lse);
+  RecordProperty("naive_error", std::to_string(error));
+  std::printf("naive storage-type error: output %.3g, lse %.3g\n", error, lse_error);
+  const double ceiling = std::is_same_v<T, float> ? 1e-4 : 0.25;
+  EXPECT_GT(error, 0.0);
+  EXPECT_LT(error, ceiling);
+  EXPECT_GT(lse_error, 0.0);
+  EXPECT_LT(lse_error, (std::is_same_v<T, float> ? 1e-4 : 0.5));
 }
 
 TEST(DILATED_ATTENTION_SUITE(Gpu), MatchesReferenceEveryCaseHeadDim64) {

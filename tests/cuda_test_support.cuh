@@ -254,8 +254,9 @@ Tensor<double> widen(const Tensor<T>& t) {
 }
 
 // SPEC §6.10 for 16-bit types: max error against the fp64 reference at most twice the naive
-// storage-type implementation's. For float (no naive yardstick in the SPEC) the same rule with a
-// floor of 2e-5, documented in docs/cuda.md.
+// storage-type implementation's, with a floor of 1e-6 for cases where the naive result happens
+// to be exact (a block of one key returns v itself). For float (no naive yardstick in the SPEC)
+// the same rule with a floor of 2e-5. Both documented in docs/cuda.md.
 template <class T>
 void check_against_reference(const Case& c, std::uint64_t seed) {
   SCOPED_TRACE(describe(c));
@@ -273,7 +274,7 @@ void check_against_reference(const Case& c, std::uint64_t seed) {
   std::vector<double> naive_lse;
   naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);
 
-  const double floor = std::is_same_v<T, float> ? 2e-5 : 0.0;
+  const double floor = std::is_same_v<T, float> ? 2e-5 : 1e-6;
   const double naive_error = max_abs_diff(naive, expected);
   const double gpu_error = max_abs_diff(gpu.out, expected);
   EXPECT_LE(gpu_error, std::max(2.0 * naive_error, floor))
