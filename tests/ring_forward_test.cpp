@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include <dilated_attention/dilated_attention.hpp>
+
 #include "ring_support.hpp"
 
 namespace da = dilated_attention;
@@ -239,6 +241,34 @@ TEST(RingForward, CorruptedTransferIsDetected) {
                               da::testing::shard_view(out.view(), begin));
   });
   EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
+}
+
+}  // namespace
+
+namespace {
+
+// Against the fast single-process CPU forward on a longer sequence (the reference is too slow
+// here): N = 384, shards of 96..384, branches below, across and beyond a shard.
+TEST(RingForward, EqualsCpuForwardOnALongerSequence) {
+  da::Config config;
+  config.segment_lengths = {32, 80, 192, 512};
+  config.dilation_rates = {1, 2, 3, 8};
+  const da::Shape shape{1, 384, 4, 2, 16};
+  Tensor<float> q(shape, 4), k(shape, 2), v(shape, 2), expected(shape, 4);
+  q.fill_random(41);
+  k.fill_random(42);
+  v.fill_random(43);
+  for (const bool causal : {false, true}) {
+    config.causal = causal;
+    std::vector<float> expected_lse(static_cast<std::size_t>(4 * 384));
+    da::forward<float>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+    for (int num_ranks : {1, 2, 3, 4}) {
+      SCOPED_TRACE("P = " + std::to_string(num_ranks) + (causal ? " causal" : ""));
+      const auto run = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks);
+      EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-5);
+      EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-5);
+    }
+  }
 }
 
 }  // namespace
