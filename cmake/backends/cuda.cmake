@@ -6,6 +6,16 @@
 # scope of the top-level project, which an include() preserves.
 
 include(CheckLanguage)
+# nvcc is often installed off PATH (/usr/local/cuda/bin): point check_language at it through
+# CUDACXX, which its test project inherits, unless the user already chose a compiler.
+if(NOT DEFINED CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX})
+  find_program(DILATED_ATTENTION_NVCC nvcc
+               PATHS ENV CUDA_PATH ENV CUDA_HOME /usr/local/cuda /opt/cuda PATH_SUFFIXES bin
+               DOC "nvcc used to look for CUDA support")
+  if(DILATED_ATTENTION_NVCC)
+    set(ENV{CUDACXX} "${DILATED_ATTENTION_NVCC}")
+  endif()
+endif()
 check_language(CUDA)
 
 if(CMAKE_CUDA_COMPILER)
