@@ -157,4 +157,33 @@ TEST(CpuAttend, RejectsMismatchedKeysAndValues) {
                std::invalid_argument);
 }
 
+TEST(CpuExp, ShiftedExponentialAndSumAreAccurate) {
+  // The SSE2 float routine (or Eigen's exp elsewhere) against std::exp in double, over the
+  // whole range a softmax feeds it, including the clamped far tail and a ragged length.
+  std::vector<float> p(1003);
+  for (std::size_t i = 0; i < p.size(); ++i) p[i] = -100.0f * static_cast<float>(i) / 1000.0f;
+  std::vector<float> x = p;
+  const float sum = dilated_attention::cpu::detail::exp_shifted_sum(p.data(), 1003, 1.0f, 0.0f);
+  double want_sum = 0.0;
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    want_sum += want;
+    if (x[i] >= -87.0f) {
+      ASSERT_NEAR(p[i], want, 3e-7 * want) << "x = " << x[i];
+    } else {
+      ASSERT_LE(p[i], 2e-38f) << "x = " << x[i];
+    }
+  }
+  EXPECT_NEAR(sum, want_sum, 1e-6 * want_sum);
+  // Scale and shift are applied before the exponential.
+  float one[5] = {2.0f, 4.0f, 6.0f, 8.0f, 10.0f};
+  dilated_attention::cpu::detail::exp_shifted_sum(one, 5, 0.5f, 5.0f);
+  for (int i = 0; i < 5; ++i) EXPECT_NEAR(one[i], std::exp(i + 1.0 - 5.0), 1e-6);
+  // NaN is not hidden by the clamp.
+  float bad[4] = {0.0f, std::numeric_limits<float>::quiet_NaN(), -1.0f, -2.0f};
+  dilated_attention::cpu::detail::exp_shifted_sum(bad, 4, 1.0f, 0.0f);
+  EXPECT_TRUE(std::isnan(bad[1]));
+  EXPECT_FLOAT_EQ(bad[0], 1.0f);
+}
+
 }  // namespace

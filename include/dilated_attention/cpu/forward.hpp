@@ -9,7 +9,7 @@
 // finished by one thread, once, identically whatever the thread count. All index math comes
 // from pattern.hpp.
 //
-// A window spans query_tile * max(r) positions (capped), so that even the most dilated branch
+// A window spans query_tile * max(r) positions (capped at 8 tiles), so that even the most dilated branch
 // gives each window a full query tile while the window's scratch stays independent of N and w.
 
 #include <algorithm>
@@ -29,12 +29,12 @@ namespace dilated_attention {
 
 namespace cpu::detail {
 
-// Positions per work unit: query_tile rows for the most dilated branch, at most 16 tiles long.
+// Positions per work unit: query_tile rows for the most dilated branch, at most 8 tiles long.
 inline std::int64_t window_length(const Pattern& pattern) {
   std::int64_t max_rate = 1;
   for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
     max_rate = std::max(max_rate, pattern.branch(i).r);
-  return query_tile * std::min<std::int64_t>(max_rate, 16);
+  return query_tile * std::min<std::int64_t>(max_rate, 8);
 }
 
 // One thread's scratch: the block primitive's tiles plus the window's running result and the
