@@ -15,7 +15,9 @@ if(DILATED_ATTENTION_ENABLE_NCCL AND TARGET dilated_attention_cuda)
     add_library(dilated_attention_nccl INTERFACE)
     add_library(DilatedAttention::nccl ALIAS dilated_attention_nccl)
     set_target_properties(dilated_attention_nccl PROPERTIES EXPORT_NAME nccl)
-    target_link_libraries(dilated_attention_nccl INTERFACE dilated_attention_cuda)
+    # The transport needs the CUDA runtime and NCCL, not the CUDA kernels: linking
+    # dilated_attention_cuda would tie this export set to the CUDA one.
+    target_link_libraries(dilated_attention_nccl INTERFACE dilated_attention CUDA::cudart)
     get_filename_component(_dilated_attention_nccl_dir "${DILATED_ATTENTION_NCCL_LIBRARY}" DIRECTORY)
     get_filename_component(_dilated_attention_nccl_dir "${_dilated_attention_nccl_dir}" REALPATH)
     get_filename_component(_dilated_attention_toolkit_dir "${CUDAToolkit_LIBRARY_DIR}" REALPATH)
