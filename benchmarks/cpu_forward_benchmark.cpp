@@ -54,6 +54,7 @@ struct Options {
   int sgemm_threads = 0;  // 0: hardware concurrency
   int repetitions = 1;
   int dense_repetitions = 1;
+  std::int64_t repeat_max_seq_len = 65536;  // dilated runs above this N run once
   int sample_rows = 16;
   bool dilated = true;
   std::uint64_t seed = 20261122;
@@ -80,6 +81,7 @@ Options (defaults are the issue's LongNet config):
   --sgemm_threads=0             threads for the SGEMMs (0: the kernel's default, i.e.
                                 DILATED_ATTENTION_NUM_THREADS if set, else all hardware threads)
   --repetitions=1               repetitions of the SGEMM and dilated benchmarks (median reported)
+  --repeat_max_seq_len=65536    dilated benchmarks at larger N run once, whatever --repetitions
   --dense_repetitions=1         repetitions of the dense benchmarks
   --sample_rows=16              hashed rows per (batch, head) checked against SPEC §2 (plus the
                                 ends and segment boundaries); 0 skips the check
@@ -130,6 +132,7 @@ bool parse_option(const std::string& arg) {
   else if (key == "sgemm_threads") options.sgemm_threads = std::stoi(value);
   else if (key == "repetitions") options.repetitions = std::stoi(value);
   else if (key == "dense_repetitions") options.dense_repetitions = std::stoi(value);
+  else if (key == "repeat_max_seq_len") options.repeat_max_seq_len = std::stoll(value);
   else if (key == "sample_rows") options.sample_rows = std::stoi(value);
   else if (key == "seed") options.seed = std::stoull(value);
   else return false;
@@ -137,13 +140,16 @@ bool parse_option(const std::string& arg) {
 }
 
 // The kernel's own default: DILATED_ATTENTION_NUM_THREADS when set and positive, else every
-// hardware thread. The SGEMMs use the same count so that the ratio compares like with like.
-int sgemm_threads() {
-  if (options.sgemm_threads > 0) return options.sgemm_threads;
+// hardware thread. Process CPU time / (real time * this) says what share of those cores a run
+// actually got.
+int kernel_threads() {
   if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text)
     if (const long value = std::strtol(text, nullptr, 10); value > 0) return static_cast<int>(value);
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
+
+// The SGEMMs use the kernel's count unless told otherwise, so the ratio compares like with like.
+int sgemm_threads() { return options.sgemm_threads > 0 ? options.sgemm_threads : kernel_threads(); }
 
 std::string join(const std::vector<std::int64_t>& values) {
   std::string text;
@@ -193,7 +199,7 @@ void BM_Sgemm(benchmark::State& state, const std::string& name) {
   Eigen::setNbThreads(eigen_threads);
   const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
   state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  state.counters["worker_threads"] = threads;
 }
 
 // One attention block's products without the softmax: S = Q K^T (rows x rows), O = S V, one
@@ -228,7 +234,7 @@ void BM_SgemmAttentionShaped(benchmark::State& state, const std::string& name, E
   const double flops = 4.0 * static_cast<double>(rows) * static_cast<double>(rows) *
                        static_cast<double>(dim) * threads;
   state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = threads;
+  state.counters["worker_threads"] = threads;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,6 +313,7 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
   state.counters["useful_GFLOPs"] =
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["useful_flops"] = flops;
+  state.counters["worker_threads"] = kernel_threads();
   state.counters["N"] = static_cast<double>(n);
   state.counters["D"] = static_cast<double>(dim);
   state.counters["tensors_MiB"] = tensor_bytes / kMiB;
@@ -382,7 +389,8 @@ void register_benchmarks() {
     const std::string n = std::to_string(options.sgemm_size);
     const std::string name = "sgemm/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(name.c_str(), BM_Sgemm, name)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(options.repetitions);
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        ->Repetitions(options.repetitions);
     // The kernel's block length is w / r; the most common one in the config stands for it.
     std::map<std::int64_t, int> lengths;
     for (std::size_t i = 0; i < options.segments.size(); ++i)
@@ -396,7 +404,7 @@ void register_benchmarks() {
                                std::to_string(dim) + "/threads:" + std::to_string(threads);
       benchmark::RegisterBenchmark(shaped_name.c_str(), BM_SgemmAttentionShaped, shaped_name,
                                    static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(dim))
-          ->Unit(benchmark::kMillisecond)->UseRealTime()
+          ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
           ->Repetitions(options.repetitions);
     }
   }
@@ -405,12 +413,12 @@ void register_benchmarks() {
       const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
       if (n <= options.dense_max_seq_len)
         benchmark::RegisterBenchmark(("dense" + suffix).c_str(), BM_Attention, "dense" + suffix, true, n, dim)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()
+            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
             ->Repetitions(options.dense_repetitions);
       if (options.dilated)
         benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), BM_Attention, "dilated" + suffix, false, n, dim)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()
-            ->Repetitions(options.repetitions);
+            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+            ->Repetitions(n <= options.repeat_max_seq_len ? options.repetitions : 1);
     }
 }
 
@@ -453,6 +461,7 @@ int main(int argc, char** argv) {
                                             " offsets=" + offsets_name() + " mixing=" + to_string(options.mixing) +
                                             " dtype=float");
   benchmark::AddCustomContext("sgemm_threads", std::to_string(sgemm_threads()));
+  benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
   benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
   benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +

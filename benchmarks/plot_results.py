@@ -56,11 +56,21 @@ def seconds(run):
     return run["real_time"] * UNIT_SECONDS[run.get("time_unit", "ns")]
 
 
+def cpu_share(run):
+    """Process CPU time / (real time * threads): 1.0 when the run had its cores to itself; on a
+    shared machine it falls with the load, and the run's times are inflated about 1/share."""
+    threads = run.get("worker_threads")
+    if not threads or "cpu_time" not in run:
+        return None
+    return run["cpu_time"] / (run["real_time"] * threads)
+
+
 def summarise(data):
     runs = representative_runs(data["benchmarks"])
     sgemm = [r for r in runs if kind_of(r) == "sgemm"]
     shaped = {int(r["run_name"].split("/D:")[1].split("/")[0]): r for r in runs if kind_of(r) == "sgemm_attention_shaped"}
     sgemm_gflops = sgemm[0]["GFLOPs"] if sgemm else None
+    sgemm_share = cpu_share(sgemm[0]) if sgemm else None
     attention = {}
     for r in runs:
         kind = kind_of(r)
@@ -79,6 +89,7 @@ def summarise(data):
             "repetitions": r.get("repetitions_used", 1),
             "useful_flops": r["useful_flops"],
             "useful_GFLOPs": gflops,
+            "cpu_share": cpu_share(r),
             "ratio_to_sgemm": gflops / sgemm_gflops if sgemm_gflops else None,
             "ratio_to_shaped_sgemm": gflops / shaped[d]["GFLOPs"] if d in shaped else None,
             "tensors_MiB": r.get("tensors_MiB"),
@@ -99,9 +110,9 @@ def summarise(data):
     context = data.get("context", {})
     return {
         "context": {k: context.get(k) for k in ("date", "host_name", "num_cpus", "mhz_per_cpu", "load_avg",
-                                                  "implementation", "config", "sgemm_threads", "heap_counter",
+                                                  "implementation", "config", "sgemm_threads", "kernel_threads", "heap_counter",
                                                   "eigen_version", "compiler", "assertions")},
-        "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops} if sgemm else None,
+        "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops, "cpu_share": sgemm_share} if sgemm else None,
         "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"]} for d, r in shaped.items()},
         "rows": rows,
     }
@@ -120,18 +131,20 @@ def print_table(summary, out=sys.stdout):
           f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])}", file=out)
     if summary["sgemm"]:
         print(f"Eigen SGEMM ({summary['sgemm']['name'].split('/repeats')[0]}): "
-              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s", file=out)
+              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s (cpu share {fmt(summary['sgemm']['cpu_share'], '.0%')})",
+              file=out)
     for d, s in summary["sgemm_attention_shaped"].items():
         print(f"Eigen attention-shaped products (Q K^T, P V; {s['name'].split('/repeats')[0]}): "
               f"{s['GFLOPs']:.1f} GFLOP/s", file=out)
-    header = ("kind", "D", "N", "time", "GFLOP/s", "xSGEMM", "xshaped", "dense/dil", "t(N)/t(N/4)",
+    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xshaped", "dense/dil", "t(N)/t(N/4)",
               "peak MiB (budget)", "max err O", "max err LSE")
     lines = []
     for r in summary["rows"]:
         t = r["time_s"]
         time_text = f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.2f} s"
         peak = f"{fmt(r['peak_MiB'], '.1f')} ({fmt(r['budget_MiB'], '.0f')})"
-        lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["useful_GFLOPs"], ".1f"),
+        lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["cpu_share"], ".0%"),
+                      fmt(r["useful_GFLOPs"], ".1f"),
                       fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_shaped_sgemm"], ".2f"),
                       fmt(r["dense_over_dilated"], ".1f"), fmt(r["time_ratio_4x"], ".2f"), peak,
                       fmt(r["max_err_out"], ".1e"), fmt(r["max_err_lse"], ".1e")))
@@ -139,6 +152,8 @@ def print_table(summary, out=sys.stdout):
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+    print("cpu = process CPU time / (wall time x threads): below ~90% the machine was shared and the times are "
+          "inflated", file=out)
     missing_dense = sorted({(r["D"], r["N"]) for r in summary["rows"] if r["kind"] == "dilated" and r["dense_over_dilated"] is None})
     if missing_dense:
         print("dense attention not measured at " + ", ".join(f"D={d} N={n}" for d, n in missing_dense) +

@@ -29,7 +29,8 @@ Options (each also read from the environment variable in brackets):
   --dilations LIST        dilation rates r_i          [DA_DILATIONS=1,2,4]
   --causal                causal masking              [DA_CAUSAL=false]
   --dense-max-seq-len N   measure dense up to this N  [DA_DENSE_MAX_SEQ_LEN=16384]
-  --repetitions R         repetitions of SGEMM and dilated runs, median reported
+  --repetitions R         repetitions of the SGEMM runs and of the dilated runs up to
+                          N=65536 (larger N run once); the median is reported
                                                       [DA_REPETITIONS=3]
   --threads T             threads for kernel and SGEMM (default: all cores)
                                                       [DILATED_ATTENTION_NUM_THREADS]
