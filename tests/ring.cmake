@@ -6,6 +6,7 @@ dilated_attention_add_test(ring_forward_test SOURCES ring_forward_test.cpp LABEL
 dilated_attention_add_test(ring_schedule_test SOURCES ring_schedule_test.cpp LABELS ring)
 dilated_attention_add_test(ring_pattern_cache_test SOURCES ring_pattern_cache_test.cpp LABELS "ring;tsan")
 dilated_attention_add_test(ring_transport_test SOURCES ring_transport_test.cpp LABELS "ring;tsan")
+dilated_attention_add_test(ring_driver_test SOURCES ring_driver_test.cpp LABELS ring)
 
 # Ranks in separate processes: one executable, launched by mpiexec with 2, 3 and 4 ranks.
 if(TARGET dilated_attention_mpi)
