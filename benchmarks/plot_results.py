@@ -8,6 +8,9 @@ measured in the same process on the same machine state:
 
   useful GFLOP/s    Pattern::useful_flops() (4 * head_dim per attended pair) / median real time
   x SGEMM           useful GFLOP/s / GFLOP/s of the square Eigen SGEMM in the same binary
+  cpu               process CPU time / (wall time * threads): the share of its cores the run got
+  x SGEMM/core      the x SGEMM ratio from GFLOP per second of CPU time on both sides: on a shared
+                    machine it tracks what an idle one would show better than wall-time rates do
   x shaped          useful GFLOP/s / GFLOP/s of Eigen's Q K^T and P V products at the block size
   dense / dilated   time of dense attention (one branch w = N, r = 1) / time of dilated, same N, D
   t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4)
@@ -56,6 +59,17 @@ def seconds(run):
     return run["real_time"] * UNIT_SECONDS[run.get("time_unit", "ns")]
 
 
+def cpu_seconds(run):
+    return run["cpu_time"] * UNIT_SECONDS[run.get("time_unit", "ns")] if "cpu_time" in run else None
+
+
+def per_core_rate(run):
+    """GFLOP per second of process CPU time (per busy core) of a GFLOPs-counter benchmark: the
+    rate with the other processes' share of the machine taken out."""
+    cpu = cpu_seconds(run)
+    return run["GFLOPs"] * seconds(run) / cpu if cpu else None
+
+
 def cpu_share(run):
     """Process CPU time / (real time * threads): 1.0 when the run had its cores to itself; on a
     shared machine it falls with the load, and the run's times are inflated about 1/share."""
@@ -71,6 +85,7 @@ def summarise(data):
     shaped = {int(r["run_name"].split("/D:")[1].split("/")[0]): r for r in runs if kind_of(r) == "sgemm_attention_shaped"}
     sgemm_gflops = sgemm[0]["GFLOPs"] if sgemm else None
     sgemm_share = cpu_share(sgemm[0]) if sgemm else None
+    sgemm_core = per_core_rate(sgemm[0]) if sgemm else None
     attention = {}
     for r in runs:
         kind = kind_of(r)
@@ -90,6 +105,8 @@ def summarise(data):
             "useful_flops": r["useful_flops"],
             "useful_GFLOPs": gflops,
             "cpu_share": cpu_share(r),
+            "cpu_time_s": cpu_seconds(r),
+            "useful_GFLOP_per_core_s": r["useful_flops"] / cpu_seconds(r) * 1e-9 if cpu_seconds(r) else None,
             "ratio_to_sgemm": gflops / sgemm_gflops if sgemm_gflops else None,
             "ratio_to_shaped_sgemm": gflops / shaped[d]["GFLOPs"] if d in shaped else None,
             "tensors_MiB": r.get("tensors_MiB"),
@@ -101,6 +118,9 @@ def summarise(data):
             "max_err_lse": r.get("max_err_lse"),
             "sampled_rows": r.get("sampled_rows"),
         }
+        core = row["useful_GFLOP_per_core_s"]
+        row["ratio_to_sgemm_per_core"] = core / sgemm_core if core and sgemm_core else None
+        row["idle_estimate_s"] = row["cpu_time_s"] / r["worker_threads"] if row["cpu_time_s"] and r.get("worker_threads") else None
         dense = attention.get(("dense", d, n))
         row["dense_over_dilated"] = seconds(dense) / t if kind == "dilated" and dense else None
         quarter = attention.get((kind, d, n // 4)) if n % 4 == 0 else None
@@ -112,7 +132,8 @@ def summarise(data):
         "context": {k: context.get(k) for k in ("date", "host_name", "num_cpus", "mhz_per_cpu", "load_avg",
                                                   "implementation", "config", "sgemm_threads", "kernel_threads", "heap_counter",
                                                   "eigen_version", "compiler", "assertions")},
-        "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops, "cpu_share": sgemm_share} if sgemm else None,
+        "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops, "cpu_share": sgemm_share,
+                  "GFLOP_per_core_s": sgemm_core} if sgemm else None,
         "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"]} for d, r in shaped.items()},
         "rows": rows,
     }
@@ -131,12 +152,13 @@ def print_table(summary, out=sys.stdout):
           f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])}", file=out)
     if summary["sgemm"]:
         print(f"Eigen SGEMM ({summary['sgemm']['name'].split('/repeats')[0]}): "
-              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s (cpu share {fmt(summary['sgemm']['cpu_share'], '.0%')})",
+              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s (cpu share {fmt(summary['sgemm']['cpu_share'], '.0%')}; "
+              f"{fmt(summary['sgemm']['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)",
               file=out)
     for d, s in summary["sgemm_attention_shaped"].items():
         print(f"Eigen attention-shaped products (Q K^T, P V; {s['name'].split('/repeats')[0]}): "
               f"{s['GFLOPs']:.1f} GFLOP/s", file=out)
-    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xshaped", "dense/dil", "t(N)/t(N/4)",
+    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xSGEMM/core", "xshaped", "dense/dil", "t(N)/t(N/4)",
               "peak MiB (budget)", "max err O", "max err LSE")
     lines = []
     for r in summary["rows"]:
@@ -145,7 +167,8 @@ def print_table(summary, out=sys.stdout):
         peak = f"{fmt(r['peak_MiB'], '.1f')} ({fmt(r['budget_MiB'], '.0f')})"
         lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["cpu_share"], ".0%"),
                       fmt(r["useful_GFLOPs"], ".1f"),
-                      fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_shaped_sgemm"], ".2f"),
+                      fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_sgemm_per_core"], ".2f"),
+                      fmt(r["ratio_to_shaped_sgemm"], ".2f"),
                       fmt(r["dense_over_dilated"], ".1f"), fmt(r["time_ratio_4x"], ".2f"), peak,
                       fmt(r["max_err_out"], ".1e"), fmt(r["max_err_lse"], ".1e")))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -153,7 +176,8 @@ def print_table(summary, out=sys.stdout):
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
     print("cpu = process CPU time / (wall time x threads): below ~90% the machine was shared and the times are "
-          "inflated", file=out)
+          "inflated;\nxSGEMM/core = the same ratio from GFLOP per core-second of CPU time (less sensitive to load)",
+          file=out)
     missing_dense = sorted({(r["D"], r["N"]) for r in summary["rows"] if r["kind"] == "dilated" and r["dense_over_dilated"] is None})
     if missing_dense:
         print("dense attention not measured at " + ", ".join(f"D={d} N={n}" for d, n in missing_dense) +

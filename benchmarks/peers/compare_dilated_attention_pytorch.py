@@ -20,8 +20,10 @@ What it does, per sequence length N:
      torch.inference_mode() with torch.set_num_threads(threads): one warm-up, then `repeats` timed
      calls, median reported;
   3. runs our cpu_forward_from_files on the same files with DILATED_ATTENTION_NUM_THREADS =
-     threads (partitioned offsets, mean mixing: SPEC section 3's preset for this peer), `repeats`
-     timed calls after one warm-up, median reported;
+     threads (partitioned offsets, mean mixing: SPEC section 3's preset for this peer); each timed
+     call is the second of a fresh process, and the timed calls alternate with the peer's so
+     that load changes hit both; medians reported, of wall time and of process CPU time (all
+     threads), the latter being the fairer figure on a shared machine;
   4. compares the two outputs element by element, and both against SPEC section 2 evaluated in
      float64 on sampled rows, so "matches" is judged against the rounding of either side.
 
@@ -139,28 +141,33 @@ def main():
         for name, array in (("q", q), ("k", k), ("v", v)):
             array.tofile(os.path.join(work, f"{name}.f32"))
 
-        # Peer.
+        # Timed calls alternate, peer then ours, so that a change in machine load during the
+        # comparison falls on both sides alike. Peer: one warm-up call in this process first.
+        # Ours: each timed call is the second call of a fresh cpu_forward_from_files process (the
+        # first call is its warm-up and is dropped; file reading is outside both timings).
         module = peer.DilatedAttention(segment_lengths=segments, dilation_rates=dilations).eval()
         tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-        peer_times = []
-        with torch.inference_mode():
-            peer_out = module(tq, tk, tv, is_causal=args.causal)  # warm-up
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                peer_out = module(tq, tk, tv, is_causal=args.causal)
-                peer_times.append(time.perf_counter() - start)
-        peer_out = peer_out.numpy().astype(np.float32)
-
-        # Ours: one warm-up call plus `repeats` timed ones; the first time is dropped.
         out_path = os.path.join(work, "ours.f32")
         command = [args.binary, f"--input={work}", f"--output={out_path}", f"--batch={args.batch}",
                    f"--seq_len={n}", f"--heads={args.heads}", f"--head_dim={args.head_dim}",
                    f"--segments={args.segments}", f"--dilations={args.dilations}", "--offsets=partitioned",
-                   "--mixing=mean", f"--causal={'true' if args.causal else 'false'}",
-                   f"--repeats={args.repeats + 1}"]
+                   "--mixing=mean", f"--causal={'true' if args.causal else 'false'}", "--repeats=2"]
         env = dict(os.environ, DILATED_ATTENTION_NUM_THREADS=str(args.threads))
-        ours_json = json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout)
-        our_times = ours_json["times_s"][1:]
+        peer_times, our_times, peer_cpu, our_cpu = [], [], [], []
+        load_before = os.getloadavg()
+        with torch.inference_mode():
+            peer_out = module(tq, tk, tv, is_causal=args.causal)  # warm-up
+            for _ in range(args.repeats):
+                cpu_start, start = time.process_time(), time.perf_counter()
+                peer_out = module(tq, tk, tv, is_causal=args.causal)
+                peer_times.append(time.perf_counter() - start)
+                peer_cpu.append(time.process_time() - cpu_start)
+                result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True,
+                                                   text=True).stdout)
+                our_times.append(result["times_s"][1])
+                our_cpu.append(result["cpu_times_s"][1])
+        load_after = os.getloadavg()
+        peer_out = peer_out.numpy().astype(np.float32)
         ours = np.fromfile(out_path, dtype=np.float32).reshape(shape)
 
         diff = np.abs(ours.astype(np.float64) - peer_out.astype(np.float64))
@@ -177,15 +184,21 @@ def main():
             "ours_median_s": statistics.median(our_times),
             "ours_times_s": our_times,
             "speedup": statistics.median(peer_times) / statistics.median(our_times),
+            "peer_median_cpu_s": statistics.median(peer_cpu),
+            "ours_median_cpu_s": statistics.median(our_cpu),
+            "speedup_cpu_time": statistics.median(peer_cpu) / statistics.median(our_cpu),
             "max_abs_diff": float(diff.max()),
             "max_abs_value": float(np.abs(peer_out).max()),
             "ours_max_err_vs_fp64_sampled": ours_err,
             "peer_max_err_vs_fp64_sampled": peer_err,
             "sampled_rows": len(rows),
+            "load_average_before": load_before,
+            "load_average_after": load_after,
         }
         report["runs"].append(run)
         print(f"N={n}: peer {run['peer_median_s']:.3f} s, ours {run['ours_median_s']:.3f} s, "
-              f"speedup {run['speedup']:.2f}x; max |ours - peer| = {run['max_abs_diff']:.2e} "
+              f"speedup {run['speedup']:.2f}x (CPU seconds: peer {run['peer_median_cpu_s']:.2f}, ours "
+              f"{run['ours_median_cpu_s']:.2f}, ratio {run['speedup_cpu_time']:.2f}x); max |ours - peer| = {run['max_abs_diff']:.2e} "
               f"(max |out| {run['max_abs_value']:.2f}); vs fp64 on {len(rows)} rows: ours {ours_err:.2e}, "
               f"peer {peer_err:.2e}", flush=True)
         for name in ("q", "k", "v"):
