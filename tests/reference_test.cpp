@@ -411,6 +411,9 @@ TYPED_TEST(ReferenceOracles, GroupedQueryEqualsRepeatedHeads) {
       SCOPED_TRACE(dt::describe(config, gqa));
       expect_bitwise_equal(run(config, gqa, in), run(config, mha, repeated));
       expect_matches(run(config, gqa, in), dt::dense_oracle(config, gqa, in.q, in.k, in.v));
+      // The oracle takes mutable views too.
+      expect_matches(run(config, mha, repeated),
+                     dt::dense_oracle(config, mha, repeated.q.view(), repeated.k.view(), repeated.v.view()));
     }
   }
 }

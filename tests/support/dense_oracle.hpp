@@ -17,6 +17,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tensors.hpp"
@@ -150,9 +151,12 @@ double softmax_row(const View<const T>& q, const View<const T>& k, const View<co
 }  // namespace oracle_detail
 
 // softmax(S + ln W) V per (batch, head, query), with W = weight(h, x, y) >= 0 any multiplicity.
+// q, k, v may be View<T> or View<const T>.
 template <class T, class Weight>
-DenseResult weighted_attention(const Shape& shape, double scale, View<const T> q, View<const T> k,
-                               View<const T> v, const Weight& weight) {
+DenseResult weighted_attention(const Shape& shape, double scale, View<T> q_in, View<T> k_in,
+                               View<T> v_in, const Weight& weight) {
+  using U = std::remove_const_t<T>;
+  const View<const U> q = q_in, k = k_in, v = v_in;
   DenseResult result{Tensor<double>(shape, shape.num_heads),
                      std::vector<double>(static_cast<std::size_t>(shape.batch * shape.num_heads *
                                                                   shape.seq_len))};
@@ -168,7 +172,7 @@ DenseResult weighted_attention(const Shape& shape, double scale, View<const T> q
 template <class T, class Weight>
 DenseResult weighted_attention(const Shape& shape, double scale, const Tensor<T>& q,
                                const Tensor<T>& k, const Tensor<T>& v, const Weight& weight) {
-  return weighted_attention<T>(shape, scale, q.view(), k.view(), v.view(), weight);
+  return weighted_attention(shape, scale, q.view(), k.view(), v.view(), weight);
 }
 
 // The scale a config asks for (SPEC §1), derived here rather than borrowed from the library.
@@ -176,18 +180,21 @@ inline double oracle_scale(const Config& config, const Shape& shape) {
   return config.scale != 0.0 ? config.scale : 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
 }
 
-// Dilated attention as SPEC §2 defines it, both mixings.
+// Dilated attention as SPEC §2 defines it, both mixings. q, k, v may be View<T> or View<const T>.
 template <class T>
-DenseResult dense_oracle(const Config& config, const Shape& shape, View<const T> q,
-                         View<const T> k, View<const T> v) {
+DenseResult dense_oracle(const Config& config, const Shape& shape, View<T> q_in, View<T> k_in,
+                         View<T> v_in) {
+  using U = std::remove_const_t<T>;
+  const View<const U> q = q_in, k = k_in, v = v_in;
   const double scale = oracle_scale(config, shape);
   const std::int64_t n = shape.seq_len;
   // C_h for every head, computed once from the formulas.
   std::vector<std::vector<int>> counts;
   for (std::int64_t h = 0; h < shape.num_heads; ++h) counts.push_back(count_matrix(config, shape, h));
-  DenseResult result = weighted_attention<T>(shape, scale, q, k, v, [&](std::int64_t h, std::int64_t x, std::int64_t y) {
-    return counts[static_cast<std::size_t>(h)][static_cast<std::size_t>(x * n + y)];
-  });
+  DenseResult result =
+      weighted_attention(shape, scale, q, k, v, [&](std::int64_t h, std::int64_t x, std::int64_t y) {
+        return counts[static_cast<std::size_t>(h)][static_cast<std::size_t>(x * n + y)];
+      });
   if (config.mixing == Mixing::softmax) return result;
 
   // Mean: O = (1/G) * sum over branches that select x of plain softmax over that branch's keys.
@@ -214,7 +221,7 @@ DenseResult dense_oracle(const Config& config, const Shape& shape, View<const T>
 template <class T>
 DenseResult dense_oracle(const Config& config, const Shape& shape, const Tensor<T>& q,
                          const Tensor<T>& k, const Tensor<T>& v) {
-  return dense_oracle<T>(config, shape, q.view(), k.view(), v.view());
+  return dense_oracle(config, shape, q.view(), k.view(), v.view());
 }
 
 }  // namespace dilated_attention::testing
