@@ -312,7 +312,8 @@ TEST_P(PatternProperty, MatchesBruteForceOnRandomConfigs) {
 // Hand-picked corners: one position; w = 1; r = w; a rate larger than the last segment; more
 // heads than H mod G; the paper's branch set at a length shorter than every segment.
 TEST_P(PatternProperty, MatchesBruteForceOnCorners) {
-  const auto [rule, causal] = GetParam();
+  const da::OffsetRule rule = std::get<0>(GetParam());
+  const bool causal = std::get<1>(GetParam());
   const auto problem = [&](std::vector<std::int64_t> w, std::vector<std::int64_t> r,
                            da::Shape shape) {
     dt::Problem p;

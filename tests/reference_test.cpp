@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -91,7 +92,13 @@ double default_scale(const da::Shape& shape) { return 1.0 / std::sqrt(double(sha
 template <class T>
 class ReferenceOracles : public ::testing::Test {};
 using Types = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(ReferenceOracles, Types);
+struct TypeNames {
+  template <class T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, float> ? "float" : "double";
+  }
+};
+TYPED_TEST_SUITE(ReferenceOracles, Types, TypeNames);
 
 // Oracle 1: one branch covering the sequence with r = 1 is dense attention, whatever the rule.
 TYPED_TEST(ReferenceOracles, OneCoveringBranchIsDenseAttention) {
