@@ -16,6 +16,14 @@ if(TARGET dilated_attention_cuda)
       $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wshadow --Werror=all-warnings>)
     gtest_discover_tests(${name} PROPERTIES LABELS cuda DISCOVERY_TIMEOUT 120)
   endfunction()
+  # The kernels' own source run on the host (fibers, emulated ldmatrix/mma): plain C++ with the
+  # CUDA headers for __half/__nv_bfloat16, optimised even in Debug because emulating a warp's
+  # mma is slow at -O0.
+  dilated_attention_add_test(cuda_emulated_kernel_test SOURCES cuda_emulated_kernel_test.cpp
+                             LABELS cuda)
+  target_include_directories(cuda_emulated_kernel_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_options(cuda_emulated_kernel_test PRIVATE -O2 -Wno-unknown-pragmas)
+
   # One executable per storage type, so that the kernels of each compile in parallel.
   dilated_attention_add_cuda_test(cuda_forward_half_test cuda_forward_half_test.cu)
   dilated_attention_add_cuda_test(cuda_forward_bfloat16_test cuda_forward_bfloat16_test.cu)

@@ -3,6 +3,10 @@
 // tile load while the current one is multiplied. A chunk past the end of a block is zero-filled
 // (src-size 0), so masked keys meet finite values and 0 * v stays 0, never NaN.
 
+// Under DILATED_ATTENTION_CUDA_HOST_EMULATION (tests only: tests/cuda_host_emulation.hpp) the
+// test provides these primitives itself, so the kernels run on the host without a GPU.
+#if !defined(DILATED_ATTENTION_CUDA_HOST_EMULATION)
+
 #include <cstdint>
 
 #include "mma.cuh"
@@ -35,3 +39,5 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 }  // namespace dilated_attention::cuda::device
+
+#endif  // !DILATED_ATTENTION_CUDA_HOST_EMULATION
