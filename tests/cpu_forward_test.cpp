@@ -154,7 +154,7 @@ TEST(CpuForward, Oracle3OneDilatedBranch) {
       SCOPED_TRACE(da::testing::describe(config, shape));
       const Inputs<double> in(shape, 7);
       const Result<double> got = run_fast(config, shape, in);
-      auto want = da::testing::dense_oracle<double>(config, shape, in.qd.view(), in.kd.view(), in.vd.view());
+      auto want = da::testing::dense_oracle(config, shape, in.qd, in.kd, in.vd);
       EXPECT_LE(max_abs_diff(got.out, want.out), 1e-10);
       EXPECT_LE(max_lse_diff(got.lse, want.lse), 1e-10);
     }
@@ -167,7 +167,7 @@ TEST(CpuForward, Oracle4SeveralBranchesMergeTheirLse) {
   const Config config = make_config({16, 40, 128}, {1, 3, 5}, false);
   const Inputs<double> in(shape, 8);
   const Result<double> all = run_fast(config, shape, in);
-  auto dense = da::testing::dense_oracle<double>(config, shape, in.qd.view(), in.kd.view(), in.vd.view());
+  auto dense = da::testing::dense_oracle(config, shape, in.qd, in.kd, in.vd);
   EXPECT_LE(max_abs_diff(all.out, dense.out), 1e-10);
   std::vector<double> merged(all.lse.size(), -std::numeric_limits<double>::infinity());
   for (std::size_t i = 0; i < 3; ++i) {
@@ -338,6 +338,30 @@ TEST(CpuForward, PaddedViewsAndBatches) {
   const Config config = make_config({20, 36}, {2, 3}, false, OffsetRule::modular, Mixing::mean);
   expect_matches_reference<double>(config, Shape{3, 71, 4, 2, 7}, 18, 3);
   expect_matches_reference<float>(config, Shape{3, 71, 4, 2, 7}, 19, 2);
+}
+
+TEST(CpuForward, BroadcastInputsWithZeroStrides) {
+  // Inputs may broadcast (stride 0): one key/value row for every position and head, one query
+  // row per head for every batch. The maps then have a zero row stride.
+  const Shape shape{2, 50, 3, 3, 4};
+  const Config config = make_config({16, 30}, {1, 3}, true);
+  std::vector<double> q_data(3 * 4), kv_data(4);
+  std::mt19937_64 engine(27);
+  std::normal_distribution<double> normal;
+  for (double& value : q_data) value = normal(engine);
+  for (double& value : kv_data) value = normal(engine);
+  const da::View<const double> q{q_data.data(), 0, 0, 4}, kv{kv_data.data(), 0, 0, 0};
+  Tensor<double> got(shape, 3), want(shape, 3);
+  std::vector<double> got_lse(300), want_lse(300);
+  da::forward(config, shape, q, kv, kv, got.view(), got_lse.data(), CpuOptions{2});
+  da::reference::forward(config, shape, q, kv, kv, want.view(), want_lse.data());
+  EXPECT_LE(max_abs_diff(got, want), 1e-12);
+  EXPECT_LE(max_lse_diff(got_lse, want_lse), 1e-12);
+}
+
+TEST(CpuForward, MoreThreadsThanWork) {
+  const Config config = make_config({4}, {2});
+  expect_matches_reference<double>(config, Shape{1, 5, 1, 1, 3}, 28, 0, CpuOptions{64});
 }
 
 TEST(CpuForward, LseIsOptionalAndDoesNotChangeTheOutput) {
