@@ -11,9 +11,10 @@ measured in the same process on the same machine state:
   cpu               process CPU time / (wall time * threads): the share of its cores the run got
   x SGEMM/core      the x SGEMM ratio from GFLOP per second of CPU time on both sides: on a shared
                     machine it tracks what an idle one would show better than wall-time rates do
-  x shaped          useful GFLOP/s / GFLOP/s of Eigen's Q K^T and P V products at the block size
-  dense / dilated   time of dense attention (one branch w = N, r = 1) / time of dilated, same N, D
-  t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4)
+  x shaped/core     as x SGEMM/core, against Eigen's Q K^T and P V products at the block size
+  dense / dilated   time of dense attention (one branch w = N, r = 1) / time of dilated, same N, D;
+                    wall time, and in brackets process CPU time
+  t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4); wall (CPU)
   peak MiB          q + k + v + out + lse + the heap the calls allocated on top (budget: +64 MiB)
   max err           max |ours - SPEC 2 in double| over sampled rows (out and lse)
 
@@ -120,11 +121,17 @@ def summarise(data):
         }
         core = row["useful_GFLOP_per_core_s"]
         row["ratio_to_sgemm_per_core"] = core / sgemm_core if core and sgemm_core else None
+        shaped_core = per_core_rate(shaped[d]) if d in shaped else None
+        row["ratio_to_shaped_sgemm_per_core"] = core / shaped_core if core and shaped_core else None
         row["idle_estimate_s"] = row["cpu_time_s"] / r["worker_threads"] if row["cpu_time_s"] and r.get("worker_threads") else None
         dense = attention.get(("dense", d, n))
         row["dense_over_dilated"] = seconds(dense) / t if kind == "dilated" and dense else None
+        row["dense_over_dilated_cpu"] = (cpu_seconds(dense) / cpu_seconds(r)
+                                         if kind == "dilated" and dense and cpu_seconds(dense) and cpu_seconds(r) else None)
         quarter = attention.get((kind, d, n // 4)) if n % 4 == 0 else None
         row["time_ratio_4x"] = t / seconds(quarter) if quarter else None
+        row["time_ratio_4x_cpu"] = (cpu_seconds(r) / cpu_seconds(quarter)
+                                    if quarter and cpu_seconds(r) and cpu_seconds(quarter) else None)
         rows.append(row)
 
     context = data.get("context", {})
@@ -134,7 +141,8 @@ def summarise(data):
                                                   "eigen_version", "compiler", "assertions")},
         "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops, "cpu_share": sgemm_share,
                   "GFLOP_per_core_s": sgemm_core} if sgemm else None,
-        "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"]} for d, r in shaped.items()},
+        "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"],
+                                           "GFLOP_per_core_s": per_core_rate(r)} for d, r in shaped.items()},
         "rows": rows,
     }
 
@@ -143,6 +151,10 @@ def fmt(value, spec, missing="-"):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
     return format(value, spec)
+
+
+def both(wall, cpu, spec):
+    return "-" if wall is None else f"{format(wall, spec)} ({fmt(cpu, spec)})"
 
 
 def print_table(summary, out=sys.stdout):
@@ -157,8 +169,9 @@ def print_table(summary, out=sys.stdout):
               file=out)
     for d, s in summary["sgemm_attention_shaped"].items():
         print(f"Eigen attention-shaped products (Q K^T, P V; {s['name'].split('/repeats')[0]}): "
-              f"{s['GFLOPs']:.1f} GFLOP/s", file=out)
-    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xSGEMM/core", "xshaped", "dense/dil", "t(N)/t(N/4)",
+              f"{s['GFLOPs']:.1f} GFLOP/s ({fmt(s['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)", file=out)
+    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xSGEMM/core", "xshaped/core",
+              "dense/dil wall (cpu)", "t(N)/t(N/4) wall (cpu)",
               "peak MiB (budget)", "max err O", "max err LSE")
     lines = []
     for r in summary["rows"]:
@@ -168,15 +181,16 @@ def print_table(summary, out=sys.stdout):
         lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["cpu_share"], ".0%"),
                       fmt(r["useful_GFLOPs"], ".1f"),
                       fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_sgemm_per_core"], ".2f"),
-                      fmt(r["ratio_to_shaped_sgemm"], ".2f"),
-                      fmt(r["dense_over_dilated"], ".1f"), fmt(r["time_ratio_4x"], ".2f"), peak,
+                      fmt(r["ratio_to_shaped_sgemm_per_core"], ".2f"),
+                      both(r["dense_over_dilated"], r["dense_over_dilated_cpu"], ".1f"),
+                      both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"), peak,
                       fmt(r["max_err_out"], ".1e"), fmt(r["max_err_lse"], ".1e")))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
     print("cpu = process CPU time / (wall time x threads): below ~90% the machine was shared and the times are "
-          "inflated;\nxSGEMM/core = the same ratio from GFLOP per core-second of CPU time (less sensitive to load)",
+          "inflated;\n/core and (cpu) = the same ratios from process CPU seconds (less sensitive to load)",
           file=out)
     missing_dense = sorted({(r["D"], r["N"]) for r in summary["rows"] if r["kind"] == "dilated" and r["dense_over_dilated"] is None})
     if missing_dense:
