@@ -219,6 +219,14 @@ def plot(summary, path):
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[kind],
                     linestyle="-" if i == 0 else "--", label=f"{kind}, D={d} (measured)")
+            est = sorted((r["N"], r["idle_estimate_s"]) for r in summary["rows"]
+                         if r["kind"] == kind and r["D"] == d and r.get("idle_estimate_s"))
+            shared = any(r.get("cpu_share") is not None and r["cpu_share"] < 0.9
+                         for r in summary["rows"] if r["kind"] == kind and r["D"] == d)
+            if est and shared:
+                ex, ey = zip(*est)
+                ax.plot(ex, ey, marker=markers[i % len(markers)], color=colors[kind], alpha=0.45, linewidth=1,
+                        markerfacecolor="none", label=f"{kind}, D={d}: CPU seconds / threads (idle-machine estimate)")
             for x, y in pts:
                 ax.annotate(f"{y:.2f} s" if y >= 0.1 else f"{y * 1e3:.0f} ms", (x, y), textcoords="offset points",
                             xytext=(4, -12 if kind == "dilated" else 6), fontsize=7, color=colors[kind])
@@ -235,7 +243,11 @@ def plot(summary, path):
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("forward time per call (s)")
     ctx = summary["context"]
-    ax.set_title(f"CPU forward, {ctx.get('config', '')}".replace(" causal", "\ncausal"), fontsize=9)
+    load = ctx.get("load_avg") or []
+    machine = f"\n{ctx.get('num_cpus')} CPUs, {(ctx.get('date') or '')[:16]}"
+    if load:
+        machine += f", load average at start {load[0]:.1f}"
+    ax.set_title(f"CPU forward, {ctx.get('config', '')}".replace(" causal", "\ncausal") + machine, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
