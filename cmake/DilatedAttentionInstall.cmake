@@ -17,10 +17,6 @@ set(DILATED_ATTENTION_CMAKE_DIR "${CMAKE_INSTALL_DATADIR}/cmake/DilatedAttention
     CACHE STRING "Where the package config files are installed, relative to the prefix")
 mark_as_advanced(DILATED_ATTENTION_CMAKE_DIR)
 
-# How the NCCL component finds NCCL in a consumer (pasted into the config); empty: CUDAToolkit only.
-if(NOT DEFINED DILATED_ATTENTION_NCCL_CONFIG_LOOKUP)
-  set(DILATED_ATTENTION_NCCL_CONFIG_LOOKUP "")
-endif()
 
 # component name in find_package -> target, export set
 set(_dilated_attention_components CUDA MPI NCCL)

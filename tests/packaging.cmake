@@ -1,9 +1,11 @@
 # Tests of the packaging area (label `packaging`):
 #   packaging.header_alone         every public header compiles in a translation unit of its own
 #   packaging.install              `cmake --install` into a fresh prefix under the build tree
-#   packaging.find_package         an outside project finds that prefix and runs the reference
-#   packaging.find_package_build_tree  the same with the build tree as the prefix (no install)
-#   packaging.find_package_cuda    the same asking for COMPONENTS CUDA (when the CUDA back end exists)
+#   packaging.find_package         an outside project finds that prefix, runs the reference and the
+#                                  CPU kernel, builds and runs README.md's example, and builds
+#                                  against COMPONENTS MPI when the MPI back end exists
+#   packaging.find_package_build_tree  the build tree as the prefix (no install)
+#   packaging.find_package_cuda    COMPONENTS CUDA with nvcc (when the CUDA back end exists)
 #   packaging.add_subdirectory     an outside project that add_subdirectory()s this source tree
 #   packaging.fetchcontent         the same through FetchContent
 
@@ -66,6 +68,11 @@ foreach(_kind IN LISTS _header_kinds)
     target_link_libraries(header_alone_${_kind} PRIVATE ${_header_target_${_kind}})
     target_compile_options(header_alone_${_kind} PRIVATE
       $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<CXX_COMPILER_ID:GNU,Clang>>:-Wall -Wextra -Wpedantic -Wshadow>)
+    if(_kind MATCHES "cuda|nccl" AND CMAKE_CUDA_ARCHITECTURES)
+      # Standing alone is a property of the source: one architecture is enough to check it.
+      list(GET CMAKE_CUDA_ARCHITECTURES 0 _first_architecture)
+      set_target_properties(header_alone_${_kind} PROPERTIES CUDA_ARCHITECTURES ${_first_architecture})
+    endif()
     list(APPEND _header_targets header_alone_${_kind})
   endif()
 endforeach()
@@ -88,10 +95,12 @@ add_test(NAME packaging.header_alone
 set_tests_properties(packaging.header_alone PROPERTIES LABELS packaging RUN_SERIAL TRUE TIMEOUT 600)
 
 # --- consumer projects ----------------------------------------------------------------------------
+# Each test configures, builds and runs a small outside project from scratch
+# (consumers/run_consumer.cmake). They build with this project's compiler and Eigen but without its
+# flags, so a sanitizer build still checks a plain downstream build. The cheaper variants build
+# against the reference only (CONSUMER_REFERENCE_ONLY: no Eigen code to compile).
 set(_consumers_dir "${CMAKE_CURRENT_SOURCE_DIR}/consumers")
 set(_prefix "${_packaging_dir}/prefix")
-# The consumers build with this project's compiler and Eigen but without its flags (a sanitizer
-# build still checks a plain downstream build).
 set(_consumer_options
     "-DCMAKE_CXX_COMPILER=${CMAKE_CXX_COMPILER}"
     "-DCMAKE_BUILD_TYPE=Debug"
@@ -100,14 +109,14 @@ if(CMAKE_MAKE_PROGRAM)
   list(APPEND _consumer_options "-DCMAKE_MAKE_PROGRAM=${CMAKE_MAKE_PROGRAM}")
 endif()
 
+# _dilated_attention_consumer_test(<name> <source dir> [RUN programs...] [OPTIONS -D...]
+#                                  [FIXTURES fixture])
 function(_dilated_attention_consumer_test name source_dir)
-  cmake_parse_arguments(ARG "NO_RUN" "" "OPTIONS;FIXTURES" ${ARGN})
+  cmake_parse_arguments(ARG "" "" "RUN;OPTIONS;FIXTURES" ${ARGN})
   set(options ${_consumer_options} ${ARG_OPTIONS})
-  string(REPLACE ";" "\\;" options "${options}")  # keep the list whole through add_test
-  set(run ON)
-  if(ARG_NO_RUN)
-    set(run OFF)
-  endif()
+  # add_test would split ;-lists into separate arguments: pass them |-separated instead.
+  string(REPLACE ";" "|" options "${options}")
+  string(REPLACE ";" "|" run "${ARG_RUN}")
   add_test(NAME packaging.${name}
            COMMAND "${CMAKE_COMMAND}" "-DSOURCE_DIR=${source_dir}"
                    "-DBINARY_DIR=${_packaging_dir}/${name}" "-DGENERATOR=${CMAKE_GENERATOR}"
@@ -128,13 +137,21 @@ if(DILATED_ATTENTION_INSTALL)
   set_tests_properties(packaging.install PROPERTIES LABELS packaging TIMEOUT 300
                        FIXTURES_SETUP dilated_attention_installed)
 
+  # The installed package: the reference and the CPU kernel, the README's example, and the MPI
+  # component's header when the MPI back end exists.
+  set(_find_package_options "-DCMAKE_PREFIX_PATH=${_prefix}" "-DREADME=${PROJECT_SOURCE_DIR}/README.md")
+  if(TARGET dilated_attention_mpi AND EXISTS "${_include_root}/dilated_attention/ring/mpi.hpp")
+    list(APPEND _find_package_options "-DCONSUMER_COMPONENTS=MPI")
+  endif()
   _dilated_attention_consumer_test(find_package "${_consumers_dir}/find_package"
-    OPTIONS "-DCMAKE_PREFIX_PATH=${_prefix}" FIXTURES dilated_attention_installed)
-  # The build tree is a package prefix too (export() + a build-tree config).
-  _dilated_attention_consumer_test(find_package_build_tree "${_consumers_dir}/find_package"
-    OPTIONS "-DCMAKE_PREFIX_PATH=${PROJECT_BINARY_DIR}")
+    RUN consumer readme_example OPTIONS ${_find_package_options} FIXTURES dilated_attention_installed)
 
-  # COMPONENTS CUDA: compiled with nvcc; run only where a GPU answers (the program skips otherwise).
+  # The build tree is a package prefix too (export() and a build-tree config).
+  _dilated_attention_consumer_test(find_package_build_tree "${_consumers_dir}/find_package"
+    RUN consumer OPTIONS "-DCMAKE_PREFIX_PATH=${PROJECT_BINARY_DIR}" "-DCONSUMER_REFERENCE_ONLY=ON")
+
+  # COMPONENTS CUDA: compiled with nvcc; checked against the reference where a GPU answers (the
+  # program says it skipped the run otherwise).
   if(TARGET dilated_attention_cuda AND CMAKE_CUDA_COMPILER
      AND EXISTS "${_include_root}/dilated_attention/cuda.cuh")
     set(_cuda_options "-DCMAKE_PREFIX_PATH=${_prefix}" "-DCMAKE_CUDA_COMPILER=${CMAKE_CUDA_COMPILER}")
@@ -142,11 +159,16 @@ if(DILATED_ATTENTION_INSTALL)
       list(APPEND _cuda_options "-DCMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES}")
     endif()
     _dilated_attention_consumer_test(find_package_cuda "${_consumers_dir}/cuda"
-      OPTIONS ${_cuda_options} FIXTURES dilated_attention_installed)
+      RUN consumer OPTIONS ${_cuda_options} FIXTURES dilated_attention_installed)
   endif()
 endif()
 
+# This source tree inside another project: add_subdirectory with the back ends at their defaults,
+# FetchContent with them off (the two differ only in how the tree is brought in).
 _dilated_attention_consumer_test(add_subdirectory "${_consumers_dir}/add_subdirectory"
-  OPTIONS "-DDILATED_ATTENTION_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
+  RUN consumer OPTIONS "-DDILATED_ATTENTION_SOURCE_DIR=${PROJECT_SOURCE_DIR}")
 _dilated_attention_consumer_test(fetchcontent "${_consumers_dir}/add_subdirectory"
-  OPTIONS "-DDILATED_ATTENTION_SOURCE_DIR=${PROJECT_SOURCE_DIR}" "-DCONSUMER_USE_FETCHCONTENT=ON")
+  RUN consumer OPTIONS "-DDILATED_ATTENTION_SOURCE_DIR=${PROJECT_SOURCE_DIR}"
+                       "-DCONSUMER_USE_FETCHCONTENT=ON" "-DCONSUMER_REFERENCE_ONLY=ON"
+                       "-DDILATED_ATTENTION_ENABLE_CUDA=OFF" "-DDILATED_ATTENTION_ENABLE_MPI=OFF"
+                       "-DDILATED_ATTENTION_ENABLE_NCCL=OFF")

@@ -1,5 +1,6 @@
 # cmake -P run_consumer.cmake: configure, build and run one consumer project from scratch.
-#   -DSOURCE_DIR=... -DBINARY_DIR=... -DGENERATOR=... -DOPTIONS=<;-list of -D...> [-DRUN=OFF]
+#   -DSOURCE_DIR=... -DBINARY_DIR=... -DGENERATOR=... -DOPTIONS=<|-separated -D... options>
+#   -DRUN=<|-separated executables of the project to run, in order; empty: build only>
 # Every step's output is shown; the first failing step fails the test.
 foreach(var SOURCE_DIR BINARY_DIR GENERATOR)
   if(NOT DEFINED ${var})
@@ -15,9 +16,12 @@ function(step what)
   endif()
 endfunction()
 
+string(REPLACE "|" ";" OPTIONS "${OPTIONS}")
+string(REPLACE "|" ";" RUN "${RUN}")
+
 file(REMOVE_RECURSE "${BINARY_DIR}")
 step(configure "${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${BINARY_DIR}" -G "${GENERATOR}" ${OPTIONS})
 step(build "${CMAKE_COMMAND}" --build "${BINARY_DIR}")
-if(NOT DEFINED RUN OR RUN)
-  step(run "${BINARY_DIR}/consumer")
-endif()
+foreach(program IN LISTS RUN)
+  step("run ${program}" "${BINARY_DIR}/${program}")
+endforeach()
