@@ -170,8 +170,8 @@ inline bool aligned16(const void* pointer) {
 
 }  // namespace detail
 
-// Backend limits beyond SPEC §5, checked after validate(): head_dim, number of branches, sizes
-// that the kernel indexes with 32-bit block and tile counters. `element_bytes` is sizeof(T).
+// Backend limits beyond SPEC §5, checked after validate(): head_dim, number of branches, and
+// sizes that fit the 1-D grid of the tensor-core kernel (one block per 64-row window).
 inline void check_backend_limits(const Config& config, const Shape& shape) {
   if (!head_dim_supported(shape.head_dim))
     dilated_attention::detail::reject("shape.head_dim = ", shape.head_dim,
@@ -239,7 +239,9 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
     plan.shared_bytes = detail::tensor_core_shared_bytes(shape.head_dim, config.mixing);
   } else {
     const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
-    plan.blocks = (rows + detail::kSimtRowsPerBlock - 1) / detail::kSimtRowsPerBlock;
+    // The SIMT kernel strides over rows, so its grid may be capped below the 2^31 - 1 limit.
+    const std::int64_t wanted = (rows + detail::kSimtRowsPerBlock - 1) / detail::kSimtRowsPerBlock;
+    plan.blocks = wanted < (std::int64_t{1} << 30) ? wanted : (std::int64_t{1} << 30);
     plan.threads = 32 * detail::kSimtRowsPerBlock;
     plan.shared_bytes = detail::simt_shared_bytes(shape.head_dim);
   }
