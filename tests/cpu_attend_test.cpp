@@ -84,7 +84,8 @@ void check(const Progression& qp, const Progression& kp, std::int64_t dim, bool 
   const Rows<T> q(seq, dim, 3, 11), k(seq, dim, 1, 12), v(seq, dim, 5, 13);
   if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(dim));
   using Acc = accumulator_t<T>;
-  std::vector<Acc> o(static_cast<std::size_t>(qp.count * dim), Acc(7)), lse(static_cast<std::size_t>(qp.count), Acc(7));
+  std::vector<Acc> o(static_cast<std::size_t>(qp.count * dim), Acc(7)),
+      lse(static_cast<std::size_t>(qp.count), Acc(7));
   attend(q.select(qp), k.select(kp), v.select(kp), dim, static_cast<Acc>(scale), causal, o.data(),
          lse.data());
   const Brute want = brute_force(q, qp, k, v, kp, dim, scale, causal);
@@ -130,9 +131,7 @@ TEST(CpuAttend, RowsThatSeeNoKey) {
   check<float>({0, 1, 10}, {0, 1, 0}, 8, true, 0.0);
 }
 
-TEST(CpuAttend, NoQueriesWritesNothing) {
-  check<double>({0, 1, 0}, {0, 1, 10}, 8, false, 0.0);
-}
+TEST(CpuAttend, NoQueriesWritesNothing) { check<double>({0, 1, 0}, {0, 1, 10}, 8, false, 0.0); }
 
 TEST(CpuAttend, SingleRowsAndExplicitScales) {
   check<double>({4, 1, 1}, {4, 1, 1}, 3, true, 1e-12);

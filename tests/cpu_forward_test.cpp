@@ -77,8 +77,9 @@ Result<T> run_fast(const Config& config, const Shape& shape, const Inputs<T>& in
 
 template <class T>
 Result<double> run_reference(const Config& config, const Shape& shape, const Inputs<T>& in) {
-  Result<double> r{Tensor<double>(shape, shape.num_heads),
-                   std::vector<double>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
+  Result<double> r{
+      Tensor<double>(shape, shape.num_heads),
+      std::vector<double>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
   da::reference::forward(config, shape, in.qd.view(), in.kd.view(), in.vd.view(), r.out.view(),
                          r.lse.data());
   return r;
@@ -136,11 +137,11 @@ TEST(CpuForward, Oracle2BlockDiagonal) {
     const Config config = make_config({32}, {1}, causal);
     const Inputs<double> in(shape, 6);
     const Result<double> got = run_fast(config, shape, in);
-    const auto want = da::testing::weighted_attention(
-        shape, 1.0 / std::sqrt(6.0), in.qd, in.kd, in.vd,
-        [&](std::int64_t, std::int64_t x, std::int64_t y) {
-          return x / 32 == y / 32 && (!causal || y <= x) ? 1 : 0;
-        });
+    const auto want =
+        da::testing::weighted_attention(shape, 1.0 / std::sqrt(6.0), in.qd, in.kd, in.vd,
+                                        [&](std::int64_t, std::int64_t x, std::int64_t y) {
+                                          return x / 32 == y / 32 && (!causal || y <= x) ? 1 : 0;
+                                        });
     EXPECT_LE(max_abs_diff(got.out, want.out), 1e-10);
     EXPECT_LE(max_lse_diff(got.lse, want.lse), 1e-10);
   }
@@ -173,7 +174,8 @@ TEST(CpuForward, Oracle4SeveralBranchesMergeTheirLse) {
   for (std::size_t i = 0; i < 3; ++i) {
     const Config one = make_config({config.segment_lengths[i]}, {config.dilation_rates[i]});
     const Result<double> part = run_fast(one, shape, in);
-    for (std::size_t j = 0; j < merged.size(); ++j) merged[j] = da::log_add_exp(merged[j], part.lse[j]);
+    for (std::size_t j = 0; j < merged.size(); ++j)
+      merged[j] = da::log_add_exp(merged[j], part.lse[j]);
   }
   EXPECT_LE(max_lse_diff(all.lse, merged), 1e-10);
 }
@@ -265,7 +267,8 @@ TEST(CpuForward, LongBlocksCrossManyTiles) {
   // Blocks of several query and key tiles, so the online softmax folds many tiles per row.
   for (bool causal : {false, true}) {
     expect_matches_reference<double>(make_config({600}, {1}, causal), Shape{1, 560, 1, 1, 8}, 15);
-    expect_matches_reference<float>(make_config({1000, 300}, {2, 1}, causal), Shape{1, 620, 2, 1, 5}, 16);
+    expect_matches_reference<float>(make_config({1000, 300}, {2, 1}, causal),
+                                    Shape{1, 620, 2, 1, 5}, 16);
   }
 }
 
@@ -307,10 +310,12 @@ TEST(CpuForward, RandomProblemsMatchReference) {
           p.config.mixing = mixing;
           if (round == 3) p.config.scale = 0.3;
           const int threads = 1 + (cases % 3);
-          expect_matches_reference<double>(p.config, p.shape, 100 + static_cast<std::uint64_t>(cases),
-                                           cases % 2, CpuOptions{threads});
-          expect_matches_reference<float>(p.config, p.shape, 200 + static_cast<std::uint64_t>(cases),
-                                          cases % 3, CpuOptions{threads});
+          expect_matches_reference<double>(p.config, p.shape,
+                                           100 + static_cast<std::uint64_t>(cases), cases % 2,
+                                           CpuOptions{threads});
+          expect_matches_reference<float>(p.config, p.shape,
+                                          200 + static_cast<std::uint64_t>(cases), cases % 3,
+                                          CpuOptions{threads});
           ++cases;
         }
 }
@@ -397,7 +402,7 @@ TEST(CpuForward, Bfloat16StorageWithFloatAccumulation) {
   EXPECT_LE(max_lse_diff(got.lse, want.lse), 1e-4);
 }
 
-// --- Determinism (SPEC §6.11) --------------------------------------------------------------------
+// --- Determinism (SPEC §6.11) -----------------------------------------------------------------
 
 template <class T>
 void expect_bitwise_equal(const Result<T>& a, const Result<T>& b) {
@@ -414,7 +419,8 @@ TEST(CpuForward, BitwiseIdenticalForAnyThreadCount) {
     const Config config = make_config({64, 300, 600}, {1, 2, 4}, causal);
     const Inputs<float> in(shape, 23);
     const Result<float> one = run_fast(config, shape, in, CpuOptions{1});
-    for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(config, shape, in, CpuOptions{threads}));
+    for (int threads : {2, 3, 7})
+      expect_bitwise_equal(one, run_fast(config, shape, in, CpuOptions{threads}));
     expect_bitwise_equal(one, run_fast(config, shape, in, CpuOptions{1}));
     expect_bitwise_equal(one, run_fast(config, shape, in, CpuOptions{7}));
   }
@@ -432,9 +438,9 @@ TEST(CpuForward, ThreadCountFromEnvironment) {
   ::setenv("DILATED_ATTENTION_NUM_THREADS", "three", 1);
   Result<double> untouched{Tensor<double>(shape, 2), std::vector<double>(100, 7.0)};
   untouched.out.fill(7.0);
-  EXPECT_THROW(da::forward(config, shape, in.q.view(), in.k.view(), in.v.view(),
-                           untouched.out.view()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      da::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), untouched.out.view()),
+      std::invalid_argument);
   for (double value : untouched.out.storage) ASSERT_EQ(value, 7.0);
   ::unsetenv("DILATED_ATTENTION_NUM_THREADS");
   EXPECT_GE(da::cpu::resolve_num_threads(CpuOptions{}), 1);
@@ -458,13 +464,14 @@ TEST(CpuForward, RejectsBadInputWithOutputUntouched) {
   };
   const Config good = make_config({8}, {2});
   expect_rejected(make_config({8}, {9}), shape, out.view(), lse.data(), {});  // r > w
-  expect_rejected(make_config({}, {}), shape, out.view(), lse.data(), {});   // no branch
-  expect_rejected(good, Shape{1, 20, 2, 3, 4}, out.view(), lse.data(), {});  // H % Hkv
+  expect_rejected(make_config({}, {}), shape, out.view(), lse.data(), {});    // no branch
+  expect_rejected(good, Shape{1, 20, 2, 3, 4}, out.view(), lse.data(), {});   // H % Hkv
   expect_rejected(good, shape, out.view(), lse.data(), CpuOptions{-2});
   // Output aliasing an input.
   Inputs<float> alias(shape, 26);
-  EXPECT_THROW(da::forward(good, shape, alias.q.view(), alias.k.view(), alias.v.view(), alias.q.view()),
-               std::invalid_argument);
+  EXPECT_THROW(
+      da::forward(good, shape, alias.q.view(), alias.k.view(), alias.v.view(), alias.q.view()),
+      std::invalid_argument);
   // LSE overlapping the output.
   expect_rejected(good, shape, out.view(), out.storage.data() + 4, {});
 }

@@ -52,11 +52,27 @@ inline std::int64_t keys_up_to(const Progression& keys, std::int64_t x) {
 
 }  // namespace detail
 
-// Tile sizes of the inner loop. Each key tile is packed by the GEMM once per query tile, so taller
-// query tiles amortise packing (128 rows measured 5-10% faster than 64); a key tile bounds the
-// score scratch (query_tile x key_tile, 128 KiB in float).
+// Largest tile sizes of the inner loop. Each key tile is packed by the GEMM once per query tile,
+// so taller query tiles amortise packing (128 rows measured 5-10% faster than 64); a key tile
+// bounds the score scratch (query_tile x key_tile, 128 KiB in float). The workspace shrinks both
+// for wide heads and for double (tile_rows below).
 inline constexpr std::int64_t query_tile = 128;
 inline constexpr std::int64_t key_tile = 256;
+
+namespace detail {
+
+// Rows of a tile such that every GEMM operand block of a tile product (rows x head_dim, and
+// query x key rows) fits Eigen's stack allocation limit: the products then never touch the
+// heap, whatever the head width or accumulator type.
+inline std::int64_t tile_rows(std::int64_t most, std::int64_t other_side,
+                              std::size_t element_size) {
+  const std::int64_t budget =
+      EIGEN_STACK_ALLOCATION_LIMIT / static_cast<std::int64_t>(element_size);
+  const std::int64_t rows = budget / std::max<std::int64_t>(other_side, 1);
+  return std::clamp<std::int64_t>(rows / 8 * 8, 8, most);
+}
+
+}  // namespace detail
 
 // Scratch for attend(), sized by head_dim alone (never by sequence or segment length). One per
 // thread; reusing it across calls avoids an allocation per block.
@@ -65,12 +81,16 @@ class AttendWorkspace {
  public:
   explicit AttendWorkspace(std::int64_t head_dim)
       : head_dim_(head_dim),
-        scores_(query_tile, key_tile),
-        accumulator_(query_tile, head_dim),
-        state_(static_cast<std::size_t>(query_tile)),
-        visible_(static_cast<std::size_t>(query_tile)) {}
+        query_rows_(detail::tile_rows(query_tile, head_dim, sizeof(Acc))),
+        key_rows_(detail::tile_rows(key_tile, std::max(head_dim, query_rows_), sizeof(Acc))),
+        scores_(query_rows_, key_rows_),
+        accumulator_(query_rows_, head_dim),
+        state_(static_cast<std::size_t>(query_rows_)),
+        visible_(static_cast<std::size_t>(query_rows_)) {}
 
   std::int64_t head_dim() const { return head_dim_; }
+  std::int64_t query_rows() const { return query_rows_; }  // rows of a query tile
+  std::int64_t key_rows() const { return key_rows_; }      // rows of a key tile
 
  private:
   template <class T, class A>
@@ -81,23 +101,25 @@ class AttendWorkspace {
   // is mapped in place with the row stride; other storage (bfloat16) is widened into `buffer`,
   // one tile at a time.
   template <class T>
-  detail::ConstRowsMap<Acc> tile(const StridedRows<T>& rows, std::int64_t begin,
-                                 std::int64_t count, detail::RowMajorMatrix<Acc>& buffer) {
+  detail::ConstRowsMap<Acc> tile(const StridedRows<T>& rows, std::int64_t begin, std::int64_t count,
+                                 detail::RowMajorMatrix<Acc>& buffer) {
     const T* first = rows.data + begin * rows.row_stride;
     if constexpr (std::is_same_v<T, Acc>) {
-      return detail::ConstRowsMap<Acc>(first, count, head_dim_, Eigen::OuterStride<>(rows.row_stride));
+      return detail::ConstRowsMap<Acc>(first, count, head_dim_,
+                                       Eigen::OuterStride<>(rows.row_stride));
     } else {
-      if (buffer.rows() < key_tile) buffer.resize(std::max(query_tile, key_tile), head_dim_);
+      if (buffer.rows() < count) buffer.resize(std::max(query_rows_, key_rows_), head_dim_);
       for (std::int64_t i = 0; i < count; ++i)
         for (std::int64_t d = 0; d < head_dim_; ++d)
           buffer(i, d) = static_cast<Acc>(first[i * rows.row_stride + d]);
-      return detail::ConstRowsMap<Acc>(buffer.data(), count, head_dim_, Eigen::OuterStride<>(head_dim_));
+      return detail::ConstRowsMap<Acc>(buffer.data(), count, head_dim_,
+                                       Eigen::OuterStride<>(head_dim_));
     }
   }
 
-  std::int64_t head_dim_;
-  detail::RowMajorMatrix<Acc> scores_;       // query_tile x key_tile: scores, then probabilities
-  detail::RowMajorMatrix<Acc> accumulator_;  // query_tile x head_dim: unnormalised output
+  std::int64_t head_dim_, query_rows_, key_rows_;
+  detail::RowMajorMatrix<Acc> scores_;       // query_rows x key_rows: scores, then probabilities
+  detail::RowMajorMatrix<Acc> accumulator_;  // query_rows x head_dim: unnormalised output
   std::vector<OnlineSoftmax<Acc>> state_;    // per query row of the tile
   std::vector<std::int64_t> visible_;        // per query row: keys it may see (causal prefix)
   detail::RowMajorMatrix<Acc> q_buffer_, k_buffer_, v_buffer_;  // widening only (bfloat16)
@@ -110,15 +132,18 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
             Acc* out_lse) {
   static_assert(std::is_same_v<Acc, accumulator_t<T>>, "attend: Acc must be accumulator_t<T>");
   if (head_dim != workspace.head_dim())
-    throw std::invalid_argument("dilated_attention::cpu::attend: head_dim differs from the workspace's");
+    throw std::invalid_argument(
+        "dilated_attention::cpu::attend: head_dim differs from the workspace's");
   if (k.positions.count != v.positions.count)
-    throw std::invalid_argument("dilated_attention::cpu::attend: k and v have different row counts");
+    throw std::invalid_argument(
+        "dilated_attention::cpu::attend: k and v have different row counts");
   const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
   const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
   Eigen::Map<detail::RowMajorMatrix<Acc>> out(out_o, num_queries, head_dim);
 
-  for (std::int64_t q0 = 0; q0 < num_queries; q0 += query_tile) {
-    const std::int64_t bq = std::min(query_tile, num_queries - q0);
+  const std::int64_t query_rows = workspace.query_rows(), key_rows = workspace.key_rows();
+  for (std::int64_t q0 = 0; q0 < num_queries; q0 += query_rows) {
+    const std::int64_t bq = std::min(query_rows, num_queries - q0);
     const auto q_tile = workspace.tile(q, q0, bq, workspace.q_buffer_);
 
     // Keys each row may see; the tile's key loop stops after the longest prefix.
@@ -134,8 +159,8 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
     accumulator.setZero();
 
     // Causal tiles wholly in the future of every row of this query tile are never visited.
-    for (std::int64_t k0 = 0; k0 < key_limit; k0 += key_tile) {
-      const std::int64_t bk = std::min(key_tile, key_limit - k0);
+    for (std::int64_t k0 = 0; k0 < key_limit; k0 += key_rows) {
+      const std::int64_t bk = std::min(key_rows, key_limit - k0);
       const auto k_tile = workspace.tile(k, k0, bk, workspace.k_buffer_);
       auto scores = workspace.scores_.topLeftCorner(bq, bk);
       scores.noalias() = q_tile * k_tile.transpose();
@@ -178,8 +203,8 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
 // overload above reuses it.
 template <class T>
 void attend(const StridedRows<T>& q, const StridedRows<T>& k, const StridedRows<T>& v,
-            std::int64_t head_dim, accumulator_t<T> scale, bool causal,
-            accumulator_t<T>* out_o, accumulator_t<T>* out_lse) {
+            std::int64_t head_dim, accumulator_t<T> scale, bool causal, accumulator_t<T>* out_o,
+            accumulator_t<T>* out_lse) {
   if (head_dim <= 0)
     throw std::invalid_argument("dilated_attention::cpu::attend: head_dim must be positive");
   AttendWorkspace<accumulator_t<T>> workspace(head_dim);

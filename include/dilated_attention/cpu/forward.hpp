@@ -9,8 +9,9 @@
 // finished by one thread, once, identically whatever the thread count. All index math comes
 // from pattern.hpp.
 //
-// A window spans query_tile * max(r) positions (capped at 8 tiles), so that even the most dilated branch
-// gives each window a full query tile while the window's scratch stays independent of N and w.
+// A window spans query_tile * max(r) positions (capped at 8 tiles), so that even the most
+// dilated branch gives each window a full query tile while the window's scratch stays
+// independent of N and w.
 
 #include <algorithm>
 #include <cstdint>
@@ -59,10 +60,9 @@ StridedRows<T> strided_rows(const T* head_base, std::int64_t seq_stride, const P
 }
 
 template <class T>
-void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t head,
-                    std::int64_t x0, std::int64_t x1, View<const T> q, View<const T> k,
-                    View<const T> v, View<T> out, lse_type_t<T>* lse,
-                    ForwardWorkspace<accumulator_t<T>>& workspace) {
+void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t head, std::int64_t x0,
+                    std::int64_t x1, View<const T> q, View<const T> k, View<const T> v, View<T> out,
+                    lse_type_t<T>* lse, ForwardWorkspace<accumulator_t<T>>& workspace) {
   using Acc = accumulator_t<T>;
   const Config& config = pattern.config();
   const Shape& shape = pattern.shape();
@@ -98,7 +98,8 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
         const Acc partial_lse = workspace.partial_lse[static_cast<std::size_t>(j)];
         if (config.mixing == Mixing::softmax) {
           const MergeWeights<Acc> weights = merge_weights(row_lse, partial_lse);
-          window_o.row(row) = weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
+          window_o.row(row) =
+              weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
           row_lse = weights.lse;
         } else {
           window_o.row(row) += branch_weight * workspace.partial_o.row(j);
@@ -109,14 +110,16 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
   }
 
   for (std::int64_t x = x0; x < x1; ++x) {
-    T* destination = out.data + batch * out.batch_stride + x * out.seq_stride + head * out.head_stride;
+    T* destination =
+        out.data + batch * out.batch_stride + x * out.seq_stride + head * out.head_stride;
     Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(destination, dim) =
         window_o.row(x - x0).template cast<T>();
   }
   if (lse != nullptr) {
     lse_type_t<T>* lse_row = lse + (batch * shape.num_heads + head) * shape.seq_len;
     for (std::int64_t x = x0; x < x1; ++x)
-      lse_row[x] = static_cast<lse_type_t<T>>(workspace.window_lse[static_cast<std::size_t>(x - x0)]);
+      lse_row[x] =
+          static_cast<lse_type_t<T>>(workspace.window_lse[static_cast<std::size_t>(x - x0)]);
   }
 }
 
@@ -129,8 +132,8 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
 // identical from run to run and for any thread count.
 template <class T>
 void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
-             View<T> out, lse_type_t<T>* lse, const CpuOptions& options) {
+             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
+             lse_type_t<T>* lse, const CpuOptions& options) {
   static_assert(std::is_same_v<lse_type_t<T>, cpu::accumulator_t<T>>,
                 "the LSE is stored in the accumulator type");
   validate(config, shape, q, k, v, out, lse);
@@ -147,8 +150,8 @@ void forward(const Config& config, const Shape& shape, View<const detail::identi
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);
-      cpu::detail::forward_window<T>(pattern, bh / shape.num_heads, bh % shape.num_heads, x0, x1,
-                                     q, k, v, out, lse, workspace);
+      cpu::detail::forward_window<T>(pattern, bh / shape.num_heads, bh % shape.num_heads, x0, x1, q,
+                                     k, v, out, lse, workspace);
     }
   });
 }
@@ -156,8 +159,8 @@ void forward(const Config& config, const Shape& shape, View<const detail::identi
 // The same with the default options.
 template <class T>
 void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
-             View<T> out, lse_type_t<T>* lse = nullptr) {
+             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
+             lse_type_t<T>* lse = nullptr) {
   forward<T>(config, shape, q, k, v, out, lse, CpuOptions{});
 }
 

@@ -38,17 +38,18 @@ namespace cpu {
 // or a malformed environment variable (before any output is written).
 inline int resolve_num_threads(const CpuOptions& options) {
   if (options.num_threads < 0)
-    throw std::invalid_argument("dilated_attention: CpuOptions.num_threads = " +
-                                std::to_string(options.num_threads) +
-                                ": must be positive, or 0 for the default");
+    throw std::invalid_argument(
+        "dilated_attention: CpuOptions.num_threads = " + std::to_string(options.num_threads) +
+        ": must be positive, or 0 for the default");
   if (options.num_threads > 0) return options.num_threads;
   if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text) {
     char* end = nullptr;
     errno = 0;
     const long value = std::strtol(text, &end, 10);
     if (errno != 0 || end == text || *end != '\0' || value < 0 || value > 1 << 20)
-      throw std::invalid_argument(std::string("dilated_attention: DILATED_ATTENTION_NUM_THREADS = '") +
-                                  text + "': must be a non-negative integer (0 for every core)");
+      throw std::invalid_argument(
+          std::string("dilated_attention: DILATED_ATTENTION_NUM_THREADS = '") + text +
+          "': must be a non-negative integer (0 for every core)");
     if (value > 0) return static_cast<int>(value);
   }
   const unsigned hardware = std::thread::hardware_concurrency();
@@ -85,7 +86,8 @@ class SingleThreadedProducts {
 template <class Worker>
 void run_units(std::int64_t num_units, int num_threads, const Worker& worker) {
   if (num_units <= 0) return;
-  const std::int64_t threads = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, num_units));
+  const std::int64_t threads =
+      std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads, num_units));
   std::atomic<std::int64_t> counter{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;
