@@ -145,6 +145,15 @@ TEST(CpuAttend, LargeScoresDoNotOverflow) {
   check<float>({0, 1, 70}, {0, 1, 520}, 8, true, 2e-3, 40.0);
 }
 
+TEST(CpuAttend, WideHeadsUseShorterTiles) {
+  // Tiles shrink so that GEMM blocks stay on the stack; the result must not notice.
+  const dilated_attention::cpu::AttendWorkspace<double> wide(160);
+  EXPECT_LT(wide.query_rows(), dilated_attention::cpu::query_tile);
+  EXPECT_LT(wide.key_rows(), dilated_attention::cpu::key_tile);
+  check<double>({0, 1, 230}, {0, 1, 250}, 160, true, 1e-12);
+  check<float>({1, 2, 150}, {0, 2, 160}, 300, false, 2e-5);
+}
+
 TEST(CpuAttend, RejectsMismatchedKeysAndValues) {
   const Rows<double> rows(10, 4, 0, 1);
   std::vector<double> o(40), lse(10);
