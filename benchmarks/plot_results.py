@@ -198,6 +198,24 @@ def print_table(summary, out=sys.stdout):
               " (O(N^2); raise --dense-max-seq-len to include it)", file=out)
 
 
+def print_markdown(summary, out=sys.stdout):
+    """The rows as a Markdown table, for docs/performance.md."""
+    print("| kind | D | N | wall time | CPU share | CPU s / threads | useful GFLOP/s | x SGEMM (wall) | "
+          "x SGEMM (per core) | x shaped (per core) | dense / dilated wall (CPU) | t(N)/t(N/4) wall (CPU) | "
+          "peak MiB (budget) | heap MiB | max err O | max err LSE |", file=out)
+    print("|" + "---|" * 16, file=out)
+    for r in summary["rows"]:
+        t = r["time_s"]
+        print(f"| {r['kind']} | {r['D']} | {r['N']} | {t:.2f} s | {fmt(r['cpu_share'], '.0%')} | "
+              f"{fmt(r['idle_estimate_s'], '.2f')} s | {fmt(r['useful_GFLOPs'], '.1f')} | "
+              f"{fmt(r['ratio_to_sgemm'], '.2f')} | {fmt(r['ratio_to_sgemm_per_core'], '.2f')} | "
+              f"{fmt(r['ratio_to_shaped_sgemm_per_core'], '.2f')} | "
+              f"{both(r['dense_over_dilated'], r['dense_over_dilated_cpu'], '.1f')} | "
+              f"{both(r['time_ratio_4x'], r['time_ratio_4x_cpu'], '.2f')} | "
+              f"{fmt(r['peak_MiB'], '.1f')} ({fmt(r['budget_MiB'], '.0f')}) | {fmt(r['heap_peak_MiB'], '.2f')} | "
+              f"{fmt(r['max_err_out'], '.1e')} | {fmt(r['max_err_lse'], '.1e')} |", file=out)
+
+
 def plot(summary, path):
     try:
         import matplotlib
@@ -262,6 +280,7 @@ def main():
     parser.add_argument("--out-dir", default=None, help="where summary.json and benchmark_cpu.png go "
                         "(default: the JSON's folder)")
     parser.add_argument("--no-plot", action="store_true", help="print the table and write summary.json only")
+    parser.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
     args = parser.parse_args()
     with open(args.results) as f:
         data = json.load(f)
@@ -269,6 +288,10 @@ def main():
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
     os.makedirs(out_dir, exist_ok=True)
     print_table(summary)
+    if args.markdown:
+        print()
+        print_markdown(summary)
+        print()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"summary: {os.path.join(out_dir, 'summary.json')}")
