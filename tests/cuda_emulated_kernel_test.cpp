@@ -108,7 +108,8 @@ TEST(CudaEmulatedKernel, CaseSelectionCoversTheRules) {
   for (const auto& c : cases) names += c.name + "; ";
   for (const char* needed : {"dense causal", "several key tiles", "several segments per window",
                              "three branches causal", "blocked mean", "partitioned mean",
-                             "GQA 6:2", "odd padding", "aligned padding"})
+                             "GQA 6:2", "odd padding", "aligned padding", "strided windows R = 2",
+                             "strided windows R = 4"})
     EXPECT_NE(names.find(needed), std::string::npos) << needed << " not emulated: " << names;
 }
 
@@ -129,6 +130,7 @@ TEST(CudaEmulatedKernel, TensorCoreOtherHeadDims) {
   check_every<__half>(32, 8, 100, 3000);           // three branches causal
   check_every<__nv_bfloat16>(96, 10, 100, 3100);   // blocked mean causal
   check_every<__half>(128, 14, 100, 3200);         // GQA 6:2
+  check_every<__nv_bfloat16>(128, 22, 100, 3300);  // strided windows R = 4
 }
 
 // The fp32 kernel emulates one warp per row (many shuffles per key chunk): a few small cases.

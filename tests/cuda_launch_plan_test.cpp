@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -51,26 +52,38 @@ std::vector<PlanCase> plan_cases() {
                      {1, 700, 12, 12, 64}});
     cases.push_back({config_of({7}, {7}, causal, R::blocked), {1, 1, 3, 3, 64}});
     cases.push_back({config_of({64, 64}, {2, 2}, causal, R::modular), {1, 129, 2, 2, 64}});
+    // Strided windows (R > 1): lcm of the rates 2, 4 and 6.
+    cases.push_back({config_of({256, 512}, {1, 2}, causal, R::modular), {1, 1000, 2, 2, 64}});
+    cases.push_back({config_of({256, 512}, {2, 4}, causal, R::blocked), {1, 700, 3, 3, 64}});
+    cases.push_back({config_of({768, 1536}, {2, 3}, causal, R::partitioned), {2, 2000, 3, 3, 64}});
   }
   return cases;
 }
 
+// The plan of a case on fake, distinct addresses (the plan only records pointers).
+dc::LaunchPlan plan_for(const da::Config& config, const da::Shape& shape) {
+  auto at = [](int i) { return reinterpret_cast<float*>(std::uintptr_t{1} << 40 | std::uintptr_t(i) << 36); };
+  return dc::make_launch_plan<float>(
+      config, shape, da::contiguous_view<const float>(at(0), shape, shape.num_heads),
+      da::contiguous_view<const float>(at(1), shape, shape.num_kv_heads),
+      da::contiguous_view<const float>(at(2), shape, shape.num_kv_heads),
+      da::contiguous_view(at(3), shape, shape.num_heads), nullptr, dc::KernelKind::tensor_core);
+}
+
 // The work of one (head, branch) over all windows, as the kernel enumerates it.
 template <class Visit>
-void for_each_work(const da::Config& config, const da::Shape& shape, std::int64_t head,
-                   std::int64_t branch, Visit&& visit) {
-  const da::Pattern pattern(config, shape);
-  const da::BranchGeometry geometry = pattern.branch(branch);
-  const std::int64_t offset = pattern.offset(branch, head);
+void for_each_work(const dc::ForwardParams& params, std::int64_t head, int branch,
+                   Visit&& visit) {
+  const da::BranchGeometry geometry = params.branch(branch);
+  const std::int64_t offset = params.offset(branch, head);
   if (offset < 0) return;
-  const std::int64_t windows = (shape.seq_len + dc::kWindowRows - 1) / dc::kWindowRows;
-  for (std::int64_t window = 0; window < windows; ++window) {
-    const std::int64_t begin = window * dc::kWindowRows;
-    const std::int64_t end = std::min(begin + dc::kWindowRows, shape.seq_len);
-    const dc::SegmentRange segments = dc::segments_overlapping(geometry, begin, end);
+  for (std::int64_t window = 0; window < params.windows; ++window) {
+    const da::Progression rows = dc::window_rows(params, window);
+    if (rows.empty()) continue;
+    const dc::SegmentRange segments = dc::segments_overlapping(geometry, rows);
     for (std::int64_t s = segments.first; s <= segments.last; ++s) {
-      const dc::SegmentWork work = dc::segment_work(geometry, s, offset, config.causal, begin, end);
-      if (!work.empty()) visit(window, s, offset, work);
+      const dc::SegmentWork work = dc::segment_work(geometry, s, offset, params.causal, rows);
+      if (!work.empty()) visit(window, rows, s, offset, work);
     }
   }
 }
@@ -88,16 +101,25 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
           expected.insert({block.branch, block.heads.at(hi), block.segment, block.rows.at(j)});
     // ... against the same from the work units, each exactly once.
     std::int64_t pairs = 0;
+    const dc::LaunchPlan plan = plan_for(c.config, c.shape);
+    // Every position belongs to exactly one window.
+    std::vector<int> owners(static_cast<std::size_t>(c.shape.seq_len), 0);
+    for (std::int64_t window = 0; window < plan.params.windows; ++window) {
+      const da::Progression rows = dc::window_rows(plan.params, window);
+      EXPECT_LE(rows.count, dc::kWindowRows);
+      for (std::int64_t j = 0; j < rows.count; ++j) ++owners[static_cast<std::size_t>(rows.at(j))];
+    }
+    EXPECT_EQ(std::count(owners.begin(), owners.end(), 1), c.shape.seq_len);
     for (std::int64_t h = 0; h < c.shape.num_heads; ++h)
-      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
-        for_each_work(c.config, c.shape, h, i,
-                      [&](std::int64_t window, std::int64_t s, std::int64_t offset,
-                          const dc::SegmentWork& work) {
+      for (int i = 0; i < static_cast<int>(pattern.num_branches()); ++i)
+        for_each_work(plan.params, h, i,
+                      [&](std::int64_t, const da::Progression& rows, std::int64_t s,
+                          std::int64_t offset, const dc::SegmentWork& work) {
                         EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
                         std::int64_t widest = 0;
                         for (std::int64_t q = 0; q < work.queries.count; ++q) {
                           const std::int64_t x = work.queries.at(q);
-                          EXPECT_EQ(x / dc::kWindowRows, window);
+                          EXPECT_TRUE(rows.contains(x)) << "query " << x << " outside its window";
                           EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
                           const std::int64_t limit = dc::key_limit(work.keys, x, c.config.causal);
                           EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
@@ -112,6 +134,33 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
     EXPECT_EQ(seen, expected);
     EXPECT_EQ(pairs * c.shape.batch, pattern.attended_pairs());
   }
+}
+
+TEST(CudaLaunchPlan, WindowStrideIsTheLcmOfTheRatesWhenAWindowFitsASegment) {
+  using R = da::OffsetRule;
+  EXPECT_EQ(dc::choose_row_stride(config_of({2048, 4096, 8192}, {1, 2, 4}, false, R::modular)), 4);
+  EXPECT_EQ(dc::choose_row_stride(
+                config_of({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, false, R::modular)),
+            12);
+  EXPECT_EQ(dc::choose_row_stride(config_of({4096}, {1}, false, R::modular)), 1);
+  EXPECT_EQ(dc::choose_row_stride(config_of({40}, {3}, false, R::modular)), 1);   // 64*3 > 40
+  EXPECT_EQ(dc::choose_row_stride(config_of({192}, {3}, false, R::modular)), 3);  // 64*3 = 192
+  EXPECT_EQ(dc::choose_row_stride(config_of({1 << 20, 1 << 20}, {65, 2}, false, R::modular)), 1);
+  // With R = lcm, every query tile is full use: each window's queries in a segment are all of
+  // its rows there, or none (no masked rows for any branch).
+  const da::Config config = config_of({1024, 2048}, {2, 4}, true, R::blocked);
+  const da::Shape shape{1, 3000, 6, 3, 64};
+  const dc::LaunchPlan plan = plan_for(config, shape);
+  ASSERT_EQ(plan.params.row_stride, 4);
+  for (std::int64_t h = 0; h < shape.num_heads; ++h)
+    for (int i = 0; i < 2; ++i)
+      for_each_work(plan.params, h, i,
+                    [&](std::int64_t, const da::Progression& rows, std::int64_t s, std::int64_t,
+                        const dc::SegmentWork& work) {
+                      const da::BranchGeometry g = plan.params.branch(i);
+                      EXPECT_EQ(work.queries,
+                                rows.within(g.segment_begin(s), g.segment_begin(s) + g.segment_length(s)));
+                    });
 }
 
 TEST(CudaLaunchPlan, RowsOutsideABlockAttendNothing) {
@@ -136,6 +185,7 @@ TEST(CudaLaunchPlan, GridMapsOneBlockToEachWorkUnit) {
   const da::Config config = config_of({64}, {1}, false, da::OffsetRule::modular);
   const dc::LaunchPlan plan =
       dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.params.row_stride, 1);
   EXPECT_EQ(plan.params.windows, 4);
   EXPECT_EQ(plan.blocks, 4 * 5 * 3);
   EXPECT_EQ(plan.threads, dc::kThreads);

@@ -277,6 +277,11 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
             8, 8};
   cases.push_back(odd);
   cases.push_back(even);
+  // Windows of stride R = lcm of the rates (launch_plan.hpp's choose_row_stride: 64 R <= min w).
+  cases.push_back({"strided windows R = 2, causal GQA", make_config({128, 256}, {1, 2}, true),
+                   shape(1, 300, 4, 2)});
+  cases.push_back({"strided windows R = 4, blocked mean",
+                   make_config({256, 512}, {2, 4}, false, R::blocked, M::mean), shape(1, 400, 3, 3)});
   return cases;
 }
 

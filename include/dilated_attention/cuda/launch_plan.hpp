@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "../config.hpp"
 #include "../host_device.hpp"
@@ -24,10 +25,11 @@ namespace dilated_attention::cuda {
 // paper uses 5; a config with more gets std::invalid_argument.
 inline constexpr int kMaxBranches = 16;
 
-// A work unit is (batch, head, window): `kWindowRows` consecutive positions of one query head.
-// The same rows form the query tile of every branch (rows a branch does not select are masked),
-// which is what lets the online softmax run across branches in registers and write each output
-// row once. Keys stream in tiles of `kKeyTile` rows of one block (compressed, i.e. stride r).
+// A work unit is (batch, head, window): up to `kWindowRows` rows of one query head, every
+// `row_stride`-th position (R, see choose_row_stride). The same rows form the query tile of every
+// branch (rows a branch does not select are masked), which is what lets the online softmax run
+// across branches in registers and write each output row once. Keys stream in tiles of
+// `kKeyTile` rows of one block (compressed, i.e. stride r).
 inline constexpr int kWindowRows = 64;
 inline constexpr int kKeyTile = 64;
 inline constexpr int kWarps = 4;  // each warp owns 16 rows of the window (mma m16)
@@ -53,24 +55,32 @@ struct SegmentWork {
   }
 };
 
-// Segments of one branch that overlap the window [begin, end), end > begin.
+// Segments of one branch that hold rows of the (non-empty) window.
 struct SegmentRange {
   std::int64_t first, last;  // inclusive
 };
 DILATED_ATTENTION_HOST_DEVICE SegmentRange segments_overlapping(const BranchGeometry& g,
-                                                                std::int64_t begin,
-                                                                std::int64_t end) {
-  const std::int64_t last_row = end < g.n ? end - 1 : g.n - 1;
-  return {g.segment_of(begin), g.segment_of(last_row)};
+                                                                const Progression& window) {
+  return {g.segment_of(window.first), g.segment_of(window.last())};
 }
 
+// The work of one (window, branch, segment) for a head with this offset. For a window of stride
+// 1 the queries are the block's rows inside it; for a window of stride R the plan guarantees that
+// every rate r divides R, so inside one segment either all the window's rows are selected (same
+// residue mod r) or none: the queries are then the window's rows in the segment, or nothing.
 DILATED_ATTENTION_HOST_DEVICE SegmentWork segment_work(const BranchGeometry& g,
                                                        std::int64_t segment, std::int64_t offset,
-                                                       bool causal, std::int64_t begin,
-                                                       std::int64_t end) {
+                                                       bool causal, const Progression& window) {
   SegmentWork work;
   work.keys = g.rows(segment, offset);  // empty for offset -1 (head does not run the branch)
-  work.queries = work.keys.within(begin, end < g.n ? end : g.n);
+  if (window.stride == 1) {
+    work.queries = work.keys.within(window.first, window.last() + 1);
+  } else {
+    const std::int64_t begin = g.segment_begin(segment);
+    const Progression inside = window.within(begin, begin + g.segment_length(segment));
+    work.queries = !inside.empty() && work.keys.contains(inside.first) ? inside
+                                                                      : Progression{0, 1, 0};
+  }
   if (work.queries.empty()) return work;
   // Non-causal: every query sees the whole block. Causal: the key set of the last query is the
   // largest; later keys are never streamed (future tiles skipped).
@@ -110,7 +120,9 @@ struct ForwardParams {
   bool vector_io;      // every row start is 16-byte aligned: cp.async / 16-byte loads allowed
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
-  std::int64_t windows;  // ceil(seq_len / kWindowRows)
+  std::int64_t row_stride;  // R: a window holds positions residue + R * j
+  std::int64_t chunks;      // windows per residue class: ceil(ceil(seq_len / R) / kWindowRows)
+  std::int64_t windows;     // R * chunks per (batch, head)
 
   DILATED_ATTENTION_HOST_DEVICE BranchGeometry branch(int i) const {
     return {branches[i].w, branches[i].r, seq_len};
@@ -123,15 +135,41 @@ struct ForwardParams {
   }
 };
 
-// Block index -> (batch, head, window). Windows vary fastest so that neighbouring blocks share a
-// head's keys and values in L2.
+// Block index -> (batch, head, window). Windows vary fastest, residue classes fastest within
+// them, so that neighbouring blocks cover the same positions and share keys and values in L2.
 struct WorkUnit {
   std::int64_t batch, head, window;
-  DILATED_ATTENTION_HOST_DEVICE std::int64_t begin() const { return window * kWindowRows; }
 };
 DILATED_ATTENTION_HOST_DEVICE WorkUnit work_unit(const ForwardParams& p, std::int64_t block) {
   const std::int64_t window = block % p.windows, rest = block / p.windows;
   return {rest / p.heads, rest % p.heads, window};
+}
+
+// The positions of a window: residue + R * (64 * chunk + j), j < 64, below seq_len. May be empty
+// (the last chunk of a residue class that has fewer rows); the kernel then returns at once.
+DILATED_ATTENTION_HOST_DEVICE Progression window_rows(const ForwardParams& p, std::int64_t window) {
+  const std::int64_t residue = window % p.row_stride, chunk = window / p.row_stride;
+  const std::int64_t first = residue + p.row_stride * kWindowRows * chunk;
+  if (first >= p.seq_len) return {first, p.row_stride, 0};
+  const std::int64_t rows = (p.seq_len - first + p.row_stride - 1) / p.row_stride;
+  return {first, p.row_stride, rows < kWindowRows ? rows : kWindowRows};
+}
+
+// R, the stride of the windows. With R = 1 a window is 64 consecutive positions and a branch of
+// rate r uses only 1/r of the tile's rows. With R = lcm of all rates, a window's rows share their
+// residue mod every r, so in each segment a branch selects all of them or none: no masked rows,
+// no wasted tensor-core work. R > 1 is used only while a window (64 R positions) fits in the
+// shortest segment, so that it never spans more than two segments of any branch.
+inline std::int64_t choose_row_stride(const Config& config) {
+  std::int64_t lcm = 1, shortest = config.segment_lengths.front();
+  for (std::size_t i = 0; i < config.dilation_rates.size(); ++i) {
+    std::int64_t a = lcm, b = config.dilation_rates[i];
+    while (b != 0) a = std::exchange(b, a % b);  // gcd(lcm, r)
+    lcm = lcm / a * config.dilation_rates[i];
+    if (lcm > kWindowRows) return 1;
+    shortest = std::min(shortest, config.segment_lengths[i]);
+  }
+  return kWindowRows * lcm <= shortest ? lcm : 1;
 }
 
 // Which kernel runs: tensor cores for 16-bit storage, SIMT (exact fp32 arithmetic) for float.
@@ -182,7 +220,8 @@ inline void check_backend_limits(const Config& config, const Shape& shape) {
     dilated_attention::detail::reject("config.segment_lengths has ", branches,
                                       " branches: the CUDA back end supports at most ",
                                       kMaxBranches);
-  const std::int64_t windows = (shape.seq_len + kWindowRows - 1) / kWindowRows;
+  // R * ceil(ceil(N/R) / 64) <= ceil(N/64) + R windows per head, and R <= 64.
+  const std::int64_t windows = (shape.seq_len + kWindowRows - 1) / kWindowRows + kWindowRows;
   const double blocks = static_cast<double>(windows) * static_cast<double>(shape.num_heads) *
                         static_cast<double>(shape.batch);
   if (shape.seq_len > (std::int64_t{1} << 31) - 1 || blocks > 2147483647.0)
@@ -230,7 +269,9 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   const double scale = resolved_scale(config, shape);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.windows = (shape.seq_len + kWindowRows - 1) / kWindowRows;
+  p.row_stride = choose_row_stride(config);
+  p.chunks = ((shape.seq_len + p.row_stride - 1) / p.row_stride + kWindowRows - 1) / kWindowRows;
+  p.windows = p.row_stride * p.chunks;
 
   plan.kind = kind;
   if (kind == KernelKind::tensor_core) {

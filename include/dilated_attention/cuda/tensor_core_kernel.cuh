@@ -2,9 +2,9 @@
 // The fused forward kernel for 16-bit storage (__half, __nv_bfloat16) on tensor cores, in the
 // FlashAttention-2 style, for every branch at once.
 //
-// One thread block = one work unit (batch, head, window of kWindowRows consecutive positions).
-// The window's query rows are loaded once into registers as mma A fragments; warp w owns rows
-// 16w..16w+15. For each branch and each segment overlapping the window, the block's keys (rows
+// One thread block = one work unit (batch, head, window of up to kWindowRows positions with
+// stride R, launch_plan.hpp). The window's query rows are loaded once into registers as mma A
+// fragments; warp w owns rows 16w..16w+15 of the window. For each branch and each segment overlapping the window, the block's keys (rows
 // of the segment with the head's offset, i.e. stride r) stream through shared memory in tiles of
 // kKeyTile rows with cp.async double buffering, addressed by stride in place: no gather, no copy.
 // Scores and P.V use mma.sync m16n8k16 with fp32 accumulators. Rows of the window that a branch
@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kThreads)
   const WorkUnit unit = work_unit(p, blockIdx.x);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const std::int64_t begin = unit.begin();
-  const std::int64_t end = begin + kWindowRows < p.seq_len ? begin + kWindowRows : p.seq_len;
+  const Progression window = window_rows(p, unit.window);
+  if (window.empty()) return;  // uniform: the whole block leaves before any barrier
   const std::int64_t kv_head = p.kv_head(unit.head);
   const T* const q_base =
       static_cast<const T*>(p.q) + unit.batch * p.q_batch + unit.head * p.q_head;
@@ -90,12 +90,14 @@ __global__ void __launch_bounds__(kThreads)
   const bool mean = p.mixing == Mixing::mean;
 
   // The two rows of the window whose scores and outputs this thread holds (C fragment rows).
-  const std::int64_t row_position[2] = {begin + warp * 16 + g, begin + warp * 16 + g + 8};
+  // -1 for rows past the window's end: they are in no block and are not written.
+  const std::int64_t row_position[2] = {
+      warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
+      warp * 16 + g + 8 < window.count ? window.at(warp * 16 + g + 8) : -1};
 
   // Query fragments, loaded once and reused by every branch.
   std::uint32_t q_frag[D / 16][4];
-  load_rows<T, D, kWindowRows>(q_tile, q_base, p.q_seq, Progression{begin, 1, end - begin}, 0,
-                               p.vector_io);
+  load_rows<T, D, kWindowRows>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -122,9 +124,9 @@ __global__ void __launch_bounds__(kThreads)
     const BranchGeometry geometry = p.branch(i);
     const std::int64_t offset = p.offset(i, unit.head);
     if (offset >= 0) {
-      const SegmentRange segments = segments_overlapping(geometry, begin, end);
+      const SegmentRange segments = segments_overlapping(geometry, window);
       for (std::int64_t s = segments.first; s <= segments.last; ++s) {
-        const SegmentWork work = segment_work(geometry, s, offset, p.causal, begin, end);
+        const SegmentWork work = segment_work(geometry, s, offset, p.causal, window);
         if (work.empty()) continue;  // uniform across the block
         const Progression streamed = work.keys.prefix(work.key_count);
         const std::int64_t limit[2] = {key_limit(work.keys, row_position[0], p.causal),
@@ -273,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const std::int64_t x = row_position[r];
-    if (x >= end) continue;
+    if (x < 0) continue;
     T* const out_row = out_base + x * p.o_seq;
 #pragma unroll
     for (int dn = 0; dn < kDimTiles; ++dn)
