@@ -145,8 +145,8 @@ void BM_LongNet(benchmark::State& state) {
 }
 BENCHMARK(BM_LongNet)->ArgNames({"causal"})->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond);
 
-// (b') each LongNet branch alone, to see where the time goes (r > 1 branches mask the rows
-// the head does not select; see docs/cuda.md).
+// (b') each LongNet branch alone, to see where the time goes (alone, a branch of rate r runs
+// with windows of stride R = r: full query tiles; see docs/cuda.md).
 void BM_LongNetBranch(benchmark::State& state) {
   run<Bf16>(state, one_branch(state.range(0), state.range(1), false), {1, 65536, 16, 16, 128});
 }
