@@ -125,15 +125,20 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
 
 }  // namespace cpu::detail
 
-// Fast CPU kernel (SPEC §4). T is float, double or Eigen::bfloat16 (float accumulation); lse,
-// when given, is [batch, num_heads, seq_len], contiguous, of lse_type_t<T>. Uses
-// options.num_threads threads (0: DILATED_ATTENTION_NUM_THREADS, else every hardware thread).
+// Fast CPU kernel (SPEC §4). T is float, double, or Eigen::bfloat16 / Eigen::half (stored
+// narrow, accumulated in float); lse, when given, is [batch, num_heads, seq_len], contiguous,
+// of lse_type_t<T>. Uses options.num_threads threads (0: the DILATED_ATTENTION_NUM_THREADS
+// environment variable, else every hardware thread).
 // Raises std::invalid_argument before touching the output on bad input. Results are bitwise
 // identical from run to run and for any thread count.
 template <class T>
 void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
              lse_type_t<T>* lse, const CpuOptions& options) {
+  static_assert(
+      std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, Eigen::bfloat16> ||
+          std::is_same_v<T, Eigen::half>,
+      "dilated_attention::forward (CPU): T is float, double, Eigen::bfloat16 or Eigen::half");
   static_assert(std::is_same_v<lse_type_t<T>, cpu::accumulator_t<T>>,
                 "the LSE is stored in the accumulator type");
   validate(config, shape, q, k, v, out, lse);
