@@ -11,6 +11,8 @@
 
 #include <dilated_attention/cuda.cuh>
 
+#include "raw_files.hpp"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -25,23 +27,8 @@ namespace {
 
 namespace da = dilated_attention;
 
-std::vector<std::int64_t> parse_list(const std::string& text) {
-  std::vector<std::int64_t> values;
-  std::stringstream stream(text);
-  std::string item;
-  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
-  return values;
-}
-
-std::vector<float> read_floats(const std::string& path, std::size_t count) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw std::runtime_error("cannot open " + path);
-  std::vector<float> data(count);
-  file.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(count * sizeof(float)));
-  if (file.gcount() != static_cast<std::streamsize>(count * sizeof(float)))
-    throw std::runtime_error(path + " holds fewer than " + std::to_string(count) + " float32 values");
-  return data;
-}
+using dilated_attention::benchmarks::parse_list;
+using dilated_attention::benchmarks::read_floats;
 
 template <class T>
 T* upload(const std::vector<float>& host) {
