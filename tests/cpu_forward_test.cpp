@@ -104,16 +104,7 @@ void expect_matches_reference(const Config& config, const Shape& shape, std::uin
   EXPECT_LE(max_lse_diff(got.lse, want.lse), tolerance_for(T{}) * 20);
 }
 
-Config make_config(std::vector<std::int64_t> w, std::vector<std::int64_t> r, bool causal = false,
-                   OffsetRule offsets = OffsetRule::modular, Mixing mixing = Mixing::softmax) {
-  Config config;
-  config.segment_lengths = std::move(w);
-  config.dilation_rates = std::move(r);
-  config.causal = causal;
-  config.offsets = offsets;
-  config.mixing = mixing;
-  return config;
-}
+using da::testing::make_config;
 
 // --- SPEC §6 oracles 1-3: against hand-written masks of the dense oracle -------------------
 

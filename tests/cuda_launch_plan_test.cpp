@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "support/random_config.hpp"
+
 #include <algorithm>
 #include <map>
 #include <set>
@@ -25,37 +27,28 @@ struct PlanCase {
   da::Shape shape;
 };
 
-da::Config config_of(std::vector<std::int64_t> w, std::vector<std::int64_t> r, bool causal,
-                     da::OffsetRule rule, da::Mixing mixing = da::Mixing::softmax) {
-  da::Config config;
-  config.segment_lengths = std::move(w);
-  config.dilation_rates = std::move(r);
-  config.causal = causal;
-  config.offsets = rule;
-  config.mixing = mixing;
-  return config;
-}
+using da::testing::make_config;
 
 std::vector<PlanCase> plan_cases() {
   using R = da::OffsetRule;
   std::vector<PlanCase> cases;
   for (bool causal : {false, true}) {
-    cases.push_back({config_of({512}, {1}, causal, R::modular), {1, 200, 2, 2, 64}});
-    cases.push_back({config_of({48}, {1}, causal, R::modular), {1, 150, 2, 1, 64}});
-    cases.push_back({config_of({40}, {3}, causal, R::modular), {1, 130, 4, 4, 64}});
-    cases.push_back({config_of({5, 13}, {2, 3}, causal, R::modular), {1, 90, 3, 3, 32}});
-    cases.push_back({config_of({20, 50, 120}, {1, 3, 7}, causal, R::modular), {2, 200, 5, 5, 96}});
-    cases.push_back({config_of({16, 64}, {2, 4}, causal, R::blocked), {1, 160, 5, 5, 64}});
-    cases.push_back({config_of({32, 64, 128}, {1, 2, 4}, causal, R::partitioned), {1, 150, 5, 5, 128}});
-    cases.push_back({config_of({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, causal,
+    cases.push_back({make_config({512}, {1}, causal, R::modular), {1, 200, 2, 2, 64}});
+    cases.push_back({make_config({48}, {1}, causal, R::modular), {1, 150, 2, 1, 64}});
+    cases.push_back({make_config({40}, {3}, causal, R::modular), {1, 130, 4, 4, 64}});
+    cases.push_back({make_config({5, 13}, {2, 3}, causal, R::modular), {1, 90, 3, 3, 32}});
+    cases.push_back({make_config({20, 50, 120}, {1, 3, 7}, causal, R::modular), {2, 200, 5, 5, 96}});
+    cases.push_back({make_config({16, 64}, {2, 4}, causal, R::blocked), {1, 160, 5, 5, 64}});
+    cases.push_back({make_config({32, 64, 128}, {1, 2, 4}, causal, R::partitioned), {1, 150, 5, 5, 128}});
+    cases.push_back({make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, causal,
                                R::modular),
                      {1, 700, 12, 12, 64}});
-    cases.push_back({config_of({7}, {7}, causal, R::blocked), {1, 1, 3, 3, 64}});
-    cases.push_back({config_of({64, 64}, {2, 2}, causal, R::modular), {1, 129, 2, 2, 64}});
+    cases.push_back({make_config({7}, {7}, causal, R::blocked), {1, 1, 3, 3, 64}});
+    cases.push_back({make_config({64, 64}, {2, 2}, causal, R::modular), {1, 129, 2, 2, 64}});
     // Strided windows (R > 1): lcm of the rates 2, 4 and 6.
-    cases.push_back({config_of({256, 512}, {1, 2}, causal, R::modular), {1, 1000, 2, 2, 64}});
-    cases.push_back({config_of({256, 512}, {2, 4}, causal, R::blocked), {1, 700, 3, 3, 64}});
-    cases.push_back({config_of({768, 1536}, {2, 3}, causal, R::partitioned), {2, 2000, 3, 3, 64}});
+    cases.push_back({make_config({256, 512}, {1, 2}, causal, R::modular), {1, 1000, 2, 2, 64}});
+    cases.push_back({make_config({256, 512}, {2, 4}, causal, R::blocked), {1, 700, 3, 3, 64}});
+    cases.push_back({make_config({768, 1536}, {2, 3}, causal, R::partitioned), {2, 2000, 3, 3, 64}});
   }
   return cases;
 }
@@ -138,17 +131,17 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
 
 TEST(CudaLaunchPlan, WindowStrideIsTheLcmOfTheRatesWhenAWindowFitsASegment) {
   using R = da::OffsetRule;
-  EXPECT_EQ(dc::choose_row_stride(config_of({2048, 4096, 8192}, {1, 2, 4}, false, R::modular)), 4);
+  EXPECT_EQ(dc::choose_row_stride(make_config({2048, 4096, 8192}, {1, 2, 4}, false, R::modular)), 4);
   EXPECT_EQ(dc::choose_row_stride(
-                config_of({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, false, R::modular)),
+                make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, false, R::modular)),
             12);
-  EXPECT_EQ(dc::choose_row_stride(config_of({4096}, {1}, false, R::modular)), 1);
-  EXPECT_EQ(dc::choose_row_stride(config_of({40}, {3}, false, R::modular)), 1);   // 64*3 > 40
-  EXPECT_EQ(dc::choose_row_stride(config_of({192}, {3}, false, R::modular)), 3);  // 64*3 = 192
-  EXPECT_EQ(dc::choose_row_stride(config_of({1 << 20, 1 << 20}, {65, 2}, false, R::modular)), 1);
+  EXPECT_EQ(dc::choose_row_stride(make_config({4096}, {1}, false, R::modular)), 1);
+  EXPECT_EQ(dc::choose_row_stride(make_config({40}, {3}, false, R::modular)), 1);   // 64*3 > 40
+  EXPECT_EQ(dc::choose_row_stride(make_config({192}, {3}, false, R::modular)), 3);  // 64*3 = 192
+  EXPECT_EQ(dc::choose_row_stride(make_config({1 << 20, 1 << 20}, {65, 2}, false, R::modular)), 1);
   // With R = lcm, every query tile is full use: each window's queries in a segment are all of
   // its rows there, or none (no masked rows for any branch).
-  const da::Config config = config_of({1024, 2048}, {2, 4}, true, R::blocked);
+  const da::Config config = make_config({1024, 2048}, {2, 4}, true, R::blocked);
   const da::Shape shape{1, 3000, 6, 3, 64};
   const dc::LaunchPlan plan = plan_for(config, shape);
   ASSERT_EQ(plan.params.row_stride, 4);
@@ -182,7 +175,7 @@ TEST(CudaLaunchPlan, GridMapsOneBlockToEachWorkUnit) {
   const auto k = da::contiguous_view<const float>(base + size, shape, 5);
   const auto v = da::contiguous_view<const float>(base + 2 * size, shape, 5);
   const auto out = da::contiguous_view(base + 3 * size, shape, 5);
-  const da::Config config = config_of({64}, {1}, false, da::OffsetRule::modular);
+  const da::Config config = make_config({64}, {1}, false, da::OffsetRule::modular);
   const dc::LaunchPlan plan =
       dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.params.row_stride, 1);
@@ -212,7 +205,7 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   const auto k = da::contiguous_view<const float>(base + 100000, shape, 3);
   const auto v = da::contiguous_view<const float>(base + 200000, shape, 3);
   const auto out = da::contiguous_view(base + 300000, shape, 6);
-  da::Config config = config_of({32, 64}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean);
+  da::Config config = make_config({32, 64}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean);
   config.scale = 0.25;
   dc::LaunchPlan plan =
       dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
@@ -248,7 +241,7 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
 }
 
 TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
-  const da::Config config = config_of({32}, {1}, false, da::OffsetRule::modular);
+  const da::Config config = make_config({32}, {1}, false, da::OffsetRule::modular);
   for (std::int64_t head_dim : {16, 80, 256}) {
     try {
       dc::check_backend_limits(config, {1, 64, 2, 2, head_dim});
@@ -261,7 +254,7 @@ TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
   }
   for (std::int64_t head_dim : {32, 64, 96, 128})
     EXPECT_NO_THROW(dc::check_backend_limits(config, {1, 64, 2, 2, head_dim}));
-  const da::Config many = config_of(std::vector<std::int64_t>(17, 8), std::vector<std::int64_t>(17, 1),
+  const da::Config many = make_config(std::vector<std::int64_t>(17, 8), std::vector<std::int64_t>(17, 1),
                                     false, da::OffsetRule::modular);
   EXPECT_THROW(dc::check_backend_limits(many, {1, 64, 20, 20, 64}), std::invalid_argument);
   EXPECT_THROW(dc::check_backend_limits(config, {1, std::int64_t{1} << 31, 1, 1, 64}),

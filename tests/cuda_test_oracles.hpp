@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/random_config.hpp"
 #include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
@@ -137,17 +138,6 @@ inline std::string describe(const Case& c) {
   return text;
 }
 
-inline Config make_config(std::vector<std::int64_t> w, std::vector<std::int64_t> r,
-                          bool causal = false, OffsetRule offsets = OffsetRule::modular,
-                          Mixing mixing = Mixing::softmax) {
-  Config config;
-  config.segment_lengths = std::move(w);
-  config.dilation_rates = std::move(r);
-  config.causal = causal;
-  config.offsets = offsets;
-  config.mixing = mixing;
-  return config;
-}
 
 template <class T>
 struct DeviceTestInputs {

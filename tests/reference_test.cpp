@@ -72,17 +72,7 @@ void expect_bitwise_equal(const Result<T>& a, const Result<T>& b) {
   EXPECT_TRUE(dt::bitwise_equal(a.lse, b.lse));
 }
 
-da::Config make_config(std::vector<std::int64_t> w, std::vector<std::int64_t> r, bool causal = false,
-                       da::OffsetRule rule = da::OffsetRule::modular,
-                       da::Mixing mixing = da::Mixing::softmax) {
-  da::Config config;
-  config.segment_lengths = std::move(w);
-  config.dilation_rates = std::move(r);
-  config.causal = causal;
-  config.offsets = rule;
-  config.mixing = mixing;
-  return config;
-}
+using dt::make_config;
 
 const da::OffsetRule kRules[] = {da::OffsetRule::modular, da::OffsetRule::blocked,
                                  da::OffsetRule::partitioned};

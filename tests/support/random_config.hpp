@@ -10,6 +10,8 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace dilated_attention::testing {
 
@@ -78,5 +80,18 @@ inline std::string describe(const Config& config, const Shape& shape) {
   return out.str();
 }
 inline std::string describe(const Problem& p) { return describe(p.config, p.shape); }
+
+// A hand-written config in one line: make_config({2048, 4096}, {1, 2}, /*causal=*/true).
+inline Config make_config(std::vector<std::int64_t> w, std::vector<std::int64_t> r,
+                          bool causal = false, OffsetRule offsets = OffsetRule::modular,
+                          Mixing mixing = Mixing::softmax) {
+  Config config;
+  config.segment_lengths = std::move(w);
+  config.dilation_rates = std::move(r);
+  config.causal = causal;
+  config.offsets = offsets;
+  config.mixing = mixing;
+  return config;
+}
 
 }  // namespace dilated_attention::testing
