@@ -1,7 +1,7 @@
 #pragma once
 // What the CPU benchmarks share: which forward they time, seeded inputs that fill fast in
 // parallel, the two memory probes (live heap, resident high-water mark), and the sampled-row
-// oracle that checks a long run against SPEC §2 without paying for the O(N * w) reference.
+// oracle that checks a long run against docs/semantics.md §2 without paying for the O(N * w) reference.
 
 #include <dilated_attention/config.hpp>
 #include <dilated_attention/pattern.hpp>
@@ -115,7 +115,7 @@ inline std::int64_t resident_peak_bytes() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The sampled-row oracle: SPEC §2 for one (batch, head, query) in double, built from
+// The sampled-row oracle: docs/semantics.md §2 for one (batch, head, query) in double, built from
 // Pattern::keys exactly as the section reads. Softmax mixing sums exp(s) once per branch that
 // gives the key (so a key that two branches give counts twice: the multiplicity C); mean mixing
 // averages the per-branch softmax outputs over all G branches. O(G * w * D) per row.

@@ -11,7 +11,7 @@
 // Each attention benchmark reports counters: useful GFLOP/s (exact count from
 // Pattern::useful_flops(): 4 * head_dim per attended pair, causal halves), the tensors' bytes,
 // the peak heap above them during the timed calls, the resident high-water delta, and the max
-// error against SPEC §2 on sampled rows. Ratios between benchmarks (to SGEMM, to dense, time(4N)
+// error against docs/semantics.md §2 on sampled rows. Ratios between benchmarks (to SGEMM, to dense, time(4N)
 // / time(N)) are taken from one run's JSON by benchmarks/plot_results.py.
 //
 // Flags of our own (after Google Benchmark's --benchmark_* flags); --help lists them.
@@ -83,7 +83,7 @@ Options (defaults are the issue's LongNet config):
   --repetitions=1               repetitions of the SGEMM and dilated benchmarks (median reported)
   --repeat_max_seq_len=65536    dilated benchmarks at larger N run once, whatever --repetitions
   --dense_repetitions=1         repetitions of the dense benchmarks
-  --sample_rows=16              hashed rows per (batch, head) checked against SPEC §2 (plus the
+  --sample_rows=16              hashed rows per (batch, head) checked against docs/semantics.md §2 (plus the
                                 ends and segment boundaries); 0 skips the check
   --seed=20261122               input seed
 )";

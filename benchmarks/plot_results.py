@@ -16,7 +16,7 @@ measured in the same process on the same machine state:
                     wall time, and in brackets process CPU time
   t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4); wall (CPU)
   peak MiB          q + k + v + out + lse + the heap the calls allocated on top (budget: +64 MiB)
-  max err           max |ours - SPEC 2 in double| over sampled rows (out and lse)
+  max err           max |ours - docs/semantics.md §2 in double| over sampled rows (out and lse)
 
 Writes DIR/summary.json and, when matplotlib is importable, DIR/benchmark_cpu.png (time against
 N, log-log, dilated and dense). Only the standard library is needed for the table.

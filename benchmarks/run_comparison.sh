@@ -13,7 +13,7 @@ Usage: benchmarks/run_comparison.sh [options] [-- extra cpu_forward_benchmark fl
 Builds the cpu_forward_benchmark target (release preset, build/release), runs it with one line of
 progress per benchmark, then prints a table (N, time, useful GFLOP/s, ratio to an Eigen SGEMM
 measured in the same binary, ratio to dense attention, time(4N)/time(N), peak memory, max error
-against SPEC §2 on sampled rows) and writes results/cpu_forward_benchmark.json,
+against docs/semantics.md §2 on sampled rows) and writes results/cpu_forward_benchmark.json,
 results/summary.json and results/benchmark_cpu.png (time against N, log-log).
 
 Default input (the issue's): B=1, H=8, D=64, float32, branches w=2048,4096,8192 with r=1,2,4,

@@ -1,5 +1,5 @@
 // dilated_attention::forward (the threaded CPU kernel) against the fp64 reference and the dense
-// brute-force oracle: the SPEC §6 oracles 1-8, random configs biased to awkward shapes, strided
+// brute-force oracle: the docs/semantics.md §6 oracles 1-8, random configs biased to awkward shapes, strided
 // views, batches, GQA, every offset rule, both mixings, causal, with and without LSE.
 
 #include <dilated_attention/dilated_attention.hpp>
@@ -106,7 +106,7 @@ void expect_matches_reference(const Config& config, const Shape& shape, std::uin
 
 using da::testing::make_config;
 
-// --- SPEC §6 oracles 1-3: against hand-written masks of the dense oracle -------------------
+// --- docs/semantics.md §6 oracles 1-3: against hand-written masks of the dense oracle -------------------
 
 TEST(CpuForward, Oracle1DenseAttention) {
   for (bool causal : {false, true}) {
@@ -403,7 +403,7 @@ TEST(CpuForward, HalfStorageWithFloatAccumulation) {
   EXPECT_LE(max_lse_diff(got.lse, want.lse), 1e-4);
 }
 
-// --- Determinism (SPEC §6.11) -----------------------------------------------------------------
+// --- Determinism (docs/semantics.md §6.11) -----------------------------------------------------------------
 
 template <class T>
 void expect_bitwise_equal(const Result<T>& a, const Result<T>& b) {

@@ -1,6 +1,6 @@
 // The CUDA forward kernels' own source, run on the host by tests/cuda_host_emulation.hpp (fibers
 // for threads, PTX-defined ldmatrix / mma.sync fragment layouts), against the fp64 reference with
-// SPEC §6.10's bound. No GPU and no nvcc needed: this executes the kernels' index math, masking,
+// docs/semantics.md §6.10's bound. No GPU and no nvcc needed: this executes the kernels' index math, masking,
 // online softmax across tiles and branches, mean mixing, epilogue and fragment bookkeeping on
 // every machine, CI included. What it cannot check -- real cp.async ordering, races, speed --
 // is left to the GPU tests and compute-sanitizer (docs/cuda.md).

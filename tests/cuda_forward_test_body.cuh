@@ -110,7 +110,7 @@ TEST(DILATED_ATTENTION_SUITE(Errors), CudaFailureBecomesRuntimeError) {
   }
 }
 
-// The yardstick of SPEC §6.10 itself, on the host: the naive storage-type implementation is
+// The yardstick of docs/semantics.md §6.10 itself, on the host: the naive storage-type implementation is
 // close to the fp64 reference but not exact, so "at most twice its error" is a real bound that
 // an O(1) kernel bug cannot meet. Runs without a device.
 TEST(DILATED_ATTENTION_SUITE(Yardstick), NaiveStorageTypeErrorIsSmallButNotZero) {

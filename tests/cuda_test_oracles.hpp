@@ -1,6 +1,6 @@
 #pragma once
 // Plain C++ oracles of the CUDA tests (no CUDA compiler needed): the naive implementation
-// computed in the storage type (the yardstick of SPEC §6.10), the test cases, seeded inputs, and
+// computed in the storage type (the yardstick of docs/semantics.md §6.10), the test cases, seeded inputs, and
 // the check of a kernel's result against the fp64 reference. Shared by the GPU tests
 // (cuda_test_support.cuh) and the host emulation of the kernels (cuda_emulated_kernel_test.cpp).
 
@@ -37,7 +37,7 @@ T from_double(double value) {
   return T(static_cast<float>(value));
 }
 
-// SPEC §2 computed naively with every intermediate rounded to the storage type T (scores, the
+// docs/semantics.md §2 computed naively with every intermediate rounded to the storage type T (scores, the
 // running max, exponentials, sums, products, the output): "a naive implementation computed in
 // the same storage type". Arithmetic on T is emulated as float arithmetic rounded back to T,
 // which is exact rounding for half and bfloat16. LSE is computed the same way.
@@ -174,9 +174,9 @@ struct KernelResult {
   std::vector<float> lse;
 };
 
-// SPEC §6.10 for 16-bit types: max error against the fp64 reference at most twice the naive
+// docs/semantics.md §6.10 for 16-bit types: max error against the fp64 reference at most twice the naive
 // storage-type implementation's, with a floor of 1e-6 for cases where the naive result happens
-// to be exact (a block of one key returns v itself). For float (no naive yardstick in the SPEC)
+// to be exact (a block of one key returns v itself). For float (no naive yardstick in docs/semantics.md)
 // the same rule with a floor of 2e-5. Both documented in docs/cuda.md. Also: the output view's
 // padding still holds the NaN poison (never written).
 template <class T>
@@ -223,7 +223,7 @@ KernelResult<T> poisoned_result(const Shape& shape, std::int64_t pad, std::int64
   return result;
 }
 
-// The cases every dtype runs: each rule of SPEC §2-3 and each oracle of §6 that a single device
+// The cases every dtype runs: each rule of docs/semantics.md §2-3 and each oracle of §6 that a single device
 // can check, on awkward sizes (N not a multiple of the window or of w, r not dividing w, H not
 // a multiple of G or r, several key tiles per block, several segments per window).
 inline std::vector<Case> correctness_cases(std::int64_t head_dim) {

@@ -95,7 +95,7 @@ void check_against_reference(const Case& c, std::uint64_t seed) {
   check_result(c, in, run_on_gpu(c.config, c.shape, in.q, in.k, in.v, c.pad, c.seq_pad));
 }
 
-// Runs the same inputs twice: out and LSE must be bitwise equal (SPEC §6.11).
+// Runs the same inputs twice: out and LSE must be bitwise equal (docs/semantics.md §6.11).
 template <class T>
 void check_deterministic(const Case& c, std::uint64_t seed) {
   SCOPED_TRACE(describe(c));
@@ -107,7 +107,7 @@ void check_deterministic(const Case& c, std::uint64_t seed) {
   EXPECT_EQ(0, std::memcmp(first.lse.data(), second.lse.data(), first.lse.size() * sizeof(float)));
 }
 
-// Causal outputs of the first n rows do not depend on anything after them (SPEC §2, §6.6):
+// Causal outputs of the first n rows do not depend on anything after them (docs/semantics.md §2, §6.6):
 // the first `prefix` rows computed with seq_len = prefix and with the full length agree bitwise.
 template <class T>
 void check_causal_prefix(const Case& c, std::int64_t prefix, std::uint64_t seed) {

@@ -1,5 +1,5 @@
 // Property tests of the pattern generator (pattern.hpp) against brute-force enumeration of every
-// (query, key) pair with the formulas of SPEC §2-3, as re-derived in support/dense_oracle.hpp.
+// (query, key) pair with the formulas of docs/semantics.md §2-3, as re-derived in support/dense_oracle.hpp.
 
 #include <dilated_attention/pattern.hpp>
 

@@ -1,4 +1,4 @@
-// SPEC §6 oracles 1-8 for reference::forward, in float and double, against the brute-force
+// docs/semantics.md §6 oracles 1-8 for reference::forward, in float and double, against the brute-force
 // dense attention of support/dense_oracle.hpp (written without pattern.hpp) and against direct
 // constructions: hand-written masks, per-branch runs merged by hand, repeated heads, perturbed
 // futures.

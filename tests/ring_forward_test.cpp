@@ -1,4 +1,4 @@
-// The ring forward equals the single-device forward (SPEC §6.9) for P = 1..4, with segments below,
+// The ring forward equals the single-device forward (docs/semantics.md §6.9) for P = 1..4, with segments below,
 // equal to, above and not a multiple of the shard length, causal and not, every offset rule, both
 // mixings, MHA and GQA; and every rank sends exactly the rows its peers' queries attend to.
 
@@ -171,7 +171,7 @@ INSTANTIATE_TEST_SUITE_P(Sweep, RingForward,
                          name_of);
 
 // Float storage, a longer sequence and several compute threads: still the reference, and
-// bitwise the same for any thread count (SPEC §6.11).
+// bitwise the same for any thread count (docs/semantics.md §6.11).
 TEST(RingForward, FloatStorageAndThreadCountInvariance) {
   da::Config config;
   config.segment_lengths = {16, 40, 96};

@@ -1,4 +1,4 @@
-// One test per SPEC §5 error, through reference::forward: each must raise std::invalid_argument
+// One test per docs/semantics.md §5 error, through reference::forward: each must raise std::invalid_argument
 // whose message names the parameter and its value, before a single output element (O or LSE)
 // is written. The CPU kernel and the ring call the same validate(); their own tests cover their
 // entry points. A last group checks that valid edge cases are not rejected.

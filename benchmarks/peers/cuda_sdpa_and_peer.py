@@ -10,7 +10,7 @@ same GPU in one session. Only our harness lives here; peers are never committed.
   (c) --peer: dilated-attention-pytorch's DilatedAttention (segments 2048,4096,8192, dilations
       1,2,4) on CUDA against our partitioned + mean forward (benchmarks/cuda_forward_from_files)
       on the same inputs: median times with CUDA events and the output match, both sides also
-      checked against SPEC section 2 in float64 on sampled rows. Target: >= 10x faster.
+      checked against docs/semantics.md §2 in float64 on sampled rows. Target: >= 10x faster.
 
 Setup (git-ignored folders only):
 

@@ -1,5 +1,5 @@
 #pragma once
-// The contract's types (SPEC §4) and the one routine that rejects bad input (SPEC §5).
+// The contract's types (docs/semantics.md §4) and the one routine that rejects bad input (docs/semantics.md §5).
 // Every entry point -- reference, CPU, CUDA, ring -- calls validate() before it touches output,
 // so the rules and their messages live here and nowhere else.
 
@@ -17,10 +17,10 @@
 
 namespace dilated_attention {
 
-// Which dilation offset a query head uses in each branch (SPEC §3).
+// Which dilation offset a query head uses in each branch (docs/semantics.md §3).
 enum class OffsetRule { modular, blocked, partitioned };
 
-// How the branches of one query row are combined (SPEC §2).
+// How the branches of one query row are combined (docs/semantics.md §2).
 enum class Mixing { softmax, mean };
 
 struct Config {
@@ -57,7 +57,7 @@ View<T> contiguous_view(T* data, const Shape& shape, std::int64_t heads) {
                  shape.head_dim};
 }
 
-// The LSE element type of SPEC §4: double for double storage, float for everything else.
+// The LSE element type of docs/semantics.md §4: double for double storage, float for everything else.
 template <class T>
 using lse_type_t = std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, double, float>;
 
@@ -170,7 +170,7 @@ void check_view(const char* name, const View<T>& view, const Shape& shape, std::
 
 }  // namespace detail
 
-// The config rules alone (SPEC §5), for code that has no shape yet.
+// The config rules alone (docs/semantics.md §5), for code that has no shape yet.
 inline void validate_config(const Config& config) {
   using detail::reject;
   const auto& w = config.segment_lengths;
@@ -230,7 +230,7 @@ inline void validate(const Config& config, const Shape& shape) {
            shape.head_dim, "] has ", elements, " elements: more than 2^62 cannot be indexed");
 }
 
-// Everything an entry point receives (SPEC §5). Raises std::invalid_argument before any output
+// Everything an entry point receives (docs/semantics.md §5). Raises std::invalid_argument before any output
 // is written. `lse` may be null; when given it is [batch, num_heads, seq_len], contiguous.
 template <class T, class L>
 void validate(const Config& config, const Shape& shape, const View<const T>& q,

@@ -1,5 +1,5 @@
 #pragma once
-// The CPU umbrella header (SPEC §4): the contract's types and validation, the pattern generator,
+// The CPU umbrella header (docs/semantics.md §4): the contract's types and validation, the pattern generator,
 // the merge algebra, the fp64 reference, and the fast threaded CPU forward. Needs only the C++17
 // standard library, Eigen 3.4 and threads.
 

@@ -1,5 +1,5 @@
 #pragma once
-// The oracle: SPEC §2 computed as written, in double, one query row at a time, with the
+// The oracle: docs/semantics.md §2 computed as written, in double, one query row at a time, with the
 // multiplicity C_h(x, y) counted from the key sets K_i(x, h) that the pattern gives each branch.
 // Slow on purpose and public on purpose: users check their own integrations against it, and
 // every other test in this repository uses it as the ground truth.
@@ -29,7 +29,7 @@ double dot(const T* a, const T* b, std::int64_t n) {
 
 }  // namespace detail
 
-// Same parameters and meaning as dilated_attention::forward (SPEC §4). T is any floating type
+// Same parameters and meaning as dilated_attention::forward (docs/semantics.md §4). T is any floating type
 // that converts to and from double (float, double, half types); lse is optional.
 template <class T>
 void forward(const Config& config, const Shape& shape,

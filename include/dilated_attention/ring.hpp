@@ -1,5 +1,5 @@
 #pragma once
-// The ring umbrella header (SPEC §4): rank p of P holds the contiguous shard [p*N/P, (p+1)*N/P)
+// The ring umbrella header (docs/semantics.md §4): rank p of P holds the contiguous shard [p*N/P, (p+1)*N/P)
 // of Q, K and V and receives exactly those rows of the single-device result. Pulls in no MPI and
 // no NCCL: include <dilated_attention/ring/mpi.hpp> (target DilatedAttention::mpi) or
 // <dilated_attention/ring/nccl.cuh> (target DilatedAttention::nccl) for those transports.

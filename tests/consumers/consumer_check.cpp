@@ -1,6 +1,6 @@
 // What a downstream program writes against the package, built by the consumer projects (after
 // `cmake --install` + find_package, and through add_subdirectory / FetchContent). It checks two
-// properties of SPEC §6 that need no test framework, so that a broken include path, a missing
+// properties of docs/semantics.md §6 that need no test framework, so that a broken include path, a missing
 // dependency or a wrong link interface shows up as a failing exit code:
 //   1. one branch with w >= N and r = 1 is dense softmax attention (computed inline here);
 //   2. several branches: LSE = ln sum_i exp(LSE_i) of the single-branch runs.

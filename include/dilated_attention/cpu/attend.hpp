@@ -194,7 +194,7 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
   }
 }
 
-// The partial (SPEC vocabulary) of the query rows over the key/value rows: for query row j,
+// The partial (docs/semantics.md vocabulary) of the query rows over the key/value rows: for query row j,
 // out_o[j * head_dim + d] is the softmax-normalised output and out_lse[j] = ln sum_y exp(scale *
 // <q_j, k_y>) over the keys it attends (-inf and o = 0 when it attends none). Causal means key
 // position <= query position. k and v have the same positions and count. Single-threaded;

@@ -1,5 +1,5 @@
 #pragma once
-// dilated_attention::cuda::forward: the host entry point of the GPU back end (SPEC §4).
+// dilated_attention::cuda::forward: the host entry point of the GPU back end (docs/semantics.md §4).
 // validate() first (it only does arithmetic on the pointers and strides, so device pointers are
 // fine), then the back end's own limits, then the launch plan, then one kernel launch on
 // `stream`. Nothing is allocated; the call is asynchronous like any launch on a stream.
@@ -66,7 +66,7 @@ void launch(const LaunchPlan& plan, cudaStream_t stream) {
   check(cudaGetLastError(), "dilated attention kernel launch");
 }
 
-// SPEC §4, GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
+// docs/semantics.md §4, GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
 // contiguous) are device pointers. Bad arguments raise std::invalid_argument before any device
 // work; CUDA failures raise std::runtime_error with the CUDA error string. Asynchronous on
 // `stream`: synchronise before reading the results on the host.

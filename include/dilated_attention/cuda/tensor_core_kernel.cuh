@@ -10,7 +10,7 @@
 // Scores and P.V use mma.sync m16n8k16 with fp32 accumulators. Rows of the window that a branch
 // does not select, keys past a query's causal limit and keys past the block are masked to -inf,
 // so the online-softmax state (max, sum, accumulator) of each row simply continues from one
-// branch to the next: for Mixing::softmax this is exactly softmax(S + ln C) V of SPEC §2, and
+// branch to the next: for Mixing::softmax this is exactly softmax(S + ln C) V of docs/semantics.md §2, and
 // each output row is written once, by the block that owns it, with no merge kernel.
 // Mixing::mean closes each branch (normalises its partial), adds it / G into a per-thread slot
 // array in shared memory and restarts the state.

@@ -1,5 +1,5 @@
 #pragma once
-// The CPU entry point of the ring (SPEC §4): ring::forward<T> runs the generic driver
+// The CPU entry point of the ring (docs/semantics.md §4): ring::forward<T> runs the generic driver
 // (ring/forward.hpp) with the CPU back end (ring/cpu_backend.hpp).
 
 #include <cstdint>
@@ -13,7 +13,7 @@
 
 namespace dilated_attention::ring {
 
-// Ring forward on the CPU (SPEC §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
+// Ring forward on the CPU (docs/semantics.md §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
 // views over this rank's shard (seq_len N / P, positions local to the shard); lse, when given,
 // is [batch, num_heads, N / P] contiguous. Rank and P come from the transport. Every rank must
 // call it with the same config and shape. Throws std::invalid_argument before writing any output.

@@ -28,7 +28,7 @@
 
 namespace dilated_attention::ring {
 
-// Rejects a partition that the ring cannot run (SPEC §5: "a ring with N % P != 0").
+// Rejects a partition that the ring cannot run (docs/semantics.md §5: "a ring with N % P != 0").
 inline void validate_partition(std::int64_t seq_len, std::int64_t num_ranks, std::int64_t rank) {
   using dilated_attention::detail::reject;
   if (num_ranks <= 0) reject("num_ranks = ", num_ranks, ": a ring needs at least one rank");
