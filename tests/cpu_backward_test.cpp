@@ -636,25 +636,31 @@ TEST(CpuBackwardRejects, GradientElementsThatShareMemory) {
   }
 }
 
-// Points gradient `gradient` at the memory of input `input`.
+// Moves input `input` into an arena large enough to also hold gradient `gradient`, and points
+// the gradient one element into it: the two ranges intersect, and no other input is near.
 void expect_overlap_rejected(const std::string& gradient) {
   for (const std::string input : {"q", "k", "v", "out", "lse", "d_out"}) {
     SCOPED_TRACE(gradient + " over " + input);
     Bad p;
-    float* target = input == "q"       ? const_cast<float*>(p.q.data)
-                    : input == "k"     ? const_cast<float*>(p.k.data)
-                    : input == "v"     ? const_cast<float*>(p.v.data)
-                    : input == "out"   ? const_cast<float*>(p.out.data)
-                    : input == "d_out" ? const_cast<float*>(p.d_out.data)
-                                       : const_cast<float*>(p.lse);
+    std::vector<float> arena(p.in.q.storage.size() * 4, 0.0f);
+    auto move = [&](da::View<const float>& view, const std::vector<float>& data) {
+      std::copy(data.begin(), data.end(), arena.begin());
+      view.data = arena.data();
+    };
+    if (input == "q") move(p.q, p.in.q.storage);
+    if (input == "k") move(p.k, p.in.k.storage);
+    if (input == "v") move(p.v, p.in.v.storage);
+    if (input == "out") move(p.out, p.out_tensor.storage);
+    if (input == "d_out") move(p.d_out, p.d_out_tensor.storage);
+    if (input == "lse") {
+      std::copy(p.lse_storage.begin(), p.lse_storage.end(), arena.begin());
+      p.lse = arena.data();
+    }
     da::View<float>& view = gradient == "d_q" ? p.d_q : gradient == "d_k" ? p.d_k : p.d_v;
-    view.data = target + 1;
-    // The inputs must be untouched too: compare them before and after.
-    const std::vector<float> q = p.in.q.storage, out = p.out_tensor.storage, lse = p.lse_storage;
-    expect_rejected(p, {gradient + " overlaps " + input});
-    EXPECT_EQ(q, p.in.q.storage);
-    EXPECT_EQ(out, p.out_tensor.storage);
-    EXPECT_EQ(lse, p.lse_storage);
+    view.data = arena.data() + 1;
+    const std::vector<float> before = arena;
+    expect_rejected(p, {gradient + " overlaps " + input, "must not share memory"});
+    EXPECT_EQ(arena, before) << "the input was written";
   }
 }
 
