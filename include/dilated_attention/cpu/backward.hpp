@@ -206,6 +206,49 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
   store_rows<T>(workspace.first, d_q, b, h, x0, x1, dim);
 }
 
+// Fused mode, one (batch, kv head, block of branch i): every query head of the GQA group whose
+// offset is the block's adds the block's whole gradient -- dQ of its rows, dK and dV of the kv
+// head's rows -- straight into the outputs. Within one branch no two blocks share a gradient row
+// (a position has one offset per branch and one segment), so units never meet; branches run one
+// after another. Storage of the accumulator type only (float, double).
+template <class T>
+void block_unit(const Pattern& pattern, const Block& block, std::int64_t b, std::int64_t kv_head,
+                View<const T> q, View<const T> k, View<const T> v, View<const T> d_out,
+                const RowStatistics<T>& stats, View<T> d_q, View<T> d_k, View<T> d_v,
+                AttendGradWorkspace<T>& workspace) {
+  static_assert(std::is_same_v<T, accumulator_t<T>>, "block_unit: T must be its own accumulator");
+  const Config& config = pattern.config();
+  const Shape& shape = pattern.shape();
+  const std::int64_t dim = shape.head_dim, group = shape.num_heads / shape.num_kv_heads;
+  const T scale = static_cast<T>(resolved_scale(config, shape));
+  const bool mean = config.mixing == Mixing::mean;
+  const T weight = mean ? T(1) / static_cast<T>(pattern.num_branches()) : T(1);
+  const Progression& rows = block.rows;
+  const Progression heads = block.heads.within(kv_head * group, (kv_head + 1) * group);
+  auto gradient = [&](const View<T>& view, std::int64_t head) {
+    return GradientRows<T>{view.data + b * view.batch_stride + rows.first * view.seq_stride +
+                               head * view.head_stride,
+                           rows.stride * view.seq_stride};
+  };
+  for (std::int64_t j = 0; j < heads.count; ++j) {
+    const std::int64_t h = heads.at(j);
+    const std::int64_t set = mean ? block.branch : 0;
+    attend_grad(workspace, rows_of(q, b, h, rows), rows_of(k, b, kv_head, rows),
+                rows_of(v, b, kv_head, rows), rows_of(d_out, b, h, rows),
+                stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
+                dim, scale, weight, config.causal, gradient(d_q, h), gradient(d_k, kv_head),
+                gradient(d_v, kv_head));
+  }
+}
+
+template <class T>
+void zero_rows(View<T> view, std::int64_t b, std::int64_t h, std::int64_t x0, std::int64_t x1,
+               std::int64_t dim) {
+  for (std::int64_t x = x0; x < x1; ++x)
+    std::fill_n(view.data + b * view.batch_stride + x * view.seq_stride + h * view.head_stride, dim,
+                T(0));
+}
+
 }  // namespace cpu::detail
 
 // Fast CPU backward (docs/semantics.md §7). `out` and `lse` are what forward returned for the
@@ -244,16 +287,51 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
     stats.lse = stats.own_lse.data();
   }
 
-  // Phase 1: row statistics, per (batch, head, window).
+  // Storage in the accumulator type (float, double) takes the fused path: gradients accumulate
+  // in place, one branch after another. Narrow storage (bfloat16, half) accumulates each row in
+  // a float window and rounds it once (phases 2 and 3 below).
+  constexpr bool fused = std::is_same_v<T, Acc>;
+
+  // Phase 1: row statistics, per (batch, head, window); the fused path also zeroes the
+  // gradients here (each unit its own rows: d_q of its head, d_k and d_v of kv head h < Hkv).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
     cpu::AttendGradWorkspace<Acc> workspace(dim);
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
+      const std::int64_t b = bh / shape.num_heads, h = bh % shape.num_heads;
       const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);
-      cpu::detail::statistics_window<T>(pattern, bh / shape.num_heads, bh % shape.num_heads, x0,
-                                        x1, q, k, v, out, d_out, stats, workspace);
+      cpu::detail::statistics_window<T>(pattern, b, h, x0, x1, q, k, v, out, d_out, stats,
+                                        workspace);
+      if constexpr (fused) {
+        cpu::detail::zero_rows(d_q, b, h, x0, x1, dim);
+        if (h < shape.num_kv_heads) {
+          cpu::detail::zero_rows(d_k, b, h, x0, x1, dim);
+          cpu::detail::zero_rows(d_v, b, h, x0, x1, dim);
+        }
+      }
     }
   });
+
+  if constexpr (fused) {
+    // Phase 2 (fused): branch by branch, one unit per (batch, kv head, block).
+    const std::vector<Block> blocks = pattern.blocks();
+    for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+      std::vector<const Block*> branch;
+      for (const Block& block : blocks)
+        if (block.branch == i) branch.push_back(&block);
+      const auto count = static_cast<std::int64_t>(branch.size());
+      cpu::run_units(shape.batch * shape.num_kv_heads * count, num_threads, [&](const auto& next) {
+        cpu::AttendGradWorkspace<Acc> workspace(dim);
+        for (std::int64_t unit = next(); unit >= 0; unit = next()) {
+          const std::int64_t bg = unit / count;
+          cpu::detail::block_unit<T>(pattern, *branch[static_cast<std::size_t>(unit % count)],
+                                     bg / shape.num_kv_heads, bg % shape.num_kv_heads, q, k, v,
+                                     d_out, stats, d_q, d_k, d_v, workspace);
+        }
+      });
+    }
+    return;
+  }
 
   // Phase 2: dK and dV, per (batch, kv head, key window).
   cpu::run_units(shape.batch * shape.num_kv_heads * windows, num_threads, [&](const auto& next) {
