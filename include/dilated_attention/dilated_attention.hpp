@@ -11,4 +11,5 @@
 #include "cpu/threads.hpp"
 #include "cpu/forward.hpp"
 #include "cpu/attend_grad.hpp"
+#include "cpu/backward_units.hpp"
 #include "cpu/backward.hpp"
