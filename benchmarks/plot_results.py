@@ -394,23 +394,29 @@ def plot_backward(summary, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", help="JSON written by cpu_forward_benchmark --benchmark_out")
+    parser.add_argument("results", nargs="?", default=None,
+                        help="JSON written by cpu_forward_benchmark --benchmark_out (optional with --backward)")
     parser.add_argument("--out-dir", default=None, help="where summary.json and benchmark_cpu.png go "
                         "(default: the JSON's folder)")
     parser.add_argument("--no-plot", action="store_true", help="print the table and write summary.json only")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
     parser.add_argument("--backward", default=None, help="JSON written by cpu_backward_benchmark --benchmark_out")
     args = parser.parse_args()
-    with open(args.results) as f:
-        data = json.load(f)
-    summary = summarise(data)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
+    if args.results is None and args.backward is None:
+        parser.error("give the forward JSON, --backward JSON, or both")
+    summary = {"rows": []}
+    if args.results is not None:
+        with open(args.results) as f:
+            data = json.load(f)
+        summary = summarise(data)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results or args.backward))
     os.makedirs(out_dir, exist_ok=True)
-    print_table(summary)
-    if args.markdown:
-        print()
-        print_markdown(summary)
-        print()
+    if args.results is not None:
+        print_table(summary)
+        if args.markdown:
+            print()
+            print_markdown(summary)
+            print()
     if args.backward:
         with open(args.backward) as f:
             summary["backward"] = summarise_backward(json.load(f))
@@ -424,7 +430,7 @@ def main():
     print(f"summary: {os.path.join(out_dir, 'summary.json')}")
     if not args.no_plot:
         png = os.path.join(out_dir, "benchmark_cpu.png")
-        if plot(summary, png):
+        if args.results is not None and plot(summary, png):
             print(f"plot:    {png}")
         if args.backward:
             png = os.path.join(out_dir, "benchmark_cpu_backward.png")
