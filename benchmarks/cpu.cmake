@@ -33,3 +33,8 @@ add_executable(cpu_backward_benchmark
   ${CMAKE_CURRENT_LIST_DIR}/cpu_heap_counter.cpp)
 target_link_libraries(cpu_backward_benchmark PRIVATE DilatedAttention::dilated_attention benchmark::benchmark)
 dilated_attention_cpu_benchmark_flags(cpu_backward_benchmark)
+
+# Our side of the backward peer comparison (benchmarks/peers/compare_backward_pytorch.py).
+add_executable(cpu_backward_from_files ${CMAKE_CURRENT_LIST_DIR}/peers/cpu_backward_from_files.cpp)
+target_link_libraries(cpu_backward_from_files PRIVATE DilatedAttention::dilated_attention)
+dilated_attention_cpu_benchmark_flags(cpu_backward_from_files)
