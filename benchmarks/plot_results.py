@@ -22,7 +22,8 @@ With --backward (the JSON of cpu_backward_benchmark, forward and backward timed 
 second table covers the backward:
 
   bwd/fwd           backward time / forward time, same (N, D), same run (target <= 2.5)
-  useful GFLOP/s    2.5 x Pattern::useful_flops() (FlashAttention-2's count of a backward) / time
+  useful GFLOP/s    2.5 x Pattern::useful_flops() (FlashAttention-2's count of a backward) / time;
+                    GFLOP/core-s divides by process CPU seconds instead (less load-sensitive)
   t(N)/t(N/4)       of the backward (target <= 4.4)
   heap MiB          heap the backward calls allocated beyond q, k, v, out, lse, d_out, dq, dk, dv
   max rel err       largest gradient error on sampled rows against docs/semantics.md §7 in double,
@@ -305,8 +306,13 @@ def summarise_backward(data):
             "backward_over_forward_cpu": (cpu_seconds(r) / cpu_seconds(fwd)
                                           if fwd and cpu_seconds(r) and cpu_seconds(fwd) else None),
             "cpu_share": cpu_share(r),
+            "forward_idle_estimate_s": (cpu_seconds(fwd) / fwd["worker_threads"]
+                                        if fwd and cpu_seconds(fwd) and fwd.get("worker_threads") else None),
+            "backward_idle_estimate_s": (cpu_seconds(r) / r["worker_threads"]
+                                         if cpu_seconds(r) and r.get("worker_threads") else None),
             "useful_flops": r["useful_flops"],
             "useful_GFLOPs": r["useful_flops"] / t * 1e-9,
+            "useful_GFLOP_per_core_s": r["useful_flops"] / cpu_seconds(r) * 1e-9 if cpu_seconds(r) else None,
             "time_ratio_4x": t / seconds(quarter) if quarter else None,
             "time_ratio_4x_cpu": (cpu_seconds(r) / cpu_seconds(quarter)
                                   if quarter and cpu_seconds(r) and cpu_seconds(quarter) else None),
@@ -328,7 +334,7 @@ def print_backward_table(summary, out=sys.stdout, markdown=False):
     ctx = summary["context"]
     print(f"\nbackward ({ctx.get('implementation')}; {ctx.get('config')}; load average at start "
           f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])})", file=out)
-    header = ("D", "N", "forward", "backward", "cpu", "bwd/fwd wall (cpu)", "GFLOP/s",
+    header = ("D", "N", "forward", "backward", "cpu", "bwd/fwd wall (cpu)", "GFLOP/s", "GFLOP/core-s",
               "t(N)/t(N/4) wall (cpu)", "heap MiB", "max rel err dQ/dK/dV")
     lines = []
     for r in summary["rows"]:
@@ -337,7 +343,8 @@ def print_backward_table(summary, out=sys.stdout, markdown=False):
             errors = "FAILED: " + r["error"]
         lines.append((str(r["D"]), str(r["N"]), fmt(r["forward_s"], ".3f") + " s", f"{r['backward_s']:.3f} s",
                       fmt(r["cpu_share"], ".0%"), both(r["backward_over_forward"], r["backward_over_forward_cpu"], ".2f"),
-                      fmt(r["useful_GFLOPs"], ".1f"), both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"),
+                      fmt(r["useful_GFLOPs"], ".1f"), fmt(r["useful_GFLOP_per_core_s"], ".1f"),
+                      both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"),
                       fmt(r["heap_peak_MiB"], ".2f"), errors))
     if markdown:
         print("| " + " | ".join(header) + " |", file=out)
@@ -352,40 +359,45 @@ def print_backward_table(summary, out=sys.stdout, markdown=False):
 
 
 def plot_backward(summary, path):
+    """Time per call against N: CPU seconds / threads (what an idle machine would show; solid)
+    and wall time (faint), forward and backward; labels give backward / forward in CPU time."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
     markers = ["o", "s", "^", "D"]
     for i, d in enumerate(sorted({r["D"] for r in summary["rows"]})):
         rows = sorted((r for r in summary["rows"] if r["D"] == d), key=lambda r: r["N"])
-        for key, color, label in (("forward_s", "tab:blue", "forward"), ("backward_s", "tab:orange", "backward")):
-            pts = [(r["N"], r[key]) for r in rows if r.get(key)]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker=markers[i % len(markers)], color=color, linestyle="-" if i == 0 else "--",
-                    label=f"{label}, D={d}")
-            for x, y in pts:
-                ax.annotate(f"{y:.2f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7, color=color)
+        for kind, color in (("forward", "tab:blue"), ("backward", "tab:orange")):
+            for key, alpha, suffix in ((f"{kind}_idle_estimate_s", 1.0, "CPU s / threads"), (f"{kind}_s", 0.35, "wall")):
+                pts = [(r["N"], r[key]) for r in rows if r.get(key)]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=color, alpha=alpha,
+                        linestyle="-" if i == 0 else "--", label=f"{kind}, D={d} ({suffix})")
+                if alpha == 1.0:
+                    for x, y in pts:
+                        ax.annotate(f"{y:.2f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7,
+                                    color=color)
         for r in rows:
-            if r.get("backward_over_forward"):
-                ax.annotate(f"x{r['backward_over_forward']:.2f}", (r["N"], r["backward_s"]), textcoords="offset points",
-                            xytext=(-30, 6), fontsize=7, color="tab:orange")
+            if r.get("backward_over_forward_cpu") and r.get("backward_idle_estimate_s"):
+                ax.annotate(f"bwd/fwd {r['backward_over_forward_cpu']:.2f}", (r["N"], r["backward_idle_estimate_s"]),
+                            textcoords="offset points", xytext=(-62, 6), fontsize=7, color="tab:orange")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("time per call (s)")
     ctx = summary["context"]
     load = ctx.get("load_avg") or []
-    ax.set_title(f"CPU backward vs forward, {ctx.get('config', '')}\n{ctx.get('num_cpus')} CPUs, "
-                 f"{(ctx.get('date') or '')[:16]}" + (f", load average at start {load[0]:.1f}" if load else ""),
-                 fontsize=9)
+    config = (ctx.get("config") or "").replace(" causal", "\ncausal")
+    ax.set_title(f"CPU backward vs forward, {config}\n{ctx.get('num_cpus')} CPUs, {(ctx.get('date') or '')[:16]}"
+                 + (f", load average at start {load[0]:.1f}" if load else ""), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
