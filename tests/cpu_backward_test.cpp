@@ -404,6 +404,19 @@ TEST(CpuBackward, BitwiseIdenticalForAnyThreadCount) {
     }
 }
 
+TEST(CpuBackward, NarrowStorageBitwiseIdenticalForAnyThreadCount) {
+  // bfloat16 and half take the window schedule (float accumulators, dQ in its own pass).
+  for (Mixing mixing : {Mixing::softmax, Mixing::mean}) {
+    const Config config = make_config({64, 300, 600}, {1, 2, 4}, true, OffsetRule::modular, mixing);
+    const Problem<Eigen::bfloat16> p(config, Shape{1, 600, 4, 2, 8}, 38, 1);
+    const Gradients<Eigen::bfloat16> one = run_fast(p, CpuOptions{1});
+    for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(p, CpuOptions{threads}));
+    const Problem<Eigen::half> h(config, Shape{1, 600, 2, 2, 8}, 39);
+    const Gradients<Eigen::half> half_one = run_fast(h, CpuOptions{1});
+    expect_bitwise_equal(half_one, run_fast(h, CpuOptions{3}));
+  }
+}
+
 // --- A small stack --------------------------------------------------------------------------
 
 struct StackCall {
@@ -427,7 +440,8 @@ void run_with_stack(std::size_t bytes, std::function<void()> body) {
 }
 
 TEST(CpuBackward, RunsOnAThreadWith128KiBStack) {
-  // The widest tiles (D = 128, double and float); one thread, so all work runs on the small stack.
+  // The widest tiles (D = 128; double, float and bfloat16, i.e. both schedules); one thread, so
+  // all work runs on the small stack.
   for (Mixing mixing : {Mixing::softmax, Mixing::mean}) {
     const Config config = make_config({64, 300}, {1, 2}, false, OffsetRule::modular, mixing);
     const Problem<double> pd(config, Shape{1, 300, 2, 1, 128}, 36);
@@ -446,6 +460,16 @@ TEST(CpuBackward, RunsOnAThreadWith128KiBStack) {
     });
     expect_bitwise_equal(want_d, got_d);
     expect_bitwise_equal(want_f, got_f);
+    // The window schedule of narrow storage too.
+    const Problem<Eigen::bfloat16> pb(config, Shape{1, 300, 2, 1, 128}, 38);
+    const Gradients<Eigen::bfloat16> want_b = run_fast(pb, CpuOptions{1});
+    Gradients<Eigen::bfloat16> got_b(pb.shape, 0);
+    run_with_stack(128 * 1024, [&] {
+      da::backward<Eigen::bfloat16>(pb.config, pb.shape, pb.q.view(), pb.k.view(), pb.v.view(),
+                                    pb.out.view(), pb.lse.data(), pb.d_out.view(), got_b.d_q.view(),
+                                    got_b.d_k.view(), got_b.d_v.view(), CpuOptions{1});
+    });
+    expect_bitwise_equal(want_b, got_b);
   }
 }
 
