@@ -47,9 +47,9 @@ struct StridedRows {
 // packed: 2 * key_chunk * head_dim values, 512 KiB at D = 64 in float) is packed once per query
 // chunk and stays in L2 while every query tile of the chunk streams it; a key tile bounds the
 // score tile (4 strips x key_tile).
-inline constexpr std::int64_t query_chunk = 512;
+inline constexpr std::int64_t query_chunk = 2048;
 inline constexpr std::int64_t key_chunk = 1024;
-inline constexpr std::int64_t key_tile = 256;
+inline constexpr std::int64_t key_tile = 512;
 inline constexpr int strips_per_tile = 4;
 
 namespace detail {

@@ -9,10 +9,10 @@
 // finished by one thread, once, identically whatever the thread count. All index math comes
 // from pattern.hpp.
 //
-// A window spans query_chunk * max(r) positions (max(r) capped at 8), so that even the most
-// dilated branch gives cpu::attend a full query chunk per call (each call packs its keys and
-// values once, so taller calls amortise the packing), while the window's scratch stays
-// independent of N and w.
+// A window spans window_rows * max(r) positions (max(r) capped at 8), so that even the most
+// dilated branch gives cpu::attend window_rows queries per call (each call packs its keys and
+// values once per query chunk, so taller calls amortise the packing), while the window's
+// scratch stays independent of N and w.
 
 #include <algorithm>
 #include <cstdint>
@@ -34,12 +34,15 @@ namespace cpu::detail {
 template <class Acc>
 using RowMajorMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Positions per work unit: a query chunk of rows for the most dilated branch, at most 8 chunks.
+// Rows of the most dilated branch in one work unit.
+inline constexpr std::int64_t window_rows = 512;
+
+// Positions per work unit: window_rows rows of the most dilated branch.
 inline std::int64_t window_length(const Pattern& pattern) {
   std::int64_t max_rate = 1;
   for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
     max_rate = std::max(max_rate, pattern.branch(i).r);
-  return query_chunk * std::min<std::int64_t>(max_rate, 8);
+  return window_rows * std::min<std::int64_t>(max_rate, 8);
 }
 
 // The most keys one attend() call of the forward sees: the longest block (w / r rows, rounded

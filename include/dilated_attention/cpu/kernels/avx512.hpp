@@ -21,15 +21,21 @@ namespace dilated_attention::cpu::kernels {
 
 namespace avx512_detail {
 
-// e^x for x <= 0 on 16 lanes: the same method and bound as avx2.hpp's exp_nonpositive (Cody-Waite
-// reduction, degree-7 Taylor polynomial with FMAs, 2^k in the exponent bits, x clamped at -87);
-// relative error within 2 float ulps. NaN stays NaN.
+// GCC 12's unmasked _mm512_max_ps / _min_ps / _slli_epi32 pass _mm512_undefined_*() and trip
+// -Wmaybe-uninitialized in the caller's build; the zero-masked forms with a full mask are the
+// same instruction without the warning.
+constexpr __mmask16 all_lanes = static_cast<__mmask16>(0xFFFF);
+DILATED_ATTENTION_AVX512 inline __m512 max(__m512 a, __m512 b) { return _mm512_maskz_max_ps(all_lanes, a, b); }
+DILATED_ATTENTION_AVX512 inline __m512 min(__m512 a, __m512 b) { return _mm512_maskz_min_ps(all_lanes, a, b); }
+
+// e^x for x <= 0 on 16 lanes: the method and bound of avx2.hpp's exp_nonpositive (Cody-Waite
+// reduction, degree-7 Taylor polynomial with FMAs, x clamped at -87), with 2^k applied by
+// vscalefps, which also carries NaN through (the clamp's operand order keeps a NaN argument).
+// Relative error within 2 float ulps.
 DILATED_ATTENTION_AVX512 inline __m512 exp_nonpositive(__m512 argument) {
-  const __m512 x = _mm512_max_ps(argument, _mm512_set1_ps(-87.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);
-  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 k = _mm512_sub_ps(shifted, magic);
-  const __m512i k_bits = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(magic));
+  const __m512 x = max(_mm512_set1_ps(-87.0f), argument);  // NaN argument: NaN
+  const __m512 magic = _mm512_set1_ps(12582912.0f);          // 1.5 * 2^23: rounds to integer
+  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
   __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
   f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
   __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040.0f), f, _mm512_set1_ps(1.0f / 720.0f));
@@ -39,10 +45,18 @@ DILATED_ATTENTION_AVX512 inline __m512 exp_nonpositive(__m512 argument) {
   y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.5f));
   y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
   y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-  y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(y), _mm512_slli_epi32(k_bits, 23)));
-  const __mmask16 not_a_number = _mm512_cmp_ps_mask(argument, argument, _CMP_UNORD_Q);
-  return _mm512_mask_blend_ps(not_a_number, y, argument);
+  return _mm512_maskz_scalef_ps(all_lanes, y, k);
 }
+
+// Lanes folded in halves (a fixed order): 8 + 8, 4 + 4, 2 + 2, 1 + 1.
+DILATED_ATTENTION_AVX512 inline __m512 fold_halves(__m512 v, __m512 (*op)(__m512, __m512)) {
+  v = op(v, _mm512_maskz_shuffle_f32x4(all_lanes, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = op(v, _mm512_maskz_shuffle_f32x4(all_lanes, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  v = op(v, _mm512_maskz_permute_ps(all_lanes, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = op(v, _mm512_maskz_permute_ps(all_lanes, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  return v;
+}
+DILATED_ATTENTION_AVX512 inline __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 
 }  // namespace avx512_detail
 
@@ -90,14 +104,16 @@ struct Avx512 {
     std::int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
       const __m512 v = _mm512_loadu_ps(s + i);
-      extreme = largest ? _mm512_max_ps(extreme, v) : _mm512_min_ps(extreme, v);
+      extreme = largest ? avx512_detail::max(extreme, v) : avx512_detail::min(extreme, v);
     }
     if (i < n) {  // masked load of the ragged end; absent lanes repeat s[0]
       const __mmask16 live = static_cast<__mmask16>((1u << (n - i)) - 1u);
       const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(s[0]), live, s + i);
-      extreme = largest ? _mm512_max_ps(extreme, v) : _mm512_min_ps(extreme, v);
+      extreme = largest ? avx512_detail::max(extreme, v) : avx512_detail::min(extreme, v);
     }
-    return scale * (largest ? _mm512_reduce_max_ps(extreme) : _mm512_reduce_min_ps(extreme));
+    // (GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized, hence fold_halves.)
+    extreme = avx512_detail::fold_halves(extreme, largest ? avx512_detail::max : avx512_detail::min);
+    return scale * _mm512_cvtss_f32(extreme);
   }
 
   DILATED_ATTENTION_AVX512 static float exp_shifted_sum(float* p, std::int64_t n, float scale,
@@ -124,14 +140,7 @@ struct Avx512 {
       (half == 0 ? sum0 : sum1) = _mm512_add_ps(half == 0 ? sum0 : sum1,
                                                 _mm512_maskz_mov_ps(live, y));
     }
-    // Lanes summed in a fixed order.
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, _mm512_add_ps(sum0, sum1));
-    float total = 0.0f;
-    for (int step = 8; step >= 1; step /= 2)
-      for (int j = 0; j < step; ++j) lanes[j] += lanes[j + step];
-    total = lanes[0];
-    return total;
+    return _mm512_cvtss_f32(avx512_detail::fold_halves(_mm512_add_ps(sum0, sum1), avx512_detail::add));
   }
 };
 
