@@ -10,3 +10,11 @@ foreach(isa generic avx2 avx512 neon)
   set_tests_properties(cpu_forward_test.isa.${isa} PROPERTIES
     ENVIRONMENT DILATED_ATTENTION_CPU_ISA=${isa} LABELS cpu SKIP_REGULAR_EXPRESSION "isa-unsupported")
 endforeach()
+# Opt-in: the CPU tests cross-compiled for aarch64 (NEON kernels) and run under qemu-user
+# (tests/cpu_neon_qemu.sh; about 2 minutes on two cores). Skipped when the tools are missing.
+option(DILATED_ATTENTION_TEST_NEON_QEMU "Run the CPU tests for aarch64 under qemu-aarch64" OFF)
+if(DILATED_ATTENTION_TEST_NEON_QEMU)
+  add_test(NAME cpu_neon_qemu
+           COMMAND ${CMAKE_CURRENT_LIST_DIR}/cpu_neon_qemu.sh ${CMAKE_CURRENT_BINARY_DIR}/neon-qemu)
+  set_tests_properties(cpu_neon_qemu PROPERTIES LABELS cpu SKIP_RETURN_CODE 77 TIMEOUT 1200)
+endif()
