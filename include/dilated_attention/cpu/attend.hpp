@@ -146,7 +146,10 @@ void attend_with(AttendWorkspace<Acc>& ws, const StridedRows<T>& q, const Stride
 
     for (std::int64_t k0 = 0; k0 < key_limit; k0 += ws.key_rows_) {
       const std::int64_t ck = std::min(ws.key_rows_, key_limit - k0), ckp = round_up(ck, nr);
-      kernels::pack_key_panels(k.data + k0 * k.row_stride, k.row_stride, ck, dim, nr, keys);
+      if constexpr (std::is_same_v<T, Acc>)
+        K::pack_key_panels(k.data + k0 * k.row_stride, k.row_stride, ck, dim, keys);
+      else
+        kernels::pack_key_panels(k.data + k0 * k.row_stride, k.row_stride, ck, dim, nr, keys);
       kernels::pack_column_panels(v.data + k0 * v.row_stride, v.row_stride, ck, ckp, dim, nr,
                                   values);
 

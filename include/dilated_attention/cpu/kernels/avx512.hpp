@@ -8,6 +8,7 @@
 // zmm registers). Per depth step: 2 loads of the packed B panel, 12 broadcasts, 24 FMAs.
 
 #include "isa.hpp"
+#include "pack.hpp"
 
 #if defined(DILATED_ATTENTION_X86_KERNELS)
 
@@ -65,6 +66,13 @@ struct Avx512 {
   static constexpr CpuIsa isa = CpuIsa::avx512;
   static constexpr int rows = 12;
   static constexpr int cols = 32;
+
+  // pack.hpp's pack_key_panels for this kernel's storage, compiled for this instruction set (the
+  // transpose is the one packing step the compiler vectorises only with wide registers).
+  DILATED_ATTENTION_AVX512 static void pack_key_panels(const float* data, std::int64_t row_stride,
+                                         std::int64_t count, std::int64_t dim, float* out) {
+    kernels::pack_key_panels(data, row_stride, count, dim, cols, out);
+  }
 
   DILATED_ATTENTION_AVX512 static void multiply(const float* a, std::int64_t a_row,
                                                 std::int64_t a_depth, const float* b,

@@ -14,6 +14,8 @@
 //       call: Q Kᵀ, P V, and the backward's dO Vᵀ, Pᵀ dO, dS K, dSᵀ Q), B a packed panel
 //       (pack.hpp), C row-major. The depth sum is kept in registers and added to C once, so C
 //       sees one rounding per call (blocked summation: a key tile at a time).
+//   pack_key_panels(data, row_stride, count, dim, out)
+//       pack.hpp's pack_key_panels with cols = K::cols, for storage of value_type
 //   max_scaled(s, n, scale)        max_i scale * s[i] over n >= 1 scores
 //   exp_shifted_sum(p, n, scale, shift)
 //       p[i] = exp(scale * p[i] - shift) in place for i < n; returns their sum.
@@ -24,6 +26,7 @@
 
 #include "../exp.hpp"
 #include "isa.hpp"
+#include "pack.hpp"
 
 namespace dilated_attention::cpu::kernels {
 
@@ -33,6 +36,13 @@ struct Generic {
   static constexpr CpuIsa isa = CpuIsa::generic;
   static constexpr int rows = 4;
   static constexpr int cols = 8;
+
+  // pack.hpp's pack_key_panels for this kernel's storage, compiled for this instruction set (the
+  // transpose is the one packing step the compiler vectorises only with wide registers).
+  static void pack_key_panels(const Acc* data, std::int64_t row_stride, std::int64_t count,
+                              std::int64_t dim, Acc* out) {
+    kernels::pack_key_panels(data, row_stride, count, dim, cols, out);
+  }
 
   static void multiply(const Acc* a, std::int64_t a_row, std::int64_t a_depth, const Acc* b,
                        std::int64_t depth, Acc* c, std::int64_t c_row, bool accumulate) {

@@ -6,6 +6,7 @@
 // q registers).
 
 #include "isa.hpp"
+#include "pack.hpp"
 
 #if defined(DILATED_ATTENTION_NEON_KERNELS)
 
@@ -46,6 +47,13 @@ struct Neon {
   static constexpr CpuIsa isa = CpuIsa::neon;
   static constexpr int rows = 8;
   static constexpr int cols = 8;
+
+  // pack.hpp's pack_key_panels for this kernel's storage, compiled for this instruction set (the
+  // transpose is the one packing step the compiler vectorises only with wide registers).
+  static void pack_key_panels(const float* data, std::int64_t row_stride, std::int64_t count,
+                              std::int64_t dim, float* out) {
+    kernels::pack_key_panels(data, row_stride, count, dim, cols, out);
+  }
 
   static void multiply(const float* a, std::int64_t a_row, std::int64_t a_depth, const float* b,
                        std::int64_t depth, float* c, std::int64_t c_row, bool accumulate) {
