@@ -47,3 +47,20 @@ target_compile_options(cpu_forward_benchmark_portable PRIVATE
 add_executable(cpu_forward_from_files ${CMAKE_CURRENT_LIST_DIR}/peers/cpu_forward_from_files.cpp)
 target_link_libraries(cpu_forward_from_files PRIVATE DilatedAttention::dilated_attention)
 dilated_attention_cpu_benchmark_flags(cpu_forward_from_files)
+
+# The measurement behind the choice of per-function target attributes over Google Highway and
+# xsimd (docs/design.md, SIMD section). Opt-in: it needs libhwy-dev and libxsimd-dev.
+option(DILATED_ATTENTION_BENCH_SIMD_LIBRARIES "Build the Highway / xsimd comparison benchmark" OFF)
+if(DILATED_ATTENTION_BENCH_SIMD_LIBRARIES)
+  find_library(DILATED_ATTENTION_HWY_LIBRARY hwy REQUIRED)
+  add_executable(cpu_simd_libraries_benchmark
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/simd_libraries_benchmark.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/highway_kernel.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/xsimd_kernel.cpp)
+  target_include_directories(cpu_simd_libraries_benchmark PRIVATE
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries)
+  set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/simd_libraries/xsimd_kernel.cpp
+    PROPERTIES COMPILE_OPTIONS -march=native)
+  target_link_libraries(cpu_simd_libraries_benchmark PRIVATE DilatedAttention::dilated_attention
+                        benchmark::benchmark ${DILATED_ATTENTION_HWY_LIBRARY})
+endif()
