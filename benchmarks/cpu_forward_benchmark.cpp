@@ -451,10 +451,11 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
     if (!(error.out <= options.max_error) || !(error.lse <= options.max_error) ||
         error.lse_mismatch_infinite) {
       error_budget_exceeded = true;
-      state.SkipWithError(("sampled-row error against fp64 above " +
-                           std::to_string(options.max_error) + ": O " + std::to_string(error.out) +
-                           ", LSE " + std::to_string(error.lse))
-                              .c_str());
+      char message[160];
+      std::snprintf(message, sizeof message,
+                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", options.max_error,
+                    error.out, error.lse, error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
+      state.SkipWithError(message);
     }
   }
 }
