@@ -18,3 +18,11 @@ if(DILATED_ATTENTION_TEST_NEON_QEMU)
            COMMAND ${CMAKE_CURRENT_LIST_DIR}/cpu_neon_qemu.sh ${CMAKE_CURRENT_BINARY_DIR}/neon-qemu)
   set_tests_properties(cpu_neon_qemu PROPERTIES LABELS cpu SKIP_RETURN_CODE 77 TIMEOUT 1200)
 endif()
+# The forward suite built with Eigen's stack allocation turned off: the kernel's tiles no longer
+# depend on EIGEN_STACK_ALLOCATION_LIMIT (one whole-executable test, so test names stay unique).
+add_executable(cpu_forward_test_eigen_stack_0 cpu_forward_test.cpp)
+target_link_libraries(cpu_forward_test_eigen_stack_0 PRIVATE DilatedAttention::dilated_attention
+                      GTest::gtest_main)
+target_compile_definitions(cpu_forward_test_eigen_stack_0 PRIVATE EIGEN_STACK_ALLOCATION_LIMIT=0)
+add_test(NAME cpu_forward_test.eigen_stack_limit_0 COMMAND cpu_forward_test_eigen_stack_0)
+set_tests_properties(cpu_forward_test.eigen_stack_limit_0 PROPERTIES LABELS cpu)

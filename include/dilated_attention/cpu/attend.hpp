@@ -183,7 +183,8 @@ void attend_with(AttendWorkspace<Acc>& ws, const StridedRows<T>& q, const Stride
             std::fill(row + n, row + bkp, Acc(0));  // keys in the row's future weigh nothing
           }
 
-          for (std::int64_t c = 0; c < padded_dim / nr; ++c)  // O += P V, one column panel at a time
+          // O += P V, one column panel at a time
+          for (std::int64_t c = 0; c < padded_dim / nr; ++c)
             for (std::int64_t s = 0; s < strips; ++s)
               K::multiply(scores + s * mr * key_tile, key_tile, 1, values + (c * ckp + kt0) * nr,
                           bkp, accumulator + (t0 + s * mr) * padded_dim + c * nr, padded_dim, true);

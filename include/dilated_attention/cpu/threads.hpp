@@ -1,7 +1,8 @@
 #pragma once
 // How the CPU kernel uses threads: how many (CpuOptions, the DILATED_ATTENTION_NUM_THREADS
 // environment variable, or the CPUs this process may actually use: its affinity mask and its
-// cgroup's CPU quota), and a runner that hands independent work units to std::threads. std::thread rather than OpenMP so that nothing extra is needed by a
+// cgroup's CPU quota), and a runner that hands independent work units to std::threads.
+// std::thread rather than OpenMP so that nothing extra is needed by a
 // consumer and ThreadSanitizer sees every synchronisation.
 //
 // Determinism does not depend on the schedule: a unit's result is computed by one thread from

@@ -115,7 +115,8 @@ struct Avx2 {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, extreme);
     float value = lanes[0];
-    for (int j = 1; j < 8; ++j) value = largest ? std::fmax(value, lanes[j]) : std::fmin(value, lanes[j]);
+    for (int j = 1; j < 8; ++j)
+      value = largest ? std::fmax(value, lanes[j]) : std::fmin(value, lanes[j]);
     for (; i < n; ++i) value = largest ? std::fmax(value, s[i]) : std::fmin(value, s[i]);
     return scale * value;
   }

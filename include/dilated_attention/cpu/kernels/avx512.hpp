@@ -26,8 +26,12 @@ namespace avx512_detail {
 // -Wmaybe-uninitialized in the caller's build; the zero-masked forms with a full mask are the
 // same instruction without the warning.
 constexpr __mmask16 all_lanes = static_cast<__mmask16>(0xFFFF);
-DILATED_ATTENTION_AVX512 inline __m512 max(__m512 a, __m512 b) { return _mm512_maskz_max_ps(all_lanes, a, b); }
-DILATED_ATTENTION_AVX512 inline __m512 min(__m512 a, __m512 b) { return _mm512_maskz_min_ps(all_lanes, a, b); }
+DILATED_ATTENTION_AVX512 inline __m512 max(__m512 a, __m512 b) {
+  return _mm512_maskz_max_ps(all_lanes, a, b);
+}
+DILATED_ATTENTION_AVX512 inline __m512 min(__m512 a, __m512 b) {
+  return _mm512_maskz_min_ps(all_lanes, a, b);
+}
 
 // e^x for x <= 0 on 16 lanes: the method and bound of avx2.hpp's exp_nonpositive (Cody-Waite
 // reduction, degree-7 Taylor polynomial with FMAs, x clamped at -87), with 2^k applied by
@@ -36,7 +40,8 @@ DILATED_ATTENTION_AVX512 inline __m512 min(__m512 a, __m512 b) { return _mm512_m
 DILATED_ATTENTION_AVX512 inline __m512 exp_nonpositive(__m512 argument) {
   const __m512 x = max(_mm512_set1_ps(-87.0f), argument);  // NaN argument: NaN
   const __m512 magic = _mm512_set1_ps(12582912.0f);          // 1.5 * 2^23: rounds to integer
-  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 k = _mm512_sub_ps(_mm512_fmadd_ps(x, log2e, magic), magic);
   __m512 f = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
   f = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), f);
   __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040.0f), f, _mm512_set1_ps(1.0f / 720.0f));
@@ -120,7 +125,8 @@ struct Avx512 {
       extreme = largest ? avx512_detail::max(extreme, v) : avx512_detail::min(extreme, v);
     }
     // (GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized, hence fold_halves.)
-    extreme = avx512_detail::fold_halves(extreme, largest ? avx512_detail::max : avx512_detail::min);
+    extreme =
+        avx512_detail::fold_halves(extreme, largest ? avx512_detail::max : avx512_detail::min);
     return scale * _mm512_cvtss_f32(extreme);
   }
 
@@ -148,7 +154,8 @@ struct Avx512 {
       (half == 0 ? sum0 : sum1) = _mm512_add_ps(half == 0 ? sum0 : sum1,
                                                 _mm512_maskz_mov_ps(live, y));
     }
-    return _mm512_cvtss_f32(avx512_detail::fold_halves(_mm512_add_ps(sum0, sum1), avx512_detail::add));
+    const __m512 sum = _mm512_add_ps(sum0, sum1);
+    return _mm512_cvtss_f32(avx512_detail::fold_halves(sum, avx512_detail::add));
   }
 };
 

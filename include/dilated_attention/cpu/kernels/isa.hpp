@@ -102,7 +102,8 @@ inline CpuIsa resolve_isa(CpuIsa requested) {
     requested = parse_isa(text, what);
     if (requested == CpuIsa::automatic) return best_isa();
   }
-  if (static_cast<int>(requested) < 0 || static_cast<int>(requested) > static_cast<int>(CpuIsa::neon))
+  const int value = static_cast<int>(requested);
+  if (value < 0 || value > static_cast<int>(CpuIsa::neon))
     throw std::invalid_argument("dilated_attention: CpuOptions.isa = " +
                                 std::to_string(static_cast<int>(requested)) +
                                 ": not a CpuIsa value");

@@ -92,12 +92,12 @@ struct Neon {
   }
 
   static float exp_shifted_sum(float* p, std::int64_t n, float scale, float shift) {
-    const float32x4_t vshift = vdupq_n_f32(shift);
+    const float32x4_t vshift = vdupq_n_f32(shift), vscale = vdupq_n_f32(scale);
     float32x4_t sum = vdupq_n_f32(0.0f);
     std::int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-      const float32x4_t y =
-          neon_detail::exp_nonpositive(vfmsq_f32(vnegq_f32(vshift), vld1q_f32(p + i), vdupq_n_f32(-scale)));
+      const float32x4_t argument = vfmsq_f32(vnegq_f32(vshift), vld1q_f32(p + i), vnegq_f32(vscale));
+      const float32x4_t y = neon_detail::exp_nonpositive(argument);
       vst1q_f32(p + i, y);
       sum = vaddq_f32(sum, y);
     }
@@ -106,7 +106,7 @@ struct Neon {
       const std::int64_t left = n - i;
       for (std::int64_t j = 0; j < left; ++j) tail[j] = p[i + j];
       float32x4_t y = neon_detail::exp_nonpositive(
-          vfmsq_f32(vnegq_f32(vshift), vld1q_f32(tail), vdupq_n_f32(-scale)));
+          vfmsq_f32(vnegq_f32(vshift), vld1q_f32(tail), vnegq_f32(vscale)));
       vst1q_f32(tail, y);
       for (std::int64_t j = left; j < 4; ++j) tail[j] = 0.0f;
       for (std::int64_t j = 0; j < left; ++j) p[i + j] = tail[j];

@@ -28,8 +28,8 @@ class AlignedBuffer {
  public:
   AlignedBuffer() = default;
   explicit AlignedBuffer(std::int64_t size)
-      : data_(size > 0 ? static_cast<Acc*>(::operator new(static_cast<std::size_t>(size) * sizeof(Acc),
-                                                          std::align_val_t{64}))
+      : data_(size > 0 ? static_cast<Acc*>(::operator new(
+                             static_cast<std::size_t>(size) * sizeof(Acc), std::align_val_t{64}))
                        : nullptr),
         size_(std::max<std::int64_t>(size, 0)) {}
   Acc* data() { return data_.get(); }
@@ -46,8 +46,8 @@ class AlignedBuffer {
 
 // out[i * dim + d] = rows[i][d] for i < count, 0 for count <= i < padded_count.
 template <class T, class Acc>
-void pack_rows(const T* data, std::int64_t row_stride, std::int64_t count, std::int64_t padded_count,
-               std::int64_t dim, Acc* out) {
+void pack_rows(const T* data, std::int64_t row_stride, std::int64_t count,
+               std::int64_t padded_count, std::int64_t dim, Acc* out) {
   for (std::int64_t i = 0; i < count; ++i) {
     const T* row = data + i * row_stride;
     Acc* to = out + i * dim;
