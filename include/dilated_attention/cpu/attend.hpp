@@ -51,6 +51,9 @@ inline constexpr std::int64_t query_chunk = 2048;
 inline constexpr std::int64_t key_chunk = 1024;
 inline constexpr std::int64_t key_tile = 512;
 inline constexpr int strips_per_tile = 4;
+// Keys one P V kernel call sums in registers before adding to the accumulator (blocked
+// summation: shorter chains of float additions).
+inline constexpr std::int64_t sum_depth = 128;
 
 namespace detail {
 
@@ -183,11 +186,13 @@ void attend_with(AttendWorkspace<Acc>& ws, const StridedRows<T>& q, const Stride
             std::fill(row + n, row + bkp, Acc(0));  // keys in the row's future weigh nothing
           }
 
-          // O += P V, one column panel at a time
+          // O += P V, one column panel at a time, summing at most sum_depth keys in registers
           for (std::int64_t c = 0; c < padded_dim / nr; ++c)
             for (std::int64_t s = 0; s < strips; ++s)
-              K::multiply(scores + s * mr * key_tile, key_tile, 1, values + (c * ckp + kt0) * nr,
-                          bkp, accumulator + (t0 + s * mr) * padded_dim + c * nr, padded_dim, true);
+              for (std::int64_t p0 = 0; p0 < bkp; p0 += sum_depth)
+                K::multiply(scores + s * mr * key_tile + p0, key_tile, 1,
+                            values + (c * ckp + kt0 + p0) * nr, std::min(sum_depth, bkp - p0),
+                            accumulator + (t0 + s * mr) * padded_dim + c * nr, padded_dim, true);
         }
       }
     }
