@@ -29,3 +29,9 @@ target_link_libraries(cpu_forward_test_eigen_stack_0 PRIVATE DilatedAttention::d
 target_compile_definitions(cpu_forward_test_eigen_stack_0 PRIVATE EIGEN_STACK_ALLOCATION_LIMIT=0)
 add_test(NAME cpu_forward_test.eigen_stack_limit_0 COMMAND cpu_forward_test_eigen_stack_0)
 set_tests_properties(cpu_forward_test.eigen_stack_limit_0 PROPERTIES LABELS cpu)
+# The backward suite once more per instruction-set path, as for the forward.
+foreach(isa generic avx2 avx512 neon)
+  add_test(NAME cpu_backward_test.isa.${isa} COMMAND cpu_backward_test)
+  set_tests_properties(cpu_backward_test.isa.${isa} PROPERTIES
+    ENVIRONMENT DILATED_ATTENTION_CPU_ISA=${isa} LABELS cpu SKIP_REGULAR_EXPRESSION "isa-unsupported")
+endforeach()

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -415,6 +416,134 @@ TEST(CpuBackward, NarrowStorageBitwiseIdenticalForAnyThreadCount) {
     const Gradients<Eigen::half> half_one = run_fast(h, CpuOptions{1});
     expect_bitwise_equal(half_one, run_fast(h, CpuOptions{3}));
   }
+}
+
+// --- Each instruction-set path, forced ----------------------------------------------------------
+
+// When DILATED_ATTENTION_CPU_ISA names a path this machine cannot run, every test is skipped
+// (CTest reruns this file per path: cpu_backward_test.isa.<name>, SKIP_REGULAR_EXPRESSION).
+class ForcedIsaEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    const char* text = std::getenv("DILATED_ATTENTION_CPU_ISA");
+    if (text == nullptr || *text == '\0') return;
+    try {
+      const da::CpuIsa isa = da::cpu::resolve_isa(da::CpuIsa::automatic);
+      std::printf("cpu_backward_test: DILATED_ATTENTION_CPU_ISA=%s runs the %s kernels\n", text,
+                  da::to_string(isa));
+    } catch (const std::invalid_argument& error) {
+      GTEST_SKIP() << "isa-unsupported: " << error.what();
+    }
+  }
+};
+const ::testing::Environment* const forced_isa_environment =
+    ::testing::AddGlobalTestEnvironment(new ForcedIsaEnvironment);
+
+std::string isa_name(const ::testing::TestParamInfo<da::CpuIsa>& param) {
+  return da::to_string(param.param);
+}
+
+class CpuBackwardIsa : public ::testing::TestWithParam<da::CpuIsa> {
+ protected:
+  void SetUp() override {
+    if (!da::cpu::isa_supported(GetParam()))
+      GTEST_SKIP() << da::to_string(GetParam())
+                   << " kernels: not compiled into this build or not supported by this CPU";
+  }
+  CpuOptions options(int threads = 0) const { return CpuOptions{threads, GetParam()}; }
+};
+
+TEST_P(CpuBackwardIsa, AwkwardShapesMatchReference) {
+  // Head widths that are no multiple of any register tile (40, 72), padded and strided views, N
+  // a multiple of no w, r dividing no w, every offset rule, both mixings, causal or not.
+  int cases = 0;
+  for (OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
+    for (Mixing mixing : {Mixing::softmax, Mixing::mean})
+      for (bool causal : {false, true}) {
+        const Config config = make_config({7, 45, 301}, {3, 4, 7}, causal, rule, mixing);
+        const std::int64_t dim = cases % 2 ? 40 : 72;
+        expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
+                                        1 + cases % 3, options(1 + cases % 2));
+        expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
+                                         options(2));
+        ++cases;
+      }
+}
+
+TEST_P(CpuBackwardIsa, LongBlocksWideHeadsAndNarrowStorage) {
+  // Blocks of several query and key tiles (a tile is at most 128 rows), heads of 64 and 128,
+  // bfloat16 and half widened into float tiles.
+  for (bool causal : {false, true}) {
+    const Mixing mixing = causal ? Mixing::mean : Mixing::softmax;
+    const Config config = make_config({300, 150}, {1, 2}, causal, OffsetRule::modular, mixing);
+    expect_matches_reference<float>(config, Shape{1, 330, 1, 1, 128}, 340, 0, options());
+    expect_matches_reference<float>(config, Shape{1, 331, 2, 1, 64}, 341, 1, options(3));
+    expect_matches_reference<Eigen::bfloat16>(config, Shape{1, 200, 1, 1, 40}, 342, 1, options(2));
+    expect_matches_reference<Eigen::half>(config, Shape{1, 200, 2, 1, 72}, 343, 0, options(2));
+  }
+}
+
+TEST_P(CpuBackwardIsa, BitwiseIdenticalForAnyThreadCount) {
+  const Config config = make_config({64, 300, 700}, {1, 2, 4}, true, OffsetRule::modular,
+                                    Mixing::mean);
+  const Problem<float> p(config, Shape{2, 700, 2, 1, 40}, 344, 1);
+  const Gradients<float> one = run_fast(p, options(1));
+  for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(p, options(threads)));
+  const Problem<Eigen::bfloat16> b(config, Shape{1, 700, 2, 1, 40}, 345);
+  const Gradients<Eigen::bfloat16> narrow = run_fast(b, options(1));
+  expect_bitwise_equal(narrow, run_fast(b, options(3)));
+}
+
+TEST_P(CpuBackwardIsa, EnvironmentVariableSelectsThePath) {
+  const Problem<float> p(make_config({64, 128}, {1, 2}), Shape{1, 200, 2, 2, 40}, 346);
+  const char* saved = std::getenv("DILATED_ATTENTION_CPU_ISA");
+  const std::string saved_value = saved ? saved : "";
+  const Gradients<float> forced = run_fast(p, options(2));
+  ::setenv("DILATED_ATTENTION_CPU_ISA", da::to_string(GetParam()), 1);
+  const Gradients<float> from_environment = run_fast(p, CpuOptions{2});
+  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", saved_value.c_str(), 1);
+  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  expect_bitwise_equal(forced, from_environment);
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, CpuBackwardIsa,
+                         ::testing::Values(da::CpuIsa::generic, da::CpuIsa::avx2,
+                                           da::CpuIsa::avx512, da::CpuIsa::neon),
+                         isa_name);
+
+TEST(CpuBackward, PathsAgreeToRounding) {
+  // Different kernels round differently; each stays within float rounding of the others.
+  const Problem<float> p(make_config({100, 500}, {1, 3}, true), Shape{1, 500, 2, 2, 72}, 347);
+  const Gradients<float> generic = run_fast(p, CpuOptions{2, da::CpuIsa::generic});
+  const double magnitude = gradient_magnitude(run_reference(p));
+  for (da::CpuIsa isa : {da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon}) {
+    if (!da::cpu::isa_supported(isa)) continue;
+    const Gradients<float> other = run_fast(p, CpuOptions{2, isa});
+    EXPECT_LE(dt::max_abs_diff(generic.d_q, other.d_q), 1e-5 * magnitude) << da::to_string(isa);
+    EXPECT_LE(dt::max_abs_diff(generic.d_k, other.d_k), 1e-5 * magnitude) << da::to_string(isa);
+    EXPECT_LE(dt::max_abs_diff(generic.d_v, other.d_v), 1e-5 * magnitude) << da::to_string(isa);
+  }
+}
+
+TEST(CpuBackward, UnsupportedForcedPathIsRejectedWithGradientsUntouched) {
+  const Problem<float> p(make_config({8}, {2}), Shape{1, 20, 2, 2, 4}, 348);
+  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
+    if (!da::cpu::isa_supported(isa)) {
+      Gradients<float> g(p.shape, 0);
+      EXPECT_THROW(da::backward<float>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(),
+                                       p.out.view(), p.lse.data(), p.d_out.view(), g.d_q.view(),
+                                       g.d_k.view(), g.d_v.view(), CpuOptions{1, isa}),
+                   std::invalid_argument)
+          << da::to_string(isa);
+      for (const Tensor<float>* t : {&g.d_q, &g.d_k, &g.d_v})
+        for (float value : t->storage) ASSERT_EQ(value, kSentinel<float>);
+    }
+  Gradients<float> g(p.shape, 0);
+  EXPECT_THROW(da::backward<float>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(),
+                                   p.out.view(), p.lse.data(), p.d_out.view(), g.d_q.view(),
+                                   g.d_k.view(), g.d_v.view(),
+                                   CpuOptions{1, static_cast<da::CpuIsa>(99)}),
+               std::invalid_argument);
 }
 
 // --- A small stack --------------------------------------------------------------------------

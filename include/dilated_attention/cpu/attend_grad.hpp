@@ -13,10 +13,16 @@
 // be left out: the backward driver asks for dK and dV in one pass and dQ in another, so that
 // every gradient row is finished by one work unit (no racing accumulation).
 //
-// The five tile products are Eigen GEMMs on strided maps, each labelled "Product n" below with
-// its formula. Tiles are sized so that Eigen's packed operands of every product stay within
-// 64 KiB: Eigen packs them on the stack, and the backward must run on a thread with a 128 KiB
-// stack (docs/design.md, "Backward"; a whole backward call was measured to need 72 KiB).
+// The five tile products, each labelled "Product n" below, run on the forward's micro-kernels
+// (kernels/generic.hpp states the contract; kernels/dispatch.hpp picks the instruction set once
+// per workspace). Q and dO are packed once per query tile (as rows for Products 1-2, as column
+// panels for 3-4), K and V once per tile pair (key panels for 1-2, K's column panels for 5).
+// Pᵀ and dSᵀ need no copy: the kernels address A by two strides. dQ sums in a padded tile over
+// the key tiles and is added to the caller's rows once per query tile; dK and dV are added once
+// per tile pair. All scratch is heap memory of the workspace, sized by head_dim and the kernel's
+// register tile (never by sequence or segment length): the stack holds only register tiles, so
+// the backward runs on a thread with a 128 KiB stack. The summation order depends only on the
+// row counts and the CpuIsa: bitwise reproducible for a given CpuIsa.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,12 +30,11 @@
 #include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "../merge.hpp"
 #include "../pattern.hpp"
 #include "attend.hpp"
-#include "exp.hpp"
+#include "kernels/dispatch.hpp"
+#include "kernels/pack.hpp"
 
 namespace dilated_attention::cpu {
 
@@ -43,81 +48,219 @@ struct GradientRows {
 
 namespace detail {
 
-// The backward's products are Eigen GEMMs on strided maps (the forward runs on cpu/kernels/).
-template <class Acc>
-using RowMajorMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class Acc>
-using ConstRowsMap = Eigen::Map<const RowMajorMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+// Rows of a backward tile (query and key tiles alike): a multiple of the register tile's rows
+// and columns (a key tile is both a column range of S and a row range of dK and dV), near 128.
+inline std::int64_t grad_tile_rows(int kernel_rows, int kernel_cols) {
+  std::int64_t step = kernel_rows;
+  while (step % kernel_cols != 0) step += kernel_rows;  // lcm(kernel_rows, kernel_cols)
+  return std::max<std::int64_t>(step, 128 / step * step);
+}
 
-// Rows of a backward tile (query and key tiles alike): the largest multiple of 8, at most 128,
-// for which the operands of every product, (rows + rows) x head_dim and (rows + head_dim) x rows,
-// fit a 64 KiB stack budget. Eigen packs at most those operands, so its stack use stays below it.
-// (A larger budget buys 5-10% at D = 128 but leaves too little of a 128 KiB stack to the caller.)
-inline std::int64_t grad_tile_rows(std::int64_t head_dim, std::size_t element_size) {
-  const std::int64_t budget = 64 * 1024 / static_cast<std::int64_t>(element_size);
-  std::int64_t rows = 128;
-  while (rows > 8 && (2 * rows * head_dim > budget || (rows + head_dim) * rows > budget)) rows -= 8;
-  return rows;
+// rows[i][d] += factor * tile[i * tile_row + d] for i < count, d < dim.
+template <class Acc>
+void add_rows(const Acc* tile, std::int64_t tile_row, std::int64_t count, std::int64_t dim,
+              Acc factor, Acc* rows, std::int64_t row_stride) {
+  for (std::int64_t i = 0; i < count; ++i) {
+    Acc* to = rows + i * row_stride;
+    const Acc* from = tile + i * tile_row;
+    if (factor == Acc(1)) {
+      for (std::int64_t d = 0; d < dim; ++d) to[d] += from[d];
+    } else {
+      for (std::int64_t d = 0; d < dim; ++d) to[d] += factor * from[d];
+    }
+  }
 }
 
 }  // namespace detail
 
-// Scratch for attend_grad(), sized by head_dim alone (never by sequence or segment length). One
-// per thread, reused across calls.
+// Scratch for attend_grad() and attend_statistics(): one per thread, allocated once at
+// construction, reused across calls.
 template <class Acc>
 class AttendGradWorkspace {
  public:
-  explicit AttendGradWorkspace(std::int64_t head_dim)
-      : head_dim_(head_dim),
-        tile_rows_(detail::grad_tile_rows(head_dim, sizeof(Acc))),
-        probabilities_(tile_rows_, tile_rows_),
-        d_scores_(tile_rows_, tile_rows_),
-        lse_(static_cast<std::size_t>(tile_rows_)),
-        delta_(static_cast<std::size_t>(tile_rows_)),
-        visible_(static_cast<std::size_t>(tile_rows_)),
-        state_(static_cast<std::size_t>(tile_rows_)) {}
-
-  std::int64_t head_dim() const { return head_dim_; }
-  std::int64_t tile_rows() const { return tile_rows_; }
-
- private:
-  template <class T, class A>
-  friend void attend_grad(AttendGradWorkspace<A>&, const StridedRows<T>&, const StridedRows<T>&,
-                          const StridedRows<T>&, const StridedRows<T>&, const A*, const A*,
-                          std::int64_t, A, A, bool, GradientRows<A>, GradientRows<A>,
-                          GradientRows<A>);
-  template <class T, class A>
-  friend void attend_statistics(AttendGradWorkspace<A>&, const StridedRows<T>&,
-                                const StridedRows<T>&, const StridedRows<T>&,
-                                const StridedRows<T>&, std::int64_t, A, A, bool, A*, A*);
-
-  // Rows [begin, begin + count) of `rows` as an Acc matrix: mapped in place when the storage is
-  // the accumulator type, else widened into `buffer` (allocated on first use, then reused).
-  template <class T>
-  detail::ConstRowsMap<Acc> tile(const StridedRows<T>& rows, std::int64_t begin, std::int64_t count,
-                                 detail::RowMajorMatrix<Acc>& buffer) const {
-    const T* first = rows.data + begin * rows.row_stride;
-    if constexpr (std::is_same_v<T, Acc>) {
-      return detail::ConstRowsMap<Acc>(first, count, head_dim_,
-                                       Eigen::OuterStride<>(rows.row_stride));
-    } else {
-      if (buffer.rows() < count) buffer.resize(tile_rows_, head_dim_);
-      for (std::int64_t i = 0; i < count; ++i)
-        for (std::int64_t d = 0; d < head_dim_; ++d)
-          buffer(i, d) = static_cast<Acc>(first[i * rows.row_stride + d]);
-      return detail::ConstRowsMap<Acc>(buffer.data(), count, head_dim_,
-                                       Eigen::OuterStride<>(head_dim_));
-    }
+  explicit AttendGradWorkspace(std::int64_t head_dim, CpuIsa isa = CpuIsa::automatic)
+      : head_dim_(head_dim), isa_(resolve_isa(isa)) {
+    if (head_dim <= 0)
+      throw std::invalid_argument("dilated_attention::cpu::attend_grad: head_dim must be positive");
+    int cols = 0;
+    kernels::with_kernels<Acc>(isa_, [&](auto k) {
+      using K = decltype(k);
+      tile_rows_ = detail::grad_tile_rows(K::rows, K::cols);
+      cols = K::cols;
+    });
+    padded_dim_ = kernels::round_up(head_dim, cols);
+    const std::int64_t t = tile_rows_, rows = t * head_dim, columns = t * padded_dim_;
+    for (auto* buffer : {&q_rows_, &d_out_rows_, &k_panels_, &v_panels_})
+      *buffer = kernels::AlignedBuffer<Acc>(rows);
+    for (auto* buffer : {&q_columns_, &d_out_columns_, &k_columns_, &d_q_tile_, &product_})
+      *buffer = kernels::AlignedBuffer<Acc>(columns);
+    probabilities_ = kernels::AlignedBuffer<Acc>(t * t);
+    d_scores_ = kernels::AlignedBuffer<Acc>(t * t);
+    lse_.resize(static_cast<std::size_t>(t));
+    delta_.resize(static_cast<std::size_t>(t));
+    visible_.resize(static_cast<std::size_t>(t));
+    state_.resize(static_cast<std::size_t>(t));
   }
 
-  std::int64_t head_dim_, tile_rows_;
-  detail::RowMajorMatrix<Acc> probabilities_;  // tile x tile: scores, then P
-  detail::RowMajorMatrix<Acc> d_scores_;       // tile x tile: dP, then dS
-  std::vector<Acc> lse_, delta_;               // per query row of the tile
-  std::vector<std::int64_t> visible_;          // per query row: keys it may see
-  std::vector<OnlineSoftmax<Acc>> state_;      // per query row (attend_statistics)
-  detail::RowMajorMatrix<Acc> q_buffer_, d_out_buffer_, k_buffer_, v_buffer_;  // widening only
+  std::int64_t head_dim() const { return head_dim_; }
+  CpuIsa isa() const { return isa_; }                  // the kernels this workspace runs
+  std::int64_t tile_rows() const { return tile_rows_; }  // rows of a query or key tile
+
+ private:
+  template <class K, class T, class A>
+  friend void attend_grad_with(AttendGradWorkspace<A>&, const StridedRows<T>&,
+                               const StridedRows<T>&, const StridedRows<T>&,
+                               const StridedRows<T>&, const A*, const A*, A, A, bool,
+                               GradientRows<A>, GradientRows<A>, GradientRows<A>);
+  template <class K, class T, class A>
+  friend void attend_statistics_with(AttendGradWorkspace<A>&, const StridedRows<T>&,
+                                     const StridedRows<T>&, const StridedRows<T>&,
+                                     const StridedRows<T>&, A, A, bool, A*, A*);
+
+  // Products 1 and 2 of tile rows [q0, q0 + bq) and keys [k0, k0 + bk): packs K and V as key
+  // panels (Q and dO are packed rows already), S into probabilities_, dO Vᵀ into d_scores_.
+  template <class K, class T>
+  void scores(const StridedRows<T>& k, const StridedRows<T>& v, std::int64_t bq,
+              std::int64_t k0, std::int64_t bk) {
+    constexpr int mr = K::rows, nr = K::cols;
+    const std::int64_t dim = head_dim_, t = tile_rows_;
+    pack_panels<K>(k, k0, bk, k_panels_.data());
+    pack_panels<K>(v, k0, bk, v_panels_.data());
+    for (std::int64_t p = 0; p < (bk + nr - 1) / nr; ++p)
+      for (std::int64_t s = 0; s < (bq + mr - 1) / mr; ++s) {
+        // Product 1: S = Q Kᵀ (unscaled; the scale enters the exponent).
+        K::multiply(q_rows_.data() + s * mr * dim, dim, 1, k_panels_.data() + p * dim * nr, dim,
+                    probabilities_.data() + s * mr * t + p * nr, t, false);
+        // Product 2: dP = dO Vᵀ (the mixing weight is applied per row).
+        K::multiply(d_out_rows_.data() + s * mr * dim, dim, 1, v_panels_.data() + p * dim * nr,
+                    dim, d_scores_.data() + s * mr * t + p * nr, t, false);
+      }
+  }
+
+  template <class K, class T>
+  void pack_panels(const StridedRows<T>& rows, std::int64_t begin, std::int64_t count, Acc* out) {
+    const T* first = rows.data + begin * rows.row_stride;
+    if constexpr (std::is_same_v<T, Acc>)
+      K::pack_key_panels(first, rows.row_stride, count, head_dim_, out);
+    else
+      kernels::pack_key_panels(first, rows.row_stride, count, head_dim_, K::cols, out);
+  }
+
+  std::int64_t head_dim_;
+  CpuIsa isa_;
+  std::int64_t tile_rows_ = 0, padded_dim_ = 0;
+  kernels::AlignedBuffer<Acc> q_rows_, d_out_rows_;        // query tile, packed rows
+  kernels::AlignedBuffer<Acc> q_columns_, d_out_columns_;  // query tile, column panels
+  kernels::AlignedBuffer<Acc> k_panels_, v_panels_;        // key tile, key panels
+  kernels::AlignedBuffer<Acc> k_columns_;                  // key tile, column panels
+  kernels::AlignedBuffer<Acc> probabilities_, d_scores_;   // tile x tile: S then P; dP then dS
+  kernels::AlignedBuffer<Acc> d_q_tile_;                   // query tile x padded_dim: dQ sums
+  kernels::AlignedBuffer<Acc> product_;                    // key tile x padded_dim: dK or dV
+  std::vector<Acc> lse_, delta_;                           // per query row of the tile
+  std::vector<std::int64_t> visible_;                      // per query row: keys it may see
+  std::vector<OnlineSoftmax<Acc>> state_;                  // per query row (attend_statistics)
 };
+
+// attend_grad() with kernel set K (the workspace's).
+template <class K, class T, class Acc>
+void attend_grad_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& q,
+                      const StridedRows<T>& k, const StridedRows<T>& v,
+                      const StridedRows<T>& d_out, const Acc* lse, const Acc* delta, Acc scale,
+                      Acc weight, bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
+                      GradientRows<Acc> d_v) {
+  static_assert(std::is_same_v<typename K::value_type, Acc>, "kernel set of another type");
+  using kernels::round_up;
+  constexpr int mr = K::rows, nr = K::cols;
+  const std::int64_t dim = ws.head_dim_, padded_dim = ws.padded_dim_, t = ws.tile_rows_;
+  const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
+  const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
+  Acc* const p = ws.probabilities_.data();
+  Acc* const ds = ws.d_scores_.data();
+  Acc* const product = ws.product_.data();
+  Acc* const d_q_tile = ws.d_q_tile_.data();
+
+  for (std::int64_t q0 = 0; q0 < num_queries; q0 += t) {
+    const std::int64_t bq = std::min(t, num_queries - q0), bqm = round_up(bq, mr);
+    std::int64_t key_limit = 0;
+    for (std::int64_t j = 0; j < bq; ++j) {
+      const std::int64_t x = q.positions.at(q0 + j);
+      const auto row = static_cast<std::size_t>(j);
+      ws.lse_[row] = lse[x];
+      ws.delta_[row] = delta[x];
+      std::int64_t visible = causal ? detail::keys_up_to(k.positions, x) : num_keys;
+      if (lse[x] == negative_infinity<Acc>()) visible = 0;  // an empty row: nothing flows back
+      ws.visible_[row] = visible;
+      key_limit = std::max(key_limit, visible);
+    }
+    if (key_limit == 0) continue;
+    const T* q_first = q.data + q0 * q.row_stride;
+    const T* d_out_first = d_out.data + q0 * d_out.row_stride;
+    kernels::pack_rows(q_first, q.row_stride, bq, bqm, dim, ws.q_rows_.data());
+    kernels::pack_rows(d_out_first, d_out.row_stride, bq, bqm, dim, ws.d_out_rows_.data());
+    if (d_k.data != nullptr)
+      kernels::pack_column_panels(q_first, q.row_stride, bq, bq, dim, nr, ws.q_columns_.data());
+    if (d_v.data != nullptr)
+      kernels::pack_column_panels(d_out_first, d_out.row_stride, bq, bq, dim, nr,
+                                  ws.d_out_columns_.data());
+    if (d_q.data != nullptr) std::fill(d_q_tile, d_q_tile + bqm * padded_dim, Acc(0));
+
+    // Causal key tiles wholly in the future of every row of this query tile are never visited.
+    for (std::int64_t k0 = 0; k0 < key_limit; k0 += t) {
+      const std::int64_t bk = std::min(t, key_limit - k0), bkm = round_up(bk, mr);
+      ws.template scores<K>(k, v, bqm, k0, bk);
+
+      for (std::int64_t j = 0; j < bqm; ++j) {
+        const auto row = static_cast<std::size_t>(j);
+        const std::int64_t n =
+            j < bq ? std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk) : 0;
+        Acc* p_row = p + j * t;
+        Acc* ds_row = ds + j * t;
+        // P = exp(scale * S - LSE) on the visible keys; dS = scale * P ∘ (weight * dP - D).
+        // Both are 0 on the rest of the row (and on padding rows), which the products read.
+        if (n > 0) {
+          static_cast<void>(K::exp_shifted_sum(p_row, n, scale, ws.lse_[row]));
+          const Acc d = ws.delta_[row];
+          for (std::int64_t y = 0; y < n; ++y)
+            ds_row[y] = (scale * p_row[y]) * (weight * ds_row[y] - d);
+        }
+        std::fill(p_row + n, p_row + t, Acc(0));
+        std::fill(ds_row + n, ds_row + t, Acc(0));
+      }
+
+      // Pᵀ and dSᵀ as A: key row i, query p at i + p * t.
+      if (d_v.data != nullptr) {
+        // Product 3: dV += weight * Pᵀ dO.
+        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+          for (std::int64_t s = 0; s < bkm / mr; ++s)
+            K::multiply(p + s * mr, 1, t, ws.d_out_columns_.data() + c * bq * nr, bq,
+                        product + s * mr * padded_dim + c * nr, padded_dim, false);
+        detail::add_rows(product, padded_dim, bk, dim, weight, d_v.data + k0 * d_v.row_stride,
+                         d_v.row_stride);
+      }
+      if (d_k.data != nullptr) {
+        // Product 4: dK += dSᵀ Q.
+        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+          for (std::int64_t s = 0; s < bkm / mr; ++s)
+            K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq,
+                        product + s * mr * padded_dim + c * nr, padded_dim, false);
+        detail::add_rows(product, padded_dim, bk, dim, Acc(1), d_k.data + k0 * d_k.row_stride,
+                         d_k.row_stride);
+      }
+      if (d_q.data != nullptr) {
+        // Product 5: dQ += dS K (summed over the key tiles in d_q_tile).
+        kernels::pack_column_panels(k.data + k0 * k.row_stride, k.row_stride, bk, bk, dim, nr,
+                                    ws.k_columns_.data());
+        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+          for (std::int64_t s = 0; s < bqm / mr; ++s)
+            K::multiply(ds + s * mr * t, t, 1, ws.k_columns_.data() + c * bk * nr, bk,
+                        d_q_tile + s * mr * padded_dim + c * nr, padded_dim, true);
+      }
+    }
+    if (d_q.data != nullptr)
+      detail::add_rows(d_q_tile, padded_dim, bq, dim, Acc(1), d_q.data + q0 * d_q.row_stride,
+                       d_q.row_stride);
+  }
+}
 
 // Accumulates the gradient of the block attention of q's rows over k/v's rows (docs/semantics.md
 // §7). d_out has q's rows (same positions; its own data and stride). lse[x] and delta[x] are the
@@ -125,7 +268,7 @@ class AttendGradWorkspace {
 // with, and D = weight * rowsum(dO ∘ O). A row with lse = -inf attends nothing and contributes
 // nothing. Results are added (+=) to d_q (q's rows), d_k and d_v (k's rows); null ones are
 // skipped. Causal means key position <= query position. Single-threaded and deterministic: the
-// summation order depends only on the row counts.
+// summation order depends only on the row counts and workspace.isa().
 template <class T, class Acc>
 void attend_grad(AttendGradWorkspace<Acc>& workspace, const StridedRows<T>& q,
                  const StridedRows<T>& k, const StridedRows<T>& v, const StridedRows<T>& d_out,
@@ -133,152 +276,16 @@ void attend_grad(AttendGradWorkspace<Acc>& workspace, const StridedRows<T>& q,
                  bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
                  GradientRows<Acc> d_v) {
   static_assert(std::is_same_v<Acc, accumulator_t<T>>, "attend_grad: Acc must be accumulator_t<T>");
-  using Map = Eigen::Map<detail::RowMajorMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
   if (head_dim != workspace.head_dim())
     throw std::invalid_argument(
         "dilated_attention::cpu::attend_grad: head_dim differs from the workspace's");
   if (k.positions.count != v.positions.count || q.positions.count != d_out.positions.count)
     throw std::invalid_argument(
         "dilated_attention::cpu::attend_grad: k and v (or q and d_out) have different row counts");
-  const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
-  const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
-  const std::int64_t tile = workspace.tile_rows();
-
-  for (std::int64_t q0 = 0; q0 < num_queries; q0 += tile) {
-    const std::int64_t bq = std::min(tile, num_queries - q0);
-    std::int64_t key_limit = 0;
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const std::int64_t x = q.positions.at(q0 + j);
-      const auto row = static_cast<std::size_t>(j);
-      workspace.lse_[row] = lse[x];
-      workspace.delta_[row] = delta[x];
-      std::int64_t visible = causal ? detail::keys_up_to(k.positions, x) : num_keys;
-      if (lse[x] == negative_infinity<Acc>()) visible = 0;  // an empty row: nothing flows back
-      workspace.visible_[row] = visible;
-      key_limit = std::max(key_limit, visible);
-    }
-    if (key_limit == 0) continue;
-    const auto q_tile = workspace.tile(q, q0, bq, workspace.q_buffer_);
-    const auto d_out_tile = workspace.tile(d_out, q0, bq, workspace.d_out_buffer_);
-
-    // Causal key tiles wholly in the future of every row of this query tile are never visited.
-    for (std::int64_t k0 = 0; k0 < key_limit; k0 += tile) {
-      const std::int64_t bk = std::min(tile, key_limit - k0);
-      const auto k_tile = workspace.tile(k, k0, bk, workspace.k_buffer_);
-      const auto v_tile = workspace.tile(v, k0, bk, workspace.v_buffer_);
-      auto p = workspace.probabilities_.topLeftCorner(bq, bk);
-      auto ds = workspace.d_scores_.topLeftCorner(bq, bk);
-
-      // Product 1: S = Q Kᵀ (unscaled; the scale enters the exponent below).
-      p.noalias() = q_tile * k_tile.transpose();
-      // Product 2: dP = dO Vᵀ (the mixing weight is applied per row below).
-      ds.noalias() = d_out_tile * v_tile.transpose();
-
-      for (std::int64_t j = 0; j < bq; ++j) {
-        const auto row = static_cast<std::size_t>(j);
-        const std::int64_t n = std::clamp<std::int64_t>(workspace.visible_[row] - k0, 0, bk);
-        auto p_row = p.row(j);
-        // P = exp(scale * S - LSE) on the visible keys, 0 on the rest.
-        if (n > 0)
-          static_cast<void>(detail::exp_shifted_sum(p_row.data(), n, scale, workspace.lse_[row]));
-        p_row.tail(bk - n).setZero();
-        // dS = scale * P ∘ (weight * dP - D); zero wherever P is.
-        ds.row(j).array() = (scale * p_row.array()) *
-                            (weight * ds.row(j).array() - workspace.delta_[row]);
-      }
-
-      if (d_v.data != nullptr) {
-        Map d_v_tile(d_v.data + k0 * d_v.row_stride, bk, head_dim, Eigen::OuterStride<>(d_v.row_stride));
-        // Product 3: dV += weight * Pᵀ dO.
-        d_v_tile.noalias() += weight * (p.transpose() * d_out_tile);
-      }
-      if (d_k.data != nullptr) {
-        Map d_k_tile(d_k.data + k0 * d_k.row_stride, bk, head_dim, Eigen::OuterStride<>(d_k.row_stride));
-        // Product 4: dK += dSᵀ Q.
-        d_k_tile.noalias() += ds.transpose() * q_tile;
-      }
-      if (d_q.data != nullptr) {
-        Map d_q_tile(d_q.data + q0 * d_q.row_stride, bq, head_dim, Eigen::OuterStride<>(d_q.row_stride));
-        // Product 5: dQ += dS K.
-        d_q_tile.noalias() += ds * k_tile;
-      }
-    }
-  }
-}
-
-// The row statistics that mean mixing needs and the forward does not return (docs/semantics.md
-// §7.2): for each query row of q over k/v's rows, LSE = ln sum_y exp(scale * q·k_y) and
-// D = weight * dO·O with O = sum_y exp(scale * q·k_y - LSE) v_y, written to lse[x] and delta[x]
-// for the query at position x (-inf and 0 for a row that attends nothing). D is accumulated as
-// sum_y p_y (dO·v_y) in an online softmax, so O itself is never formed: the cost is the forward's
-// (Products 1 and 2 per tile pair instead of Q Kᵀ and P V), on the same stack-bounded tiles.
-template <class T, class Acc>
-void attend_statistics(AttendGradWorkspace<Acc>& workspace, const StridedRows<T>& q,
-                       const StridedRows<T>& k, const StridedRows<T>& v,
-                       const StridedRows<T>& d_out, std::int64_t head_dim, Acc scale, Acc weight,
-                       bool causal, Acc* lse, Acc* delta) {
-  static_assert(std::is_same_v<Acc, accumulator_t<T>>,
-                "attend_statistics: Acc must be accumulator_t<T>");
-  if (head_dim != workspace.head_dim())
-    throw std::invalid_argument(
-        "dilated_attention::cpu::attend_statistics: head_dim differs from the workspace's");
-  if (k.positions.count != v.positions.count || q.positions.count != d_out.positions.count)
-    throw std::invalid_argument(
-        "dilated_attention::cpu::attend_statistics: k and v (or q and d_out) have different row "
-        "counts");
-  const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
-  const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
-  const std::int64_t tile = workspace.tile_rows();
-
-  for (std::int64_t q0 = 0; q0 < num_queries; q0 += tile) {
-    const std::int64_t bq = std::min(tile, num_queries - q0);
-    std::int64_t key_limit = 0;
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const auto row = static_cast<std::size_t>(j);
-      const std::int64_t visible =
-          causal ? detail::keys_up_to(k.positions, q.positions.at(q0 + j)) : num_keys;
-      workspace.visible_[row] = visible;
-      workspace.state_[row] = OnlineSoftmax<Acc>{};
-      workspace.delta_[row] = Acc(0);  // running sum of p_y (dO·v_y), rescaled with the state
-      key_limit = std::max(key_limit, visible);
-    }
-    const auto q_tile = workspace.tile(q, q0, bq, workspace.q_buffer_);
-    const auto d_out_tile = workspace.tile(d_out, q0, bq, workspace.d_out_buffer_);
-
-    for (std::int64_t k0 = 0; k0 < key_limit; k0 += tile) {
-      const std::int64_t bk = std::min(tile, key_limit - k0);
-      const auto k_tile = workspace.tile(k, k0, bk, workspace.k_buffer_);
-      const auto v_tile = workspace.tile(v, k0, bk, workspace.v_buffer_);
-      auto p = workspace.probabilities_.topLeftCorner(bq, bk);
-      auto dp = workspace.d_scores_.topLeftCorner(bq, bk);
-
-      // Product 1: S = Q Kᵀ.
-      p.noalias() = q_tile * k_tile.transpose();
-      // Product 2: dP = dO Vᵀ.
-      dp.noalias() = d_out_tile * v_tile.transpose();
-
-      for (std::int64_t j = 0; j < bq; ++j) {
-        const auto row = static_cast<std::size_t>(j);
-        const std::int64_t n = std::clamp<std::int64_t>(workspace.visible_[row] - k0, 0, bk);
-        if (n == 0) continue;
-        auto p_row = p.row(j);
-        OnlineSoftmax<Acc>& state = workspace.state_[row];
-        const Acc extreme = scale >= Acc(0) ? p_row.head(n).maxCoeff() : p_row.head(n).minCoeff();
-        const Acc factor = state.rescale(scale * extreme);
-        state.sum += detail::exp_shifted_sum(p_row.data(), n, scale, state.max);
-        workspace.delta_[row] = workspace.delta_[row] * factor +
-                                p_row.head(n).dot(dp.row(j).head(n));
-      }
-    }
-
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const auto row = static_cast<std::size_t>(j);
-      const OnlineSoftmax<Acc>& state = workspace.state_[row];
-      const std::int64_t x = q.positions.at(q0 + j);
-      lse[x] = state.lse();
-      delta[x] = weight * workspace.delta_[row] * state.inverse_sum();
-    }
-  }
+  kernels::with_kernels<Acc>(workspace.isa(), [&](auto kernel_set) {
+    attend_grad_with<decltype(kernel_set)>(workspace, q, k, v, d_out, lse, delta, scale, weight,
+                                           causal, d_q, d_k, d_v);
+  });
 }
 
 }  // namespace dilated_attention::cpu

@@ -61,6 +61,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
                 "the LSE is stored in the accumulator type");
   using Acc = cpu::accumulator_t<T>;
   validate_backward(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);
+  const CpuIsa isa = cpu::resolve_isa(options.isa);  // once, before any thread starts
   const int num_threads = cpu::resolve_num_threads(options);
   const Pattern pattern(config, shape);
   const std::int64_t window = cpu::detail::window_length(pattern);
@@ -85,7 +86,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
   // Phase 1: row statistics, per (batch, head, window); the fused path also zeroes the
   // gradients here (each unit its own rows: d_q of its head, d_k and d_v of kv head h < Hkv).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
-    cpu::AttendGradWorkspace<Acc> workspace(dim);
+    cpu::AttendGradWorkspace<Acc> workspace(dim, isa);
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t b = bh / shape.num_heads, h = bh % shape.num_heads;
@@ -111,7 +112,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
         if (block.branch == i) branch.push_back(&block);
       const auto count = static_cast<std::int64_t>(branch.size());
       cpu::run_units(shape.batch * shape.num_kv_heads * count, num_threads, [&](const auto& next) {
-        cpu::AttendGradWorkspace<Acc> workspace(dim);
+        cpu::AttendGradWorkspace<Acc> workspace(dim, isa);
         for (std::int64_t unit = next(); unit >= 0; unit = next()) {
           const std::int64_t bg = unit / count;
           cpu::detail::block_unit<T>(pattern, *branch[static_cast<std::size_t>(unit % count)],
@@ -125,7 +126,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
 
   // Phase 2: dK and dV, per (batch, kv head, key window).
   cpu::run_units(shape.batch * shape.num_kv_heads * windows, num_threads, [&](const auto& next) {
-    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim);
+    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim, isa);
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t y0 = w * window, y1 = std::min(shape.seq_len, y0 + window);
@@ -136,7 +137,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
 
   // Phase 3: dQ, per (batch, head, query window).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
-    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim);
+    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim, isa);
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);

@@ -10,12 +10,11 @@
 #include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "../config.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
 #include "attend_grad.hpp"
+#include "attend_statistics.hpp"
 #include "forward.hpp"
 
 namespace dilated_attention {
@@ -88,23 +87,25 @@ void statistics_window(const Pattern& pattern, std::int64_t b, std::int64_t h, s
   }
 }
 
-// One thread's scratch for phases 2 and 3: the block primitive's tiles and a window's gradient
-// accumulators (two for dK, dV; phase 3 uses the first).
+// One thread's scratch for phases 2 and 3: the block primitive's workspace and a window's
+// gradient accumulators, window x head_dim each (two for dK, dV; phase 3 uses the first).
 template <class Acc>
 struct BackwardWorkspace {
-  BackwardWorkspace(std::int64_t window, std::int64_t head_dim)
-      : grad(head_dim), first(window, head_dim), second(window, head_dim) {}
+  BackwardWorkspace(std::int64_t window, std::int64_t head_dim, CpuIsa isa)
+      : grad(head_dim, isa),
+        first(static_cast<std::size_t>(window * head_dim)),
+        second(static_cast<std::size_t>(window * head_dim)) {}
   AttendGradWorkspace<Acc> grad;
-  RowMajorMatrix<Acc> first, second;
+  std::vector<Acc> first, second;
 };
 
 template <class T>
-void store_rows(const RowMajorMatrix<accumulator_t<T>>& rows, View<T> view, std::int64_t b,
+void store_rows(const std::vector<accumulator_t<T>>& rows, View<T> view, std::int64_t b,
                 std::int64_t h, std::int64_t x0, std::int64_t x1, std::int64_t dim) {
   for (std::int64_t x = x0; x < x1; ++x) {
     T* destination = view.data + b * view.batch_stride + x * view.seq_stride + h * view.head_stride;
-    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(destination, dim) =
-        rows.row(x - x0).template cast<T>();
+    const accumulator_t<T>* source = rows.data() + (x - x0) * dim;
+    for (std::int64_t d = 0; d < dim; ++d) destination[d] = static_cast<T>(source[d]);
   }
 }
 
@@ -121,10 +122,8 @@ void key_window(const Pattern& pattern, std::int64_t b, std::int64_t kv_head, st
   const Acc scale = static_cast<Acc>(resolved_scale(config, shape));
   const bool mean = config.mixing == Mixing::mean;
   const Acc weight = mean ? Acc(1) / static_cast<Acc>(pattern.num_branches()) : Acc(1);
-  auto d_k_acc = workspace.first.topRows(y1 - y0);
-  auto d_v_acc = workspace.second.topRows(y1 - y0);
-  d_k_acc.setZero();
-  d_v_acc.setZero();
+  std::fill_n(workspace.first.begin(), (y1 - y0) * dim, Acc(0));
+  std::fill_n(workspace.second.begin(), (y1 - y0) * dim, Acc(0));
   for (std::int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
     for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
       const std::int64_t offset = pattern.offset(i, h);
@@ -165,8 +164,7 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
   const Acc scale = static_cast<Acc>(resolved_scale(config, shape));
   const bool mean = config.mixing == Mixing::mean;
   const Acc weight = mean ? Acc(1) / static_cast<Acc>(pattern.num_branches()) : Acc(1);
-  auto d_q_acc = workspace.first.topRows(x1 - x0);
-  d_q_acc.setZero();
+  std::fill_n(workspace.first.begin(), (x1 - x0) * dim, Acc(0));
   for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
     const std::int64_t offset = pattern.offset(i, h);
     if (offset < 0) continue;
