@@ -56,6 +56,14 @@ inline std::int64_t grad_tile_rows(int kernel_rows, int kernel_cols) {
   return std::max<std::int64_t>(step, 128 / step * step);
 }
 
+// Keys packed at once: whole tiles, as many as keep the chunk's five panels (K twice, V, the dK
+// and dV sums, chunk x padded_dim each) within about half of a 1 MiB L2 cache.
+inline std::int64_t grad_chunk_rows(std::int64_t tile_rows, std::int64_t padded_dim,
+                                    std::size_t element_size) {
+  const std::int64_t per_row = 5 * padded_dim * static_cast<std::int64_t>(element_size);
+  return std::max<std::int64_t>(1, 512 * 1024 / per_row / tile_rows) * tile_rows;
+}
+
 // rows[i][d] += factor * tile[i * tile_row + d] for i < count, d < dim.
 template <class Acc>
 void add_rows(const Acc* tile, std::int64_t tile_row, std::int64_t count, std::int64_t dim,
@@ -89,11 +97,14 @@ class AttendGradWorkspace {
       cols = K::cols;
     });
     padded_dim_ = kernels::round_up(head_dim, cols);
-    const std::int64_t t = tile_rows_, rows = t * head_dim, columns = t * padded_dim_;
-    for (auto* buffer : {&q_rows_, &d_out_rows_, &k_panels_, &v_panels_})
-      *buffer = kernels::AlignedBuffer<Acc>(rows);
-    for (auto* buffer : {&q_columns_, &d_out_columns_, &k_columns_, &d_q_tile_, &product_})
-      *buffer = kernels::AlignedBuffer<Acc>(columns);
+    chunk_rows_ = detail::grad_chunk_rows(tile_rows_, padded_dim_, sizeof(Acc));
+    const std::int64_t t = tile_rows_, c = chunk_rows_;
+    for (auto* buffer : {&q_rows_, &d_out_rows_}) *buffer = kernels::AlignedBuffer<Acc>(t * head_dim);
+    for (auto* buffer : {&q_columns_, &d_out_columns_, &d_q_tile_})
+      *buffer = kernels::AlignedBuffer<Acc>(t * padded_dim_);
+    for (auto* buffer : {&k_panels_, &v_panels_}) *buffer = kernels::AlignedBuffer<Acc>(c * head_dim);
+    for (auto* buffer : {&k_columns_, &d_k_chunk_, &d_v_chunk_})
+      *buffer = kernels::AlignedBuffer<Acc>(c * padded_dim_);
     probabilities_ = kernels::AlignedBuffer<Acc>(t * t);
     d_scores_ = kernels::AlignedBuffer<Acc>(t * t);
     lse_.resize(static_cast<std::size_t>(t));
@@ -105,6 +116,7 @@ class AttendGradWorkspace {
   std::int64_t head_dim() const { return head_dim_; }
   CpuIsa isa() const { return isa_; }                  // the kernels this workspace runs
   std::int64_t tile_rows() const { return tile_rows_; }  // rows of a query or key tile
+  std::int64_t chunk_rows() const { return chunk_rows_; }  // keys packed at once (whole tiles)
 
  private:
   template <class K, class T, class A>
@@ -117,23 +129,22 @@ class AttendGradWorkspace {
                                      const StridedRows<T>&, const StridedRows<T>&,
                                      const StridedRows<T>&, A, A, bool, A*, A*);
 
-  // Products 1 and 2 of tile rows [q0, q0 + bq) and keys [k0, k0 + bk): packs K and V as key
-  // panels (Q and dO are packed rows already), S into probabilities_, dO Vᵀ into d_scores_.
-  template <class K, class T>
-  void scores(const StridedRows<T>& k, const StridedRows<T>& v, std::int64_t bq,
-              std::int64_t k0, std::int64_t bk) {
+  // Products 1 and 2 of the packed query tile (bq rows, a multiple of K::rows) and bk packed
+  // keys from key k0 of the packed chunk: S into probabilities_, dO Vᵀ into d_scores_.
+  template <class K>
+  void scores(std::int64_t bq, std::int64_t k0, std::int64_t bk) {
     constexpr int mr = K::rows, nr = K::cols;
     const std::int64_t dim = head_dim_, t = tile_rows_;
-    pack_panels<K>(k, k0, bk, k_panels_.data());
-    pack_panels<K>(v, k0, bk, v_panels_.data());
+    const Acc* k_panels = k_panels_.data() + k0 * dim;  // k0 is a multiple of nr
+    const Acc* v_panels = v_panels_.data() + k0 * dim;
     for (std::int64_t p = 0; p < (bk + nr - 1) / nr; ++p)
-      for (std::int64_t s = 0; s < (bq + mr - 1) / mr; ++s) {
+      for (std::int64_t s = 0; s < bq / mr; ++s) {
         // Product 1: S = Q Kᵀ (unscaled; the scale enters the exponent).
-        K::multiply(q_rows_.data() + s * mr * dim, dim, 1, k_panels_.data() + p * dim * nr, dim,
+        K::multiply(q_rows_.data() + s * mr * dim, dim, 1, k_panels + p * dim * nr, dim,
                     probabilities_.data() + s * mr * t + p * nr, t, false);
         // Product 2: dP = dO Vᵀ (the mixing weight is applied per row).
-        K::multiply(d_out_rows_.data() + s * mr * dim, dim, 1, v_panels_.data() + p * dim * nr,
-                    dim, d_scores_.data() + s * mr * t + p * nr, t, false);
+        K::multiply(d_out_rows_.data() + s * mr * dim, dim, 1, v_panels + p * dim * nr, dim,
+                    d_scores_.data() + s * mr * t + p * nr, t, false);
       }
   }
 
@@ -148,14 +159,14 @@ class AttendGradWorkspace {
 
   std::int64_t head_dim_;
   CpuIsa isa_;
-  std::int64_t tile_rows_ = 0, padded_dim_ = 0;
+  std::int64_t tile_rows_ = 0, chunk_rows_ = 0, padded_dim_ = 0;
   kernels::AlignedBuffer<Acc> q_rows_, d_out_rows_;        // query tile, packed rows
   kernels::AlignedBuffer<Acc> q_columns_, d_out_columns_;  // query tile, column panels
-  kernels::AlignedBuffer<Acc> k_panels_, v_panels_;        // key tile, key panels
-  kernels::AlignedBuffer<Acc> k_columns_;                  // key tile, column panels
+  kernels::AlignedBuffer<Acc> k_panels_, v_panels_;        // key chunk, key panels
+  kernels::AlignedBuffer<Acc> k_columns_;                  // key chunk, column panels
+  kernels::AlignedBuffer<Acc> d_k_chunk_, d_v_chunk_;      // key chunk x padded_dim: sums
   kernels::AlignedBuffer<Acc> probabilities_, d_scores_;   // tile x tile: S then P; dP then dS
   kernels::AlignedBuffer<Acc> d_q_tile_;                   // query tile x padded_dim: dQ sums
-  kernels::AlignedBuffer<Acc> product_;                    // key tile x padded_dim: dK or dV
   std::vector<Acc> lse_, delta_;                           // per query row of the tile
   std::vector<std::int64_t> visible_;                      // per query row: keys it may see
   std::vector<OnlineSoftmax<Acc>> state_;                  // per query row (attend_statistics)
@@ -176,89 +187,104 @@ void attend_grad_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& q,
   const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
   Acc* const p = ws.probabilities_.data();
   Acc* const ds = ws.d_scores_.data();
-  Acc* const product = ws.product_.data();
   Acc* const d_q_tile = ws.d_q_tile_.data();
+  Acc* const d_k_chunk = ws.d_k_chunk_.data();
+  Acc* const d_v_chunk = ws.d_v_chunk_.data();
+  // Positions increase, so the last query sees the most keys: the chunk loop stops there.
+  const std::int64_t last_visible =
+      num_queries == 0 ? 0
+      : causal         ? detail::keys_up_to(k.positions, q.positions.at(num_queries - 1))
+                       : num_keys;
 
-  for (std::int64_t q0 = 0; q0 < num_queries; q0 += t) {
-    const std::int64_t bq = std::min(t, num_queries - q0), bqm = round_up(bq, mr);
-    std::int64_t key_limit = 0;
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const std::int64_t x = q.positions.at(q0 + j);
-      const auto row = static_cast<std::size_t>(j);
-      ws.lse_[row] = lse[x];
-      ws.delta_[row] = delta[x];
-      std::int64_t visible = causal ? detail::keys_up_to(k.positions, x) : num_keys;
-      if (lse[x] == negative_infinity<Acc>()) visible = 0;  // an empty row: nothing flows back
-      ws.visible_[row] = visible;
-      key_limit = std::max(key_limit, visible);
-    }
-    if (key_limit == 0) continue;
-    const T* q_first = q.data + q0 * q.row_stride;
-    const T* d_out_first = d_out.data + q0 * d_out.row_stride;
-    kernels::pack_rows(q_first, q.row_stride, bq, bqm, dim, ws.q_rows_.data());
-    kernels::pack_rows(d_out_first, d_out.row_stride, bq, bqm, dim, ws.d_out_rows_.data());
-    if (d_k.data != nullptr)
-      kernels::pack_column_panels(q_first, q.row_stride, bq, bq, dim, nr, ws.q_columns_.data());
-    if (d_v.data != nullptr)
-      kernels::pack_column_panels(d_out_first, d_out.row_stride, bq, bq, dim, nr,
-                                  ws.d_out_columns_.data());
-    if (d_q.data != nullptr) std::fill(d_q_tile, d_q_tile + bqm * padded_dim, Acc(0));
-
-    // Causal key tiles wholly in the future of every row of this query tile are never visited.
-    for (std::int64_t k0 = 0; k0 < key_limit; k0 += t) {
-      const std::int64_t bk = std::min(t, key_limit - k0), bkm = round_up(bk, mr);
-      ws.template scores<K>(k, v, bqm, k0, bk);
-
-      for (std::int64_t j = 0; j < bqm; ++j) {
-        const auto row = static_cast<std::size_t>(j);
-        const std::int64_t n =
-            j < bq ? std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk) : 0;
-        Acc* p_row = p + j * t;
-        Acc* ds_row = ds + j * t;
-        // P = exp(scale * S - LSE) on the visible keys; dS = scale * P ∘ (weight * dP - D).
-        // Both are 0 on the rest of the row (and on padding rows), which the products read.
-        if (n > 0) {
-          static_cast<void>(K::exp_shifted_sum(p_row, n, scale, ws.lse_[row]));
-          const Acc d = ws.delta_[row];
-          for (std::int64_t y = 0; y < n; ++y)
-            ds_row[y] = (scale * p_row[y]) * (weight * ds_row[y] - d);
-        }
-        std::fill(p_row + n, p_row + t, Acc(0));
-        std::fill(ds_row + n, ds_row + t, Acc(0));
-      }
-
-      // Pᵀ and dSᵀ as A: key row i, query p at i + p * t.
-      if (d_v.data != nullptr) {
-        // Product 3: dV += weight * Pᵀ dO.
-        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
-          for (std::int64_t s = 0; s < bkm / mr; ++s)
-            K::multiply(p + s * mr, 1, t, ws.d_out_columns_.data() + c * bq * nr, bq,
-                        product + s * mr * padded_dim + c * nr, padded_dim, false);
-        detail::add_rows(product, padded_dim, bk, dim, weight, d_v.data + k0 * d_v.row_stride,
-                         d_v.row_stride);
-      }
-      if (d_k.data != nullptr) {
-        // Product 4: dK += dSᵀ Q.
-        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
-          for (std::int64_t s = 0; s < bkm / mr; ++s)
-            K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq,
-                        product + s * mr * padded_dim + c * nr, padded_dim, false);
-        detail::add_rows(product, padded_dim, bk, dim, Acc(1), d_k.data + k0 * d_k.row_stride,
-                         d_k.row_stride);
-      }
-      if (d_q.data != nullptr) {
-        // Product 5: dQ += dS K (summed over the key tiles in d_q_tile).
-        kernels::pack_column_panels(k.data + k0 * k.row_stride, k.row_stride, bk, bk, dim, nr,
-                                    ws.k_columns_.data());
-        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
-          for (std::int64_t s = 0; s < bqm / mr; ++s)
-            K::multiply(ds + s * mr * t, t, 1, ws.k_columns_.data() + c * bk * nr, bk,
-                        d_q_tile + s * mr * padded_dim + c * nr, padded_dim, true);
-      }
-    }
+  // Key chunks outer (K, V packed once per chunk; dK, dV summed in the chunk's panels), query
+  // tiles inner (Q, dO packed once per chunk and tile; dQ summed over the chunk's key tiles).
+  for (std::int64_t c0 = 0; c0 < last_visible; c0 += ws.chunk_rows_) {
+    const std::int64_t cc = std::min(ws.chunk_rows_, last_visible - c0), ccn = round_up(cc, nr);
+    const std::int64_t ccm = round_up(cc, t);
+    ws.template pack_panels<K>(k, c0, cc, ws.k_panels_.data());
+    ws.template pack_panels<K>(v, c0, cc, ws.v_panels_.data());
     if (d_q.data != nullptr)
-      detail::add_rows(d_q_tile, padded_dim, bq, dim, Acc(1), d_q.data + q0 * d_q.row_stride,
-                       d_q.row_stride);
+      kernels::pack_column_panels(k.data + c0 * k.row_stride, k.row_stride, cc, ccn, dim, nr,
+                                  ws.k_columns_.data());
+    if (d_k.data != nullptr) std::fill(d_k_chunk, d_k_chunk + ccm * padded_dim, Acc(0));
+    if (d_v.data != nullptr) std::fill(d_v_chunk, d_v_chunk + ccm * padded_dim, Acc(0));
+
+    for (std::int64_t q0 = 0; q0 < num_queries; q0 += t) {
+      const std::int64_t bq = std::min(t, num_queries - q0), bqm = round_up(bq, mr);
+      std::int64_t key_limit = 0;  // keys of this chunk that some row of the tile sees
+      for (std::int64_t j = 0; j < bq; ++j) {
+        const std::int64_t x = q.positions.at(q0 + j);
+        const auto row = static_cast<std::size_t>(j);
+        ws.lse_[row] = lse[x];
+        ws.delta_[row] = delta[x];
+        std::int64_t visible = causal ? detail::keys_up_to(k.positions, x) : num_keys;
+        if (lse[x] == negative_infinity<Acc>()) visible = 0;  // an empty row: nothing flows back
+        ws.visible_[row] = std::clamp<std::int64_t>(visible - c0, 0, cc);
+        key_limit = std::max(key_limit, ws.visible_[row]);
+      }
+      if (key_limit == 0) continue;  // causal: the chunk is in the future of the whole tile
+      const T* q_first = q.data + q0 * q.row_stride;
+      const T* d_out_first = d_out.data + q0 * d_out.row_stride;
+      kernels::pack_rows(q_first, q.row_stride, bq, bqm, dim, ws.q_rows_.data());
+      kernels::pack_rows(d_out_first, d_out.row_stride, bq, bqm, dim, ws.d_out_rows_.data());
+      if (d_k.data != nullptr)
+        kernels::pack_column_panels(q_first, q.row_stride, bq, bq, dim, nr, ws.q_columns_.data());
+      if (d_v.data != nullptr)
+        kernels::pack_column_panels(d_out_first, d_out.row_stride, bq, bq, dim, nr,
+                                    ws.d_out_columns_.data());
+      if (d_q.data != nullptr) std::fill(d_q_tile, d_q_tile + bqm * padded_dim, Acc(0));
+
+      for (std::int64_t k0 = 0; k0 < key_limit; k0 += t) {
+        const std::int64_t bk = std::min(t, key_limit - k0), bkm = round_up(bk, mr);
+        ws.template scores<K>(bqm, k0, bk);
+
+        for (std::int64_t j = 0; j < bqm; ++j) {
+          const auto row = static_cast<std::size_t>(j);
+          const std::int64_t n = j < bq ? std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk) : 0;
+          Acc* p_row = p + j * t;
+          Acc* ds_row = ds + j * t;
+          // P = exp(scale * S - LSE) on the visible keys; dS = scale * P ∘ (weight * dP - D).
+          // Both are 0 on the rest of the row (and on padding rows), which the products read.
+          if (n > 0) {
+            static_cast<void>(K::exp_shifted_sum(p_row, n, scale, ws.lse_[row]));
+            const Acc d = ws.delta_[row];
+            for (std::int64_t y = 0; y < n; ++y)
+              ds_row[y] = (scale * p_row[y]) * (weight * ds_row[y] - d);
+          }
+          std::fill(p_row + n, p_row + t, Acc(0));
+          std::fill(ds_row + n, ds_row + t, Acc(0));
+        }
+
+        // Pᵀ and dSᵀ as A: key row i, query p at i + p * t.
+        for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+          for (std::int64_t s = 0; s < bkm / mr; ++s) {
+            const std::int64_t to = (k0 + s * mr) * padded_dim + c * nr;
+            // Product 3: dV += Pᵀ dO (the weight is applied once, when the chunk is added).
+            if (d_v.data != nullptr)
+              K::multiply(p + s * mr, 1, t, ws.d_out_columns_.data() + c * bq * nr, bq,
+                          d_v_chunk + to, padded_dim, true);
+            // Product 4: dK += dSᵀ Q.
+            if (d_k.data != nullptr)
+              K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq,
+                          d_k_chunk + to, padded_dim, true);
+          }
+        // Product 5: dQ += dS K (summed over the chunk's key tiles in d_q_tile).
+        if (d_q.data != nullptr)
+          for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+            for (std::int64_t s = 0; s < bqm / mr; ++s)
+              K::multiply(ds + s * mr * t, t, 1, ws.k_columns_.data() + (c * ccn + k0) * nr, bk,
+                          d_q_tile + s * mr * padded_dim + c * nr, padded_dim, true);
+      }
+      if (d_q.data != nullptr)
+        detail::add_rows(d_q_tile, padded_dim, bq, dim, Acc(1), d_q.data + q0 * d_q.row_stride,
+                         d_q.row_stride);
+    }
+    if (d_v.data != nullptr)
+      detail::add_rows(d_v_chunk, padded_dim, cc, dim, weight, d_v.data + c0 * d_v.row_stride,
+                       d_v.row_stride);
+    if (d_k.data != nullptr)
+      detail::add_rows(d_k_chunk, padded_dim, cc, dim, Acc(1), d_k.data + c0 * d_k.row_stride,
+                       d_k.row_stride);
   }
 }
 

@@ -50,7 +50,9 @@ void attend_statistics_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& 
 
     for (std::int64_t k0 = 0; k0 < key_limit; k0 += t) {
       const std::int64_t bk = std::min(t, key_limit - k0);
-      ws.template scores<K>(k, v, bqm, k0, bk);  // Products 1 and 2: S = Q Kᵀ, dP = dO Vᵀ
+      ws.template pack_panels<K>(k, k0, bk, ws.k_panels_.data());
+      ws.template pack_panels<K>(v, k0, bk, ws.v_panels_.data());
+      ws.template scores<K>(bqm, 0, bk);  // Products 1 and 2: S = Q Kᵀ, dP = dO Vᵀ
       for (std::int64_t j = 0; j < bq; ++j) {
         const auto row = static_cast<std::size_t>(j);
         const std::int64_t n = std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk);
