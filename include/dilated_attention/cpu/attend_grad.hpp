@@ -232,7 +232,6 @@ void attend_grad_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& q,
       if (d_v.data != nullptr)
         kernels::pack_column_panels(d_out_first, d_out.row_stride, bq, bq, dim, nr,
                                     ws.d_out_columns_.data());
-      if (d_q.data != nullptr) std::fill(d_q_tile, d_q_tile + bqm * padded_dim, Acc(0));
 
       for (std::int64_t k0 = 0; k0 < key_limit; k0 += t) {
         const std::int64_t bk = std::min(t, key_limit - k0), bkm = round_up(bk, mr);
@@ -268,12 +267,13 @@ void attend_grad_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& q,
               K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq,
                           d_k_chunk + to, padded_dim, true);
           }
-        // Product 5: dQ += dS K (summed over the chunk's key tiles in d_q_tile).
+        // Product 5: dQ += dS K, summed over the chunk's key tiles in d_q_tile (the first key
+        // tile writes every element of it, so it needs no zeroing).
         if (d_q.data != nullptr)
           for (std::int64_t c = 0; c < padded_dim / nr; ++c)
             for (std::int64_t s = 0; s < bqm / mr; ++s)
               K::multiply(ds + s * mr * t, t, 1, ws.k_columns_.data() + (c * ccn + k0) * nr, bk,
-                          d_q_tile + s * mr * padded_dim + c * nr, padded_dim, true);
+                          d_q_tile + s * mr * padded_dim + c * nr, padded_dim, k0 != 0);
       }
       if (d_q.data != nullptr)
         detail::add_rows(d_q_tile, padded_dim, bq, dim, Acc(1), d_q.data + q0 * d_q.row_stride,
