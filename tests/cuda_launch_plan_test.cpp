@@ -261,4 +261,77 @@ TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
                std::invalid_argument);
 }
 
+// Host-side launch checks (launch_checks.hpp): shared memory against the device's limit,
+// alignment of every pointer the kernels dereference, and the attribute cache.
+TEST(CudaLaunchChecks, SharedMemoryBeyondTheDeviceLimitIsAnInvalidArgument) {
+  const da::Shape shape{1, 100, 2, 2, 128};
+  const da::Config mean = make_config({64}, {1}, false, da::OffsetRule::modular, da::Mixing::mean);
+  std::vector<float> buffer(1 << 16);
+  const auto view = da::contiguous_view<const float>(buffer.data(), shape, 2);
+  const auto out = da::contiguous_view(buffer.data() + 30000, shape, 2);
+  const dc::LaunchPlan plan =
+      dc::make_launch_plan<float>(mean, shape, view, view, view, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.shared_bytes, std::size_t{117 * 1024});
+  // sm_86 / sm_89 allow 99 KiB per block, A100 163 KiB, H100/H200 227 KiB.
+  try {
+    dc::check_shared_memory(plan.shared_bytes, 99 * 1024, mean, shape, "dilated_attention::cuda::forward");
+    ADD_FAILURE() << "117 KiB accepted on a 99 KiB device";
+  } catch (const std::invalid_argument& error) {
+    const std::string message = error.what();
+    for (const char* fragment : {"head_dim = 128", "mixing = mean", "119808 bytes", "at most 101376"})
+      EXPECT_NE(message.find(fragment), std::string::npos) << message;
+  }
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 163 * 1024, mean, shape, "forward"));
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 227 * 1024, mean, shape, "forward"));
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, plan.shared_bytes, mean, shape, "forward"));
+}
+
+TEST(CudaLaunchChecks, MisalignedPointersAreInvalidArguments) {
+  const da::Shape shape{1, 40, 2, 2, 64};
+  const da::Config config = make_config({16}, {1}, false, da::OffsetRule::modular);
+  alignas(16) static float buffer[4 * 40 * 2 * 64 + 64];
+  const auto good = da::contiguous_view<const float>(buffer, shape, 2);
+  const auto out = da::contiguous_view(buffer + 2 * 40 * 2 * 64, shape, 2);
+  float* lse = buffer + 4 * 40 * 2 * 64 - 100;
+  auto expect_rejected = [&](auto call, const char* name) {
+    try {
+      call();
+      ADD_FAILURE() << name << " misaligned but accepted";
+    } catch (const std::invalid_argument& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find(std::string(name) + " = "), std::string::npos) << message;
+      EXPECT_NE(message.find("not aligned to 4 bytes"), std::string::npos) << message;
+    }
+  };
+  const auto shifted = [](const float* p) {
+    return reinterpret_cast<const float*>(reinterpret_cast<const char*>(p) + 2);
+  };
+  auto bad_q = good;
+  bad_q.data = shifted(good.data);
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, bad_q, good, good, out, lse, dc::KernelKind::simt); }, "q.data");
+  auto bad_out = out;
+  bad_out.data = const_cast<float*>(shifted(out.data));
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, bad_out, lse, dc::KernelKind::simt); }, "out.data");
+  float* bad_lse = const_cast<float*>(shifted(lse));
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, out, bad_lse, dc::KernelKind::simt); }, "lse");
+  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, lse, dc::KernelKind::simt));
+  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, nullptr, dc::KernelKind::simt));
+}
+
+TEST(CudaLaunchChecks, SharedMemoryGrantsAskOncePerDeviceAndLargerSize) {
+  dc::SharedMemoryGrants grants;
+  EXPECT_TRUE(grants.covers(0, 48 * 1024));  // the default needs no attribute
+  EXPECT_FALSE(grants.covers(0, 85 * 1024));
+  grants.record(0, 85 * 1024);
+  EXPECT_TRUE(grants.covers(0, 85 * 1024));
+  EXPECT_TRUE(grants.covers(0, 61 * 1024));
+  EXPECT_FALSE(grants.covers(0, 117 * 1024));  // a larger size asks again
+  EXPECT_FALSE(grants.covers(1, 85 * 1024));   // per device
+  grants.record(0, 61 * 1024);                 // never shrinks
+  EXPECT_TRUE(grants.covers(0, 85 * 1024));
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));  // untracked: always ask
+  grants.record(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024);
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));
+}
+
 }  // namespace

@@ -18,6 +18,7 @@
 #include "../config.hpp"
 #include "../host_device.hpp"
 #include "../pattern.hpp"
+#include "launch_checks.hpp"
 
 namespace dilated_attention::cuda {
 
@@ -238,6 +239,14 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
                             const View<const T>& k, const View<const T>& v, const View<T>& out,
                             float* lse, KernelKind kind) {
   check_backend_limits(config, shape);
+  // The kernels read and write whole elements and whole floats: a misaligned pointer would fault
+  // on the device (or be UB on the host), so it is an argument error here.
+  const char* element = "every tensor element must be aligned to its type";
+  check_alignment(q.data, alignof(T), "q.data", element);
+  check_alignment(k.data, alignof(T), "k.data", element);
+  check_alignment(v.data, alignof(T), "v.data", element);
+  check_alignment(out.data, alignof(T), "out.data", element);
+  if (lse != nullptr) check_alignment(lse, alignof(float), "lse", "lse is an array of float");
   LaunchPlan plan{};
   ForwardParams& p = plan.params;
   p.q = q.data;
