@@ -23,11 +23,18 @@ if(TARGET dilated_attention_cuda)
                              LABELS cuda)
   target_include_directories(cuda_emulated_kernel_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
   target_compile_options(cuda_emulated_kernel_test PRIVATE -O2 -Wno-unknown-pragmas)
+  dilated_attention_add_test(cuda_emulated_backward_test SOURCES cuda_emulated_backward_test.cpp
+                             LABELS cuda)
+  target_include_directories(cuda_emulated_backward_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_options(cuda_emulated_backward_test PRIVATE -O2 -Wno-unknown-pragmas)
 
   # One executable per storage type, so that the kernels of each compile in parallel.
   dilated_attention_add_cuda_test(cuda_forward_half_test cuda_forward_half_test.cu)
   dilated_attention_add_cuda_test(cuda_forward_bfloat16_test cuda_forward_bfloat16_test.cu)
   dilated_attention_add_cuda_test(cuda_forward_float_test cuda_forward_float_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_half_test cuda_backward_half_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_bfloat16_test cuda_backward_bfloat16_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_float_test cuda_backward_float_test.cu)
 endif()
 
 # The one-call GPU check (benchmarks/gpu/run_gpu_check.sh) dry-run: configure the GPU build in a

@@ -222,6 +222,7 @@ namespace dilated_attention::cuda::device {
 // The dynamic shared memory of the emulated blocks (the kernels declare them extern).
 alignas(16) inline unsigned char shared_raw[256 * 1024];
 alignas(16) inline float simt_query_rows[64 * 1024];
+alignas(16) inline float backward_rows[64 * 1024];
 
 namespace emulated {
 
