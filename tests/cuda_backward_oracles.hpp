@@ -172,6 +172,12 @@ inline std::vector<Case> backward_cases(std::int64_t head_dim) {
   };
   Case padded{"padded layout", make_config({10, 20}, {1, 2}, true), shape(2, 30, 2, 2), 3, 5};
   cases.push_back(padded);
+  // The tensor-core dQ kernel's windows: several key tiles per block, and windows of stride
+  // R = 2 (launch_plan.hpp's choose_row_stride) spanning two segments, causal, GQA, mean.
+  cases.push_back({"several key tiles, mean causal", make_config({150, 300}, {1, 2}, true, R::blocked, M::mean),
+                   shape(1, 300, 2, 2)});
+  cases.push_back({"strided windows R = 2, causal GQA", make_config({128, 256}, {1, 2}, true),
+                   shape(1, 300, 4, 2)});
   return cases;
 }
 

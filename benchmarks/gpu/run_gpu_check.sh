@@ -125,9 +125,10 @@ else
 fi
 
 # --- configure and build only the CUDA targets ---------------------------------------------------
-targets=(cuda_launch_plan_test cuda_emulated_kernel_test cuda_forward_half_test
-         cuda_forward_bfloat16_test cuda_forward_float_test cuda_forward_benchmark
-         cuda_forward_from_files)
+targets=(cuda_launch_plan_test cuda_emulated_kernel_test cuda_emulated_backward_test
+         cuda_forward_half_test cuda_forward_bfloat16_test cuda_forward_float_test
+         cuda_backward_half_test cuda_backward_bfloat16_test cuda_backward_float_test
+         cuda_forward_benchmark cuda_backward_benchmark cuda_forward_from_files)
 step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDILATED_ATTENTION_ENABLE_MPI=OFF \
      -DDILATED_ATTENTION_ENABLE_NCCL=OFF -DDILATED_ATTENTION_INSTALL=OFF \
@@ -147,11 +148,11 @@ if ((built != 0)) && [[ -z "$no_gpu" ]]; then no_gpu="not built"; fi
 
 # --- correctness, sanitizers, SASS ---------------------------------------------------------------
 gpu_step ctest 180 ctest --test-dir "$build" -L '^cuda$' -j4 --output-on-failure --timeout 150
-# Small cases only: the sanitizers slow kernels down 10-100x. The three storage types in parallel.
+# Small cases only: the sanitizers slow kernels down 10-100x. The six executables in parallel.
 sanitize() {
   local tool="$1" filter="$2" pids=() rc=0
-  for t in half bfloat16 float; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$tests/cuda_forward_${t}_test" \
+  for t in forward_half forward_bfloat16 forward_float backward_half backward_bfloat16 backward_float; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$tests/cuda_${t}_test" \
         --gtest_filter="$filter" >"$work/${tool}_${t}.log" 2>&1 &
     pids+=($!)
   done
@@ -160,6 +161,8 @@ sanitize() {
   return $rc
 }
 export -f sanitize; export work tests
+# Forward: *HeadDim64* and *OtherHeadDims* (every case at D = 64, a spread at 32/96/128);
+# backward: *HeadDim64* (every backward case at D = 64).
 small='*Gpu.MatchesReferenceEveryCaseHeadDim64*:*Gpu.MatchesReferenceOtherHeadDims*'
 gpu_step memcheck 90 sanitize memcheck "$small:*Gpu.StreamArgumentIsHonoured*"
 gpu_step racecheck 120 sanitize racecheck '*Gpu.MatchesReferenceEveryCaseHeadDim64*'
@@ -179,13 +182,16 @@ fi
 # --- timings -------------------------------------------------------------------------------------
 gpu_step benchmark 150 "$build/benchmarks/cuda_forward_benchmark" --benchmark_min_time=0.2 \
     --benchmark_out="$work/cuda_bench.json" --benchmark_out_format=json
+gpu_step backward_benchmark 60 "$build/benchmarks/cuda_backward_benchmark" --benchmark_min_time=0.1 \
+    --benchmark_out="$work/cuda_backward_bench.json" --benchmark_out_format=json
 have_torch() { "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
 if [[ -z "$no_gpu" ]] && ! have_torch 2>/dev/null; then torch_missing="no python with torch+CUDA ($python)"; fi
 if [[ -n "${torch_missing:-}" ]]; then
   line sdpa SKIP - "$torch_missing"; line longnet_torch SKIP - "$torch_missing"
 else
   gpu_step sdpa 90 "$python" "$root/benchmarks/peers/cuda_sdpa_and_peer.py" --sdpa --repeats 10 \
-      --ours-json "$work/cuda_bench.json" --json-out "$work/sdpa.json"
+      --ours-json "$work/cuda_bench.json" --sdpa-backward \
+      --ours-backward-json "$work/cuda_backward_bench.json" --json-out "$work/sdpa.json"
   gpu_step longnet_torch 120 "$python" "$root/benchmarks/peers/cuda_longnet_torch.py" \
       --ours-json "$work/cuda_bench.json" --binary "$build/benchmarks/cuda_forward_from_files" \
       --json-out "$work/longnet_torch.json"
@@ -196,9 +202,10 @@ fi
   for f in sass sdpa longnet_torch; do
     [[ -s "$work/$f.log" ]] && { echo; echo "== $f"; tail -25 "$work/$f.log"; }
   done
-  if [[ -s "$work/cuda_bench.json" ]]; then
-    echo; echo "== cuda_forward_benchmark (useful TFLOP/s, ms)"
-    "$python" - "$work/cuda_bench.json" <<'PY' || true
+  for json in cuda_bench cuda_backward_bench; do
+    [[ -s "$work/$json.json" ]] || continue
+    echo; echo "== $json (useful TFLOP/s, ms)"
+    "$python" - "$work/$json.json" <<'PY' || true
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     if "error_occurred" in b:
@@ -206,7 +213,7 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     else:
         print(f"{b['name']:<50} {b.get('useful_TFLOP/s', 0):8.1f} {b.get('ms', 0):9.3f}")
 PY
-  fi
+  done
   echo
   echo "total $((SECONDS - start))s of a ${budget}s budget; overall: $([[ $status == 0 ]] && echo PASS || echo FAIL)"
 } | tee -a "$summary"

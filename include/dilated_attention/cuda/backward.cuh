@@ -1,8 +1,8 @@
 #pragma once
 // dilated_attention::cuda::backward: the gradient of docs/semantics.md §7 on the GPU.
 // validate_backward() first (pointer arithmetic only), then the back end's limits and the
-// workspace, then three kernel launches on `stream` (backward_plan.hpp): row statistics, dQ, and
-// dK/dV. No allocation (the caller provides `workspace` of backward_workspace_size() bytes), no
+// workspace, then three kernel launches on `stream` (backward_plan.hpp): row statistics, dQ (on
+// tensor cores for 16-bit storage), and dK/dV. No allocation (the caller provides `workspace` of backward_workspace_size() bytes), no
 // floating-point atomics, bitwise reproducible. Asynchronous like any launch on a stream.
 
 #include <cuda_bf16.h>
@@ -14,6 +14,7 @@
 
 #include "../config.hpp"
 #include "backward_kernel.cuh"
+#include "tensor_core_backward_kernel.cuh"
 #include "backward_plan.hpp"
 #include "error.cuh"
 #include "forward.cuh"
@@ -30,8 +31,19 @@ struct BackwardKernels {
 
 template <class T, int D>
 BackwardKernels backward_kernels_for_head_dim() {
-  return {&device::backward_row_statistics_kernel<T, D>, &device::backward_dq_kernel<T, D>,
-          &device::backward_dk_dv_kernel<T, D>};
+  if constexpr (std::is_same_v<T, float>)
+    return {&device::backward_row_statistics_kernel<T, D>, &device::backward_dq_kernel<T, D>,
+            &device::backward_dk_dv_kernel<T, D>};
+  else
+    return {&device::backward_row_statistics_kernel<T, D>,
+            &device::tensor_core_backward_dq_kernel<T, D>, &device::backward_dk_dv_kernel<T, D>};
+}
+
+// The dynamic shared memory the tensor-core dQ kernel was granted per device.
+template <class T>
+SharedMemoryGrants& backward_dq_grants(std::int64_t head_dim) {
+  static SharedMemoryGrants grants[4];
+  return grants[head_dim / 32 - 1];
 }
 
 template <class T>
@@ -48,7 +60,7 @@ template <class T>
 void launch_backward(const Config& config, const Shape& shape, const BackwardPlan& plan,
                      cudaStream_t stream) {
   const DeviceLimits limits = current_device_limits();
-  check_shared_memory(plan.shared_bytes, limits.shared_bytes, config, shape,
+  check_shared_memory(plan.dq_shared_bytes, limits.shared_bytes, config, shape,
                       "dilated_attention::cuda::backward");
   check_no_pending_error("dilated_attention::cuda::backward");
   const BackwardKernels kernels = backward_kernels_for<T>(plan.params.f.head_dim);
@@ -57,8 +69,10 @@ void launch_backward(const Config& config, const Shape& shape, const BackwardPla
   kernels.row_statistics<<<static_cast<unsigned>(plan.query_blocks), threads, plan.shared_bytes,
                            stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention backward row-statistics kernel launch");
-  kernels.dq<<<static_cast<unsigned>(plan.query_blocks), threads, plan.shared_bytes, stream>>>(
-      plan.params);
+  grant_shared_memory(kernels.dq, backward_dq_grants<T>(plan.params.f.head_dim), limits.device,
+                      plan.dq_shared_bytes);
+  kernels.dq<<<static_cast<unsigned>(plan.dq_blocks), static_cast<unsigned>(plan.dq_threads),
+               plan.dq_shared_bytes, stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention backward dQ kernel launch");
   kernels.dk_dv<<<static_cast<unsigned>(plan.key_blocks), threads, plan.shared_bytes, stream>>>(
       plan.params);
@@ -87,7 +101,8 @@ void backward(const Config& config, const Shape& shape,
   validate_backward(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);
   check_backend_limits(config, shape);
   const BackwardPlan plan = make_backward_plan<T>(config, shape, q, k, v, out, lse, d_out, d_q,
-                                                  d_k, d_v, workspace, workspace_bytes);
+                                                  d_k, d_v, workspace, workspace_bytes,
+                                                  kernel_kind_v<T>);
   detail::launch_backward<T>(config, shape, plan, stream);
 }
 

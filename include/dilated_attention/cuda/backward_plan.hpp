@@ -8,7 +8,9 @@
 //   1. row statistics, one warp per query row (b, h, x): D(x) = dO(x) . O(x) from the forward's
 //      O (softmax mixing, §7.1); for mean mixing each branch's O_i and LSE_i are recomputed and
 //      D_i = (dO / G) . O_i (§7.2). Written to the workspace.
-//   2. dQ, one warp per query row: the row's keys in each branch, P = exp(s - LSE), dS.
+//   2. dQ, one warp per query row: the row's keys in each branch, P = exp(s - LSE), dS; for
+//      16-bit storage instead the tensor-core kernel (tensor_core_backward_kernel.cuh), one thread
+//      block per window of 64 query rows as in the forward.
 //   3. dK and dV, one warp per key row (b, kv head, y): the queries that attend y -- in every
 //      branch and every query head of the GQA group -- are y's block (cut to x >= y when causal),
 //      the same blocks as the forward's, seen from the key's side.
@@ -17,6 +19,7 @@
 #include <cstdint>
 
 #include "../config.hpp"
+#include "../host_device.hpp"
 #include "launch_checks.hpp"
 #include "launch_plan.hpp"
 
@@ -39,6 +42,12 @@ struct BackwardParams {
   std::int64_t key_rows;   // batch * kv_heads * seq_len
   float grad_out_scale;    // 1 for softmax, 1 / G for mean: the dO each branch's softmax receives
 };
+
+// The tensor-core dQ kernel keeps Q in shared memory rather than in registers at head_dim 128
+// (one more 64-row tile of shared memory; registers would spill).
+DILATED_ATTENTION_HOST_DEVICE constexpr bool backward_dq_keeps_q_in_shared(int head_dim) {
+  return head_dim >= 128;
+}
 
 // Threads per block of the backward kernels: 4 warps, one row each at a time.
 inline constexpr int kBackwardWarps = 4;
@@ -79,6 +88,12 @@ struct BackwardPlan {
   std::int64_t query_blocks, key_blocks;  // grids of the row kernels and of the dK/dV kernel
   int threads;
   std::size_t shared_bytes;
+  // The dQ kernel: tensor cores for 16-bit storage (the forward's work units and grid), else
+  // the SIMT row kernel with the grid above.
+  KernelKind dq_kind;
+  std::int64_t dq_blocks;
+  int dq_threads;
+  std::size_t dq_shared_bytes;
 };
 
 // The plan of one backward call. Call after validate_backward() and check_backend_limits();
@@ -89,7 +104,7 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
                                 const View<const T>& out, const float* lse,
                                 const View<const T>& d_out, const View<T>& d_q,
                                 const View<T>& d_k, const View<T>& d_v, void* workspace,
-                                std::size_t workspace_bytes) {
+                                std::size_t workspace_bytes, KernelKind dq_kind) {
   const std::size_t needed = backward_workspace_size(config, shape);
   if (workspace == nullptr)
     dilated_attention::detail::reject("workspace is null: backward needs ", needed,
@@ -127,9 +142,9 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
   // read-only here (the kernels never write through ForwardParams::out / lse in backward).
   const View<T> out_view{const_cast<T*>(out.data), out.batch_stride, out.seq_stride,
                          out.head_stride};
-  p.f = make_launch_plan<T>(config, shape, q, k, v, out_view, const_cast<float*>(lse),
-                           KernelKind::simt)
-            .params;
+  const LaunchPlan forward_plan =
+      make_launch_plan<T>(config, shape, q, k, v, out_view, const_cast<float*>(lse), dq_kind);
+  p.f = forward_plan.params;
   p.d_out = d_out.data;
   p.do_batch = d_out.batch_stride, p.do_seq = d_out.seq_stride, p.do_head = d_out.head_stride;
   p.d_q = d_q.data;
@@ -151,6 +166,22 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
   plan.key_blocks = detail::backward_grid(p.key_rows);
   plan.threads = kBackwardThreads;
   plan.shared_bytes = detail::backward_shared_bytes(shape.head_dim);
+  plan.dq_kind = dq_kind;
+  if (dq_kind == KernelKind::tensor_core) {
+    plan.dq_blocks = forward_plan.blocks;
+    plan.dq_threads = kThreads;
+    // dO tile (Q's before it) and two K and two V stages: the forward's softmax layout, plus a
+    // separate Q tile at head_dim 128.
+    plan.dq_shared_bytes =
+        detail::tensor_core_shared_bytes(shape.head_dim, Mixing::softmax) +
+        (backward_dq_keeps_q_in_shared(static_cast<int>(shape.head_dim))
+             ? static_cast<std::size_t>(kWindowRows * (shape.head_dim + 8) * 2)
+             : 0);
+  } else {
+    plan.dq_blocks = plan.query_blocks;
+    plan.dq_threads = plan.threads;
+    plan.dq_shared_bytes = plan.shared_bytes;
+  }
   return plan;
 }
 
