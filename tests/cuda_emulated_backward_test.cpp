@@ -46,7 +46,7 @@ struct Kernels {
   Kernel row_statistics, dq, dk_dv;
 };
 
-// The kernels cuda::backward<T> runs: the tensor-core dQ kernel for 16-bit storage.
+// The kernels cuda::backward<T> runs: tensor-core dQ and dK/dV kernels for 16-bit storage.
 template <class T, int D>
 Kernels kernels() {
   if constexpr (std::is_same_v<T, float>)
@@ -55,7 +55,7 @@ Kernels kernels() {
   else
     return {&dc::device::backward_row_statistics_kernel<T, D>,
             &dc::device::tensor_core_backward_dq_kernel<T, D>,
-            &dc::device::backward_dk_dv_kernel<T, D>};
+            &dc::device::tensor_core_backward_dk_dv_kernel<T, D>};
 }
 template <class T>
 Kernels kernels_for(std::int64_t head_dim) {
@@ -108,7 +108,9 @@ dt::BackwardResult<T> run_emulated(const dt::Case& c, const dt::BackwardInputs<T
   EXPECT_LE(plan.dq_shared_bytes, sizeof(dc::device::shared_raw));
   emulation::launch(static_cast<unsigned>(plan.dq_blocks), static_cast<unsigned>(plan.dq_threads),
                     dq_shared, plan.dq_shared_bytes, [&] { kernel.dq(plan.params); });
-  emulation::launch(static_cast<unsigned>(plan.key_blocks), threads, shared, plan.shared_bytes,
+  EXPECT_LE(plan.dk_dv_shared_bytes, sizeof(dc::device::shared_raw));
+  emulation::launch(static_cast<unsigned>(plan.dk_dv_blocks),
+                    static_cast<unsigned>(plan.dk_dv_threads), dq_shared, plan.dk_dv_shared_bytes,
                     [&] { kernel.dk_dv(plan.params); });
   return result;
 }

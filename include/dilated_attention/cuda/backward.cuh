@@ -1,14 +1,15 @@
 #pragma once
 // dilated_attention::cuda::backward: the gradient of docs/semantics.md §7 on the GPU.
 // validate_backward() first (pointer arithmetic only), then the back end's limits and the
-// workspace, then three kernel launches on `stream` (backward_plan.hpp): row statistics, dQ (on
-// tensor cores for 16-bit storage), and dK/dV. No allocation (the caller provides `workspace` of backward_workspace_size() bytes), no
+// workspace, then three kernel launches on `stream` (backward_plan.hpp): row statistics, dQ and
+// dK/dV (the last two on tensor cores for 16-bit storage). No allocation (the caller provides `workspace` of backward_workspace_size() bytes), no
 // floating-point atomics, bitwise reproducible. Asynchronous like any launch on a stream.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <type_traits>
 
@@ -36,14 +37,15 @@ BackwardKernels backward_kernels_for_head_dim() {
             &device::backward_dk_dv_kernel<T, D>};
   else
     return {&device::backward_row_statistics_kernel<T, D>,
-            &device::tensor_core_backward_dq_kernel<T, D>, &device::backward_dk_dv_kernel<T, D>};
+            &device::tensor_core_backward_dq_kernel<T, D>,
+            &device::tensor_core_backward_dk_dv_kernel<T, D>};
 }
 
-// The dynamic shared memory the tensor-core dQ kernel was granted per device.
+// The dynamic shared memory the dQ (kernel 0) and dK/dV (kernel 1) kernels were granted per device.
 template <class T>
-SharedMemoryGrants& backward_dq_grants(std::int64_t head_dim) {
-  static SharedMemoryGrants grants[4];
-  return grants[head_dim / 32 - 1];
+SharedMemoryGrants& backward_grants(int kernel, std::int64_t head_dim) {
+  static SharedMemoryGrants grants[2][4];
+  return grants[kernel][head_dim / 32 - 1];
 }
 
 template <class T>
@@ -60,22 +62,24 @@ template <class T>
 void launch_backward(const Config& config, const Shape& shape, const BackwardPlan& plan,
                      cudaStream_t stream) {
   const DeviceLimits limits = current_device_limits();
-  check_shared_memory(plan.dq_shared_bytes, limits.shared_bytes, config, shape,
-                      "dilated_attention::cuda::backward");
+  check_shared_memory(std::max(plan.dq_shared_bytes, plan.dk_dv_shared_bytes), limits.shared_bytes,
+                      config, shape, "dilated_attention::cuda::backward");
   check_no_pending_error("dilated_attention::cuda::backward");
   const BackwardKernels kernels = backward_kernels_for<T>(plan.params.f.head_dim);
   const auto threads = static_cast<unsigned>(plan.threads);
-  // At most 4 KiB of shared memory (4 warps x 2 rows x 128 floats): no attribute needed.
+  // The row-statistics kernel needs at most 4 KiB of shared memory: no attribute.
   kernels.row_statistics<<<static_cast<unsigned>(plan.query_blocks), threads, plan.shared_bytes,
                            stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention backward row-statistics kernel launch");
-  grant_shared_memory(kernels.dq, backward_dq_grants<T>(plan.params.f.head_dim), limits.device,
+  grant_shared_memory(kernels.dq, backward_grants<T>(0, plan.params.f.head_dim), limits.device,
                       plan.dq_shared_bytes);
+  grant_shared_memory(kernels.dk_dv, backward_grants<T>(1, plan.params.f.head_dim), limits.device,
+                      plan.dk_dv_shared_bytes);
   kernels.dq<<<static_cast<unsigned>(plan.dq_blocks), static_cast<unsigned>(plan.dq_threads),
                plan.dq_shared_bytes, stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention backward dQ kernel launch");
-  kernels.dk_dv<<<static_cast<unsigned>(plan.key_blocks), threads, plan.shared_bytes, stream>>>(
-      plan.params);
+  kernels.dk_dv<<<static_cast<unsigned>(plan.dk_dv_blocks), static_cast<unsigned>(plan.dk_dv_threads),
+                  plan.dk_dv_shared_bytes, stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention backward dK/dV kernel launch");
 }
 

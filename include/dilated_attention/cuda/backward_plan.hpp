@@ -8,12 +8,13 @@
 //   1. row statistics, one warp per query row (b, h, x): D(x) = dO(x) . O(x) from the forward's
 //      O (softmax mixing, §7.1); for mean mixing each branch's O_i and LSE_i are recomputed and
 //      D_i = (dO / G) . O_i (§7.2). Written to the workspace.
-//   2. dQ, one warp per query row: the row's keys in each branch, P = exp(s - LSE), dS; for
-//      16-bit storage instead the tensor-core kernel (tensor_core_backward_kernel.cuh), one thread
-//      block per window of 64 query rows as in the forward.
+//   2. dQ, one warp per query row: the row's keys in each branch, P = exp(s - LSE), dS.
 //   3. dK and dV, one warp per key row (b, kv head, y): the queries that attend y -- in every
 //      branch and every query head of the GQA group -- are y's block (cut to x >= y when causal),
 //      the same blocks as the forward's, seen from the key's side.
+// For 16-bit storage, 2 and 3 run on tensor cores instead (tensor_core_backward_kernel.cuh): one
+// thread block per window of 64 query rows (dQ) or of 64 key rows (dK, dV), the forward's
+// windows, with the same ownership: each gradient row has one owning block.
 
 #include <cstddef>
 #include <cstdint>
@@ -48,6 +49,10 @@ struct BackwardParams {
 DILATED_ATTENTION_HOST_DEVICE constexpr bool backward_dq_keeps_q_in_shared(int head_dim) {
   return head_dim >= 128;
 }
+
+// Queries per streamed tile of the tensor-core dK/dV kernel: 32, half the forward's key tile, so
+// that the two fp32 score tiles (S^T, dP^T) fit beside the dK and dV accumulators in registers.
+inline constexpr int kBackwardQueryTile = 32;
 
 // Threads per block of the backward kernels: 4 warps, one row each at a time.
 inline constexpr int kBackwardWarps = 4;
@@ -94,6 +99,10 @@ struct BackwardPlan {
   std::int64_t dq_blocks;
   int dq_threads;
   std::size_t dq_shared_bytes;
+  // The dK/dV kernel, likewise: one block per (batch, kv head, window) on tensor cores.
+  std::int64_t dk_dv_blocks;
+  int dk_dv_threads;
+  std::size_t dk_dv_shared_bytes;
 };
 
 // The plan of one backward call. Call after validate_backward() and check_backend_limits();
@@ -177,10 +186,20 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
         (backward_dq_keeps_q_in_shared(static_cast<int>(shape.head_dim))
              ? static_cast<std::size_t>(kWindowRows * (shape.head_dim + 8) * 2)
              : 0);
+    // K and V of the window, two stages of Q and dO tiles, two stages of 64 LSE and D values.
+    plan.dk_dv_blocks = p.f.windows * shape.num_kv_heads * shape.batch;
+    plan.dk_dv_threads = kThreads;
+    plan.dk_dv_shared_bytes =
+        static_cast<std::size_t>((2 * kWindowRows + 4 * kBackwardQueryTile) * (shape.head_dim + 8) *
+                                 2) +
+        4 * kBackwardQueryTile * sizeof(float);
   } else {
     plan.dq_blocks = plan.query_blocks;
     plan.dq_threads = plan.threads;
     plan.dq_shared_bytes = plan.shared_bytes;
+    plan.dk_dv_blocks = plan.key_blocks;
+    plan.dk_dv_threads = plan.threads;
+    plan.dk_dv_shared_bytes = plan.shared_bytes;
   }
   return plan;
 }

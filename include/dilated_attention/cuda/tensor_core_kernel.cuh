@@ -27,14 +27,19 @@ namespace dilated_attention::cuda::device {
 // Copies rows j0..j0+Rows-1 of the progression `rows` (positions in the sequence; position y is
 // at base + y * seq_stride) into a shared tile with row pitch D + 8. Rows past `rows.count` are
 // zero. With vector_io the copy is asynchronous (cp.async, completed by cp_async_wait + barrier);
-// otherwise element-wise and synchronous (completed by the barrier).
-template <class T, int D, int Rows>
+// otherwise element-wise and synchronous (completed by the barrier). `Rolled` keeps the copy loop
+// rolled; otherwise it is unrolled fully. Which one avoids register spills depends on the kernel
+// and head_dim (ptxas -v, docs/cuda.md's table); the kernels choose per head_dim.
+template <class T, int D, int Rows, bool Rolled = false>
 __device__ __forceinline__ void load_rows(T* tile, const T* base, std::int64_t seq_stride,
                                           const Progression& rows, std::int64_t j0,
                                           bool vector_io) {
   constexpr int kPitch = D + 8;
+  constexpr int kUnroll = Rolled ? 1 : Rows * (D / 8) / kThreads;
+  (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
   if (vector_io) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll kUnroll
     for (int c = threadIdx.x; c < Rows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const std::int64_t j = j0 + row;
@@ -97,7 +102,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // Query fragments, loaded once and reused by every branch.
   std::uint32_t q_frag[D / 16][4];
-  load_rows<T, D, kWindowRows>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
+  // Copy loops rolled at head_dim 128, unrolled below: the choice without spills (ptxas -v).
+  constexpr bool kRolled = D == 128;
+  load_rows<T, D, kWindowRows, kRolled>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -133,18 +140,18 @@ __global__ void __launch_bounds__(kThreads)
                                        key_limit(work.keys, row_position[1], p.causal)};
         const std::int64_t tiles = work.tiles();
 
-        load_rows<T, D, kKeyTile>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
+        load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
                                   0, p.vector_io);
-        load_rows<T, D, kKeyTile>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
+        load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
                                   0, p.vector_io);
         cp_async_commit();
         for (std::int64_t tile = 0; tile < tiles; ++tile) {
           const int current = stage;
           if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
             const std::int64_t next_j0 = (tile + 1) * kKeyTile;
-            load_rows<T, D, kKeyTile>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
+            load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
                                       p.k_seq, streamed, next_j0, p.vector_io);
-            load_rows<T, D, kKeyTile>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
+            load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
                                       p.v_seq, streamed, next_j0, p.vector_io);
             cp_async_commit();
             cp_async_wait<1>();
