@@ -7,7 +7,8 @@
 
 #include <dilated_attention/cuda/backward_kernel.cuh>
 #include <dilated_attention/cuda/backward_plan.hpp>
-#include <dilated_attention/cuda/tensor_core_backward_kernel.cuh>
+#include <dilated_attention/cuda/tensor_core_backward_dk_dv_kernel.cuh>
+#include <dilated_attention/cuda/tensor_core_backward_dq_kernel.cuh>
 
 #include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>

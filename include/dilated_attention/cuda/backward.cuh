@@ -15,7 +15,8 @@
 
 #include "../config.hpp"
 #include "backward_kernel.cuh"
-#include "tensor_core_backward_kernel.cuh"
+#include "tensor_core_backward_dk_dv_kernel.cuh"
+#include "tensor_core_backward_dq_kernel.cuh"
 #include "backward_plan.hpp"
 #include "error.cuh"
 #include "forward.cuh"

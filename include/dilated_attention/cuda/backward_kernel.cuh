@@ -49,7 +49,7 @@ __device__ __forceinline__ RowStatistics row_statistics(const BackwardParams& p,
 // Kernel 1: D = dO . O per row (softmax), or per branch LSE_i and D_i = (dO / G) . O_i with O_i
 // recomputed by an online softmax over the branch's keys (mean).
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads) backward_row_statistics_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kBackwardThreads, 4) backward_row_statistics_kernel(const BackwardParams p) {
   constexpr int kPerLane = D / 32;
   constexpr float kLn2 = 0.693147180559945309f;
   const float kInf = __int_as_float(0x7f800000);
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_row_statistics_kern
 // Kernel 2: dQ(x) = scale * sum over branches and keys y of dS(x, y) k_y, with
 // dS = P (dO . v_y - D), P = exp(s - LSE).
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads) backward_dq_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kBackwardThreads, 4) backward_dq_kernel(const BackwardParams p) {
   constexpr int kPerLane = D / 32;
   const float kInf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_dq_kernel(const Bac
 // of y's GQA group, every branch, and the queries x of y's block in that branch (x >= y when
 // causal) -- in that fixed order.
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads) backward_dk_dv_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kBackwardThreads, 4) backward_dk_dv_kernel(const BackwardParams p) {
   constexpr int kPerLane = D / 32;
   const float kInf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];

@@ -12,9 +12,10 @@
 //   3. dK and dV, one warp per key row (b, kv head, y): the queries that attend y -- in every
 //      branch and every query head of the GQA group -- are y's block (cut to x >= y when causal),
 //      the same blocks as the forward's, seen from the key's side.
-// For 16-bit storage, 2 and 3 run on tensor cores instead (tensor_core_backward_kernel.cuh): one
-// thread block per window of 64 query rows (dQ) or of 64 key rows (dK, dV), the forward's
-// windows, with the same ownership: each gradient row has one owning block.
+// For 16-bit storage, 2 and 3 run on tensor cores instead (tensor_core_backward_dq_kernel.cuh,
+// tensor_core_backward_dk_dv_kernel.cuh): one thread block per window of 64 query rows (dQ) or of
+// 64 key rows (dK, dV), the forward's windows, with the same ownership: each gradient row has one
+// owning block.
 
 #include <cstddef>
 #include <cstdint>
