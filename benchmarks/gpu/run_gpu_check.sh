@@ -75,7 +75,7 @@ note() {
   case "$1" in
     ctest) grep -E "tests passed|tests failed" "$log" | tail -1 ;;
     memcheck|racecheck|synccheck) grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$work"/$1_*.log 2>/dev/null | sort | uniq -c | tr -s ' ' | paste -sd';' ;;
-    sass) grep -E "^SASS check" "$log" ;;
+    sass) grep -E "^SASS check" "$log" | paste -sd' ' ;;
     *) tail -1 "$log" 2>/dev/null | cut -c1-100 ;;
   esac
 }
@@ -170,8 +170,12 @@ gpu_step synccheck 60 sanitize synccheck '*Gpu.MatchesReferenceEveryCaseHeadDim6
 if ((built == 0)); then
   # Needs no GPU: the SASS of the built test binaries (bf16 and fp16 kernels).
   sass() {
-    for t in half bfloat16; do cuobjdump -sass "$tests/cuda_forward_${t}_test"; done >"$work/forward.sass" &&
-      "$python" "$root/benchmarks/gpu/sass_check.py" "$work/forward.sass"
+    local rc=0
+    for t in half bfloat16; do cuobjdump -sass "$tests/cuda_forward_${t}_test"; done >"$work/forward.sass" || return 1
+    for t in half bfloat16; do cuobjdump -sass "$tests/cuda_backward_${t}_test"; done >"$work/backward.sass" || return 1
+    "$python" "$root/benchmarks/gpu/sass_check.py" "$work/forward.sass" || rc=1
+    "$python" "$root/benchmarks/gpu/sass_check.py" --kernel tensor_core_backward "$work/backward.sass" || rc=1
+    return $rc
   }
   export -f sass; export python root
   step sass 60 sass
