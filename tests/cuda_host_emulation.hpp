@@ -294,6 +294,12 @@ struct MmaOp {
   }
 };
 
+// ex2.approx.ftz on the host: exact exp2 with subnormal results flushed to zero.
+inline float fast_exp2(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
+
 inline void cp_async_16(void* shared, const void* global, bool valid) {
   if (valid)
     std::memcpy(shared, global, 16);

@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               for (int c = 0; c < 2; ++c) {
                 const int e = 2 * half + c, j = nt * 8 + 2 * t + c;
                 const bool valid = j >= local_lo[half] && j < local_hi[half];
-                const float pr = valid ? exp2f(score[nt][e] * p.scale_log2 - lse_log2[j]) : 0.f;
+                const float pr = valid ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[j])) : 0.f;
                 ds[c] = pr * (grad[nt][e] * bp.grad_out_scale - delta[j]);
                 prob[c] = pr * bp.grad_out_scale;
               }

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int e = 0; e < 4; ++e) {
             const int j = nt * 8 + 2 * t + (e & 1), r = e >> 1;
             const float prob =
-                j < local_limit[r] ? exp2f(score[nt][e] * p.scale_log2 - lse_log2[r]) : 0.f;
+                j < local_limit[r] ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[r])) : 0.f;
             score[nt][e] = prob * (grad[nt][e] * bp.grad_out_scale - delta[r]);
           }
 

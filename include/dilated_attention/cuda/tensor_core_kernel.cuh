@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kThreads)
                 q_tile + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + kk * 16 +
                     (lane / 16) * 8);
 
-  // Online-softmax state per row, in the log2 domain (scores are multiplied by scale*log2 e).
+  // Online-softmax state per row: the running max of the raw scores q.k (the scale is positive,
+  // so it is also the max of the scaled ones); probabilities are exp2(s scale log2e - pivot).
   float row_max[2] = {-kInf, -kInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; the 4 threads of a row are summed at the end
   float acc[kDimTiles][4];
@@ -194,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int j = nt * 8 + 2 * t + (e & 1);
-              const float value = j < local_limit[e >> 1] ? score[nt][e] * p.scale_log2 : -kInf;
+              const float value = j < local_limit[e >> 1] ? score[nt][e] : -kInf;
               score[nt][e] = value;
               tile_max[e >> 1] = fmaxf(tile_max[e >> 1], value);
             }
@@ -204,8 +205,8 @@ __global__ void __launch_bounds__(kThreads)
             const float new_max = fmaxf(row_max[r], row_max4(tile_max[r]));
             // A row that has seen no key yet keeps max -inf: exponentiate against 0 so that
             // its masked scores give exp2(-inf) = 0 rather than NaN.
-            factor[r] = new_max == -kInf ? 1.f : exp2f(row_max[r] - new_max);
-            pivot[r] = new_max == -kInf ? 0.f : new_max;
+            factor[r] = new_max == -kInf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
+            pivot[r] = new_max == -kInf ? 0.f : new_max * p.scale_log2;
             row_max[r] = new_max;
             row_sum[r] *= factor[r];
           }
@@ -213,7 +214,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int nt = 0; nt < kKeyTiles; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float prob = exp2f(score[nt][e] - pivot[e >> 1]);
+              // One FFMA and one MUFU.EX2 per score: exp2(s scale log2e - max scale log2e).
+              const float prob = fast_exp2(fmaf(score[nt][e], p.scale_log2, -pivot[e >> 1]));
               score[nt][e] = prob;
               row_sum[e >> 1] += prob;
             }
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
         const float sum = row_sum4(row_sum[r]);
         inverse[r] = sum > 0.f ? 1.f / (sum * static_cast<float>(p.num_branches)) : 0.f;
         if (sum > 0.f)
-          lse_mean[r] = log_add_exp(lse_mean[r], (row_max[r] + log2f(sum)) * kLn2);
+          lse_mean[r] = log_add_exp(lse_mean[r], (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2);
         row_max[r] = -kInf;
         row_sum[r] = 0.f;
       }
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       const float sum = row_sum4(row_sum[r]);
       inverse[r] = sum > 0.f ? 1.f / sum : 0.f;
-      lse[r] = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -kInf;
+      lse[r] = sum > 0.f ? (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2 : -kInf;
     }
   }
   T* const out_base = static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head;
