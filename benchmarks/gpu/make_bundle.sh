@@ -7,7 +7,7 @@
 #
 #   benchmarks/gpu/make_bundle.sh [DEST]        # DEST defaults to build/gpu-bundle (git-ignored)
 #
-# DEST then holds one file, deps.tar.xz (~2 MB), with a prefix tree:
+# DEST then holds deps.tar.gz (~2 MB; gzip, which every image has) and its MANIFEST, with:
 #   prefix/include/eigen3/Eigen, prefix/share/eigen3/cmake   Eigen 3.4 headers + CMake config
 #                                                            (libeigen3-dev; `unsupported/` left out)
 #   prefix/include/benchmark, prefix/lib/x86_64-linux-gnu/libbenchmark.so.*,
@@ -50,6 +50,7 @@ cp -a /usr/src/googletest "$stage/googletest-src"
 } >"$stage/MANIFEST"
 
 mkdir -p "$dest"
-tar -C "$stage" -cJf "$dest/deps.tar.xz" prefix googletest-src MANIFEST
+tar -C "$stage" -czf "$dest/deps.tar.gz" prefix googletest-src MANIFEST
 cp "$stage/MANIFEST" "$dest/MANIFEST"
-echo "bundle: $dest/deps.tar.xz ($(du -h "$dest/deps.tar.xz" | cut -f1))"
+rm -f "$dest/deps.tar.xz"  # the earlier format
+echo "bundle: $dest/deps.tar.gz ($(du -h "$dest/deps.tar.gz" | cut -f1))"

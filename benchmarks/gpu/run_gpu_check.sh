@@ -15,8 +15,9 @@
 #
 # A bare GPU machine (CUDA 13, CMake, ninja, python3 with torch; no Eigen, GoogleTest or Google
 # Benchmark, no network) needs the dependency bundle made by benchmarks/gpu/make_bundle.sh on a
-# Debian machine: build/gpu-bundle/deps.tar.xz (or $GPU_BUNDLE/deps.tar.xz). It is unpacked and
+# Debian machine: build/gpu-bundle/deps.tar.gz (or $GPU_BUNDLE/deps.tar.gz). It is unpacked and
 # GoogleTest built from its source into the build folder; system packages are used without it.
+# Nothing is edited in place: a step that needs a missing tool fails and says so in its log.
 # Environment: PYTHON (default python3), BUILD (default build/gpu-check), CUDA_HOME (default
 # /usr/local/cuda), CUDA_ARCH (default: the GPU's compute capability, 90 without a GPU).
 set -uo pipefail
@@ -87,7 +88,7 @@ elif ! command -v nvidia-smi >/dev/null; then no_gpu="no GPU: nvidia-smi not fou
 elif ! nvidia-smi -L >"$work/gpu.txt" 2>&1; then no_gpu="no GPU: nvidia-smi -L failed ($(head -1 "$work/gpu.txt"))"
 fi
 {
-  echo "GPU check of $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname), $(date -u +%FT%TZ)"
+  echo "GPU check of $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?') on ${HOSTNAME:-?}, $(date -u +%FT%TZ)"
   echo "nproc $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg), nvcc $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo missing)"
   if [[ -z "$no_gpu" ]]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
@@ -104,13 +105,13 @@ echo "step                   status     time  note" | tee -a "$summary"
 
 # --- dependencies: the bundle when present, else the system's ------------------------------------
 prefix_args=()
-if [[ -f "$bundle/deps.tar.xz" ]]; then
+if [[ -f "$bundle/deps.tar.gz" ]]; then
   deps="$build/deps"
   prepare_bundle() {
     set -e
     if [[ ! -f "$deps/.done" ]]; then
       rm -rf "$deps" && mkdir -p "$deps"
-      tar -C "$deps" -xJf "$bundle/deps.tar.xz"
+      tar -C "$deps" -xzf "$bundle/deps.tar.gz"
       cmake -S "$deps/googletest-src" -B "$deps/googletest-build" -G Ninja \
             -DCMAKE_BUILD_TYPE=Release -DCMAKE_INSTALL_PREFIX="$deps/prefix"
       cmake --build "$deps/googletest-build" --target install -j"$(nproc)"
