@@ -218,7 +218,7 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   EXPECT_FLOAT_EQ(plan.params.scale_log2, 0.25f * 1.44269504f);
   EXPECT_EQ(plan.params.kv_head(5), 2);
   EXPECT_EQ(plan.params.k_seq, 3 * 128);
-  EXPECT_TRUE(plan.params.vector_io);
+  EXPECT_TRUE(plan.params.q_vector && plan.params.k_vector && plan.params.v_vector);
   // Shared memory: Q + 2 K + 2 V stages of 64 rows with pitch D + 8, plus the mean slots; fits
   // the 227 KiB of an H100 and the 163 KiB of an A100.
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5 + 64 * 128 * 4});
@@ -227,13 +227,38 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5});
 
-  // A head stride that is not a multiple of 16 bytes turns 16-byte transfers off.
+  // 16-byte transfers are decided per tensor: a head stride that is not a multiple of 16 bytes
+  // turns them off for that tensor only; the output (stored element-wise) never does.
   auto odd = out;
   odd.head_stride = 129;
   odd.seq_stride = 6 * 129;
   odd.batch_stride = 100 * 6 * 129;
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, odd, nullptr, dc::KernelKind::tensor_core);
-  EXPECT_FALSE(plan.params.vector_io);
+  EXPECT_TRUE(plan.params.q_vector && plan.params.k_vector && plan.params.v_vector);
+  auto odd_k = k;
+  odd_k.head_stride = 129;
+  odd_k.seq_stride = 3 * 129;
+  odd_k.batch_stride = 100 * 3 * 129;
+  plan = dc::make_launch_plan<float>(config, shape, q, odd_k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.q_vector);
+  EXPECT_FALSE(plan.params.k_vector);
+  EXPECT_TRUE(plan.params.v_vector);
+  // The stride of a size-1 dimension is never applied: batch 1 with an odd batch stride, or a
+  // single kv head with an odd head stride, keeps 16-byte transfers.
+  auto odd_batch = v;
+  odd_batch.batch_stride = 12345;
+  plan = dc::make_launch_plan<float>(config, shape, q, k, odd_batch, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.v_vector);
+  const da::Shape one_kv_head{1, 100, 6, 1, 128};
+  auto single = da::contiguous_view<const float>(base + 200000, one_kv_head, 1);
+  single.head_stride = 7;
+  plan = dc::make_launch_plan<float>(config, one_kv_head, q, single, single, out, nullptr,
+                                     dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.k_vector && plan.params.v_vector);
+  auto shifted = q;
+  shifted.data = q.data + 1;  // 4 bytes off 16
+  plan = dc::make_launch_plan<float>(config, shape, shifted, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_FALSE(plan.params.q_vector);
 
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::simt);
   EXPECT_EQ(plan.threads, 128);

@@ -43,6 +43,7 @@ struct BackwardParams {
   std::int64_t rows;       // batch * heads * seq_len (query rows)
   std::int64_t key_rows;   // batch * kv_heads * seq_len
   float grad_out_scale;    // 1 for softmax, 1 / G for mean: the dO each branch's softmax receives
+  bool do_vector;          // dO rows 16-byte aligned (as ForwardParams::q_vector for q)
 };
 
 // The tensor-core dQ kernel keeps Q in shared memory rather than in registers at head_dim 128
@@ -157,6 +158,7 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
   p.f = forward_plan.params;
   p.d_out = d_out.data;
   p.do_batch = d_out.batch_stride, p.do_seq = d_out.seq_stride, p.do_head = d_out.head_stride;
+  p.do_vector = detail::rows_aligned16(d_out, shape, shape.num_heads);
   p.d_q = d_q.data;
   p.dq_batch = d_q.batch_stride, p.dq_seq = d_q.seq_stride, p.dq_head = d_q.head_stride;
   p.d_k = d_k.data;

@@ -55,10 +55,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const T* const k_base = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head;
   const T* const v_base = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head;
   const bool mean = p.mixing == Mixing::mean;
-  const std::int64_t vec = 16 / static_cast<std::int64_t>(sizeof(T));
-  const bool do_vector = p.vector_io && bp.do_batch % vec == 0 && bp.do_seq % vec == 0 &&
-                         bp.do_head % vec == 0 &&
-                         reinterpret_cast<std::uintptr_t>(bp.d_out) % 16 == 0;
   const std::int64_t group = p.heads / p.kv_heads;
 
   // The key rows whose dK, dV this thread accumulates (C fragment rows g and g + 8 of the warp).
@@ -68,8 +64,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int fragment_offset =
       (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
 
-  load_rows<T, D, kWindowRows, kRolled>(k_tile, k_base, p.k_seq, window, 0, p.vector_io);
-  load_rows<T, D, kWindowRows, kRolled>(v_tile, v_base, p.v_seq, window, 0, p.vector_io);
+  load_rows<T, D, kWindowRows, kRolled>(k_tile, k_base, p.k_seq, window, 0, p.k_vector);
+  load_rows<T, D, kWindowRows, kRolled>(v_tile, v_base, p.v_seq, window, 0, p.v_vector);
   cp_async_commit();
 
   float acc_k[kDimTiles][4], acc_v[kDimTiles][4];
@@ -111,9 +107,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         auto load_tile = [&](std::int64_t tile, int into) {
           const std::int64_t j0 = tile * kQueryTile;
           load_rows<T, D, kQueryTile, kRolled>(q_stages + into * kQueryTile * kPitch, q_base, p.q_seq,
-                                      streamed, j0, p.vector_io);
+                                      streamed, j0, p.q_vector);
           load_rows<T, D, kQueryTile, kRolled>(do_stages + into * kQueryTile * kPitch, do_base, bp.do_seq,
-                                      streamed, j0, do_vector);
+                                      streamed, j0, bp.do_vector);
           if (tid < kQueryTile) {
             const bool valid = j0 + tid < streamed.count;
             const std::int64_t at = stats_base + (valid ? streamed.at(j0 + tid) : 0);

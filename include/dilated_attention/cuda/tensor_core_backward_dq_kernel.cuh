@@ -60,10 +60,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const T* const k_base = static_cast<const T*>(p.k) + unit.batch * p.k_batch + kv_head * p.k_head;
   const T* const v_base = static_cast<const T*>(p.v) + unit.batch * p.v_batch + kv_head * p.v_head;
   const bool mean = p.mixing == Mixing::mean;
-  // 16-byte copies need the dO rows aligned too.
-  const bool do_vector = p.vector_io && bp.do_batch % (16 / sizeof(T)) == 0 &&
-                         bp.do_seq % (16 / sizeof(T)) == 0 && bp.do_head % (16 / sizeof(T)) == 0 &&
-                         reinterpret_cast<std::uintptr_t>(bp.d_out) % 16 == 0;
 
   const std::int64_t row_position[2] = {
       warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
@@ -76,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int fragment_offset = (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
   T* const fragment_row = row_tile + fragment_offset;
   std::uint32_t q_frag[kQInShared ? 1 : D / 16][4];
-  load_rows<T, D, kWindowRows, true>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
+  load_rows<T, D, kWindowRows, true>(q_tile, q_base, p.q_seq, window, 0, p.q_vector);
   if constexpr (!kQInShared) {
     cp_async_commit();
     cp_async_wait<0>();
@@ -85,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], fragment_row + kk * 16);
     __syncthreads();
   }
-  load_rows<T, D, kWindowRows, true>(row_tile, do_base, bp.do_seq, window, 0, do_vector);
+  load_rows<T, D, kWindowRows, true>(row_tile, do_base, bp.do_seq, window, 0, bp.do_vector);
   cp_async_commit();
 
   float acc[kDimTiles][4];
@@ -117,18 +113,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       const std::int64_t tiles = work.tiles();
 
       load_rows<T, D, kKeyTile, true>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed, 0,
-                                p.vector_io);
+                                p.k_vector);
       load_rows<T, D, kKeyTile, true>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed, 0,
-                                p.vector_io);
+                                p.v_vector);
       cp_async_commit();
       for (std::int64_t tile = 0; tile < tiles; ++tile) {
         const int current = stage;
         if (tile + 1 < tiles) {
           const std::int64_t next_j0 = (tile + 1) * kKeyTile;
           load_rows<T, D, kKeyTile, true>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base, p.k_seq,
-                                    streamed, next_j0, p.vector_io);
+                                    streamed, next_j0, p.k_vector);
           load_rows<T, D, kKeyTile, true>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base, p.v_seq,
-                                    streamed, next_j0, p.vector_io);
+                                    streamed, next_j0, p.v_vector);
           cp_async_commit();
           cp_async_wait<1>();
         } else {

@@ -26,7 +26,7 @@ namespace dilated_attention::cuda::device {
 
 // Copies rows j0..j0+Rows-1 of the progression `rows` (positions in the sequence; position y is
 // at base + y * seq_stride) into a shared tile with row pitch D + 8. Rows past `rows.count` are
-// zero. With vector_io the copy is asynchronous (cp.async, completed by cp_async_wait + barrier);
+// zero. With vector_io (the tensor's 16-byte flag) the copy is asynchronous (cp.async, completed by cp_async_wait + barrier);
 // otherwise element-wise and synchronous (completed by the barrier). `Rolled` keeps the copy loop
 // rolled; otherwise it is unrolled fully. Which one avoids register spills depends on the kernel
 // and head_dim (ptxas -v, docs/cuda.md's table); the kernels choose per head_dim.
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kThreads)
   std::uint32_t q_frag[D / 16][4];
   // Copy loops rolled at head_dim 128, unrolled below: the choice without spills (ptxas -v).
   constexpr bool kRolled = D == 128;
-  load_rows<T, D, kWindowRows, kRolled>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
+  load_rows<T, D, kWindowRows, kRolled>(q_tile, q_base, p.q_seq, window, 0, p.q_vector);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -142,18 +142,18 @@ __global__ void __launch_bounds__(kThreads)
         const std::int64_t tiles = work.tiles();
 
         load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
-                                  0, p.vector_io);
+                                  0, p.k_vector);
         load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
-                                  0, p.vector_io);
+                                  0, p.v_vector);
         cp_async_commit();
         for (std::int64_t tile = 0; tile < tiles; ++tile) {
           const int current = stage;
           if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
             const std::int64_t next_j0 = (tile + 1) * kKeyTile;
             load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
-                                      p.k_seq, streamed, next_j0, p.vector_io);
+                                      p.k_seq, streamed, next_j0, p.k_vector);
             load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
-                                      p.v_seq, streamed, next_j0, p.vector_io);
+                                      p.v_seq, streamed, next_j0, p.v_vector);
             cp_async_commit();
             cp_async_wait<1>();
           } else {
