@@ -199,6 +199,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
+  cp_async_wait<0>();  // a window that streamed no key tile still waits for its Q/dO copies
+
   // Epilogue: every row of the window is written once (0 for rows that attend nothing).
   T* const dq_base = static_cast<T*>(bp.d_q) + unit.batch * bp.dq_batch + unit.head * bp.dq_head;
 #pragma unroll
