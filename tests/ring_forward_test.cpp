@@ -199,11 +199,9 @@ TEST(RingForward, FloatStorageAndThreadCountInvariance) {
 // The ring can fail: a corrupted received row changes the answer (guards against a test that
 // compares the reference with itself).
 TEST(RingForward, CorruptedTransferIsDetected) {
-  class Corrupting final : public da::ring::Transport {
+  class Corrupting final : public da::ring::TransportAdapter {
    public:
-    explicit Corrupting(da::ring::Transport& inner) : inner_(inner) {}
-    int rank() const override { return inner_.rank(); }
-    int size() const override { return inner_.size(); }
+    explicit Corrupting(da::ring::Transport& inner) : TransportAdapter(inner) {}
     Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
       std::vector<unsigned char> copy(static_cast<const unsigned char*>(data),
                                       static_cast<const unsigned char*>(data) + bytes);
@@ -213,15 +211,8 @@ TEST(RingForward, CorruptedTransferIsDetected) {
         first += 1.0;
         std::memcpy(copy.data(), &first, sizeof first);
       }
-      return inner_.post_send(peer, tag, copy.data(), bytes);
+      return TransportAdapter::post_send(peer, tag, copy.data(), bytes);
     }
-    Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-      return inner_.post_recv(peer, tag, data, bytes);
-    }
-    void wait(Ticket ticket) override { inner_.wait(ticket); }
-
-   private:
-    da::ring::Transport& inner_;
   };
   da::Config config;
   config.segment_lengths = {24};

@@ -1,6 +1,9 @@
 // Launched as `mpiexec -n P ring_mpi_test` (P = 2, 3, 4): every rank computes the single-process
 // forward of the whole problem, runs the ring over MPI on its shard, and compares its rows of O
-// and LSE. Exits non-zero on every rank when any rank sees a mismatch.
+// and LSE. Then the fault scenarios of ring_faults.hpp (a different causal flag, segment lengths
+// or head_dim on one rank, a null pointer, an exception mid-forward): every rank must raise within
+// seconds, and a consistent call on the same transport right after must be exact. Exits non-zero
+// on every rank when any rank sees a mismatch.
 
 #include <mpi.h>
 
@@ -12,8 +15,10 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <string>
 #include <vector>
 
+#include "ring_faults.hpp"
 #include "support/tensors.hpp"
 
 namespace da = dilated_attention;
@@ -103,6 +108,35 @@ int main(int argc, char** argv) {
         {"partitioned_mean", {16, 48}, {1, 2}, false, da::OffsetRule::partitioned, da::Mixing::mean, {1, 48, 4, 2, 8}},
     };
     for (const Case& c : cases) failures += check(c, transport);
+
+    namespace dt = da::testing;
+    const dt::FaultProblem small, big(true);
+    struct Scenario {
+      dt::Fault fault;
+      int faulty;
+      const dt::FaultProblem* problem_ = nullptr;
+    };
+    const int last = transport.size() - 1;
+    const std::vector<Scenario> scenarios = {
+        {dt::Fault::causal, last},  {dt::Fault::segments, last},         {dt::Fault::head_dim, last},
+        {dt::Fault::null_q, last},  {dt::Fault::null_q, 0},               {dt::Fault::throw_mid_forward, last},
+        {dt::Fault::throw_mid_forward, 0},  {dt::Fault::throw_mid_forward, last, &big},
+        {dt::Fault::throw_mid_forward, 0, &big}};
+    for (const Scenario& scenario : scenarios) {
+      const dt::FaultProblem& problem = scenario.problem_ != nullptr ? *scenario.problem_ : small;
+      const dt::Outcome failed = dt::run_fault_call(problem, transport, scenario.fault, scenario.faulty);
+      const dt::Outcome after = dt::run_fault_call(problem, transport, dt::Fault::none, scenario.faulty);
+      const std::string verdict = dt::judge(failed, scenario.fault, scenario.faulty, transport.rank());
+      const std::string verdict_after = dt::judge(after, dt::Fault::none, scenario.faulty, transport.rank());
+      std::printf("rank %d/%d N=%lld fault %-18s on rank %d: %s in %.3f s (%s)%s; next call max|dO| %.2e %s\n",
+                  transport.rank(), transport.size(), static_cast<long long>(problem.shape.seq_len),
+                  dt::fault_name(scenario.fault), scenario.faulty,
+                  dt::kind_name(failed.kind), failed.seconds, failed.message.c_str(),
+                  verdict.empty() ? "" : (" MISMATCH: " + verdict).c_str(), after.max_error,
+                  verdict_after.empty() ? "ok" : ("MISMATCH: " + verdict_after).c_str());
+      failures += verdict.empty() ? 0 : 1;
+      failures += verdict_after.empty() ? 0 : 1;
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ring_mpi_test: %s\n", e.what());
     failures += 1;

@@ -16,25 +16,19 @@ namespace dilated_attention::testing {
 
 // A transport that forwards to another and counts what passes through it: the tests use it to
 // show that skipped steps really make no transport call.
-class CountingTransport final : public ring::Transport {
+class CountingTransport final : public ring::TransportAdapter {
  public:
-  explicit CountingTransport(ring::Transport& inner) : inner_(inner) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
+  explicit CountingTransport(ring::Transport& inner) : TransportAdapter(inner) {}
   Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
     ++sends;
     bytes_sent += static_cast<std::int64_t>(bytes);
-    return inner_.post_send(peer, tag, data, bytes);
+    return TransportAdapter::post_send(peer, tag, data, bytes);
   }
   Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
     ++recvs;
-    return inner_.post_recv(peer, tag, data, bytes);
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
   }
-  void wait(Ticket ticket) override { inner_.wait(ticket); }
   std::int64_t sends = 0, recvs = 0, bytes_sent = 0;
-
- private:
-  ring::Transport& inner_;
 };
 
 // A shard view: same strides, data moved to the shard's first row.
