@@ -7,8 +7,10 @@
 // build; the cache exists so that a forward does no index arithmetic it has done before, not to
 // hide latency. A second (GPU) tier and prefetch threads made the PyTorch original slower.
 //
-// Size bound: at most `capacity` plans (default 4096, a few hundred KiB). When full, the least
-// recently used plan is evicted (counted in `evictions`). Plans are handed out as
+// Size bound: at most `capacity` plans (default 4096, a few hundred KiB), raised by reserve() to
+// what the forwards in use need (the driver asks for P x its own need, and caches only steps
+// with work: see step_has_work). When full, the least recently used plan is evicted (counted in
+// `evictions`). Plans are handed out as
 // shared_ptr<const StepPlan>, so an evicted plan stays valid for whoever still holds it.
 //
 // Thread safety: one mutex guards the map, the LRU list and the counters; a plan is built under
@@ -83,6 +85,13 @@ class PatternCache {
     lru_.emplace_front(key, built);
     index_.emplace(key, lru_.begin());
     return built;
+  }
+
+  // Raises the capacity to at least `plans` (never lowers it). The driver sizes it from what a
+  // forward needs times P, so that P in-process ranks sharing one cache all fit.
+  void reserve(std::size_t plans) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plans > capacity_) capacity_ = plans;
   }
 
   Counters counters() const {

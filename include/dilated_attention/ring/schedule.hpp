@@ -96,6 +96,23 @@ inline std::int64_t shared_segment(const BranchGeometry& g, const Shard& a, cons
 
 }  // namespace detail
 
+// False when step `key.step` certainly has nothing to send, receive or compute for this branch and
+// offset: the rank shares no segment with either peer of the step (or causality skips both
+// halves). The driver does not cache such plans, so the cache holds, per rank, only the steps of
+// its sub-rings -- O(sum_i r_i * w_i / (N/P)) plans rather than P * sum_i r_i.
+inline bool step_has_work(const StepKey& key) {
+  if (key.step == 0) return true;
+  const BranchGeometry g{key.w, key.r, key.seq_len};
+  const Shard mine = shard_of(key.seq_len, key.num_ranks, key.rank);
+  const std::int64_t dest = (key.rank + key.step) % key.num_ranks;
+  const std::int64_t source = (key.rank - key.step + key.num_ranks) % key.num_ranks;
+  const bool sends = !(key.causal && dest < key.rank) &&
+                     detail::shared_segment(g, mine, shard_of(key.seq_len, key.num_ranks, dest)) >= 0;
+  const bool receives = !(key.causal && source > key.rank) &&
+                        detail::shared_segment(g, mine, shard_of(key.seq_len, key.num_ranks, source)) >= 0;
+  return sends || receives;
+}
+
 // The plan of StepKey `key`. Pure: the same key always gives the same plan, on every rank, so the
 // sender's send_rows at step t equal the receiver's BlockPair::keys at step t, and the two sides
 // agree on the message layout without exchanging any header.
