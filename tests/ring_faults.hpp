@@ -18,7 +18,7 @@
 
 namespace dilated_attention::testing {
 
-enum class Fault { none, causal, segments, head_dim, null_q, throw_mid_forward };
+enum class Fault { none, causal, segments, head_dim, null_q, throw_mid_forward, throw_at_first_post };
 
 inline const char* fault_name(Fault fault) {
   switch (fault) {
@@ -28,6 +28,7 @@ inline const char* fault_name(Fault fault) {
     case Fault::head_dim: return "head_dim";
     case Fault::null_q: return "null_q";
     case Fault::throw_mid_forward: return "throw_mid_forward";
+    case Fault::throw_at_first_post: return "throw_at_first_post";
   }
   return "?";
 }
@@ -43,20 +44,30 @@ inline const char* fault_parameter(Fault fault) {
   }
 }
 
-// Throws at the first wait(): an exception mid-forward, after this rank posted its exchanges.
+// Throws at the first wait() (an exception mid-forward, after this rank posted its exchanges)
+// or at the first post_recv (before it posted anything: the others' sends to it then have no
+// receiver, and MPI cannot cancel a rendezvous send, so they are parked).
 class ThrowingTransport final : public ring::TransportAdapter {
  public:
-  explicit ThrowingTransport(ring::Transport& inner, bool armed) : TransportAdapter(inner), armed_(armed) {}
+  ThrowingTransport(ring::Transport& inner, bool in_wait, bool in_post)
+      : TransportAdapter(inner), in_wait_(in_wait), in_post_(in_post) {}
   void wait(Ticket ticket) override {
-    if (armed_) {
-      armed_ = false;
+    if (in_wait_) {
+      in_wait_ = false;
       throw std::runtime_error("injected failure in wait");
     }
     TransportAdapter::wait(ticket);
   }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (in_post_) {
+      in_post_ = false;
+      throw std::runtime_error("injected failure in post_recv");
+    }
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
 
  private:
-  bool armed_;
+  bool in_wait_, in_post_;
 };
 
 struct Outcome {
@@ -78,7 +89,7 @@ inline const char* kind_name(Outcome::Kind kind) {
 }
 
 // The problem every scenario runs: one segment over the whole sequence (so every rank exchanges
-// with every other), N = 24 (shards of 12, 8, 6 at P = 2, 3, 4) or 2400, GQA.
+// with every other), N = 24 (shards of 12, 8, 6 at P = 2, 3, 4) or 1200 (MHA, 150 KB per message at P = 2), GQA.
 struct FaultProblem {
   Config config;
   Shape shape{1, 24, 4, 2, 8};
@@ -86,7 +97,7 @@ struct FaultProblem {
   // Large enough (big = true) that MPI moves the messages by rendezvous: those are the sends that
   // MPI cannot cancel once posted.
   explicit FaultProblem(bool big = false) {
-    if (big) shape = {1, 2400, 2, 1, 32};
+    if (big) shape = {1, 1200, 1, 1, 16};
     config.segment_lengths = {6, shape.seq_len};
     config.dilation_rates = {1, 2};
     q = Tensor<double>(shape, shape.num_heads);
@@ -121,7 +132,8 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   if (mine && fault == Fault::null_q) q.data = nullptr;
   const View<double> out_view{out.storage.data() + begin * out.seq_stride, out.batch_stride,
                               out.seq_stride, out.head_stride};
-  ThrowingTransport wrapped(transport, mine && fault == Fault::throw_mid_forward);
+  ThrowingTransport wrapped(transport, mine && fault == Fault::throw_mid_forward,
+                            mine && fault == Fault::throw_at_first_post);
   Outcome outcome;
   const auto start = std::chrono::steady_clock::now();
   try {
@@ -159,13 +171,15 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
 // "" when the outcome is what rank `me` must see for `fault` on rank `faulty`; else why not.
 inline std::string judge(const Outcome& outcome, Fault fault, int faulty, int me) {
   const auto has = [&](const std::string& text) { return outcome.message.find(text) != std::string::npos; };
-  if (outcome.seconds > 10) return "took " + std::to_string(outcome.seconds) + " s";
+  // A hang would last options.timeout (5 minutes); a call here takes well under a second alone,
+  // up to ~10 s on an oversubscribed machine.
+  if (outcome.seconds > 30) return "took " + std::to_string(outcome.seconds) + " s";
   if (fault == Fault::none) {
     if (outcome.kind != Outcome::ok) return std::string("raised: ") + outcome.message;
     return outcome.max_error <= 1e-12 ? "" : "max error " + std::to_string(outcome.max_error);
   }
   if (me == faulty) {
-    if (fault == Fault::throw_mid_forward)
+    if (fault == Fault::throw_mid_forward || fault == Fault::throw_at_first_post)
       return outcome.kind == Outcome::other && has("injected") ? "" : "expected the injected error, got " +
                  std::string(kind_name(outcome.kind)) + ": " + outcome.message;
     return outcome.kind == Outcome::invalid_argument && has(fault_parameter(fault))

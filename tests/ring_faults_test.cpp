@@ -54,7 +54,7 @@ INSTANTIATE_TEST_SUITE_P(
     Mismatches, RingFaults,
     ::testing::Combine(::testing::Values(2, 3, 4),
                        ::testing::Values(Fault::causal, Fault::segments, Fault::head_dim, Fault::null_q,
-                                         Fault::throw_mid_forward),
+                                         Fault::throw_mid_forward, Fault::throw_at_first_post),
                        ::testing::Values(-1)),
     name);
 INSTANTIATE_TEST_SUITE_P(OnRankZero, RingFaults,

@@ -33,6 +33,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -99,6 +100,7 @@ class MpiTransport final : public Transport {
         break;
       }
       check_notice();
+      idle();
       if (Clock::now() > deadline)
         throw TransferTimeout("dilated_attention: rank " + std::to_string(rank_) + ": a " +
                               (pending.receive ? "receive" : "send") +
@@ -180,6 +182,7 @@ class MpiTransport final : public Transport {
       int flag = 0;
       check(MPI_Test(&request, &flag, MPI_STATUS_IGNORE), "MPI_Test");
       if (flag) break;
+      idle();
       if (Clock::now() > deadline) {
         broken_ = true;
         broken_reason_ = "rank " + std::to_string(rank_) + "'s all_gather";
@@ -246,6 +249,9 @@ class MpiTransport final : public Transport {
     if (tag < 0 || tag > 7) throw std::invalid_argument("dilated_attention: tag outside 0..6");
     return static_cast<int>((epoch_ % epochs_) * 8 + tag);
   }
+  // Between polls: give the core away, so that ranks sharing cores (oversubscribed tests, a
+  // rank's own compute threads) are not starved by a spinning wait.
+  static void idle() { std::this_thread::yield(); }
   Ticket remember(const Pending& pending) {
     const Ticket ticket = next_++;
     pending_.emplace(ticket, pending);
