@@ -17,7 +17,7 @@ namespace {
 
 bool same_plan(const ring::StepPlan& a, const ring::StepPlan& b) {
   if (a.send_peer != b.send_peer || a.recv_peer != b.recv_peer || a.send_rows != b.send_rows ||
-      a.blocks.size() != b.blocks.size())
+      a.recv_rows != b.recv_rows || a.block_unit != b.block_unit || a.blocks.size() != b.blocks.size())
     return false;
   for (std::size_t j = 0; j < a.blocks.size(); ++j)
     if (a.blocks[j].queries != b.blocks[j].queries || a.blocks[j].keys != b.blocks[j].keys) return false;
@@ -41,15 +41,16 @@ TEST(RingPatternCache, EveryKeyFieldMatters) {
   vary(&ring::StepKey::offset, std::int64_t{0});
   vary(&ring::StepKey::causal, true);
   vary(&ring::StepKey::step, std::int64_t{2});
+  vary(&ring::StepKey::layout, ring::Layout::zigzag);
   for (const auto& key : keys) EXPECT_TRUE(same_plan(*cache.plan(key), ring::make_step_plan(key)));
-  EXPECT_EQ(cache.counters().misses, 9);
+  EXPECT_EQ(cache.counters().misses, 10);
   EXPECT_EQ(cache.counters().hits, 0);
-  EXPECT_EQ(cache.counters().entries, 9u);
+  EXPECT_EQ(cache.counters().entries, 10u);
   for (const auto& key : keys) EXPECT_TRUE(cache.contains(key));
   const auto first = cache.plan(base);
   EXPECT_EQ(first.get(), cache.plan(base).get());  // the same shared plan, not a rebuild
   EXPECT_EQ(cache.counters().hits, 2);
-  EXPECT_EQ(cache.counters().misses, 9);
+  EXPECT_EQ(cache.counters().misses, 10);
 }
 
 TEST(RingPatternCache, InvalidKeysAreNotCached) {

@@ -9,6 +9,7 @@
 #include "cpu_backend.hpp"
 #include "agreement.hpp"
 #include "forward.hpp"
+#include "layout.hpp"
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "transport.hpp"
@@ -16,8 +17,10 @@
 namespace dilated_attention::ring {
 
 // Ring forward on the CPU (docs/semantics.md §4). `shape` is the GLOBAL shape (seq_len = N); q, k,
-// v, out are views over this rank's shard (seq_len N / P, positions local to the shard); lse, when
-// given, is [batch, num_heads, N / P] contiguous. Rank and P come from the transport.
+// v, out are views over this rank's N / P rows, in the order options.layout gives them
+// (rank_chunks in ring/layout.hpp: the contiguous shard, or zigzag chunks p and 2P-1-p); lse,
+// when given, is [batch, num_heads, N / P] contiguous, same row order. Rank and P come from the
+// transport.
 //
 // Every rank must call it with the same config, shape, T and options.layout: the ranks check
 // that first (ring/agreement.hpp), before any K/V row moves. A rank with bad input throws
@@ -35,6 +38,7 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
   Shape local = shape;
   const auto validate_local = [&] {
     validate_partition(shape.seq_len, transport.size(), transport.rank());
+    validate_layout(options.layout, shape.seq_len, transport.size());
     validate(config, shape);
     local.seq_len = shape.seq_len / transport.size();
     validate(config, local, q, k, v, out, lse);
@@ -46,13 +50,12 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
   Stats stats;
   std::unique_ptr<CpuBackend<T>> backend;
   run_agreed_call(
-      transport, options.timeout, describe_call<T>(config, shape, 0), validate_local,
+      transport, options.timeout, describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout)), validate_local,
       [&] {
-        const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
         const std::int64_t accumulators =
             config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
         backend = std::make_unique<CpuBackend<T>>(
-            local, shard.begin, q, k, v, static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
+            local, rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()), q, k, v, static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
             config.causal, accumulators, options.num_threads);
         PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
         stats = run_ring(config, shape, transport, *backend, cache, options);

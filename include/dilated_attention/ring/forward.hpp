@@ -35,6 +35,7 @@
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "agreement.hpp"
+#include "layout.hpp"
 #include "transport.hpp"
 
 namespace dilated_attention::ring {
@@ -50,6 +51,8 @@ struct Options {
   // progress() between compute blocks. Both only change timing, never the result.
   bool post_early = true;
   bool drive_progress = true;
+  // Which global rows this rank's views hold (ring/layout.hpp). Every rank must pass the same.
+  Layout layout = Layout::contiguous;
 };
 
 // What one rank did in one forward; the tests check these against closed-form counts.
@@ -65,9 +68,10 @@ struct Stats {
 
 namespace detail {
 
-// One piece of a step's message: K then V rows of (branch, kv head, batch) for one offset.
+// One piece of a step's message: K then V rows of one unit of (branch, offset), kv head, batch.
 struct Piece {
   std::int64_t branch, offset, kv_head, batch;
+  std::size_t unit;
   Progression rows;
   std::size_t element_offset;  // where its K rows start; V rows follow
 };
@@ -88,7 +92,7 @@ inline std::vector<std::int64_t> kv_heads_of(const Progression& heads, std::int6
 // offset o of branch i, a shared empty plan where the step has no work (not cached).
 inline std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> step_plans(
     const Config& config, const Shape& global, std::int64_t num_ranks, std::int64_t rank,
-    PatternCache& cache) {
+    PatternCache& cache, Layout layout = Layout::contiguous) {
   static const auto empty = std::make_shared<const StepPlan>();
   const Pattern pattern(config, global);
   const std::int64_t branches = pattern.num_branches();
@@ -107,7 +111,7 @@ inline std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> st
       step[static_cast<std::size_t>(i)].resize(static_cast<std::size_t>(g.r));
       for (std::int64_t o = 0; o < g.r; ++o) {
         if (!used[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)]) continue;
-        const StepKey key{global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t};
+        const StepKey key{global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout};
         if (step_has_work(key)) wanted.emplace_back(key, i);
         else step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] = empty;
       }
@@ -139,7 +143,7 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
       kv_heads[static_cast<std::size_t>(i)].push_back(
           detail::kv_heads_of(pattern.heads_with_offset(i, o), group));
   }
-  const auto plans = step_plans(config, global, num_ranks, rank, cache);
+  const auto plans = step_plans(config, global, num_ranks, rank, cache, options.layout);
 
   Stats stats;
   stats.bytes_sent_per_branch.assign(static_cast<std::size_t>(branches), 0);
@@ -153,12 +157,13 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
         const auto& plan = plans[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]
                                 [static_cast<std::size_t>(o)];
         if (!plan || !(outgoing ? plan->sends() : plan->receives())) continue;
-        const Progression rows = outgoing ? plan->send_rows : plan->blocks.front().keys;
-        for (const std::int64_t g : kv_heads[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)])
-          for (std::int64_t b = 0; b < global.batch; ++b) {
-            pieces.push_back({i, o, g, b, rows, elements});
-            elements += static_cast<std::size_t>(2 * rows.count * dim);
-          }
+        const std::vector<Progression>& units = outgoing ? plan->send_rows : plan->recv_rows;
+        for (std::size_t u = 0; u < units.size(); ++u)
+          for (const std::int64_t g : kv_heads[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)])
+            for (std::int64_t b = 0; b < global.batch; ++b) {
+              pieces.push_back({i, o, g, b, u, units[u], elements});
+              elements += static_cast<std::size_t>(2 * units[u].count * dim);
+            }
       }
     return pieces;
   };
@@ -197,14 +202,16 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
           continue;
         }
         if (!plan->receives()) continue;
-        for (const detail::Piece& piece : flight->incoming)
-          if (piece.branch == i && piece.offset == o && piece.kv_head == g && piece.batch == b) {
-            const BlockPair& block = plan->blocks.front();
-            backend.attend_merge(ws, slot, b, h, g, block.queries, block.keys, &flight->recv,
-                                 piece.element_offset);
-            tick();
-            break;
-          }
+        for (std::size_t j = 0; j < plan->blocks.size(); ++j)
+          for (const detail::Piece& piece : flight->incoming)
+            if (piece.branch == i && piece.offset == o && piece.kv_head == g && piece.batch == b &&
+                piece.unit == plan->block_unit[j]) {
+              const BlockPair& block = plan->blocks[j];
+              backend.attend_merge(ws, slot, b, h, g, block.queries, block.keys, &flight->recv,
+                                   piece.element_offset);
+              tick();
+              break;
+            }
       }
     });
   };

@@ -47,6 +47,7 @@ struct StepKeyHash {
     mix(static_cast<std::uint64_t>(key.offset));
     mix(key.causal ? 1u : 0u);
     mix(static_cast<std::uint64_t>(key.step));
+    mix(static_cast<std::uint64_t>(key.layout));
     return static_cast<std::size_t>(h);
   }
 };
