@@ -4,3 +4,5 @@ dilated_attention_add_test(pattern_test SOURCES pattern_test.cpp LABELS foundati
 dilated_attention_add_test(reference_test SOURCES reference_test.cpp LABELS foundation)
 dilated_attention_add_test(validation_test SOURCES validation_test.cpp LABELS foundation
                            LIBRARIES GTest::gmock)
+dilated_attention_add_test(reference_backward_test SOURCES reference_backward_test.cpp
+                           LABELS foundation LIBRARIES GTest::gmock)
