@@ -64,7 +64,8 @@ TEST(RingDriver, PostsEveryExchangeBeforeComputingNearestFirst) {
     LoggingBackend backend(log, local, begin, da::testing::shard_view(q.view(), begin),
                            da::testing::shard_view(k.view(), begin),
                            da::testing::shard_view(v.view(), begin), 0.5, false, 1, 1);
-    ring::run_ring(config, shape, transport, backend, cache);
+    const ring::Stats stats = ring::run_ring(config, shape, transport, backend, cache);
+    EXPECT_GT(stats.progress_calls, 0);  // the transport is driven between blocks
     backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
   });
   // Distances 1 and 3 (= -1) first, then 2; the local step, then the steps in that order.
@@ -98,7 +99,9 @@ TEST(RingDriver, OneStepAheadWhenNotPostingEarly) {
                            da::testing::shard_view(v.view(), begin), 0.5, false, 1, 1);
     ring::Options options;
     options.post_early = false;
-    ring::run_ring(config, shape, transport, backend, cache, options);
+    options.drive_progress = false;
+    const ring::Stats stats = ring::run_ring(config, shape, transport, backend, cache, options);
+    EXPECT_EQ(stats.progress_calls, 0);
     backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
   });
   const std::vector<std::string> expected_log = {"post 1", "compute", "post 2", "compute",

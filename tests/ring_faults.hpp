@@ -18,7 +18,7 @@
 
 namespace dilated_attention::testing {
 
-enum class Fault { none, causal, segments, head_dim, null_q, throw_mid_forward, throw_at_first_post };
+enum class Fault { none, causal, segments, head_dim, null_q, throw_mid_forward, throw_at_first_post, throw_in_progress };
 
 inline const char* fault_name(Fault fault) {
   switch (fault) {
@@ -29,6 +29,7 @@ inline const char* fault_name(Fault fault) {
     case Fault::null_q: return "null_q";
     case Fault::throw_mid_forward: return "throw_mid_forward";
     case Fault::throw_at_first_post: return "throw_at_first_post";
+    case Fault::throw_in_progress: return "throw_in_progress";
   }
   return "?";
 }
@@ -44,13 +45,21 @@ inline const char* fault_parameter(Fault fault) {
   }
 }
 
-// Throws at the first wait() (an exception mid-forward, after this rank posted its exchanges)
-// or at the first post_recv (before it posted anything: the others' sends to it then have no
-// receiver, and MPI cannot cancel a rendezvous send, so they are parked).
+// Throws at the first wait() (an exception mid-forward, after this rank posted its exchanges),
+// at the first post_recv (before it posted anything: the others' sends to it then have no
+// receiver, and MPI cannot cancel a rendezvous send, so they are parked), or at the first
+// progress() (inside the compute phase, while other compute threads of the rank are running).
 class ThrowingTransport final : public ring::TransportAdapter {
  public:
-  ThrowingTransport(ring::Transport& inner, bool in_wait, bool in_post)
-      : TransportAdapter(inner), in_wait_(in_wait), in_post_(in_post) {}
+  ThrowingTransport(ring::Transport& inner, bool in_wait, bool in_post, bool in_progress)
+      : TransportAdapter(inner), in_wait_(in_wait), in_post_(in_post), in_progress_(in_progress) {}
+  void progress() override {
+    if (in_progress_) {
+      in_progress_ = false;
+      throw std::runtime_error("injected failure in progress");
+    }
+    TransportAdapter::progress();
+  }
   void wait(Ticket ticket) override {
     if (in_wait_) {
       in_wait_ = false;
@@ -67,7 +76,7 @@ class ThrowingTransport final : public ring::TransportAdapter {
   }
 
  private:
-  bool in_wait_, in_post_;
+  bool in_wait_, in_post_, in_progress_;
 };
 
 struct Outcome {
@@ -133,7 +142,7 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   const View<double> out_view{out.storage.data() + begin * out.seq_stride, out.batch_stride,
                               out.seq_stride, out.head_stride};
   ThrowingTransport wrapped(transport, mine && fault == Fault::throw_mid_forward,
-                            mine && fault == Fault::throw_at_first_post);
+                            mine && fault == Fault::throw_at_first_post, mine && fault == Fault::throw_in_progress);
   Outcome outcome;
   const auto start = std::chrono::steady_clock::now();
   try {
@@ -179,7 +188,8 @@ inline std::string judge(const Outcome& outcome, Fault fault, int faulty, int me
     return outcome.max_error <= 1e-12 ? "" : "max error " + std::to_string(outcome.max_error);
   }
   if (me == faulty) {
-    if (fault == Fault::throw_mid_forward || fault == Fault::throw_at_first_post)
+    if (fault == Fault::throw_mid_forward || fault == Fault::throw_at_first_post ||
+        fault == Fault::throw_in_progress)
       return outcome.kind == Outcome::other && has("injected") ? "" : "expected the injected error, got " +
                  std::string(kind_name(outcome.kind)) + ": " + outcome.message;
     return outcome.kind == Outcome::invalid_argument && has(fault_parameter(fault))

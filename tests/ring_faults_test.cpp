@@ -34,7 +34,9 @@ TEST_P(RingFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
   std::vector<Outcome> failed(static_cast<std::size_t>(num_ranks)), after(static_cast<std::size_t>(num_ranks));
   ring::run_in_process(num_ranks, [&](ring::Transport& transport) {
     const auto p = static_cast<std::size_t>(transport.rank());
-    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty);
+    ring::Options options;
+    options.num_threads = 2;  // a failure inside the compute phase must not strand a worker thread
+    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options);
     after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty);
   });
   for (int p = 0; p < num_ranks; ++p) {
@@ -54,7 +56,8 @@ INSTANTIATE_TEST_SUITE_P(
     Mismatches, RingFaults,
     ::testing::Combine(::testing::Values(2, 3, 4),
                        ::testing::Values(Fault::causal, Fault::segments, Fault::head_dim, Fault::null_q,
-                                         Fault::throw_mid_forward, Fault::throw_at_first_post),
+                                         Fault::throw_mid_forward, Fault::throw_at_first_post,
+                                         Fault::throw_in_progress),
                        ::testing::Values(-1)),
     name);
 INSTANTIATE_TEST_SUITE_P(OnRankZero, RingFaults,

@@ -162,7 +162,7 @@ int main(int argc, char** argv) {
         {dt::Fault::null_q, last},  {dt::Fault::null_q, 0},               {dt::Fault::throw_mid_forward, last},
         {dt::Fault::throw_mid_forward, 0},  {dt::Fault::throw_mid_forward, last, &big},
         {dt::Fault::throw_mid_forward, 0, &big},  {dt::Fault::throw_at_first_post, last, &big},
-        {dt::Fault::throw_at_first_post, 0, &big}};
+        {dt::Fault::throw_at_first_post, 0, &big},  {dt::Fault::throw_in_progress, last, &big}};
     for (const Scenario& scenario : scenarios) {
       const dt::FaultProblem& problem = scenario.problem_ != nullptr ? *scenario.problem_ : small;
       const dt::Outcome failed = dt::run_fault_call(problem, transport, scenario.fault, scenario.faulty);
