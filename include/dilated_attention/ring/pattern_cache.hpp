@@ -24,7 +24,11 @@
 #include <mutex>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
+#include "../config.hpp"
+#include "../pattern.hpp"
+#include "layout.hpp"
 #include "schedule.hpp"
 
 namespace dilated_attention::ring {
@@ -125,6 +129,42 @@ class PatternCache {
 inline PatternCache& default_pattern_cache() {
   static PatternCache cache;
   return cache;
+}
+
+// Every StepPlan of rank `rank` for one forward: plans[t][i][o], null where no query head uses
+// offset o of branch i, a shared empty plan where the step has no work (not cached).
+inline std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> step_plans(
+    const Config& config, const Shape& global, std::int64_t num_ranks, std::int64_t rank,
+    PatternCache& cache, Layout layout = Layout::contiguous) {
+  static const auto empty = std::make_shared<const StepPlan>();
+  const Pattern pattern(config, global);
+  const std::int64_t branches = pattern.num_branches();
+  std::vector<std::vector<bool>> used(static_cast<std::size_t>(branches));
+  for (std::int64_t i = 0; i < branches; ++i)
+    for (std::int64_t o = 0; o < pattern.branch(i).r; ++o)
+      used[static_cast<std::size_t>(i)].push_back(!pattern.heads_with_offset(i, o).empty());
+  std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> plans(
+      static_cast<std::size_t>(num_ranks));
+  std::vector<std::pair<StepKey, std::int64_t>> wanted;  // (key, branch)
+  for (std::int64_t t = 0; t < num_ranks; ++t) {
+    auto& step = plans[static_cast<std::size_t>(t)];
+    step.resize(static_cast<std::size_t>(branches));
+    for (std::int64_t i = 0; i < branches; ++i) {
+      const BranchGeometry g = pattern.branch(i);
+      step[static_cast<std::size_t>(i)].resize(static_cast<std::size_t>(g.r));
+      for (std::int64_t o = 0; o < g.r; ++o) {
+        if (!used[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)]) continue;
+        const StepKey key{global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout};
+        if (step_has_work(key)) wanted.emplace_back(key, i);
+        else step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] = empty;
+      }
+    }
+  }
+  cache.reserve(wanted.size() * static_cast<std::size_t>(num_ranks));
+  for (const auto& [key, i] : wanted)
+    plans[static_cast<std::size_t>(key.step)][static_cast<std::size_t>(i)][static_cast<std::size_t>(key.offset)] =
+        cache.plan(key);
+  return plans;
 }
 
 }  // namespace dilated_attention::ring
