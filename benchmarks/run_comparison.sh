@@ -14,7 +14,12 @@ Builds the cpu_forward_benchmark target (release preset, build/release), runs it
 progress per benchmark, then prints a table (N, time, useful GFLOP/s, ratio to an Eigen SGEMM
 measured in the same binary, ratio to dense attention, time(4N)/time(N), peak memory, max error
 against docs/semantics.md §2 on sampled rows) and writes results/cpu_forward_benchmark.json,
-results/summary.json and results/benchmark_cpu.png (time against N, log-log).
+results/summary.json and results/benchmark_cpu.png (time against N, log-log). Then the backward:
+cpu_backward_benchmark times forward and backward on the same inputs at N=16384,65536 (D as
+given) and checks sampled gradient rows against docs/semantics.md §7 (a wrong gradient fails the
+job); its table (backward/forward time, useful GFLOP/s at 2.5x the forward's FLOPs,
+time(4N)/time(N), heap beyond the tensors, gradient errors) follows the forward's, with
+results/cpu_backward_benchmark.json and results/benchmark_cpu_backward.png.
 
 Default input (the issue's): B=1, H=8, D=64, float32, branches w=2048,4096,8192 with r=1,2,4,
 non-causal, modular offsets, softmax mixing, N=16384,65536,262144; dense attention (one branch
@@ -34,6 +39,9 @@ Options (each also read from the environment variable in brackets):
                                                       [DA_REPETITIONS=3]
   --threads T             threads for kernel and SGEMM (default: all cores)
                                                       [DILATED_ATTENTION_NUM_THREADS]
+  --backward-seq-lens LIST  sequence lengths of the backward run
+                                                      [DA_BACKWARD_SEQ_LENS=16384,65536]
+  --no-backward           skip the backward run       [DA_BACKWARD=1]
   --quick                 a smoke run in well under a minute (N=4096,16384; 1 repetition)
   --results DIR           output folder               [DA_RESULTS=results]
   --build-dir DIR         CMake binary dir            [DA_BUILD_DIR=build/release]
@@ -59,6 +67,8 @@ DENSE_MAX="${DA_DENSE_MAX_SEQ_LEN:-16384}"
 REPETITIONS="${DA_REPETITIONS:-3}"
 RESULTS="${DA_RESULTS:-results}"
 BUILD_DIR="${DA_BUILD_DIR:-build/release}"
+BACKWARD_SEQ_LENS="${DA_BACKWARD_SEQ_LENS:-16384,65536}"
+BACKWARD="${DA_BACKWARD:-1}"
 INSTALL=1
 EXTRA=()
 
@@ -74,7 +84,9 @@ while [[ $# -gt 0 ]]; do
     --dense-max-seq-len) DENSE_MAX="$2"; shift 2 ;;
     --repetitions) REPETITIONS="$2"; shift 2 ;;
     --threads) export DILATED_ATTENTION_NUM_THREADS="$2"; shift 2 ;;
-    --quick) SEQ_LENS=4096,16384; DENSE_MAX=4096; REPETITIONS=1; shift ;;
+    --backward-seq-lens) BACKWARD_SEQ_LENS="$2"; shift 2 ;;
+    --no-backward) BACKWARD=0; shift ;;
+    --quick) SEQ_LENS=4096,16384; BACKWARD_SEQ_LENS=4096,16384; DENSE_MAX=4096; REPETITIONS=1; shift ;;
     --results) RESULTS="$2"; shift 2 ;;
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
@@ -140,6 +152,10 @@ fi
 say "building cpu_forward_benchmark ($BUILD_DIR, -j$JOBS)"
 cmake --build "$BUILD_DIR" --target cpu_forward_benchmark -j "$JOBS"
 BINARY="$BUILD_DIR/benchmarks/cpu_forward_benchmark"
+if [[ $BACKWARD -eq 1 ]]; then
+  say "building cpu_backward_benchmark ($BUILD_DIR, -j$JOBS)"
+  cmake --build "$BUILD_DIR" --target cpu_backward_benchmark -j "$JOBS"
+fi
 
 # ---- 3. Run, one progress line per benchmark ---------------------------------------------------
 mkdir -p "$RESULTS"
@@ -153,7 +169,18 @@ echo "    B=$BATCH H=$HEADS D=$HEAD_DIMS w=$SEGMENTS r=$DILATIONS causal=$CAUSAL
   --benchmark_out="$JSON" --benchmark_out_format=json ${EXTRA[@]+"${EXTRA[@]}"}
 echo "    load after: $(uptime | sed 's/.*load average/load average/')"
 
+BACKWARD_ARGS=()
+if [[ $BACKWARD -eq 1 ]]; then
+  BACKWARD_JSON="$RESULTS/cpu_backward_benchmark.json"
+  say "running the backward (load before: $(uptime | sed 's/.*load average/load average/'))"
+  echo "    B=$BATCH H=$HEADS D=$HEAD_DIMS w=$SEGMENTS r=$DILATIONS causal=$CAUSAL N=$BACKWARD_SEQ_LENS;"        "$REPETITIONS repetition(s)"
+  # Exit status 4: a sampled gradient row disagrees with docs/semantics.md §7 (set -e stops here).
+  "$BUILD_DIR/benchmarks/cpu_backward_benchmark" --seq_lens="$BACKWARD_SEQ_LENS" --head_dims="$HEAD_DIMS"     --heads="$HEADS" --batch="$BATCH" --segments="$SEGMENTS" --dilations="$DILATIONS" --causal="$CAUSAL"     --repetitions="$REPETITIONS" --benchmark_out="$BACKWARD_JSON" --benchmark_out_format=json
+  echo "    load after: $(uptime | sed 's/.*load average/load average/')"
+  BACKWARD_ARGS=(--backward "$BACKWARD_JSON")
+fi
+
 # ---- 4. Table, summary JSON, plot --------------------------------------------------------------
 say "summary"
-"$PYTHON" benchmarks/plot_results.py "$JSON" --out-dir "$RESULTS"
+"$PYTHON" benchmarks/plot_results.py "$JSON" --out-dir "$RESULTS" ${BACKWARD_ARGS[@]+"${BACKWARD_ARGS[@]}"}
 echo "raw Google Benchmark JSON: $JSON"
