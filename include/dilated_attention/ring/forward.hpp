@@ -249,7 +249,8 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
   const std::thread::id caller = std::this_thread::get_id();
   std::exception_ptr progress_error;
   const auto tick = [&] {
-    if (!options.drive_progress || progress_error || std::this_thread::get_id() != caller) return;
+    // The thread check comes first: only the calling thread ever reads or writes progress_error.
+    if (!options.drive_progress || std::this_thread::get_id() != caller || progress_error) return;
     try {
       transport.progress();
       ++stats.progress_calls;
