@@ -15,6 +15,7 @@
 
 #include "../config.hpp"
 #include "../cpu/attend.hpp"
+#include "../cpu/threads.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
 #include "layout.hpp"
@@ -66,28 +67,24 @@ class CpuBackend {
 
   // Scratch one thread reuses for every block it computes.
   struct Workspace {
-    explicit Workspace(std::int64_t head_dim) : attend(head_dim) {}
+    Workspace(std::int64_t head_dim, CpuIsa isa) : attend(head_dim, isa) {}
     cpu::AttendWorkspace<Acc> attend;
     std::vector<Acc> o, lse;
   };
 
-  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread.
+  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread. The
+  // instruction set is resolved here, on the calling thread, so that a bad
+  // DILATED_ATTENTION_CPU_ISA raises std::invalid_argument to the caller; cpu::run_units carries
+  // any exception of a worker back to this thread after every worker has joined.
   template <class Body>
   void for_each_head(Body&& body) {
     const std::int64_t pairs = shape_.batch * shape_.num_heads;
-    const auto work = [&](int thread) {
-      Workspace workspace(shape_.head_dim);
-      for (std::int64_t index = thread; index < pairs; index += threads_)
+    const CpuIsa isa = cpu::resolve_isa(CpuIsa::automatic);
+    cpu::run_units(pairs, threads_, [&](const auto& next) {
+      Workspace workspace(shape_.head_dim, isa);
+      for (std::int64_t index = next(); index >= 0; index = next())
         body(index / shape_.num_heads, index % shape_.num_heads, workspace);
-    };
-    if (threads_ == 1 || pairs == 1) {
-      work(0);
-      return;
-    }
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads_; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (std::thread& thread : pool) thread.join();
+    });
   }
 
   // The partial of query head h's rows `queries` (batch b) over key rows `keys` of kv head g,
