@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -14,6 +15,7 @@
 #include <dilated_attention/dilated_attention.hpp>
 
 #include "ring_support.hpp"
+#include "support/random_config.hpp"
 
 namespace da = dilated_attention;
 using da::testing::Tensor;
@@ -244,6 +246,26 @@ TEST(RingForward, FloatStorageAndThreadCountInvariance) {
     EXPECT_EQ(one.out.storage, three.out.storage);
     EXPECT_EQ(one.lse, three.lse);
   }
+}
+
+// A malformed DILATED_ATTENTION_CPU_ISA raises std::invalid_argument on the ranks (resolved on
+// the calling thread, never inside a compute worker, where it would terminate the process).
+TEST(RingForward, BadInstructionSetVariableRaises) {
+  const da::Config config = da::testing::make_config({8, 16}, {1, 2});
+  const da::Shape shape{1, 32, 2, 2, 8};
+  Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  const char* saved = std::getenv("DILATED_ATTENTION_CPU_ISA");
+  const std::string restore = saved ? saved : "";
+  ::setenv("DILATED_ATTENTION_CPU_ISA", "no-such-isa", 1);
+  EXPECT_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2),
+               std::exception);
+  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", restore.c_str(), 1);
+  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  // The same ranks work again once the variable is sane.
+  EXPECT_NO_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2));
 }
 
 // The ring can fail: a corrupted received row changes the answer (guards against a test that
