@@ -82,11 +82,13 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
   // in place, one branch after another. Narrow storage (bfloat16, half) accumulates each row in
   // a float window and rounds it once (phases 2 and 3 below).
   constexpr bool fused = std::is_same_v<T, Acc>;
+  // Per thread, one workspace for the whole call (window accumulators for narrow storage only).
+  cpu::detail::WorkspacePool<Acc> pool(num_threads, fused ? 0 : window, dim, isa);
 
   // Phase 1: row statistics, per (batch, head, window); the fused path also zeroes the
   // gradients here (each unit its own rows: d_q of its head, d_k and d_v of kv head h < Hkv).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
-    cpu::AttendGradWorkspace<Acc> workspace(dim, isa);
+    cpu::AttendGradWorkspace<Acc>& workspace = pool.claim().grad;
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t b = bh / shape.num_heads, h = bh % shape.num_heads;
@@ -102,6 +104,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
       }
     }
   });
+  pool.reset();
 
   if constexpr (fused) {
     // Phase 2 (fused): branch by branch, one unit per (batch, kv head, block).
@@ -112,7 +115,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
         if (block.branch == i) branch.push_back(&block);
       const auto count = static_cast<std::int64_t>(branch.size());
       cpu::run_units(shape.batch * shape.num_kv_heads * count, num_threads, [&](const auto& next) {
-        cpu::AttendGradWorkspace<Acc> workspace(dim, isa);
+        cpu::AttendGradWorkspace<Acc>& workspace = pool.claim().grad;
         for (std::int64_t unit = next(); unit >= 0; unit = next()) {
           const std::int64_t bg = unit / count;
           cpu::detail::block_unit<T>(pattern, *branch[static_cast<std::size_t>(unit % count)],
@@ -120,13 +123,14 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
                                      d_out, stats, d_q, d_k, d_v, workspace);
         }
       });
+      pool.reset();
     }
     return;
   }
 
   // Phase 2: dK and dV, per (batch, kv head, key window).
   cpu::run_units(shape.batch * shape.num_kv_heads * windows, num_threads, [&](const auto& next) {
-    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim, isa);
+    cpu::detail::BackwardWorkspace<Acc>& workspace = pool.claim();
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t y0 = w * window, y1 = std::min(shape.seq_len, y0 + window);
@@ -134,10 +138,11 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
                                  q, k, v, d_out, stats, d_k, d_v, workspace);
     }
   });
+  pool.reset();
 
   // Phase 3: dQ, per (batch, head, query window).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
-    cpu::detail::BackwardWorkspace<Acc> workspace(window, dim, isa);
+    cpu::detail::BackwardWorkspace<Acc>& workspace = pool.claim();
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);

@@ -5,8 +5,10 @@
 // fixed order and shares none of them with another unit of the same phase.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -97,6 +99,35 @@ struct BackwardWorkspace {
         second(static_cast<std::size_t>(window * head_dim)) {}
   AttendGradWorkspace<Acc> grad;
   std::vector<Acc> first, second;
+};
+
+// One BackwardWorkspace per worker thread for a whole backward call, shared by its phases: the
+// workers of each cpu::run_units call claim slots 0, 1, ... on entry (one each), and the pool is
+// reset after the call has joined them. A slot's scratch is allocated by the first worker that
+// claims it, so it is allocated once per call and thread. The contents never carry results from
+// one unit to the next (every unit initialises what it reads), so which slot a unit gets does not
+// matter to the results.
+template <class Acc>
+class WorkspacePool {
+ public:
+  WorkspacePool(int threads, std::int64_t window, std::int64_t head_dim, CpuIsa isa)
+      : slots_(static_cast<std::size_t>(std::max(threads, 1))),
+        window_(window),
+        head_dim_(head_dim),
+        isa_(isa) {}
+
+  BackwardWorkspace<Acc>& claim() {  // by each worker of one run_units call, once
+    auto& slot = slots_.at(static_cast<std::size_t>(next_.fetch_add(1)));
+    if (!slot) slot = std::make_unique<BackwardWorkspace<Acc>>(window_, head_dim_, isa_);
+    return *slot;
+  }
+  void reset() { next_.store(0); }  // after the run_units call returned
+
+ private:
+  std::vector<std::unique_ptr<BackwardWorkspace<Acc>>> slots_;
+  std::int64_t window_, head_dim_;
+  CpuIsa isa_;
+  std::atomic<int> next_{0};
 };
 
 template <class T>
