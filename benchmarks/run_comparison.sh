@@ -47,13 +47,15 @@ Options (each also read from the environment variable in brackets):
                           (about 10 s of benchmarks after the build); its folder ends in -quick
   --results DIR           parent of the per-run folders [DA_RESULTS=results]
   --build-dir DIR         CMake binary dir            [DA_BUILD_DIR=build/release]
+                          (build parallelism: DA_BUILD_JOBS, default all cores)
   --no-install            never install missing packages, only name them
   -h, --help              this text
 
 Packages: cmake, ninja-build, g++, libeigen3-dev (the library), libbenchmark-dev (the timing
 harness) and python3 (the table) are required; python3-matplotlib draws the plot and is
-optional (without it the table and JSON are still written). As root (or with passwordless sudo)
-on Debian/Ubuntu, missing ones are installed with `apt-get install --no-install-recommends`;
+optional (without it the table and JSON are still written; it is installed together with
+python3-munkres, which keeps SciPy and the Boost headers out). As root (or with passwordless
+sudo) on Debian/Ubuntu, missing ones are installed with `apt-get install --no-install-recommends`;
 otherwise the script stops and names them.
 Google Benchmark prints "Library was built as DEBUG" when the system's libbenchmark was compiled
 without NDEBUG (Debian's is): that concerns the harness library, not the timed code, which is

@@ -10,6 +10,8 @@
 #   packaging.find_package_build_tree  the build tree as the prefix (no install)
 #   packaging.find_package_cuda    COMPONENTS CUDA with nvcc (when the CUDA back end exists)
 #   packaging.add_subdirectory     an outside project that add_subdirectory()s this source tree
+#   packaging.scripts              the README's two commands: --help documents every option, and
+#                                  the progress wrapper reports quiet spells (tests/scripts_test.sh)
 #   packaging.fetchcontent         the same through FetchContent
 
 set(_packaging_dir "${CMAKE_CURRENT_BINARY_DIR}/packaging")
@@ -188,3 +190,11 @@ _dilated_attention_consumer_test(fetchcontent "${_consumers_dir}/add_subdirector
                        "-DCONSUMER_USE_FETCHCONTENT=ON" "-DCONSUMER_REFERENCE_ONLY=ON"
                        "-DDILATED_ATTENTION_ENABLE_CUDA=OFF" "-DDILATED_ATTENTION_ENABLE_MPI=OFF"
                        "-DDILATED_ATTENTION_ENABLE_NCCL=OFF")
+
+# The README's two commands say what they accept and show progress (no build, a few seconds).
+find_program(DILATED_ATTENTION_BASH bash)
+if(DILATED_ATTENTION_BASH)
+  add_test(NAME packaging.scripts
+           COMMAND "${DILATED_ATTENTION_BASH}" "${CMAKE_CURRENT_SOURCE_DIR}/scripts_test.sh")
+  set_tests_properties(packaging.scripts PROPERTIES LABELS packaging TIMEOUT 120)
+endif()

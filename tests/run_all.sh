@@ -6,6 +6,8 @@
 #   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~1 min
 #
 # Usage: bash tests/run_all.sh [--fresh] [debug] [asan] [tsan]      (default: all three phases)
+#        bash tests/run_all.sh -h | --help                            (this text)
+#   --fresh   reconfigure each phase from scratch (cmake --workflow --fresh)
 # Environment: JOBS (default: nproc) build and test parallelism; PROGRESS_SECONDS (default 15).
 #
 # Progress: each phase prints its configure output, one [done/total] line per finished build
