@@ -22,8 +22,8 @@ Steps, each announced by a line starting with "==>":
      cpu_forward_benchmark.json, summary.json and benchmark_cpu.png (time against N, log-log).
      RESULTS/latest points to the newest run; earlier runs are kept.
 Whenever a step prints nothing for DA_PROGRESS_SECONDS (15) seconds, a "... still running" line
-says how long it has been at it. On 2 cores the whole job takes about 10 minutes from a fresh
-clone (build ~1 min, benchmarks ~8 min); --quick about 30 s.
+says how long it has been at it. On 2 cores the build takes under a minute the first time, and
+the benchmarks 1 to 4 minutes depending on the CPU and on what else runs (--quick: about 10 s).
 
 Default input: B=1, H=8, D=64, float32, branches w=2048,4096,8192 with r=1,2,4, non-causal,
 modular offsets, softmax mixing, N=16384,65536,262144; dense attention (one branch w=N, r=1, the
