@@ -4,6 +4,8 @@ dilated_attention_add_test(pattern_test SOURCES pattern_test.cpp LABELS foundati
 dilated_attention_add_test(reference_test SOURCES reference_test.cpp LABELS foundation)
 dilated_attention_add_test(validation_test SOURCES validation_test.cpp LABELS foundation
                            LIBRARIES GTest::gmock)
+dilated_attention_add_test(reference_backward_test SOURCES reference_backward_test.cpp
+                           LABELS foundation LIBRARIES GTest::gmock)
 # Checked views (View::extent); -Werror=missing-field-initializers keeps the four-value aggregate
 # spelling `View<T>{ptr, bs, ss, hs}` warning-free.
 dilated_attention_add_test(checked_view_test SOURCES checked_view_test.cpp LABELS foundation

@@ -303,4 +303,53 @@ void validate(const Config& config, const Shape& shape, const View<const T>& q,
   }
 }
 
+
+// Everything backward receives (docs/semantics.md §7.4): the forward's rules for q, k, v, then
+// `out`, `lse` and `d_out` as further inputs, and d_q, d_k, d_v as outputs that must not share
+// memory with any input or with each other. Raises std::invalid_argument before any gradient is
+// written.
+template <class T, class L>
+void validate_backward(const Config& config, const Shape& shape, const View<const T>& q,
+                       const View<const T>& k, const View<const T>& v, const View<const T>& out,
+                       const L* lse, const View<const T>& d_out, const View<T>& d_q,
+                       const View<T>& d_k, const View<T>& d_v) {
+  using detail::reject;
+  validate(config, shape);
+  detail::check_view("q", q, shape, shape.num_heads, false);
+  detail::check_view("k", k, shape, shape.num_kv_heads, false);
+  detail::check_view("v", v, shape, shape.num_kv_heads, false);
+  detail::check_view("out", out, shape, shape.num_heads, false);
+  if (lse == nullptr)
+    reject("lse is null: backward needs the [batch, num_heads, seq_len] LSE that forward returned");
+  detail::check_view("d_out", d_out, shape, shape.num_heads, false);
+  detail::check_view("d_q", d_q, shape, shape.num_heads, true);
+  detail::check_view("d_k", d_k, shape, shape.num_kv_heads, true);
+  detail::check_view("d_v", d_v, shape, shape.num_kv_heads, true);
+
+  const auto lse_lo = reinterpret_cast<std::uintptr_t>(lse);
+  const auto lse_count = static_cast<std::uintptr_t>(shape.batch * shape.num_heads * shape.seq_len);
+  const char* input_names[6] = {"q", "k", "v", "out", "lse", "d_out"};
+  const detail::ByteRange inputs[6] = {
+      detail::byte_range(q, shape, shape.num_heads),
+      detail::byte_range(k, shape, shape.num_kv_heads),
+      detail::byte_range(v, shape, shape.num_kv_heads),
+      detail::byte_range(out, shape, shape.num_heads),
+      {lse_lo, lse_lo + lse_count * sizeof(L) - 1},
+      detail::byte_range(d_out, shape, shape.num_heads)};
+  const char* output_names[3] = {"d_q", "d_k", "d_v"};
+  const detail::ByteRange outputs[3] = {detail::byte_range(d_q, shape, shape.num_heads),
+                                        detail::byte_range(d_k, shape, shape.num_kv_heads),
+                                        detail::byte_range(d_v, shape, shape.num_kv_heads)};
+  for (int o = 0; o < 3; ++o) {
+    for (int i = 0; i < 6; ++i)
+      if (outputs[o].overlaps(inputs[i]))
+        reject(output_names[o], " overlaps ", input_names[i],
+               ": a gradient must not share memory with an input (the address ranges intersect)");
+    for (int other = 0; other < o; ++other)
+      if (outputs[o].overlaps(outputs[other]))
+        reject(output_names[o], " overlaps ", output_names[other],
+               ": the three gradients must not share memory with each other");
+  }
+}
+
 }  // namespace dilated_attention
