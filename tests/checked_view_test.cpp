@@ -1,6 +1,7 @@
 // Checked views (View::extent, docs/semantics.md §5): a view that knows the length of its buffer is
 // bounds-checked by validate(). Every entry point must reject a view whose highest reachable
-// element lies past the end of its buffer -- for q, k, v and out -- with std::invalid_argument
+// element lies past the end of its buffer -- for q, k, v and out, and for reference::backward's
+// gradients and d_out too -- with std::invalid_argument
 // naming the parameter and both numbers, before a single output element (O or LSE) is written;
 // a buffer of exactly the right length, padded strides included, is accepted and gives the same
 // numbers as the unchecked view. The four-value spelling `View<T>{ptr, bs, ss, hs}` stays
@@ -177,6 +178,66 @@ void check_entry(Entry entry) {
 TEST(CheckedView, ReferenceRejectsShortBuffersBeforeWriting) { check_entry<double>(Entry::reference); }
 TEST(CheckedView, CpuFloatRejectsShortBuffersBeforeWriting) { check_entry<float>(Entry::cpu); }
 TEST(CheckedView, CpuDoubleRejectsShortBuffersBeforeWriting) { check_entry<double>(Entry::cpu); }
+
+// reference::backward checks its seven views the same way (validate_backward shares check_view):
+// each one a single element short is rejected before any gradient is written.
+TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
+  da::Config config;
+  config.segment_lengths = {4, 6};
+  config.dilation_rates = {1, 2};
+  const da::Shape shape{1, 9, 4, 2, 3};
+  const std::size_t q_size = 1 * 9 * 4 * 3, kv_size = 1 * 9 * 2 * 3;
+  std::mt19937 rng(5);
+  std::normal_distribution<double> normal;
+  auto random = [&](std::size_t n) {
+    std::vector<double> x(n);
+    for (double& e : x) e = normal(rng);
+    return x;
+  };
+  const std::vector<double> q = random(q_size), k = random(kv_size), v = random(kv_size),
+                            d_out = random(q_size);
+  std::vector<double> out(q_size), lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+  da::reference::forward<double>(config, shape, da::contiguous_view(q, shape, shape.num_heads),
+                                 da::contiguous_view(k, shape, shape.num_kv_heads),
+                                 da::contiguous_view(v, shape, shape.num_kv_heads),
+                                 da::contiguous_view(out, shape, shape.num_heads), lse.data());
+  const char* const names[7] = {"q", "k", "v", "out", "d_out", "d_q", "d_k"};
+  for (int shortened = -1; shortened < 8; ++shortened) {
+    const char* name = shortened < 0 ? "none" : shortened < 7 ? names[shortened] : "d_v";
+    SCOPED_TRACE(std::string("short: ") + name);
+    std::vector<double> d_q(q_size, kSentinel), d_k(kv_size, kSentinel), d_v(kv_size, kSentinel);
+    auto view = [&](auto& buffer, std::int64_t heads, int index) {
+      auto checked = da::contiguous_view(buffer, shape, heads);
+      if (index == shortened) --checked.extent;
+      return checked;
+    };
+    auto call = [&] {
+      da::reference::backward<double>(
+          config, shape, view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
+          view(v, shape.num_kv_heads, 2), view(out, shape.num_heads, 3), lse.data(),
+          view(d_out, shape.num_heads, 4), view(d_q, shape.num_heads, 5),
+          view(d_k, shape.num_kv_heads, 6), view(d_v, shape.num_kv_heads, 7));
+    };
+    if (shortened < 0) {
+      ASSERT_NO_THROW(call());
+      EXPECT_NE(d_q[0], kSentinel);
+      continue;
+    }
+    const std::int64_t buffer = (shortened == 1 || shortened == 2 || shortened >= 6)
+                                    ? static_cast<std::int64_t>(kv_size)
+                                    : static_cast<std::int64_t>(q_size);
+    try {
+      call();
+      ADD_FAILURE() << "no exception was thrown";
+    } catch (const std::invalid_argument& error) {
+      EXPECT_THAT(error.what(), HasSubstr(std::string(name) + " reaches element " +
+                                          std::to_string(buffer - 1)));
+      EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(buffer - 1) + " elements"));
+    }
+    for (const auto* gradient : {&d_q, &d_k, &d_v})
+      for (const double x : *gradient) ASSERT_EQ(x, kSentinel) << "a gradient was written";
+  }
+}
 
 // The case that motivated the check: a q view laid out for head_dim 128 over a buffer sized for
 // head_dim 64 reads past its end; with the vector's size attached the call refuses.
