@@ -26,3 +26,15 @@ dilated_attention_cpu_benchmark_flags(cpu_forward_benchmark)
 add_executable(cpu_forward_from_files ${CMAKE_CURRENT_LIST_DIR}/peers/cpu_forward_from_files.cpp)
 target_link_libraries(cpu_forward_from_files PRIVATE DilatedAttention::dilated_attention)
 dilated_attention_cpu_benchmark_flags(cpu_forward_from_files)
+
+# Forward and backward timed in one binary (the backward rows of the main job's table).
+add_executable(cpu_backward_benchmark
+  ${CMAKE_CURRENT_LIST_DIR}/cpu_backward_benchmark.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/cpu_heap_counter.cpp)
+target_link_libraries(cpu_backward_benchmark PRIVATE DilatedAttention::dilated_attention benchmark::benchmark)
+dilated_attention_cpu_benchmark_flags(cpu_backward_benchmark)
+
+# Our side of the backward peer comparison (benchmarks/peers/compare_backward_pytorch.py).
+add_executable(cpu_backward_from_files ${CMAKE_CURRENT_LIST_DIR}/peers/cpu_backward_from_files.cpp)
+target_link_libraries(cpu_backward_from_files PRIVATE DilatedAttention::dilated_attention)
+dilated_attention_cpu_benchmark_flags(cpu_backward_from_files)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise one run of cpu_forward_benchmark: the main job's table, summary JSON and plot.
 
-    plot_results.py RESULTS.json [--out-dir DIR] [--no-plot]
+    plot_results.py RESULTS.json [--backward BACKWARD.json] [--out-dir DIR] [--no-plot]
 
 Reads the Google Benchmark JSON (--benchmark_out) of ONE run, so every ratio compares figures
 measured in the same process on the same machine state:
@@ -18,8 +18,20 @@ measured in the same process on the same machine state:
   peak MiB          q + k + v + out + lse + the heap the calls allocated on top (budget: +64 MiB)
   max err           max |ours - docs/semantics.md §2 in double| over sampled rows (out and lse)
 
+With --backward (the JSON of cpu_backward_benchmark, forward and backward timed in one binary) a
+second table covers the backward:
+
+  bwd/fwd           backward time / forward time, same (N, D), same run (target <= 2.5)
+  useful GFLOP/s    2.5 x Pattern::useful_flops() (FlashAttention-2's count of a backward) / time;
+                    GFLOP/core-s divides by process CPU seconds instead (less load-sensitive)
+  t(N)/t(N/4)       of the backward (target <= 4.4)
+  heap MiB          heap the backward calls allocated beyond q, k, v, out, lse, d_out, dq, dk, dv
+  max rel err       largest gradient error on sampled rows against docs/semantics.md §7 in double,
+                    relative to the largest sampled entry (dQ, dK, dV)
+
 Writes DIR/summary.json and, when matplotlib is importable, DIR/benchmark_cpu.png (time against
-N, log-log, dilated and dense). Only the standard library is needed for the table.
+N, log-log, dilated and dense; with --backward also DIR/benchmark_cpu_backward.png). Only the
+standard library is needed for the tables.
 """
 
 import argparse
@@ -276,31 +288,168 @@ def plot(summary, path):
     return True
 
 
+def summarise_backward(data):
+    runs = representative_runs(data["benchmarks"])
+    by_key = {(kind_of(r), int(r["D"]), int(r["N"])): r for r in runs
+              if kind_of(r) in ("forward", "backward") and "D" in r}
+    rows = []
+    for (kind, d, n), r in sorted(by_key.items(), key=lambda item: (item[0][1], item[0][2])):
+        if kind != "backward":
+            continue
+        t = seconds(r)
+        fwd = by_key.get(("forward", d, n))
+        quarter = by_key.get(("backward", d, n // 4)) if n % 4 == 0 else None
+        rows.append({
+            "D": d,
+            "N": n,
+            "forward_s": seconds(fwd) if fwd else None,
+            "backward_s": t,
+            "backward_over_forward": t / seconds(fwd) if fwd else None,
+            "backward_over_forward_cpu": (cpu_seconds(r) / cpu_seconds(fwd)
+                                          if fwd and cpu_seconds(r) and cpu_seconds(fwd) else None),
+            "cpu_share": cpu_share(r),
+            "forward_idle_estimate_s": (cpu_seconds(fwd) / fwd["worker_threads"]
+                                        if fwd and cpu_seconds(fwd) and fwd.get("worker_threads") else None),
+            "backward_idle_estimate_s": (cpu_seconds(r) / r["worker_threads"]
+                                         if cpu_seconds(r) and r.get("worker_threads") else None),
+            "useful_flops": r["useful_flops"],
+            "useful_GFLOPs": r["useful_flops"] / t * 1e-9,
+            "useful_GFLOP_per_core_s": r["useful_flops"] / cpu_seconds(r) * 1e-9 if cpu_seconds(r) else None,
+            "time_ratio_4x": t / seconds(quarter) if quarter else None,
+            "time_ratio_4x_cpu": (cpu_seconds(r) / cpu_seconds(quarter)
+                                  if quarter and cpu_seconds(r) and cpu_seconds(quarter) else None),
+            "tensors_MiB": r.get("tensors_MiB"),
+            "heap_peak_MiB": r.get("heap_peak_MiB"),
+            "forward_heap_peak_MiB": fwd.get("heap_peak_MiB") if fwd else None,
+            "max_rel_err_dq": r.get("max_rel_err_dq"),
+            "max_rel_err_dk": r.get("max_rel_err_dk"),
+            "max_rel_err_dv": r.get("max_rel_err_dv"),
+            "error": r.get("error_message"),
+        })
+    context = data.get("context", {})
+    return {"context": {k: context.get(k) for k in ("date", "num_cpus", "load_avg", "implementation", "config",
+                                                      "kernel_threads", "heap_counter", "compiler")},
+            "rows": rows}
+
+
+def print_backward_table(summary, out=sys.stdout, markdown=False):
+    ctx = summary["context"]
+    print(f"\nbackward ({ctx.get('implementation')}; {ctx.get('config')}; load average at start "
+          f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])})", file=out)
+    header = ("D", "N", "forward", "backward", "cpu", "bwd/fwd wall (cpu)", "GFLOP/s", "GFLOP/core-s",
+              "t(N)/t(N/4) wall (cpu)", "heap MiB", "max rel err dQ/dK/dV")
+    lines = []
+    for r in summary["rows"]:
+        errors = "/".join(fmt(r[k], ".1e") for k in ("max_rel_err_dq", "max_rel_err_dk", "max_rel_err_dv"))
+        if r.get("error"):
+            errors = "FAILED: " + r["error"]
+        lines.append((str(r["D"]), str(r["N"]), fmt(r["forward_s"], ".3f") + " s", f"{r['backward_s']:.3f} s",
+                      fmt(r["cpu_share"], ".0%"), both(r["backward_over_forward"], r["backward_over_forward_cpu"], ".2f"),
+                      fmt(r["useful_GFLOPs"], ".1f"), fmt(r["useful_GFLOP_per_core_s"], ".1f"),
+                      both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"),
+                      fmt(r["heap_peak_MiB"], ".2f"), errors))
+    if markdown:
+        print("| " + " | ".join(header) + " |", file=out)
+        print("|" + "---|" * len(header), file=out)
+        for line in lines:
+            print("| " + " | ".join(line) + " |", file=out)
+        return
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+
+
+def plot_backward(summary, path):
+    """Time per call against N: CPU seconds / threads (what an idle machine would show; solid)
+    and wall time (faint), forward and backward; labels give backward / forward in CPU time."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    markers = ["o", "s", "^", "D"]
+    for i, d in enumerate(sorted({r["D"] for r in summary["rows"]})):
+        rows = sorted((r for r in summary["rows"] if r["D"] == d), key=lambda r: r["N"])
+        for kind, color in (("forward", "tab:blue"), ("backward", "tab:orange")):
+            for key, alpha, suffix in ((f"{kind}_idle_estimate_s", 1.0, "CPU s / threads"), (f"{kind}_s", 0.35, "wall")):
+                pts = [(r["N"], r[key]) for r in rows if r.get(key)]
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=markers[i % len(markers)], color=color, alpha=alpha,
+                        linestyle="-" if i == 0 else "--", label=f"{kind}, D={d} ({suffix})")
+                if alpha == 1.0:
+                    for x, y in pts:
+                        ax.annotate(f"{y:.2f} s", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=7,
+                                    color=color)
+        for r in rows:
+            if r.get("backward_over_forward_cpu") and r.get("backward_idle_estimate_s"):
+                ax.annotate(f"bwd/fwd {r['backward_over_forward_cpu']:.2f}", (r["N"], r["backward_idle_estimate_s"]),
+                            textcoords="offset points", xytext=(-62, 6), fontsize=7, color="tab:orange")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel("time per call (s)")
+    ctx = summary["context"]
+    load = ctx.get("load_avg") or []
+    config = (ctx.get("config") or "").replace(" causal", "\ncausal")
+    ax.set_title(f"CPU backward vs forward, {config}\n{ctx.get('num_cpus')} CPUs, {(ctx.get('date') or '')[:16]}"
+                 + (f", load average at start {load[0]:.1f}" if load else ""), fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", help="JSON written by cpu_forward_benchmark --benchmark_out")
+    parser.add_argument("results", nargs="?", default=None,
+                        help="JSON written by cpu_forward_benchmark --benchmark_out (optional with --backward)")
     parser.add_argument("--out-dir", default=None, help="where summary.json and benchmark_cpu.png go "
                         "(default: the JSON's folder)")
     parser.add_argument("--no-plot", action="store_true", help="print the table and write summary.json only")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
+    parser.add_argument("--backward", default=None, help="JSON written by cpu_backward_benchmark --benchmark_out")
     args = parser.parse_args()
-    with open(args.results) as f:
-        data = json.load(f)
-    summary = summarise(data)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
+    if args.results is None and args.backward is None:
+        parser.error("give the forward JSON, --backward JSON, or both")
+    summary = {"rows": []}
+    if args.results is not None:
+        with open(args.results) as f:
+            data = json.load(f)
+        summary = summarise(data)
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results or args.backward))
     os.makedirs(out_dir, exist_ok=True)
-    print_table(summary)
-    if args.markdown:
-        print()
-        print_markdown(summary)
-        print()
+    if args.results is not None:
+        print_table(summary)
+        if args.markdown:
+            print()
+            print_markdown(summary)
+            print()
+    if args.backward:
+        with open(args.backward) as f:
+            summary["backward"] = summarise_backward(json.load(f))
+        print_backward_table(summary["backward"])
+        if args.markdown:
+            print()
+            print_backward_table(summary["backward"], markdown=True)
+            print()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"summary: {os.path.join(out_dir, 'summary.json')}")
     if not args.no_plot:
         png = os.path.join(out_dir, "benchmark_cpu.png")
-        if plot(summary, png):
+        if args.results is not None and plot(summary, png):
             print(f"plot:    {png}")
+        if args.backward:
+            png = os.path.join(out_dir, "benchmark_cpu_backward.png")
+            if plot_backward(summary["backward"], png):
+                print(f"plot:    {png}")
 
 
 if __name__ == "__main__":

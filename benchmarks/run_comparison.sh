@@ -15,12 +15,17 @@ Steps, each announced by a line starting with "==>":
      with apt-get --no-install-recommends, naming each package and what it is for
   2. configure (release preset, build/release) and build the cpu_forward_benchmark target;
      Ninja prints one [done/total] line per finished step
-  3. run the benchmarks, announcing each one ("... running <name>") before it starts
+  3. run the forward benchmarks, announcing each one ("... running <name>") before it starts;
+     then the backward: cpu_backward_benchmark times forward and backward on the same inputs at
+     N=16384,65536 (D as given) and checks sampled gradient rows against docs/semantics.md §7
+     (a wrong gradient fails the job)
   4. print a table (N, time, useful GFLOP/s, ratio to an Eigen SGEMM measured in the same binary,
      ratio to dense attention, time(4N)/time(N), peak memory, max error against
-     docs/semantics.md §2 on sampled rows) and write, into RESULTS/<UTC date and time>/:
-     cpu_forward_benchmark.json, summary.json and benchmark_cpu.png (time against N, log-log).
-     RESULTS/latest points to the newest run; earlier runs are kept.
+     docs/semantics.md §2 on sampled rows), then the backward's (backward/forward time, useful
+     GFLOP/s at 2.5x the forward's FLOPs, time(4N)/time(N), heap beyond the tensors, gradient
+     errors), and write, into RESULTS/<UTC date and time>/: cpu_forward_benchmark.json,
+     cpu_backward_benchmark.json, summary.json, benchmark_cpu.png and benchmark_cpu_backward.png
+     (time against N, log-log). RESULTS/latest points to the newest run; earlier runs are kept.
 Whenever a step prints nothing for DA_PROGRESS_SECONDS (15) seconds, a "... still running" line
 says how long it has been at it. On 2 cores the build takes under a minute the first time, and
 the benchmarks 1 to 4 minutes depending on the CPU and on what else runs (--quick: about 10 s).
@@ -43,8 +48,12 @@ Options (each also read from the environment variable in brackets):
                                                       [DA_REPETITIONS=3]
   --threads T             threads for kernel and SGEMM (default: all cores)
                                                       [DILATED_ATTENTION_NUM_THREADS]
-  --quick                 a smoke run: N=4096,16384, dense at N=4096, 1 repetition
-                          (about 10 s of benchmarks after the build); its folder ends in -quick
+  --backward-seq-lens LIST  sequence lengths of the backward run
+                                                      [DA_BACKWARD_SEQ_LENS=16384,65536]
+  --no-backward           skip the backward run       [DA_BACKWARD=1]
+  --quick                 a smoke run: N=4096,16384 (backward too), dense at N=4096,
+                          1 repetition (well under a minute of benchmarks after the build);
+                          its folder ends in -quick
   --results DIR           parent of the per-run folders [DA_RESULTS=results]
   --build-dir DIR         CMake binary dir            [DA_BUILD_DIR=build/release]
                           (build parallelism: DA_BUILD_JOBS, default all cores)
@@ -76,6 +85,8 @@ DENSE_MAX="${DA_DENSE_MAX_SEQ_LEN:-16384}"
 REPETITIONS="${DA_REPETITIONS:-3}"
 RESULTS="${DA_RESULTS:-results}"
 BUILD_DIR="${DA_BUILD_DIR:-build/release}"
+BACKWARD_SEQ_LENS="${DA_BACKWARD_SEQ_LENS:-16384,65536}"
+BACKWARD="${DA_BACKWARD:-1}"
 PROGRESS_SECONDS="${DA_PROGRESS_SECONDS:-15}"
 INSTALL=1
 QUICK=0
@@ -93,7 +104,10 @@ while [[ $# -gt 0 ]]; do
     --dense-max-seq-len) DENSE_MAX="$2"; shift 2 ;;
     --repetitions) REPETITIONS="$2"; shift 2 ;;
     --threads) export DILATED_ATTENTION_NUM_THREADS="$2"; shift 2 ;;
-    --quick) SEQ_LENS=4096,16384; DENSE_MAX=4096; REPETITIONS=1; QUICK=1; shift ;;
+    --backward-seq-lens) BACKWARD_SEQ_LENS="$2"; shift 2 ;;
+    --no-backward) BACKWARD=0; shift ;;
+    --quick) SEQ_LENS=4096,16384; BACKWARD_SEQ_LENS=4096,16384; DENSE_MAX=4096; REPETITIONS=1
+             QUICK=1; shift ;;
     --results) RESULTS="$2"; shift 2 ;;
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
     --no-install) INSTALL=0; shift ;;
@@ -232,6 +246,10 @@ fi
 say "building cpu_forward_benchmark ($BUILD_DIR, -j$JOBS; about a minute on 2 cores the first time)"
 with_progress build cmake --build "$BUILD_DIR" --target cpu_forward_benchmark -j "$JOBS"
 BINARY="$BUILD_DIR/benchmarks/cpu_forward_benchmark"
+if [[ $BACKWARD -eq 1 ]]; then
+  say "building cpu_backward_benchmark ($BUILD_DIR, -j$JOBS; about a minute the first time)"
+  with_progress build cmake --build "$BUILD_DIR" --target cpu_backward_benchmark -j "$JOBS"
+fi
 
 # ---- 3. Run, one progress line per benchmark ---------------------------------------------------
 RUN_DIR="$RESULTS/$(date -u +%Y-%m-%dT%H%M%SZ)"
@@ -249,8 +267,23 @@ with_progress benchmarks "$BINARY" --seq_lens="$SEQ_LENS" --head_dims="$HEAD_DIM
   --benchmark_out="$JSON" --benchmark_out_format=json ${EXTRA[@]+"${EXTRA[@]}"}
 echo "    load after: $(uptime | sed 's/.*load average/load average/')"
 
+BACKWARD_ARGS=()
+if [[ $BACKWARD -eq 1 ]]; then
+  BACKWARD_JSON="$RUN_DIR/cpu_backward_benchmark.json"
+  say "running the backward (load before: $(uptime | sed 's/.*load average/load average/'))"
+  echo "    B=$BATCH H=$HEADS D=$HEAD_DIMS w=$SEGMENTS r=$DILATIONS causal=$CAUSAL N=$BACKWARD_SEQ_LENS;" \
+       "$REPETITIONS repetition(s)"
+  # Exit status 4: a sampled gradient row disagrees with docs/semantics.md §7 (set -e stops here).
+  with_progress backward "$BUILD_DIR/benchmarks/cpu_backward_benchmark" --seq_lens="$BACKWARD_SEQ_LENS" \
+    --head_dims="$HEAD_DIMS" --heads="$HEADS" --batch="$BATCH" --segments="$SEGMENTS" \
+    --dilations="$DILATIONS" --causal="$CAUSAL" --repetitions="$REPETITIONS" \
+    --benchmark_out="$BACKWARD_JSON" --benchmark_out_format=json
+  echo "    load after: $(uptime | sed 's/.*load average/load average/')"
+  BACKWARD_ARGS=(--backward "$BACKWARD_JSON")
+fi
+
 # ---- 4. Table, summary JSON, plot --------------------------------------------------------------
 say "summary"
-"$PYTHON" -u benchmarks/plot_results.py "$JSON" --out-dir "$RUN_DIR"
+"$PYTHON" -u benchmarks/plot_results.py "$JSON" --out-dir "$RUN_DIR" ${BACKWARD_ARGS[@]+"${BACKWARD_ARGS[@]}"}
 echo "raw Google Benchmark JSON: $JSON"
 echo "run_comparison.sh: done in $(clock SECONDS-STARTED); results in $RUN_DIR/ (also $RESULTS/latest/)"

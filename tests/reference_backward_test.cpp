@@ -261,7 +261,9 @@ struct BackwardProblem {
   dt::Inputs<double> in = dt::random_inputs<double>(shape, 7);
   dt::Tensor<double> out_tensor{shape, shape.num_heads};
   dt::Tensor<double> d_out_tensor = dt::random_tensor<double>(shape, shape.num_heads, 8);
-  std::vector<double> lse_storage = std::vector<double>(dt::lse_size(shape));
+  // Room after the LSE, so that a gradient pointed at it overlaps the LSE and nothing else
+  // (the gradients are larger than the LSE); the call reads only the first lse_size elements.
+  std::vector<double> lse_storage = std::vector<double>(dt::lse_size(shape) + 1024);
   dt::Tensor<double> dq_tensor{shape, shape.num_heads}, dk_tensor{shape, shape.num_kv_heads},
       dv_tensor{shape, shape.num_kv_heads};
   da::View<const double> q = in.q.view(), k = in.k.view(), v = in.v.view();

@@ -1,6 +1,6 @@
 #pragma once
 // The CPU umbrella header (docs/semantics.md §4): the contract's types and validation, the pattern generator,
-// the merge algebra, the fp64 reference, and the fast threaded CPU forward. Needs only the C++17
+// the merge algebra, the fp64 reference, and the fast threaded CPU forward and backward. Needs only the C++17
 // standard library, Eigen 3.4 and threads.
 
 #include "config.hpp"
@@ -10,3 +10,6 @@
 #include "cpu/attend.hpp"
 #include "cpu/threads.hpp"
 #include "cpu/forward.hpp"
+#include "cpu/attend_grad.hpp"
+#include "cpu/backward_units.hpp"
+#include "cpu/backward.hpp"
