@@ -285,5 +285,5 @@ fi
 # ---- 4. Table, summary JSON, plot --------------------------------------------------------------
 say "summary"
 "$PYTHON" -u benchmarks/plot_results.py "$JSON" --out-dir "$RUN_DIR" ${BACKWARD_ARGS[@]+"${BACKWARD_ARGS[@]}"}
-echo "raw Google Benchmark JSON: $JSON"
+echo "raw Google Benchmark JSON: $JSON${BACKWARD_JSON:+, $BACKWARD_JSON}"
 echo "run_comparison.sh: done in $(clock SECONDS-STARTED); results in $RUN_DIR/ (also $RESULTS/latest/)"
