@@ -12,14 +12,35 @@ function(dilated_attention_cpu_benchmark_flags target)
     $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Wshadow>)
   if(DILATED_ATTENTION_BENCH_NATIVE AND DILATED_ATTENTION_HAS_MARCH_NATIVE)
     target_compile_options(${target} PRIVATE -march=native)
+    target_compile_definitions(${target} PRIVATE DA_BENCH_NATIVE_BUILD)
   endif()
 endfunction()
 
-add_executable(cpu_forward_benchmark
-  ${CMAKE_CURRENT_LIST_DIR}/cpu_forward_benchmark.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/cpu_heap_counter.cpp)
-target_link_libraries(cpu_forward_benchmark PRIVATE DilatedAttention::dilated_attention benchmark::benchmark)
+# OpenBLAS: a second SGEMM yardstick beside Eigen's, in the benchmark binary only (the library
+# never links it). Optional: without it the benchmark runs without that yardstick.
+find_path(DILATED_ATTENTION_CBLAS_INCLUDE cblas.h PATH_SUFFIXES openblas openblas-pthread)
+find_library(DILATED_ATTENTION_OPENBLAS_LIBRARY openblas)
+
+function(dilated_attention_cpu_forward_benchmark target)
+  add_executable(${target}
+    ${CMAKE_CURRENT_LIST_DIR}/cpu_forward_benchmark.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/cpu_heap_counter.cpp)
+  target_link_libraries(${target} PRIVATE DilatedAttention::dilated_attention benchmark::benchmark)
+  if(DILATED_ATTENTION_CBLAS_INCLUDE AND DILATED_ATTENTION_OPENBLAS_LIBRARY)
+    target_include_directories(${target} SYSTEM PRIVATE ${DILATED_ATTENTION_CBLAS_INCLUDE})
+    target_link_libraries(${target} PRIVATE ${DILATED_ATTENTION_OPENBLAS_LIBRARY})
+    target_compile_definitions(${target} PRIVATE DA_BENCH_OPENBLAS)
+  endif()
+endfunction()
+
+dilated_attention_cpu_forward_benchmark(cpu_forward_benchmark)
 dilated_attention_cpu_benchmark_flags(cpu_forward_benchmark)
+
+# The same benchmark built as a consumer with default flags would build it (baseline x86-64, no
+# -march): the kernel must reach AVX2 / AVX-512 through run-time dispatch alone.
+dilated_attention_cpu_forward_benchmark(cpu_forward_benchmark_portable)
+target_compile_options(cpu_forward_benchmark_portable PRIVATE
+  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic -Wshadow>)
 
 # Reads raw float32 inputs written by benchmarks/peers/compare_dilated_attention_pytorch.py,
 # runs our forward on them and writes the output back (peer comparison, docs/performance.md).
@@ -38,3 +59,19 @@ dilated_attention_cpu_benchmark_flags(cpu_backward_benchmark)
 add_executable(cpu_backward_from_files ${CMAKE_CURRENT_LIST_DIR}/peers/cpu_backward_from_files.cpp)
 target_link_libraries(cpu_backward_from_files PRIVATE DilatedAttention::dilated_attention)
 dilated_attention_cpu_benchmark_flags(cpu_backward_from_files)
+# The measurement behind the choice of per-function target attributes over Google Highway and
+# xsimd (docs/design.md, SIMD section). Opt-in: it needs libhwy-dev and libxsimd-dev.
+option(DILATED_ATTENTION_BENCH_SIMD_LIBRARIES "Build the Highway / xsimd comparison benchmark" OFF)
+if(DILATED_ATTENTION_BENCH_SIMD_LIBRARIES)
+  find_library(DILATED_ATTENTION_HWY_LIBRARY hwy REQUIRED)
+  add_executable(cpu_simd_libraries_benchmark
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/simd_libraries_benchmark.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/highway_kernel.cpp
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries/xsimd_kernel.cpp)
+  target_include_directories(cpu_simd_libraries_benchmark PRIVATE
+    ${CMAKE_CURRENT_LIST_DIR}/simd_libraries)
+  set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/simd_libraries/xsimd_kernel.cpp
+    PROPERTIES COMPILE_OPTIONS -march=native)
+  target_link_libraries(cpu_simd_libraries_benchmark PRIVATE DilatedAttention::dilated_attention
+                        benchmark::benchmark ${DILATED_ATTENTION_HWY_LIBRARY})
+endif()

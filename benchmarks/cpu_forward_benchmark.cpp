@@ -1,12 +1,20 @@
 // The CPU forward benchmarks behind the README's main job (benchmarks/run_comparison.sh):
 //
+//   fma_peak/<isa>/threads:t   an FMA loop (12 independent accumulators of the widest vectors
+//                              of <isa>) on t threads: the measured peak, per core at t = 1.
 //   sgemm/...                  Eigen SGEMM of a large square product, split over the same number
 //                              of threads the kernel uses: the machine's achievable FLOP rate.
+//   sgemm_openblas/...         the same product by OpenBLAS (cblas_sgemm, one OpenBLAS thread per
+//                              worker): a second, stronger yardstick. Benchmark-only dependency.
 //   sgemm_attention_shaped/... the two Eigen products of one attention block (Q K^T, then P V) at
 //                              the kernel's block size: what plain matrix products reach at
 //                              these thin shapes.
 //   dense/D:d/N:n              the same kernel with one branch w = N, r = 1 (dense attention).
 //   dilated/D:d/N:n            the kernel on the configured branches.
+//
+// The kernel runs the instruction set --isa names (default: the best this CPU runs; the JSON
+// context says which). A run whose sampled-row error against fp64 exceeds 1e-5 is marked as an
+// error and the binary exits with status 1, so no broken kernel can publish a speed.
 //
 // Each attention benchmark reports counters: useful GFLOP/s (exact count from
 // Pattern::useful_flops(): 4 * head_dim per attended pair, causal halves), the tensors' bytes,
@@ -21,6 +29,15 @@
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
+
+#if defined(DA_BENCH_OPENBLAS)
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int);
+extern "C" char* openblas_get_corename(void);
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <chrono>
 #include <cstdio>
@@ -57,8 +74,13 @@ struct Options {
   std::int64_t repeat_max_seq_len = 65536;  // dilated runs above this N run once
   int sample_rows = 16;
   bool dilated = true;
+  bool fma_peak = true;
+  std::string isa;  // empty: the library's choice
+  double max_error = 1e-5;
   std::uint64_t seed = 20261122;
 };
+
+bool error_budget_exceeded = false;
 
 Options options;
 
@@ -86,6 +108,11 @@ Options (defaults are the issue's LongNet config):
   --sample_rows=16              hashed rows per (batch, head) checked against docs/semantics.md §2 (plus the
                                 ends and segment boundaries); 0 skips the check
   --seed=20261122               input seed
+  --isa=                        kernel instruction set: generic | avx2 | avx512 | neon (default:
+                                the library's choice; sets DILATED_ATTENTION_CPU_ISA)
+  --fma_peak=true               false skips the FMA-loop peak benchmarks
+  --max_error=1e-5              a run whose sampled-row error (O or LSE) against fp64 exceeds
+                                this fails (error in the JSON, exit status 1)
 )";
 
 std::vector<std::int64_t> parse_list(const std::string& text) {
@@ -135,6 +162,9 @@ bool parse_option(const std::string& arg) {
   else if (key == "repeat_max_seq_len") options.repeat_max_seq_len = std::stoll(value);
   else if (key == "sample_rows") options.sample_rows = std::stoi(value);
   else if (key == "seed") options.seed = std::stoull(value);
+  else if (key == "isa") options.isa = value;
+  else if (key == "fma_peak") options.fma_peak = parse_bool(value);
+  else if (key == "max_error") options.max_error = std::stod(value);
   else return false;
   return true;
 }
@@ -142,11 +172,7 @@ bool parse_option(const std::string& arg) {
 // The kernel's own default: DILATED_ATTENTION_NUM_THREADS when set and positive, else every
 // hardware thread. Process CPU time / (real time * this) says what share of those cores a run
 // actually got.
-int kernel_threads() {
-  if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text)
-    if (const long value = std::strtol(text, nullptr, 10); value > 0) return static_cast<int>(value);
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-}
+int kernel_threads() { return dilated_attention::cpu::resolve_num_threads(CpuOptions{}); }
 
 // The SGEMMs use the kernel's count unless told otherwise, so the ratio compares like with like.
 int sgemm_threads() { return options.sgemm_threads > 0 ? options.sgemm_threads : kernel_threads(); }
@@ -198,6 +224,97 @@ void BM_Sgemm(benchmark::State& state, const std::string& name) {
   }
   Eigen::setNbThreads(eigen_threads);
   const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["worker_threads"] = threads;
+}
+
+#if defined(DA_BENCH_OPENBLAS)
+// The same product by OpenBLAS, columns of C split over our threads, OpenBLAS single-threaded in
+// each (column-major, like Eigen's default).
+void BM_SgemmOpenBlas(benchmark::State& state, const std::string& name) {
+  const Eigen::Index n = static_cast<Eigen::Index>(options.sgemm_size);
+  const int threads = sgemm_threads();
+  announce(name);
+  Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n);
+  Eigen::MatrixXf c = Eigen::MatrixXf::Zero(n, n);
+  openblas_set_num_threads(1);
+  for (auto _ : state) {
+    run_on_threads(threads, [&](int t) {
+      const Eigen::Index begin = n * t / threads, end = n * (t + 1) / threads;
+      const int m = static_cast<int>(n), cols = static_cast<int>(end - begin);
+      cblas_sgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, m, cols, m, 1.0f, a.data(), m,
+                  b.data() + begin * n, m, 0.0f, c.data() + begin * n, m);
+    });
+    benchmark::DoNotOptimize(c.data());
+    benchmark::ClobberMemory();
+  }
+  // Spot check against Eigen, so a misconfigured call cannot publish a speed.
+  const float want = a.row(7).dot(b.col(n - 3)), got = c(7, n - 3);
+  if (std::abs(want - got) > 1e-3f * (1.0f + std::abs(want)))
+    state.SkipWithError("OpenBLAS result differs from Eigen's");
+  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["worker_threads"] = threads;
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Peak: 12 independent FMA chains of the widest vectors per thread (FMA latency 4 x 2 pipes
+// needs 8 in flight), iterated long enough to time. Target attributes, so the baseline build
+// measures the same peak as the native one.
+constexpr std::int64_t kFmaIterations = 1 << 24;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) double fma_loop_avx2(std::int64_t iterations) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 m = _mm256_set1_ps(0.9999999f), add = _mm256_set1_ps(1e-7f);
+  for (std::int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, add);
+  }
+  __m256 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sum);
+  benchmark::DoNotOptimize(lanes[0]);
+  return static_cast<double>(iterations) * 12 * 8 * 2;
+}
+
+__attribute__((target("avx512f"))) double fma_loop_avx512(std::int64_t iterations) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512 m = _mm512_set1_ps(0.9999999f), add = _mm512_set1_ps(1e-7f);
+  for (std::int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, add);
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  float lanes[16];
+  _mm512_storeu_ps(lanes, sum);
+  benchmark::DoNotOptimize(lanes[0]);
+  return static_cast<double>(iterations) * 12 * 16 * 2;
+}
+#endif
+
+void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, int threads) {
+  announce(name);
+  double flops = 0.0;
+  for (auto _ : state) {
+    std::vector<double> done(static_cast<std::size_t>(threads));
+    run_on_threads(threads, [&](int t) {
+#if defined(__x86_64__)
+      done[static_cast<std::size_t>(t)] = isa == CpuIsa::avx512 ? fma_loop_avx512(kFmaIterations)
+                                                               : fma_loop_avx2(kFmaIterations);
+#else
+      static_cast<void>(isa);
+      done[static_cast<std::size_t>(t)] = 0.0;
+#endif
+    });
+    flops = 0.0;
+    for (double f : done) flops += f;
+  }
   state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["worker_threads"] = threads;
 }
@@ -331,6 +448,15 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
     state.counters["max_err_out"] = error.out;
     state.counters["max_err_lse"] = error.lse_mismatch_infinite ? INFINITY : error.lse;
     state.counters["sampled_rows"] = static_cast<double>(error.rows);
+    if (!(error.out <= options.max_error) || !(error.lse <= options.max_error) ||
+        error.lse_mismatch_infinite) {
+      error_budget_exceeded = true;
+      char message[160];
+      std::snprintf(message, sizeof message,
+                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", options.max_error,
+                    error.out, error.lse, error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
+      state.SkipWithError(message);
+    }
   }
 }
 
@@ -385,12 +511,31 @@ void check_sampled_oracle() {
 
 void register_benchmarks() {
   const int threads = sgemm_threads();
+#if defined(__x86_64__)
+  if (options.fma_peak)
+    for (const CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
+      if (!dilated_attention::cpu::isa_supported(isa)) continue;
+      for (const int t : {1, threads}) {
+        const std::string name = std::string("fma_peak/") + to_string(isa) + "/threads:" + std::to_string(t);
+        benchmark::RegisterBenchmark(name.c_str(), BM_FmaPeak, name, isa, t)
+            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+            ->Repetitions(options.repetitions);
+        if (threads == 1) break;
+      }
+    }
+#endif
   if (options.sgemm_size > 0) {
     const std::string n = std::to_string(options.sgemm_size);
     const std::string name = "sgemm/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(name.c_str(), BM_Sgemm, name)
         ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
         ->Repetitions(options.repetitions);
+#if defined(DA_BENCH_OPENBLAS)
+    const std::string blas_name = "sgemm_openblas/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(blas_name.c_str(), BM_SgemmOpenBlas, blas_name)
+        ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        ->Repetitions(options.repetitions);
+#endif
     // The kernel's block length is w / r; the most common one in the config stands for it.
     std::map<std::int64_t, int> lengths;
     for (std::size_t i = 0; i < options.segments.size(); ++i)
@@ -451,6 +596,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   check_sampled_oracle();
+  if (!options.isa.empty()) ::setenv("DILATED_ATTENTION_CPU_ISA", options.isa.c_str(), 1);
+  std::string kernel_isa;
+  try {
+    kernel_isa = to_string(dilated_attention::cpu::resolve_isa(CpuIsa::automatic));
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "cpu_forward_benchmark: %s\n", error.what());
+    return 2;
+  }
+  std::fprintf(stderr, "cpu_forward_benchmark: kernel isa %s (best here: %s), %d threads\n",
+               kernel_isa.c_str(), to_string(dilated_attention::cpu::best_isa()), kernel_threads());
 
   benchmark::AddCustomContext("implementation", DA_BENCH_IMPLEMENTATION);
   benchmark::AddCustomContext("config", "B=" + std::to_string(options.batch) + " H=" +
@@ -462,6 +617,16 @@ int main(int argc, char** argv) {
                                             " dtype=float");
   benchmark::AddCustomContext("sgemm_threads", std::to_string(sgemm_threads()));
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
+  benchmark::AddCustomContext("kernel_isa", kernel_isa);
+  benchmark::AddCustomContext("best_isa", to_string(dilated_attention::cpu::best_isa()));
+#if defined(DA_BENCH_OPENBLAS)
+  benchmark::AddCustomContext("openblas_core", openblas_get_corename());
+#endif
+#if defined(DA_BENCH_NATIVE_BUILD)
+  benchmark::AddCustomContext("build_flags", "-march=native");
+#else
+  benchmark::AddCustomContext("build_flags", "baseline (no -march)");
+#endif
   benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
   benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
@@ -477,5 +642,10 @@ int main(int argc, char** argv) {
   register_benchmarks();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
+  if (error_budget_exceeded) {
+    std::fprintf(stderr, "cpu_forward_benchmark: FAILED: a run's sampled-row error against fp64 "
+                         "exceeded %g (marked as an error in the output)\n", options.max_error);
+    return 1;
+  }
   return 0;
 }

@@ -1,16 +1,25 @@
 // dilated_attention::forward (the threaded CPU kernel) against the fp64 reference and the dense
 // brute-force oracle: the docs/semantics.md §6 oracles 1-8, random configs biased to awkward shapes, strided
 // views, batches, GQA, every offset rule, both mixings, causal, with and without LSE.
+//
+// The whole file runs on the inner kernels that DILATED_ATTENTION_CPU_ISA selects (CTest runs it
+// once per path: cpu_forward_test.isa.<name>, skipped where the CPU lacks the path); the
+// CpuForwardIsa tests below also force each path through CpuOptions::isa. Last, the hazards: a
+// forward on a thread with a 128 KiB stack.
 
 #include <dilated_attention/dilated_attention.hpp>
 
 #include <gtest/gtest.h>
 
+#include <pthread.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "support/dense_oracle.hpp"
@@ -105,6 +114,25 @@ void expect_matches_reference(const Config& config, const Shape& shape, std::uin
 }
 
 using da::testing::make_config;
+
+// When DILATED_ATTENTION_CPU_ISA names a path this machine cannot run, every test is skipped
+// (CTest's SKIP_REGULAR_EXPRESSION matches the message).
+class ForcedIsaEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    const char* text = std::getenv("DILATED_ATTENTION_CPU_ISA");
+    if (text == nullptr || *text == '\0') return;
+    try {
+      const da::CpuIsa isa = da::cpu::resolve_isa(da::CpuIsa::automatic);
+      std::printf("cpu_forward_test: DILATED_ATTENTION_CPU_ISA=%s runs the %s kernels\n", text,
+                  da::to_string(isa));
+    } catch (const std::invalid_argument& error) {
+      GTEST_SKIP() << "isa-unsupported: " << error.what();
+    }
+  }
+};
+const ::testing::Environment* const forced_isa_environment =
+    ::testing::AddGlobalTestEnvironment(new ForcedIsaEnvironment);
 
 // --- docs/semantics.md §6 oracles 1-3: against hand-written masks of the dense oracle -------------------
 
@@ -446,6 +474,176 @@ TEST(CpuForward, ThreadCountFromEnvironment) {
   ::unsetenv("DILATED_ATTENTION_NUM_THREADS");
   EXPECT_GE(da::cpu::resolve_num_threads(CpuOptions{}), 1);
   EXPECT_THROW(da::cpu::resolve_num_threads(CpuOptions{-1}), std::invalid_argument);
+}
+
+// --- Each instruction-set path, forced --------------------------------------------------------
+
+std::string isa_name(const ::testing::TestParamInfo<da::CpuIsa>& param) {
+  return da::to_string(param.param);
+}
+
+class CpuForwardIsa : public ::testing::TestWithParam<da::CpuIsa> {
+ protected:
+  void SetUp() override {
+    if (!da::cpu::isa_supported(GetParam()))
+      GTEST_SKIP() << da::to_string(GetParam())
+                   << " kernels: not compiled into this build or not supported by this CPU";
+  }
+  CpuOptions options(int threads = 0) const { return CpuOptions{threads, GetParam()}; }
+};
+
+TEST_P(CpuForwardIsa, AwkwardShapesMatchReference) {
+  // Head widths that are no multiple of any vector (40, 72), padded and strided views, N a
+  // multiple of no w, r dividing no w, every offset rule, both mixings, causal or not.
+  int cases = 0;
+  for (OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
+    for (Mixing mixing : {Mixing::softmax, Mixing::mean})
+      for (bool causal : {false, true}) {
+        const Config config = make_config({7, 45, 301}, {3, 4, 7}, causal, rule, mixing);
+        const std::int64_t dim = cases % 2 ? 40 : 72;
+        expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 40 + cases, 1 + cases % 3,
+                                        options(1 + cases % 2));
+        expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 60 + cases, cases % 2,
+                                         options(2));
+        ++cases;
+      }
+}
+
+TEST_P(CpuForwardIsa, TinyBlocksAndDilationsLongerThanTheBlock) {
+  // Blocks of 1-5 rows (w / r small), and a short last segment with fewer rows than r: offsets
+  // past its end select nothing there.
+  for (bool causal : {false, true}) {
+    expect_matches_reference<float>(make_config({3, 5, 10}, {1, 2, 2}, causal),
+                                    Shape{2, 37, 4, 2, 24}, 80, 1, options());
+    expect_matches_reference<float>(make_config({40}, {16}, causal), Shape{1, 45, 16, 16, 8}, 81,
+                                    0, options(3));
+    expect_matches_reference<double>(make_config({40, 6}, {16, 5}, causal, OffsetRule::blocked),
+                                     Shape{1, 45, 8, 4, 5}, 82, 2, options(2));
+  }
+}
+
+TEST_P(CpuForwardIsa, LongBlocksAndWideHeadsMatchReference) {
+  // Blocks longer than a key tile and (for the 4k-long one) a key chunk, heads of 128.
+  for (bool causal : {false, true}) {
+    expect_matches_reference<float>(make_config({600, 300}, {1, 2}, causal),
+                                    Shape{1, 600, 1, 1, 128}, 83, 0, options());
+    expect_matches_reference<float>(make_config({3000}, {1}, causal), Shape{1, 1200, 1, 1, 16}, 84,
+                                    0, options());
+  }
+}
+
+TEST_P(CpuForwardIsa, BitwiseIdenticalForAnyThreadCount) {
+  const Shape shape{2, 700, 2, 1, 40};
+  const Config config = make_config({64, 300, 700}, {1, 2, 4}, true);
+  const Inputs<float> in(shape, 86);
+  const Result<float> one = run_fast(config, shape, in, options(1));
+  for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(config, shape, in, options(threads)));
+}
+
+TEST_P(CpuForwardIsa, EnvironmentVariableSelectsThePath) {
+  const Shape shape{1, 200, 2, 2, 40};
+  const Config config = make_config({64, 128}, {1, 2});
+  const Inputs<float> in(shape, 87);
+  const char* saved = std::getenv("DILATED_ATTENTION_CPU_ISA");
+  const std::string saved_value = saved ? saved : "";
+  const Result<float> forced = run_fast(config, shape, in, options(2));
+  ::setenv("DILATED_ATTENTION_CPU_ISA", da::to_string(GetParam()), 1);
+  const Result<float> from_environment = run_fast(config, shape, in, CpuOptions{2});
+  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", saved_value.c_str(), 1);
+  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  expect_bitwise_equal(forced, from_environment);
+}
+
+INSTANTIATE_TEST_SUITE_P(Isa, CpuForwardIsa,
+                         ::testing::Values(da::CpuIsa::generic, da::CpuIsa::avx2,
+                                           da::CpuIsa::avx512, da::CpuIsa::neon),
+                         isa_name);
+
+TEST(CpuForward, PathsAgreeToRounding) {
+  // Different kernels round differently (docs/design.md); each stays within float rounding of
+  // the others.
+  const Shape shape{1, 500, 2, 2, 72};
+  const Config config = make_config({100, 500}, {1, 3}, true);
+  const Inputs<float> in(shape, 88);
+  const Result<float> generic = run_fast(config, shape, in, CpuOptions{2, da::CpuIsa::generic});
+  for (da::CpuIsa isa : {da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon}) {
+    if (!da::cpu::isa_supported(isa)) continue;
+    const Result<float> other = run_fast(config, shape, in, CpuOptions{2, isa});
+    EXPECT_LE(max_abs_diff(generic.out, other.out), 1e-5) << da::to_string(isa);
+  }
+}
+
+TEST(CpuForward, UnsupportedForcedPathIsRejectedWithOutputUntouched) {
+  const Shape shape{1, 20, 2, 2, 4};
+  const Inputs<float> in(shape, 89);
+  Tensor<float> out(shape, 2);
+  out.fill(7.0f);
+  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
+    if (!da::cpu::isa_supported(isa)) {
+      EXPECT_THROW(da::forward<float>(make_config({8}, {2}), shape, in.q.view(), in.k.view(),
+                                      in.v.view(), out.view(), nullptr, CpuOptions{1, isa}),
+                   std::invalid_argument)
+          << da::to_string(isa);
+    }
+  for (float value : out.storage) ASSERT_EQ(value, 7.0f);
+}
+
+// --- Bounded stack --------------------------------------------------------------------------------
+
+// Runs body on a new thread whose stack is `bytes` long (musl's default is 128 KiB; glibc's 8 MiB
+// hides stack-hungry code). An overflow crashes the test.
+void run_with_stack(std::size_t bytes, const std::function<void()>& body) {
+  pthread_attr_t attributes;
+  ASSERT_EQ(pthread_attr_init(&attributes), 0);
+  ASSERT_EQ(pthread_attr_setstacksize(&attributes, bytes), 0);
+  struct Call {
+    const std::function<void()>* body;
+    std::exception_ptr error;
+  } call{&body, nullptr};
+  pthread_t thread;
+  ASSERT_EQ(pthread_create(&thread, &attributes,
+                           [](void* argument) -> void* {
+                             auto* c = static_cast<Call*>(argument);
+                             try {
+                               (*c->body)();
+                             } catch (...) {
+                               c->error = std::current_exception();
+                             }
+                             return nullptr;
+                           },
+                           &call),
+            0);
+  ASSERT_EQ(pthread_join(thread, nullptr), 0);
+  pthread_attr_destroy(&attributes);
+  if (call.error) std::rethrow_exception(call.error);
+}
+
+TEST(CpuForward, RunsOnAThreadWithA128KiBStack) {
+  // Wide heads, long blocks and every path: the kernel's scratch is on the heap, only register
+  // tiles are on the stack.
+  const Shape shape{1, 700, 2, 2, 128};
+  const Config config = make_config({700, 512}, {1, 2}, true);
+  const Inputs<float> in(shape, 90);
+  const Inputs<double> in_double(Shape{1, 300, 2, 2, 128}, 91);
+  const Result<double> want = run_reference(config, shape, in);
+  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon}) {
+    if (!da::cpu::isa_supported(isa)) continue;
+    SCOPED_TRACE(da::to_string(isa));
+    for (int threads : {1, 2}) {
+      Result<float> got{Tensor<float>(shape, 2), std::vector<float>(2 * 700)};
+      run_with_stack(128 * 1024, [&] {
+        da::forward<float>(config, shape, in.q.view(), in.k.view(), in.v.view(), got.out.view(),
+                           got.lse.data(), CpuOptions{threads, isa});
+      });
+      EXPECT_LE(max_abs_diff(got.out, want.out), 1e-5);
+    }
+  }
+  Result<double> got{Tensor<double>(in_double.q.shape, 2), std::vector<double>(2 * 300)};
+  run_with_stack(128 * 1024, [&] {
+    da::forward<double>(config, in_double.q.shape, in_double.q.view(), in_double.k.view(),
+                        in_double.v.view(), got.out.view(), got.lse.data(), CpuOptions{1});
+  });
+  EXPECT_LE(max_abs_diff(got.out, run_reference(config, in_double.q.shape, in_double).out), 1e-10);
 }
 
 // --- Bad input -----------------------------------------------------------------------------------

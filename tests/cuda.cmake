@@ -23,9 +23,31 @@ if(TARGET dilated_attention_cuda)
                              LABELS cuda)
   target_include_directories(cuda_emulated_kernel_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
   target_compile_options(cuda_emulated_kernel_test PRIVATE -O2 -Wno-unknown-pragmas)
+  dilated_attention_add_test(cuda_emulated_backward_test SOURCES cuda_emulated_backward_test.cpp
+                             LABELS cuda)
+  target_include_directories(cuda_emulated_backward_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_options(cuda_emulated_backward_test PRIVATE -O2 -Wno-unknown-pragmas)
 
   # One executable per storage type, so that the kernels of each compile in parallel.
   dilated_attention_add_cuda_test(cuda_forward_half_test cuda_forward_half_test.cu)
   dilated_attention_add_cuda_test(cuda_forward_bfloat16_test cuda_forward_bfloat16_test.cu)
   dilated_attention_add_cuda_test(cuda_forward_float_test cuda_forward_float_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_half_test cuda_backward_half_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_bfloat16_test cuda_backward_bfloat16_test.cu)
+  dilated_attention_add_cuda_test(cuda_backward_float_test cuda_backward_float_test.cu)
+endif()
+
+# The one-call GPU check (benchmarks/gpu/run_gpu_check.sh) dry-run: configure the GPU build in a
+# scratch folder (with the dependency bundle when build/gpu-bundle has one), skip every GPU step
+# with its reason, and write the summary and the archive. Label gpu_check, not cuda: the check
+# itself runs `ctest -L cuda`.
+find_program(DILATED_ATTENTION_BASH bash)
+if(DILATED_ATTENTION_BASH)
+  set(_gpu_check_out ${CMAKE_CURRENT_BINARY_DIR}/gpu_check_dry_run)
+  add_test(NAME cuda_gpu_check_dry_run
+           COMMAND ${DILATED_ATTENTION_BASH} -c
+                   "\"$0\" \"$1\" --dry-run --budget 240 && test -s \"$1/summary.txt\" && grep -q 'overall: PASS' \"$1/summary.txt\" && grep -q 'ctest .*SKIP .*dry run' \"$1/summary.txt\" && tar -tzf \"$1/gpu_check.tar.gz\" | grep -q gpu_check/configure.log"
+                   ${PROJECT_SOURCE_DIR}/benchmarks/gpu/run_gpu_check.sh ${_gpu_check_out})
+  set_tests_properties(cuda_gpu_check_dry_run PROPERTIES LABELS gpu_check TIMEOUT 300
+                       ENVIRONMENT "BUILD=${_gpu_check_out}/build")
 endif()

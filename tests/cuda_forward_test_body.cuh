@@ -204,4 +204,50 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), StreamArgumentIsHonoured) {
   EXPECT_EQ(0, std::memcmp(got.data(), expected.out.storage.data(), got.size() * sizeof(T)));
 }
 
+// Launches with an invalid configuration (more threads per block than any GPU allows): a
+// non-sticky error that the caller does not check.
+__global__ void never_runs() {}
+
+TEST(DILATED_ATTENTION_SUITE(Gpu), EarlierPendingErrorIsAttributedToTheCaller) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const da::Config config = dt::make_config({64}, {1});
+  const da::Shape shape{1, 64, 2, 2, 64};
+  dt::DeviceBuffer<T> buffer(4 * 64 * 2 * 64);
+  const auto view = da::contiguous_view<const T>(buffer.data(), shape, 2);
+  const auto out = da::contiguous_view(buffer.data() + 3 * 64 * 2 * 64, shape, 2);
+  never_runs<<<1, 4096>>>();
+  try {
+    da::cuda::forward<T>(config, shape, view, view, view, out, nullptr, nullptr);
+    ADD_FAILURE() << "the pending error went unnoticed";
+  } catch (const std::runtime_error& error) {
+    const std::string message = error.what();
+    EXPECT_NE(message.find("from an earlier call"), std::string::npos) << message;
+    EXPECT_NE(message.find("cudaErrorInvalidConfiguration"), std::string::npos) << message;
+  }
+  // Still pending for the caller, and forward works once it is cleared.
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  EXPECT_NO_THROW(da::cuda::forward<T>(config, shape, view, view, view, out, nullptr, nullptr));
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+TEST(DILATED_ATTENTION_SUITE(Gpu), SharedMemoryLimitOfThisDeviceIsChecked) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  // head_dim 128 with mean mixing needs 117 KiB of shared memory (16-bit kernel): runs where the
+  // device allows it, else std::invalid_argument naming the limit -- never a launch failure.
+  int device = 0, limit = 0;
+  da::cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  da::cuda::check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "cudaDeviceGetAttribute");
+  const dt::Case c{"head_dim 128, mean", dt::make_config({64, 128}, {1, 2}, false,
+                                                         da::OffsetRule::modular, da::Mixing::mean),
+                   {1, 200, 2, 2, 128}};
+  if (std::is_same_v<T, float> || limit >= 117 * 1024) {
+    dt::check_against_reference<T>(c, 700);
+    dt::check_against_reference<T>(c, 701);  // second call: the granted attribute is reused
+  } else {
+    EXPECT_THROW(dt::check_against_reference<T>(c, 700), std::invalid_argument);
+  }
+}
+
 }  // namespace
+

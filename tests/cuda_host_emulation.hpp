@@ -222,6 +222,7 @@ namespace dilated_attention::cuda::device {
 // The dynamic shared memory of the emulated blocks (the kernels declare them extern).
 alignas(16) inline unsigned char shared_raw[256 * 1024];
 alignas(16) inline float simt_query_rows[64 * 1024];
+alignas(16) inline float backward_rows[64 * 1024];
 
 namespace emulated {
 
@@ -292,6 +293,12 @@ struct MmaOp {
     return static_cast<std::uint32_t>(l) | (static_cast<std::uint32_t>(h) << 16);
   }
 };
+
+// ex2.approx.ftz on the host: exact exp2 with subnormal results flushed to zero.
+inline float fast_exp2(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
 
 inline void cp_async_16(void* shared, const void* global, bool valid) {
   if (valid)

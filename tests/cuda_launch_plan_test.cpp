@@ -218,7 +218,7 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   EXPECT_FLOAT_EQ(plan.params.scale_log2, 0.25f * 1.44269504f);
   EXPECT_EQ(plan.params.kv_head(5), 2);
   EXPECT_EQ(plan.params.k_seq, 3 * 128);
-  EXPECT_TRUE(plan.params.vector_io);
+  EXPECT_TRUE(plan.params.q_vector && plan.params.k_vector && plan.params.v_vector);
   // Shared memory: Q + 2 K + 2 V stages of 64 rows with pitch D + 8, plus the mean slots; fits
   // the 227 KiB of an H100 and the 163 KiB of an A100.
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5 + 64 * 128 * 4});
@@ -227,13 +227,38 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5});
 
-  // A head stride that is not a multiple of 16 bytes turns 16-byte transfers off.
+  // 16-byte transfers are decided per tensor: a head stride that is not a multiple of 16 bytes
+  // turns them off for that tensor only; the output (stored element-wise) never does.
   auto odd = out;
   odd.head_stride = 129;
   odd.seq_stride = 6 * 129;
   odd.batch_stride = 100 * 6 * 129;
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, odd, nullptr, dc::KernelKind::tensor_core);
-  EXPECT_FALSE(plan.params.vector_io);
+  EXPECT_TRUE(plan.params.q_vector && plan.params.k_vector && plan.params.v_vector);
+  auto odd_k = k;
+  odd_k.head_stride = 129;
+  odd_k.seq_stride = 3 * 129;
+  odd_k.batch_stride = 100 * 3 * 129;
+  plan = dc::make_launch_plan<float>(config, shape, q, odd_k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.q_vector);
+  EXPECT_FALSE(plan.params.k_vector);
+  EXPECT_TRUE(plan.params.v_vector);
+  // The stride of a size-1 dimension is never applied: batch 1 with an odd batch stride, or a
+  // single kv head with an odd head stride, keeps 16-byte transfers.
+  auto odd_batch = v;
+  odd_batch.batch_stride = 12345;
+  plan = dc::make_launch_plan<float>(config, shape, q, k, odd_batch, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.v_vector);
+  const da::Shape one_kv_head{1, 100, 6, 1, 128};
+  auto single = da::contiguous_view<const float>(base + 200000, one_kv_head, 1);
+  single.head_stride = 7;
+  plan = dc::make_launch_plan<float>(config, one_kv_head, q, single, single, out, nullptr,
+                                     dc::KernelKind::tensor_core);
+  EXPECT_TRUE(plan.params.k_vector && plan.params.v_vector);
+  auto shifted = q;
+  shifted.data = q.data + 1;  // 4 bytes off 16
+  plan = dc::make_launch_plan<float>(config, shape, shifted, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_FALSE(plan.params.q_vector);
 
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::simt);
   EXPECT_EQ(plan.threads, 128);
@@ -261,4 +286,134 @@ TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
                std::invalid_argument);
 }
 
+// Host-side launch checks (launch_checks.hpp): shared memory against the device's limit,
+// alignment of every pointer the kernels dereference, and the attribute cache.
+TEST(CudaLaunchChecks, SharedMemoryBeyondTheDeviceLimitIsAnInvalidArgument) {
+  const da::Shape shape{1, 100, 2, 2, 128};
+  const da::Config mean = make_config({64}, {1}, false, da::OffsetRule::modular, da::Mixing::mean);
+  std::vector<float> buffer(1 << 16);
+  const auto view = da::contiguous_view<const float>(buffer.data(), shape, 2);
+  const auto out = da::contiguous_view(buffer.data() + 30000, shape, 2);
+  const dc::LaunchPlan plan =
+      dc::make_launch_plan<float>(mean, shape, view, view, view, out, nullptr, dc::KernelKind::tensor_core);
+  EXPECT_EQ(plan.shared_bytes, std::size_t{117 * 1024});
+  // sm_86 / sm_89 allow 99 KiB per block, A100 163 KiB, H100/H200 227 KiB.
+  try {
+    dc::check_shared_memory(plan.shared_bytes, 99 * 1024, mean, shape, "dilated_attention::cuda::forward");
+    ADD_FAILURE() << "117 KiB accepted on a 99 KiB device";
+  } catch (const std::invalid_argument& error) {
+    const std::string message = error.what();
+    for (const char* fragment : {"head_dim = 128", "mixing = mean", "119808 bytes", "at most 101376"})
+      EXPECT_NE(message.find(fragment), std::string::npos) << message;
+  }
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 163 * 1024, mean, shape, "forward"));
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 227 * 1024, mean, shape, "forward"));
+  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, plan.shared_bytes, mean, shape, "forward"));
+}
+
+TEST(CudaLaunchChecks, MisalignedPointersAreInvalidArguments) {
+  const da::Shape shape{1, 40, 2, 2, 64};
+  const da::Config config = make_config({16}, {1}, false, da::OffsetRule::modular);
+  alignas(16) static float buffer[4 * 40 * 2 * 64 + 64];
+  const auto good = da::contiguous_view<const float>(buffer, shape, 2);
+  const auto out = da::contiguous_view(buffer + 2 * 40 * 2 * 64, shape, 2);
+  float* lse = buffer + 4 * 40 * 2 * 64 - 100;
+  auto expect_rejected = [&](auto call, const char* name) {
+    try {
+      call();
+      ADD_FAILURE() << name << " misaligned but accepted";
+    } catch (const std::invalid_argument& error) {
+      const std::string message = error.what();
+      EXPECT_NE(message.find(std::string(name) + " = "), std::string::npos) << message;
+      EXPECT_NE(message.find("not aligned to 4 bytes"), std::string::npos) << message;
+    }
+  };
+  const auto shifted = [](const float* p) {
+    return reinterpret_cast<const float*>(reinterpret_cast<const char*>(p) + 2);
+  };
+  auto bad_q = good;
+  bad_q.data = shifted(good.data);
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, bad_q, good, good, out, lse, dc::KernelKind::simt); }, "q.data");
+  auto bad_out = out;
+  bad_out.data = const_cast<float*>(shifted(out.data));
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, bad_out, lse, dc::KernelKind::simt); }, "out.data");
+  float* bad_lse = const_cast<float*>(shifted(lse));
+  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, out, bad_lse, dc::KernelKind::simt); }, "lse");
+  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, lse, dc::KernelKind::simt));
+  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, nullptr, dc::KernelKind::simt));
+}
+
+TEST(CudaLaunchChecks, SharedMemoryGrantsAskOncePerDeviceAndLargerSize) {
+  dc::SharedMemoryGrants grants;
+  EXPECT_TRUE(grants.covers(0, 48 * 1024));  // the default needs no attribute
+  EXPECT_FALSE(grants.covers(0, 85 * 1024));
+  grants.record(0, 85 * 1024);
+  EXPECT_TRUE(grants.covers(0, 85 * 1024));
+  EXPECT_TRUE(grants.covers(0, 61 * 1024));
+  EXPECT_FALSE(grants.covers(0, 117 * 1024));  // a larger size asks again
+  EXPECT_FALSE(grants.covers(1, 85 * 1024));   // per device
+  grants.record(0, 61 * 1024);                 // never shrinks
+  EXPECT_TRUE(grants.covers(0, 85 * 1024));
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));  // untracked: always ask
+  grants.record(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024);
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));
+}
+
 }  // namespace
+
+namespace {
+
+// Tensor-core work of the forward kernel, exactly: every (window, branch, segment) with work
+// multiplies the whole 64-row query tile by every streamed 64-key tile.
+double tensor_work_over_useful(const da::Config& config, const da::Shape& shape) {
+  std::vector<float> buffer(16);
+  const auto view = da::View<const float>{buffer.data(), 0, 0, 0};
+  const auto out = da::View<float>{buffer.data() + 8, 0, 0, 0};
+  const dc::ForwardParams p =
+      dc::make_launch_plan<float>(config, shape, view, view, view, out, nullptr,
+                                  dc::KernelKind::tensor_core)
+          .params;
+  double work = 0.0;
+  for (std::int64_t head = 0; head < shape.num_heads; ++head)
+    for (std::int64_t w = 0; w < p.windows; ++w) {
+      const da::Progression window = dc::window_rows(p, w);
+      if (window.empty()) continue;
+      for (int i = 0; i < p.num_branches; ++i) {
+        const std::int64_t offset = p.offset(i, head);
+        if (offset < 0) continue;
+        const dc::SegmentRange segments = dc::segments_overlapping(p.branch(i), window);
+        for (std::int64_t s = segments.first; s <= segments.last; ++s) {
+          const dc::SegmentWork unit = dc::segment_work(p.branch(i), s, offset, p.causal, window);
+          if (!unit.empty()) work += double(dc::kWindowRows) * dc::kKeyTile * double(unit.tiles());
+        }
+      }
+    }
+  return work * double(shape.batch) / double(da::Pattern(config, shape).attended_pairs());
+}
+
+}  // namespace
+
+// The exact ratio of tensor-core work to useful work (attended pairs) of the forward's tiling, for
+// LongNet's configurations. Recorded, and guarded against regressions; the target of
+// <= 1.05 is not met yet (docs/cuda.md, "Where work is still wasted").
+TEST(CudaLaunchPlan, TensorWorkOverUsefulWorkOfLongNetConfigs) {
+  struct Row {
+    const char* name;
+    da::Config config;
+    double ceiling;
+  };
+  const std::vector<Row> rows = {
+      {"paper r = 1,2,4,6,12", make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}), 1.20},
+      {"paper r = 1,2,4,6,12 causal",
+       make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, true), 1.45},
+      {"LongNet r = 1,2,4", make_config({2048, 4096, 8192}, {1, 2, 4}), 1.20},
+      {"LongNet r = 1,2,4 causal", make_config({2048, 4096, 8192}, {1, 2, 4}, true), 1.45},
+  };
+  for (const Row& row : rows) {
+    const double ratio = tensor_work_over_useful(row.config, {1, 65536, 12, 12, 128});
+    std::printf("%-32s tensor work / useful = %.4f\n", row.name, ratio);
+    ::testing::Test::RecordProperty(row.name, std::to_string(ratio));
+    EXPECT_GE(ratio, 1.0) << row.name;
+    EXPECT_LE(ratio, row.ceiling) << row.name;
+  }
+}

@@ -93,6 +93,36 @@ def run_sdpa(torch, args):
     return rows
 
 
+def run_sdpa_backward(torch, args):
+    """SDPA-flash backward on BM_BackwardDense's shapes (bf16, N = 4096, D = 128, B*N = 16384,
+    H*D = 2048), joined with our cuda_backward_benchmark JSON; FLOPs counted as 2.5x forward."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ours = {}
+    if args.ours_backward_json:
+        for bench in json.load(open(args.ours_backward_json))["benchmarks"]:
+            if bench["name"].startswith("BM_BackwardDense/") and "error_occurred" not in bench:
+                ours[(int(bench["N"]), int(bench["D"]), "causal:1" in bench["name"])] = bench["useful_TFLOP/s"]
+    rows = []
+    n, d = 4096, 128
+    for causal in (False, True):
+        b, h = 16384 // n, 2048 // d
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        grad = torch.randn_like(out)
+        ms = cuda_time_ms(torch, lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True),
+                          args.repeats)
+        tflops = 2.5 * useful_flops_dense(b, n, h, d, causal) / (ms * 1e-3) * 1e-12
+        mine = ours.get((n, d, causal))
+        rows.append({"N": n, "D": d, "causal": causal, "sdpa_backward_ms": ms, "sdpa_TFLOP/s": tflops,
+                     "ours_TFLOP/s": mine, "ratio": (mine / tflops) if mine else None})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
 def run_peer(torch, args):
     peer = load_peer(args.peer_root)
     segments, dilations = [2048, 4096, 8192], [1, 2, 4]
@@ -136,6 +166,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sdpa", action="store_true", help="(a) SDPA-flash on the dense-equivalent shapes")
     parser.add_argument("--ours-json", help="cuda_forward_benchmark --benchmark_format=json output")
+    parser.add_argument("--sdpa-backward", action="store_true", help="SDPA-flash backward vs ours")
+    parser.add_argument("--ours-backward-json", help="cuda_backward_benchmark JSON output")
     parser.add_argument("--peer", action="store_true", help="(c) dilated-attention-pytorch DilatedAttention")
     parser.add_argument("--peer-root", default="peers/dilated-attention-pytorch")
     parser.add_argument("--binary", default="build-gpu/benchmarks/cuda_forward_from_files")
@@ -153,6 +185,8 @@ def main():
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if args.sdpa:
         report["sdpa"] = run_sdpa(torch, args)
+    if args.sdpa_backward:
+        report["sdpa_backward"] = run_sdpa_backward(torch, args)
     if args.peer:
         report["peer"] = run_peer(torch, args)
     if args.json_out:

@@ -1,5 +1,5 @@
 #pragma once
-// The GPU umbrella header: dilated_attention::cuda::forward on device pointers for __half,
+// The GPU umbrella header: dilated_attention::cuda::forward and ::backward on device pointers for __half,
 // __nv_bfloat16 and float (docs/semantics.md §4). The only way CUDA enters a build: compile the including
 // translation unit with nvcc and link DilatedAttention::cuda. The CPU headers never include it.
 
@@ -7,5 +7,6 @@
 #include "pattern.hpp"
 #include "reference.hpp"
 #include "cuda/error.cuh"
+#include "cuda/backward.cuh"
 #include "cuda/forward.cuh"
 #include "cuda/launch_plan.hpp"

@@ -1,13 +1,20 @@
 #pragma once
 // The block-level CPU primitive: one head's query rows attend one head's key/value rows, all
-// addressed in the caller's memory by stride. Dilation is a row stride, so an Eigen::Map with an
-// OuterStride of r * seq_stride *is* the dilated block: nothing is gathered, and no score matrix
-// larger than one tile (query_tile x key_tile) ever exists.
+// addressed in the caller's memory by stride (dilation is a row stride: nothing is gathered).
+// The forward driver (forward.hpp) and the ring's CPU back end both build on it.
 //
-// Inside, a flash-style loop: for each query tile, key tiles are folded into a running
-// (max, sum) per row (merge.hpp's OnlineSoftmax) with the unnormalised output beside it; the
-// tile products are Eigen GEMMs on the strided maps. The forward driver (forward.hpp) and the
-// ring driver both build on this, so it is the one place the inner loop lives.
+// Inside, a flash-style loop on packed operands (kernels/generic.hpp states the contract):
+//   for each query chunk (<= query_chunk rows): pack its rows once (widened to Acc);
+//     for each key chunk (<= key_chunk keys, only the causal prefix the chunk can see):
+//       pack K into key panels and V into column panels once, reused by every query tile;
+//       for each query tile (4 register strips) and key tile (<= key_tile keys):
+//         S = Q Kᵀ by micro-kernel; per row fold the tile into its online softmax (max, sum)
+//         with the kernel's vectorised exp; O += P V by micro-kernel.
+// No intrinsic appears here: kernels/dispatch.hpp picks the instruction set (CpuIsa) once per
+// workspace. All scratch lives in the workspace, sized at construction by head_dim and the
+// chunk limits (never by sequence or segment length); the stack holds only register tiles.
+// The summation order depends only on the inputs, the kernel set and these constants: results
+// are bitwise reproducible for a given CpuIsa, and differ between CpuIsas within rounding.
 
 #include <algorithm>
 #include <cstdint>
@@ -15,15 +22,14 @@
 #include <type_traits>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "../merge.hpp"
 #include "../pattern.hpp"
-#include "exp.hpp"
+#include "kernels/dispatch.hpp"
+#include "kernels/pack.hpp"
 
 namespace dilated_attention::cpu {
 
-// Accumulator type: double for double storage, float otherwise (float, Eigen::bfloat16).
+// Accumulator type: double for double storage, float otherwise (float, bfloat16, half).
 template <class T>
 using accumulator_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -37,12 +43,19 @@ struct StridedRows {
   Progression positions;
 };
 
-namespace detail {
+// Loop limits. A query chunk is packed once per call and key chunk; a key chunk (K and V
+// packed: 2 * key_chunk * head_dim values, 512 KiB at D = 64 in float) is packed once per query
+// chunk and stays in L2 while every query tile of the chunk streams it; a key tile bounds the
+// score tile (4 strips x key_tile).
+inline constexpr std::int64_t query_chunk = 2048;
+inline constexpr std::int64_t key_chunk = 1024;
+inline constexpr std::int64_t key_tile = 512;
+inline constexpr int strips_per_tile = 4;
+// Keys one P V kernel call sums in registers before adding to the accumulator (blocked
+// summation: shorter chains of float additions).
+inline constexpr std::int64_t sum_depth = 128;
 
-template <class Acc>
-using RowMajorMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class Acc>
-using ConstRowsMap = Eigen::Map<const RowMajorMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+namespace detail {
 
 // How many of `keys` lie at or before position x: the causal prefix a query at x may see.
 inline std::int64_t keys_up_to(const Progression& keys, std::int64_t x) {
@@ -52,78 +65,148 @@ inline std::int64_t keys_up_to(const Progression& keys, std::int64_t x) {
 
 }  // namespace detail
 
-// Largest tile sizes of the inner loop. Each key tile is packed by the GEMM once per query tile,
-// so taller query tiles amortise packing (128 rows measured 5-10% faster than 64); a key tile
-// bounds the score scratch (query_tile x key_tile, 128 KiB in float). The workspace shrinks both
-// for wide heads and for double (tile_rows below).
-inline constexpr std::int64_t query_tile = 128;
-inline constexpr std::int64_t key_tile = 256;
-
-namespace detail {
-
-// Rows of a tile such that every GEMM operand block of a tile product (rows x head_dim, and
-// query x key rows) fits Eigen's stack allocation limit: the products then never touch the
-// heap, whatever the head width or accumulator type.
-inline std::int64_t tile_rows(std::int64_t most, std::int64_t other_side,
-                              std::size_t element_size) {
-  const std::int64_t budget =
-      EIGEN_STACK_ALLOCATION_LIMIT / static_cast<std::int64_t>(element_size);
-  const std::int64_t rows = budget / std::max<std::int64_t>(other_side, 1);
-  return std::clamp<std::int64_t>(rows / 8 * 8, 8, most);
-}
-
-}  // namespace detail
-
-// Scratch for attend(), sized by head_dim alone (never by sequence or segment length). One per
-// thread; reusing it across calls avoids an allocation per block.
+// Scratch for attend(): one per thread, allocated once at construction. max_queries and
+// max_keys (row counts the caller will pass, if smaller than the chunk limits) only shrink it.
 template <class Acc>
 class AttendWorkspace {
  public:
-  explicit AttendWorkspace(std::int64_t head_dim)
-      : head_dim_(head_dim),
-        query_rows_(detail::tile_rows(query_tile, head_dim, sizeof(Acc))),
-        key_rows_(detail::tile_rows(key_tile, std::max(head_dim, query_rows_), sizeof(Acc))),
-        scores_(query_rows_, key_rows_),
-        accumulator_(query_rows_, head_dim),
-        state_(static_cast<std::size_t>(query_rows_)),
-        visible_(static_cast<std::size_t>(query_rows_)) {}
-
-  std::int64_t head_dim() const { return head_dim_; }
-  std::int64_t query_rows() const { return query_rows_; }  // rows of a query tile
-  std::int64_t key_rows() const { return key_rows_; }      // rows of a key tile
-
- private:
-  template <class T, class A>
-  friend void attend(AttendWorkspace<A>&, const StridedRows<T>&, const StridedRows<T>&,
-                     const StridedRows<T>&, std::int64_t, A, bool, A*, A*);
-
-  // The rows [begin, begin + count) of `rows` as an Acc matrix. Storage of the accumulator type
-  // is mapped in place with the row stride; other storage (bfloat16) is widened into `buffer`,
-  // one tile at a time.
-  template <class T>
-  detail::ConstRowsMap<Acc> tile(const StridedRows<T>& rows, std::int64_t begin, std::int64_t count,
-                                 detail::RowMajorMatrix<Acc>& buffer) {
-    const T* first = rows.data + begin * rows.row_stride;
-    if constexpr (std::is_same_v<T, Acc>) {
-      return detail::ConstRowsMap<Acc>(first, count, head_dim_,
-                                       Eigen::OuterStride<>(rows.row_stride));
-    } else {
-      if (buffer.rows() < count) buffer.resize(std::max(query_rows_, key_rows_), head_dim_);
-      for (std::int64_t i = 0; i < count; ++i)
-        for (std::int64_t d = 0; d < head_dim_; ++d)
-          buffer(i, d) = static_cast<Acc>(first[i * rows.row_stride + d]);
-      return detail::ConstRowsMap<Acc>(buffer.data(), count, head_dim_,
-                                       Eigen::OuterStride<>(head_dim_));
-    }
+  explicit AttendWorkspace(std::int64_t head_dim, CpuIsa isa = CpuIsa::automatic,
+                           std::int64_t max_queries = query_chunk,
+                           std::int64_t max_keys = key_chunk)
+      : head_dim_(head_dim), isa_(resolve_isa(isa)) {
+    if (head_dim <= 0)
+      throw std::invalid_argument("dilated_attention::cpu::attend: head_dim must be positive");
+    kernels::with_kernels<Acc>(isa_, [&](auto k) {
+      using K = decltype(k);
+      tile_rows_ = strips_per_tile * K::rows;
+      cols_ = K::cols;
+    });
+    using kernels::round_up;
+    query_rows_ = round_up(std::clamp<std::int64_t>(max_queries, 1, query_chunk), tile_rows_);
+    key_rows_ = round_up(std::clamp<std::int64_t>(max_keys, 1, key_chunk), cols_);
+    padded_dim_ = round_up(head_dim, cols_);
+    queries_ = kernels::AlignedBuffer<Acc>(query_rows_ * head_dim);
+    keys_ = kernels::AlignedBuffer<Acc>(key_rows_ * head_dim);
+    values_ = kernels::AlignedBuffer<Acc>(key_rows_ * padded_dim_);
+    accumulator_ = kernels::AlignedBuffer<Acc>(query_rows_ * padded_dim_);
+    scores_ = kernels::AlignedBuffer<Acc>(tile_rows_ * key_tile);
+    state_.resize(static_cast<std::size_t>(query_rows_));
+    visible_.resize(static_cast<std::size_t>(query_rows_));
   }
 
-  std::int64_t head_dim_, query_rows_, key_rows_;
-  detail::RowMajorMatrix<Acc> scores_;       // query_rows x key_rows: scores, then probabilities
-  detail::RowMajorMatrix<Acc> accumulator_;  // query_rows x head_dim: unnormalised output
-  std::vector<OnlineSoftmax<Acc>> state_;    // per query row of the tile
+  std::int64_t head_dim() const { return head_dim_; }
+  CpuIsa isa() const { return isa_; }                      // the kernels this workspace runs
+  std::int64_t query_rows() const { return query_rows_; }  // rows of a query chunk
+  std::int64_t key_rows() const { return key_rows_; }      // keys of a key chunk
+  std::int64_t tile_rows() const { return tile_rows_; }    // rows of a query tile
+
+ private:
+  template <class K, class T, class A>
+  friend void attend_with(AttendWorkspace<A>&, const StridedRows<T>&, const StridedRows<T>&,
+                          const StridedRows<T>&, A, bool, A*, A*);
+
+  std::int64_t head_dim_;
+  CpuIsa isa_;
+  std::int64_t tile_rows_ = 0, cols_ = 0, query_rows_ = 0, key_rows_ = 0, padded_dim_ = 0;
+  kernels::AlignedBuffer<Acc> queries_;      // query chunk, rows x head_dim
+  kernels::AlignedBuffer<Acc> keys_;         // key chunk as key panels
+  kernels::AlignedBuffer<Acc> values_;       // value chunk as column panels
+  kernels::AlignedBuffer<Acc> accumulator_;  // query chunk x padded_dim: unnormalised output
+  kernels::AlignedBuffer<Acc> scores_;       // query tile x key_tile: scores, then numerators
+  std::vector<OnlineSoftmax<Acc>> state_;    // per query row of the chunk
   std::vector<std::int64_t> visible_;        // per query row: keys it may see (causal prefix)
-  detail::RowMajorMatrix<Acc> q_buffer_, k_buffer_, v_buffer_;  // widening only (bfloat16)
 };
+
+// The loop nest above with kernel set K (workspace.isa()'s, picked by attend()).
+template <class K, class T, class Acc>
+void attend_with(AttendWorkspace<Acc>& ws, const StridedRows<T>& q, const StridedRows<T>& k,
+                 const StridedRows<T>& v, Acc scale, bool causal, Acc* out_o, Acc* out_lse) {
+  static_assert(std::is_same_v<typename K::value_type, Acc>, "kernel set of another type");
+  using kernels::round_up;
+  constexpr int mr = K::rows, nr = K::cols;
+  const std::int64_t dim = ws.head_dim_, padded_dim = ws.padded_dim_;
+  const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
+  const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
+  Acc* const queries = ws.queries_.data();
+  Acc* const keys = ws.keys_.data();
+  Acc* const values = ws.values_.data();
+  Acc* const accumulator = ws.accumulator_.data();
+  Acc* const scores = ws.scores_.data();
+
+  for (std::int64_t q0 = 0; q0 < num_queries; q0 += ws.query_rows_) {
+    const std::int64_t cq = std::min(ws.query_rows_, num_queries - q0);
+    kernels::pack_rows(q.data + q0 * q.row_stride, q.row_stride, cq, round_up(cq, mr), dim,
+                       queries);
+    std::int64_t key_limit = 0;  // the chunk's key loop stops after the longest prefix
+    for (std::int64_t j = 0; j < cq; ++j) {
+      const std::int64_t visible =
+          causal ? detail::keys_up_to(k.positions, q.positions.at(q0 + j)) : num_keys;
+      ws.visible_[static_cast<std::size_t>(j)] = visible;
+      ws.state_[static_cast<std::size_t>(j)] = OnlineSoftmax<Acc>{};
+      key_limit = std::max(key_limit, visible);
+    }
+    std::fill(accumulator, accumulator + round_up(cq, mr) * padded_dim, Acc(0));
+
+    for (std::int64_t k0 = 0; k0 < key_limit; k0 += ws.key_rows_) {
+      const std::int64_t ck = std::min(ws.key_rows_, key_limit - k0), ckp = round_up(ck, nr);
+      if constexpr (std::is_same_v<T, Acc>)
+        K::pack_key_panels(k.data + k0 * k.row_stride, k.row_stride, ck, dim, keys);
+      else
+        kernels::pack_key_panels(k.data + k0 * k.row_stride, k.row_stride, ck, dim, nr, keys);
+      kernels::pack_column_panels(v.data + k0 * v.row_stride, v.row_stride, ck, ckp, dim, nr,
+                                  values);
+
+      for (std::int64_t t0 = 0; t0 < cq; t0 += ws.tile_rows_) {
+        const std::int64_t bq = std::min(ws.tile_rows_, cq - t0), strips = (bq + mr - 1) / mr;
+        std::int64_t tile_limit = 0;  // causal tiles in every row's future are never visited
+        for (std::int64_t j = 0; j < bq; ++j)
+          tile_limit = std::max(tile_limit, ws.visible_[static_cast<std::size_t>(t0 + j)] - k0);
+        tile_limit = std::min(tile_limit, ck);
+
+        for (std::int64_t kt0 = 0; kt0 < tile_limit; kt0 += key_tile) {
+          const std::int64_t bk = std::min(key_tile, tile_limit - kt0), bkp = round_up(bk, nr);
+          for (std::int64_t p = 0; p < bkp / nr; ++p)  // S = Q Kᵀ, one key panel at a time
+            for (std::int64_t s = 0; s < strips; ++s)
+              K::multiply(queries + (t0 + s * mr) * dim, dim, 1, keys + (kt0 / nr + p) * dim * nr,
+                          dim, scores + s * mr * key_tile + p * nr, key_tile, false);
+
+          for (std::int64_t j = 0; j < bq; ++j) {  // online softmax, row by row
+            Acc* row = scores + j * key_tile;
+            const std::int64_t n = std::clamp<std::int64_t>(
+                ws.visible_[static_cast<std::size_t>(t0 + j)] - k0 - kt0, 0, bk);
+            if (n > 0) {
+              OnlineSoftmax<Acc>& state = ws.state_[static_cast<std::size_t>(t0 + j)];
+              const Acc factor = state.rescale(K::max_scaled(row, n, scale));
+              state.sum += K::exp_shifted_sum(row, n, scale, state.max);
+              if (factor != Acc(1)) {
+                Acc* acc_row = accumulator + (t0 + j) * padded_dim;
+                for (std::int64_t d = 0; d < padded_dim; ++d) acc_row[d] *= factor;
+              }
+            }
+            std::fill(row + n, row + bkp, Acc(0));  // keys in the row's future weigh nothing
+          }
+
+          // O += P V, one column panel at a time, summing at most sum_depth keys in registers
+          for (std::int64_t c = 0; c < padded_dim / nr; ++c)
+            for (std::int64_t s = 0; s < strips; ++s)
+              for (std::int64_t p0 = 0; p0 < bkp; p0 += sum_depth)
+                K::multiply(scores + s * mr * key_tile + p0, key_tile, 1,
+                            values + (c * ckp + kt0 + p0) * nr, std::min(sum_depth, bkp - p0),
+                            accumulator + (t0 + s * mr) * padded_dim + c * nr, padded_dim, true);
+        }
+      }
+    }
+
+    for (std::int64_t j = 0; j < cq; ++j) {
+      const OnlineSoftmax<Acc>& state = ws.state_[static_cast<std::size_t>(j)];
+      const Acc inverse = state.inverse_sum();
+      const Acc* acc_row = accumulator + j * padded_dim;
+      Acc* out_row = out_o + (q0 + j) * dim;
+      for (std::int64_t d = 0; d < dim; ++d) out_row[d] = acc_row[d] * inverse;
+      out_lse[q0 + j] = state.lse();
+    }
+  }
+}
 
 // attend() with caller-owned scratch (workspace.head_dim() must equal head_dim).
 template <class T, class Acc>
@@ -137,77 +220,25 @@ void attend(AttendWorkspace<Acc>& workspace, const StridedRows<T>& q, const Stri
   if (k.positions.count != v.positions.count)
     throw std::invalid_argument(
         "dilated_attention::cpu::attend: k and v have different row counts");
-  const std::int64_t num_queries = std::max<std::int64_t>(q.positions.count, 0);
-  const std::int64_t num_keys = std::max<std::int64_t>(k.positions.count, 0);
-  Eigen::Map<detail::RowMajorMatrix<Acc>> out(out_o, num_queries, head_dim);
-
-  const std::int64_t query_rows = workspace.query_rows(), key_rows = workspace.key_rows();
-  for (std::int64_t q0 = 0; q0 < num_queries; q0 += query_rows) {
-    const std::int64_t bq = std::min(query_rows, num_queries - q0);
-    const auto q_tile = workspace.tile(q, q0, bq, workspace.q_buffer_);
-
-    // Keys each row may see; the tile's key loop stops after the longest prefix.
-    std::int64_t key_limit = 0;
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const std::int64_t visible =
-          causal ? detail::keys_up_to(k.positions, q.positions.at(q0 + j)) : num_keys;
-      workspace.visible_[static_cast<std::size_t>(j)] = visible;
-      workspace.state_[static_cast<std::size_t>(j)] = OnlineSoftmax<Acc>{};
-      key_limit = std::max(key_limit, visible);
-    }
-    auto accumulator = workspace.accumulator_.topRows(bq);
-    accumulator.setZero();
-
-    // Causal tiles wholly in the future of every row of this query tile are never visited.
-    for (std::int64_t k0 = 0; k0 < key_limit; k0 += key_rows) {
-      const std::int64_t bk = std::min(key_rows, key_limit - k0);
-      const auto k_tile = workspace.tile(k, k0, bk, workspace.k_buffer_);
-      auto scores = workspace.scores_.topLeftCorner(bq, bk);
-      scores.noalias() = q_tile * k_tile.transpose();
-
-      for (std::int64_t j = 0; j < bq; ++j) {
-        auto row = scores.row(j);
-        const std::int64_t n =
-            std::clamp<std::int64_t>(workspace.visible_[static_cast<std::size_t>(j)] - k0, 0, bk);
-        if (n == 0) {  // every key of this tile is in the row's future
-          row.setZero();
-          continue;
-        }
-        OnlineSoftmax<Acc>& state = workspace.state_[static_cast<std::size_t>(j)];
-        // The largest score is scale times the largest (or, for a negative scale, the
-        // smallest) dot product: one pass over the raw products.
-        const Acc extreme = scale >= Acc(0) ? row.head(n).maxCoeff() : row.head(n).minCoeff();
-        const Acc factor = state.rescale(scale * extreme);
-        state.sum += detail::exp_shifted_sum(row.data(), n, scale, state.max);
-        row.tail(bk - n).setZero();
-        if (factor != Acc(1)) accumulator.row(j) *= factor;
-      }
-      const auto v_tile = workspace.tile(v, k0, bk, workspace.v_buffer_);
-      accumulator.noalias() += scores * v_tile;
-    }
-
-    for (std::int64_t j = 0; j < bq; ++j) {
-      const OnlineSoftmax<Acc>& state = workspace.state_[static_cast<std::size_t>(j)];
-      out.row(q0 + j) = accumulator.row(j) * state.inverse_sum();
-      out_lse[q0 + j] = state.lse();
-    }
-  }
+  kernels::with_kernels<Acc>(workspace.isa(), [&](auto kernel_set) {
+    attend_with<decltype(kernel_set)>(workspace, q, k, v, scale, causal, out_o, out_lse);
+  });
 }
 
-// The partial (docs/semantics.md vocabulary) of the query rows over the key/value rows: for query row j,
-// out_o[j * head_dim + d] is the softmax-normalised output and out_lse[j] = ln sum_y exp(scale *
-// <q_j, k_y>) over the keys it attends (-inf and o = 0 when it attends none). Causal means key
-// position <= query position. k and v have the same positions and count. Single-threaded;
-// callers parallelise over independent calls. Deterministic: the result depends only on the
-// inputs, never on thread count or timing. Allocates its scratch per call; the workspace
-// overload above reuses it.
+// The partial (docs/semantics.md vocabulary) of the query rows over the key/value rows: for
+// query row j, out_o[j * head_dim + d] is the softmax-normalised output and out_lse[j] = ln sum_y
+// exp(scale * <q_j, k_y>) over the keys it attends (-inf and o = 0 when it attends none).
+// Causal means key position <= query position. k and v have the same positions and count.
+// Single-threaded; callers parallelise over independent calls. Deterministic: the result
+// depends only on the inputs and the CpuIsa (isa.hpp), never on thread count or timing.
+// Allocates its scratch per call; the workspace overload above reuses it.
 template <class T>
 void attend(const StridedRows<T>& q, const StridedRows<T>& k, const StridedRows<T>& v,
             std::int64_t head_dim, accumulator_t<T> scale, bool causal, accumulator_t<T>* out_o,
-            accumulator_t<T>* out_lse) {
+            accumulator_t<T>* out_lse, CpuIsa isa = CpuIsa::automatic) {
   if (head_dim <= 0)
     throw std::invalid_argument("dilated_attention::cpu::attend: head_dim must be positive");
-  AttendWorkspace<accumulator_t<T>> workspace(head_dim);
+  AttendWorkspace<accumulator_t<T>> workspace(head_dim, isa, q.positions.count, k.positions.count);
   attend(workspace, q, k, v, head_dim, scale, causal, out_o, out_lse);
 }
 

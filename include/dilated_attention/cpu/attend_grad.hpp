@@ -43,6 +43,12 @@ struct GradientRows {
 
 namespace detail {
 
+// The backward's products are Eigen GEMMs on strided maps (the forward runs on cpu/kernels/).
+template <class Acc>
+using RowMajorMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Acc>
+using ConstRowsMap = Eigen::Map<const RowMajorMatrix<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
 // Rows of a backward tile (query and key tiles alike): the largest multiple of 8, at most 128,
 // for which the operands of every product, (rows + rows) x head_dim and (rows + head_dim) x rows,
 // fit a 64 KiB stack budget. Eigen packs at most those operands, so its stack use stays below it.

@@ -9,9 +9,10 @@
 // finished by one thread, once, identically whatever the thread count. All index math comes
 // from pattern.hpp.
 //
-// A window spans query_tile * max(r) positions (capped at 8 tiles), so that even the most
-// dilated branch gives each window a full query tile while the window's scratch stays
-// independent of N and w.
+// A window spans window_rows * max(r) positions (max(r) capped at 8), so that even the most
+// dilated branch gives cpu::attend window_rows queries per call (each call packs its keys and
+// values once per query chunk, so taller calls amortise the packing), while the window's
+// scratch stays independent of N and w.
 
 #include <algorithm>
 #include <cstdint>
@@ -30,20 +31,38 @@ namespace dilated_attention {
 
 namespace cpu::detail {
 
-// Positions per work unit: query_tile rows for the most dilated branch, at most 8 tiles long.
+template <class Acc>
+using RowMajorMatrix = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Rows of the most dilated branch in one work unit.
+inline constexpr std::int64_t window_rows = 512;
+
+// Positions per work unit: window_rows rows of the most dilated branch.
 inline std::int64_t window_length(const Pattern& pattern) {
   std::int64_t max_rate = 1;
   for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
     max_rate = std::max(max_rate, pattern.branch(i).r);
-  return query_tile * std::min<std::int64_t>(max_rate, 8);
+  return window_rows * std::min<std::int64_t>(max_rate, 8);
 }
 
-// One thread's scratch: the block primitive's tiles plus the window's running result and the
-// partial of the current block. Sized by the window and head_dim only.
+// The most keys one attend() call of the forward sees: the longest block (w / r rows, rounded
+// up). Scratch is sized by min(this, key_chunk).
+inline std::int64_t longest_block(const Pattern& pattern) {
+  std::int64_t longest = 1;
+  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+    const BranchGeometry branch = pattern.branch(i);
+    longest = std::max(longest, (std::min(branch.w, branch.n) + branch.r - 1) / branch.r);
+  }
+  return longest;
+}
+
+// One thread's scratch, allocated once per call: the block primitive's packed operands plus the
+// window's running result and the partial of the current block. Sized by the window, head_dim
+// and the chunk limits only.
 template <class Acc>
 struct ForwardWorkspace {
-  ForwardWorkspace(std::int64_t window, std::int64_t head_dim)
-      : attend(head_dim),
+  ForwardWorkspace(std::int64_t window, std::int64_t head_dim, CpuIsa isa, std::int64_t max_keys)
+      : attend(head_dim, isa, window, max_keys),
         window_o(window, head_dim),
         partial_o(window, head_dim),
         window_lse(static_cast<std::size_t>(window)),
@@ -128,9 +147,10 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
 // Fast CPU kernel (docs/semantics.md §4). T is float, double, or Eigen::bfloat16 / Eigen::half (stored
 // narrow, accumulated in float); lse, when given, is [batch, num_heads, seq_len], contiguous,
 // of lse_type_t<T>. Uses options.num_threads threads (0: the DILATED_ATTENTION_NUM_THREADS
-// environment variable, else every hardware thread).
+// environment variable, else the CPUs this process may use) and the inner kernels of
+// options.isa (automatic: DILATED_ATTENTION_CPU_ISA, else the best this CPU runs).
 // Raises std::invalid_argument before touching the output on bad input. Results are bitwise
-// identical from run to run and for any thread count.
+// identical from run to run and for any thread count (for one CpuIsa; paths differ by rounding).
 template <class T>
 void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
@@ -143,15 +163,18 @@ void forward(const Config& config, const Shape& shape, View<const detail::identi
                 "the LSE is stored in the accumulator type");
   validate(config, shape, q, k, v, out, lse);
   const int num_threads = cpu::resolve_num_threads(options);
+  const CpuIsa isa = cpu::resolve_isa(options.isa);  // throws before any output is written
   const Pattern pattern(config, shape);
-  const std::int64_t window = cpu::detail::window_length(pattern);
+  const std::int64_t window = std::min(cpu::detail::window_length(pattern), shape.seq_len);
+  const std::int64_t max_keys = cpu::detail::longest_block(pattern);
   const std::int64_t windows = (shape.seq_len + window - 1) / window;
   const std::int64_t units = shape.batch * shape.num_heads * windows;
 
   // Consecutive units are consecutive windows of one head, so threads working side by side
   // share the same key/value segments in cache.
   cpu::run_units(units, num_threads, [&](const auto& next) {
-    cpu::detail::ForwardWorkspace<cpu::accumulator_t<T>> workspace(window, shape.head_dim);
+    cpu::detail::ForwardWorkspace<cpu::accumulator_t<T>> workspace(window, shape.head_dim, isa,
+                                                                   max_keys);
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t x0 = w * window, x1 = std::min(shape.seq_len, x0 + window);

@@ -2,16 +2,21 @@
 // dilated_attention::cuda::forward: the host entry point of the GPU back end (docs/semantics.md §4).
 // validate() first (it only does arithmetic on the pointers and strides, so device pointers are
 // fine), then the back end's own limits, then the launch plan, then one kernel launch on
-// `stream`. Nothing is allocated; the call is asynchronous like any launch on a stream.
+// `stream` (detail::launch, which also checks shared memory against the device's limit and that
+// no earlier CUDA error is pending). Nothing is allocated; the call is asynchronous like any launch on a stream.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "../config.hpp"
 #include "error.cuh"
+#include "launch_checks.hpp"
 #include "launch_plan.hpp"
 #include "simt_kernel.cuh"
 #include "tensor_core_kernel.cuh"
@@ -50,21 +55,69 @@ KernelFunction kernel_for(std::int64_t head_dim) {
   return nullptr;  // unreachable: check_backend_limits rejected the head_dim
 }
 
-}  // namespace detail
-
-// Runs a plan made by make_launch_plan<T>. Exposed so that benchmarks can time the launch alone.
+// The dynamic shared memory each forward kernel was granted per device (launch_checks.hpp).
 template <class T>
-void launch(const LaunchPlan& plan, cudaStream_t stream) {
-  const detail::KernelFunction kernel = detail::kernel_for<T>(plan.params.head_dim);
-  // More than 48 KiB of dynamic shared memory must be granted per kernel (and per device).
-  if (plan.shared_bytes > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(plan.shared_bytes)),
-          "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+SharedMemoryGrants& shared_memory_grants(std::int64_t head_dim) {
+  static SharedMemoryGrants grants[4];  // head_dim 32, 64, 96, 128
+  return grants[head_dim / 32 - 1];
+}
+
+// The current device and its opt-in limit of dynamic shared memory per block.
+struct DeviceLimits {
+  int device;
+  std::size_t shared_bytes;
+};
+inline DeviceLimits current_device_limits() {
+  DeviceLimits limits{0, 0};
+  check(cudaGetDevice(&limits.device), "cudaGetDevice");
+  int bytes = 0;
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, limits.device),
+        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  limits.shared_bytes = static_cast<std::size_t>(bytes);
+  return limits;
+}
+
+// An error already pending in this host thread comes from an earlier call of the caller, not from
+// us: say so, instead of letting the cudaGetLastError after our launch report it as ours. The
+// error is left pending (cudaPeekAtLastError), so the caller's own checks still see it.
+inline void check_no_pending_error(const char* entry_point) {
+  const cudaError_t pending = cudaPeekAtLastError();
+  if (pending == cudaSuccess) return;
+  throw std::runtime_error(std::string("dilated_attention::cuda: ") + entry_point +
+                           " not launched: a CUDA error from an earlier call (not from "
+                           "dilated_attention) is pending: " + cudaGetErrorName(pending) + ": " +
+                           cudaGetErrorString(pending));
+}
+
+// Grants `bytes` of dynamic shared memory to `kernel` on `device` unless already granted.
+template <class Kernel>
+void grant_shared_memory(Kernel kernel, SharedMemoryGrants& grants, int device, std::size_t bytes) {
+  if (grants.covers(device, bytes)) return;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  grants.record(device, bytes);
+}
+
+// Runs a plan made by make_launch_plan<T>, after the checks that need the device: shared memory
+// against its limit (std::invalid_argument), no error pending from the caller. Only forward()
+// calls it, after validate().
+template <class T>
+void launch(const Config& config, const Shape& shape, const LaunchPlan& plan,
+            cudaStream_t stream) {
+  const DeviceLimits limits = current_device_limits();
+  check_shared_memory(plan.shared_bytes, limits.shared_bytes, config, shape,
+                      "dilated_attention::cuda::forward");
+  check_no_pending_error("dilated_attention::cuda::forward");
+  const KernelFunction kernel = kernel_for<T>(plan.params.head_dim);
+  grant_shared_memory(kernel, shared_memory_grants<T>(plan.params.head_dim), limits.device,
+                      plan.shared_bytes);
   const auto blocks = static_cast<unsigned>(plan.blocks);
   kernel<<<blocks, static_cast<unsigned>(plan.threads), plan.shared_bytes, stream>>>(plan.params);
   check(cudaGetLastError(), "dilated attention kernel launch");
 }
+
+}  // namespace detail
 
 // docs/semantics.md §4, GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
 // contiguous) are device pointers. Bad arguments raise std::invalid_argument before any device
@@ -80,7 +133,7 @@ void forward(const Config& config, const Shape& shape,
                 "dilated_attention::cuda::forward supports __half, __nv_bfloat16 and float");
   validate(config, shape, q, k, v, out, lse);
   const LaunchPlan plan = make_launch_plan<T>(config, shape, q, k, v, out, lse, kernel_kind_v<T>);
-  launch<T>(plan, stream);
+  detail::launch<T>(config, shape, plan, stream);
 }
 
 }  // namespace dilated_attention::cuda

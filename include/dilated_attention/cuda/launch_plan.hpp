@@ -18,6 +18,7 @@
 #include "../config.hpp"
 #include "../host_device.hpp"
 #include "../pattern.hpp"
+#include "launch_checks.hpp"
 
 namespace dilated_attention::cuda {
 
@@ -117,7 +118,9 @@ struct ForwardParams {
   OffsetRule offsets;
   Mixing mixing;
   bool causal;
-  bool vector_io;      // every row start is 16-byte aligned: cp.async / 16-byte loads allowed
+  // Per tensor: every row start is 16-byte aligned, so cp.async / 16-byte copies are allowed
+  // (decided per tensor, so one padded tensor does not slow the others down).
+  bool q_vector, k_vector, v_vector;
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
   std::int64_t row_stride;  // R: a window holds positions residue + R * j
@@ -206,6 +209,16 @@ inline bool aligned16(const void* pointer) {
   return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0;
 }
 
+// Whether every row start of a view is 16-byte aligned: the base pointer, and the stride of each
+// dimension that has more than one index (the stride of a size-1 dimension is never applied).
+template <class T>
+bool rows_aligned16(const View<T>& view, const Shape& shape, std::int64_t heads) {
+  const std::int64_t vec = 16 / static_cast<std::int64_t>(sizeof(T));
+  return aligned16(view.data) && (shape.seq_len == 1 || view.seq_stride % vec == 0) &&
+         (shape.batch == 1 || view.batch_stride % vec == 0) &&
+         (heads == 1 || view.head_stride % vec == 0);
+}
+
 }  // namespace detail
 
 // Backend limits beyond docs/semantics.md §5, checked after validate(): head_dim, number of branches, and
@@ -238,6 +251,14 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
                             const View<const T>& k, const View<const T>& v, const View<T>& out,
                             float* lse, KernelKind kind) {
   check_backend_limits(config, shape);
+  // The kernels read and write whole elements and whole floats: a misaligned pointer would fault
+  // on the device (or be UB on the host), so it is an argument error here.
+  const char* element = "every tensor element must be aligned to its type";
+  check_alignment(q.data, alignof(T), "q.data", element);
+  check_alignment(k.data, alignof(T), "k.data", element);
+  check_alignment(v.data, alignof(T), "v.data", element);
+  check_alignment(out.data, alignof(T), "out.data", element);
+  if (lse != nullptr) check_alignment(lse, alignof(float), "lse", "lse is an array of float");
   LaunchPlan plan{};
   ForwardParams& p = plan.params;
   p.q = q.data;
@@ -258,14 +279,11 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   p.offsets = config.offsets;
   p.mixing = config.mixing;
   p.causal = config.causal;
-  // 16-byte transfers need every row start 16-byte aligned: the base pointers and all strides
-  // (in bytes) multiples of 16. Otherwise the kernels fall back to element-wise copies.
-  const std::int64_t vec = 16 / static_cast<std::int64_t>(sizeof(T));
-  auto strides_ok = [vec](const auto& view) {
-    return view.batch_stride % vec == 0 && view.seq_stride % vec == 0 &&
-           view.head_stride % vec == 0 && detail::aligned16(view.data);
-  };
-  p.vector_io = strides_ok(q) && strides_ok(k) && strides_ok(v) && strides_ok(out);
+  // 16-byte transfers need every row start of the tensor 16-byte aligned. Otherwise that tensor's
+  // copies fall back to element-wise ones (the output is stored element-wise anyway).
+  p.q_vector = detail::rows_aligned16(q, shape, shape.num_heads);
+  p.k_vector = detail::rows_aligned16(k, shape, shape.num_kv_heads);
+  p.v_vector = detail::rows_aligned16(v, shape, shape.num_kv_heads);
   const double scale = resolved_scale(config, shape);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);

@@ -48,6 +48,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], const v
 #endif
 }
 
+// 2^x by the special-function unit (ex2.approx.ftz: ~2 ulp, subnormal results flushed to 0;
+// 2^-inf = 0), the exponential of the online softmax.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <class T>
 struct MmaOp;
 

@@ -35,7 +35,7 @@ __device__ __forceinline__ float to_float(T value) {
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock)
+__global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
     simt_forward_kernel(const ForwardParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
   constexpr int kPerLane = D / 32;

@@ -26,15 +26,20 @@ namespace dilated_attention::cuda::device {
 
 // Copies rows j0..j0+Rows-1 of the progression `rows` (positions in the sequence; position y is
 // at base + y * seq_stride) into a shared tile with row pitch D + 8. Rows past `rows.count` are
-// zero. With vector_io the copy is asynchronous (cp.async, completed by cp_async_wait + barrier);
-// otherwise element-wise and synchronous (completed by the barrier).
-template <class T, int D, int Rows>
+// zero. With vector_io (the tensor's 16-byte flag) the copy is asynchronous (cp.async, completed by cp_async_wait + barrier);
+// otherwise element-wise and synchronous (completed by the barrier). `Rolled` keeps the copy loop
+// rolled; otherwise it is unrolled fully. Which one avoids register spills depends on the kernel
+// and head_dim (ptxas -v, docs/cuda.md's table); the kernels choose per head_dim.
+template <class T, int D, int Rows, bool Rolled = false>
 __device__ __forceinline__ void load_rows(T* tile, const T* base, std::int64_t seq_stride,
                                           const Progression& rows, std::int64_t j0,
                                           bool vector_io) {
   constexpr int kPitch = D + 8;
+  constexpr int kUnroll = Rolled ? 1 : Rows * (D / 8) / kThreads;
+  (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
   if (vector_io) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll kUnroll
     for (int c = threadIdx.x; c < Rows * kChunks; c += kThreads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
       const std::int64_t j = j0 + row;
@@ -97,7 +102,9 @@ __global__ void __launch_bounds__(kThreads)
 
   // Query fragments, loaded once and reused by every branch.
   std::uint32_t q_frag[D / 16][4];
-  load_rows<T, D, kWindowRows>(q_tile, q_base, p.q_seq, window, 0, p.vector_io);
+  // Copy loops rolled at head_dim 128, unrolled below: the choice without spills (ptxas -v).
+  constexpr bool kRolled = D == 128;
+  load_rows<T, D, kWindowRows, kRolled>(q_tile, q_base, p.q_seq, window, 0, p.q_vector);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -107,7 +114,8 @@ __global__ void __launch_bounds__(kThreads)
                 q_tile + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + kk * 16 +
                     (lane / 16) * 8);
 
-  // Online-softmax state per row, in the log2 domain (scores are multiplied by scale*log2 e).
+  // Online-softmax state per row: the running max of the raw scores q.k (the scale is positive,
+  // so it is also the max of the scaled ones); probabilities are exp2(s scale log2e - pivot).
   float row_max[2] = {-kInf, -kInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; the 4 threads of a row are summed at the end
   float acc[kDimTiles][4];
@@ -133,19 +141,19 @@ __global__ void __launch_bounds__(kThreads)
                                        key_limit(work.keys, row_position[1], p.causal)};
         const std::int64_t tiles = work.tiles();
 
-        load_rows<T, D, kKeyTile>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
-                                  0, p.vector_io);
-        load_rows<T, D, kKeyTile>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
-                                  0, p.vector_io);
+        load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
+                                  0, p.k_vector);
+        load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
+                                  0, p.v_vector);
         cp_async_commit();
         for (std::int64_t tile = 0; tile < tiles; ++tile) {
           const int current = stage;
           if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
             const std::int64_t next_j0 = (tile + 1) * kKeyTile;
-            load_rows<T, D, kKeyTile>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
-                                      p.k_seq, streamed, next_j0, p.vector_io);
-            load_rows<T, D, kKeyTile>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
-                                      p.v_seq, streamed, next_j0, p.vector_io);
+            load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
+                                      p.k_seq, streamed, next_j0, p.k_vector);
+            load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
+                                      p.v_seq, streamed, next_j0, p.v_vector);
             cp_async_commit();
             cp_async_wait<1>();
           } else {
@@ -187,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int j = nt * 8 + 2 * t + (e & 1);
-              const float value = j < local_limit[e >> 1] ? score[nt][e] * p.scale_log2 : -kInf;
+              const float value = j < local_limit[e >> 1] ? score[nt][e] : -kInf;
               score[nt][e] = value;
               tile_max[e >> 1] = fmaxf(tile_max[e >> 1], value);
             }
@@ -197,8 +205,8 @@ __global__ void __launch_bounds__(kThreads)
             const float new_max = fmaxf(row_max[r], row_max4(tile_max[r]));
             // A row that has seen no key yet keeps max -inf: exponentiate against 0 so that
             // its masked scores give exp2(-inf) = 0 rather than NaN.
-            factor[r] = new_max == -kInf ? 1.f : exp2f(row_max[r] - new_max);
-            pivot[r] = new_max == -kInf ? 0.f : new_max;
+            factor[r] = new_max == -kInf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
+            pivot[r] = new_max == -kInf ? 0.f : new_max * p.scale_log2;
             row_max[r] = new_max;
             row_sum[r] *= factor[r];
           }
@@ -206,7 +214,8 @@ __global__ void __launch_bounds__(kThreads)
           for (int nt = 0; nt < kKeyTiles; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const float prob = exp2f(score[nt][e] - pivot[e >> 1]);
+              // One FFMA and one MUFU.EX2 per score: exp2(s scale log2e - max scale log2e).
+              const float prob = fast_exp2(fmaf(score[nt][e], p.scale_log2, -pivot[e >> 1]));
               score[nt][e] = prob;
               row_sum[e >> 1] += prob;
             }
@@ -244,7 +253,7 @@ __global__ void __launch_bounds__(kThreads)
         const float sum = row_sum4(row_sum[r]);
         inverse[r] = sum > 0.f ? 1.f / (sum * static_cast<float>(p.num_branches)) : 0.f;
         if (sum > 0.f)
-          lse_mean[r] = log_add_exp(lse_mean[r], (row_max[r] + log2f(sum)) * kLn2);
+          lse_mean[r] = log_add_exp(lse_mean[r], (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2);
         row_max[r] = -kInf;
         row_sum[r] = 0.f;
       }
@@ -268,7 +277,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       const float sum = row_sum4(row_sum[r]);
       inverse[r] = sum > 0.f ? 1.f / sum : 0.f;
-      lse[r] = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -kInf;
+      lse[r] = sum > 0.f ? (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2 : -kInf;
     }
   }
   T* const out_base = static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head;

@@ -1,0 +1,236 @@
+#pragma once
+// dK and dV of the backward (docs/semantics.md §7) on tensor cores for 16-bit storage; the
+// companion of tensor_core_backward_dq_kernel.cuh (which describes the shared scheme).
+
+#include <cstdint>
+
+#include "backward_plan.hpp"
+#include "copy.cuh"
+#include "launch_plan.hpp"
+#include "mma.cuh"
+#include "tensor_core_kernel.cuh"  // load_rows
+
+namespace dilated_attention::cuda::device {
+
+// dK and dV on tensor cores for 16-bit storage: the dQ kernel seen from the keys' side. One
+// thread block per (batch, kv head, window of up to 64 key positions of stride R) -- the forward's
+// windows, so each key row has exactly one owner and is written once. Its K and V rows stay in
+// shared memory; for every query head of the GQA group, every branch and every segment
+// overlapping the window, the block's queries (all its rows, or when causal those at or after
+// the window's first key) stream through shared memory in tiles of 32 with their Q, dO rows and
+// their LSE and D (two stages), and per tile:
+//   S^T = K Q^T,  dP^T = V dO^T                       (keys are the mma rows)
+//   P^T = exp2(S^T scale log2 e - LSE log2 e), 0 where the pair is masked
+//   dS^T = P^T (dP^T g - D)
+//   dV += (g P^T) dO,  dK += dS^T Q                   (ldmatrix.trans of the dO and Q tiles)
+// in that fixed order: no atomics, bitwise reproducible.
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    tensor_core_backward_dk_dv_kernel(const BackwardParams bp) {
+  static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
+  using Mma = MmaOp<T>;
+  constexpr int kPitch = D + 8;
+  constexpr int kDimTiles = D / 8;
+  constexpr int kQueryTile = kBackwardQueryTile;  // queries per streamed tile (32: registers)
+  constexpr bool kRolled = true;  // copy loops rolled: fewest spills (ptxas -v, docs/cuda.md)
+  constexpr int kQueryTiles = kQueryTile / 8;    // n-tiles of S^T
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float kInf = __int_as_float(0x7f800000);
+  const ForwardParams& p = bp.f;
+
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* const k_tile = reinterpret_cast<T*>(shared_raw);  // the window's keys
+  T* const v_tile = k_tile + kWindowRows * kPitch;
+  T* const q_stages = v_tile + kWindowRows * kPitch;    // two stages each
+  T* const do_stages = q_stages + 2 * kQueryTile * kPitch;
+  float* const lse_stages = reinterpret_cast<float*>(do_stages + 2 * kQueryTile * kPitch);
+  float* const delta_stages = lse_stages + 2 * kQueryTile;
+
+  const std::int64_t window_index = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
+  const std::int64_t batch = rest / p.kv_heads, kv_head = rest % p.kv_heads;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const Progression window = window_rows(p, window_index);
+  if (window.empty()) return;  // uniform
+  const T* const k_base = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head;
+  const T* const v_base = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head;
+  const bool mean = p.mixing == Mixing::mean;
+  const std::int64_t group = p.heads / p.kv_heads;
+
+  // The key rows whose dK, dV this thread accumulates (C fragment rows g and g + 8 of the warp).
+  const std::int64_t row_position[2] = {
+      warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
+      warp * 16 + g + 8 < window.count ? window.at(warp * 16 + g + 8) : -1};
+  const int fragment_offset =
+      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
+
+  load_rows<T, D, kWindowRows, kRolled>(k_tile, k_base, p.k_seq, window, 0, p.k_vector);
+  load_rows<T, D, kWindowRows, kRolled>(v_tile, v_base, p.v_seq, window, 0, p.v_vector);
+  cp_async_commit();
+
+  float acc_k[kDimTiles][4], acc_v[kDimTiles][4];
+#pragma unroll
+  for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_k[dn][e] = acc_v[dn][e] = 0.f;
+
+  int stage = 0;
+  for (std::int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+    const T* const q_base = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
+    const T* const do_base =
+        static_cast<const T*>(bp.d_out) + batch * bp.do_batch + head * bp.do_head;
+    const std::int64_t row_base = (batch * p.heads + head) * p.seq_len;
+    for (int i = 0; i < p.num_branches; ++i) {
+      const BranchGeometry geometry = p.branch(i);
+      const std::int64_t offset = p.offset(i, head);
+      if (offset < 0) continue;  // uniform
+      const std::int64_t stats_base = (mean ? i * bp.rows : 0) + row_base;
+      const SegmentRange segments = segments_overlapping(geometry, window);
+      for (std::int64_t s = segments.first; s <= segments.last; ++s) {
+        // Blocks are symmetric: the block's rows are the queries, the window's rows in it the keys.
+        const SegmentWork work = segment_work(geometry, s, offset, false, window);
+        if (work.queries.empty()) continue;  // uniform
+        const Progression& block = work.keys;
+        const std::int64_t start = p.causal ? block.index_of(work.queries.first) : 0;
+        const Progression streamed = block.slice(start, block.count);
+        // Query j of `streamed` attends key row r iff lo[r] <= j < streamed.count.
+        // (32-bit: a block has fewer than 2^31 rows.)
+        int lo[2], hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool in_block = block.contains(row_position[r]);
+          lo[r] = in_block && p.causal ? static_cast<int>(block.index_of(row_position[r]) - start) : 0;
+          hi[r] = in_block ? static_cast<int>(streamed.count) : 0;
+        }
+        const std::int64_t tiles = (streamed.count + kQueryTile - 1) / kQueryTile;
+        // Q, dO rows (cp.async) and LSE, D (plain loads) of query tile `tile` into stage `into`.
+        auto load_tile = [&](std::int64_t tile, int into) {
+          const std::int64_t j0 = tile * kQueryTile;
+          load_rows<T, D, kQueryTile, kRolled>(q_stages + into * kQueryTile * kPitch, q_base, p.q_seq,
+                                      streamed, j0, p.q_vector);
+          load_rows<T, D, kQueryTile, kRolled>(do_stages + into * kQueryTile * kPitch, do_base, bp.do_seq,
+                                      streamed, j0, bp.do_vector);
+          if (tid < kQueryTile) {
+            const bool valid = j0 + tid < streamed.count;
+            const std::int64_t at = stats_base + (valid ? streamed.at(j0 + tid) : 0);
+            const float lse = valid ? (mean ? bp.branch_lse[at] : p.lse[at]) : -kInf;
+            lse_stages[into * kQueryTile + tid] = lse == -kInf ? 0.f : lse * kLog2e;
+            delta_stages[into * kQueryTile + tid] = valid ? bp.delta[at] : 0.f;
+          }
+        };
+        load_tile(0, stage);
+        cp_async_commit();
+        for (std::int64_t tile = 0; tile < tiles; ++tile) {
+          const int current = stage;
+          if (tile + 1 < tiles) {
+            load_tile(tile + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+          } else {
+            cp_async_wait<0>();
+          }
+          __syncthreads();
+          const T* const q_tile = q_stages + current * kQueryTile * kPitch;
+          const T* const do_tile = do_stages + current * kQueryTile * kPitch;
+          const float* const lse_log2 = lse_stages + current * kQueryTile;
+          const float* const delta = delta_stages + current * kQueryTile;
+
+          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 64 queries.
+          float score[kQueryTiles][4], grad[kQueryTiles][4];
+#pragma unroll
+          for (int nt = 0; nt < kQueryTiles; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) score[nt][e] = grad[nt][e] = 0.f;
+#pragma unroll 2
+          for (int kk = 0; kk < D / 16; ++kk) {
+            std::uint32_t a_k[4], a_v[4];
+            ldmatrix_x4(a_k, k_tile + fragment_offset + kk * 16);
+            ldmatrix_x4(a_v, v_tile + fragment_offset + kk * 16);
+#pragma unroll
+            for (int np = 0; np < kQueryTiles / 2; ++np) {
+              const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
+              const int col = kk * 16 + ((lane / 8) % 2) * 8;
+              std::uint32_t b[4];
+              ldmatrix_x4(b, q_tile + row * kPitch + col);
+              Mma::run(score[2 * np], a_k, b[0], b[1]);
+              Mma::run(score[2 * np + 1], a_k, b[2], b[3]);
+              ldmatrix_x4(b, do_tile + row * kPitch + col);
+              Mma::run(grad[2 * np], a_v, b[0], b[1]);
+              Mma::run(grad[2 * np + 1], a_v, b[2], b[3]);
+            }
+          }
+
+          // g P^T (as dV needs it) and dS^T, 0 where masked, packed at once into 16-bit A
+          // fragments (the C and A layouts agree): the fp32 tiles die here, which keeps the
+          // dV and dK accumulators in registers.
+          const int j0 = static_cast<int>(tile) * kQueryTile;
+          int local_lo[2], local_hi[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int a = lo[r] - j0, b = hi[r] - j0;
+            local_lo[r] = a < 0 ? 0 : (a > kQueryTile ? kQueryTile : a);
+            local_hi[r] = b < 0 ? 0 : (b > kQueryTile ? kQueryTile : b);
+          }
+          std::uint32_t p_frag[kQueryTile / 16][4], s_frag[kQueryTile / 16][4];
+#pragma unroll
+          for (int nt = 0; nt < kQueryTiles; ++nt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {  // elements 2 half, 2 half + 1: one row
+              float prob[2], ds[2];
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int e = 2 * half + c, j = nt * 8 + 2 * t + c;
+                const bool valid = j >= local_lo[half] && j < local_hi[half];
+                const float pr = valid ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[j])) : 0.f;
+                ds[c] = pr * (grad[nt][e] * bp.grad_out_scale - delta[j]);
+                prob[c] = pr * bp.grad_out_scale;
+              }
+              // n-tile nt is half (nt % 2) of k-step nt / 2; A registers: rows g / g + 8, then
+              // columns 0-7 / 8-15.
+              p_frag[nt / 2][2 * (nt % 2) + half] = Mma::pack(prob[0], prob[1]);
+              s_frag[nt / 2][2 * (nt % 2) + half] = Mma::pack(ds[0], ds[1]);
+            }
+
+          // dV += (g P^T) dO and dK += dS^T Q, B operands by ldmatrix.trans of the tiles.
+#pragma unroll
+          for (int ks = 0; ks < kQueryTile / 16; ++ks) {
+            const int row = ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+              std::uint32_t b[4];
+              ldmatrix_x4_trans(b, do_tile + row * kPitch + dp * 16 + (lane / 16) * 8);
+              Mma::run(acc_v[2 * dp], p_frag[ks], b[0], b[1]);
+              Mma::run(acc_v[2 * dp + 1], p_frag[ks], b[2], b[3]);
+              ldmatrix_x4_trans(b, q_tile + row * kPitch + dp * 16 + (lane / 16) * 8);
+              Mma::run(acc_k[2 * dp], s_frag[ks], b[0], b[1]);
+              Mma::run(acc_k[2 * dp + 1], s_frag[ks], b[2], b[3]);
+            }
+          }
+          __syncthreads();  // every warp is done with this stage before it is refilled
+          stage ^= 1;
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // a window no query reaches still waits for its own K/V copies
+
+  // Epilogue: every key row of the window is written once (0 for keys no query attends).
+  T* const dk_base = static_cast<T*>(bp.d_k) + batch * bp.dk_batch + kv_head * bp.dk_head;
+  T* const dv_base = static_cast<T*>(bp.d_v) + batch * bp.dv_batch + kv_head * bp.dv_head;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t y = row_position[r];
+    if (y < 0) continue;
+    T* const dk_row = dk_base + y * bp.dk_seq;
+    T* const dv_row = dv_base + y * bp.dv_seq;
+#pragma unroll
+    for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        dk_row[dn * 8 + 2 * t + c] = T(acc_k[dn][2 * r + c] * p.scale);
+        dv_row[dn * 8 + 2 * t + c] = T(acc_v[dn][2 * r + c]);
+      }
+  }
+}
+
+}  // namespace dilated_attention::cuda::device
