@@ -1,5 +1,5 @@
-// The generic driver (run_ring) with an instrumented back end and transport: each step's exchange
-// is posted before the previous step's blocks are computed (communication overlaps compute), and
+// The generic driver (run_ring) with an instrumented back end and transport: every exchange is
+// posted before any block is computed (or, with post_early off, each one step ahead), and
 // the driver needs nothing of a back end beyond the members the CPU back end provides.
 
 #include <gtest/gtest.h>
@@ -30,27 +30,20 @@ class LoggingBackend : public ring::CpuBackend<double> {
   std::vector<std::string>& log_;
 };
 
-// A transport logging each posted receive with its step (the tag).
-class LoggingTransport final : public ring::Transport {
+// A transport logging each posted receive with its step (the distance back to the sender).
+class LoggingTransport final : public ring::TransportAdapter {
  public:
-  LoggingTransport(ring::Transport& inner, std::vector<std::string>& log) : inner_(inner), log_(log) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
-    return inner_.post_send(peer, tag, data, bytes);
-  }
+  LoggingTransport(ring::Transport& inner, std::vector<std::string>& log) : TransportAdapter(inner), log_(log) {}
   Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-    log_.push_back("post " + std::to_string(tag));
-    return inner_.post_recv(peer, tag, data, bytes);
+    log_.push_back("post " + std::to_string((rank() - peer + size()) % size()));
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
   }
-  void wait(Ticket ticket) override { inner_.wait(ticket); }
 
  private:
-  ring::Transport& inner_;
   std::vector<std::string>& log_;
 };
 
-TEST(RingDriver, PostsEachExchangeBeforeComputingThePreviousStep) {
+TEST(RingDriver, PostsEveryExchangeBeforeComputingNearestFirst) {
   da::Config config;
   config.segment_lengths = {24};
   config.dilation_rates = {2};
@@ -71,7 +64,44 @@ TEST(RingDriver, PostsEachExchangeBeforeComputingThePreviousStep) {
     LoggingBackend backend(log, local, begin, da::testing::shard_view(q.view(), begin),
                            da::testing::shard_view(k.view(), begin),
                            da::testing::shard_view(v.view(), begin), 0.5, false, 1, 1);
-    ring::run_ring(config, shape, transport, backend, cache);
+    const ring::Stats stats = ring::run_ring(config, shape, transport, backend, cache);
+    EXPECT_GT(stats.progress_calls, 0);  // the transport is driven between blocks
+    backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
+  });
+  // Distances 1 and 3 (= -1) first, then 2; the local step, then the steps in that order.
+  const std::vector<std::string> expected_log = {"post 1", "post 3", "post 2", "compute",
+                                                 "compute", "compute", "compute"};
+  for (const auto& log : logs) EXPECT_EQ(log, expected_log);
+  EXPECT_LE(da::testing::max_abs_diff(out, expected), 1e-12);  // scale 0.5 = 1/sqrt(4)
+}
+
+
+TEST(RingDriver, OneStepAheadWhenNotPostingEarly) {
+  da::Config config;
+  config.segment_lengths = {24};
+  config.dilation_rates = {2};
+  const da::Shape shape{1, 24, 2, 2, 4};
+  da::testing::Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), expected(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  std::vector<std::vector<std::string>> logs(4);
+  ring::PatternCache cache;
+  ring::run_in_process(4, [&](ring::Transport& inner) {
+    auto& log = logs[static_cast<std::size_t>(inner.rank())];
+    LoggingTransport transport(inner, log);
+    const std::int64_t begin = transport.rank() * 6;
+    da::Shape local = shape;
+    local.seq_len = 6;
+    LoggingBackend backend(log, local, begin, da::testing::shard_view(q.view(), begin),
+                           da::testing::shard_view(k.view(), begin),
+                           da::testing::shard_view(v.view(), begin), 0.5, false, 1, 1);
+    ring::Options options;
+    options.post_early = false;
+    options.drive_progress = false;
+    const ring::Stats stats = ring::run_ring(config, shape, transport, backend, cache, options);
+    EXPECT_EQ(stats.progress_calls, 0);
     backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
   });
   const std::vector<std::string> expected_log = {"post 1", "compute", "post 2", "compute",

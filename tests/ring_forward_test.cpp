@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -14,6 +15,7 @@
 #include <dilated_attention/dilated_attention.hpp>
 
 #include "ring_support.hpp"
+#include "support/random_config.hpp"
 
 namespace da = dilated_attention;
 using da::testing::Tensor;
@@ -153,6 +155,56 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
       EXPECT_EQ(run.transport_recvs[static_cast<std::size_t>(p)], stats.recvs_posted);
     }
   }
+
+  // The zigzag layout (chunks p and 2P-1-p of 2P): the same result, for every P with 2P | 24.
+  for (int num_ranks : {1, 2, 3, 4, 6}) {
+    SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
+                                                              da::ring::Layout::zigzag);
+    EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+    EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+  }
+}
+
+// Zigzag at every P = 1..8 (N = 1680 = lcm(2, 4, ..., 16)), LongNet-like branches below, across
+// and beyond the chunks, every rule, both mixings, causal and not, GQA: equal to the
+// single-device forward.
+TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
+  const da::Shape shape{1, 1680, 4, 2, 4};
+  Tensor<double> q(shape, 4), k(shape, 2), v(shape, 2), expected(shape, 4);
+  q.fill_random(71);
+  k.fill_random(72);
+  v.fill_random(73);
+  // Each rule and each mixing once, causal twice (the sweep above covers every combination at
+  // N = 24); kept small so the test stays quick in Debug and under ThreadSanitizer.
+  struct Combo {
+    da::OffsetRule rule;
+    da::Mixing mixing;
+    bool causal;
+  };
+  for (const Combo& combo : {Combo{da::OffsetRule::modular, da::Mixing::softmax, true},
+                             Combo{da::OffsetRule::blocked, da::Mixing::mean, true},
+                             Combo{da::OffsetRule::partitioned, da::Mixing::softmax, false}}) {
+        const da::OffsetRule rule = combo.rule;
+        const da::Mixing mixing = combo.mixing;
+        const bool causal = combo.causal;
+        da::Config config;
+        config.segment_lengths = {60, 280, 1680};
+        config.dilation_rates = {1, 2, 4};
+        config.offsets = rule;
+        config.mixing = mixing;
+        config.causal = causal;
+        std::vector<double> expected_lse(static_cast<std::size_t>(4 * 1680));  // heads x N
+        da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+        for (int num_ranks = 1; num_ranks <= 8; ++num_ranks) {
+          SCOPED_TRACE(std::string(da::to_string(rule)) + " " + da::to_string(mixing) + (causal ? " causal" : "") +
+                       " P = " + std::to_string(num_ranks));
+          const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
+                                                                    da::ring::Layout::zigzag);
+          EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+          EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+        }
+  }
 }
 
 std::string name_of(const ::testing::TestParamInfo<Param>& info) {
@@ -196,14 +248,32 @@ TEST(RingForward, FloatStorageAndThreadCountInvariance) {
   }
 }
 
+// A malformed DILATED_ATTENTION_CPU_ISA raises std::invalid_argument on the ranks (resolved on
+// the calling thread, never inside a compute worker, where it would terminate the process).
+TEST(RingForward, BadInstructionSetVariableRaises) {
+  const da::Config config = da::testing::make_config({8, 16}, {1, 2});
+  const da::Shape shape{1, 32, 2, 2, 8};
+  Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  const char* saved = std::getenv("DILATED_ATTENTION_CPU_ISA");
+  const std::string restore = saved ? saved : "";
+  ::setenv("DILATED_ATTENTION_CPU_ISA", "no-such-isa", 1);
+  EXPECT_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2),
+               std::exception);
+  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", restore.c_str(), 1);
+  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  // The same ranks work again once the variable is sane.
+  EXPECT_NO_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2));
+}
+
 // The ring can fail: a corrupted received row changes the answer (guards against a test that
 // compares the reference with itself).
 TEST(RingForward, CorruptedTransferIsDetected) {
-  class Corrupting final : public da::ring::Transport {
+  class Corrupting final : public da::ring::TransportAdapter {
    public:
-    explicit Corrupting(da::ring::Transport& inner) : inner_(inner) {}
-    int rank() const override { return inner_.rank(); }
-    int size() const override { return inner_.size(); }
+    explicit Corrupting(da::ring::Transport& inner) : TransportAdapter(inner) {}
     Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
       std::vector<unsigned char> copy(static_cast<const unsigned char*>(data),
                                       static_cast<const unsigned char*>(data) + bytes);
@@ -213,15 +283,8 @@ TEST(RingForward, CorruptedTransferIsDetected) {
         first += 1.0;
         std::memcpy(copy.data(), &first, sizeof first);
       }
-      return inner_.post_send(peer, tag, copy.data(), bytes);
+      return TransportAdapter::post_send(peer, tag, copy.data(), bytes);
     }
-    Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-      return inner_.post_recv(peer, tag, data, bytes);
-    }
-    void wait(Ticket ticket) override { inner_.wait(ticket); }
-
-   private:
-    da::ring::Transport& inner_;
   };
   da::Config config;
   config.segment_lengths = {24};

@@ -1,6 +1,9 @@
 // Launched as `mpiexec -n P ring_mpi_test` (P = 2, 3, 4): every rank computes the single-process
 // forward of the whole problem, runs the ring over MPI on its shard, and compares its rows of O
-// and LSE. Exits non-zero on every rank when any rank sees a mismatch.
+// and LSE. Then the fault scenarios of ring_faults.hpp (a different causal flag, segment lengths
+// or head_dim on one rank, a null pointer, an exception mid-forward): every rank must raise within
+// seconds, and a consistent call on the same transport right after must be exact. Exits non-zero
+// on every rank when any rank sees a mismatch.
 
 #include <mpi.h>
 
@@ -12,8 +15,10 @@
 #include <cmath>
 #include <cstdio>
 #include <exception>
+#include <string>
 #include <vector>
 
+#include "ring_faults.hpp"
 #include "support/tensors.hpp"
 
 namespace da = dilated_attention;
@@ -28,7 +33,23 @@ struct Case {
   da::OffsetRule rule;
   da::Mixing mixing;
   da::Shape shape;
+  da::ring::Layout layout = da::ring::Layout::contiguous;
 };
+
+// A rank's rows of a global tensor in `chunks` order, dense.
+Tensor<double> local_rows(const Tensor<double>& global, const std::vector<da::ring::Chunk>& chunks,
+                          std::int64_t length) {
+  da::Shape local = global.shape;
+  local.seq_len = length;
+  Tensor<double> result(local, global.heads);
+  for (const auto& chunk : chunks)
+    for (std::int64_t b = 0; b < local.batch; ++b)
+      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+        for (std::int64_t h = 0; h < global.heads; ++h)
+          for (std::int64_t d = 0; d < local.head_dim; ++d)
+            result.at(b, chunk.local + x - chunk.begin, h, d) = global.at(b, x, h, d);
+  return result;
+}
 
 template <class T>
 da::View<T> shard_view(da::View<T> global, std::int64_t begin) {
@@ -56,24 +77,44 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   da::reference::forward<double>(config, s, q.view(), k.view(), v.view(), reference.view(),
                                  reference_lse.data());
 
-  const std::int64_t length = s.seq_len / transport.size(), begin = transport.rank() * length;
+  const std::int64_t length = s.seq_len / transport.size();
+  const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
   std::vector<double> ring_lse(static_cast<std::size_t>(s.batch * s.num_heads * length));
-  const da::ring::Stats stats = da::ring::forward<double>(
-      config, s, transport, shard_view(q.view(), begin), shard_view(k.view(), begin),
-      shard_view(v.view(), begin), shard_view(ring.view(), begin), ring_lse.data());
+  da::ring::Options options;
+  options.layout = c.layout;
+  da::ring::Stats stats;
+  if (c.layout == da::ring::Layout::contiguous) {
+    const std::int64_t begin = transport.rank() * length;
+    stats = da::ring::forward<double>(config, s, transport, shard_view(q.view(), begin), shard_view(k.view(), begin),
+                                      shard_view(v.view(), begin), shard_view(ring.view(), begin), ring_lse.data(),
+                                      options);
+  } else {
+    const Tensor<double> lq = local_rows(q, chunks, length), lk = local_rows(k, chunks, length),
+                         lv = local_rows(v, chunks, length);
+    Tensor<double> lo = local_rows(ring, chunks, length);
+    stats = da::ring::forward<double>(config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(),
+                                      ring_lse.data(), options);
+    for (const auto& chunk : chunks)
+      for (std::int64_t b = 0; b < s.batch; ++b)
+        for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+          for (std::int64_t h = 0; h < s.num_heads; ++h)
+            for (std::int64_t d = 0; d < s.head_dim; ++d) ring.at(b, x, h, d) = lo.at(b, chunk.local + x - chunk.begin, h, d);
+  }
 
   double worst_o = 0.0, worst_lse = 0.0, worst_reference = 0.0;
+  for (const auto& chunk : chunks)
   for (std::int64_t b = 0; b < s.batch; ++b)
     for (std::int64_t h = 0; h < s.num_heads; ++h)
-      for (std::int64_t x = 0; x < length; ++x) {
+      for (std::int64_t gx = chunk.begin; gx < chunk.end; ++gx) {
+        const std::int64_t x = chunk.local + gx - chunk.begin;
         for (std::int64_t d = 0; d < s.head_dim; ++d) {
-          const double got = ring.at(b, begin + x, h, d);
-          worst_o = std::fmax(worst_o, std::fabs(got - single.at(b, begin + x, h, d)));
-          worst_reference = std::fmax(worst_reference, std::fabs(got - reference.at(b, begin + x, h, d)));
+          const double got = ring.at(b, gx, h, d);
+          worst_o = std::fmax(worst_o, std::fabs(got - single.at(b, gx, h, d)));
+          worst_reference = std::fmax(worst_reference, std::fabs(got - reference.at(b, gx, h, d)));
           if (std::isnan(got)) worst_o = INFINITY;
         }
         const double got = ring_lse[static_cast<std::size_t>((b * s.num_heads + h) * length + x)];
-        const double want = single_lse[static_cast<std::size_t>((b * s.num_heads + h) * s.seq_len + begin + x)];
+        const double want = single_lse[static_cast<std::size_t>((b * s.num_heads + h) * s.seq_len + gx)];
         const double diff = std::isinf(got) || std::isinf(want) ? (got == want ? 0.0 : INFINITY) : std::fabs(got - want);
         worst_lse = std::fmax(worst_lse, diff);
       }
@@ -95,14 +136,52 @@ int main(int argc, char** argv) {
   int failures = 0;
   try {
     da::ring::MpiTransport transport(MPI_COMM_WORLD);
-    // N = 48: shards of 24, 16, 12 for P = 2, 3, 4.
+    // N = 48: shards of 24, 16, 12 for P = 2, 3, 4 (zigzag: chunks of 12, 8, 6).
     const std::vector<Case> cases = {
         {"below_and_above", {8, 20, 48}, {1, 2, 4}, false, da::OffsetRule::modular, da::Mixing::softmax, {2, 48, 4, 2, 8}},
         {"causal_not_multiple", {7, 30}, {2, 3}, true, da::OffsetRule::modular, da::Mixing::softmax, {1, 48, 4, 4, 8}},
         {"blocked_mean", {12, 24, 64}, {2, 3, 4}, true, da::OffsetRule::blocked, da::Mixing::mean, {1, 48, 6, 3, 8}},
         {"partitioned_mean", {16, 48}, {1, 2}, false, da::OffsetRule::partitioned, da::Mixing::mean, {1, 48, 4, 2, 8}},
+        {"zigzag_causal", {8, 20, 48}, {1, 2, 4}, true, da::OffsetRule::modular, da::Mixing::softmax, {2, 48, 4, 2, 8},
+         da::ring::Layout::zigzag},
+        {"zigzag_blocked_mean", {12, 24, 64}, {2, 3, 4}, false, da::OffsetRule::blocked, da::Mixing::mean,
+         {1, 48, 6, 3, 8}, da::ring::Layout::zigzag},
     };
     for (const Case& c : cases) failures += check(c, transport);
+
+    namespace dt = da::testing;
+    const dt::FaultProblem small, big(true);
+    struct Scenario {
+      dt::Fault fault;
+      int faulty;
+      const dt::FaultProblem* problem_ = nullptr;
+    };
+    const int last = transport.size() - 1;
+    const std::vector<Scenario> scenarios = {
+        {dt::Fault::causal, last},  {dt::Fault::segments, last},         {dt::Fault::head_dim, last},
+        {dt::Fault::null_q, last},  {dt::Fault::null_q, 0},               {dt::Fault::throw_mid_forward, last},
+        {dt::Fault::throw_mid_forward, 0},  {dt::Fault::throw_mid_forward, last, &big},
+        {dt::Fault::throw_mid_forward, 0, &big},  {dt::Fault::throw_at_first_post, last, &big},
+        {dt::Fault::throw_at_first_post, 0, &big},  {dt::Fault::throw_in_progress, last, &big}};
+    for (const Scenario& scenario : scenarios) {
+      const dt::FaultProblem& problem = scenario.problem_ != nullptr ? *scenario.problem_ : small;
+      const dt::Outcome failed = dt::run_fault_call(problem, transport, scenario.fault, scenario.faulty);
+      const dt::Outcome after = dt::run_fault_call(problem, transport, dt::Fault::none, scenario.faulty);
+      const std::string verdict = dt::judge(failed, scenario.fault, scenario.faulty, transport.rank());
+      const std::string verdict_after = dt::judge(after, dt::Fault::none, scenario.faulty, transport.rank());
+      std::printf("rank %d/%d N=%lld fault %-18s on rank %d: %s in %.3f s (%s)%s; next call max|dO| %.2e %s\n",
+                  transport.rank(), transport.size(), static_cast<long long>(problem.shape.seq_len),
+                  dt::fault_name(scenario.fault), scenario.faulty,
+                  dt::kind_name(failed.kind), failed.seconds, failed.message.c_str(),
+                  verdict.empty() ? "" : (" MISMATCH: " + verdict).c_str(), after.max_error,
+                  verdict_after.empty() ? "ok" : ("MISMATCH: " + verdict_after).c_str());
+      failures += verdict.empty() ? 0 : 1;
+      failures += verdict_after.empty() ? 0 : 1;
+    }
+    // Sends MPI could not cancel (a rendezvous whose receiver had given up) wait here, buffers
+    // alive, until MPI completes them or the transport ends.
+    std::printf("rank %d/%d transfers parked after the fault scenarios: %zu\n", transport.rank(),
+                transport.size(), transport.parked());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ring_mpi_test: %s\n", e.what());
     failures += 1;

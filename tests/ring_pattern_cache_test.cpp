@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #include <thread>
 #include <vector>
 
@@ -15,7 +17,7 @@ namespace {
 
 bool same_plan(const ring::StepPlan& a, const ring::StepPlan& b) {
   if (a.send_peer != b.send_peer || a.recv_peer != b.recv_peer || a.send_rows != b.send_rows ||
-      a.blocks.size() != b.blocks.size())
+      a.recv_rows != b.recv_rows || a.block_unit != b.block_unit || a.blocks.size() != b.blocks.size())
     return false;
   for (std::size_t j = 0; j < a.blocks.size(); ++j)
     if (a.blocks[j].queries != b.blocks[j].queries || a.blocks[j].keys != b.blocks[j].keys) return false;
@@ -39,15 +41,16 @@ TEST(RingPatternCache, EveryKeyFieldMatters) {
   vary(&ring::StepKey::offset, std::int64_t{0});
   vary(&ring::StepKey::causal, true);
   vary(&ring::StepKey::step, std::int64_t{2});
+  vary(&ring::StepKey::layout, ring::Layout::zigzag);
   for (const auto& key : keys) EXPECT_TRUE(same_plan(*cache.plan(key), ring::make_step_plan(key)));
-  EXPECT_EQ(cache.counters().misses, 9);
+  EXPECT_EQ(cache.counters().misses, 10);
   EXPECT_EQ(cache.counters().hits, 0);
-  EXPECT_EQ(cache.counters().entries, 9u);
+  EXPECT_EQ(cache.counters().entries, 10u);
   for (const auto& key : keys) EXPECT_TRUE(cache.contains(key));
   const auto first = cache.plan(base);
   EXPECT_EQ(first.get(), cache.plan(base).get());  // the same shared plan, not a rebuild
   EXPECT_EQ(cache.counters().hits, 2);
-  EXPECT_EQ(cache.counters().misses, 9);
+  EXPECT_EQ(cache.counters().misses, 10);
 }
 
 TEST(RingPatternCache, InvalidKeysAreNotCached) {
@@ -85,12 +88,47 @@ TEST(RingPatternCache, ForwardsReuseEveryPlan) {
   ring::PatternCache cache;
   da::testing::run_ring_in_process<double>(config, shape, q, k, v, 3, &cache);
   const auto after_first = cache.counters();
-  // 3 ranks x 3 steps x (1 + 2 offsets) plans.
-  EXPECT_EQ(after_first.misses, 27);
+  // Only steps with work are cached: of 3 ranks x 3 steps x (1 + 2 offsets) = 27 keys, ranks
+  // 0, 1, 2 need 6, 6 and 4 (step 0 always; a later step only towards a rank sharing a segment,
+  // and causal skips receiving from later ranks). Worked out by hand from the segments
+  // [0,6),[6,12),.. and [0,16),[16,24) against shards [0,8),[8,16),[16,24).
+  EXPECT_EQ(after_first.misses, 16);
   EXPECT_EQ(after_first.hits, 0);
   da::testing::run_ring_in_process<double>(config, shape, q, k, v, 3, &cache);
-  EXPECT_EQ(cache.counters().misses, 27);
-  EXPECT_EQ(cache.counters().hits, 27);
+  EXPECT_EQ(cache.counters().misses, 16);
+  EXPECT_EQ(cache.counters().hits, 16);
+}
+
+// At scale: N = 2^20, P = 1024, LongNet's branches (the paper's w = 2048..32768, r = 1, 2, 4, 6,
+// 12), MHA with 12 heads so every offset is used. The first version cached P x sum(r) = 25,600
+// plans per rank, more than the default capacity, and a second forward got no hits. Now a rank
+// caches only the steps of its sub-rings, the capacity grows to P x that, and the second forward
+// is all hits, for every sampled rank, causal or not.
+TEST(RingPatternCache, SecondForwardIsAllHitsAtP1024) {
+  da::Config config;
+  config.segment_lengths = {2048, 4096, 8192, 16384, 32768};
+  config.dilation_rates = {1, 2, 4, 6, 12};
+  const da::Shape shape{1, std::int64_t{1} << 20, 12, 12, 64};
+  for (const bool causal : {false, true}) {
+    config.causal = causal;
+    ring::PatternCache cache;
+    const std::vector<std::int64_t> ranks = {0, 1, 31, 32, 500, 1023};
+    for (const std::int64_t rank : ranks) ring::step_plans(config, shape, 1024, rank, cache);
+    const auto first = cache.counters();
+    EXPECT_EQ(first.hits, 0);
+    EXPECT_EQ(first.evictions, 0);
+    // Per rank at most sum_i r_i * (2 * w_i / L + 1) = 2 + 10 + 36 + 198 + 780 plans (L = 1024).
+    EXPECT_LE(first.misses, static_cast<std::int64_t>(ranks.size()) * (2 + 10 + 36 + 198 + 780));
+    for (const std::int64_t rank : ranks) ring::step_plans(config, shape, 1024, rank, cache);
+    const auto second = cache.counters();
+    EXPECT_EQ(second.misses, first.misses);
+    EXPECT_EQ(second.hits, first.misses);
+    EXPECT_EQ(second.evictions, 0);
+    std::printf("causal=%d: %lld plans for %zu ranks (%lld per rank); second pass %lld hits\n", causal ? 1 : 0,
+                static_cast<long long>(first.misses), ranks.size(),
+                static_cast<long long>(first.misses) / static_cast<long long>(ranks.size()),
+                static_cast<long long>(second.hits - first.hits));
+  }
 }
 
 TEST(RingPatternCache, ConcurrentUseBuildsEachKeyOnce) {

@@ -19,14 +19,14 @@ TEST(RingInProcessTransport, DeliversInOrderPerPeerAndTag) {
     const int me = t.rank(), next = (me + 1) % 3, prev = (me + 2) % 3;
     std::vector<int> in(8, -1);
     std::vector<int> out_a = {me, 1}, out_b = {me, 2}, out_c = {me, 3, 3, 3};
-    // Receives are posted before the matching sends exist; tag 7 is sent after tag 5 but
+    // Receives are posted before the matching sends exist; tag 6 is sent after tag 5 but
     // received first.
-    const auto r7 = t.post_recv(prev, 7, in.data() + 4, 4 * sizeof(int));
+    const auto r7 = t.post_recv(prev, 6, in.data() + 4, 4 * sizeof(int));
     const auto r5a = t.post_recv(prev, 5, in.data(), 2 * sizeof(int));
     const auto r5b = t.post_recv(prev, 5, in.data() + 2, 2 * sizeof(int));
     t.wait(t.post_send(next, 5, out_a.data(), 2 * sizeof(int)));
     t.wait(t.post_send(next, 5, out_b.data(), 2 * sizeof(int)));
-    t.wait(t.post_send(next, 7, out_c.data(), 4 * sizeof(int)));
+    t.wait(t.post_send(next, 6, out_c.data(), 4 * sizeof(int)));
     t.wait(r7);
     t.wait(r5b);  // waiting out of order still matches in posting order
     t.wait(r5a);

@@ -10,12 +10,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../config.hpp"
 #include "../cpu/attend.hpp"
+#include "../cpu/threads.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
+#include "layout.hpp"
 
 namespace dilated_attention::ring {
 
@@ -26,11 +29,16 @@ class CpuBackend {
   using Acc = cpu::accumulator_t<T>;
   using Buffer = std::vector<T>;
 
-  // local: the shard's shape (seq_len = N / P); shard_begin: global position of its first row;
+  // local: the shard's shape (seq_len = N / P); shard_begin: global position of its first row
+  // (contiguous layout), or `chunks`: which global rows the views hold (ring/layout.hpp);
   // accumulators: 1 for softmax mixing, G for mean mixing (one per branch).
   CpuBackend(const Shape& local, std::int64_t shard_begin, View<const T> q, View<const T> k,
              View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads)
-      : shape_(local), begin_(shard_begin), q_(q), k_(k), v_(v), scale_(scale), causal_(causal),
+      : CpuBackend(local, std::vector<Chunk>{{shard_begin, shard_begin + local.seq_len, 0}}, q, k, v,
+                   scale, causal, accumulators, threads) {}
+  CpuBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
+             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads)
+      : shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), scale_(scale), causal_(causal),
         accumulators_(accumulators), threads_(std::max(1, threads)),
         acc_o_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
                                         local.seq_len * local.head_dim),
@@ -52,35 +60,31 @@ class CpuBackend {
     for (const View<const T>* source : {&k_, &v_})
       for (std::int64_t j = 0; j < rows.count; ++j) {
         const T* row = source->data + b * source->batch_stride +
-                       (rows.at(j) - begin_) * source->seq_stride + g * source->head_stride;
+                       local_of(rows.at(j)) * source->seq_stride + g * source->head_stride;
         out = std::copy(row, row + dim, out);
       }
   }
 
   // Scratch one thread reuses for every block it computes.
   struct Workspace {
-    explicit Workspace(std::int64_t head_dim) : attend(head_dim) {}
+    Workspace(std::int64_t head_dim, CpuIsa isa) : attend(head_dim, isa) {}
     cpu::AttendWorkspace<Acc> attend;
     std::vector<Acc> o, lse;
   };
 
-  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread.
+  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread. The
+  // instruction set is resolved here, on the calling thread, so that a bad
+  // DILATED_ATTENTION_CPU_ISA raises std::invalid_argument to the caller; cpu::run_units carries
+  // any exception of a worker back to this thread after every worker has joined.
   template <class Body>
   void for_each_head(Body&& body) {
     const std::int64_t pairs = shape_.batch * shape_.num_heads;
-    const auto work = [&](int thread) {
-      Workspace workspace(shape_.head_dim);
-      for (std::int64_t index = thread; index < pairs; index += threads_)
+    const CpuIsa isa = cpu::resolve_isa(CpuIsa::automatic);
+    cpu::run_units(pairs, threads_, [&](const auto& next) {
+      Workspace workspace(shape_.head_dim, isa);
+      for (std::int64_t index = next(); index >= 0; index = next())
         body(index / shape_.num_heads, index % shape_.num_heads, workspace);
-    };
-    if (threads_ == 1 || pairs == 1) {
-      work(0);
-      return;
-    }
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads_; ++t) pool.emplace_back(work, t);
-    work(0);
-    for (std::thread& thread : pool) thread.join();
+    });
   }
 
   // The partial of query head h's rows `queries` (batch b) over key rows `keys` of kv head g,
@@ -105,7 +109,7 @@ class CpuBackend {
     cpu::attend(workspace.attend, q_rows, k_rows, v_rows, dim, scale_, causal_,
                 workspace.o.data(), workspace.lse.data());
     for (std::int64_t j = 0; j < queries.count; ++j) {
-      const std::int64_t x = queries.at(j) - begin_;
+      const std::int64_t x = local_of(queries.at(j));
       const std::size_t row = row_index(slot, b, h, x);
       const MergeWeights<Acc> w = merge_weights(acc_lse_[row], workspace.lse[static_cast<std::size_t>(j)]);
       Acc* acc = acc_o_.data() + row * static_cast<std::size_t>(dim);
@@ -145,9 +149,16 @@ class CpuBackend {
  private:
   cpu::StridedRows<T> local_rows(const View<const T>& view, std::int64_t b, std::int64_t head,
                                  const Progression& rows) const {
-    return {view.data + b * view.batch_stride + (rows.first - begin_) * view.seq_stride +
+    return {view.data + b * view.batch_stride + local_of(rows.first) * view.seq_stride +
                 head * view.head_stride,
             rows.stride * view.seq_stride, rows};
+  }
+  // The local row of global position x (a progression never crosses a chunk: the schedule
+  // cuts every one at chunk bounds).
+  std::int64_t local_of(std::int64_t x) const {
+    for (const Chunk& chunk : chunks_)
+      if (chunk.contains(x)) return chunk.local + (x - chunk.begin);
+    return -1;  // unreachable for rows the schedule names
   }
   std::size_t row_index(std::int64_t slot, std::int64_t b, std::int64_t h, std::int64_t x) const {
     return static_cast<std::size_t>(((slot * shape_.batch + b) * shape_.num_heads + h) *
@@ -155,7 +166,7 @@ class CpuBackend {
   }
 
   Shape shape_;
-  std::int64_t begin_;
+  std::vector<Chunk> chunks_;
   View<const T> q_, k_, v_;
   Acc scale_;
   bool causal_;

@@ -3,43 +3,64 @@
 // (ring/forward.hpp) with the CPU back end (ring/cpu_backend.hpp).
 
 #include <cstdint>
+#include <memory>
 
 #include "../config.hpp"
 #include "cpu_backend.hpp"
+#include "agreement.hpp"
 #include "forward.hpp"
+#include "layout.hpp"
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "transport.hpp"
 
 namespace dilated_attention::ring {
 
-// Ring forward on the CPU (docs/semantics.md §4). `shape` is the GLOBAL shape (seq_len = N); q, k, v, out are
-// views over this rank's shard (seq_len N / P, positions local to the shard); lse, when given,
-// is [batch, num_heads, N / P] contiguous. Rank and P come from the transport. Every rank must
-// call it with the same config and shape. Throws std::invalid_argument before writing any output.
+// Ring forward on the CPU (docs/semantics.md §4). `shape` is the GLOBAL shape (seq_len = N); q, k,
+// v, out are views over this rank's N / P rows, in the order options.layout gives them
+// (rank_chunks in ring/layout.hpp: the contiguous shard, or zigzag chunks p and 2P-1-p); lse,
+// when given, is [batch, num_heads, N / P] contiguous, same row order. Rank and P come from the
+// transport.
+//
+// Every rank must call it with the same config, shape, T and options.layout: the ranks check
+// that first (ring/agreement.hpp), before any K/V row moves. A rank with bad input throws
+// std::invalid_argument naming the parameter; so does a rank whose config or shape differs from
+// rank 0's; every other rank throws PeerFailure naming that rank. A failure while the ring runs
+// raises on every rank too (the failing rank its own exception, the others PeerFailure), no
+// output is written on any rank unless every rank succeeded, and the transport serves the next
+// call. A transfer that does not complete within options.timeout throws TransferTimeout.
 template <class T>
 Stats forward(const Config& config, const Shape& shape, Transport& transport,
               View<const dilated_attention::detail::identity_t<T>> q,
               View<const dilated_attention::detail::identity_t<T>> k,
               View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
               lse_type_t<T>* lse = nullptr, const Options& options = {}) {
-  validate_partition(shape.seq_len, transport.size(), transport.rank());
-  validate(config, shape);
   Shape local = shape;
-  local.seq_len = shape.seq_len / transport.size();
-  validate(config, local, q, k, v, out, lse);
-  if (options.num_threads <= 0)
-    dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
-
-  const Shard shard = shard_of(shape.seq_len, transport.size(), transport.rank());
-  const std::int64_t accumulators =
-      config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
-  CpuBackend<T> backend(local, shard.begin, q, k, v,
-                        static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
-                        config.causal, accumulators, options.num_threads);
-  PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
-  Stats stats = run_ring(config, shape, transport, backend, cache);
-  backend.finish(out, lse);
+  const auto validate_local = [&] {
+    validate_partition(shape.seq_len, transport.size(), transport.rank());
+    validate_layout(options.layout, shape.seq_len, transport.size());
+    validate(config, shape);
+    local.seq_len = shape.seq_len / transport.size();
+    validate(config, local, q, k, v, out, lse);
+    if (options.num_threads <= 0)
+      dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
+    if (options.timeout.count() <= 0)
+      dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
+  };
+  Stats stats;
+  std::unique_ptr<CpuBackend<T>> backend;
+  run_agreed_call(
+      transport, options.timeout, describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout)), validate_local,
+      [&] {
+        const std::int64_t accumulators =
+            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
+        backend = std::make_unique<CpuBackend<T>>(
+            local, rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()), q, k, v, static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
+            config.causal, accumulators, options.num_threads);
+        PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
+        stats = run_ring(config, shape, transport, *backend, cache, options);
+      },
+      [&] { backend->finish(out, lse); });
   return stats;
 }
 

@@ -7,8 +7,10 @@
 // build; the cache exists so that a forward does no index arithmetic it has done before, not to
 // hide latency. A second (GPU) tier and prefetch threads made the PyTorch original slower.
 //
-// Size bound: at most `capacity` plans (default 4096, a few hundred KiB). When full, the least
-// recently used plan is evicted (counted in `evictions`). Plans are handed out as
+// Size bound: at most `capacity` plans (default 4096, a few hundred KiB), raised by reserve() to
+// what the forwards in use need (the driver asks for P x its own need, and caches only steps
+// with work: see step_has_work). When full, the least recently used plan is evicted (counted in
+// `evictions`). Plans are handed out as
 // shared_ptr<const StepPlan>, so an evicted plan stays valid for whoever still holds it.
 //
 // Thread safety: one mutex guards the map, the LRU list and the counters; a plan is built under
@@ -22,7 +24,11 @@
 #include <mutex>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
+#include "../config.hpp"
+#include "../pattern.hpp"
+#include "layout.hpp"
 #include "schedule.hpp"
 
 namespace dilated_attention::ring {
@@ -45,6 +51,7 @@ struct StepKeyHash {
     mix(static_cast<std::uint64_t>(key.offset));
     mix(key.causal ? 1u : 0u);
     mix(static_cast<std::uint64_t>(key.step));
+    mix(static_cast<std::uint64_t>(key.layout));
     return static_cast<std::size_t>(h);
   }
 };
@@ -85,6 +92,13 @@ class PatternCache {
     return built;
   }
 
+  // Raises the capacity to at least `plans` (never lowers it). The driver sizes it from what a
+  // forward needs times P, so that P in-process ranks sharing one cache all fit.
+  void reserve(std::size_t plans) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plans > capacity_) capacity_ = plans;
+  }
+
   Counters counters() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return {hits_, misses_, evictions_, index_.size(), capacity_};
@@ -115,6 +129,42 @@ class PatternCache {
 inline PatternCache& default_pattern_cache() {
   static PatternCache cache;
   return cache;
+}
+
+// Every StepPlan of rank `rank` for one forward: plans[t][i][o], null where no query head uses
+// offset o of branch i, a shared empty plan where the step has no work (not cached).
+inline std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> step_plans(
+    const Config& config, const Shape& global, std::int64_t num_ranks, std::int64_t rank,
+    PatternCache& cache, Layout layout = Layout::contiguous) {
+  static const auto empty = std::make_shared<const StepPlan>();
+  const Pattern pattern(config, global);
+  const std::int64_t branches = pattern.num_branches();
+  std::vector<std::vector<bool>> used(static_cast<std::size_t>(branches));
+  for (std::int64_t i = 0; i < branches; ++i)
+    for (std::int64_t o = 0; o < pattern.branch(i).r; ++o)
+      used[static_cast<std::size_t>(i)].push_back(!pattern.heads_with_offset(i, o).empty());
+  std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> plans(
+      static_cast<std::size_t>(num_ranks));
+  std::vector<std::pair<StepKey, std::int64_t>> wanted;  // (key, branch)
+  for (std::int64_t t = 0; t < num_ranks; ++t) {
+    auto& step = plans[static_cast<std::size_t>(t)];
+    step.resize(static_cast<std::size_t>(branches));
+    for (std::int64_t i = 0; i < branches; ++i) {
+      const BranchGeometry g = pattern.branch(i);
+      step[static_cast<std::size_t>(i)].resize(static_cast<std::size_t>(g.r));
+      for (std::int64_t o = 0; o < g.r; ++o) {
+        if (!used[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)]) continue;
+        const StepKey key{global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout};
+        if (step_has_work(key)) wanted.emplace_back(key, i);
+        else step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] = empty;
+      }
+    }
+  }
+  cache.reserve(wanted.size() * static_cast<std::size_t>(num_ranks));
+  for (const auto& [key, i] : wanted)
+    plans[static_cast<std::size_t>(key.step)][static_cast<std::size_t>(i)][static_cast<std::size_t>(key.offset)] =
+        cache.plan(key);
+  return plans;
 }
 
 }  // namespace dilated_attention::ring
