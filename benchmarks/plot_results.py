@@ -279,9 +279,11 @@ def plot(summary, path):
         machine += f", load average at start {load[0]:.1f}"
     ax.set_title(f"CPU forward, {ctx.get('config', '')}".replace(" causal", "\ncausal") + machine, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    # Below the axes: inside, wherever it goes, it covers a line (the N^2 extrapolation climbs to
+    # the top right corner).
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -397,9 +399,9 @@ def plot_backward(summary, path):
     ax.set_title(f"CPU backward vs forward, {config}\n{ctx.get('num_cpus')} CPUs, {(ctx.get('date') or '')[:16]}"
                  + (f", load average at start {load[0]:.1f}" if load else ""), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -2,11 +2,16 @@
 #   packaging.header_alone         every public header compiles in a translation unit of its own
 #   packaging.install              `cmake --install` into a fresh prefix under the build tree
 #   packaging.find_package         an outside project finds that prefix, runs the reference and the
-#                                  CPU kernel, builds and runs README.md's example, and builds
-#                                  against COMPONENTS MPI when the MPI back end exists
+#                                  CPU kernel, and builds against COMPONENTS MPI when the MPI back
+#                                  end exists
+#   packaging.readme               README.md's recipe as written: its example and its consumer
+#                                  CMakeLists.txt, configured Release against that prefix, built
+#                                  and run; and the package's build-type note (once, when due)
 #   packaging.find_package_build_tree  the build tree as the prefix (no install)
 #   packaging.find_package_cuda    COMPONENTS CUDA with nvcc (when the CUDA back end exists)
 #   packaging.add_subdirectory     an outside project that add_subdirectory()s this source tree
+#   packaging.scripts              the README's two commands: --help documents every option, and
+#                                  the progress wrapper reports quiet spells (tests/scripts_test.sh)
 #   packaging.fetchcontent         the same through FetchContent
 
 set(_packaging_dir "${CMAKE_CURRENT_BINARY_DIR}/packaging")
@@ -137,14 +142,27 @@ if(DILATED_ATTENTION_INSTALL)
   set_tests_properties(packaging.install PROPERTIES LABELS packaging TIMEOUT 300
                        FIXTURES_SETUP dilated_attention_installed)
 
-  # The installed package: the reference and the CPU kernel, the README's example, and the MPI
-  # component's header when the MPI back end exists.
-  set(_find_package_options "-DCMAKE_PREFIX_PATH=${_prefix}" "-DREADME=${PROJECT_SOURCE_DIR}/README.md")
+  # The installed package: the reference and the CPU kernel, and the MPI component's header when
+  # the MPI back end exists.
+  set(_find_package_options "-DCMAKE_PREFIX_PATH=${_prefix}")
   if(TARGET dilated_attention_mpi AND EXISTS "${_include_root}/dilated_attention/ring/mpi.hpp")
     list(APPEND _find_package_options "-DCONSUMER_COMPONENTS=MPI")
   endif()
   _dilated_attention_consumer_test(find_package "${_consumers_dir}/find_package"
-    RUN consumer readme_example OPTIONS ${_find_package_options} FIXTURES dilated_attention_installed)
+    RUN consumer OPTIONS ${_find_package_options} FIXTURES dilated_attention_installed)
+
+  # README.md's "Using it from CMake", word for word: its example and consumer CMakeLists.txt,
+  # built the way it says (Release, CMAKE_PREFIX_PATH), so that neither can silently rot. Same
+  # compiler and Eigen as this build, none of its flags or build type.
+  set(_readme_options "${_consumer_options}")
+  list(REMOVE_ITEM _readme_options "-DCMAKE_BUILD_TYPE=Debug")
+  string(REPLACE ";" "|" _readme_options "${_readme_options}")
+  add_test(NAME packaging.readme
+           COMMAND "${CMAKE_COMMAND}" "-DREADME=${PROJECT_SOURCE_DIR}/README.md" "-DPREFIX=${_prefix}"
+                   "-DBINARY_DIR=${_packaging_dir}/readme" "-DGENERATOR=${CMAKE_GENERATOR}"
+                   "-DOPTIONS=${_readme_options}" -P "${_consumers_dir}/readme_recipe.cmake")
+  set_tests_properties(packaging.readme PROPERTIES LABELS packaging TIMEOUT 600
+                       FIXTURES_REQUIRED dilated_attention_installed)
 
   # The build tree is a package prefix too (export() and a build-tree config).
   _dilated_attention_consumer_test(find_package_build_tree "${_consumers_dir}/find_package"
@@ -172,3 +190,11 @@ _dilated_attention_consumer_test(fetchcontent "${_consumers_dir}/add_subdirector
                        "-DCONSUMER_USE_FETCHCONTENT=ON" "-DCONSUMER_REFERENCE_ONLY=ON"
                        "-DDILATED_ATTENTION_ENABLE_CUDA=OFF" "-DDILATED_ATTENTION_ENABLE_MPI=OFF"
                        "-DDILATED_ATTENTION_ENABLE_NCCL=OFF")
+
+# The README's two commands say what they accept and show progress (no build, a few seconds).
+find_program(DILATED_ATTENTION_BASH bash)
+if(DILATED_ATTENTION_BASH)
+  add_test(NAME packaging.scripts
+           COMMAND "${DILATED_ATTENTION_BASH}" "${CMAKE_CURRENT_SOURCE_DIR}/scripts_test.sh")
+  set_tests_properties(packaging.scripts PROPERTIES LABELS packaging TIMEOUT 120)
+endif()

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # The full test suite, as CI runs it (.ci/run):
 #   debug   Debug build, every CTest test (CUDA code compiled when nvcc is found; GPU tests skip
-#           without a GPU)
-#   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test
-#   tsan    ThreadSanitizer build, the tests labelled `tsan`
+#           without a GPU)                                          ~2 min on 2 idle cores
+#   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test        ~5 min
+#   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~1 min
 #
 # Usage: bash tests/run_all.sh [--fresh] [debug] [asan] [tsan]      (default: all three phases)
-# Environment: JOBS (default: nproc) build and test parallelism.
+#        bash tests/run_all.sh -h | --help                            (this text)
+#   --fresh   reconfigure each phase from scratch (cmake --workflow --fresh)
+# Environment: JOBS (default: nproc) build and test parallelism; PROGRESS_SECONDS (default 15).
 #
-# On Debian/Ubuntu, missing tools and libraries are installed with apt-get when running as root;
-# otherwise the script stops and names what is missing. Every phase runs even when an earlier one
-# fails; the exit status is non-zero if any phase failed.
+# Progress: each phase prints its configure output, one [done/total] line per finished build
+# step, one line per finished test, and its wall time; whenever nothing is printed for
+# PROGRESS_SECONDS, a "... still running" line says for how long and what ran last.
+# On Debian/Ubuntu, missing tools and libraries are installed with apt-get --no-install-recommends
+# when running as root, each named with what it is for; otherwise the script stops and names
+# them. Every phase runs even when an earlier one fails; the exit status is non-zero if any failed.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,14 +27,61 @@ for arg in "$@"; do
   case "${arg}" in
     --fresh) fresh=(--fresh) ;;
     debug | asan | tsan) phases+=("${arg}") ;;
-    -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown argument '${arg}' (expected --fresh, debug, asan, tsan)" >&2; exit 2 ;;
   esac
 done
 [[ ${#phases[@]} -eq 0 ]] && phases=(debug asan tsan)
 
 # ---- dependencies ------------------------------------------------------------------------------
-# Debian package -> how to tell it is present without dpkg (for other distributions).
+progress_seconds="${PROGRESS_SECONDS:-15}"
+clock() { local s=$(($1)); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+
+# with_progress LABEL COMMAND...: runs COMMAND with its output (stdout and stderr) passed through
+# line by line; when it prints nothing for progress_seconds, one line says it is still running,
+# for how long, and the last progress line (Ninja's [done/total], CTest's "Start"). Returns
+# COMMAND's status.
+with_progress() {
+  local label="$1"; shift
+  local started=${SECONDS} status
+  set +e
+  "$@" 2>&1 | {
+    partial="" last=""
+    while true; do
+      rc=0
+      IFS= read -r -t "${progress_seconds}" line || rc=$?
+      if [[ ${rc} -eq 0 ]]; then
+        line="${partial}${line}"; partial=""
+        printf '%s\n' "${line}"
+        [[ "${line}" =~ ^\[[0-9]+/[0-9]+\]|Start\ +[0-9]+:|^Executing\ workflow ]] && last="${line:0:90}"
+      elif [[ ${rc} -gt 128 ]]; then  # timed out: keep any partial line, say we are still here
+        partial="${partial}${line}"
+        printf '    ... %s: still running, %s so far%s\n' "${label}" "$(clock SECONDS-started)" \
+          "${last:+ (last: ${last#"${last%%[![:space:]]*}"})}"
+      else
+        [[ -n "${partial}${line}" ]] && printf '%s\n' "${partial}${line}"
+        break
+      fi
+    done
+  }
+  status=${PIPESTATUS[0]}
+  set -e
+  return "${status}"
+}
+
+echo "==== checking what the suite needs ===="
+# Debian package -> what it is for, and how to tell it is present without dpkg (other systems).
+declare -A purpose=(
+  [cmake]="configures the builds (>= 3.25)"
+  [ninja-build]="runs the builds"
+  [g++]="the C++17 compiler"
+  [libeigen3-dev]="Eigen 3, the library's dependency"
+  [libgtest-dev]="GoogleTest headers and libraries"
+  [googletest]="GoogleTest sources (gmock)"
+  [libbenchmark-dev]="Google Benchmark, for the main job's build"
+  [libopenmpi-dev]="MPI, for the MPI ring transport tests"
+  [openmpi-bin]="mpirun, to start the MPI tests"
+)
 declare -A probe=(
   [cmake]="command:cmake"
   [ninja-build]="command:ninja"
@@ -58,18 +110,23 @@ for package in "${packages[@]}"; do
 done
 
 if [[ ${#missing[@]} -gt 0 ]]; then
+  for package in "${missing[@]}"; do echo "    missing ${package}: ${purpose[${package}]}"; done
   if [[ "$(id -u)" -eq 0 ]] && command -v apt-get > /dev/null 2>&1; then
-    echo "run_all.sh: installing ${missing[*]}"
+    echo "==== installing ${missing[*]} with apt-get (one line per package; a minute or more) ===="
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    echo "    apt-get update (refreshing the package lists)"
+    with_progress "apt-get update" apt-get update -q
+    echo "    apt-get install -y -q --no-install-recommends ${missing[*]}"
+    with_progress "apt-get install" apt-get install -y -q --no-install-recommends "${missing[@]}"
   else
     echo "run_all.sh: missing: ${missing[*]}" >&2
-    echo "  install them (Debian/Ubuntu: sudo apt-get install ${missing[*]}) and run again;" >&2
-    echo "  needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.3+, GoogleTest, Open MPI" >&2
-    echo "  (Google Benchmark only for the main job)." >&2
+    echo "  install them (Debian/Ubuntu: sudo apt-get install --no-install-recommends ${missing[*]})" >&2
+    echo "  and run again; needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.3+, GoogleTest," >&2
+    echo "  Open MPI (Google Benchmark only for the main job)." >&2
     exit 1
   fi
+else
+  echo "    found ${packages[*]}"
 fi
 
 cmake_version="$(cmake --version | head -n1 | awk '{print $3}')"
@@ -99,9 +156,10 @@ failed=0
 started_all=${SECONDS}
 for phase in "${phases[@]}"; do
   echo
-  echo "==== ${phase}: cmake --workflow --preset ${phase} ${fresh[*]:-} (jobs ${jobs}) ===="
+  echo "==== ${phase}: cmake --workflow --preset ${phase} ${fresh[*]:-} (jobs ${jobs}):" \
+       "configure, build, test ===="
   started=${SECONDS}
-  if cmake --workflow --preset "${phase}" "${fresh[@]}"; then
+  if with_progress "${phase}" cmake --workflow --preset "${phase}" "${fresh[@]}"; then
     result=passed
   else
     result=FAILED
@@ -109,6 +167,7 @@ for phase in "${phases[@]}"; do
   fi
   elapsed=$((SECONDS - started))
   summary+=("$(printf '%-6s %-7s %3dm%02ds' "${phase}" "${result}" $((elapsed / 60)) $((elapsed % 60)))")
+  echo "==== ${phase} ${result} in $(clock elapsed) ===="
 done
 
 total=$((SECONDS - started_all))

@@ -38,17 +38,29 @@ struct Shape {
 
 // A strided window on a [batch, seq, heads, head_dim] tensor; strides count elements and
 // head_dim always has stride 1. An aggregate on purpose: `View<T>{ptr, bs, ss, hs}`.
+// `extent` is optional: the number of elements of the buffer at and after `data`. When it is
+// given (>= 0), validate() checks that the highest element the view can touch lies inside the
+// buffer (docs/semantics.md §5); -1, what the four-value spelling leaves, means unknown and
+// unchecked, as a raw pointer must be. checked_view() and contiguous_view(std::vector&) set it.
 template <class T>
 struct View {
   T* data;
   std::int64_t batch_stride, seq_stride, head_stride;
+  std::int64_t extent = -1;
 
-  // A mutable view converts to a read-only one, never the other way round.
+  // A mutable view converts to a read-only one (extent included), never the other way round.
   template <class U = T, std::enable_if_t<!std::is_const_v<U>, int> = 0>
   operator View<const U>() const {
-    return View<const U>{data, batch_stride, seq_stride, head_stride};
+    return View<const U>{data, batch_stride, seq_stride, head_stride, extent};
   }
 };
+
+// A view that knows its buffer holds `count` elements from `data` on: validate() bounds-checks it.
+template <class T>
+View<T> checked_view(T* data, std::int64_t count, std::int64_t batch_stride,
+                     std::int64_t seq_stride, std::int64_t head_stride) {
+  return View<T>{data, batch_stride, seq_stride, head_stride, count};
+}
 
 // The dense row-major layout [batch, seq_len, heads, head_dim].
 template <class T>
@@ -56,6 +68,22 @@ View<T> contiguous_view(T* data, const Shape& shape, std::int64_t heads) {
   return View<T>{data, shape.seq_len * heads * shape.head_dim, heads * shape.head_dim,
                  shape.head_dim};
 }
+
+// The same layout over a whole vector, checked against its size. Not from a temporary vector,
+// whose memory would be gone before the call.
+template <class T, class A>
+View<T> contiguous_view(std::vector<T, A>& buffer, const Shape& shape, std::int64_t heads) {
+  return checked_view(buffer.data(), static_cast<std::int64_t>(buffer.size()),
+                      shape.seq_len * heads * shape.head_dim, heads * shape.head_dim, shape.head_dim);
+}
+template <class T, class A>
+View<const T> contiguous_view(const std::vector<T, A>& buffer, const Shape& shape,
+                              std::int64_t heads) {
+  return checked_view(buffer.data(), static_cast<std::int64_t>(buffer.size()),
+                      shape.seq_len * heads * shape.head_dim, heads * shape.head_dim, shape.head_dim);
+}
+template <class T, class A>
+void contiguous_view(std::vector<T, A>&&, const Shape&, std::int64_t) = delete;
 
 // The LSE element type of docs/semantics.md §4: double for double storage, float for everything else.
 template <class T>
@@ -161,6 +189,18 @@ void check_view(const char* name, const View<T>& view, const Shape& shape, std::
            view.head_stride, ") span ", span_bytes, " bytes for shape [", shape.batch, ", ",
            shape.seq_len, ", ", heads, ", ", shape.head_dim,
            "]: more than 2^62 bytes cannot be addressed");
+  // The highest element the view can touch (strides non-negative, so the last one) must lie
+  // inside the buffer when the view says how long that is.
+  if (view.extent < -1)
+    reject(name, ".extent = ", view.extent, ": must be -1 (unknown) or the buffer's element count");
+  const std::int64_t highest = (shape.batch - 1) * view.batch_stride +
+                               (shape.seq_len - 1) * view.seq_stride +
+                               (heads - 1) * view.head_stride + (shape.head_dim - 1);
+  if (view.extent >= 0 && highest >= view.extent)
+    reject(name, " reaches element ", highest, " (shape [", shape.batch, ", ", shape.seq_len, ", ",
+           heads, ", ", shape.head_dim, "], strides ", view.batch_stride, ", ", view.seq_stride,
+           ", ", view.head_stride, ") but its buffer holds ", view.extent,
+           " elements (", name, ".extent): the view does not fit its buffer");
   if (is_output && self_overlapping(shape.head_dim, heads, view.head_stride, shape.seq_len,
                                     view.seq_stride, shape.batch, view.batch_stride))
     reject(name, " strides (batch ", view.batch_stride, ", seq ", view.seq_stride, ", head ",
