@@ -54,7 +54,7 @@ bool failed = false;
 
 const char* const kUsage = R"(cpu_backward_benchmark [--benchmark_* flags] [options]
 
-Options (defaults are the issue's LongNet config):
+Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N
   --head_dims=64                head dims D (e.g. 64,128)
   --batch=1 --heads=8           batch B and query heads H

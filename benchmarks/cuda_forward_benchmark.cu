@@ -1,4 +1,4 @@
-// GPU forward benchmarks (issue 4), Google Benchmark with manual time from CUDA events.
+// GPU forward benchmarks, Google Benchmark with manual time from CUDA events.
 // Every case reports useful TFLOP/s (Pattern::useful_flops(): 4 * head_dim per attended
 // query-key pair, a pair that two branches attend counted twice) and milliseconds per call.
 //

@@ -394,7 +394,7 @@ double tensor_work_over_useful(const da::Config& config, const da::Shape& shape)
 }  // namespace
 
 // The exact ratio of tensor-core work to useful work (attended pairs) of the forward's tiling, for
-// LongNet's configurations. Recorded, and guarded against regressions; the target of
+// LongNet's configurations. Recorded, and guarded against regressions; the project's target of
 // <= 1.05 is not met yet (docs/cuda.md, "Where work is still wasted").
 TEST(CudaLaunchPlan, TensorWorkOverUsefulWorkOfLongNetConfigs) {
   struct Row {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU comparisons of issue 4, to run on a machine with an NVIDIA GPU (H100/H200), all on the
+"""GPU comparisons, to run on a machine with an NVIDIA GPU (H100/H200), all on the
 same GPU in one session. Only our harness lives here; peers are never committed.
 
   (a) --sdpa: torch.nn.functional.scaled_dot_product_attention with the flash backend on the
