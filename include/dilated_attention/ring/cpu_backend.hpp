@@ -8,14 +8,17 @@
 // fixed order (step, branch, offset, block), so the result never depends on the thread count.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "../config.hpp"
 #include "../cpu/attend.hpp"
-#include "../cpu/threads.hpp"
+#include "../cpu/kernels/isa.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
 #include "layout.hpp"
@@ -73,18 +76,42 @@ class CpuBackend {
   };
 
   // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread. The
-  // instruction set is resolved here, on the calling thread, so that a bad
-  // DILATED_ATTENTION_CPU_ISA raises std::invalid_argument to the caller; cpu::run_units carries
-  // any exception of a worker back to this thread after every worker has joined.
+  // schedule is static (thread t takes pairs t, t + threads, ...) so that the calling thread
+  // always computes blocks, and so drives the transport's progress between them (forward.hpp).
+  // The instruction set is resolved here, on the calling thread, so that a bad
+  // DILATED_ATTENTION_CPU_ISA raises std::invalid_argument to the caller; a worker's exception
+  // is carried back and rethrown here after every worker has joined, never left to terminate.
   template <class Body>
   void for_each_head(Body&& body) {
     const std::int64_t pairs = shape_.batch * shape_.num_heads;
     const CpuIsa isa = cpu::resolve_isa(CpuIsa::automatic);
-    cpu::run_units(pairs, threads_, [&](const auto& next) {
-      Workspace workspace(shape_.head_dim, isa);
-      for (std::int64_t index = next(); index >= 0; index = next())
-        body(index / shape_.num_heads, index % shape_.num_heads, workspace);
-    });
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    std::atomic<bool> failed{false};
+    const auto work = [&](int thread) {
+      try {
+        Workspace workspace(shape_.head_dim, isa);
+        for (std::int64_t index = thread; index < pairs && !failed.load(std::memory_order_relaxed);
+             index += threads_)
+          body(index / shape_.num_heads, index % shape_.num_heads, workspace);
+      } catch (...) {
+        const std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        failed.store(true, std::memory_order_relaxed);
+      }
+    };
+    std::vector<std::thread> pool;
+    const int helpers = static_cast<int>(std::min<std::int64_t>(threads_, pairs)) - 1;
+    try {
+      for (int t = 1; t <= helpers; ++t) pool.emplace_back(work, t);
+    } catch (...) {
+      failed.store(true, std::memory_order_relaxed);  // could not start a thread: stop, report
+      for (std::thread& thread : pool) thread.join();
+      throw;
+    }
+    work(0);
+    for (std::thread& thread : pool) thread.join();
+    if (error) std::rethrow_exception(error);
   }
 
   // The partial of query head h's rows `queries` (batch b) over key rows `keys` of kv head g,
