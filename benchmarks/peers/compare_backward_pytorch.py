@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_harness import (add_common_arguments, our_command, rows_with_keys, sampled_rows,  # noqa: E402
-                          start_report, write_inputs)
+                          start_report, write_inputs, write_report)
 
 
 def exact_dq_rows(q, k, v, d_out, segments, dilations, causal, rows):
@@ -133,10 +133,7 @@ def main():
               f"peer {peer_err:.1e}", flush=True)
         for name in ("q", "k", "v", "d_out", "dq", "dk", "dv"):
             os.remove(os.path.join(work, f"{name}.f32"))
-    path = os.path.join(args.work_dir, "peer_backward_comparison.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"written {path}")
+    write_report(args, report, "peer_backward_comparison.json")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # load_peer stays importable from here: cuda_sdpa_and_peer.py imports it with exact_rows.
 from peer_harness import (add_common_arguments, load_peer, our_command, rows_with_keys,  # noqa: E402,F401
-                          sampled_rows, start_report, write_inputs)
+                          sampled_rows, start_report, write_inputs, write_report)
 
 
 def exact_rows(q, k, v, segments, dilations, causal, rows):
@@ -134,10 +134,7 @@ def main():
         for name in ("q", "k", "v"):
             os.remove(os.path.join(work, f"{name}.f32"))
         os.remove(out_path)
-    path = os.path.join(args.work_dir, "peer_comparison.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"written {path}")
+    write_report(args, report, "peer_comparison.json")
 
 
 if __name__ == "__main__":

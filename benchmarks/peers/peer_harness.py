@@ -9,6 +9,7 @@ PyTorch is never imported here: the scripts import it in main(), after argument 
 """
 
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -152,3 +153,11 @@ def sampled_rows(args, n):
     rng_rows = np.random.default_rng(args.seed)
     return [(int(rng_rows.integers(args.batch)), int(rng_rows.integers(n)), int(rng_rows.integers(args.heads)))
             for _ in range(args.sample_rows)]
+
+
+def write_report(args, report, name):
+    """The report as <work-dir>/<name>, indented JSON; prints where it went."""
+    path = os.path.join(args.work_dir, name)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"written {path}")
