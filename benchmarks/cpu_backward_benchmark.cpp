@@ -55,12 +55,8 @@ Options (defaults are the LongNet config of docs/performance.md):
   --seed=20261122               input seed
 )";
 
-bool parse_option(const std::string& arg) {
-  if (arg.rfind("--", 0) != 0) return false;
-  const std::size_t eq = arg.find('=');
-  if (eq == std::string::npos) return false;
-  const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-  if (bench::parse_attention_option(options, key, value)) return true;
+// Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
+bool parse_option(const std::string& key, const std::string& value) {
   if (key == "causal") options.causal = value == "true" || value == "1";
   else if (key == "repetitions") options.repetitions = std::stoi(value);
   else if (key == "sample_rows") options.sample_rows = std::stoi(value);

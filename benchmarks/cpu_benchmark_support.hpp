@@ -136,18 +136,27 @@ inline bool wants_help(int argc, char** argv) {
   return false;
 }
 
-// Our flags (those Google Benchmark left in argv), each through `parse_option`, then every
+// Our flags (those Google Benchmark left in argv), each `--key=value`: the shared ones here, the
+// rest through the benchmark's `parse_option(key, value)` (false: not one of its keys); then every
 // (N, D) validated, so that a bad config is rejected here with the library's own message rather
 // than inside a benchmark. Returns 0, or 2 after a message on stderr naming `program`.
 template <class ParseOption>
 int parse_command_line(int argc, char** argv, const char* program, const ParseOption& parse_option,
-                       const AttentionOptions& options) {
+                       AttentionOptions& options) {
   try {
-    for (int i = 1; i < argc; ++i)
-      if (!parse_option(argv[i])) {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      const std::size_t eq = arg.find('=');
+      bool known = false;
+      if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+        const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
+        known = parse_attention_option(options, key, value) || parse_option(key, value);
+      }
+      if (!known) {
         std::fprintf(stderr, "%s: unknown argument '%s' (see --help)\n", program, argv[i]);
         return 2;
       }
+    }
     for (std::int64_t dim : options.head_dims)
       for (std::int64_t n : options.seq_lens)
         validate(options.config(), Shape{options.batch, n, options.heads, options.resolved_kv_heads(), dim});

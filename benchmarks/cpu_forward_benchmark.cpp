@@ -104,13 +104,8 @@ bool parse_bool(const std::string& text) {
   throw std::invalid_argument("not a boolean: " + text);
 }
 
-// Returns false when an argument is not ours.
-bool parse_option(const std::string& arg) {
-  if (arg.rfind("--", 0) != 0) return false;
-  const std::size_t eq = arg.find('=');
-  if (eq == std::string::npos) return false;
-  const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-  if (bench::parse_attention_option(options, key, value)) return true;
+// Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
+bool parse_option(const std::string& key, const std::string& value) {
   if (key == "causal") options.causal = parse_bool(value);
   else if (key == "dense_max_seq_len") options.dense_max_seq_len = std::stoll(value);
   else if (key == "dilated") options.dilated = parse_bool(value);
