@@ -431,18 +431,12 @@ class CpuBackwardIsa : public da::testing::ForcedIsaTest {};
 TEST_P(CpuBackwardIsa, AwkwardShapesMatchReference) {
   // Head widths that are no multiple of any register tile (40, 72), padded and strided views, N
   // a multiple of no w, r dividing no w, every offset rule, both mixings, causal or not.
-  int cases = 0;
-  for (OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
-    for (Mixing mixing : {Mixing::softmax, Mixing::mean})
-      for (bool causal : {false, true}) {
-        const Config config = make_config({7, 45, 301}, {3, 4, 7}, causal, rule, mixing);
-        const std::int64_t dim = cases % 2 ? 40 : 72;
-        expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
-                                        1 + cases % 3, options(1 + cases % 2));
-        expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
-                                         options(2));
-        ++cases;
-      }
+  da::testing::for_each_awkward_case([&](const Config& config, std::int64_t dim, int cases) {
+    expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
+                                    1 + cases % 3, options(1 + cases % 2));
+    expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
+                                     options(2));
+  });
 }
 
 TEST_P(CpuBackwardIsa, LongBlocksWideHeadsAndNarrowStorage) {

@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include "random_config.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -51,6 +53,22 @@ class ForcedIsaTest : public ::testing::TestWithParam<CpuIsa> {
   }
   CpuOptions options(int threads = 0) const { return CpuOptions{threads, GetParam()}; }
 };
+
+// The awkward sweep each path is checked on: segments {7, 45, 301} with rates {3, 4, 7} (N is
+// then a multiple of no w, r divides no w), every offset rule x both mixings x causal or not, head
+// widths alternating 72 and 40 (no multiple of any vector or register tile).
+// call(config, head_dim, case_index) once per case, case_index counting from 0.
+template <class Call>
+void for_each_awkward_case(const Call& call) {
+  int cases = 0;
+  for (OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
+    for (Mixing mixing : {Mixing::softmax, Mixing::mean})
+      for (bool causal : {false, true}) {
+        const Config config = make_config({7, 45, 301}, {3, 4, 7}, causal, rule, mixing);
+        call(config, static_cast<std::int64_t>(cases % 2 ? 40 : 72), cases);
+        ++cases;
+      }
+}
 
 // call() with DILATED_ATTENTION_CPU_ISA set to `isa`, the variable restored (or unset) after.
 template <class Call>
