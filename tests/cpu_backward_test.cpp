@@ -35,21 +35,13 @@ using da::CpuOptions;
 using da::Mixing;
 using da::OffsetRule;
 using da::Shape;
+using dt::copy_to_double;
 using dt::make_config;
 using dt::Tensor;
 using ::testing::HasSubstr;
 
 template <class T>
 const T kSentinel = T(7);
-
-template <class T>
-void copy_to_double(const Tensor<T>& from, Tensor<double>& to) {
-  for (std::int64_t b = 0; b < from.shape.batch; ++b)
-    for (std::int64_t x = 0; x < from.shape.seq_len; ++x)
-      for (std::int64_t h = 0; h < from.heads; ++h)
-        for (std::int64_t d = 0; d < from.shape.head_dim; ++d)
-          to.at(b, x, h, d) = static_cast<double>(from.at(b, x, h, d));
-}
 
 // Whether every storage element outside the tensor's logical extent still holds `value`.
 template <class T>

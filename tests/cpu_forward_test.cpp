@@ -54,16 +54,9 @@ struct Inputs {
     q.fill_random(seed);
     k.fill_random(seed + 1);
     v.fill_random(seed + 2);
-    copy(q, qd);
-    copy(k, kd);
-    copy(v, vd);
-  }
-  static void copy(const Tensor<T>& from, Tensor<double>& to) {
-    for (std::int64_t b = 0; b < from.shape.batch; ++b)
-      for (std::int64_t x = 0; x < from.shape.seq_len; ++x)
-        for (std::int64_t h = 0; h < from.heads; ++h)
-          for (std::int64_t d = 0; d < from.shape.head_dim; ++d)
-            to.at(b, x, h, d) = static_cast<double>(from.at(b, x, h, d));
+    da::testing::copy_to_double(q, qd);
+    da::testing::copy_to_double(k, kd);
+    da::testing::copy_to_double(v, vd);
   }
 };
 
