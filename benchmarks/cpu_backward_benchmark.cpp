@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -33,15 +32,7 @@ namespace {
 using namespace dilated_attention;
 namespace bench = dilated_attention::bench;
 
-struct Options {
-  std::vector<std::int64_t> seq_lens = {16384, 65536};
-  std::vector<std::int64_t> head_dims = {64};
-  std::int64_t batch = 1, heads = 8, kv_heads = 0;  // 0: same as heads
-  std::vector<std::int64_t> segments = {2048, 4096, 8192};
-  std::vector<std::int64_t> dilations = {1, 2, 4};
-  bool causal = false;
-  OffsetRule offsets = OffsetRule::modular;
-  Mixing mixing = Mixing::softmax;
+struct Options : bench::AttentionOptions {
   int repetitions = 1;
   int sample_rows = 8;     // query rows per (batch, head) whose dQ is checked (plus boundaries)
   int key_rows = 4;        // key rows per (batch, kv head) whose dK, dV are checked (plus boundaries)
@@ -56,15 +47,7 @@ const char* const kUsage = R"(cpu_backward_benchmark [--benchmark_* flags] [opti
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N
-  --head_dims=64                head dims D (e.g. 64,128)
-  --batch=1 --heads=8           batch B and query heads H
-  --kv_heads=H                  key/value heads (grouped-query attention when < H)
-  --segments=2048,4096,8192     segment lengths w_i
-  --dilations=1,2,4             dilation rates r_i
-  --causal=false                causal masking
-  --offsets=modular             modular | blocked | partitioned
-  --mixing=softmax              softmax | mean
-  --repetitions=1               repetitions (median reported)
+)" DA_BENCH_ATTENTION_USAGE R"(  --repetitions=1               repetitions (median reported)
   --sample_rows=8               hashed query rows per (batch, head) whose dQ is checked, plus the
                                 ends and segment boundaries; 0 skips the gradient check
   --key_rows=4                  the same for the dK, dV rows of each (batch, kv head)
@@ -72,38 +55,10 @@ Options (defaults are the LongNet config of docs/performance.md):
   --seed=20261122               input seed
 )";
 
-std::vector<std::int64_t> parse_list(const std::string& text) {
-  std::vector<std::int64_t> values;
-  std::stringstream stream(text);
-  std::string item;
-  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
-  if (values.empty()) throw std::invalid_argument("empty list: " + text);
-  return values;
-}
-
-bool parse_option(const std::string& arg) {
-  if (arg.rfind("--", 0) != 0) return false;
-  const std::size_t eq = arg.find('=');
-  if (eq == std::string::npos) return false;
-  const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-  if (key == "seq_lens") options.seq_lens = parse_list(value);
-  else if (key == "head_dims") options.head_dims = parse_list(value);
-  else if (key == "batch") options.batch = std::stoll(value);
-  else if (key == "heads") options.heads = std::stoll(value);
-  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
-  else if (key == "segments") options.segments = parse_list(value);
-  else if (key == "dilations") options.dilations = parse_list(value);
-  else if (key == "causal") options.causal = value == "true" || value == "1";
-  else if (key == "offsets") {
-    if (value == "modular") options.offsets = OffsetRule::modular;
-    else if (value == "blocked") options.offsets = OffsetRule::blocked;
-    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
-    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
-  } else if (key == "mixing") {
-    if (value == "softmax") options.mixing = Mixing::softmax;
-    else if (value == "mean") options.mixing = Mixing::mean;
-    else throw std::invalid_argument("--mixing must be softmax or mean");
-  } else if (key == "repetitions") options.repetitions = std::stoi(value);
+// Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
+bool parse_option(const std::string& key, const std::string& value) {
+  if (key == "causal") options.causal = value == "true" || value == "1";
+  else if (key == "repetitions") options.repetitions = std::stoi(value);
   else if (key == "sample_rows") options.sample_rows = std::stoi(value);
   else if (key == "key_rows") options.key_rows = std::stoi(value);
   else if (key == "tolerance") options.tolerance = std::stod(value);
@@ -118,23 +73,7 @@ int kernel_threads() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-std::string join(const std::vector<std::int64_t>& values) {
-  std::string text;
-  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
-  return text;
-}
-
-constexpr double kMiB = 1024.0 * 1024.0;
-
-Config main_config() {
-  Config config;
-  config.segment_lengths = options.segments;
-  config.dilation_rates = options.dilations;
-  config.causal = options.causal;
-  config.offsets = options.offsets;
-  config.mixing = options.mixing;
-  return config;
-}
+Config main_config() { return options.config(); }
 
 // Inputs, the forward's result and d_out of one (N, D), made once for both benchmarks.
 struct Problem {
@@ -150,7 +89,7 @@ const Problem& problem_for(std::int64_t n, std::int64_t dim) {
   if (cached && cached->shape.seq_len == n && cached->shape.head_dim == dim) return *cached;
   cached.reset();
   auto p = std::make_unique<Problem>();
-  const std::int64_t kv_heads = options.kv_heads > 0 ? options.kv_heads : options.heads;
+  const std::int64_t kv_heads = options.resolved_kv_heads();
   p->shape = Shape{options.batch, n, options.heads, kv_heads, dim};
   const auto q_size = static_cast<std::size_t>(options.batch * n * options.heads * dim);
   const auto kv_size = static_cast<std::size_t>(options.batch * n * kv_heads * dim);
@@ -317,19 +256,12 @@ GradientError gradient_error(const Problem& p, const std::vector<float>& dq,
 
 void common_counters(benchmark::State& state, const Problem& p, double flops, double tensor_bytes,
                      std::int64_t heap_peak, std::int64_t rss_at_reset) {
-  const std::int64_t rss_peak = bench::resident_peak_bytes();
   state.counters["useful_GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["useful_flops"] = flops;
   state.counters["worker_threads"] = kernel_threads();
   state.counters["N"] = static_cast<double>(p.shape.seq_len);
   state.counters["D"] = static_cast<double>(p.shape.head_dim);
-  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
-  if (heap_peak >= 0) {
-    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
-    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
-  }
-  if (rss_at_reset >= 0 && rss_peak >= 0)
-    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
+  bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, bench::resident_peak_bytes());
 }
 
 void BM_Forward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
@@ -385,33 +317,15 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-  benchmark::Initialize(&argc, argv);
-  try {
-    for (int i = 1; i < argc; ++i)
-      if (!parse_option(argv[i])) {
-        std::fprintf(stderr, "cpu_backward_benchmark: unknown argument '%s' (see --help)\n", argv[i]);
-        return 2;
-      }
-    for (std::int64_t dim : options.head_dims)
-      for (std::int64_t n : options.seq_lens)
-        validate(main_config(), Shape{options.batch, n, options.heads,
-                                      options.kv_heads > 0 ? options.kv_heads : options.heads, dim});
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "cpu_backward_benchmark: %s\n", error.what());
-    return 2;
+  if (bench::wants_help(argc, argv)) {
+    std::fputs(kUsage, stdout);
+    return 0;
   }
+  benchmark::Initialize(&argc, argv);
+  if (const int status = bench::parse_command_line(argc, argv, "cpu_backward_benchmark", parse_option, options))
+    return status;
   benchmark::AddCustomContext("implementation", "dilated_attention::forward / backward");
-  benchmark::AddCustomContext(
-      "config", "B=" + std::to_string(options.batch) + " H=" + std::to_string(options.heads) + " Hkv=" +
-                    std::to_string(options.kv_heads > 0 ? options.kv_heads : options.heads) + " w=" +
-                    join(options.segments) + " r=" + join(options.dilations) + " causal=" +
-                    (options.causal ? "true" : "false") + " offsets=" + to_string(options.offsets) +
-                    " mixing=" + to_string(options.mixing) + " dtype=float");
+  benchmark::AddCustomContext("config", options.describe());
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
   benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
 #if defined(__VERSION__)

@@ -1,7 +1,8 @@
 #pragma once
-// What the CPU benchmarks share: which forward they time, seeded inputs that fill fast in
-// parallel, the two memory probes (live heap, resident high-water mark), and the sampled-row
-// oracle that checks a long run against docs/semantics.md §2 without paying for the O(N * w) reference.
+// What the CPU benchmarks share: which forward they time, the attention options of their command
+// line, seeded inputs that fill fast in parallel, the two memory probes (live heap, resident
+// high-water mark) and their counters, and the sampled-row oracle that checks a long run against
+// docs/semantics.md §2 without paying for the O(N * w) reference.
 
 #include <dilated_attention/config.hpp>
 #include <dilated_attention/pattern.hpp>
@@ -14,6 +15,8 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -40,6 +43,128 @@ void timed_forward(const Config& config, const Shape& shape, View<const T> q, Vi
 #else
   dilated_attention::forward<T>(config, shape, q, k, v, out, lse);
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line both benchmarks share: the attention being timed. Each benchmark derives its
+// own Options from AttentionOptions and parses `--causal` itself (the forward's is strict).
+
+// "2048,4096,8192" -> {2048, 4096, 8192}; an empty list is an error.
+inline std::vector<std::int64_t> parse_list(const std::string& text) {
+  std::vector<std::int64_t> values;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
+  if (values.empty()) throw std::invalid_argument("empty list: " + text);
+  return values;
+}
+
+inline std::string join(const std::vector<std::int64_t>& values) {
+  std::string text;
+  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
+  return text;
+}
+
+// Their lines of --help, spliced into each benchmark's usage text (a macro, so that the text
+// stays one string literal).
+#define DA_BENCH_ATTENTION_USAGE \
+  "  --head_dims=64                head dims D (e.g. 64,128)\n" \
+  "  --batch=1 --heads=8           batch B and query heads H\n" \
+  "  --kv_heads=H                  key/value heads (grouped-query attention when < H)\n" \
+  "  --segments=2048,4096,8192     segment lengths w_i\n" \
+  "  --dilations=1,2,4             dilation rates r_i\n" \
+  "  --causal=false                causal masking\n" \
+  "  --offsets=modular             modular | blocked | partitioned\n" \
+  "  --mixing=softmax              softmax | mean\n"
+
+struct AttentionOptions {
+  std::vector<std::int64_t> seq_lens = {16384, 65536};
+  std::vector<std::int64_t> head_dims = {64};
+  std::int64_t batch = 1, heads = 8, kv_heads = 0;  // 0: same as heads
+  std::vector<std::int64_t> segments = {2048, 4096, 8192};
+  std::vector<std::int64_t> dilations = {1, 2, 4};
+  bool causal = false;
+  OffsetRule offsets = OffsetRule::modular;
+  Mixing mixing = Mixing::softmax;
+
+  std::int64_t resolved_kv_heads() const { return kv_heads > 0 ? kv_heads : heads; }
+
+  Config config() const {
+    Config result;
+    result.segment_lengths = segments;
+    result.dilation_rates = dilations;
+    result.causal = causal;
+    result.offsets = offsets;
+    result.mixing = mixing;
+    return result;
+  }
+
+  // The "config" context line of the JSON.
+  std::string describe() const {
+    return "B=" + std::to_string(batch) + " H=" + std::to_string(heads) + " Hkv=" +
+           std::to_string(resolved_kv_heads()) + " w=" + join(segments) + " r=" + join(dilations) +
+           " causal=" + (causal ? "true" : "false") + " offsets=" + to_string(offsets) +
+           " mixing=" + to_string(mixing) + " dtype=float";
+  }
+};
+
+// Returns false when `key` is not one of the shared options (--causal included: see above).
+inline bool parse_attention_option(AttentionOptions& options, const std::string& key, const std::string& value) {
+  if (key == "seq_lens") options.seq_lens = parse_list(value);
+  else if (key == "head_dims") options.head_dims = parse_list(value);
+  else if (key == "batch") options.batch = std::stoll(value);
+  else if (key == "heads") options.heads = std::stoll(value);
+  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
+  else if (key == "segments") options.segments = parse_list(value);
+  else if (key == "dilations") options.dilations = parse_list(value);
+  else if (key == "offsets") {
+    if (value == "modular") options.offsets = OffsetRule::modular;
+    else if (value == "blocked") options.offsets = OffsetRule::blocked;
+    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
+    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
+  } else if (key == "mixing") {
+    if (value == "softmax") options.mixing = Mixing::softmax;
+    else if (value == "mean") options.mixing = Mixing::mean;
+    else throw std::invalid_argument("--mixing must be softmax or mean");
+  } else return false;
+  return true;
+}
+
+inline bool wants_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+  return false;
+}
+
+// Our flags (those Google Benchmark left in argv), each `--key=value`: the shared ones here, the
+// rest through the benchmark's `parse_option(key, value)` (false: not one of its keys); then every
+// (N, D) validated, so that a bad config is rejected here with the library's own message rather
+// than inside a benchmark. Returns 0, or 2 after a message on stderr naming `program`.
+template <class ParseOption>
+int parse_command_line(int argc, char** argv, const char* program, const ParseOption& parse_option,
+                       AttentionOptions& options) {
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      const std::size_t eq = arg.find('=');
+      bool known = false;
+      if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+        const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
+        known = parse_attention_option(options, key, value) || parse_option(key, value);
+      }
+      if (!known) {
+        std::fprintf(stderr, "%s: unknown argument '%s' (see --help)\n", program, argv[i]);
+        return 2;
+      }
+    }
+    for (std::int64_t dim : options.head_dims)
+      for (std::int64_t n : options.seq_lens)
+        validate(options.config(), Shape{options.batch, n, options.heads, options.resolved_kv_heads(), dim});
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s: %s\n", program, error.what());
+    return 2;
+  }
+  return 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,6 +237,22 @@ inline std::int64_t reset_resident_peak() {
 inline std::int64_t resident_peak_bytes() {
   const std::int64_t hwm = proc_status_kib("VmHWM");
   return hwm < 0 ? -1 : hwm * 1024;
+}
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// The memory counters of a run: its tensors, and when the probes could tell, the heap above them
+// (and tensors + heap) and the resident high-water delta. `State` is benchmark::State.
+template <class State>
+void memory_counters(State& state, double tensor_bytes, std::int64_t heap_peak, std::int64_t rss_at_reset,
+                     std::int64_t rss_peak) {
+  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
+  if (heap_peak >= 0) {
+    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
+    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
+  }
+  if (rss_at_reset >= 0 && rss_peak >= 0)
+    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
 }
 
 // ---------------------------------------------------------------------------------------------

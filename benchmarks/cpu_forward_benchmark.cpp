@@ -45,7 +45,6 @@ extern "C" char* openblas_get_corename(void);
 #include <map>
 #include <set>
 #include <memory>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -57,15 +56,7 @@ namespace {
 using namespace dilated_attention;
 namespace bench = dilated_attention::bench;
 
-struct Options {
-  std::vector<std::int64_t> seq_lens = {16384, 65536};
-  std::vector<std::int64_t> head_dims = {64};
-  std::int64_t batch = 1, heads = 8, kv_heads = 0;  // 0: same as heads
-  std::vector<std::int64_t> segments = {2048, 4096, 8192};
-  std::vector<std::int64_t> dilations = {1, 2, 4};
-  bool causal = false;
-  OffsetRule offsets = OffsetRule::modular;
-  Mixing mixing = Mixing::softmax;
+struct Options : bench::AttentionOptions {
   std::int64_t dense_max_seq_len = 16384;
   std::int64_t sgemm_size = 2048;
   int sgemm_threads = 0;  // 0: hardware concurrency
@@ -88,15 +79,7 @@ const char* const kUsage = R"(cpu_forward_benchmark [--benchmark_* flags] [optio
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N of the attention benchmarks
-  --head_dims=64                head dims D (e.g. 64,128)
-  --batch=1 --heads=8           batch B and query heads H
-  --kv_heads=H                  key/value heads (grouped-query attention when < H)
-  --segments=2048,4096,8192     segment lengths w_i
-  --dilations=1,2,4             dilation rates r_i
-  --causal=false                causal masking
-  --offsets=modular             modular | blocked | partitioned
-  --mixing=softmax              softmax | mean
-  --dense_max_seq_len=16384     dense attention (w = N, r = 1) only for N up to this (it is O(N^2));
+)" DA_BENCH_ATTENTION_USAGE R"(  --dense_max_seq_len=16384     dense attention (w = N, r = 1) only for N up to this (it is O(N^2));
                                 0 skips dense
   --dilated=true                false skips the dilated benchmarks
   --sgemm_size=2048             M = N = K of the reference SGEMM; 0 skips the SGEMMs
@@ -115,45 +98,16 @@ Options (defaults are the LongNet config of docs/performance.md):
                                 this fails (error in the JSON, exit status 1)
 )";
 
-std::vector<std::int64_t> parse_list(const std::string& text) {
-  std::vector<std::int64_t> values;
-  std::stringstream stream(text);
-  std::string item;
-  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
-  if (values.empty()) throw std::invalid_argument("empty list: " + text);
-  return values;
-}
-
 bool parse_bool(const std::string& text) {
   if (text == "1" || text == "true" || text == "yes" || text == "on") return true;
   if (text == "0" || text == "false" || text == "no" || text == "off") return false;
   throw std::invalid_argument("not a boolean: " + text);
 }
 
-// Returns false when an argument is not ours.
-bool parse_option(const std::string& arg) {
-  if (arg.rfind("--", 0) != 0) return false;
-  const std::size_t eq = arg.find('=');
-  if (eq == std::string::npos) return false;
-  const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-  if (key == "seq_lens") options.seq_lens = parse_list(value);
-  else if (key == "head_dims") options.head_dims = parse_list(value);
-  else if (key == "batch") options.batch = std::stoll(value);
-  else if (key == "heads") options.heads = std::stoll(value);
-  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
-  else if (key == "segments") options.segments = parse_list(value);
-  else if (key == "dilations") options.dilations = parse_list(value);
-  else if (key == "causal") options.causal = parse_bool(value);
-  else if (key == "offsets") {
-    if (value == "modular") options.offsets = OffsetRule::modular;
-    else if (value == "blocked") options.offsets = OffsetRule::blocked;
-    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
-    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
-  } else if (key == "mixing") {
-    if (value == "softmax") options.mixing = Mixing::softmax;
-    else if (value == "mean") options.mixing = Mixing::mean;
-    else throw std::invalid_argument("--mixing must be softmax or mean");
-  } else if (key == "dense_max_seq_len") options.dense_max_seq_len = std::stoll(value);
+// Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
+bool parse_option(const std::string& key, const std::string& value) {
+  if (key == "causal") options.causal = parse_bool(value);
+  else if (key == "dense_max_seq_len") options.dense_max_seq_len = std::stoll(value);
   else if (key == "dilated") options.dilated = parse_bool(value);
   else if (key == "sgemm_size") options.sgemm_size = std::stoll(value);
   else if (key == "sgemm_threads") options.sgemm_threads = std::stoi(value);
@@ -176,14 +130,6 @@ int kernel_threads() { return dilated_attention::cpu::resolve_num_threads(CpuOpt
 
 // The SGEMMs use the kernel's count unless told otherwise, so the ratio compares like with like.
 int sgemm_threads() { return options.sgemm_threads > 0 ? options.sgemm_threads : kernel_threads(); }
-
-std::string join(const std::vector<std::int64_t>& values) {
-  std::string text;
-  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
-  return text;
-}
-
-constexpr double kMiB = 1024.0 * 1024.0;
 
 // Progress: a line on stderr as each run starts (the console table prints as each one ends), so a
 // minutes-long dense run is visibly under way.
@@ -365,7 +311,7 @@ struct Inputs {
 
 const Inputs& inputs_for(std::int64_t n, std::int64_t dim) {
   static std::unique_ptr<Inputs> cached;
-  const std::int64_t kv_heads = options.kv_heads > 0 ? options.kv_heads : options.heads;
+  const std::int64_t kv_heads = options.resolved_kv_heads();
   if (cached && cached->shape.seq_len == n && cached->shape.head_dim == dim) return *cached;
   cached.reset();  // release the previous size first: N = 262144 inputs are GiBs
   auto made = std::make_unique<Inputs>();
@@ -382,15 +328,7 @@ const Inputs& inputs_for(std::int64_t n, std::int64_t dim) {
   return *cached;
 }
 
-Config main_config() {
-  Config config;
-  config.segment_lengths = options.segments;
-  config.dilation_rates = options.dilations;
-  config.causal = options.causal;
-  config.offsets = options.offsets;
-  config.mixing = options.mixing;
-  return config;
-}
+Config main_config() { return options.config(); }
 
 Config dense_config(std::int64_t n) {
   Config config = main_config();
@@ -433,14 +371,8 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
   state.counters["worker_threads"] = kernel_threads();
   state.counters["N"] = static_cast<double>(n);
   state.counters["D"] = static_cast<double>(dim);
-  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
-  state.counters["budget_MiB"] = tensor_bytes / kMiB + 64.0;
-  if (heap_peak >= 0) {
-    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
-    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
-  }
-  if (rss_at_reset >= 0 && rss_peak >= 0)
-    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
+  state.counters["budget_MiB"] = tensor_bytes / bench::kMiB + 64.0;
+  bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, rss_peak);
 
   if (options.sample_rows > 0) {
     const bench::SampledError error = bench::sampled_error<float>(
@@ -567,34 +499,19 @@ void register_benchmarks() {
     }
 }
 
-const char* offsets_name() { return to_string(options.offsets); }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i)
-    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
-      std::fputs(kUsage, stdout);
-      std::puts("\nGoogle Benchmark flags:");
-      benchmark::PrintDefaultHelp();
-      return 0;
-    }
-  benchmark::Initialize(&argc, argv);
-  try {
-    for (int i = 1; i < argc; ++i)
-      if (!parse_option(argv[i])) {
-        std::fprintf(stderr, "cpu_forward_benchmark: unknown argument '%s' (see --help)\n", argv[i]);
-        return 2;
-      }
-    // Reject a bad config here, with the library's own message, rather than inside a benchmark.
-    for (std::int64_t dim : options.head_dims)
-      for (std::int64_t n : options.seq_lens)
-        validate(main_config(), Shape{options.batch, n, options.heads,
-                                      options.kv_heads > 0 ? options.kv_heads : options.heads, dim});
-  } catch (const std::exception& error) {
-    std::fprintf(stderr, "cpu_forward_benchmark: %s\n", error.what());
-    return 2;
+  if (bench::wants_help(argc, argv)) {
+    std::fputs(kUsage, stdout);
+    std::puts("\nGoogle Benchmark flags:");
+    benchmark::PrintDefaultHelp();
+    return 0;
   }
+  benchmark::Initialize(&argc, argv);
+  if (const int status = bench::parse_command_line(argc, argv, "cpu_forward_benchmark", parse_option, options))
+    return status;
   check_sampled_oracle();
   if (!options.isa.empty()) ::setenv("DILATED_ATTENTION_CPU_ISA", options.isa.c_str(), 1);
   std::string kernel_isa;
@@ -608,13 +525,7 @@ int main(int argc, char** argv) {
                kernel_isa.c_str(), to_string(dilated_attention::cpu::best_isa()), kernel_threads());
 
   benchmark::AddCustomContext("implementation", DA_BENCH_IMPLEMENTATION);
-  benchmark::AddCustomContext("config", "B=" + std::to_string(options.batch) + " H=" +
-                                            std::to_string(options.heads) + " Hkv=" +
-                                            std::to_string(options.kv_heads > 0 ? options.kv_heads : options.heads) +
-                                            " w=" + join(options.segments) + " r=" + join(options.dilations) +
-                                            " causal=" + (options.causal ? "true" : "false") +
-                                            " offsets=" + offsets_name() + " mixing=" + to_string(options.mixing) +
-                                            " dtype=float");
+  benchmark::AddCustomContext("config", options.describe());
   benchmark::AddCustomContext("sgemm_threads", std::to_string(sgemm_threads()));
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
   benchmark::AddCustomContext("kernel_isa", kernel_isa);

@@ -1,6 +1,6 @@
 #pragma once
 // The file side of the peer comparisons: the Python harness writes inputs as raw float32 files
-// and a comma-separated config; the C++ drivers (CPU and CUDA) read them with these two helpers,
+// and a comma-separated config; the C++ drivers (CPU and CUDA) read them with these helpers,
 // so both sides reject a truncated or oversized file the same way.
 
 #include <cstdint>
@@ -30,6 +30,13 @@ inline std::vector<float> read_floats(const std::string& path, std::size_t count
   if (file.gcount() != static_cast<std::streamsize>(count * sizeof(float)) || file.peek() != EOF)
     throw std::runtime_error(path + " does not hold exactly " + std::to_string(count) + " float32 values");
   return data;
+}
+
+// All of `data` as raw float32, or an exception that names the file.
+inline void write_floats(const std::string& path, const std::vector<float>& data) {
+  std::ofstream file(path, std::ios::binary);
+  file.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(float)));
+  if (!file) throw std::runtime_error("cannot write " + path);
 }
 
 }  // namespace dilated_attention::benchmarks

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "support/forced_isa.hpp"
 #include "support/random_config.hpp"
 #include "support/tensors.hpp"
 
@@ -34,21 +35,13 @@ using da::CpuOptions;
 using da::Mixing;
 using da::OffsetRule;
 using da::Shape;
+using dt::copy_to_double;
 using dt::make_config;
 using dt::Tensor;
 using ::testing::HasSubstr;
 
 template <class T>
 const T kSentinel = T(7);
-
-template <class T>
-void copy_to_double(const Tensor<T>& from, Tensor<double>& to) {
-  for (std::int64_t b = 0; b < from.shape.batch; ++b)
-    for (std::int64_t x = 0; x < from.shape.seq_len; ++x)
-      for (std::int64_t h = 0; h < from.heads; ++h)
-        for (std::int64_t d = 0; d < from.shape.head_dim; ++d)
-          to.at(b, x, h, d) = static_cast<double>(from.at(b, x, h, d));
-}
 
 // Whether every storage element outside the tensor's logical extent still holds `value`.
 template <class T>
@@ -422,52 +415,20 @@ TEST(CpuBackward, NarrowStorageBitwiseIdenticalForAnyThreadCount) {
 
 // When DILATED_ATTENTION_CPU_ISA names a path this machine cannot run, every test is skipped
 // (CTest reruns this file per path: cpu_backward_test.isa.<name>, SKIP_REGULAR_EXPRESSION).
-class ForcedIsaEnvironment : public ::testing::Environment {
- public:
-  void SetUp() override {
-    const char* text = std::getenv("DILATED_ATTENTION_CPU_ISA");
-    if (text == nullptr || *text == '\0') return;
-    try {
-      const da::CpuIsa isa = da::cpu::resolve_isa(da::CpuIsa::automatic);
-      std::printf("cpu_backward_test: DILATED_ATTENTION_CPU_ISA=%s runs the %s kernels\n", text,
-                  da::to_string(isa));
-    } catch (const std::invalid_argument& error) {
-      GTEST_SKIP() << "isa-unsupported: " << error.what();
-    }
-  }
-};
 const ::testing::Environment* const forced_isa_environment =
-    ::testing::AddGlobalTestEnvironment(new ForcedIsaEnvironment);
+    ::testing::AddGlobalTestEnvironment(new da::testing::ForcedIsaEnvironment("cpu_backward_test"));
 
-std::string isa_name(const ::testing::TestParamInfo<da::CpuIsa>& param) {
-  return da::to_string(param.param);
-}
-
-class CpuBackwardIsa : public ::testing::TestWithParam<da::CpuIsa> {
- protected:
-  void SetUp() override {
-    if (!da::cpu::isa_supported(GetParam()))
-      GTEST_SKIP() << da::to_string(GetParam())
-                   << " kernels: not compiled into this build or not supported by this CPU";
-  }
-  CpuOptions options(int threads = 0) const { return CpuOptions{threads, GetParam()}; }
-};
+class CpuBackwardIsa : public da::testing::ForcedIsaTest {};
 
 TEST_P(CpuBackwardIsa, AwkwardShapesMatchReference) {
   // Head widths that are no multiple of any register tile (40, 72), padded and strided views, N
   // a multiple of no w, r dividing no w, every offset rule, both mixings, causal or not.
-  int cases = 0;
-  for (OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
-    for (Mixing mixing : {Mixing::softmax, Mixing::mean})
-      for (bool causal : {false, true}) {
-        const Config config = make_config({7, 45, 301}, {3, 4, 7}, causal, rule, mixing);
-        const std::int64_t dim = cases % 2 ? 40 : 72;
-        expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
-                                        1 + cases % 3, options(1 + cases % 2));
-        expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
-                                         options(2));
-        ++cases;
-      }
+  da::testing::for_each_awkward_case([&](const Config& config, std::int64_t dim, int cases) {
+    expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
+                                    1 + cases % 3, options(1 + cases % 2));
+    expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
+                                     options(2));
+  });
 }
 
 TEST_P(CpuBackwardIsa, LongBlocksWideHeadsAndNarrowStorage) {
@@ -496,20 +457,13 @@ TEST_P(CpuBackwardIsa, BitwiseIdenticalForAnyThreadCount) {
 
 TEST_P(CpuBackwardIsa, EnvironmentVariableSelectsThePath) {
   const Problem<float> p(make_config({64, 128}, {1, 2}), Shape{1, 200, 2, 2, 40}, 346);
-  const char* saved = std::getenv("DILATED_ATTENTION_CPU_ISA");
-  const std::string saved_value = saved ? saved : "";
   const Gradients<float> forced = run_fast(p, options(2));
-  ::setenv("DILATED_ATTENTION_CPU_ISA", da::to_string(GetParam()), 1);
-  const Gradients<float> from_environment = run_fast(p, CpuOptions{2});
-  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", saved_value.c_str(), 1);
-  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  const Gradients<float> from_environment =
+      da::testing::with_isa_variable(GetParam(), [&] { return run_fast(p, CpuOptions{2}); });
   expect_bitwise_equal(forced, from_environment);
 }
 
-INSTANTIATE_TEST_SUITE_P(Isa, CpuBackwardIsa,
-                         ::testing::Values(da::CpuIsa::generic, da::CpuIsa::avx2,
-                                           da::CpuIsa::avx512, da::CpuIsa::neon),
-                         isa_name);
+INSTANTIATE_TEST_SUITE_P(Isa, CpuBackwardIsa, da::testing::every_isa(), da::testing::isa_name);
 
 TEST(CpuBackward, PathsAgreeToRounding) {
   // Different kernels round differently; each stays within float rounding of the others.

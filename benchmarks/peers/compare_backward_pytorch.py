@@ -31,27 +31,17 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_dilated_attention_pytorch import load_peer, partition_ranges, peer_commit  # noqa: E402
+from peer_harness import (add_common_arguments, our_command, rows_with_keys, sampled_rows,  # noqa: E402
+                          start_report, write_inputs, write_report)
 
 
 def exact_dq_rows(q, k, v, d_out, segments, dilations, causal, rows):
     """dQ of docs/semantics.md §7 (partitioned offsets, mean mixing) in float64 for (b, x, h) rows."""
-    _, n, heads, dim = q.shape
-    groups = len(segments)
-    ranges = partition_ranges(heads, groups)
-    scale = 1.0 / np.sqrt(dim)
+    scale, groups = 1.0 / np.sqrt(q.shape[3]), len(segments)
     result = {}
-    for b, x, h in rows:
-        g = next(i for i, (lo, hi) in enumerate(ranges) if lo <= h < hi)
-        w, r = segments[g], dilations[g]
-        offset = g % r
-        start = (x // w) * w
-        length = min(w, n - start)
-        dq = np.zeros(dim)
-        if (x - start) % r == offset:
-            keys = np.arange(start + offset, start + length, r)
-            if causal:
-                keys = keys[keys <= x]
+    for (b, x, h), keys in rows_with_keys(q, segments, dilations, causal, rows):
+        dq = np.zeros(q.shape[3])
+        if keys is not None:
             kk = k[b, keys, h, :].astype(np.float64)
             vv = v[b, keys, h, :].astype(np.float64)
             s = scale * (kk @ q[b, x, h, :].astype(np.float64))
@@ -66,55 +56,19 @@ def exact_dq_rows(q, k, v, d_out, segments, dilations, causal, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--peer-root", default="peers/dilated-attention-pytorch")
-    parser.add_argument("--binary", default="build/release/benchmarks/cpu_backward_from_files")
-    parser.add_argument("--work-dir", default="results/peer-backward")
-    parser.add_argument("--seq-lens", default="16384,65536")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--segments", default="2048,4096,8192")
-    parser.add_argument("--dilations", default="1,2,4")
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=20261129)
-    parser.add_argument("--sample-rows", type=int, default=64)
+    add_common_arguments(parser, binary="build/release/benchmarks/cpu_backward_from_files",
+                         work_dir="results/peer-backward", seed=20261129)
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    peer = load_peer(args.peer_root)
-    segments = [int(s) for s in args.segments.split(",")]
-    dilations = [int(r) for r in args.dilations.split(",")]
-    os.makedirs(args.work_dir, exist_ok=True)
-    report = {
-        "peer": "DarcStar-Solutions-Tech/dilated-attention-pytorch DilatedAttention (autograd backward)",
-        "peer_commit": peer_commit(args.peer_root),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "our_threads": args.threads,
-        "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "segments": segments,
-                   "dilations": dilations, "causal": args.causal, "ours": "partitioned + mean"},
-        "runs": [],
-    }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer commit {report['peer_commit']}")
+    peer, segments, dilations, report = start_report(
+        args, torch, "DarcStar-Solutions-Tech/dilated-attention-pytorch DilatedAttention (autograd backward)")
     for n in [int(x) for x in args.seq_lens.split(",")]:
-        shape = (args.batch, n, args.heads, args.head_dim)
-        rng = np.random.default_rng(args.seed + n)
-        q, k, v, d_out = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
-        work = os.path.join(args.work_dir, f"N{n}")
-        os.makedirs(work, exist_ok=True)
-        for name, array in (("q", q), ("k", k), ("v", v), ("d_out", d_out)):
-            array.tofile(os.path.join(work, f"{name}.f32"))
+        shape, work, (q, k, v, d_out) = write_inputs(args, n, ("q", "k", "v", "d_out"))
 
         module = peer.DilatedAttention(segment_lengths=segments, dilation_rates=dilations).eval()
-        command = [args.binary, f"--input={work}", f"--output={work}", f"--batch={args.batch}",
-                   f"--seq_len={n}", f"--heads={args.heads}", f"--head_dim={args.head_dim}",
-                   f"--segments={args.segments}", f"--dilations={args.dilations}", "--offsets=partitioned",
-                   "--mixing=mean", f"--causal={'true' if args.causal else 'false'}", "--repeats=2"]
-        env = dict(os.environ, DILATED_ATTENTION_NUM_THREADS=str(args.threads))
+        command, env = our_command(args, n, work, work)
 
         def peer_call():
             tq, tk, tv = (torch.from_numpy(a).clone().requires_grad_(True) for a in (q, k, v))
@@ -146,9 +100,7 @@ def main():
             diff = float(np.abs(a - b).max())
             comparison[name] = {"max_abs_diff": diff, "max_abs_value": largest,
                                 "max_rel_diff": diff / largest if largest > 0 else diff}
-        rng_rows = np.random.default_rng(args.seed)
-        rows = [(int(rng_rows.integers(args.batch)), int(rng_rows.integers(n)), int(rng_rows.integers(args.heads)))
-                for _ in range(args.sample_rows)]
+        rows = sampled_rows(args, n)
         exact = exact_dq_rows(q, k, v, d_out, segments, dilations, args.causal, rows)
         scale_dq = max(float(np.abs(e).max()) for e in exact.values()) or 1.0
         ours_err = max(float(np.abs(ours[0][b, x, h] - e).max()) for (b, x, h), e in exact.items()) / scale_dq
@@ -181,10 +133,7 @@ def main():
               f"peer {peer_err:.1e}", flush=True)
         for name in ("q", "k", "v", "d_out", "dq", "dk", "dv"):
             os.remove(os.path.join(work, f"{name}.f32"))
-    path = os.path.join(args.work_dir, "peer_backward_comparison.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"written {path}")
+    write_report(args, report, "peer_backward_comparison.json")
 
 
 if __name__ == "__main__":

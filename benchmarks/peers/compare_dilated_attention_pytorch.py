@@ -34,61 +34,29 @@ peer is modified or stubbed.
 """
 
 import argparse
-import importlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 
-
-def load_peer(peer_root):
-    package_dir = os.path.join(peer_root, "dilated_attention_pytorch")
-    if not os.path.isdir(package_dir):
-        sys.exit(f"peer source not found at {package_dir} (see this script's docstring)")
-    package = types.ModuleType("dilated_attention_pytorch")
-    package.__path__ = [package_dir]
-    sys.modules["dilated_attention_pytorch"] = package
-    return importlib.import_module("dilated_attention_pytorch.dilated_attention")
-
-
-def peer_commit(peer_root):
-    path = os.path.join(peer_root, "PEER_COMMIT")
-    return open(path).read().strip() if os.path.exists(path) else None
-
-
-def partition_ranges(heads, groups):
-    base, extra = divmod(heads, groups)
-    ranges, start = [], 0
-    for g in range(groups):
-        size = base + (1 if g < extra else 0)
-        ranges.append((start, start + size))
-        start += size
-    return ranges
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# load_peer stays importable from here: cuda_sdpa_and_peer.py imports it with exact_rows.
+from peer_harness import (add_common_arguments, load_peer, our_command, rows_with_keys,  # noqa: E402,F401
+                          sampled_rows, start_report, write_inputs, write_report)
 
 
 def exact_rows(q, k, v, segments, dilations, causal, rows):
     """docs/semantics.md §2, partitioned offsets and mean mixing, in float64, for (b, x, h) rows."""
-    _, n, heads, dim = q.shape
-    groups = len(segments)
-    ranges = partition_ranges(heads, groups)
+    dim, groups = q.shape[3], len(segments)
     scale = 1.0 / np.sqrt(dim)
     result = {}
-    for b, x, h in rows:
-        g = next(i for i, (lo, hi) in enumerate(ranges) if lo <= h < hi)
-        w, r = segments[g], dilations[g]
-        offset = g % r
-        start = (x // w) * w
-        length = min(w, n - start)
+    for (b, x, h), keys in rows_with_keys(q, segments, dilations, causal, rows):
         out = np.zeros(dim)
-        if (x - start) % r == offset:
-            keys = np.arange(start + offset, start + length, r)
-            if causal:
-                keys = keys[keys <= x]
+        if keys is not None:
             s = scale * (k[b, keys, h, :].astype(np.float64) @ q[b, x, h, :].astype(np.float64))
             p = np.exp(s - s.max())
             out = (p / p.sum()) @ v[b, keys, h, :].astype(np.float64)
@@ -98,48 +66,16 @@ def exact_rows(q, k, v, segments, dilations, causal, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--peer-root", default="peers/dilated-attention-pytorch")
-    parser.add_argument("--binary", default="build/release/benchmarks/cpu_forward_from_files")
-    parser.add_argument("--work-dir", default="results/peer")
-    parser.add_argument("--seq-lens", default="16384,65536")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--segments", default="2048,4096,8192")
-    parser.add_argument("--dilations", default="1,2,4")
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=20261122)
-    parser.add_argument("--sample-rows", type=int, default=64)
+    add_common_arguments(parser, binary="build/release/benchmarks/cpu_forward_from_files", work_dir="results/peer",
+                         seed=20261122)
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(args.threads)
-    peer = load_peer(args.peer_root)
-    segments = [int(s) for s in args.segments.split(",")]
-    dilations = [int(r) for r in args.dilations.split(",")]
-    os.makedirs(args.work_dir, exist_ok=True)
-    report = {
-        "peer": "DarcStar-Solutions-Tech/dilated-attention-pytorch DilatedAttention",
-        "peer_commit": peer_commit(args.peer_root),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "our_threads": args.threads,
-        "config": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "segments": segments,
-                   "dilations": dilations, "causal": args.causal, "ours": "partitioned + mean"},
-        "runs": [],
-    }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer commit {report['peer_commit']}")
+    peer, segments, dilations, report = start_report(
+        args, torch, "DarcStar-Solutions-Tech/dilated-attention-pytorch DilatedAttention")
     for n in [int(x) for x in args.seq_lens.split(",")]:
-        shape = (args.batch, n, args.heads, args.head_dim)
-        rng = np.random.default_rng(args.seed + n)
-        q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
-        work = os.path.join(args.work_dir, f"N{n}")
-        os.makedirs(work, exist_ok=True)
-        for name, array in (("q", q), ("k", k), ("v", v)):
-            array.tofile(os.path.join(work, f"{name}.f32"))
+        shape, work, (q, k, v) = write_inputs(args, n, ("q", "k", "v"))
 
         # Timed calls alternate, peer then ours, so that a change in machine load during the
         # comparison falls on both sides alike. Peer: one warm-up call in this process first.
@@ -148,11 +84,7 @@ def main():
         module = peer.DilatedAttention(segment_lengths=segments, dilation_rates=dilations).eval()
         tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
         out_path = os.path.join(work, "ours.f32")
-        command = [args.binary, f"--input={work}", f"--output={out_path}", f"--batch={args.batch}",
-                   f"--seq_len={n}", f"--heads={args.heads}", f"--head_dim={args.head_dim}",
-                   f"--segments={args.segments}", f"--dilations={args.dilations}", "--offsets=partitioned",
-                   "--mixing=mean", f"--causal={'true' if args.causal else 'false'}", "--repeats=2"]
-        env = dict(os.environ, DILATED_ATTENTION_NUM_THREADS=str(args.threads))
+        command, env = our_command(args, n, work, out_path)
         peer_times, our_times, peer_cpu, our_cpu = [], [], [], []
         load_before = os.getloadavg()
         with torch.inference_mode():
@@ -171,9 +103,7 @@ def main():
         ours = np.fromfile(out_path, dtype=np.float32).reshape(shape)
 
         diff = np.abs(ours.astype(np.float64) - peer_out.astype(np.float64))
-        rng_rows = np.random.default_rng(args.seed)
-        rows = [(int(rng_rows.integers(args.batch)), int(rng_rows.integers(n)), int(rng_rows.integers(args.heads)))
-                for _ in range(args.sample_rows)]
+        rows = sampled_rows(args, n)
         exact = exact_rows(q, k, v, segments, dilations, args.causal, rows)
         ours_err = max(float(np.abs(ours[b, x, h] - e).max()) for (b, x, h), e in exact.items())
         peer_err = max(float(np.abs(peer_out[b, x, h] - e).max()) for (b, x, h), e in exact.items())
@@ -204,10 +134,7 @@ def main():
         for name in ("q", "k", "v"):
             os.remove(os.path.join(work, f"{name}.f32"))
         os.remove(out_path)
-    path = os.path.join(args.work_dir, "peer_comparison.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"written {path}")
+    write_report(args, report, "peer_comparison.json")
 
 
 if __name__ == "__main__":

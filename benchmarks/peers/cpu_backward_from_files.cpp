@@ -12,78 +12,24 @@
 
 #include <dilated_attention/dilated_attention.hpp>
 
-#include "../raw_files.hpp"
+#include "../peer_run_arguments.hpp"
 
-#include <algorithm>
-#include <chrono>
-#include <cstdint>
 #include <cstdio>
-#include <ctime>
-#include <fstream>
-#include <stdexcept>
+#include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
-namespace {
-
 using namespace dilated_attention;
-using dilated_attention::benchmarks::parse_list;
-using dilated_attention::benchmarks::read_floats;
-
-void write_floats(const std::string& path, const std::vector<float>& data) {
-  std::ofstream file(path, std::ios::binary);
-  file.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(float)));
-  if (!file) throw std::runtime_error("cannot write " + path);
-}
-
-// Wall and process CPU seconds (all threads) of one call.
-template <class Call>
-std::pair<double, double> timed(const Call& call) {
-  const std::clock_t cpu_start = std::clock();
-  const auto start = std::chrono::steady_clock::now();
-  call();
-  return {std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
-          static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC};
-}
-
-}  // namespace
+using namespace dilated_attention::benchmarks;
 
 int main(int argc, char** argv) {
   try {
-    std::string input, output;
-    Shape shape{1, 0, 8, 8, 64};
-    Config config;
-    config.offsets = OffsetRule::partitioned;
-    config.mixing = Mixing::mean;
-    int repeats = 2;
-    for (int i = 1; i < argc; ++i) {
-      const std::string arg = argv[i];
-      const std::size_t eq = arg.find('=');
-      if (arg.rfind("--", 0) != 0 || eq == std::string::npos)
-        throw std::invalid_argument("unknown argument " + arg);
-      const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-      if (key == "input") input = value;
-      else if (key == "output") output = value;
-      else if (key == "batch") shape.batch = std::stoll(value);
-      else if (key == "seq_len") shape.seq_len = std::stoll(value);
-      else if (key == "heads") shape.num_heads = shape.num_kv_heads = std::stoll(value);
-      else if (key == "head_dim") shape.head_dim = std::stoll(value);
-      else if (key == "segments") config.segment_lengths = parse_list(value);
-      else if (key == "dilations") config.dilation_rates = parse_list(value);
-      else if (key == "causal") config.causal = value == "true" || value == "1";
-      else if (key == "repeats") repeats = std::max(1, std::stoi(value));
-      else if (key == "offsets") {
-        config.offsets = value == "modular" ? OffsetRule::modular
-                         : value == "blocked" ? OffsetRule::blocked
-                         : value == "partitioned" ? OffsetRule::partitioned
-                         : throw std::invalid_argument("bad --offsets " + value);
-      } else if (key == "mixing") {
-        config.mixing = value == "softmax" ? Mixing::softmax
-                        : value == "mean" ? Mixing::mean
-                        : throw std::invalid_argument("bad --mixing " + value);
-      } else throw std::invalid_argument("unknown argument " + arg);
-    }
-    validate(config, shape);
+    const auto run = parse_peer_run(argc, argv, /*default_repeats=*/2);
+    const std::string& input = run.input;
+    const std::string& output = run.output;
+    const Shape& shape = run.shape;
+    const Config& config = run.config;
     const auto size = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
     const std::vector<float> q = read_floats(input + "/q.f32", size);
     const std::vector<float> k = read_floats(input + "/k.f32", size);
@@ -98,7 +44,7 @@ int main(int argc, char** argv) {
       forward<float>(config, shape, view(q), view(k), view(v), mutable_view(out), lse.data());
     });
     std::vector<std::pair<double, double>> times;
-    for (int r = 0; r < repeats; ++r)
+    for (int r = 0; r < run.repeats; ++r)
       times.push_back(timed([&] {
         backward<float>(config, shape, view(q), view(k), view(v), view(out), lse.data(), view(d_out),
                         mutable_view(dq), mutable_view(dk), mutable_view(dv));

@@ -21,36 +21,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
-
-def cuda_time_ms(torch, fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def partition_ranges(heads, groups):
-    base, extra = divmod(heads, groups)
-    ranges, start = [], 0
-    for g in range(groups):
-        size = base + (1 if g < extra else 0)
-        ranges.append((start, start + size))
-        start += size
-    return ranges
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_harness import cuda_time_ms, partition_ranges  # noqa: E402
 
 
 def gather(t, w, r, offset, heads):

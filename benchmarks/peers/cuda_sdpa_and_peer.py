@@ -30,7 +30,6 @@ Record every figure with the GPU model in docs/performance.md.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_dilated_attention_pytorch import exact_rows, load_peer  # noqa: E402
-
-
-def cuda_time_ms(torch, fn, repeats):
-    """Median milliseconds of fn() over `repeats` calls after one warm-up, with CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from peer_harness import cuda_time_ms  # noqa: E402
 
 
 def useful_flops_dense(b, n, h, d, causal):

@@ -129,4 +129,15 @@ bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
+// The logical elements of `from` widened into `to` (same shape and heads; padding untouched),
+// so the fp64 reference sees exactly the values the kernel under test was given.
+template <class T>
+void copy_to_double(const Tensor<T>& from, Tensor<double>& to) {
+  for (std::int64_t b = 0; b < from.shape.batch; ++b)
+    for (std::int64_t x = 0; x < from.shape.seq_len; ++x)
+      for (std::int64_t h = 0; h < from.heads; ++h)
+        for (std::int64_t d = 0; d < from.shape.head_dim; ++d)
+          to.at(b, x, h, d) = static_cast<double>(from.at(b, x, h, d));
+}
+
 }  // namespace dilated_attention::testing
