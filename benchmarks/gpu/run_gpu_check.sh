@@ -129,6 +129,7 @@ fi
 targets=(cuda_launch_plan_test cuda_emulated_kernel_test cuda_emulated_backward_test
          cuda_forward_half_test cuda_forward_bfloat16_test cuda_forward_float_test
          cuda_backward_half_test cuda_backward_bfloat16_test cuda_backward_float_test
+         ring_cuda_emulated_test ring_cuda_forward_test
          cuda_forward_benchmark cuda_backward_benchmark cuda_forward_from_files)
 step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDILATED_ATTENTION_ENABLE_MPI=OFF \

@@ -13,6 +13,13 @@
 //      the local blocks, then each step's blocks as its rows arrive, calling the transport's
 //      progress() between blocks (Options::drive_progress) so transfers move during compute;
 //   4. a second all_gather of the ranks' verdicts, then mix the partials into O and LSE.
+// A back end whose buffers live in device memory (ring/cuda_backend.cuh) says so with
+// `static constexpr bool stream_ordered = true` and provides queue(), flush_packs(), synchronize()
+// and retire(Buffer&&): its pack and attend_merge calls only record work, which it launches per
+// step on one stream; the driver then orders transfers on that stream (Transport::
+// order_sends_after, enqueue_wait) instead of blocking the host per step, and hands finished
+// buffers to retire() (freed at the end of the call, after the stream) instead of freeing them
+// under kernels that may still read them. The CPU back end keeps the plain path.
 // Exception safety: every posted transfer is owned by a guard that, on any exit, either has
 // waited for it or hands it to Transport::abandon with its buffer, so no buffer is freed while
 // MPI or NCCL may still touch it, and the transport serves the next call.
@@ -27,6 +34,7 @@
 #include <exception>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -76,6 +84,13 @@ struct Piece {
   std::size_t element_offset;  // where its K rows start; V rows follow
 };
 
+// Whether Backend runs its work asynchronously on a device stream (see the header comment).
+template <class Backend, class = void>
+struct is_stream_ordered : std::false_type {};
+template <class Backend>
+struct is_stream_ordered<Backend, std::void_t<decltype(Backend::stream_ordered)>>
+    : std::bool_constant<Backend::stream_ordered> {};
+
 // The kv heads read by the query heads in `heads`, ascending and distinct.
 inline std::vector<std::int64_t> kv_heads_of(const Progression& heads, std::int64_t group) {
   std::vector<std::int64_t> result;
@@ -88,6 +103,26 @@ inline std::vector<std::int64_t> kv_heads_of(const Progression& heads, std::int6
 
 }  // namespace detail
 
+// The validation every ring entry point runs first (docs/semantics.md §5), on this rank's input:
+// partition, layout, config against the global shape, views against the local shape, options.
+// Returns the local shape (seq_len = N / P).
+template <class T, class L>
+Shape validate_ring_call(const Config& config, const Shape& shape, const Transport& transport,
+                         const View<const T>& q, const View<const T>& k, const View<const T>& v,
+                         const View<T>& out, const L* lse, const Options& options) {
+  validate_partition(shape.seq_len, transport.size(), transport.rank());
+  validate_layout(options.layout, shape.seq_len, transport.size());
+  validate(config, shape);
+  Shape local = shape;
+  local.seq_len = shape.seq_len / transport.size();
+  validate(config, local, q, k, v, out, lse);
+  if (options.num_threads <= 0)
+    dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
+  if (options.timeout.count() <= 0)
+    dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
+  return local;
+}
+
 // Runs the ring on an existing back end. Pattern, plans and layouts are host-side; the back end
 // owns every tensor buffer. Call only after validation (ring::forward does it).
 template <class Backend>
@@ -99,6 +134,7 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
   const std::int64_t group = global.num_heads / global.num_kv_heads;
   const std::int64_t dim = global.head_dim;
   const bool mean = config.mixing == Mixing::mean;
+  constexpr bool stream_ordered = detail::is_stream_ordered<Backend>::value;
 
   std::vector<std::vector<std::vector<std::int64_t>>> kv_heads(static_cast<std::size_t>(branches));
   for (std::int64_t i = 0; i < branches; ++i) {
@@ -219,6 +255,11 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
       }
     }
     if (flight.receiving) flight.recv = backend.make_buffer(recv_elements);
+    if constexpr (stream_ordered) {
+      // The packing kernels of this step run now; sends read their buffer only after them.
+      backend.flush_packs();
+      if (flight.sending && !transport.order_sends_after(backend.queue())) backend.synchronize();
+    }
     const std::size_t send_bytes = send_elements * Backend::element_size();
     const std::size_t recv_bytes = recv_elements * Backend::element_size();
     // One message per ordered pair of ranks per call, so one tag serves every step.
@@ -242,6 +283,23 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
     transport.wait(ticket);
     open = false;
     stats.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  // Step t's rows must be in place before its blocks run: on a device stream the stream waits
+  // (the ticket stays open until the end of the call), otherwise the host does.
+  const auto arrive = [&](InFlight& flight) {
+    if (!flight.receiving) return;
+    if constexpr (stream_ordered) {
+      const auto start = std::chrono::steady_clock::now();
+      const bool ordered = transport.enqueue_wait(flight.recv_ticket, backend.queue());
+      stats.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (ordered) return;
+    }
+    wait(flight.recv_ticket, flight.recv_open);
+  };
+  // A buffer no transfer uses any more: freed now, or (device) when the call's stream is done.
+  const auto release = [&](typename Backend::Buffer& buffer) {
+    if constexpr (stream_ordered) backend.retire(std::move(buffer));
+    buffer = typename Backend::Buffer();
   };
 
   // Between blocks, on the calling thread only (MPI is called from one thread): drive the
@@ -276,26 +334,29 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
     compute_step(0, nullptr);
     for (const std::int64_t t : order) {
       InFlight& flight = flights[static_cast<std::size_t>(t)];
-      if (flight.receiving) wait(flight.recv_ticket, flight.recv_open);
+      arrive(flight);
       compute_step(t, &flight);
-      flight.recv = typename Backend::Buffer();
+      if (!flight.recv_open) release(flight.recv);
     }
     for (const std::int64_t t : order) {
       InFlight& flight = flights[static_cast<std::size_t>(t)];
+      if (flight.recv_open) wait(flight.recv_ticket, flight.recv_open);
+      release(flight.recv);
       if (flight.sending) wait(flight.send_ticket, flight.send_open);
-      flight.send = typename Backend::Buffer();
+      release(flight.send);
     }
   } else {
     if (num_ranks > 1) post(1, flights[1]);
     compute_step(0, nullptr);
     for (std::int64_t t = 1; t < num_ranks; ++t) {
       InFlight& flight = flights[static_cast<std::size_t>(t)];
-      if (flight.receiving) wait(flight.recv_ticket, flight.recv_open);
+      arrive(flight);
       if (t + 1 < num_ranks) post(t + 1, flights[static_cast<std::size_t>(t + 1)]);
       compute_step(t, &flight);
-      flight.recv = typename Backend::Buffer();
+      if (flight.recv_open) wait(flight.recv_ticket, flight.recv_open);
+      release(flight.recv);
       if (flight.sending) wait(flight.send_ticket, flight.send_open);
-      flight.send = typename Backend::Buffer();
+      release(flight.send);
     }
   }
   return stats;
