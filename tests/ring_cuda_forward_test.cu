@@ -12,6 +12,9 @@
 #include <dilated_attention/ring/in_process.hpp>
 
 #include <chrono>
+#include <cmath>
+#include <stdexcept>
+#include <utility>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -123,10 +126,13 @@ TEST(RingCudaForward, SweepBfloat16) {
 }
 
 // The CUDA tests' longer cases (N = 90..700: several key tiles, many segments, the paper's
-// branches, GQA, padded layouts) at every P = 2..4 that divides N, each storage type.
+// branches, GQA, padded layouts) at every P = 2..4 that divides N: all of them in float, the
+// 16-bit types half each (they run the same code but for the element type).
 template <class T>
-void longer_cases(std::int64_t head_dim, std::uint64_t seed) {
-  for (const dt::Case& c : dt::correctness_cases(head_dim)) {
+void longer_cases(std::int64_t head_dim, std::uint64_t seed, std::size_t start, std::size_t step) {
+  const std::vector<dt::Case> cases = dt::correctness_cases(head_dim);
+  for (std::size_t i = start; i < cases.size(); i += step) {
+    const dt::Case& c = cases[i];
     const auto in = dt::random_device_test_inputs<T>(c.shape, c.pad, c.seq_pad, seed++);
     const auto single = dt::run_on_gpu(c.config, c.shape, in.q, in.k, in.v, c.pad, c.seq_pad);
     for (int p = 2; p <= 4; ++p) {
@@ -141,15 +147,97 @@ void longer_cases(std::int64_t head_dim, std::uint64_t seed) {
 
 TEST(RingCudaForward, LongerCasesFloat) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  longer_cases<float>(64, 40);
+  longer_cases<float>(64, 40, 0, 1);
 }
 TEST(RingCudaForward, LongerCasesHalf) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  longer_cases<__half>(64, 50);
+  longer_cases<__half>(64, 50, 0, 2);  // the even cases
 }
 TEST(RingCudaForward, LongerCasesBfloat16) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  longer_cases<__nv_bfloat16>(96, 60);
+  longer_cases<__nv_bfloat16>(96, 60, 1, 2);  // the odd ones
+}
+
+// Faults on the loopback transport (ring/transport.hpp's contract): rank 1 throws at its first
+// enqueue_wait (after every rank posted: its links are matched, so abandon parks them until
+// their copies completed), rank 2 throws at its first post_recv (before it posted anything: the
+// others' sends are withdrawn), or rank 1 passes a different causal flag (refused before anything
+// moves). Every rank raises -- the faulty one its own exception, the others PeerFailure -- no
+// output is written, and a consistent call right after on the same transports is exact.
+class FaultyTransport final : public ring::TransportAdapter {
+ public:
+  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
+      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
+    return TransportAdapter::enqueue_wait(ticket, queue);
+  }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
+
+ private:
+  bool in_stream_wait_, in_post_recv_;
+};
+
+TEST(RingCudaForward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
+  const auto in = dt::random_device_test_inputs<float>(c.shape, 0, 0, 77);
+  for (int scenario = 0; scenario < 3; ++scenario) {
+    SCOPED_TRACE("scenario " + std::to_string(scenario));
+    std::vector<std::string> outcome(3);
+    std::vector<std::size_t> written(3, 0);
+    ring::Options options;
+    options.timeout = std::chrono::seconds(30);
+    const auto result = dt::run_ring_case<float>(
+        c, in, 3, ring::Layout::contiguous,
+        [](int ranks, auto body) {
+          ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+            body(transport, static_cast<void*>(stream));
+          });
+        },
+        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q, const dt::Tensor<float>& k,
+            const dt::Tensor<float>& v, dt::Tensor<float>& out, std::vector<float>& lse) {
+          const int p = transport.rank();
+          dt::DeviceBuffer<float> dq(q.storage.size()), dk(k.storage.size()), dv(v.storage.size()),
+              dout(out.storage.size());
+          dq.upload(q.storage);
+          dk.upload(k.storage);
+          dv.upload(v.storage);
+          dout.upload(out.storage);
+          da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");
+          FaultyTransport faulty(transport, scenario == 0 && p == 1, scenario == 1 && p == 2);
+          da::Config config = c.config;
+          config.causal = scenario == 2 && p == 1;
+          try {
+            ring::cuda::forward<float>(config, c.shape, faulty, on_device(q, dq.data()), on_device(k, dk.data()),
+                                       on_device(v, dv.data()), on_device(out, dout.data()), nullptr, options,
+                                       static_cast<cudaStream_t>(stream));
+            outcome[static_cast<std::size_t>(p)] = "returned";
+          } catch (const ring::PeerFailure& e) {
+            outcome[static_cast<std::size_t>(p)] = "PeerFailure from " + std::to_string(e.failed_rank());
+          } catch (const std::exception& e) {
+            outcome[static_cast<std::size_t>(p)] = e.what();
+          }
+          std::vector<float> after;
+          dout.download(after);
+          for (const float value : after) written[static_cast<std::size_t>(p)] += std::isnan(value) ? 0 : 1;
+          // The consistent call, on the same transport.
+          rank_forward<float>(c, options, transport, stream, q, k, v, out, lse);
+        });
+    const int faulty_rank = scenario == 1 ? 2 : 1;
+    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    for (int p = 0; p < 3; ++p) {
+      SCOPED_TRACE("rank " + std::to_string(p));
+      if (p == faulty_rank) EXPECT_NE(outcome[static_cast<std::size_t>(p)].find(own), std::string::npos) << outcome[p];
+      else EXPECT_EQ(outcome[static_cast<std::size_t>(p)], "PeerFailure from " + std::to_string(faulty_rank));
+      EXPECT_EQ(written[static_cast<std::size_t>(p)], 0u) << "a failed call wrote output";
+    }
+    dt::check_result(c, in, result);
+  }
 }
 
 // Anywhere, no device needed: bad input is refused by the agreement before any CUDA call (the
