@@ -4,8 +4,10 @@
 // threads of the in-process transport. So CI without a GPU executes the back end's recording,
 // grouping and staging of work items, the pack, block attend+merge and finish kernels, and the
 // whole ring protocol (ring::forward_on_device) for P = 1..4 in both layouts, against the CPU
-// back end and the fp64 reference. What it cannot see -- streams, events, the loopback copies,
-// races, speed -- is for tests/ring_cuda_forward_test.cu on a GPU.
+// back end and the fp64 reference. The loopback CUDA transport runs too, over a fake of the few
+// runtime calls it makes (tests/fake_cuda_runtime.hpp: host memory, every stream operation at
+// once, a wait on an event never recorded counted as a bug). What this cannot see -- real stream
+// concurrency, races, speed -- is for tests/ring_cuda_forward_test.cu on a GPU.
 
 #include <dilated_attention/reference.hpp>
 #include <dilated_attention/ring.hpp>
@@ -19,9 +21,13 @@
 #include <string>
 #include <vector>
 
+#include <cuda_runtime.h>
+
+#include "fake_cuda_runtime.hpp"    // the runtime calls of the loopback transport, on the host
 #include "cuda_host_emulation.hpp"  // before the kernels: it defines the CUDA names they use
 
 #include <dilated_attention/ring/cuda_backend.cuh>
+#include <dilated_attention/ring/cuda_loopback.cuh>
 
 #include "ring_cuda_cases.hpp"
 #include "ring_support.hpp"
@@ -77,6 +83,12 @@ struct EmulatedDevice {
 template <class T>
 using EmulatedBackend = ring::CudaBackend<T, EmulatedDevice>;
 
+// The same, on the rank's (fake) stream, for the loopback transport's stream hooks.
+struct EmulatedStreamDevice : EmulatedDevice {
+  void* stream = nullptr;
+  void* queue() const { return stream; }
+};
+
 // A transport that claims device ordering, as the loopback and NCCL transports do: sends are
 // "ordered" (program order), a stream wait completes the receive on the host and leaves the
 // ticket open until the driver's final wait. Exercises the driver's stream-ordered path.
@@ -126,6 +138,33 @@ dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInp
           EXPECT_EQ(ordered.stream_waits, stats.recvs_posted);
         }
       });
+}
+
+template <class T>
+dt::KernelResult<T> run_loopback_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, int num_ranks,
+                                      ring::Layout layout = ring::Layout::contiguous) {
+  ring::Options options;
+  options.layout = layout;
+  return dt::run_ring_case<T>(
+      c, in, num_ranks, layout,
+      [](int ranks, auto body) {
+        ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+          body(transport, static_cast<void*>(stream));
+        });
+      },
+      [&](ring::Transport& transport, void* stream, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
+          const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
+        ring::forward_on_device<T>(EmulatedStreamDevice{{}, stream}, c.config, c.shape, transport, q.view(),
+                                   k.view(), v.view(), out.view(), lse.data(), options);
+      });
+}
+
+// Every event the loopback transport created was destroyed, every stream too, and no stream
+// ever waited on an event that was never recorded.
+void expect_clean_fake_runtime() {
+  EXPECT_EQ(fake_cuda::waits_on_unrecorded_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_streams.load(), 0);
 }
 
 // pack(): K rows then V rows of a progression, as the CPU back end packs them (bitwise: a copy),
@@ -248,6 +287,161 @@ TEST(RingCudaEmulated, RingHalfAndBfloat16WithinTheStorageBound) {
     const auto bf16_in = dt::random_device_test_inputs<__nv_bfloat16>(c.shape, c.pad, c.seq_pad, 300 + i);
     dt::check_result(c, bf16_in, run_emulated_ring<__nv_bfloat16>(c, bf16_in, 4 - static_cast<int>(i % 3)));
   }
+}
+
+// The ring over the loopback transport (the driver's stream-ordered path with real tickets:
+// sends ordered after the packing, receives waited for on the stream, the copies matched by
+// either side) gives bitwise the in-process result, in both layouts.
+TEST(RingCudaEmulated, LoopbackRingEqualsInProcessBitwise) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const auto cases = dt::ring_sweep_cases(32);
+  for (std::size_t i = 0; i < cases.size(); i += 4) {
+    const dt::Case& c = cases[i];
+    SCOPED_TRACE(dt::describe(c));
+    const auto in = dt::random_device_test_inputs<float>(c.shape, c.pad, c.seq_pad, 500 + i);
+    const int p = 2 + static_cast<int>(i / 4 % 3);
+    const auto loopback = run_loopback_ring<float>(c, in, p);
+    dt::check_result(c, in, loopback);
+    EXPECT_TRUE(dt::bitwise_equal(loopback, run_emulated_ring<float>(c, in, p)));
+    const int z = 2 + static_cast<int>(i / 4 % 2);
+    EXPECT_TRUE(dt::bitwise_equal(run_loopback_ring<float>(c, in, z, ring::Layout::zigzag),
+                                  run_emulated_ring<float>(c, in, z, ring::Layout::zigzag)));
+  }
+  expect_clean_fake_runtime();
+}
+
+// Faults on the loopback transport (as the GPU test, tests/ring_cuda_forward_test.cu): rank 1
+// throws at its first enqueue_wait (its links are matched: abandon parks them), rank 2 at its
+// first post_recv (the others' sends are withdrawn), rank 1 passes a different causal flag.
+// Every rank raises, no output is written, and the next call on the same transports is exact.
+class FaultyTransport final : public ring::TransportAdapter {
+ public:
+  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
+      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
+    return TransportAdapter::enqueue_wait(ticket, queue);
+  }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
+
+ private:
+  bool in_stream_wait_, in_post_recv_;
+};
+
+TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
+  const auto in = dt::random_device_test_inputs<float>(c.shape, 0, 0, 77);
+  for (int scenario = 0; scenario < 3; ++scenario) {
+    SCOPED_TRACE("scenario " + std::to_string(scenario));
+    std::vector<std::string> outcome(3);
+    std::vector<std::size_t> written(3, 0);
+    const auto result = dt::run_ring_case<float>(
+        c, in, 3, ring::Layout::contiguous,
+        [](int ranks, auto body) {
+          ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+            body(transport, static_cast<void*>(stream));
+          });
+        },
+        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q, const dt::Tensor<float>& k,
+            const dt::Tensor<float>& v, dt::Tensor<float>& out, std::vector<float>& lse) {
+          const auto p = static_cast<std::size_t>(transport.rank());
+          FaultyTransport faulty(transport, scenario == 0 && p == 1, scenario == 1 && p == 2);
+          da::Config config = c.config;
+          config.causal = scenario == 2 && p == 1;
+          try {
+            ring::forward_on_device<float>(EmulatedStreamDevice{{}, stream}, config, c.shape, faulty, q.view(),
+                                           k.view(), v.view(), out.view(), lse.data(), {});
+            outcome[p] = "returned";
+          } catch (const ring::PeerFailure& e) {
+            outcome[p] = "PeerFailure from " + std::to_string(e.failed_rank());
+          } catch (const std::exception& e) {
+            outcome[p] = e.what();
+          }
+          for (const float value : out.storage) written[p] += std::isnan(value) ? 0 : 1;
+          ring::forward_on_device<float>(EmulatedStreamDevice{{}, stream}, c.config, c.shape, transport, q.view(),
+                                         k.view(), v.view(), out.view(), lse.data(), {});
+        });
+    const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
+    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    for (std::size_t p = 0; p < 3; ++p) {
+      SCOPED_TRACE("rank " + std::to_string(p));
+      if (p == faulty_rank) {
+        EXPECT_NE(outcome[p].find(own), std::string::npos) << outcome[p];
+      } else {
+        EXPECT_EQ(outcome[p], "PeerFailure from " + std::to_string(faulty_rank));
+      }
+      EXPECT_EQ(written[p], 0u) << "a failed call wrote output";
+    }
+    dt::check_result(c, in, result);
+  }
+  expect_clean_fake_runtime();
+}
+
+// The Transport contract on the loopback transport itself: a size mismatch raises on both sides,
+// a receive nobody sends times out (TransferTimeout) and is abandoned, a notice makes the peer's
+// wait raise PeerFailure at once, all_gather gathers in rank order, and a later call still moves
+// the bytes.
+TEST(RingCudaEmulated, LoopbackTransportContract) {
+  std::vector<std::string> outcome(2);
+  ring::run_in_loopback(2, [&](ring::Transport& t, cudaStream_t) {
+    const int me = t.rank(), other = 1 - me;
+    std::string& log = outcome[static_cast<std::size_t>(me)];
+    std::vector<unsigned char> buffer(16, static_cast<unsigned char>(me + 1));
+    const auto attempt = [&](auto&& body) {
+      try {
+        body();
+        log += "ok;";
+      } catch (const ring::TransferTimeout&) {
+        log += "timeout;";
+      } catch (const ring::PeerFailure& e) {
+        log += "peer " + std::to_string(e.failed_rank()) + ";";
+      } catch (const std::runtime_error& e) {
+        log += std::string(std::strstr(e.what(), "expected") != nullptr ? "size" : e.what()) + ";";
+      }
+    };
+    // 1. Sizes differ: 16 bytes sent, 8 expected.
+    t.begin_call(std::chrono::seconds(10));
+    ring::Transport::Ticket ticket =
+        me == 0 ? t.post_send(other, 0, buffer.data(), 16) : t.post_recv(other, 0, buffer.data(), 8);
+    attempt([&] { t.wait(ticket); });
+    t.abandon(ticket, nullptr);
+    t.end_call();
+    // 2. Rank 1 receives what rank 0 never sends.
+    t.begin_call(std::chrono::milliseconds(100));
+    if (me == 1) {
+      ticket = t.post_recv(other, 0, buffer.data(), 16);
+      attempt([&] { t.wait(ticket); });
+      t.abandon(ticket, nullptr);
+    }
+    t.end_call();
+    // 3. Agreement, then rank 0 gives up.
+    int gathered[2] = {-1, -1};
+    t.begin_call(std::chrono::seconds(10));
+    t.all_gather(&me, gathered, sizeof(int));
+    log += std::to_string(gathered[0]) + std::to_string(gathered[1]) + ";";
+    if (me == 0) {
+      t.notify_failure("rank 0 gives up");
+    } else {
+      ticket = t.post_recv(other, 0, buffer.data(), 16);
+      attempt([&] { t.wait(ticket); });
+      t.abandon(ticket, nullptr);
+    }
+    t.end_call();
+    // 4. A clean exchange.
+    t.begin_call(std::chrono::seconds(10));
+    ticket = me == 0 ? t.post_send(other, 0, buffer.data(), 16) : t.post_recv(other, 0, buffer.data(), 16);
+    attempt([&] { t.wait(ticket); });
+    log += std::to_string(buffer[0]) + ";";
+    t.end_call();
+  });
+  EXPECT_EQ(outcome[0], "size;01;ok;1;");
+  EXPECT_EQ(outcome[1], "size;timeout;01;peer 0;ok;1;");
+  expect_clean_fake_runtime();
 }
 
 // The protocol of ring::forward (ring/agreement.hpp) holds for the device entry: a head_dim the
