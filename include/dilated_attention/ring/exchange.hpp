@@ -213,6 +213,49 @@ class Transfers {
   std::vector<Entry> entries_;
 };
 
+// One step's K/V exchange: the received pieces and the ids of its buffers in a Transfers.
+struct RowExchange {
+  std::vector<Piece> incoming;
+  std::size_t send_elements = 0, recv_elements = 0;
+  std::size_t send = 0, recv = 0;
+  bool sending() const { return send_elements > 0; }
+  bool receiving() const { return recv_elements > 0; }
+};
+
+// Packs and posts step t's K/V rows (tag 0: one message per ordered pair of ranks per call, so
+// one tag serves every step) and posts the receive of the peer's, counting both in `stats`.
+template <class Backend>
+void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
+               Transfers<typename Backend::Buffer>& transfers, Transport& transport,
+               Stats& stats, RowExchange& step) {
+  const std::vector<Piece> outgoing = schedule.pieces(t, true, step.send_elements);
+  step.incoming = schedule.pieces(t, false, step.recv_elements);
+  const std::size_t send_bytes = step.send_elements * Backend::element_size();
+  const std::size_t recv_bytes = step.recv_elements * Backend::element_size();
+  if (step.sending()) {
+    step.send = transfers.add(backend.make_buffer(step.send_elements));
+    for (const Piece& piece : outgoing) {
+      backend.pack(transfers.buffer(step.send), piece.element_offset, piece.batch, piece.kv_head,
+                   piece.rows);
+      stats.bytes_sent_per_branch[static_cast<std::size_t>(piece.branch)] += static_cast<std::int64_t>(
+          2 * piece.rows.count * schedule.pattern().shape().head_dim * Backend::element_size());
+    }
+  }
+  if (step.receiving()) step.recv = transfers.add(backend.make_buffer(step.recv_elements));
+  transport.begin_group();
+  if (step.receiving())
+    transfers.post_recv(step.recv, schedule.peer(t, false), 0,
+                        Backend::bytes(transfers.buffer(step.recv)), recv_bytes);
+  if (step.sending())
+    transfers.post_send(step.send, schedule.peer(t, true), 0,
+                        Backend::bytes(transfers.buffer(step.send)), send_bytes);
+  transport.end_group();
+  stats.bytes_sent += static_cast<std::int64_t>(send_bytes);
+  stats.bytes_received += static_cast<std::int64_t>(recv_bytes);
+  (step.sending() ? stats.sends_posted : stats.sends_skipped) += 1;
+  (step.receiving() ? stats.recvs_posted : stats.recvs_skipped) += 1;
+}
+
 // Between blocks, on the calling thread only (MPI is called from one thread): drive the
 // transport. An error is kept and raised after the compute phase (rethrow), never inside a worker
 // loop. Worker threads call it too and return at once.

@@ -48,53 +48,17 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
   detail::Transfers<Buffer> transfers(transport, stats);
   detail::ProgressTicker tick(transport, options.drive_progress, stats);
 
-  // One step's exchange: its buffers live in `transfers`, which abandons them on any exit.
-  struct Step {
-    std::vector<detail::Piece> incoming;
-    std::size_t send = 0, recv = 0;  // ids in `transfers`
-    bool sending = false, receiving = false;
-  };
-  std::vector<Step> steps(static_cast<std::size_t>(num_ranks));
-
+  // Each step's buffers live in `transfers`, which abandons them on any exit.
+  std::vector<detail::RowExchange> steps(static_cast<std::size_t>(num_ranks));
   const auto post = [&](std::int64_t t) {
-    Step& step = steps[static_cast<std::size_t>(t)];
-    std::size_t send_elements = 0, recv_elements = 0;
-    const std::vector<detail::Piece> outgoing = schedule.pieces(t, true, send_elements);
-    step.incoming = schedule.pieces(t, false, recv_elements);
-    step.sending = send_elements > 0;
-    step.receiving = recv_elements > 0;
-    const std::size_t send_bytes = send_elements * Backend::element_size();
-    const std::size_t recv_bytes = recv_elements * Backend::element_size();
-    if (step.sending) {
-      step.send = transfers.add(backend.make_buffer(send_elements));
-      for (const detail::Piece& piece : outgoing) {
-        backend.pack(transfers.buffer(step.send), piece.element_offset, piece.batch, piece.kv_head,
-                     piece.rows);
-        stats.bytes_sent_per_branch[static_cast<std::size_t>(piece.branch)] += static_cast<std::int64_t>(
-            2 * piece.rows.count * global.head_dim * Backend::element_size());
-      }
-    }
-    if (step.receiving) step.recv = transfers.add(backend.make_buffer(recv_elements));
-    // One K/V message per ordered pair of ranks per call, so one tag serves every step.
-    transport.begin_group();
-    if (step.receiving)
-      transfers.post_recv(step.recv, schedule.peer(t, false), 0,
-                          Backend::bytes(transfers.buffer(step.recv)), recv_bytes);
-    if (step.sending)
-      transfers.post_send(step.send, schedule.peer(t, true), 0,
-                          Backend::bytes(transfers.buffer(step.send)), send_bytes);
-    transport.end_group();
-    stats.bytes_sent += static_cast<std::int64_t>(send_bytes);
-    stats.bytes_received += static_cast<std::int64_t>(recv_bytes);
-    (step.sending ? stats.sends_posted : stats.sends_skipped) += 1;
-    (step.receiving ? stats.recvs_posted : stats.recvs_skipped) += 1;
+    detail::post_rows(t, schedule, backend, transfers, transport, stats, steps[static_cast<std::size_t>(t)]);
   };
 
   // Every block of step t, for every (batch, query head), merged into the back end's
   // accumulators (one per branch for mean mixing), in the schedule's fixed order.
   const auto compute = [&](std::int64_t t) {
-    const Step* step = t == 0 ? nullptr : &steps[static_cast<std::size_t>(t)];
-    if (step != nullptr && !step->receiving) return;
+    const detail::RowExchange* step = t == 0 ? nullptr : &steps[static_cast<std::size_t>(t)];
+    if (step != nullptr && !step->receiving()) return;
     const std::int64_t blocks = schedule.block_count(t);
     if (blocks == 0) return;
     stats.blocks_computed += blocks;
@@ -112,16 +76,17 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
     tick.rethrow();
   };
   const auto finish_receive = [&](std::int64_t t) {
-    Step& step = steps[static_cast<std::size_t>(t)];
-    if (step.receiving) transfers.wait(step.recv);
+    const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
+    if (step.receiving()) transfers.wait(step.recv);
   };
   const auto compute_and_release = [&](std::int64_t t) {
     compute(t);
-    if (steps[static_cast<std::size_t>(t)].receiving) transfers.release(steps[static_cast<std::size_t>(t)].recv);
+    const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
+    if (step.receiving()) transfers.release(step.recv);
   };
   const auto finish_send = [&](std::int64_t t) {
-    Step& step = steps[static_cast<std::size_t>(t)];
-    if (!step.sending) return;
+    const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
+    if (!step.sending()) return;
     transfers.wait(step.send);
     transfers.release(step.send);
   };

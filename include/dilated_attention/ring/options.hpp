@@ -20,7 +20,9 @@ struct Options {
   Transport::Duration timeout = std::chrono::minutes(5);
   // Overlap. post_early: post every non-empty exchange before computing anything (false: one
   // step ahead, in step order, as the first version did). drive_progress: call the transport's
-  // progress() between compute blocks. Both only change timing, never the result.
+  // progress() between compute blocks. drive_progress only changes timing; post_early = false
+  // also computes the steps in step order rather than nearest-first, which changes the order in
+  // which partials merge (rounding only, still deterministic).
   bool post_early = true;
   bool drive_progress = true;
   // Which global rows this rank's views hold (ring/layout.hpp). Every rank must pass the same.
