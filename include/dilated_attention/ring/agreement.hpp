@@ -52,7 +52,7 @@ inline const char* call_field_name(int field) {
       "shape.num_kv_heads", "shape.head_dim",      "config.segment_lengths",
       "config.dilation_rates", "config.causal",    "config.offsets",
       "config.mixing",   "config.scale",           "the storage type T",
-      "options.layout",  "the operation (0 forward, 1 backward)"};
+      "options.layout",  "operation (0 forward, 1 backward)"};
   return names[field];
 }
 // Fields compared by hash only (lists); the message says "differ" without values.
