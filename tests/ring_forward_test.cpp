@@ -40,38 +40,7 @@ const std::vector<Branches>& branch_sets() {
   return sets;
 }
 
-// The bytes rank p must send for branch i: every (batch, kv head, own row y, peer q) such that
-// some query head of q reading that kv head attends y from some query row in q's shard. Brute
-// force over the pattern, independent of the schedule.
-std::vector<std::vector<std::int64_t>> needed_bytes(const da::Pattern& pattern, int num_ranks,
-                                                    std::size_t element_size,
-                                                    std::vector<std::vector<bool>>* talks) {
-  const da::Shape& s = pattern.shape();
-  const std::int64_t length = s.seq_len / num_ranks;
-  std::vector<std::vector<std::int64_t>> bytes(static_cast<std::size_t>(num_ranks),
-                                               std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
-  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
-  for (int p = 0; p < num_ranks; ++p)
-    for (int q = 0; q < num_ranks; ++q) {
-      if (q == p) continue;
-      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
-        for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
-          for (std::int64_t y = p * length; y < (p + 1) * length; ++y) {
-            bool needed = false;
-            for (std::int64_t h = 0; h < s.num_heads && !needed; ++h) {
-              if (pattern.kv_head(h) != g) continue;
-              for (std::int64_t x = q * length; x < (q + 1) * length && !needed; ++x)
-                needed = pattern.keys(i, h, x).contains(y);
-            }
-            if (needed) {
-              bytes[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)] +=
-                  2 * s.head_dim * s.batch * static_cast<std::int64_t>(element_size);
-              (*talks)[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] = true;
-            }
-          }
-    }
-  return bytes;
-}
+using da::testing::needed_bytes;
 
 // The most offsets of one branch that the query heads reading one kv head use.
 std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
