@@ -112,6 +112,28 @@ void sweep(std::int64_t head_dim, std::uint64_t seed) {
   }
 }
 
+// A few cases that communicate (every rule, both mixings, causal, GQA, a padded layout) at P = 3
+// and zigzag P = 2, each storage type: small enough for compute-sanitizer (the GPU check runs it
+// under memcheck, racecheck and synccheck).
+TEST(RingCudaForward, SmallCasesEveryType) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const auto run = [](auto tag, std::int64_t head_dim, std::uint64_t seed) {
+    using T = decltype(tag);
+    const std::vector<dt::Case> cases = dt::ring_sweep_cases(head_dim);
+    for (const std::size_t i : {19u, 22u, 27u, 32u}) {  // not_multiple / whole_and_beyond / repeated_branch
+      const dt::Case& c = cases[i];
+      SCOPED_TRACE(dt::describe(c));
+      const auto in = dt::random_device_test_inputs<T>(c.shape, c.pad, c.seq_pad, seed + i);
+      const auto single = dt::run_on_gpu(c.config, c.shape, in.q, in.k, in.v, c.pad, c.seq_pad);
+      check_ring(c, in, run_gpu_ring<T>(c, in, 3), single);
+      check_ring(c, in, run_gpu_ring<T>(c, in, 2, ring::Layout::zigzag), single);
+    }
+  };
+  run(float{}, 32, 70);
+  run(__half{}, 64, 80);
+  run(__nv_bfloat16{}, 128, 90);
+}
+
 TEST(RingCudaForward, SweepFloat) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
   sweep<float>(32, 10);

@@ -158,6 +158,10 @@ sanitize() {
         --gtest_filter="$filter" >"$work/${tool}_${t}.log" 2>&1 &
     pids+=($!)
   done
+  # The ring's CUDA back end and loopback transport: its small cases, beside the six.
+  compute-sanitizer --tool "$tool" --error-exitcode 1 "$tests/ring_cuda_forward_test" \
+      --gtest_filter='RingCudaForward.SmallCases*' >"$work/${tool}_ring.log" 2>&1 &
+  pids+=($!)
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   cat "$work/${tool}"_*.log
   return $rc

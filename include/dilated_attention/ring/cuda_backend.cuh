@@ -118,8 +118,8 @@ class CudaBackend {
   static std::size_t element_size() { return sizeof(T); }
   void* queue() const { return device_.queue(); }
   void synchronize() const { device_.synchronize(); }
-  void retire(Buffer&& buffer) {
-    if (buffer.data() != nullptr) retired_.push_back(std::make_shared<Buffer>(std::move(buffer)));
+  void retire(std::shared_ptr<Buffer> buffer) {
+    if (buffer) retired_.push_back(std::move(buffer));
   }
 
   // Records: K rows then V rows of (batch b, kv head g) at global positions `rows`, written at
