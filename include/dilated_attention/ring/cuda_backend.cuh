@@ -211,12 +211,7 @@ class CudaBackend {
     }
     device_.upload(on_device.data(), host.data(), host.size() * sizeof(Item));
   }
-  // The local row of global position x (a progression never crosses a chunk).
-  std::int64_t local_of(std::int64_t x) const {
-    for (const Chunk& chunk : chunks_)
-      if (chunk.contains(x)) return chunk.local + (x - chunk.begin);
-    return -1;  // unreachable for rows the schedule names
-  }
+  std::int64_t local_of(std::int64_t x) const { return local_row(chunks_, x); }
 
   Device device_;
   Shape shape_;
