@@ -444,6 +444,17 @@ TEST(RingCudaEmulated, LoopbackTransportContract) {
   expect_clean_fake_runtime();
 }
 
+// The other head dims' kernels: bfloat16 at D = 96 and float at D = 128, P = 3 and 2.
+TEST(RingCudaEmulated, RingOtherHeadDims) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const dt::Case c96 = dt::ring_sweep_cases(96)[19], c128 = dt::ring_sweep_cases(128)[27];
+  SCOPED_TRACE(dt::describe(c96) + " / " + dt::describe(c128));
+  const auto in96 = dt::random_device_test_inputs<__nv_bfloat16>(c96.shape, c96.pad, c96.seq_pad, 600);
+  dt::check_result(c96, in96, run_emulated_ring<__nv_bfloat16>(c96, in96, 3));
+  const auto in128 = dt::random_device_test_inputs<float>(c128.shape, c128.pad, c128.seq_pad, 601);
+  dt::check_result(c128, in128, run_emulated_ring<float>(c128, in128, 2));
+}
+
 // The protocol of ring::forward (ring/agreement.hpp) holds for the device entry: a head_dim the
 // back end does not support is std::invalid_argument naming it, on every rank; ranks whose
 // storage types differ (half on rank 0, bfloat16 on rank 1: same size, told apart by the

@@ -129,9 +129,9 @@ TEST(RingCudaForward, SmallCasesEveryType) {
       check_ring(c, in, run_gpu_ring<T>(c, in, 2, ring::Layout::zigzag), single);
     }
   };
-  run(float{}, 32, 70);
+  run(float{}, 128, 70);
   run(__half{}, 64, 80);
-  run(__nv_bfloat16{}, 128, 90);
+  run(__nv_bfloat16{}, 96, 90);
 }
 
 TEST(RingCudaForward, SweepFloat) {
@@ -144,7 +144,7 @@ TEST(RingCudaForward, SweepHalf) {
 }
 TEST(RingCudaForward, SweepBfloat16) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  sweep<__nv_bfloat16>(128, 30);
+  sweep<__nv_bfloat16>(96, 30);  // D = 128 with mean needs 117 KiB: not on every GPU
 }
 
 // The CUDA tests' longer cases (N = 90..700: several key tiles, many segments, the paper's
