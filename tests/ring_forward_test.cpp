@@ -176,6 +176,40 @@ TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
   }
 }
 
+// Zigzag at the P the N = 24 sweep cannot reach (5, 7, 8; N = 560 = lcm(10, 14, 16)), every rule,
+// mixing, causal and not, MHA and GQA.
+using ComboParam = std::tuple<da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
+class RingForwardZigzag : public ::testing::TestWithParam<ComboParam> {};
+
+TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
+  const auto [rule, mixing, causal, gqa] = GetParam();
+  da::Config config = da::testing::make_config({20, 80, 560}, {1, 2, 4});
+  config.offsets = rule;
+  config.mixing = mixing;
+  config.causal = causal;
+  const da::Shape shape{1, 560, 4, gqa ? 2 : 4, 4};
+  Tensor<double> q(shape, 4), k(shape, shape.num_kv_heads), v(shape, shape.num_kv_heads), expected(shape, 4);
+  q.fill_random(81);
+  k.fill_random(82);
+  v.fill_random(83);
+  std::vector<double> expected_lse(static_cast<std::size_t>(4 * 560));
+  da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+  for (int num_ranks : {5, 7, 8}) {
+    SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
+                                                              da::ring::Layout::zigzag);
+    EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+    EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryCombination, RingForwardZigzag,
+                         ::testing::Combine(::testing::Values(da::OffsetRule::modular,
+                                                              da::OffsetRule::blocked,
+                                                              da::OffsetRule::partitioned),
+                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
+                                            ::testing::Bool(), ::testing::Bool()));
+
 std::string name_of(const ::testing::TestParamInfo<Param>& info) {
   const auto [set, rule, mixing, causal, gqa] = info.param;
   return std::string(branch_sets()[static_cast<std::size_t>(set)].name) + "_" + da::to_string(rule) +
