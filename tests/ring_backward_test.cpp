@@ -23,24 +23,6 @@ using da::testing::Tensor;
 
 namespace {
 
-struct Branches {
-  const char* name;
-  std::vector<std::int64_t> w, r;
-};
-
-// N = 24: shard lengths 24, 12, 8, 6 for P = 1..4 (the forward sweep's sets).
-const std::vector<Branches>& branch_sets() {
-  static const std::vector<Branches> sets = {
-      {"below_shard", {4}, {1}},
-      {"equal_shard_p4", {6}, {2}},
-      {"equal_shard_p3_p2", {8, 12}, {2, 3}},
-      {"not_multiple", {10, 16}, {2, 4}},
-      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},
-      {"repeated_branch", {9, 9}, {3, 3}},
-  };
-  return sets;
-}
-
 double max_abs(const Tensor<double>& t) {
   double worst = 0;
   for (std::int64_t b = 0; b < t.shape.batch; ++b)
@@ -111,13 +93,13 @@ struct Problem {
   }
 };
 
-using Param = std::tuple<int /*set*/, da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
+using Param = da::testing::RingSweepParam;
 
 class RingBackward : public ::testing::TestWithParam<Param> {};
 
 TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
   const auto [set, rule, mixing, causal, gqa] = GetParam();
-  const Branches& branches = branch_sets()[static_cast<std::size_t>(set)];
+  const da::testing::RingBranches& branches = da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
   da::Config config;
   config.segment_lengths = branches.w;
   config.dilation_rates = branches.r;
@@ -169,20 +151,7 @@ TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
   }
 }
 
-std::string name_of(const ::testing::TestParamInfo<Param>& info) {
-  const auto [set, rule, mixing, causal, gqa] = info.param;
-  return std::string(branch_sets()[static_cast<std::size_t>(set)].name) + "_" + da::to_string(rule) +
-         "_" + da::to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
-}
-
-INSTANTIATE_TEST_SUITE_P(Sweep, RingBackward,
-                         ::testing::Combine(::testing::Range(0, 6),
-                                            ::testing::Values(da::OffsetRule::modular,
-                                                              da::OffsetRule::blocked,
-                                                              da::OffsetRule::partitioned),
-                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
-                                            ::testing::Bool(), ::testing::Bool()),
-                         name_of);
+INSTANTIATE_TEST_SUITE_P(Sweep, RingBackward, da::testing::ring_sweep_values(), da::testing::ring_sweep_name);
 
 // Zigzag at every P = 1..8 (N = 1680 = lcm(2, 4, ..., 16)), LongNet-like branches below, across
 // and beyond the chunks: each rule and mixing once, causal and not, GQA.
@@ -215,15 +184,11 @@ TEST(RingBackward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
 
 // Zigzag at the P the N = 24 sweep cannot reach (5, 7, 8; N = 560 = lcm(10, 14, 16)), every rule,
 // mixing, causal and not, MHA and GQA, against the fast single-device backward.
-using ComboParam = std::tuple<da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
-class RingBackwardZigzag : public ::testing::TestWithParam<ComboParam> {};
+class RingBackwardZigzag : public ::testing::TestWithParam<da::testing::RingComboParam> {};
 
 TEST_P(RingBackwardZigzag, EqualsSingleDeviceAtP5P7P8) {
   const auto [rule, mixing, causal, gqa] = GetParam();
-  da::Config config = da::testing::make_config({20, 80, 560}, {1, 2, 4});
-  config.offsets = rule;
-  config.mixing = mixing;
-  config.causal = causal;
+  const da::Config config = da::testing::ring_zigzag_config(rule, mixing, causal);
   const Problem<double> problem(config, da::Shape{1, 560, 4, gqa ? 2 : 4, 4}, 29, false);
   for (int num_ranks : {5, 7, 8}) {
     SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
@@ -233,12 +198,7 @@ TEST_P(RingBackwardZigzag, EqualsSingleDeviceAtP5P7P8) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryCombination, RingBackwardZigzag,
-                         ::testing::Combine(::testing::Values(da::OffsetRule::modular,
-                                                              da::OffsetRule::blocked,
-                                                              da::OffsetRule::partitioned),
-                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
-                                            ::testing::Bool(), ::testing::Bool()));
+INSTANTIATE_TEST_SUITE_P(EveryCombination, RingBackwardZigzag, da::testing::ring_combo_values());
 
 // Float storage, several compute threads, both posting orders: within float rounding of the
 // single-device backward, and bitwise the same for any thread count and from run to run.
