@@ -40,8 +40,10 @@ __device__ __forceinline__ int opaque(int x) {
 // barrier); otherwise element-wise and synchronous (completed by the barrier). The chunk -> thread
 // map is the forward's load_rows (16-byte chunk c by thread c % kThreads), so coalescing is
 // unchanged. When a row's chunks divide among the threads (head_dim 32, 64, 128) each thread
-// copies one column of rows row0, row0 + P, ... (P = kThreads / chunks per row) and walks a row
-// pointer down them: one 64-bit step per chunk, no per-chunk index state.
+// copies one column of rows row0, row0 + P, ... (P = kThreads / chunks per row) and walks its
+// row pointer (kept as a 64-bit offset from first_row, so that no pointer past the tensor is ever
+// formed) down them: one 64-bit add per chunk, no per-chunk index state. Otherwise (head_dim 96)
+// the chunk's 32-bit in-tile row times row_step.
 template <class T, int D, int Rows>
 __device__ __forceinline__ void copy_tile_rows(T* tile, const T* first_row, std::int64_t row_step,
                                                int rows_left, bool vector_io) {

@@ -49,7 +49,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // check_backend_limits); 64-bit addresses are recomputed from them where used
   // (row_pointers.cuh), so the loops below carry ints, not 64-bit index state.
   const std::int64_t window_index = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
-  const int batch = static_cast<int>(rest / p.kv_heads), kv_head = static_cast<int>(rest % p.kv_heads);
+  const int batch = static_cast<int>(rest / p.kv_heads);
+  const int kv_head = static_cast<int>(rest % p.kv_heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const Progression first_window = window_rows(p, window_index);
@@ -66,10 +67,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
 
   copy_tile_rows<T, D, kWindowRows>(
-      k_tile, row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, kv_head, window_first),
+      k_tile,
+      row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, kv_head,
+             window_first),
       window_stride * p.k_seq, window_count, p.k_vector);
   copy_tile_rows<T, D, kWindowRows>(
-      v_tile, row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, kv_head, window_first),
+      v_tile,
+      row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, kv_head,
+             window_first),
       window_stride * p.v_seq, window_count, p.v_vector);
   cp_async_commit();
 
@@ -99,7 +104,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const Progression& block = work.keys;
         const std::int64_t start = p.causal ? block.index_of(work.queries.first) : 0;
         // The streamed queries: positions first + j * stride, j < count.
-        const int first = static_cast<int>(block.at(start)), stride = static_cast<int>(block.stride);
+        const int first = static_cast<int>(block.at(start));
+        const int stride = static_cast<int>(block.stride);
         const int count = static_cast<int>(block.count - start);
         // Query j attends key row r iff lo[r] <= j < count (lo[r] = count: row r is not a key of
         // this block, or past the window's end).
@@ -107,8 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int row = opaque(warp * 16 + g) + 8 * r;
-          const int y = static_cast<int>(window.first) + row * window_stride;
-          const bool in_block = row < window.count && block.contains(y);
+          const bool in_window = row < window.count;
+          const int y = static_cast<int>(window.first) + (in_window ? row : 0) * window_stride;
+          const bool in_block = in_window && block.contains(y);
           lo[r] = !in_block ? count : (p.causal ? static_cast<int>(block.index_of(y) - start) : 0);
         }
         // Q, dO rows (cp.async) and LSE, D (plain loads) of the query tile from query j0 on into
@@ -127,8 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1)
               r * bp.do_seq, rows_left, bp.do_vector);
           if (tid < kQueryTile) {
             const bool valid = tid < rows_left;
-            const std::int64_t row_index = (static_cast<std::int64_t>(batch) * p.heads + h) * p.seq_len +
-                                           (valid ? position + tid * r : 0);
+            const std::int64_t row_index =
+                (static_cast<std::int64_t>(batch) * p.heads + h) * p.seq_len +
+                (valid ? position + tid * r : 0);
             const std::int64_t at = (mean ? opaque(branch) * bp.rows : 0) + row_index;
             const float lse = valid ? (mean ? bp.branch_lse[at] : p.lse[at]) : -kInf;
             lse_stages[into * kQueryTile + tid] = lse == -kInf ? 0.f : lse * kLog2e;
@@ -152,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float* const lse_log2 = lse_stages + current * kQueryTile;
           const float* const delta = delta_stages + current * kQueryTile;
 
-          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 64 queries.
+          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 32 queries.
           float score[kQueryTiles][4], grad[kQueryTiles][4];
 #pragma unroll
           for (int nt = 0; nt < kQueryTiles; ++nt)
@@ -242,8 +250,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = warp * 16 + g + 8 * r;
     if (row >= window_count) continue;
     const int y = window_first + row * window_stride;
-    T* const dk_row = row_at(static_cast<T*>(bp.d_k), bp.dk_batch, bp.dk_seq, bp.dk_head, batch, kv_head, y);
-    T* const dv_row = row_at(static_cast<T*>(bp.d_v), bp.dv_batch, bp.dv_seq, bp.dv_head, batch, kv_head, y);
+    T* const dk_row =
+        row_at(static_cast<T*>(bp.d_k), bp.dk_batch, bp.dk_seq, bp.dk_head, batch, kv_head, y);
+    T* const dv_row =
+        row_at(static_cast<T*>(bp.d_v), bp.dv_batch, bp.dv_seq, bp.dv_head, batch, kv_head, y);
 #pragma unroll
     for (int dn = 0; dn < kDimTiles; ++dn)
 #pragma unroll

@@ -3,9 +3,10 @@
 // style: the forward kernel's structure (tensor_core_kernel.cuh) with the softmax replaced by the
 // known statistics. One thread block per (batch, head, window of up to 64 query rows of stride R),
 // the same work units as the forward; warp w owns rows 16w..16w+15. Q is loaded once as mma A
-// fragments and dO stays in shared memory (its fragments are read per tile); for each branch and each segment overlapping the window, the block's K and V
-// stream through shared memory in tiles of 64 keys (cp.async, two stages; the dO tile's copy is
-// completed by the first key tile's wait), and per tile:
+// fragments and dO stays in shared memory (its fragments are read per tile); for each branch and
+// each segment overlapping the window, the block's K and V stream through shared memory in tiles
+// of 64 keys (cp.async, two stages; the dO tile's copy is completed by the first key tile's wait),
+// and per tile:
 //   S  = Q K^T,  dP = dO V^T                      (mma, fp32 accumulators)
 //   P  = exp2(S scale log2 e - LSE log2 e)        (0 where the key is masked, as in the forward)
 //   dS = P (dP g - D)                             (g = 1, or 1/G for mean mixing)
@@ -13,6 +14,9 @@
 //                                                  ldmatrix.trans as the B operand)
 // LSE and D are the row's (softmax mixing) or branch i's (mean), from the row-statistics kernel.
 // Each dQ row is written once, by the block that owns it: no atomics, a fixed order.
+// Both backward tensor-core kernels carry 32-bit positions and counts across their loops and
+// recompute each tile's 64-bit addresses from them (row_pointers.cuh): registers for the
+// accumulators, no spills at any head_dim (docs/cuda.md).
 
 #include <cstdint>
 
@@ -66,11 +70,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Q fragments live in registers for the whole block; the dO tile then takes Q's place in
   // shared memory and its fragments are read per key tile (holding both in registers spills at
   // head_dim 96 and 128).
-  const int fragment_offset = (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
+  const int fragment_offset =
+      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
   T* const fragment_row = row_tile + fragment_offset;
   std::uint32_t q_frag[kQInShared ? 1 : D / 16][4];
   copy_tile_rows<T, D, kWindowRows>(
-      q_tile, row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, head, window_first),
+      q_tile,
+      row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, head, window_first),
       window_stride * p.q_seq, window_count, p.q_vector);
   if constexpr (!kQInShared) {
     cp_async_commit();
@@ -82,7 +88,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   copy_tile_rows<T, D, kWindowRows>(
       row_tile,
-      row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, head, window_first),
+      row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, head,
+             window_first),
       window_stride * bp.do_seq, window_count, bp.do_vector);
   cp_async_commit();
 
@@ -94,8 +101,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < p.num_branches; ++i) {
     const int offset = static_cast<int>(p.offset(i, head));
     if (offset < 0) continue;  // uniform
-    const BranchGeometry geometry = p.branch(i);
-    const Progression window{window_first, window_stride, window_count};
     // This thread's two rows (window rows warp * 16 + g + 8 r; -1 past the window's end) and
     // their statistics in this branch (unused where the row is masked).
     int row_position[2];
@@ -112,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       lse_log2[r] = lse == -kInf ? 0.f : lse * kLog2e;
       delta[r] = bp.delta[at];
     }
-    const SegmentRange segments = segments_overlapping(geometry, window);
+    const SegmentRange segments =
+        segments_overlapping(p.branch(i), Progression{window_first, window_stride, window_count});
     const int last_segment = static_cast<int>(segments.last);
     for (int s = static_cast<int>(segments.first); s <= last_segment; ++s) {
       // Everything below is recomputed per segment from ints (opaque: not hoisted out of the
@@ -123,7 +129,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                        Progression{opaque(window_first), window_stride, opaque(window_count)});
       if (work.empty()) continue;  // uniform
       // The streamed keys: positions first + j * stride, j < count.
-      const int first = static_cast<int>(work.keys.first), stride = static_cast<int>(work.keys.stride);
+      const int first = static_cast<int>(work.keys.first);
+      const int stride = static_cast<int>(work.keys.stride);
       const int count = static_cast<int>(work.key_count);
       const int limit[2] = {static_cast<int>(key_limit(work.keys, row_position[0], p.causal)),
                             static_cast<int>(key_limit(work.keys, row_position[1], p.causal))};
@@ -230,8 +237,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < 2; ++r) {
     const int row = warp * 16 + g + 8 * r;
     if (row >= window_count) continue;
-    T* const dq_row = row_at(static_cast<T*>(bp.d_q), bp.dq_batch, bp.dq_seq, bp.dq_head, batch, head,
-                             window_first + row * window_stride);
+    T* const dq_row = row_at(static_cast<T*>(bp.d_q), bp.dq_batch, bp.dq_seq, bp.dq_head, batch,
+                             head, window_first + row * window_stride);
 #pragma unroll
     for (int dn = 0; dn < kDimTiles; ++dn)
 #pragma unroll
