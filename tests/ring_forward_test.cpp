@@ -40,38 +40,7 @@ const std::vector<Branches>& branch_sets() {
   return sets;
 }
 
-// The bytes rank p must send for branch i: every (batch, kv head, own row y, peer q) such that
-// some query head of q reading that kv head attends y from some query row in q's shard. Brute
-// force over the pattern, independent of the schedule.
-std::vector<std::vector<std::int64_t>> needed_bytes(const da::Pattern& pattern, int num_ranks,
-                                                    std::size_t element_size,
-                                                    std::vector<std::vector<bool>>* talks) {
-  const da::Shape& s = pattern.shape();
-  const std::int64_t length = s.seq_len / num_ranks;
-  std::vector<std::vector<std::int64_t>> bytes(static_cast<std::size_t>(num_ranks),
-                                               std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
-  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
-  for (int p = 0; p < num_ranks; ++p)
-    for (int q = 0; q < num_ranks; ++q) {
-      if (q == p) continue;
-      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
-        for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
-          for (std::int64_t y = p * length; y < (p + 1) * length; ++y) {
-            bool needed = false;
-            for (std::int64_t h = 0; h < s.num_heads && !needed; ++h) {
-              if (pattern.kv_head(h) != g) continue;
-              for (std::int64_t x = q * length; x < (q + 1) * length && !needed; ++x)
-                needed = pattern.keys(i, h, x).contains(y);
-            }
-            if (needed) {
-              bytes[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)] +=
-                  2 * s.head_dim * s.batch * static_cast<std::int64_t>(element_size);
-              (*talks)[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] = true;
-            }
-          }
-    }
-  return bytes;
-}
+using da::testing::needed_bytes;
 
 // The most offsets of one branch that the query heads reading one kv head use.
 std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
@@ -206,6 +175,40 @@ TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
         }
   }
 }
+
+// Zigzag at the P the N = 24 sweep cannot reach (5, 7, 8; N = 560 = lcm(10, 14, 16)), every rule,
+// mixing, causal and not, MHA and GQA.
+using ComboParam = std::tuple<da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
+class RingForwardZigzag : public ::testing::TestWithParam<ComboParam> {};
+
+TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
+  const auto [rule, mixing, causal, gqa] = GetParam();
+  da::Config config = da::testing::make_config({20, 80, 560}, {1, 2, 4});
+  config.offsets = rule;
+  config.mixing = mixing;
+  config.causal = causal;
+  const da::Shape shape{1, 560, 4, gqa ? 2 : 4, 4};
+  Tensor<double> q(shape, 4), k(shape, shape.num_kv_heads), v(shape, shape.num_kv_heads), expected(shape, 4);
+  q.fill_random(81);
+  k.fill_random(82);
+  v.fill_random(83);
+  std::vector<double> expected_lse(static_cast<std::size_t>(4 * 560));
+  da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+  for (int num_ranks : {5, 7, 8}) {
+    SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
+                                                              da::ring::Layout::zigzag);
+    EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+    EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryCombination, RingForwardZigzag,
+                         ::testing::Combine(::testing::Values(da::OffsetRule::modular,
+                                                              da::OffsetRule::blocked,
+                                                              da::OffsetRule::partitioned),
+                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
+                                            ::testing::Bool(), ::testing::Bool()));
 
 std::string name_of(const ::testing::TestParamInfo<Param>& info) {
   const auto [set, rule, mixing, causal, gqa] = info.param;
