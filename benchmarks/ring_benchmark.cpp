@@ -172,6 +172,23 @@ int main(int argc, char** argv) {
         }
         std::printf("single-process dilated_attention::forward, %d thread(s), best of %d: %.3f s\n", threads,
                     repeats, single_best);
+        std::vector<float> d_out(out.size()), d_q(out.size()), d_k(out.size()), d_v(out.size());
+        std::mt19937 gradient_engine(99);
+        for (float& x : d_out) x = normal(gradient_engine);
+        double backward_best = 1e300;
+        for (int repeat = 0; repeat < repeats; ++repeat) {
+          const double start = MPI_Wtime();
+          da::backward<float>(config, global, da::contiguous_view<const float>(q.data(), global, heads),
+                              da::contiguous_view<const float>(k.data(), global, heads),
+                              da::contiguous_view<const float>(v.data(), global, heads),
+                              da::contiguous_view<const float>(out.data(), global, heads), lse.data(),
+                              da::contiguous_view<const float>(d_out.data(), global, heads),
+                              da::contiguous_view(d_q.data(), global, heads), da::contiguous_view(d_k.data(), global, heads),
+                              da::contiguous_view(d_v.data(), global, heads), options);
+          backward_best = std::min(backward_best, MPI_Wtime() - start);
+        }
+        std::printf("single-process dilated_attention::backward, %d thread(s), best of %d: %.3f s\n", threads,
+                    repeats, backward_best);
       }
     }
   }

@@ -27,24 +27,31 @@ const da::testing::FaultProblem& problem() {
   return instance;
 }
 
-class RingFaults : public ::testing::TestWithParam<std::tuple<int /*ranks*/, Fault, int /*faulty*/>> {};
-
-TEST_P(RingFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
-  const auto [num_ranks, fault, faulty_choice] = GetParam();
-  const int faulty = faulty_choice < 0 ? num_ranks - 1 : faulty_choice;
+// Runs `fault` on rank `faulty` of P in-process ranks (two compute threads each: a failure inside
+// the compute phase must not strand a worker), then a consistent call on the same transports;
+// every rank must see what judge() asks for.
+void expect_every_rank_raises_then_recovers(int num_ranks, Fault fault, int faulty, da::testing::Call call) {
   std::vector<Outcome> failed(static_cast<std::size_t>(num_ranks)), after(static_cast<std::size_t>(num_ranks));
   ring::run_in_process(num_ranks, [&](ring::Transport& transport) {
     const auto p = static_cast<std::size_t>(transport.rank());
     ring::Options options;
-    options.num_threads = 2;  // a failure inside the compute phase must not strand a worker thread
-    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options);
-    after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty);
+    options.num_threads = 2;
+    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options, call);
+    after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty, {}, call);
   });
   for (int p = 0; p < num_ranks; ++p) {
     SCOPED_TRACE("rank " + std::to_string(p));
     EXPECT_EQ(da::testing::judge(failed[static_cast<std::size_t>(p)], fault, faulty, p), "");
     EXPECT_EQ(da::testing::judge(after[static_cast<std::size_t>(p)], Fault::none, faulty, p), "");
   }
+}
+
+class RingFaults : public ::testing::TestWithParam<std::tuple<int /*ranks*/, Fault, int /*faulty*/>> {};
+
+TEST_P(RingFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
+  const auto [num_ranks, fault, faulty_choice] = GetParam();
+  expect_every_rank_raises_then_recovers(num_ranks, fault, faulty_choice < 0 ? num_ranks - 1 : faulty_choice,
+                                         da::testing::Call::forward);
 }
 
 std::string name(const ::testing::TestParamInfo<std::tuple<int, Fault, int>>& info) {
@@ -74,22 +81,8 @@ class RingBackwardFaults : public ::testing::TestWithParam<std::tuple<int /*rank
 
 TEST_P(RingBackwardFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
   const auto [num_ranks, fault, faulty_choice] = GetParam();
-  const int faulty = faulty_choice < 0 ? num_ranks - 1 : faulty_choice;
-  std::vector<Outcome> failed(static_cast<std::size_t>(num_ranks)), after(static_cast<std::size_t>(num_ranks));
-  ring::run_in_process(num_ranks, [&](ring::Transport& transport) {
-    const auto p = static_cast<std::size_t>(transport.rank());
-    ring::Options options;
-    options.num_threads = 2;
-    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options,
-                                            da::testing::Call::backward);
-    after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty, {},
-                                           da::testing::Call::backward);
-  });
-  for (int p = 0; p < num_ranks; ++p) {
-    SCOPED_TRACE("rank " + std::to_string(p));
-    EXPECT_EQ(da::testing::judge(failed[static_cast<std::size_t>(p)], fault, faulty, p), "");
-    EXPECT_EQ(da::testing::judge(after[static_cast<std::size_t>(p)], Fault::none, faulty, p), "");
-  }
+  expect_every_rank_raises_then_recovers(num_ranks, fault, faulty_choice < 0 ? num_ranks - 1 : faulty_choice,
+                                         da::testing::Call::backward);
 }
 
 INSTANTIATE_TEST_SUITE_P(

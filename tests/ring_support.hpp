@@ -6,9 +6,13 @@
 #include <dilated_attention/reference.hpp>
 #include <dilated_attention/ring.hpp>
 
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "support/tensors.hpp"
@@ -229,6 +233,52 @@ inline std::vector<std::vector<std::int64_t>> needed_bytes(const Pattern& patter
           }
     }
   return bytes;
+}
+
+// The branch sets both ring sweeps run at N = 24 (shard lengths 24, 12, 8, 6 for P = 1..4).
+struct RingBranches {
+  const char* name;
+  std::vector<std::int64_t> w, r;
+};
+inline const std::vector<RingBranches>& ring_branch_sets() {
+  static const std::vector<RingBranches> sets = {
+      {"below_shard", {4}, {1}},                    // w < L for every P: all local
+      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
+      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
+      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
+      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
+      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
+  };
+  return sets;
+}
+
+// The sweep's parameters and their test names.
+using RingSweepParam = std::tuple<int /*branch set*/, OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
+inline std::string ring_sweep_name(const ::testing::TestParamInfo<RingSweepParam>& info) {
+  const auto [set, rule, mixing, causal, gqa] = info.param;
+  return std::string(ring_branch_sets()[static_cast<std::size_t>(set)].name) + "_" + to_string(rule) + "_" +
+         to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
+}
+inline auto ring_sweep_values() {
+  return ::testing::Combine(::testing::Range(0, 6),
+                            ::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+}
+// Every (rule, mixing, causal, gqa): the zigzag tests at P = 5, 7, 8.
+using RingComboParam = std::tuple<OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
+inline auto ring_combo_values() {
+  return ::testing::Combine(::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+}
+// The config the zigzag tests at P = 5, 7, 8 use (N = 560 = lcm(10, 14, 16)).
+inline Config ring_zigzag_config(OffsetRule rule, Mixing mixing, bool causal) {
+  Config config;
+  config.segment_lengths = {20, 80, 560};
+  config.dilation_rates = {1, 2, 4};
+  config.offsets = rule;
+  config.mixing = mixing;
+  config.causal = causal;
+  return config;
 }
 
 }  // namespace dilated_attention::testing

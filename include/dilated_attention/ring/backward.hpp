@@ -17,13 +17,15 @@
 //   3. row statistics. softmax: D = dO·O from the rank's own rows; the forward's LSE is global
 //      already. mean: every branch's LSE_i and D_i over keys on several ranks: a statistics pass
 //      over all steps' blocks, merged per row like partial outputs (one forward's work extra);
-//   4. the gradient pass: the local blocks, then each step's blocks as its rows arrive (dQ and
-//      the local dK/dV accumulate in the back end; the received rows' dK/dV go to a partial
-//      buffer), then that step's partials go back to their owner while the next step computes;
+//   4. the gradient pass: half of the local blocks, then each step's blocks as its rows arrive
+//      (dQ and the local dK/dV accumulate in the back end; the received rows' dK/dV go to a
+//      partial buffer), each step's partials going back to their owner while the next step
+//      computes, then the other half of the local blocks while the last partials travel;
 //   5. each returned partial is added, in the fixed step order; a second all_gather of the
 //      verdicts; the gradients are written.
-// Every gradient row is summed by one thread in a fixed order (local blocks, then each step's
-// blocks, then the returned partials in step order): bitwise reproducible for any thread count.
+// Every gradient row is summed by one thread in a fixed order (its local blocks, before or after
+// the steps by a fixed split of the (batch, kv head) pairs, each step's blocks, then the returned
+// partials in step order): bitwise reproducible for any thread count.
 // Exception safety as in the forward: every buffer lives in a detail::Transfers.
 
 #include <cstddef>
@@ -69,15 +71,19 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   };
 
   // visit(workspace, branch, b, h, g, block, received buffer or null, element offset) for every
-  // block of step t, per (batch, kv head) on one thread, its query heads in ascending order.
-  const auto for_each_block = [&](std::int64_t t, const auto& visit) {
+  // block of step t of the (batch, kv head) pairs [first, last), each pair on one thread, its
+  // query heads in ascending order.
+  const std::int64_t pairs = global.batch * global.num_kv_heads;
+  const auto for_each_block = [&](std::int64_t t, const auto& visit, std::int64_t first = 0,
+                                  std::int64_t last = -1) {
+    if (last < 0) last = pairs;
     const detail::RowExchange* step = t == 0 ? nullptr : &steps[static_cast<std::size_t>(t)].exchange;
-    if (step != nullptr && !step->receiving()) return;
-    const std::int64_t blocks = schedule.block_count(t);
+    if (first >= last || (step != nullptr && !step->receiving())) return;
+    const std::int64_t blocks = schedule.block_count(t);  // over every pair: count it once
     if (blocks == 0) return;
-    stats.blocks_computed += blocks;
+    if (first == 0) stats.blocks_computed += blocks;
     const Buffer* received = step == nullptr ? nullptr : &rows.buffer(step->recv);
-    backend.for_each_kv_head([&](std::int64_t b, std::int64_t g, typename Backend::Workspace& ws) {
+    backend.for_each_kv_head(first, last, [&](std::int64_t b, std::int64_t g, typename Backend::Workspace& ws) {
       for (std::int64_t h = g * group; h < (g + 1) * group; ++h)
         schedule.for_each_block(t, b, h, step == nullptr ? nullptr : &step->incoming,
                                 [&](std::int64_t i, const BlockPair& block, const detail::Piece* piece) {
@@ -129,11 +135,15 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
 
   // The gradient pass; each step's partials go back as soon as they are complete, and the
   // partials of this rank's own rows are received from the peer it sent them to (tag 1, one
-  // message per ordered pair per call).
-  for_each_block(0, [&](auto& ws, std::int64_t i, std::int64_t b, std::int64_t h, std::int64_t g,
-                        const BlockPair& block, const Buffer*, std::size_t) {
+  // message per ordered pair per call). With post_early, the local blocks of the first half of
+  // the (batch, kv head) pairs run first (while rows arrive) and those of the second half last
+  // (while the last partials travel): a fixed split, so the order stays deterministic.
+  const auto local_gradient = [&](auto& ws, std::int64_t i, std::int64_t b, std::int64_t h, std::int64_t g,
+                                  const BlockPair& block, const Buffer*, std::size_t) {
     backend.gradient(ws, i, b, h, g, block.queries, block.keys, nullptr, 0, nullptr);
-  });
+  };
+  const std::int64_t early_pairs = options.post_early && num_ranks > 1 ? (pairs + 1) / 2 : pairs;
+  for_each_block(0, local_gradient, 0, early_pairs);
   for (const std::int64_t t : order) {
     Step& step = steps[static_cast<std::size_t>(t)];
     if (!mean) arrive(t);
@@ -164,6 +174,8 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
     stats.gradient_sends += step.exchange.receiving() ? 1 : 0;
     stats.gradient_recvs += step.exchange.sending() ? 1 : 0;
   }
+
+  for_each_block(0, local_gradient, early_pairs, pairs);
 
   // The returned partials of this rank's rows, in the fixed step order, then the sends.
   for (const std::int64_t t : order) {

@@ -45,15 +45,8 @@ Stats backward(const Config& config, const Shape& shape, Transport& transport,
   static_assert(std::is_same_v<lse_type_t<T>, Acc>, "the LSE is stored in the accumulator type");
   Shape local = shape;
   const auto validate_local = [&] {
-    validate_partition(shape.seq_len, transport.size(), transport.rank());
-    validate_layout(options.layout, shape.seq_len, transport.size());
-    validate(config, shape);
-    local.seq_len = shape.seq_len / transport.size();
+    local = validate_ring_call(config, shape, transport, options);
     validate_backward(config, local, q, k, v, out, lse, d_out, d_q, d_k, d_v);
-    if (options.num_threads <= 0)
-      dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
-    if (options.timeout.count() <= 0)
-      dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
   };
   Stats stats;
   std::unique_ptr<CpuGradientBackend<T>> backend;

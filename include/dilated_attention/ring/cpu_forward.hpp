@@ -10,6 +10,7 @@
 #include "agreement.hpp"
 #include "forward.hpp"
 #include "layout.hpp"
+#include "options.hpp"
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "transport.hpp"
@@ -37,7 +38,8 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
               lse_type_t<T>* lse = nullptr, const Options& options = {}) {
   Shape local = shape;
   const auto validate_local = [&] {
-    local = validate_ring_call(config, shape, transport, q, k, v, out, lse, options);
+    local = validate_ring_call(config, shape, transport, options);
+    validate(config, local, q, k, v, out, lse);
   };
   Stats stats;
   std::unique_ptr<CpuBackend<T>> backend;

@@ -65,13 +65,16 @@ class CpuGradientBackend : public CpuShard<T> {
     std::vector<Acc> lse, delta;  // one block's row statistics (mean mixing)
   };
 
-  // Runs body(b, g, workspace) for every (batch, kv head), each pair on one thread.
+  // Runs body(b, g, workspace) for the (batch, kv head) pairs numbered [first, last) (pair
+  // b * num_kv_heads + g), each pair on one thread.
   template <class Body>
-  void for_each_kv_head(Body&& body) {
+  void for_each_kv_head(std::int64_t first, std::int64_t last, Body&& body) {
     const std::int64_t kv_heads = shape_.num_kv_heads;
     this->run_units(
-        shape_.batch * kv_heads, [&](CpuIsa isa) { return Workspace(shape_.head_dim, isa); },
-        [&](std::int64_t unit, Workspace& workspace) { body(unit / kv_heads, unit % kv_heads, workspace); });
+        last - first, [&](CpuIsa isa) { return Workspace(shape_.head_dim, isa); },
+        [&](std::int64_t unit, Workspace& workspace) {
+          body((first + unit) / kv_heads, (first + unit) % kv_heads, workspace);
+        });
   }
 
   // softmax: D(x) = dO(x)·O(x) for every local row (the forward's LSE is read in place). mean

@@ -255,7 +255,8 @@ Stats forward_on_device(Device device, const Config& config, const Shape& shape,
                         const Options& options) {
   Shape local = shape;
   const auto validate_local = [&] {
-    local = validate_ring_call(config, shape, transport, q, k, v, out, lse, options);
+    local = validate_ring_call(config, shape, transport, options);
+    validate(config, local, q, k, v, out, lse);
     dilated_attention::cuda::check_backend_limits(config, local);
     const char* element = "every tensor element must be aligned to its type";
     dilated_attention::cuda::check_alignment(q.data, alignof(T), "q.data", element);

@@ -31,34 +31,12 @@
 
 #include "../config.hpp"
 #include "../pattern.hpp"
-#include "layout.hpp"
-#include "schedule.hpp"
 #include "exchange.hpp"
 #include "options.hpp"
 #include "pattern_cache.hpp"
 #include "transport.hpp"
 
 namespace dilated_attention::ring {
-
-// The validation every forward entry point runs first (docs/semantics.md §5), on this rank's
-// input: partition, layout, config against the global shape, views against the local shape,
-// options. Returns the local shape (seq_len = N / P).
-template <class T, class L>
-Shape validate_ring_call(const Config& config, const Shape& shape, const Transport& transport,
-                         const View<const T>& q, const View<const T>& k, const View<const T>& v,
-                         const View<T>& out, const L* lse, const Options& options) {
-  validate_partition(shape.seq_len, transport.size(), transport.rank());
-  validate_layout(options.layout, shape.seq_len, transport.size());
-  validate(config, shape);
-  Shape local = shape;
-  local.seq_len = shape.seq_len / transport.size();
-  validate(config, local, q, k, v, out, lse);
-  if (options.num_threads <= 0)
-    dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
-  if (options.timeout.count() <= 0)
-    dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
-  return local;
-}
 
 // Runs the ring on an existing back end. Pattern, plans and layouts are host-side; the back end
 // owns every tensor buffer. Call only after validation (ring::forward does it).

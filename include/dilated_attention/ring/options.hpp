@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "../config.hpp"
 #include "layout.hpp"
 #include "pattern_cache.hpp"
+#include "schedule.hpp"
 #include "transport.hpp"
 
 namespace dilated_attention::ring {
@@ -43,5 +45,22 @@ struct Stats {
   double wait_seconds = 0;           // time blocked in Transport::wait
   std::int64_t progress_calls = 0;   // Transport::progress() calls between blocks
 };
+
+// What every ring entry point checks before its tensors (docs/semantics.md §5): the partition,
+// the layout, the config against the GLOBAL shape, and the options. Returns this rank's local
+// shape (seq_len = N / P), against which the entry point then checks its views.
+inline Shape validate_ring_call(const Config& config, const Shape& global, const Transport& transport,
+                                const Options& options) {
+  validate_partition(global.seq_len, transport.size(), transport.rank());
+  validate_layout(options.layout, global.seq_len, transport.size());
+  validate(config, global);
+  if (options.num_threads <= 0)
+    dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
+  if (options.timeout.count() <= 0)
+    dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
+  Shape local = global;
+  local.seq_len = global.seq_len / transport.size();
+  return local;
+}
 
 }  // namespace dilated_attention::ring
