@@ -53,4 +53,8 @@ if(TARGET dilated_attention_cuda)
   target_include_directories(ring_cuda_emulated_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
   target_compile_options(ring_cuda_emulated_test PRIVATE -O2 -Wno-unknown-pragmas)
   dilated_attention_add_cuda_test(ring_cuda_forward_test ring_cuda_forward_test.cu)
+  dilated_attention_add_test(ring_cuda_backward_emulated_test SOURCES ring_cuda_backward_emulated_test.cpp
+                             LABELS cuda TIMEOUT 600)
+  target_include_directories(ring_cuda_backward_emulated_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_options(ring_cuda_backward_emulated_test PRIVATE -O2 -Wno-unknown-pragmas)
 endif()

@@ -27,6 +27,12 @@
 // the steps by a fixed split of the (batch, kv head) pairs, each step's blocks, then the returned
 // partials in step order): bitwise reproducible for any thread count.
 // Exception safety as in the forward: every buffer lives in a detail::Transfers.
+// A stream-ordered back end (ring/cuda_gradient_backend.cuh; see ring/forward.hpp) gets the
+// forward's hooks at the equivalent points: a step's rows and the returned partials are waited
+// for on the stream (Transport::enqueue_wait) before the blocks or add_returned that read them,
+// a step's partials are sent after the kernels that wrote them (Transport::order_sends_after),
+// returned partials land in buffers no stream operation zeroes (make_receive_buffer), the
+// returned pieces are added by one flush_returned(), and finished buffers are retired, not freed.
 
 #include <cstddef>
 #include <cstdint>
@@ -53,6 +59,7 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   const std::int64_t num_ranks = transport.size();
   const std::int64_t group = global.num_heads / global.num_kv_heads;
   const bool mean = config.mixing == Mixing::mean;
+  constexpr bool stream_ordered = detail::is_stream_ordered<Backend>::value;
 
   Stats stats;
   stats.bytes_sent_per_branch.assign(static_cast<std::size_t>(pattern.num_branches()), 0);
@@ -96,7 +103,21 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   };
   const auto receive_rows = [&](std::int64_t t) {
     const detail::RowExchange& step = steps[static_cast<std::size_t>(t)].exchange;
-    if (step.receiving()) rows.wait(step.recv);
+    if (!step.receiving()) return;
+    if constexpr (stream_ordered) {
+      if (rows.enqueue_wait(step.recv, backend.queue())) return;
+    }
+    rows.wait(step.recv);
+  };
+  // A buffer no transfer uses any more: freed, or (device) retired until the stream is done;
+  // a transfer still open (waited for on the stream only) is waited for first.
+  const auto release = [&](auto& transfers, std::size_t id) {
+    if constexpr (stream_ordered) {
+      if (transfers.is_open(id)) transfers.wait(id);
+      backend.retire(transfers.take(id));
+    } else {
+      transfers.release(id);
+    }
   };
 
   // post_early: every exchange at once, steps computed nearest first; otherwise one step ahead in
@@ -156,11 +177,18 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
                           const BlockPair& block, const Buffer* received, std::size_t offset) {
       backend.gradient(ws, i, b, h, g, block.queries, block.keys, received, offset, partial);
     });
-    if (step.exchange.receiving()) rows.release(step.exchange.recv);
+    if (step.exchange.receiving() && !rows.is_open(step.exchange.recv)) release(rows, step.exchange.recv);
     const std::size_t send_bytes = step.exchange.recv_elements * Backend::gradient_element_size();
     const std::size_t recv_bytes = step.exchange.send_elements * Backend::gradient_element_size();
-    if (step.exchange.sending())
-      step.partial_recv = partials.add(backend.make_gradient_buffer(step.exchange.send_elements));
+    if (step.exchange.sending()) {
+      if constexpr (stream_ordered)
+        step.partial_recv = partials.add(backend.make_receive_buffer(step.exchange.send_elements));
+      else
+        step.partial_recv = partials.add(backend.make_gradient_buffer(step.exchange.send_elements));
+    }
+    if constexpr (stream_ordered) {  // the partials are sent after the kernels that wrote them
+      if (step.exchange.receiving() && !transport.order_sends_after(backend.queue())) backend.synchronize();
+    }
     transport.begin_group();
     if (step.exchange.sending())
       partials.post_recv(step.partial_recv, schedule.peer(t, true), 1,
@@ -181,22 +209,32 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   for (const std::int64_t t : order) {
     Step& step = steps[static_cast<std::size_t>(t)];
     if (!step.exchange.sending()) continue;
-    partials.wait(step.partial_recv);
+    bool on_stream = false;
+    if constexpr (stream_ordered) on_stream = partials.enqueue_wait(step.partial_recv, backend.queue());
+    if (!on_stream) partials.wait(step.partial_recv);
     std::size_t elements = 0;
     for (const detail::Piece& piece : schedule.pieces(t, true, elements))
       backend.add_returned(partials.buffer(step.partial_recv), piece.element_offset, piece.batch,
                            piece.kv_head, piece.rows);
-    partials.release(step.partial_recv);
+    if constexpr (!stream_ordered) partials.release(step.partial_recv);
+  }
+  if constexpr (stream_ordered) {
+    backend.flush_returned();  // one launch, the pieces in step order
+    for (const std::int64_t t : order) {
+      Step& step = steps[static_cast<std::size_t>(t)];
+      if (step.exchange.sending()) release(partials, step.partial_recv);
+      if (step.exchange.receiving() && rows.is_open(step.exchange.recv)) release(rows, step.exchange.recv);
+    }
   }
   for (const std::int64_t t : order) {
     Step& step = steps[static_cast<std::size_t>(t)];
     if (step.exchange.sending()) {
       rows.wait(step.exchange.send);
-      rows.release(step.exchange.send);
+      release(rows, step.exchange.send);
     }
     if (step.exchange.receiving()) {
       partials.wait(step.partial_send);
-      partials.release(step.partial_send);
+      release(partials, step.partial_send);
     }
   }
   return stats;

@@ -1,0 +1,424 @@
+// The ring's CUDA gradient back end (ring/cuda_gradient_backend.cuh) with its own kernels
+// (ring/cuda_gradient_kernels.cuh) run on the host, as tests/ring_cuda_emulated_test.cpp runs the
+// forward's: device memory is host memory, kernels run through tests/cuda_host_emulation.hpp
+// (threads as fibers, warp collectives as barriers), ranks are threads of the in-process
+// transport (or of the loopback CUDA transport over tests/fake_cuda_runtime.hpp). Checked: the
+// back end's members block by block against the CPU gradient back end, and the whole ring
+// backward (ring::backward_on_device) for P = 1..4 and zigzag against the fp64
+// reference::backward, for float, half and bfloat16, every rule, both mixings, causal, GQA and
+// padded views; bitwise equal run to run, between the host- and stream-ordered driver paths and
+// over the loopback transport. What this cannot see -- real stream concurrency, races, speed --
+// is for tests/ring_cuda_backward_test.cu on a GPU.
+
+#include <dilated_attention/reference.hpp>
+#include <dilated_attention/ring.hpp>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "fake_cuda_runtime.hpp"    // the runtime calls of the loopback transport, on the host
+#include "cuda_host_emulation.hpp"  // before the kernels: it defines the CUDA names they use
+
+#include <dilated_attention/ring/cuda_gradient_backend.cuh>
+#include <dilated_attention/ring/cuda_loopback.cuh>
+
+#include "ring_cuda_cases.hpp"
+#include "ring_support.hpp"
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
+#endif
+#endif
+
+#if defined(DILATED_ATTENTION_FIBERS_UNSUPPORTED)
+#define DILATED_ATTENTION_REQUIRE_FIBERS() \
+  GTEST_SKIP() << "host emulation uses ucontext fibers, which ASan/TSan do not follow"
+#else
+#define DILATED_ATTENTION_REQUIRE_FIBERS() (void)0
+#endif
+
+namespace {
+
+namespace da = dilated_attention;
+namespace ring = dilated_attention::ring;
+namespace dt = dilated_attention::testing;
+
+// The Device policy on the host (as the forward's emulated test): one process-wide lock
+// serialises launches, whose fibers and shared memory are per process.
+std::mutex& launch_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+struct EmulatedDevice {
+  static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t(256)); }
+  static void release(void* data) noexcept { ::operator delete(data, std::align_val_t(256)); }
+  void upload(void* device, const void* host, std::size_t bytes) const { std::memcpy(device, host, bytes); }
+  void zero(void* device, std::size_t bytes) const { std::memset(device, 0, bytes); }
+  template <class Params>
+  void launch(void (*kernel)(Params), std::int64_t blocks, int threads, std::size_t shared_bytes,
+              const Params& params) const {
+    EXPECT_LE(shared_bytes, sizeof(ring::device::ring_query_rows));
+    const std::lock_guard<std::mutex> lock(launch_mutex());
+    emulation::launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads),
+                      reinterpret_cast<unsigned char*>(ring::device::ring_query_rows), shared_bytes,
+                      [&] { kernel(params); });
+  }
+  void synchronize() const {}
+  void* queue() const { return stream; }
+  void* stream = nullptr;
+};
+
+template <class T>
+using EmulatedGradientBackend = ring::CudaGradientBackend<T, EmulatedDevice>;
+
+// Claims device ordering as the loopback and NCCL transports do (a stream wait completes the
+// receive on the host and leaves the ticket open until the driver's final wait), so that the
+// driver's stream-ordered path runs over the in-process transport; counts the hooks.
+class StreamOrderedAdapter final : public ring::TransportAdapter {
+ public:
+  using TransportAdapter::TransportAdapter;
+  bool order_sends_after(void*) override {
+    ++orderings;
+    return true;
+  }
+  bool enqueue_wait(Ticket ticket, void*) override {
+    TransportAdapter::wait(ticket);
+    arrived_.insert(ticket);
+    ++stream_waits;
+    return true;
+  }
+  void wait(Ticket ticket) override {
+    if (arrived_.erase(ticket) != 0) return;
+    TransportAdapter::wait(ticket);
+  }
+  int orderings = 0, stream_waits = 0;
+
+ private:
+  std::set<Ticket> arrived_;
+};
+
+// One backward problem in storage type T: inputs, the forward's O (rounded to T) and LSE
+// (float), an upstream gradient, and the fp64 reference gradients of exactly those values.
+template <class T>
+struct Problem {
+  dt::Case c;
+  dt::Tensor<T> q, k, v, out, d_out;
+  std::vector<float> lse;
+  dt::Tensor<double> ref_q, ref_k, ref_v;
+  double scale = 1.0;  // the largest reference gradient (at least 1)
+
+  Problem(const dt::Case& test_case, std::uint64_t seed) : c(test_case) {
+    const da::Shape& s = c.shape;
+    const auto narrow = [&](std::int64_t heads, std::uint64_t tensor_seed, dt::Tensor<double>& wide) {
+      wide = dt::random_tensor<double>(s, heads, tensor_seed, c.pad, c.seq_pad);
+      dt::Tensor<T> result(s, heads, c.pad, c.seq_pad);
+      for (std::size_t e = 0; e < wide.storage.size(); ++e) {
+        result.storage[e] = dt::from_double<T>(wide.storage[e]);
+        wide.storage[e] = dt::to_double(result.storage[e]);
+      }
+      return result;
+    };
+    dt::Tensor<double> wq, wk, wv, wd;
+    q = narrow(s.num_heads, seed, wq);
+    k = narrow(s.num_kv_heads, seed + 1, wk);
+    v = narrow(s.num_kv_heads, seed + 2, wv);
+    d_out = narrow(s.num_heads, seed + 3, wd);
+    dt::Tensor<double> wo(s, s.num_heads, c.pad, c.seq_pad);
+    std::vector<double> wide_lse(dt::lse_size(s));
+    da::reference::forward<double>(c.config, s, wq.view(), wk.view(), wv.view(), wo.view(), wide_lse.data());
+    out = dt::Tensor<T>(s, s.num_heads, c.pad, c.seq_pad);
+    for (std::size_t e = 0; e < wo.storage.size(); ++e) {
+      out.storage[e] = dt::from_double<T>(wo.storage[e]);
+      wo.storage[e] = dt::to_double(out.storage[e]);
+    }
+    lse.resize(wide_lse.size());
+    for (std::size_t e = 0; e < lse.size(); ++e) {
+      lse[e] = static_cast<float>(wide_lse[e]);
+      wide_lse[e] = static_cast<double>(lse[e]);
+    }
+    ref_q = dt::Tensor<double>(s, s.num_heads);
+    ref_k = dt::Tensor<double>(s, s.num_kv_heads);
+    ref_v = dt::Tensor<double>(s, s.num_kv_heads);
+    da::reference::backward<double>(c.config, s, wq.view(), wk.view(), wv.view(), wo.view(), wide_lse.data(),
+                                    wd.view(), ref_q.view(), ref_k.view(), ref_v.view());
+    for (const dt::Tensor<double>* g : {&ref_q, &ref_k, &ref_v})
+      for (const double value : g->storage) scale = std::max(scale, std::abs(value));
+  }
+};
+
+template <class T>
+struct Gradients {
+  dt::Tensor<T> d_q, d_k, d_v;
+};
+
+template <class T>
+bool bitwise_equal(const Gradients<T>& a, const Gradients<T>& b) {
+  return dt::bitwise_equal(a.d_q, b.d_q) && dt::bitwise_equal(a.d_k, b.d_k) && dt::bitwise_equal(a.d_v, b.d_v);
+}
+
+// The tolerance relative to the largest gradient: fp32 accumulation, then one rounding to T.
+template <class T>
+double tolerance() {
+  if constexpr (std::is_same_v<T, float>) return 2e-5;
+  else if constexpr (std::is_same_v<T, __half>) return 2e-3;
+  else return 1.6e-2;
+}
+
+template <class T>
+void check(const Problem<T>& p, const Gradients<T>& run) {
+  const double bound = tolerance<T>() * p.scale;
+  EXPECT_LE(dt::max_abs_diff(run.d_q, p.ref_q), bound);
+  EXPECT_LE(dt::max_abs_diff(run.d_k, p.ref_k), bound);
+  EXPECT_LE(dt::max_abs_diff(run.d_v, p.ref_v), bound);
+}
+
+enum class Path { host_ordered, stream_ordered, loopback };
+
+// The ring backward of `p` on P ranks; every gradient element starts as NaN, so a row the ring
+// does not write shows.
+template <class T>
+Gradients<T> run_ring(const Problem<T>& p, int num_ranks, ring::Layout layout = ring::Layout::contiguous,
+                      Path path = Path::host_ordered) {
+  const da::Shape& s = p.c.shape;
+  Gradients<T> run{dt::Tensor<T>(s, s.num_heads), dt::Tensor<T>(s, s.num_kv_heads), dt::Tensor<T>(s, s.num_kv_heads)};
+  for (dt::Tensor<T>* g : {&run.d_q, &run.d_k, &run.d_v}) g->fill(T(std::numeric_limits<float>::quiet_NaN()));
+  const std::int64_t length = s.seq_len / num_ranks;
+  ring::Options options;
+  options.layout = layout;
+  const auto rank_body = [&](ring::Transport& transport, void* stream) {
+    const auto chunks = ring::rank_chunks(layout, s.seq_len, num_ranks, transport.rank());
+    const dt::Tensor<T> q = dt::local_rows(p.q, chunks, length), k = dt::local_rows(p.k, chunks, length),
+                        v = dt::local_rows(p.v, chunks, length), out = dt::local_rows(p.out, chunks, length),
+                        d_out = dt::local_rows(p.d_out, chunks, length);
+    const std::vector<float> lse = dt::gather_lse(p.lse, s, chunks, length);
+    dt::Tensor<T> d_q = dt::gather_rows(run.d_q, chunks, length), d_k = dt::gather_rows(run.d_k, chunks, length),
+                  d_v = dt::gather_rows(run.d_v, chunks, length);
+    StreamOrderedAdapter ordered(transport);
+    ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
+    const ring::Stats stats = ring::backward_on_device<T>(
+        EmulatedDevice{stream}, p.c.config, s, used, q.view(), k.view(), v.view(), out.view(), lse.data(),
+        d_out.view(), d_q.view(), d_k.view(), d_v.view(), options);
+    if (path == Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
+      EXPECT_EQ(ordered.orderings, stats.sends_posted + stats.gradient_sends);
+      EXPECT_EQ(ordered.stream_waits, stats.recvs_posted + stats.gradient_recvs);
+    }
+    dt::scatter_rows(d_q, chunks, run.d_q);  // disjoint rows per rank
+    dt::scatter_rows(d_k, chunks, run.d_k);
+    dt::scatter_rows(d_v, chunks, run.d_v);
+  };
+  if (path == Path::loopback) {
+    ring::run_in_loopback(num_ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+      rank_body(transport, static_cast<void*>(stream));
+    });
+  } else {
+    ring::run_in_process(num_ranks, [&](ring::Transport& transport) { rank_body(transport, nullptr); });
+  }
+  return run;
+}
+
+// The members block by block against the CPU gradient back end: local statistics (softmax) or
+// block statistics merged per branch (mean), gradients of local blocks and of blocks on received
+// (packed) keys into a partial buffer, two blocks on the same rows, a causal block where a row
+// sees no key, the partials added back as a returned message, and the final cast.
+TEST(RingCudaBackwardEmulated, MembersEqualCpuGradientBackend) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const da::Shape local{1, 16, 2, 1, 64};
+  const std::vector<ring::Chunk> chunks = {{16, 32, 0}};  // rank 1 of 2, N = 32
+  const auto q = dt::random_tensor<float>(local, 2, 11, 0, 2), k = dt::random_tensor<float>(local, 1, 12),
+             v = dt::random_tensor<float>(local, 1, 13), out = dt::random_tensor<float>(local, 2, 14, 1),
+             d_out = dt::random_tensor<float>(local, 2, 15);
+  std::vector<float> lse(32);
+  for (std::size_t e = 0; e < lse.size(); ++e) lse[e] = 2.f + 0.1f * static_cast<float>(e % 5);
+  for (const bool causal : {false, true})
+    for (const bool mean : {false, true}) {
+      SCOPED_TRACE(std::string(causal ? "causal" : "full") + (mean ? " mean" : " softmax"));
+      const std::int64_t branches = 3;
+      ring::CpuGradientBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), out.view(), lse.data(),
+                                          d_out.view(), 0.3f, causal, branches, mean, 1);
+      EmulatedGradientBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), out.view(),
+                                         lse.data(), d_out.view(), 0.3, causal, branches, mean);
+      const da::Progression sent{16, 3, 5};  // "received" rows: each side packs its own
+      auto cpu_message = cpu.make_buffer(2 * 5 * 64);
+      auto gpu_message = gpu.make_buffer(2 * 5 * 64);
+      cpu.pack(cpu_message, 0, 0, 0, sent);
+      gpu.pack(gpu_message, 0, 0, 0, sent);
+      gpu.flush_packs();
+      auto cpu_partials = cpu.make_gradient_buffer(2 * 5 * 64);
+      auto gpu_partials = gpu.make_gradient_buffer(2 * 5 * 64);
+      struct Block {
+        std::int64_t branch, head;
+        da::Progression queries, keys;
+        bool received;
+      };
+      const std::vector<Block> blocks = {
+          {0, 0, {16, 1, 16}, {16, 1, 16}, false},  // dense local block
+          {2, 0, {17, 2, 8}, {16, 3, 5}, true},     // received keys, same rows again
+          {0, 1, {16, 2, 4}, {25, 2, 4}, false},    // causal: row 16 sees no key
+          {1, 1, {16, 4, 4}, {16, 3, 5}, true},
+          {2, 1, {18, 2, 7}, {16, 1, 16}, false},
+      };
+      ring::CpuGradientBackend<float>::Workspace cpu_ws(64, da::CpuIsa::automatic);
+      const auto each_block = [&](auto&& visit) {
+        gpu.for_each_kv_head(0, 1, [&](std::int64_t b, std::int64_t g, EmulatedGradientBackend<float>::Workspace& ws) {
+          for (std::int64_t h = 0; h < 2; ++h)
+            for (const Block& block : blocks)
+              if (block.head == h) visit(ws, block, b, g);
+        });
+      };
+      if (mean) {
+        each_block([&](auto& ws, const Block& block, std::int64_t b, std::int64_t g) {
+          gpu.statistics(ws, block.branch, b, block.head, g, block.queries, block.keys,
+                         block.received ? &gpu_message : nullptr, 0);
+          cpu.statistics(cpu_ws, block.branch, b, block.head, g, block.queries, block.keys,
+                         block.received ? &cpu_message : nullptr, 0);
+        });
+      } else {
+        gpu.local_statistics();
+        cpu.local_statistics();
+      }
+      each_block([&](auto& ws, const Block& block, std::int64_t b, std::int64_t g) {
+        gpu.gradient(ws, block.branch, b, block.head, g, block.queries, block.keys,
+                     block.received ? &gpu_message : nullptr, 0, &gpu_partials);
+        cpu.gradient(cpu_ws, block.branch, b, block.head, g, block.queries, block.keys,
+                     block.received ? &cpu_message : nullptr, 0, &cpu_partials);
+      });
+      // The partials, bitwise-independent of the cast, against the CPU's.
+      double partial_error = 0, partial_scale = 1;
+      for (std::size_t e = 0; e < cpu_partials.size(); ++e) {
+        partial_error = std::max(partial_error, double(std::abs(gpu_partials.data()[e] - cpu_partials[e])));
+        partial_scale = std::max(partial_scale, double(std::abs(cpu_partials[e])));
+      }
+      EXPECT_LE(partial_error, 2e-5 * partial_scale);
+      // The message returned to the owner (here: the same rank) is added to its rows.
+      cpu.add_returned(cpu_partials, 0, 0, 0, sent);
+      gpu.add_returned(gpu_partials, 0, 0, 0, sent);
+      gpu.flush_returned();
+      dt::Tensor<float> cpu_q(local, 2), cpu_k(local, 1), cpu_v(local, 1);
+      dt::Tensor<float> gpu_q(local, 2, 1), gpu_k(local, 1, 0, 3), gpu_v(local, 1);
+      for (dt::Tensor<float>* t : {&gpu_q, &gpu_k, &gpu_v}) t->fill(std::numeric_limits<float>::quiet_NaN());
+      cpu.finish(cpu_q.view(), cpu_k.view(), cpu_v.view());
+      gpu.finish(gpu_q.view(), gpu_k.view(), gpu_v.view());
+      double scale = 1;
+      for (const dt::Tensor<float>* t : {&cpu_q, &cpu_k, &cpu_v})
+        for (const float value : t->storage) scale = std::max(scale, double(std::abs(value)));
+      EXPECT_LE(dt::max_abs_diff(gpu_q, cpu_q), 2e-5 * scale);
+      EXPECT_LE(dt::max_abs_diff(gpu_k, cpu_k), 2e-5 * scale);
+      EXPECT_LE(dt::max_abs_diff(gpu_v, cpu_v), 2e-5 * scale);
+      EXPECT_GT(scale, 1.5);  // the blocks produced gradients
+      for (std::int64_t x = 0; x < 16; ++x)  // padding stays NaN
+        EXPECT_TRUE(std::isnan(gpu_q.at(0, x, 1, 64)));
+    }
+}
+
+// The whole ring backward, float: the 36 cases (every branch set, rule and mixing; causal, GQA
+// and padding alternating), each at two consecutive P of 1..4 (so each mixing meets every P) and
+// every other case in zigzag at P = 2 or 3, against the fp64 reference; every fourth case also
+// bitwise equal between the host- and stream-ordered driver paths and run to run.
+TEST(RingCudaBackwardEmulated, FloatEqualsReference) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const auto cases = dt::ring_sweep_cases(32);
+  for (std::size_t n = 0; n < cases.size(); ++n) {
+    SCOPED_TRACE(dt::describe(cases[n]));
+    const Problem<float> p(cases[n], 700 + n);
+    for (const int ranks : {1 + static_cast<int>(n % 4), 1 + static_cast<int>((n + 1) % 4)}) {
+      SCOPED_TRACE("P = " + std::to_string(ranks));
+      check(p, run_ring(p, ranks));
+    }
+    if (n % 2 != 0) continue;
+    const int ranks = 2 + static_cast<int>(n / 2 % 2);
+    SCOPED_TRACE("zigzag P = " + std::to_string(ranks));
+    const auto zigzag = run_ring(p, ranks, ring::Layout::zigzag);
+    check(p, zigzag);
+    if (n % 4 != 0) continue;
+    EXPECT_TRUE(bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag, Path::stream_ordered)));
+    EXPECT_TRUE(bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag)));
+  }
+}
+
+// 16-bit storage, fp32 accumulation: every fourth case for half and bfloat16 at P = 2..4.
+TEST(RingCudaBackwardEmulated, HalfAndBfloat16) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const auto cases = dt::ring_sweep_cases(64);
+  for (std::size_t i = 0; i < cases.size(); i += 4) {
+    SCOPED_TRACE(dt::describe(cases[i]));
+    const Problem<__half> half(cases[i], 800 + i);
+    check(half, run_ring(half, 2 + static_cast<int>(i % 3)));
+    const Problem<__nv_bfloat16> bf16(cases[i], 900 + i);
+    check(bf16, run_ring(bf16, 4 - static_cast<int>(i % 3), ring::Layout::zigzag));
+  }
+}
+
+// The loopback CUDA transport (real tickets, events and streams of the fake runtime): bitwise
+// the in-process result; no event or stream leaks, no wait on an unrecorded event.
+TEST(RingCudaBackwardEmulated, LoopbackEqualsInProcessBitwise) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const auto cases = dt::ring_sweep_cases(32);
+  for (std::size_t i = 1; i < cases.size(); i += 5) {
+    SCOPED_TRACE(dt::describe(cases[i]));
+    const Problem<float> p(cases[i], 1000 + i);
+    const int ranks = 2 + static_cast<int>(i % 3);
+    const auto loopback = run_ring(p, ranks, ring::Layout::contiguous, Path::loopback);
+    check(p, loopback);
+    EXPECT_TRUE(bitwise_equal(loopback, run_ring(p, ranks)));
+  }
+  EXPECT_EQ(fake_cuda::waits_on_unrecorded_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_streams.load(), 0);
+}
+
+// The other head dims' kernels: bfloat16 at D = 96, float at D = 128.
+TEST(RingCudaBackwardEmulated, OtherHeadDims) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const Problem<__nv_bfloat16> p96(dt::ring_sweep_cases(96)[19], 1100);
+  check(p96, run_ring(p96, 3));
+  const Problem<float> p128(dt::ring_sweep_cases(128)[27], 1101);
+  check(p128, run_ring(p128, 2));
+}
+
+// The protocol: a head_dim the back end does not support is std::invalid_argument naming it on
+// every rank; a bad lse on one rank is refused there (naming lse) and PeerFailure elsewhere.
+TEST(RingCudaBackwardEmulated, ValidationAndAgreement) {
+  const da::Config config = dt::make_config({8}, {2});
+  for (const std::int64_t dim : {40, 32}) {
+    const da::Shape shape{1, 16, 2, 2, dim};
+    dt::Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), d_out(shape, 2), d_q(shape, 2),
+        d_k(shape, 2), d_v(shape, 2);
+    std::vector<float> lse(32, 0.f);
+    std::vector<std::string> messages(2);
+    ring::run_in_process(2, [&](ring::Transport& transport) {
+      const std::int64_t begin = transport.rank() * 8;
+      const float* rank_lse = dim == 32 && transport.rank() == 1 ? nullptr : lse.data() + transport.rank() * 16;
+      try {
+        ring::backward_on_device<float>(
+            EmulatedDevice{}, config, shape, transport, dt::shard_view(q.view(), begin),
+            dt::shard_view(k.view(), begin), dt::shard_view(v.view(), begin), dt::shard_view(out.view(), begin),
+            rank_lse, dt::shard_view(d_out.view(), begin), dt::shard_view(d_q.view(), begin),
+            dt::shard_view(d_k.view(), begin), dt::shard_view(d_v.view(), begin), {});
+      } catch (const std::exception& e) {
+        messages[static_cast<std::size_t>(transport.rank())] = e.what();
+      }
+    });
+    if (dim == 40) {
+      for (const std::string& m : messages) EXPECT_NE(m.find("head_dim"), std::string::npos) << m;
+    } else {
+      EXPECT_NE(messages[1].find("lse"), std::string::npos) << messages[1];
+      EXPECT_NE(messages[0].find("rank 1 refused"), std::string::npos) << messages[0];
+    }
+  }
+}
+
+}  // namespace
