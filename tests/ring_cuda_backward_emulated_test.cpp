@@ -33,6 +33,7 @@
 #include <dilated_attention/ring/cuda_loopback.cuh>
 
 #include "ring_cuda_cases.hpp"
+#include "ring_cuda_gradient_cases.hpp"
 #include "ring_support.hpp"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -111,123 +112,39 @@ class StreamOrderedAdapter final : public ring::TransportAdapter {
   std::set<Ticket> arrived_;
 };
 
-// One backward problem in storage type T: inputs, the forward's O (rounded to T) and LSE
-// (float), an upstream gradient, and the fp64 reference gradients of exactly those values.
-template <class T>
-struct Problem {
-  dt::Case c;
-  dt::Tensor<T> q, k, v, out, d_out;
-  std::vector<float> lse;
-  dt::Tensor<double> ref_q, ref_k, ref_v;
-  double scale = 1.0;  // the largest reference gradient (at least 1)
-
-  Problem(const dt::Case& test_case, std::uint64_t seed) : c(test_case) {
-    const da::Shape& s = c.shape;
-    const auto narrow = [&](std::int64_t heads, std::uint64_t tensor_seed, dt::Tensor<double>& wide) {
-      wide = dt::random_tensor<double>(s, heads, tensor_seed, c.pad, c.seq_pad);
-      dt::Tensor<T> result(s, heads, c.pad, c.seq_pad);
-      for (std::size_t e = 0; e < wide.storage.size(); ++e) {
-        result.storage[e] = dt::from_double<T>(wide.storage[e]);
-        wide.storage[e] = dt::to_double(result.storage[e]);
-      }
-      return result;
-    };
-    dt::Tensor<double> wq, wk, wv, wd;
-    q = narrow(s.num_heads, seed, wq);
-    k = narrow(s.num_kv_heads, seed + 1, wk);
-    v = narrow(s.num_kv_heads, seed + 2, wv);
-    d_out = narrow(s.num_heads, seed + 3, wd);
-    dt::Tensor<double> wo(s, s.num_heads, c.pad, c.seq_pad);
-    std::vector<double> wide_lse(dt::lse_size(s));
-    da::reference::forward<double>(c.config, s, wq.view(), wk.view(), wv.view(), wo.view(), wide_lse.data());
-    out = dt::Tensor<T>(s, s.num_heads, c.pad, c.seq_pad);
-    for (std::size_t e = 0; e < wo.storage.size(); ++e) {
-      out.storage[e] = dt::from_double<T>(wo.storage[e]);
-      wo.storage[e] = dt::to_double(out.storage[e]);
-    }
-    lse.resize(wide_lse.size());
-    for (std::size_t e = 0; e < lse.size(); ++e) {
-      lse[e] = static_cast<float>(wide_lse[e]);
-      wide_lse[e] = static_cast<double>(lse[e]);
-    }
-    ref_q = dt::Tensor<double>(s, s.num_heads);
-    ref_k = dt::Tensor<double>(s, s.num_kv_heads);
-    ref_v = dt::Tensor<double>(s, s.num_kv_heads);
-    da::reference::backward<double>(c.config, s, wq.view(), wk.view(), wv.view(), wo.view(), wide_lse.data(),
-                                    wd.view(), ref_q.view(), ref_k.view(), ref_v.view());
-    for (const dt::Tensor<double>* g : {&ref_q, &ref_k, &ref_v})
-      for (const double value : g->storage) scale = std::max(scale, std::abs(value));
-  }
-};
-
-template <class T>
-struct Gradients {
-  dt::Tensor<T> d_q, d_k, d_v;
-};
-
-template <class T>
-bool bitwise_equal(const Gradients<T>& a, const Gradients<T>& b) {
-  return dt::bitwise_equal(a.d_q, b.d_q) && dt::bitwise_equal(a.d_k, b.d_k) && dt::bitwise_equal(a.d_v, b.d_v);
-}
-
-// The tolerance relative to the largest gradient: fp32 accumulation, then one rounding to T.
-template <class T>
-double tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 2e-5;
-  else if constexpr (std::is_same_v<T, __half>) return 2e-3;
-  else return 1.6e-2;
-}
-
-template <class T>
-void check(const Problem<T>& p, const Gradients<T>& run) {
-  const double bound = tolerance<T>() * p.scale;
-  EXPECT_LE(dt::max_abs_diff(run.d_q, p.ref_q), bound);
-  EXPECT_LE(dt::max_abs_diff(run.d_k, p.ref_k), bound);
-  EXPECT_LE(dt::max_abs_diff(run.d_v, p.ref_v), bound);
-}
-
 enum class Path { host_ordered, stream_ordered, loopback };
 
-// The ring backward of `p` on P ranks; every gradient element starts as NaN, so a row the ring
-// does not write shows.
+// The ring backward of `p` on P emulated ranks, over the in-process transport (host- or
+// stream-ordered driver path) or the loopback transport.
 template <class T>
-Gradients<T> run_ring(const Problem<T>& p, int num_ranks, ring::Layout layout = ring::Layout::contiguous,
-                      Path path = Path::host_ordered) {
-  const da::Shape& s = p.c.shape;
-  Gradients<T> run{dt::Tensor<T>(s, s.num_heads), dt::Tensor<T>(s, s.num_kv_heads), dt::Tensor<T>(s, s.num_kv_heads)};
-  for (dt::Tensor<T>* g : {&run.d_q, &run.d_k, &run.d_v}) g->fill(T(std::numeric_limits<float>::quiet_NaN()));
-  const std::int64_t length = s.seq_len / num_ranks;
+dt::RingGradientResult<T> run_ring(const dt::GradientProblem<T>& p, int num_ranks,
+                                   ring::Layout layout = ring::Layout::contiguous, Path path = Path::host_ordered) {
   ring::Options options;
   options.layout = layout;
-  const auto rank_body = [&](ring::Transport& transport, void* stream) {
-    const auto chunks = ring::rank_chunks(layout, s.seq_len, num_ranks, transport.rank());
-    const dt::Tensor<T> q = dt::local_rows(p.q, chunks, length), k = dt::local_rows(p.k, chunks, length),
-                        v = dt::local_rows(p.v, chunks, length), out = dt::local_rows(p.out, chunks, length),
-                        d_out = dt::local_rows(p.d_out, chunks, length);
-    const std::vector<float> lse = dt::gather_lse(p.lse, s, chunks, length);
-    dt::Tensor<T> d_q = dt::gather_rows(run.d_q, chunks, length), d_k = dt::gather_rows(run.d_k, chunks, length),
-                  d_v = dt::gather_rows(run.d_v, chunks, length);
-    StreamOrderedAdapter ordered(transport);
-    ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
-    const ring::Stats stats = ring::backward_on_device<T>(
-        EmulatedDevice{stream}, p.c.config, s, used, q.view(), k.view(), v.view(), out.view(), lse.data(),
-        d_out.view(), d_q.view(), d_k.view(), d_v.view(), options);
-    if (path == Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
-      EXPECT_EQ(ordered.orderings, stats.sends_posted + stats.gradient_sends);
-      EXPECT_EQ(ordered.stream_waits, stats.recvs_posted + stats.gradient_recvs);
+  const auto run_ranks = [&](int ranks, auto body) {
+    if (path == Path::loopback) {
+      ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+        body(transport, static_cast<void*>(stream));
+      });
+    } else {
+      ring::run_in_process(ranks, [&](ring::Transport& transport) { body(transport, nullptr); });
     }
-    dt::scatter_rows(d_q, chunks, run.d_q);  // disjoint rows per rank
-    dt::scatter_rows(d_k, chunks, run.d_k);
-    dt::scatter_rows(d_v, chunks, run.d_v);
   };
-  if (path == Path::loopback) {
-    ring::run_in_loopback(num_ranks, [&](ring::Transport& transport, cudaStream_t stream) {
-      rank_body(transport, static_cast<void*>(stream));
-    });
-  } else {
-    ring::run_in_process(num_ranks, [&](ring::Transport& transport) { rank_body(transport, nullptr); });
-  }
-  return run;
+  return dt::run_ring_backward_case<T>(
+      p, num_ranks, layout, run_ranks,
+      [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in, const std::vector<float>& lse,
+          dt::RingGradientResult<T>& local) {
+        StreamOrderedAdapter ordered(transport);
+        ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
+        const ring::Stats stats = ring::backward_on_device<T>(
+            EmulatedDevice{stream}, p.c.config, p.c.shape, used, in.q.view(), in.k.view(), in.v.view(),
+            in.out.view(), lse.data(), in.d_out.view(), local.d_q.view(), local.d_k.view(), local.d_v.view(),
+            options);
+        if (path == Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
+          EXPECT_EQ(ordered.orderings, stats.sends_posted + stats.gradient_sends);
+          EXPECT_EQ(ordered.stream_waits, stats.recvs_posted + stats.gradient_recvs);
+        }
+      });
 }
 
 // The members block by block against the CPU gradient back end: local statistics (softmax) or
@@ -333,32 +250,33 @@ TEST(RingCudaBackwardEmulated, FloatEqualsReference) {
   const auto cases = dt::ring_sweep_cases(32);
   for (std::size_t n = 0; n < cases.size(); ++n) {
     SCOPED_TRACE(dt::describe(cases[n]));
-    const Problem<float> p(cases[n], 700 + n);
+    const dt::GradientProblem<float> p(cases[n], 700 + n);
     for (const int ranks : {1 + static_cast<int>(n % 4), 1 + static_cast<int>((n + 1) % 4)}) {
       SCOPED_TRACE("P = " + std::to_string(ranks));
-      check(p, run_ring(p, ranks));
+      dt::check_gradients(p, run_ring(p, ranks));
     }
     if (n % 2 != 0) continue;
     const int ranks = 2 + static_cast<int>(n / 2 % 2);
     SCOPED_TRACE("zigzag P = " + std::to_string(ranks));
     const auto zigzag = run_ring(p, ranks, ring::Layout::zigzag);
-    check(p, zigzag);
+    dt::check_gradients(p, zigzag);
     if (n % 4 != 0) continue;
-    EXPECT_TRUE(bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag, Path::stream_ordered)));
-    EXPECT_TRUE(bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag)));
+    EXPECT_TRUE(dt::bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag, Path::stream_ordered)));
+    EXPECT_TRUE(dt::bitwise_equal(zigzag, run_ring(p, ranks, ring::Layout::zigzag)));
   }
 }
 
-// 16-bit storage, fp32 accumulation: every fourth case for half and bfloat16 at P = 2..4.
+// 16-bit storage, fp32 accumulation: every fifth case (both mixings) for half at P = 2..4 and
+// bfloat16 in zigzag at P = 2..4.
 TEST(RingCudaBackwardEmulated, HalfAndBfloat16) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const auto cases = dt::ring_sweep_cases(64);
-  for (std::size_t i = 0; i < cases.size(); i += 4) {
+  for (std::size_t i = 0; i < cases.size(); i += 5) {
     SCOPED_TRACE(dt::describe(cases[i]));
-    const Problem<__half> half(cases[i], 800 + i);
-    check(half, run_ring(half, 2 + static_cast<int>(i % 3)));
-    const Problem<__nv_bfloat16> bf16(cases[i], 900 + i);
-    check(bf16, run_ring(bf16, 4 - static_cast<int>(i % 3), ring::Layout::zigzag));
+    const dt::GradientProblem<__half> half(cases[i], 800 + i);
+    dt::check_gradients(half, run_ring(half, 2 + static_cast<int>(i % 3)));
+    const dt::GradientProblem<__nv_bfloat16> bf16(cases[i], 900 + i);
+    dt::check_gradients(bf16, run_ring(bf16, 4 - static_cast<int>(i % 3), ring::Layout::zigzag));
   }
 }
 
@@ -369,11 +287,11 @@ TEST(RingCudaBackwardEmulated, LoopbackEqualsInProcessBitwise) {
   const auto cases = dt::ring_sweep_cases(32);
   for (std::size_t i = 1; i < cases.size(); i += 5) {
     SCOPED_TRACE(dt::describe(cases[i]));
-    const Problem<float> p(cases[i], 1000 + i);
+    const dt::GradientProblem<float> p(cases[i], 1000 + i);
     const int ranks = 2 + static_cast<int>(i % 3);
     const auto loopback = run_ring(p, ranks, ring::Layout::contiguous, Path::loopback);
-    check(p, loopback);
-    EXPECT_TRUE(bitwise_equal(loopback, run_ring(p, ranks)));
+    dt::check_gradients(p, loopback);
+    EXPECT_TRUE(dt::bitwise_equal(loopback, run_ring(p, ranks)));
   }
   EXPECT_EQ(fake_cuda::waits_on_unrecorded_events.load(), 0);
   EXPECT_EQ(fake_cuda::live_events.load(), 0);
@@ -383,10 +301,10 @@ TEST(RingCudaBackwardEmulated, LoopbackEqualsInProcessBitwise) {
 // The other head dims' kernels: bfloat16 at D = 96, float at D = 128.
 TEST(RingCudaBackwardEmulated, OtherHeadDims) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
-  const Problem<__nv_bfloat16> p96(dt::ring_sweep_cases(96)[19], 1100);
-  check(p96, run_ring(p96, 3));
-  const Problem<float> p128(dt::ring_sweep_cases(128)[27], 1101);
-  check(p128, run_ring(p128, 2));
+  const dt::GradientProblem<__nv_bfloat16> p96(dt::ring_sweep_cases(96)[19], 1100);
+  dt::check_gradients(p96, run_ring(p96, 3));
+  const dt::GradientProblem<float> p128(dt::ring_sweep_cases(128)[27], 1101);
+  dt::check_gradients(p128, run_ring(p128, 2));
 }
 
 // The protocol: a head_dim the back end does not support is std::invalid_argument naming it on
