@@ -21,7 +21,9 @@
 #include <mutex>
 #include <new>
 #include <set>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -292,6 +294,82 @@ TEST(RingCudaBackwardEmulated, LoopbackEqualsInProcessBitwise) {
     const auto loopback = run_ring(p, ranks, ring::Layout::contiguous, Path::loopback);
     dt::check_gradients(p, loopback);
     EXPECT_TRUE(dt::bitwise_equal(loopback, run_ring(p, ranks)));
+  }
+  EXPECT_EQ(fake_cuda::waits_on_unrecorded_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_events.load(), 0);
+  EXPECT_EQ(fake_cuda::live_streams.load(), 0);
+}
+
+// Faults over the loopback transport (ring/transport.hpp's contract): rank 1 throws at its first
+// enqueue_wait, rank 2 at its first post_recv, or rank 1 passes another causal flag (refused
+// before anything moves). Every rank raises -- the faulty one its own exception, the others
+// PeerFailure naming it --, no gradient is written, and a consistent call right after on the same
+// transports is exact.
+class FaultyTransport final : public ring::TransportAdapter {
+ public:
+  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
+      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
+    return TransportAdapter::enqueue_wait(ticket, queue);
+  }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
+
+ private:
+  bool in_stream_wait_, in_post_recv_;
+};
+
+TEST(RingCudaBackwardEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
+  const dt::GradientProblem<float> p(c, 1200);
+  for (int scenario = 0; scenario < 3; ++scenario) {
+    SCOPED_TRACE("scenario " + std::to_string(scenario));
+    std::vector<std::string> outcome(3);
+    std::vector<std::size_t> written(3, 0);
+    const auto result = dt::run_ring_backward_case<float>(
+        p, 3, ring::Layout::contiguous,
+        [](int ranks, auto body) {
+          ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+            body(transport, static_cast<void*>(stream));
+          });
+        },
+        [&](ring::Transport& transport, void* stream, const dt::RankTensors<float>& in,
+            const std::vector<float>& lse, dt::RingGradientResult<float>& local) {
+          const auto rank = static_cast<std::size_t>(transport.rank());
+          FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+          da::Config config = c.config;
+          config.causal = scenario == 2 && rank == 1;
+          const auto call = [&](ring::Transport& used, const da::Config& cfg) {
+            ring::backward_on_device<float>(EmulatedDevice{stream}, cfg, c.shape, used, in.q.view(), in.k.view(),
+                                            in.v.view(), in.out.view(), lse.data(), in.d_out.view(),
+                                            local.d_q.view(), local.d_k.view(), local.d_v.view(), {});
+          };
+          try {
+            call(faulty, config);
+            outcome[rank] = "returned";
+          } catch (const ring::PeerFailure& e) {
+            outcome[rank] = "PeerFailure from " + std::to_string(e.failed_rank());
+          } catch (const std::exception& e) {
+            outcome[rank] = e.what();
+          }
+          for (const dt::Tensor<float>* g : {&local.d_q, &local.d_k, &local.d_v})
+            for (const float value : g->storage) written[rank] += std::isnan(value) ? 0 : 1;
+          call(transport, c.config);  // the consistent call, on the same transport
+        });
+    const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
+    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    for (std::size_t rank = 0; rank < 3; ++rank) {
+      SCOPED_TRACE("rank " + std::to_string(rank));
+      if (rank == faulty_rank) EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
+      else EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
+      EXPECT_EQ(written[rank], 0u) << "a failed call wrote gradients";
+    }
+    dt::check_gradients(p, result);
   }
   EXPECT_EQ(fake_cuda::waits_on_unrecorded_events.load(), 0);
   EXPECT_EQ(fake_cuda::live_events.load(), 0);
