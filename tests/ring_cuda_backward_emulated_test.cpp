@@ -31,7 +31,7 @@
 #include "fake_cuda_runtime.hpp"    // the runtime calls of the loopback transport, on the host
 #include "cuda_host_emulation.hpp"  // before the kernels: it defines the CUDA names they use
 
-#include <dilated_attention/ring/cuda_gradient_backend.cuh>
+#include <dilated_attention/ring/cuda_backward_call.cuh>
 #include <dilated_attention/ring/cuda_loopback.cuh>
 
 #include "ring_cuda_cases.hpp"

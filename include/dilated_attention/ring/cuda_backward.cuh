@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "../config.hpp"
-#include "cuda_gradient_backend.cuh"
+#include "cuda_backward_call.cuh"
 #include "cuda_stream_device.cuh"
 #include "transport.hpp"
 

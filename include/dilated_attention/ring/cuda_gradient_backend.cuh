@@ -16,6 +16,7 @@
 //   order, one launch; finish() casts the fp32 accumulators, one launch per gradient.
 // No host synchronisation inside the call: the driver orders transfers on the stream.
 // Determinism: ring/cuda_gradient_kernels.cuh (one owner per accumulator row, fixed order).
+// The protocol of a call around it (backward_on_device) is ring/cuda_backward_call.cuh.
 
 #include <algorithm>
 #include <cstddef>
@@ -25,14 +26,12 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "../merge.hpp"
 #include "../pattern.hpp"
 #include "cuda_backend.cuh"
-#include "agreement.hpp"
-#include "backward.hpp"
 #include "cuda_gradient_kernels.cuh"
+#include "cuda_gradient_row_kernels.cuh"
 #include "layout.hpp"
-#include "pattern_cache.hpp"
-#include "transport.hpp"
 
 namespace dilated_attention::ring {
 
@@ -297,51 +296,5 @@ class CudaGradientBackend {
   DeviceArray<std::int64_t, Device> query_groups_device_, key_groups_device_, returned_groups_device_;
   std::vector<std::shared_ptr<void>> retired_;  // freed after the destructor's synchronize
 };
-
-// The ring backward on a device (ring/cuda_backward.cuh instantiates it with the CUDA stream): the
-// protocol of ring::backward (ring/agreement.hpp: describe_call with CallOperation::backward,
-// validate_ring_call, validate_backward on the local shape, the device limits), then the driver
-// with CudaGradientBackend. As forward_on_device: one synchronisation ends the body (a device
-// fault is this rank's failure before the verdicts are exchanged), finish() is enqueued only when
-// every rank succeeded, and the call returns once the stream has written the gradients.
-template <class T, class Device>
-Stats backward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
-                         View<const T> q, View<const T> k, View<const T> v, View<const T> out,
-                         const float* lse, View<const T> d_out, View<T> d_q, View<T> d_k, View<T> d_v,
-                         const Options& options) {
-  Shape local = shape;
-  const auto validate_local = [&] {
-    local = validate_ring_call(config, shape, transport, options);
-    validate_backward(config, local, q, k, v, out, lse, d_out, d_q, d_k, d_v);
-    dilated_attention::cuda::check_backend_limits(config, local);
-    const char* element = "every tensor element must be aligned to its type";
-    const std::pair<const void*, const char*> tensors[] = {{q.data, "q.data"},     {k.data, "k.data"},
-                                                           {v.data, "v.data"},     {out.data, "out.data"},
-                                                           {d_out.data, "d_out.data"}, {d_q.data, "d_q.data"},
-                                                           {d_k.data, "d_k.data"}, {d_v.data, "d_v.data"}};
-    for (const auto& [data, name] : tensors)
-      dilated_attention::cuda::check_alignment(data, alignof(T), name, element);
-    dilated_attention::cuda::check_alignment(lse, alignof(float), "lse", "lse is an array of float");
-  };
-  CallRecord record = describe_call<float>(config, shape, static_cast<std::int64_t>(options.layout),
-                                           CallOperation::backward);
-  record.fields[11] = detail::device_storage_code<T>();
-  Stats stats;
-  std::unique_ptr<CudaGradientBackend<T, Device>> backend;
-  run_agreed_call(
-      transport, options.timeout, record, validate_local,
-      [&] {
-        backend = std::make_unique<CudaGradientBackend<T, Device>>(
-            device, local, rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()),
-            q, k, v, out, lse, d_out, resolved_scale(config, shape), config.causal,
-            static_cast<std::int64_t>(config.segment_lengths.size()), config.mixing == Mixing::mean);
-        PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
-        stats = run_ring_backward(config, shape, transport, *backend, cache, options);
-        backend->synchronize();
-      },
-      [&] { backend->finish(d_q, d_k, d_v); });
-  backend->synchronize();  // the gradients are written; a fault of finish() surfaces here
-  return stats;
-}
 
 }  // namespace dilated_attention::ring

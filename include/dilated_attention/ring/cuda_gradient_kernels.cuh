@@ -3,7 +3,6 @@
 // docs/semantics.md §7): what the CPU gradient back end (ring/cpu_gradient_backend.hpp) does per
 // block, batched per step so that a step is one or two launches on the compute stream.
 //
-// - ring_delta_kernel: softmax mixing's row statistic D = dO·O, one thread per row.
 // - ring_statistics_kernel (mean mixing): a block's (lse_b, D_b = weight·dO·O_b) for each of its
 //   query rows, merged into the branch's (LSE_i, D_i) with merge.hpp's guarded merge, exactly as
 //   the CPU back end's statistics() merges them.
@@ -15,8 +14,8 @@
 //   64 destination rows (local key rows, or rows of a received piece), one warp per key row. The
 //   destination is the fp32 accumulator of the shard's own rows, or the fp32 partial buffer at
 //   the piece's offset (dK rows then dV rows, the received message's layout).
-// - ring_add_returned_kernel: the owner adds returned partials into its accumulators.
-// - ring_gradient_cast_kernel: the final cast of an fp32 accumulator to the storage type.
+// The per-row kernels (D = dO·O, the returned partials, the cast) are in
+// ring/cuda_gradient_row_kernels.cuh.
 // Determinism without atomics: every accumulator row is written by one warp at a time, in the
 // group's fixed item order (a block barrier between items), and each warp sums its keys (or
 // queries) in chunks of 32 in a fixed order with fixed shuffle trees: bitwise reproducible.
@@ -281,84 +280,6 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
       }
     }
     __syncthreads();  // the next item may touch a row another warp handled in this one
-  }
-}
-
-struct DeltaParams {
-  const void *out, *d_out;
-  Strides out_strides, d_out_strides;
-  float* delta;  // [batch][heads][rows]
-  std::int64_t batch, heads, rows, head_dim;
-};
-
-// Softmax mixing: D = dO·O for every local row, one thread per row.
-template <class T>
-__global__ void __launch_bounds__(kThreads) ring_delta_kernel(const DeltaParams p) {
-  using dilated_attention::cuda::device::to_float;
-  const std::int64_t count = p.batch * p.heads * p.rows;
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < count;
-       r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t x = r % p.rows, h = (r / p.rows) % p.heads, b = r / (p.rows * p.heads);
-    const T* const o = gradient_detail::row_of<T>(p.out, p.out_strides, b, x, h);
-    const T* const g = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, b, x, h);
-    float sum = 0.f;
-    for (std::int64_t d = 0; d < p.head_dim; ++d) sum = fmaf(to_float(g[d]), to_float(o[d]), sum);
-    p.delta[r] = sum;
-  }
-}
-
-// A returned piece: dK rows then dV rows (fp32) of (batch, kv head) at local rows `rows`.
-struct ReturnedItem {
-  const float* partial;
-  std::int64_t batch, kv_head;
-  Progression rows;  // local rows
-};
-
-struct ReturnedParams {
-  const ReturnedItem* items;
-  const std::int64_t* group_begin;  // grouped by (batch, kv head), the non-empty groups only
-  float *d_k, *d_v;
-  std::int64_t kv_heads, rows, tiles, head_dim;
-};
-
-// One thread block per (batch, kv head) and tile of 64 local rows; the group's pieces in the
-// driver's order (step order), a block barrier between them.
-template <class V = float>
-__global__ void __launch_bounds__(kThreads) ring_add_returned_kernel(const ReturnedParams p) {
-  const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
-  const std::int64_t row_lo = tile * kTileRows;
-  const std::int64_t row_hi = row_lo + kTileRows < p.rows ? row_lo + kTileRows : p.rows;
-  for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
-    const ReturnedItem item = p.items[index];
-    const Progression mine = item.rows.within(row_lo, row_hi);
-    for (std::int64_t e = threadIdx.x; e < mine.count * p.head_dim; e += blockDim.x) {
-      const std::int64_t row = mine.at(e / p.head_dim), d = e % p.head_dim;
-      const std::int64_t j = item.rows.index_of(row);
-      const std::int64_t at = ((item.batch * p.kv_heads + item.kv_head) * p.rows + row) * p.head_dim + d;
-      p.d_k[at] += static_cast<V>(item.partial[j * p.head_dim + d]);
-      p.d_v[at] += static_cast<V>(item.partial[(item.rows.count + j) * p.head_dim + d]);
-    }
-    __syncthreads();
-  }
-}
-
-struct CastParams {
-  const float* from;  // [batch][heads][rows][head_dim]
-  void* to;
-  Strides to_strides;
-  std::int64_t batch, heads, rows, head_dim;
-};
-
-// Each element rounded once to the storage type, one thread per element.
-template <class T>
-__global__ void __launch_bounds__(kThreads) ring_gradient_cast_kernel(const CastParams p) {
-  const std::int64_t elements = p.batch * p.heads * p.rows * p.head_dim;
-  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
-       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t d = e % p.head_dim, row = e / p.head_dim;
-    const std::int64_t x = row % p.rows, h = (row / p.rows) % p.heads, b = row / (p.rows * p.heads);
-    static_cast<T*>(p.to)[b * p.to_strides.batch + x * p.to_strides.seq + h * p.to_strides.head + d] =
-        static_cast<T>(p.from[e]);
   }
 }
 
