@@ -11,9 +11,11 @@
 #include <dilated_attention/ring/in_process.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_support.cuh"
@@ -124,6 +126,128 @@ TEST(RingCudaBackward, SweepHalf) {
 TEST(RingCudaBackward, SweepBfloat16) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
   sweep<__nv_bfloat16>(96, 30);
+}
+
+// The CUDA tests' longer cases (N = 90..700: several 64-row tiles, many segments, GQA, padded
+// layouts) at every P = 2..4 that divides N, bitwise run to run: float every case, the 16-bit
+// types every third.
+template <class T>
+void longer_cases(std::int64_t head_dim, std::uint64_t seed, std::size_t start, std::size_t step) {
+  const std::vector<dt::Case> cases = dt::correctness_cases(head_dim);
+  for (std::size_t i = start; i < cases.size(); i += step) {
+    const dt::GradientProblem<T> p(cases[i], seed++);
+    for (int ranks = 2; ranks <= 4; ++ranks) {
+      if (p.c.shape.seq_len % ranks != 0) continue;
+      SCOPED_TRACE(dt::describe(p.c) + " P = " + std::to_string(ranks));
+      const auto first = run_gpu_ring<T>(p, ranks);
+      dt::check_gradients(p, first);
+      EXPECT_TRUE(dt::bitwise_equal(first, run_gpu_ring<T>(p, ranks))) << "not bitwise equal run to run";
+    }
+  }
+}
+
+TEST(RingCudaBackward, LongerCasesFloat) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  longer_cases<float>(64, 40, 0, 1);
+}
+TEST(RingCudaBackward, LongerCasesHalf) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  longer_cases<__half>(64, 50, 0, 3);
+}
+TEST(RingCudaBackward, LongerCasesBfloat16) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  longer_cases<__nv_bfloat16>(96, 60, 1, 3);
+}
+
+// Faults on the loopback transport on real streams and events: rank 1 throws at its first
+// enqueue_wait, rank 2 at its first post_recv, or rank 1 passes another causal flag. Every rank
+// raises (the faulty one its own exception, the others PeerFailure naming it), no gradient is
+// written, and a consistent call right after on the same transports is exact.
+class FaultyTransport final : public ring::TransportAdapter {
+ public:
+  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
+      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
+    return TransportAdapter::enqueue_wait(ticket, queue);
+  }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
+
+ private:
+  bool in_stream_wait_, in_post_recv_;
+};
+
+TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
+  const dt::GradientProblem<float> p(c, 77);
+  ring::Options options;
+  options.timeout = std::chrono::seconds(30);
+  for (int scenario = 0; scenario < 3; ++scenario) {
+    SCOPED_TRACE("scenario " + std::to_string(scenario));
+    std::vector<std::string> outcome(3);
+    std::vector<std::size_t> written(3, 0);
+    const auto result = dt::run_ring_backward_case<float>(
+        p, 3, ring::Layout::contiguous,
+        [](int ranks, auto body) {
+          ring::run_in_loopback(ranks, [&](ring::Transport& transport, cudaStream_t stream) {
+            body(transport, static_cast<void*>(stream));
+          });
+        },
+        [&](ring::Transport& transport, void* stream, const dt::RankTensors<float>& in,
+            const std::vector<float>& lse, dt::RingGradientResult<float>& local) {
+          const auto rank = static_cast<std::size_t>(transport.rank());
+          {
+            dt::DeviceBuffer<float> q(in.q.storage.size()), k(in.k.storage.size()), v(in.v.storage.size()),
+                out(in.out.storage.size()), d_out(in.d_out.storage.size()), d_q(local.d_q.storage.size()),
+                d_k(local.d_k.storage.size()), d_v(local.d_v.storage.size()), d_lse(lse.size());
+            q.upload(in.q.storage);
+            k.upload(in.k.storage);
+            v.upload(in.v.storage);
+            out.upload(in.out.storage);
+            d_out.upload(in.d_out.storage);
+            d_lse.upload(lse);
+            d_q.upload(local.d_q.storage);
+            d_k.upload(local.d_k.storage);
+            d_v.upload(local.d_v.storage);
+            da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");
+            FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+            da::Config config = c.config;
+            config.causal = scenario == 2 && rank == 1;
+            try {
+              ring::cuda::backward<float>(config, c.shape, faulty, on_device(in.q, q.data()), on_device(in.k, k.data()),
+                                          on_device(in.v, v.data()), on_device(in.out, out.data()), d_lse.data(),
+                                          on_device(in.d_out, d_out.data()), on_device(local.d_q, d_q.data()),
+                                          on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()),
+                                          options, static_cast<cudaStream_t>(stream));
+              outcome[rank] = "returned";
+            } catch (const ring::PeerFailure& e) {
+              outcome[rank] = "PeerFailure from " + std::to_string(e.failed_rank());
+            } catch (const std::exception& e) {
+              outcome[rank] = e.what();
+            }
+            for (dt::DeviceBuffer<float>* g : {&d_q, &d_k, &d_v}) {
+              std::vector<float> after;
+              g->download(after);
+              for (const float value : after) written[rank] += std::isnan(value) ? 0 : 1;
+            }
+          }
+          rank_backward<float>(p, options, transport, stream, in, lse, local);  // the consistent call
+        });
+    const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
+    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    for (std::size_t rank = 0; rank < 3; ++rank) {
+      SCOPED_TRACE("rank " + std::to_string(rank));
+      if (rank == faulty_rank) EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
+      else EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
+      EXPECT_EQ(written[rank], 0u) << "a failed call wrote gradients";
+    }
+    dt::check_gradients(p, result);
+  }
 }
 
 // Anywhere, no device needed: bad input is refused by the agreement before any CUDA call (the
