@@ -211,6 +211,14 @@ V __shfl_xor_sync(unsigned, V value, int lane_mask) {
   return __shfl_sync(0xffffffffu, value, static_cast<int>(block.lane() ^ static_cast<unsigned>(lane_mask)));
 }
 
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  emulation::Block& block = emulation::Block::current();
+  block.exchange(predicate != 0);
+  unsigned mask = 0;
+  for (unsigned l = 0; l < 32; ++l) mask |= block.read<bool>(l) ? 1u << l : 0u;
+  return mask;
+}
+
 inline float __int_as_float(int bits) {
   float value;
   std::memcpy(&value, &bits, sizeof value);
@@ -305,6 +313,9 @@ inline void cp_async_16(void* shared, const void* global, bool valid) {
     std::memcpy(shared, global, 16);
   else
     std::memset(shared, 0, 16);
+}
+inline void store_16(void* global, const std::uint32_t (&words)[4]) {
+  std::memcpy(global, words, 16);
 }
 inline void cp_async_commit() {}
 template <int Pending>

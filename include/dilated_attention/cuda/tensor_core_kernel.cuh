@@ -2,18 +2,21 @@
 // The fused forward kernel for 16-bit storage (__half, __nv_bfloat16) on tensor cores, in the
 // FlashAttention-2 style, for every branch at once.
 //
-// One thread block = one work unit (batch, head, window of up to kWindowRows positions with
-// stride R, launch_plan.hpp). The window's query rows are loaded once into registers as mma A
-// fragments; warp w owns rows 16w..16w+15 of the window. For each branch and each segment overlapping the window, the block's keys (rows
-// of the segment with the head's offset, i.e. stride r) stream through shared memory in tiles of
-// kKeyTile rows with cp.async double buffering, addressed by stride in place: no gather, no copy.
-// Scores and P.V use mma.sync m16n8k16 with fp32 accumulators. Rows of the window that a branch
-// does not select, keys past a query's causal limit and keys past the block are masked to -inf,
-// so the online-softmax state (max, sum, accumulator) of each row simply continues from one
-// branch to the next: for Mixing::softmax this is exactly softmax(S + ln C) V of docs/semantics.md §2, and
-// each output row is written once, by the block that owns it, with no merge kernel.
-// Mixing::mean closes each branch (normalises its partial), adds it / G into a per-thread slot
-// array in shared memory and restarts the state.
+// One thread block = one work unit (batch, head, query window of up to kWindowRows positions,
+// query_window.hpp). The window's rows are loaded once into a shared Q tile. For each branch and
+// each segment overlapping the window (a "work"), the window rows that the block selects are
+// packed in position order into 16-row slices, one per warp (slices without queries are
+// skipped); the warp's Q fragments come from the tile by ldmatrix at the packed rows. The block's
+// keys (rows of the segment with the head's offset, i.e. stride r) stream through shared memory
+// in tiles of kKeyTile rows with cp.async double buffering, addressed by stride in place: no
+// gather, no copy; each warp multiplies only up to its own slice's key limit (16-key steps).
+// Scores and P.V use mma.sync m16n8k16 with fp32 accumulators; keys past a query's causal limit
+// and past the block are masked to -inf. The online-softmax state (max, sum, accumulator) of a
+// row continues from one branch to the next: for Mixing::softmax this is exactly
+// softmax(S + ln C) V of docs/semantics.md §2. When the packing changes, the state moves through
+// one fp32 record per window row in shared memory. Mixing::mean closes each work's rows
+// (normalised partial / G added into the row's record, LSE_i into its log-sum-exp). Each output
+// row is written once, by the block that owns it, from its record, with no merge kernel.
 
 #include <cstdint>
 
@@ -21,6 +24,7 @@
 #include "copy.cuh"
 #include "launch_plan.hpp"
 #include "mma.cuh"
+#include "query_window.hpp"
 
 namespace dilated_attention::cuda::device {
 
@@ -65,6 +69,57 @@ __device__ __forceinline__ float row_sum4(float value) {
   return value + __shfl_xor_sync(0xffffffffu, value, 2);
 }
 
+// Copies the rows of a query window (window row order) into a shared tile with row pitch D + 8;
+// rows past the window are zero. Asynchronous with vector_io, as load_rows.
+template <class T, int D, bool Rolled>
+__device__ __forceinline__ void load_window_rows(T* tile, const T* base, std::int64_t seq_stride,
+                                                 const QueryWindow& window, bool vector_io) {
+  constexpr int kPitch = D + 8;
+  constexpr int kChunks = D / 8;
+  constexpr int kUnroll = Rolled ? 1 : kWindowRows * kChunks / kThreads;
+  (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
+  if (vector_io) {
+#pragma unroll kUnroll
+    for (int c = threadIdx.x; c < kWindowRows * kChunks; c += kThreads) {
+      const int row = c / kChunks, col = (c % kChunks) * 8;
+      const bool valid = row < window.count;
+      const T* source = valid ? base + window.position(row) * seq_stride + col : base;
+      cp_async_16(tile + row * kPitch + col, source, valid);
+    }
+  } else {
+    for (int e = threadIdx.x; e < kWindowRows * D; e += kThreads) {
+      const int row = e / D, col = e % D;
+      tile[row * kPitch + col] =
+          row < window.count ? base[window.position(row) * seq_stride + col] : T(0.0f);
+    }
+  }
+}
+
+// The window rows that `keys` selects (query_window.hpp's selected_rows), by two ballots: lane l
+// tests rows l and l + 32. Every warp computes the whole mask, so it is uniform in the block.
+__device__ __forceinline__ std::uint64_t ballot_rows(const Progression& keys,
+                                                     const QueryWindow& window, int lane) {
+  const unsigned low = __ballot_sync(0xffffffffu, selects(keys, window, lane));
+  const unsigned high = __ballot_sync(0xffffffffu, selects(keys, window, lane + 32));
+  return std::uint64_t{low} | (std::uint64_t{high} << 32);
+}
+
+// Eight consecutive outputs from fp32 values times `scale`: one 16-byte store with vector_io.
+template <class T>
+__device__ __forceinline__ void store_eight(T* to, const float* from, float scale,
+                                            bool vector_io) {
+  if (vector_io) {
+    std::uint32_t packed[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      packed[i] = MmaOp<T>::pack(from[2 * i] * scale, from[2 * i + 1] * scale);
+    store_16(to, packed);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) to[e] = T(from[e] * scale);
+  }
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads)
     tensor_core_forward_kernel(const ForwardParams p) {
@@ -73,6 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kPitch = D + 8;
   constexpr int kDimTiles = D / 8;  // n-tiles of the output
   constexpr int kKeyTiles = kKeyTile / 8;  // n-tiles of the scores
+  constexpr int kChunks = D / 8;  // 8-element (16-byte) chunks of a row
   const float kInf = __int_as_float(0x7f800000);
   constexpr float kLn2 = 0.693147180559945309f;
 
@@ -80,13 +136,17 @@ __global__ void __launch_bounds__(kThreads)
   T* const q_tile = reinterpret_cast<T*>(shared_raw);
   T* const k_stages = q_tile + kWindowRows * kPitch;
   T* const v_stages = k_stages + 2 * kKeyTile * kPitch;
-  float* const mean_slots = reinterpret_cast<float*>(v_stages + 2 * kKeyTile * kPitch);
+  // One record per window row (launch_plan.hpp's forward_shared_bytes): D accumulators, the max
+  // (mean: the log-sum-exp of the branches) and the sum.
+  float* const record_acc = reinterpret_cast<float*>(v_stages + 2 * kKeyTile * kPitch);
+  float* const record_max = record_acc + kWindowRows * D;
+  float* const record_sum = record_max + kWindowRows;
 
   const WorkUnit unit = work_unit(p, blockIdx.x);
+  const QueryWindow window = query_window(p, unit.window);
+  if (window.empty()) return;  // uniform: the whole block leaves before any barrier
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const Progression window = window_rows(p, unit.window);
-  if (window.empty()) return;  // uniform: the whole block leaves before any barrier
   const std::int64_t kv_head = p.kv_head(unit.head);
   const T* const q_base =
       static_cast<const T*>(p.q) + unit.batch * p.q_batch + unit.head * p.q_head;
@@ -94,77 +154,146 @@ __global__ void __launch_bounds__(kThreads)
   const T* const v_base = static_cast<const T*>(p.v) + unit.batch * p.v_batch + kv_head * p.v_head;
   const bool mean = p.mixing == Mixing::mean;
 
-  // The two rows of the window whose scores and outputs this thread holds (C fragment rows).
-  // -1 for rows past the window's end: they are in no block and are not written.
-  const std::int64_t row_position[2] = {
-      warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
-      warp * 16 + g + 8 < window.count ? window.at(warp * 16 + g + 8) : -1};
-
-  // Query fragments, loaded once and reused by every branch.
-  std::uint32_t q_frag[D / 16][4];
   // Copy loops rolled at head_dim 128, unrolled below: the choice without spills (ptxas -v).
   constexpr bool kRolled = D == 128;
-  load_rows<T, D, kWindowRows, kRolled>(q_tile, q_base, p.q_seq, window, 0, p.q_vector);
+  load_window_rows<T, D, kRolled>(q_tile, q_base, p.q_seq, window, p.q_vector);
   cp_async_commit();
+  // Every record starts empty: no key seen (max -inf, sum 0), zero accumulators; for mean a zero
+  // sum of branch outputs and a log-sum-exp of -inf.
+  for (int e = tid; e < kWindowRows * D; e += kThreads) record_acc[e] = 0.f;
+  if (tid < kWindowRows) {
+    record_max[tid] = -kInf;
+    record_sum[tid] = 0.f;
+  }
   cp_async_wait<0>();
   __syncthreads();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(q_frag[kk],
-                q_tile + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + kk * 16 +
-                    (lane / 16) * 8);
 
-  // Online-softmax state per row: the running max of the raw scores q.k (the scale is positive,
-  // so it is also the max of the scaled ones); probabilities are exp2(s scale log2e - pivot).
+  // The online-softmax state of this thread's two rows of the current packing (C fragment rows g
+  // and g + 8 of its warp's slice): the running max of the raw scores q.k (the scale is positive,
+  // so it is also the max of the scaled ones; probabilities are exp2(s scale log2e - pivot)), this
+  // thread's share of the sum (the 4 threads of a row are summed when the state is saved), and
+  // the accumulators.
   float row_max[2] = {-kInf, -kInf};
-  float row_sum[2] = {0.f, 0.f};  // this thread's share; the 4 threads of a row are summed at the end
+  float row_sum[2] = {0.f, 0.f};
   float acc[kDimTiles][4];
+  int row_index[2] = {-1, -1};  // their window rows, -1 for none
+  std::uint64_t held = 0;       // softmax: the packing whose state the registers hold (0: none)
+  std::uint32_t q_frag[D / 16][4];
+  std::uint64_t q_rows = 0;     // the packing q_frag was loaded for
+
+  // The registers' rows into their records (every lane takes part: the sums are shuffled).
+  auto save_rows = [&] {
 #pragma unroll
-  for (int dn = 0; dn < kDimTiles; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-  float lse_mean[2] = {-kInf, -kInf};  // Mixing::mean: ln sum_i exp(LSE_i)
-  if (mean) {
+    for (int r = 0; r < 2; ++r) {
+      const float sum = row_sum4(row_sum[r]);
+      const int row = row_index[r];
+      if (row < 0) continue;
+      if (t == 0) {
+        record_max[row] = row_max[r];
+        record_sum[row] = sum;
+      }
 #pragma unroll
-    for (int e = 0; e < kDimTiles * 4; ++e) mean_slots[e * kThreads + tid] = 0.f;
-  }
+      for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) record_acc[row * D + dn * 8 + 2 * t + c] = acc[dn][2 * r + c];
+    }
+  };
+  // Mixing::mean: close the work's rows (each lies in one segment of the branch, so its branch
+  // partial is complete): O_i / G into the record, LSE_i into its log-sum-exp.
+  auto close_rows = [&] {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = row_sum4(row_sum[r]);
+      const int row = row_index[r];
+      if (row < 0 || !(sum > 0.f)) continue;
+      const float inverse = 1.f / (sum * static_cast<float>(p.num_branches));
+      if (t == 0)
+        record_max[row] =
+            log_add_exp(record_max[row], (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2);
+#pragma unroll
+      for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          record_acc[row * D + dn * 8 + 2 * t + c] += acc[dn][2 * r + c] * inverse;
+    }
+  };
 
   int stage = 0;
   for (int i = 0; i < p.num_branches; ++i) {
     const BranchGeometry geometry = p.branch(i);
     const std::int64_t offset = p.offset(i, unit.head);
-    if (offset >= 0) {
-      const SegmentRange segments = segments_overlapping(geometry, window);
-      for (std::int64_t s = segments.first; s <= segments.last; ++s) {
-        const SegmentWork work = segment_work(geometry, s, offset, p.causal, window);
-        if (work.empty()) continue;  // uniform across the block
-        const Progression streamed = work.keys.prefix(work.key_count);
-        const std::int64_t limit[2] = {key_limit(work.keys, row_position[0], p.causal),
-                                       key_limit(work.keys, row_position[1], p.causal)};
-        const std::int64_t tiles = work.tiles();
+    if (offset < 0) continue;  // uniform
+    const SegmentRange segments = segments_overlapping(geometry, window);
+    for (std::int64_t s = segments.first; s <= segments.last; ++s) {
+      const Progression keys = geometry.rows(s, offset);
+      const QueryWork work = query_work(keys, ballot_rows(keys, window, lane), window, p.causal);
+      if (work.empty()) continue;  // uniform across the block
 
-        load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed,
-                                  0, p.k_vector);
-        load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed,
-                                  0, p.v_vector);
-        cp_async_commit();
-        for (std::int64_t tile = 0; tile < tiles; ++tile) {
-          const int current = stage;
-          if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-            const std::int64_t next_j0 = (tile + 1) * kKeyTile;
-            load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
-                                      p.k_seq, streamed, next_j0, p.k_vector);
-            load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
-                                      p.v_seq, streamed, next_j0, p.v_vector);
-            cp_async_commit();
-            cp_async_wait<1>();
-          } else {
-            cp_async_wait<0>();
-          }
-          __syncthreads();
+      // Repack: this thread's rows are queries warp * 16 + g and + 8 of the work.
+      if (mean || work.rows != held) {  // uniform
+        if (held != 0) {
+          save_rows();
+          __syncthreads();  // the records are written before their new owners read them
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int n = warp * kSliceRows + g + 8 * r;
+          const int row = n < work.queries ? nth_set_bit(work.rows, n) : -1;
+          row_index[r] = row;
+          // Mean: every work starts afresh. Softmax: the row's state so far.
+          row_max[r] = row >= 0 && !mean ? record_max[row] : -kInf;
+          row_sum[r] = row >= 0 && !mean && t == 0 ? record_sum[row] : 0.f;
+#pragma unroll
+          for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              acc[dn][2 * r + c] = row >= 0 && !mean ? record_acc[row * D + dn * 8 + 2 * t + c] : 0.f;
+        }
+        held = mean ? 0 : work.rows;
+      }
+      if (work.rows != q_rows) {  // uniform: the Q fragments of the packed rows
+        const int n = warp * kSliceRows + (lane % 8) + ((lane / 8) % 2) * 8;
+        const int row = n < work.queries ? nth_set_bit(work.rows, n) : 0;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          ldmatrix_x4(q_frag[kk], q_tile + row * kPitch + kk * 16 + (lane / 16) * 8);
+        q_rows = work.rows;
+      }
 
+      const Progression streamed = work.keys.prefix(work.key_count);
+      const std::int64_t limit[2] = {
+          row_index[0] >= 0 ? key_limit(work.keys, window.position(row_index[0]), p.causal) : 0,
+          row_index[1] >= 0 ? key_limit(work.keys, window.position(row_index[1]), p.causal) : 0};
+      const std::int64_t warp_limit = slice_key_limit(work, window, warp, p.causal);
+      const std::int64_t tiles = work.tiles();
+
+      load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq,
+                                         streamed, 0, p.k_vector);
+      load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq,
+                                         streamed, 0, p.v_vector);
+      cp_async_commit();
+      for (std::int64_t tile = 0; tile < tiles; ++tile) {
+        const int current = stage;
+        if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
+          const std::int64_t next_j0 = (tile + 1) * kKeyTile;
+          load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
+                                             p.k_seq, streamed, next_j0, p.k_vector);
+          load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
+                                             p.v_seq, streamed, next_j0, p.v_vector);
+          cp_async_commit();
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        // Keys this warp multiplies in the tile (16-key steps); 0: its slice attends none.
+        const int warp_keys = slice_tile_keys(warp_limit, tile);
+        if (warp_keys > 0) {  // uniform in the warp
           const T* const k_tile = k_stages + current * kKeyTile * kPitch;
           const T* const v_tile = v_stages + current * kKeyTile * kPitch;
 
-          // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+          // S = Q K^T for this warp's 16 rows and the tile's keys up to warp_keys.
           float score[kKeyTiles][4];
 #pragma unroll
           for (int nt = 0; nt < kKeyTiles; ++nt)
@@ -173,6 +302,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
             for (int np = 0; np < kKeyTiles / 2; ++np) {
+              if (np * kKeyStep >= warp_keys) continue;
               std::uint32_t b[4];
               ldmatrix_x4(b, k_tile + (np * 16 + (lane % 8) + (lane / 16) * 8) * kPitch +
                                  kk * 16 + ((lane / 8) % 2) * 8);
@@ -180,8 +310,8 @@ __global__ void __launch_bounds__(kThreads)
               Mma::run(score[2 * np + 1], q_frag[kk], b[2], b[3]);
             }
 
-          // Mask: key j of the block is attended by a row iff j < its limit (0 when the branch
-          // does not select the row). Then the running max of each row.
+          // Mask: key j of the block is attended by a row iff j < its limit (0 for rows past
+          // the work's queries). Then the running max of each row.
           const std::int64_t j0 = tile * kKeyTile;
           int local_limit[2];
 #pragma unroll
@@ -224,9 +354,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[dn][e] *= factor[e >> 1];
 
-          // O += P V: the score accumulators become A fragments (the C and A layouts agree).
+          // O += P V: the score accumulators become A fragments (the C and A layouts agree);
+          // key steps past warp_keys hold only zeros and are skipped.
 #pragma unroll
           for (int ks = 0; ks < kKeyTile / 16; ++ks) {
+            if (ks * kKeyStep >= warp_keys) continue;
             const std::uint32_t a[4] = {Mma::pack(score[2 * ks][0], score[2 * ks][1]),
                                         Mma::pack(score[2 * ks][2], score[2 * ks][3]),
                                         Mma::pack(score[2 * ks + 1][0], score[2 * ks + 1][1]),
@@ -240,63 +372,34 @@ __global__ void __launch_bounds__(kThreads)
               Mma::run(acc[2 * dp + 1], a, b[2], b[3]);
             }
           }
-          __syncthreads();  // every warp is done with this stage before it is refilled
-          stage ^= 1;
         }
+        __syncthreads();  // every warp is done with this stage before it is refilled
+        stage ^= 1;
       }
-    }
-    if (mean) {
-      // Close branch i: O_i / G into the slots, LSE_i into the log-sum, and restart the state.
-      float inverse[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float sum = row_sum4(row_sum[r]);
-        inverse[r] = sum > 0.f ? 1.f / (sum * static_cast<float>(p.num_branches)) : 0.f;
-        if (sum > 0.f)
-          lse_mean[r] = log_add_exp(lse_mean[r], (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2);
-        row_max[r] = -kInf;
-        row_sum[r] = 0.f;
-      }
-#pragma unroll
-      for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          mean_slots[(dn * 4 + e) * kThreads + tid] += acc[dn][e] * inverse[e >> 1];
-          acc[dn][e] = 0.f;
-        }
+      if (mean) close_rows();
     }
   }
 
-  // Epilogue: every row of the window is written exactly once, unselected rows as (0, -inf).
-  float inverse[2], lse[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (mean) {
-      inverse[r] = 1.f;
-      lse[r] = lse_mean[r];
-    } else {
-      const float sum = row_sum4(row_sum[r]);
-      inverse[r] = sum > 0.f ? 1.f / sum : 0.f;
-      lse[r] = sum > 0.f ? (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2 : -kInf;
-    }
-  }
+  // Epilogue: every row of the window is written exactly once, from its record, rows no branch
+  // selected as (0, -inf); 16-byte stores of 8 outputs when out's rows are aligned.
+  if (held != 0) save_rows();
+  __syncthreads();
   T* const out_base = static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const std::int64_t x = row_position[r];
-    if (x < 0) continue;
-    T* const out_row = out_base + x * p.o_seq;
-#pragma unroll
-    for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int e = 2 * r + c;
-        const float value =
-            mean ? mean_slots[(dn * 4 + e) * kThreads + tid] : acc[dn][e] * inverse[r];
-        out_row[dn * 8 + 2 * t + c] = T(value);
-      }
-    if (p.lse != nullptr && t == 0)
-      p.lse[(unit.batch * p.heads + unit.head) * p.seq_len + x] = lse[r];
+  for (int c = tid; c < window.count * kChunks; c += kThreads) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    const float sum = record_sum[row];
+    const float scale = mean ? 1.f : (sum > 0.f ? 1.f / sum : 0.f);
+    store_eight(out_base + window.position(row) * p.o_seq + col, record_acc + row * D + col, scale,
+                p.o_vector);
+  }
+  if (p.lse != nullptr) {
+    float* const lse_base = p.lse + (unit.batch * p.heads + unit.head) * p.seq_len;
+    for (int row = tid; row < window.count; row += kThreads) {
+      const float sum = record_sum[row];
+      lse_base[window.position(row)] =
+          mean ? record_max[row]
+               : (sum > 0.f ? (record_max[row] * p.scale_log2 + log2f(sum)) * kLn2 : -kInf);
+    }
   }
 }
 
