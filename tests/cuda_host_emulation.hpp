@@ -12,7 +12,10 @@
 //   (k, n) of B in lane n * 4 + (k % 8) / 2, register k >= 8, half k % 2; accumulator element e of
 //   lane l is (l / 4 + 8 * (e >= 2), 2 * (l % 4) + e % 2). ldmatrix gives lane l row l / 4,
 //   elements 2 (l % 4) and 2 (l % 4) + 1 of each 8x8 matrix (transposed: column l / 4).
-// - cp.async copies synchronously (its ordering is checked on a GPU by racecheck, not here).
+// - cp.async is deferred as on the device: each thread's copies wait in commit groups and land in
+//   shared memory only when a cp.async.wait_group retires their group (the newest `Pending`
+//   committed groups and uncommitted copies stay in flight), so a tile read before its wait
+//   sees the stage's old contents. Cross-thread visibility still comes from the barriers.
 // - Shared memory is filled with NaN bytes before each block, so reads of unwritten shared
 //   memory show up as NaN in the output.
 //
@@ -28,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -125,6 +129,27 @@ class Block {
     std::memcpy(slots_[fiber.slot_set][running_].data(), &value, sizeof(V));
     sync_warp();
   }
+  // cp.async of the running thread: queued, committed in groups, retired by wait_group.
+  void async_copy(void* shared, const void* global, bool valid) {
+    Fiber& fiber = fibers_[running_];
+    AsyncCopy copy{static_cast<unsigned char*>(shared), {}};
+    if (valid) std::memcpy(copy.bytes.data(), global, 16);  // inputs do not change during a launch
+    fiber.open_copies.push_back(copy);
+  }
+  void async_commit() {
+    Fiber& fiber = fibers_[running_];
+    fiber.committed.push_back(std::move(fiber.open_copies));
+    fiber.open_copies.clear();
+  }
+  void async_wait(int pending) {
+    Fiber& fiber = fibers_[running_];
+    while (static_cast<int>(fiber.committed.size()) > pending) {
+      for (const AsyncCopy& copy : fiber.committed.front())
+        std::memcpy(copy.shared, copy.bytes.data(), 16);
+      fiber.committed.pop_front();
+    }
+  }
+
   template <class V>
   V read(unsigned lane) const {
     V value;
@@ -135,6 +160,10 @@ class Block {
 
  private:
   using Slot = std::array<unsigned char, 64>;
+  struct AsyncCopy {
+    unsigned char* shared;
+    std::array<unsigned char, 16> bytes;  // zero for a zero-filled (invalid) source
+  };
   struct Fiber {
     ucontext_t context{};
     std::unique_ptr<char[]> stack;
@@ -143,6 +172,8 @@ class Block {
     unsigned slot_set = 0;
     Barrier* waiting_on = nullptr;
     unsigned long waiting_generation = 0;
+    std::vector<AsyncCopy> open_copies;
+    std::deque<std::vector<AsyncCopy>> committed;
   };
 
   static void trampoline() {
@@ -309,16 +340,15 @@ inline float fast_exp2(float x) {
 }
 
 inline void cp_async_16(void* shared, const void* global, bool valid) {
-  if (valid)
-    std::memcpy(shared, global, 16);
-  else
-    std::memset(shared, 0, 16);
+  emulation::Block::current().async_copy(shared, global, valid);
 }
 inline void store_16(void* global, const std::uint32_t (&words)[4]) {
   std::memcpy(global, words, 16);
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() { emulation::Block::current().async_commit(); }
 template <int Pending>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  emulation::Block::current().async_wait(Pending);
+}
 
 }  // namespace dilated_attention::cuda::device
