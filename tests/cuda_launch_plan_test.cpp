@@ -217,6 +217,7 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
             EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
             const std::int64_t limit = dc::key_limit(work.keys, x, causal);
             EXPECT_GT(limit, 0);
+            EXPECT_EQ(dc::selected_key_limit(work.keys, x, causal), limit);
             EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
             // A warp streams up to its slice's limit: never less than any of its rows needs.
             EXPECT_LE(limit, dc::slice_key_limit(work, window, n / dc::kSliceRows, causal));

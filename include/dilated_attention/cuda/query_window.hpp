@@ -60,9 +60,11 @@ DILATED_ATTENTION_HOST_DEVICE QueryWindow query_window(const ForwardParams& p,
   QueryWindow window;
   window.stride = p.row_stride;
   window.residues = window_residues(p.row_stride);
-  const std::int64_t groups = p.row_stride / window.residues;
+  const auto groups = static_cast<std::uint32_t>(p.row_stride / window.residues);
+  const auto at = static_cast<std::uint32_t>(index);  // below the grid's 2^31
   const std::int64_t rows_per_residue = kWindowRows / window.residues;
-  window.base = (index / groups) * p.row_stride * rows_per_residue + (index % groups) * window.residues;
+  window.base = static_cast<std::int64_t>(at / groups) * p.row_stride * rows_per_residue +
+                static_cast<std::int64_t>(at % groups) * window.residues;
   if (window.base >= p.seq_len) return window;
   // Whole steps j (all K residues below seq_len), then the residues of the last partial step.
   const std::int64_t rest = p.seq_len - window.base;
@@ -79,10 +81,25 @@ DILATED_ATTENTION_HOST_DEVICE SegmentRange segments_overlapping(const BranchGeom
   return {g.segment_of(window.position(0)), g.segment_of(window.position(window.count - 1))};
 }
 
-// Whether window row `row` is a query of the block `keys` (one segment's rows for one offset).
+// Whether window row `row` is a query of the block `keys` (one segment's rows for one offset):
+// Progression::contains in 32 bits (positions, strides and counts are below 2^31:
+// check_backend_limits), which keeps the kernel's per-work ballots off 64-bit division.
 DILATED_ATTENTION_HOST_DEVICE bool selects(const Progression& keys, const QueryWindow& window,
                                            int row) {
-  return row < window.count && keys.contains(window.position(row));
+  if (row >= window.count || keys.count <= 0) return false;
+  const std::int64_t from_first = window.position(row) - keys.first;
+  if (from_first < 0) return false;
+  const auto distance = static_cast<std::uint32_t>(from_first);
+  const auto stride = static_cast<std::uint32_t>(keys.stride);
+  return distance % stride == 0 && distance / stride < static_cast<std::uint32_t>(keys.count);
+}
+
+// key_limit (launch_plan.hpp) of a position x that `keys` contains, in 32 bits as above.
+DILATED_ATTENTION_HOST_DEVICE int selected_key_limit(const Progression& keys, std::int64_t x,
+                                                     bool causal) {
+  const auto distance = static_cast<std::uint32_t>(x - keys.first);
+  return causal ? static_cast<int>(distance / static_cast<std::uint32_t>(keys.stride)) + 1
+                : static_cast<int>(keys.count);
 }
 
 DILATED_ATTENTION_HOST_DEVICE int popcount64(std::uint64_t x) {
@@ -118,12 +135,10 @@ DILATED_ATTENTION_HOST_DEVICE int nth_set_bit(std::uint64_t mask, int n) {
 struct QueryWork {
   Progression keys;
   std::uint64_t rows = 0;
-  int queries = 0;             // set bits of rows
-  std::int64_t key_count = 0;  // keys streamed: all, or when causal those up to the last query
+  int queries = 0;    // set bits of rows
+  int key_count = 0;  // keys streamed: all, or when causal those up to the last query
   DILATED_ATTENTION_HOST_DEVICE bool empty() const { return queries == 0; }
-  DILATED_ATTENTION_HOST_DEVICE std::int64_t tiles() const {
-    return (key_count + kKeyTile - 1) / kKeyTile;
-  }
+  DILATED_ATTENTION_HOST_DEVICE int tiles() const { return (key_count + kKeyTile - 1) / kKeyTile; }
   DILATED_ATTENTION_HOST_DEVICE int slices() const { return (queries + kSliceRows - 1) / kSliceRows; }
 };
 
@@ -146,28 +161,28 @@ DILATED_ATTENTION_HOST_DEVICE QueryWork query_work(const Progression& keys, std:
   if (work.queries == 0) return work;
   // Positions increase with the row index, so the last query has the largest key set.
   const std::int64_t last = window.position(nth_set_bit(rows, work.queries - 1));
-  work.key_count = causal ? keys.count_up_to(last) : keys.count;
+  work.key_count = selected_key_limit(keys, last, causal);
   return work;
 }
 
 // Keys attended by any query of slice `slice` (0 for a slice without queries): the limit of its
 // last query, since limits grow with the position. A warp streams no further than this.
-DILATED_ATTENTION_HOST_DEVICE std::int64_t slice_key_limit(const QueryWork& work,
-                                                           const QueryWindow& window, int slice,
-                                                           bool causal) {
+DILATED_ATTENTION_HOST_DEVICE int slice_key_limit(const QueryWork& work,
+                                                  const QueryWindow& window, int slice,
+                                                  bool causal) {
   if (slice * kSliceRows >= work.queries) return 0;
   const int last = slice * kSliceRows + kSliceRows - 1 < work.queries - 1
                        ? slice * kSliceRows + kSliceRows - 1
                        : work.queries - 1;
-  return key_limit(work.keys, window.position(nth_set_bit(work.rows, last)), causal);
+  return selected_key_limit(work.keys, window.position(nth_set_bit(work.rows, last)), causal);
 }
 
 // Keys a slice multiplies in key tile `tile`: its limit inside the tile rounded up to the 16-key
 // step (0: the warp skips the tile).
-DILATED_ATTENTION_HOST_DEVICE int slice_tile_keys(std::int64_t slice_limit, std::int64_t tile) {
-  const std::int64_t rest = slice_limit - tile * kKeyTile;
+DILATED_ATTENTION_HOST_DEVICE int slice_tile_keys(int slice_limit, int tile) {
+  const int rest = slice_limit - tile * kKeyTile;
   if (rest <= 0) return 0;
-  return rest >= kKeyTile ? kKeyTile : static_cast<int>((rest + kKeyStep - 1) / kKeyStep * kKeyStep);
+  return rest >= kKeyTile ? kKeyTile : (rest + kKeyStep - 1) / kKeyStep * kKeyStep;
 }
 
 }  // namespace dilated_attention::cuda

@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(kThreads)
   const T* const v_base = static_cast<const T*>(p.v) + unit.batch * p.v_batch + kv_head * p.v_head;
   const bool mean = p.mixing == Mixing::mean;
 
-  // Copy loops rolled at head_dim 128, unrolled below: the choice without spills (ptxas -v).
-  constexpr bool kRolled = D == 128;
+  // Copy loops rolled at head_dim 96 and 128, unrolled below: the choice without spills (ptxas -v).
+  constexpr bool kRolled = D >= 96;
   load_window_rows<T, D, kRolled>(q_tile, q_base, p.q_seq, window, p.q_vector);
   cp_async_commit();
   // Every record starts empty: no key seen (max -inf, sum 0), zero accumulators; for mean a zero
@@ -104,9 +104,10 @@ __global__ void __launch_bounds__(kThreads)
   float row_sum[2] = {0.f, 0.f};
   float acc[kDimTiles][4];
   int row_index[2] = {-1, -1};  // their window rows, -1 for none
-  std::uint64_t held = 0;       // softmax: the packing whose state the registers hold (0: none)
   std::uint32_t q_frag[D / 16][4];
-  std::uint64_t q_rows = 0;     // the packing q_frag was loaded for
+  // The packing (QueryWork::rows) that row_index and q_frag are for, 0 for none; for softmax the
+  // registers hold the state of its rows (mean closes every work's rows at its end).
+  std::uint64_t packed = 0;
 
   // The registers' rows into their records (every lane takes part: the sums are shuffled).
   auto save_rows = [&] {
@@ -145,171 +146,207 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  int stage = 0;
-  for (int i = 0; i < p.num_branches; ++i) {
-    const BranchGeometry geometry = p.branch(i);
-    const std::int64_t offset = p.offset(i, unit.head);
-    if (offset < 0) continue;  // uniform
-    const SegmentRange segments = segments_overlapping(geometry, window);
-    for (std::int64_t s = segments.first; s <= segments.last; ++s) {
-      const Progression keys = geometry.rows(s, offset);
-      const QueryWork work = query_work(keys, ballot_rows(keys, window, lane), window, p.causal);
-      if (work.empty()) continue;  // uniform across the block
-
-      // Repack: this thread's rows are queries warp * 16 + g and + 8 of the work.
-      if (mean || work.rows != held) {  // uniform
-        if (held != 0) {
-          save_rows();
-          __syncthreads();  // the records are written before their new owners read them
+  // The works of the block, in branch and segment order: the next one with queries after the
+  // cursor (every warp ballots the same masks, so the answer is uniform).
+  int cursor_branch = 0;
+  std::int64_t cursor_segment = -1;  // -1: the branch's first segment overlapping the window
+  auto next_work = [&](QueryWork& found) -> bool {
+    for (; cursor_branch < p.num_branches; ++cursor_branch, cursor_segment = -1) {
+      const std::int64_t offset = p.offset(cursor_branch, unit.head);
+      if (offset < 0) continue;
+      const BranchGeometry geometry = p.branch(cursor_branch);
+      const SegmentRange segments = segments_overlapping(geometry, window);
+      if (cursor_segment < segments.first) cursor_segment = segments.first;
+      for (; cursor_segment <= segments.last; ++cursor_segment) {
+        const Progression keys = geometry.rows(cursor_segment, offset);
+        found = query_work(keys, ballot_rows(keys, window, lane), window, p.causal);
+        if (!found.empty()) {
+          ++cursor_segment;
+          return true;
         }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int n = warp * kSliceRows + g + 8 * r;
-          const int row = n < work.queries ? nth_set_bit(work.rows, n) : -1;
-          row_index[r] = row;
-          // Mean: every work starts afresh. Softmax: the row's state so far.
-          row_max[r] = row >= 0 && !mean ? record_max[row] : -kInf;
-          row_sum[r] = row >= 0 && !mean && t == 0 ? record_sum[row] : 0.f;
-#pragma unroll
-          for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-              acc[dn][2 * r + c] = row >= 0 && !mean ? record_acc[row * D + dn * 8 + 2 * t + c] : 0.f;
-        }
-        held = mean ? 0 : work.rows;
       }
-      if (work.rows != q_rows) {  // uniform: the Q fragments of the packed rows
-        const int n = warp * kSliceRows + (lane % 8) + ((lane / 8) % 2) * 8;
-        const int row = n < work.queries ? nth_set_bit(work.rows, n) : 0;
+    }
+    return false;
+  };
+  // Key tile `tile` of a work into stage `into`: K and V in separate cp.async groups, so that
+  // S = QK^T starts while V is still in flight.
+  auto issue_tile = [&](const QueryWork& of, std::int64_t tile, int into) {
+    const Progression streamed = of.keys.prefix(of.key_count);
+    load_rows<T, D, kKeyTile, kRolled>(k_stages + into * kKeyTile * kPitch, k_base, p.k_seq,
+                                       streamed, tile * kKeyTile, p.k_vector);
+    cp_async_commit();
+    load_rows<T, D, kKeyTile, kRolled>(v_stages + into * kKeyTile * kPitch, v_base, p.v_seq,
+                                       streamed, tile * kKeyTile, p.v_vector);
+    cp_async_commit();
+  };
+
+  QueryWork work;
+  bool more = next_work(work);
+  int stage = 0;
+  if (more) issue_tile(work, 0, stage);
+  while (more) {
+    // Repack: this thread's rows are queries warp * 16 + g and + 8 of the work, its warp's Q
+    // fragments those of queries warp * 16 .. + 15.
+    if (work.rows != packed) {  // uniform
+      if (!mean && packed != 0) {
+        save_rows();
+        __syncthreads();  // the records are written before their new owners read them
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int n = warp * kSliceRows + g + 8 * r;
+        row_index[r] = n < work.queries ? nth_set_bit(work.rows, n) : -1;
+      }
+      const int n = warp * kSliceRows + (lane % 8) + ((lane / 8) % 2) * 8;
+      const int row = n < work.queries ? nth_set_bit(work.rows, n) : 0;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        ldmatrix_x4(q_frag[kk], q_tile + row * kPitch + kk * 16 + (lane / 16) * 8);
+    }
+    if (mean || work.rows != packed) {  // uniform
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        // Mean: every work starts afresh. Softmax: the row's state so far.
+        const int row = mean ? -1 : row_index[r];
+        row_max[r] = row >= 0 ? record_max[row] : -kInf;
+        row_sum[r] = row >= 0 && t == 0 ? record_sum[row] : 0.f;
+#pragma unroll
+        for (int dn = 0; dn < kDimTiles; ++dn)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            acc[dn][2 * r + c] = row >= 0 ? record_acc[row * D + dn * 8 + 2 * t + c] : 0.f;
+      }
+      packed = work.rows;
+    }
+
+    // Key limits in 32 bits: a block has fewer than 2^31 keys (check_backend_limits).
+    const int limit[2] = {
+        row_index[0] >= 0 ? selected_key_limit(work.keys, window.position(row_index[0]), p.causal) : 0,
+        row_index[1] >= 0 ? selected_key_limit(work.keys, window.position(row_index[1]), p.causal) : 0};
+    const int warp_limit = slice_key_limit(work, window, warp, p.causal);
+    const int tiles = work.tiles();
+    QueryWork next;
+    bool next_more = false;
+
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int current = stage;
+      cp_async_wait<1>();  // this tile's K (its V may still be in flight)
+      __syncthreads();     // ... visible to all, and every warp is done with the other stage
+      // Prefetch into the other stage: the work's next tile, or the next work's first one.
+      bool prefetched = true;
+      if (tile + 1 < tiles) {
+        issue_tile(work, tile + 1, stage ^ 1);
+      } else {
+        next_more = next_work(next);
+        if (next_more) issue_tile(next, 0, stage ^ 1);
+        prefetched = next_more;
+      }
+
+      // Keys this warp multiplies in the tile (16-key steps); 0: its slice attends none.
+      const int warp_keys = slice_tile_keys(warp_limit, tile);
+      const T* const k_tile = k_stages + current * kKeyTile * kPitch;
+      const T* const v_tile = v_stages + current * kKeyTile * kPitch;
+      float score[kKeyTiles][4];
+      float factor[2];
+      if (warp_keys > 0) {  // uniform in the warp
+        // S = Q K^T for this warp's 16 rows and the tile's keys up to warp_keys.
+#pragma unroll
+        for (int nt = 0; nt < kKeyTiles; ++nt)
+          score[nt][0] = score[nt][1] = score[nt][2] = score[nt][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          ldmatrix_x4(q_frag[kk], q_tile + row * kPitch + kk * 16 + (lane / 16) * 8);
-        q_rows = work.rows;
+#pragma unroll
+          for (int np = 0; np < kKeyTiles / 2; ++np) {
+            if (np * kKeyStep >= warp_keys) continue;
+            std::uint32_t b[4];
+            ldmatrix_x4(b, k_tile + (np * 16 + (lane % 8) + (lane / 16) * 8) * kPitch + kk * 16 +
+                               ((lane / 8) % 2) * 8);
+            Mma::run(score[2 * np], q_frag[kk], b[0], b[1]);
+            Mma::run(score[2 * np + 1], q_frag[kk], b[2], b[3]);
+          }
+
+        // Mask: key j of the block is attended by a row iff j < its limit (0 for rows past the
+        // work's queries). Then the running max of each row.
+        const int j0 = tile * kKeyTile;
+        int local_limit[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int rest = limit[r] - j0;
+          local_limit[r] = rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : rest);
+        }
+        float tile_max[2] = {-kInf, -kInf};
+#pragma unroll
+        for (int nt = 0; nt < kKeyTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = nt * 8 + 2 * t + (e & 1);
+            const float value = j < local_limit[e >> 1] ? score[nt][e] : -kInf;
+            score[nt][e] = value;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], value);
+          }
+        float pivot[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float new_max = fmaxf(row_max[r], row_max4(tile_max[r]));
+          // A row that has seen no key yet keeps max -inf: exponentiate against 0 so that its
+          // masked scores give exp2(-inf) = 0 rather than NaN.
+          factor[r] = new_max == -kInf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
+          pivot[r] = new_max == -kInf ? 0.f : new_max * p.scale_log2;
+          row_max[r] = new_max;
+          row_sum[r] *= factor[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < kKeyTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            // One FFMA and one MUFU.EX2 per score: exp2(s scale log2e - max scale log2e).
+            const float prob = fast_exp2(fmaf(score[nt][e], p.scale_log2, -pivot[e >> 1]));
+            score[nt][e] = prob;
+            row_sum[e >> 1] += prob;
+          }
       }
 
-      const Progression streamed = work.keys.prefix(work.key_count);
-      const std::int64_t limit[2] = {
-          row_index[0] >= 0 ? key_limit(work.keys, window.position(row_index[0]), p.causal) : 0,
-          row_index[1] >= 0 ? key_limit(work.keys, window.position(row_index[1]), p.causal) : 0};
-      const std::int64_t warp_limit = slice_key_limit(work, window, warp, p.causal);
-      const std::int64_t tiles = work.tiles();
+      // This tile's V: its group is the oldest but the prefetch's two.
+      if (prefetched)
+        cp_async_wait<2>();
+      else
+        cp_async_wait<0>();
+      __syncthreads();
 
-      load_rows<T, D, kKeyTile, kRolled>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq,
-                                         streamed, 0, p.k_vector);
-      load_rows<T, D, kKeyTile, kRolled>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq,
-                                         streamed, 0, p.v_vector);
-      cp_async_commit();
-      for (std::int64_t tile = 0; tile < tiles; ++tile) {
-        const int current = stage;
-        if (tile + 1 < tiles) {  // prefetch the next tile into the other stage
-          const std::int64_t next_j0 = (tile + 1) * kKeyTile;
-          load_rows<T, D, kKeyTile, kRolled>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base,
-                                             p.k_seq, streamed, next_j0, p.k_vector);
-          load_rows<T, D, kKeyTile, kRolled>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base,
-                                             p.v_seq, streamed, next_j0, p.v_vector);
-          cp_async_commit();
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
-        __syncthreads();
-
-        // Keys this warp multiplies in the tile (16-key steps); 0: its slice attends none.
-        const int warp_keys = slice_tile_keys(warp_limit, tile);
-        if (warp_keys > 0) {  // uniform in the warp
-          const T* const k_tile = k_stages + current * kKeyTile * kPitch;
-          const T* const v_tile = v_stages + current * kKeyTile * kPitch;
-
-          // S = Q K^T for this warp's 16 rows and the tile's keys up to warp_keys.
-          float score[kKeyTiles][4];
+      if (warp_keys > 0) {
 #pragma unroll
-          for (int nt = 0; nt < kKeyTiles; ++nt)
-            score[nt][0] = score[nt][1] = score[nt][2] = score[nt][3] = 0.f;
+        for (int dn = 0; dn < kDimTiles; ++dn)
 #pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk)
+          for (int e = 0; e < 4; ++e) acc[dn][e] *= factor[e >> 1];
+        // O += P V: the score accumulators become A fragments (the C and A layouts agree); key
+        // steps past warp_keys hold only zeros and are skipped.
 #pragma unroll
-            for (int np = 0; np < kKeyTiles / 2; ++np) {
-              if (np * kKeyStep >= warp_keys) continue;
-              std::uint32_t b[4];
-              ldmatrix_x4(b, k_tile + (np * 16 + (lane % 8) + (lane / 16) * 8) * kPitch +
-                                 kk * 16 + ((lane / 8) % 2) * 8);
-              Mma::run(score[2 * np], q_frag[kk], b[0], b[1]);
-              Mma::run(score[2 * np + 1], q_frag[kk], b[2], b[3]);
-            }
-
-          // Mask: key j of the block is attended by a row iff j < its limit (0 for rows past
-          // the work's queries). Then the running max of each row.
-          const std::int64_t j0 = tile * kKeyTile;
-          int local_limit[2];
+        for (int ks = 0; ks < kKeyTile / 16; ++ks) {
+          if (ks * kKeyStep >= warp_keys) continue;
+          const std::uint32_t a[4] = {Mma::pack(score[2 * ks][0], score[2 * ks][1]),
+                                      Mma::pack(score[2 * ks][2], score[2 * ks][3]),
+                                      Mma::pack(score[2 * ks + 1][0], score[2 * ks + 1][1]),
+                                      Mma::pack(score[2 * ks + 1][2], score[2 * ks + 1][3])};
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const std::int64_t rest = limit[r] - j0;
-            local_limit[r] = rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : static_cast<int>(rest));
-          }
-          float tile_max[2] = {-kInf, -kInf};
-#pragma unroll
-          for (int nt = 0; nt < kKeyTiles; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int j = nt * 8 + 2 * t + (e & 1);
-              const float value = j < local_limit[e >> 1] ? score[nt][e] : -kInf;
-              score[nt][e] = value;
-              tile_max[e >> 1] = fmaxf(tile_max[e >> 1], value);
-            }
-          float factor[2], pivot[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float new_max = fmaxf(row_max[r], row_max4(tile_max[r]));
-            // A row that has seen no key yet keeps max -inf: exponentiate against 0 so that
-            // its masked scores give exp2(-inf) = 0 rather than NaN.
-            factor[r] = new_max == -kInf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
-            pivot[r] = new_max == -kInf ? 0.f : new_max * p.scale_log2;
-            row_max[r] = new_max;
-            row_sum[r] *= factor[r];
-          }
-#pragma unroll
-          for (int nt = 0; nt < kKeyTiles; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              // One FFMA and one MUFU.EX2 per score: exp2(s scale log2e - max scale log2e).
-              const float prob = fast_exp2(fmaf(score[nt][e], p.scale_log2, -pivot[e >> 1]));
-              score[nt][e] = prob;
-              row_sum[e >> 1] += prob;
-            }
-#pragma unroll
-          for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[dn][e] *= factor[e >> 1];
-
-          // O += P V: the score accumulators become A fragments (the C and A layouts agree);
-          // key steps past warp_keys hold only zeros and are skipped.
-#pragma unroll
-          for (int ks = 0; ks < kKeyTile / 16; ++ks) {
-            if (ks * kKeyStep >= warp_keys) continue;
-            const std::uint32_t a[4] = {Mma::pack(score[2 * ks][0], score[2 * ks][1]),
-                                        Mma::pack(score[2 * ks][2], score[2 * ks][3]),
-                                        Mma::pack(score[2 * ks + 1][0], score[2 * ks + 1][1]),
-                                        Mma::pack(score[2 * ks + 1][2], score[2 * ks + 1][3])};
-#pragma unroll
-            for (int dp = 0; dp < D / 16; ++dp) {
-              std::uint32_t b[4];
-              ldmatrix_x4_trans(b, v_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch +
-                                       dp * 16 + (lane / 16) * 8);
-              Mma::run(acc[2 * dp], a, b[0], b[1]);
-              Mma::run(acc[2 * dp + 1], a, b[2], b[3]);
-            }
+          for (int dp = 0; dp < D / 16; ++dp) {
+            std::uint32_t b[4];
+            ldmatrix_x4_trans(b, v_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch +
+                                     dp * 16 + (lane / 16) * 8);
+            Mma::run(acc[2 * dp], a, b[0], b[1]);
+            Mma::run(acc[2 * dp + 1], a, b[2], b[3]);
           }
         }
-        __syncthreads();  // every warp is done with this stage before it is refilled
-        stage ^= 1;
       }
-      if (mean) close_rows();
+      stage ^= 1;
     }
+    if (mean) close_rows();
+    work = next;
+    more = next_more;
   }
 
   // Epilogue: every row of the window is written exactly once, from its record, rows no branch
   // selected as (0, -inf); 16-byte stores of 8 outputs when out's rows are aligned.
-  if (held != 0) save_rows();
+  if (!mean && packed != 0) save_rows();
   __syncthreads();
   T* const out_base = static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head;
   for (int c = tid; c < window.count * kChunks; c += kThreads) {
