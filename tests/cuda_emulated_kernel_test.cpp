@@ -69,6 +69,9 @@ dt::KernelResult<T> run_emulated(const dt::Case& c, const dt::DeviceTestInputs<T
                               : dc::device::shared_raw;
   EXPECT_LE(plan.shared_bytes, sizeof(dc::device::shared_raw));
   const Kernel kernel = kernel_for<T>(c.shape.head_dim);
+  const emulation::ReadableScope readable{std::pair{in.q.storage.data(), in.q.storage.size()},
+                                          std::pair{in.k.storage.data(), in.k.storage.size()},
+                                          std::pair{in.v.storage.data(), in.v.storage.size()}};
   emulation::launch(static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads), shared,
                     plan.shared_bytes, [&] { kernel(plan.params); });
   return result;

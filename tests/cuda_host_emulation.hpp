@@ -33,7 +33,9 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <initializer_list>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #define DILATED_ATTENTION_CUDA_HOST_EMULATION 1
@@ -56,6 +58,40 @@ struct Dim3 {
 struct Barrier {
   int arrived = 0;
   unsigned long generation = 0;
+};
+
+// Global memory a kernel may read by cp.async: when any range is registered, every valid
+// cp.async source must lie inside one of them (a read past a tensor fails the test at once).
+struct GlobalRange {
+  const unsigned char* begin;
+  const unsigned char* end;
+};
+inline std::vector<GlobalRange>& readable_ranges() {
+  static std::vector<GlobalRange> ranges;
+  return ranges;
+}
+inline void check_readable(const void* source, std::size_t bytes) {
+  const auto& ranges = readable_ranges();
+  if (ranges.empty()) return;
+  const auto* at = static_cast<const unsigned char*>(source);
+  for (const GlobalRange& range : ranges)
+    if (at >= range.begin && at + bytes <= range.end) return;
+  std::fprintf(stderr, "emulation: cp.async reads %zu bytes at %p, outside every input tensor\n",
+               bytes, source);
+  std::abort();
+}
+// Registers [data, data + count) for the lifetime of the object.
+class ReadableScope {
+ public:
+  template <class T>
+  ReadableScope(std::initializer_list<std::pair<const T*, std::size_t>> tensors) {
+    for (const auto& [data, count] : tensors)
+      readable_ranges().push_back({reinterpret_cast<const unsigned char*>(data),
+                                   reinterpret_cast<const unsigned char*>(data + count)});
+  }
+  ~ReadableScope() { readable_ranges().clear(); }
+  ReadableScope(const ReadableScope&) = delete;
+  ReadableScope& operator=(const ReadableScope&) = delete;
 };
 
 // One thread block: `threads` fibers sharing the calling OS thread.
@@ -133,7 +169,10 @@ class Block {
   void async_copy(void* shared, const void* global, bool valid) {
     Fiber& fiber = fibers_[running_];
     AsyncCopy copy{static_cast<unsigned char*>(shared), {}};
-    if (valid) std::memcpy(copy.bytes.data(), global, 16);  // inputs do not change during a launch
+    if (valid) {
+      check_readable(global, 16);
+      std::memcpy(copy.bytes.data(), global, 16);  // inputs do not change during a launch
+    }
     fiber.open_copies.push_back(copy);
   }
   void async_commit() {

@@ -169,14 +169,26 @@ __global__ void __launch_bounds__(kThreads)
     return false;
   };
   // Key tile `tile` of a work into stage `into`: K and V in separate cp.async groups, so that
-  // S = QK^T starts while V is still in flight.
-  auto issue_tile = [&](const QueryWork& of, std::int64_t tile, int into) {
-    const Progression streamed = of.keys.prefix(of.key_count);
-    load_rows<T, D, kKeyTile, kRolled>(k_stages + into * kKeyTile * kPitch, k_base, p.k_seq,
-                                       streamed, tile * kKeyTile, p.k_vector);
+  // S = QK^T starts while V is still in flight. Tiles are issued in order, each work's from 0.
+  KeyTileStream<T, D, kRolled> k_stream, v_stream;
+  auto issue_tile = [&](const QueryWork& of, int tile, int into) {
+    T* const k_into = k_stages + into * kKeyTile * kPitch;
+    T* const v_into = v_stages + into * kKeyTile * kPitch;
+    if (p.k_vector) {
+      if (tile == 0) k_stream.start(k_base, p.k_seq, of.keys, of.key_count);
+      k_stream.issue(k_into, k_base);
+    } else {
+      load_rows<T, D, kKeyTile, kRolled>(k_into, k_base, p.k_seq, of.keys.prefix(of.key_count),
+                                         tile * kKeyTile, false);
+    }
     cp_async_commit();
-    load_rows<T, D, kKeyTile, kRolled>(v_stages + into * kKeyTile * kPitch, v_base, p.v_seq,
-                                       streamed, tile * kKeyTile, p.v_vector);
+    if (p.v_vector) {
+      if (tile == 0) v_stream.start(v_base, p.v_seq, of.keys, of.key_count);
+      v_stream.issue(v_into, v_base);
+    } else {
+      load_rows<T, D, kKeyTile, kRolled>(v_into, v_base, p.v_seq, of.keys.prefix(of.key_count),
+                                         tile * kKeyTile, false);
+    }
     cp_async_commit();
   };
 

@@ -72,6 +72,61 @@ __device__ __forceinline__ void load_window_rows(T* tile, const T* base, std::in
   }
 }
 
+// The key tiles of one block for one tensor (K or V), streamed with a per-thread row pointer:
+// thread tid copies 16-byte chunk tid % kChunks of rows tid / kChunks + i * kPass of every tile,
+// so one pointer, advanced by kPass rows per chunk and by a tile per tile, replaces load_rows'
+// 64-bit index math (two 64-bit products) of every chunk. Only for 16-byte aligned rows
+// (cp.async); rows past the block are zero-filled. At head_dim 96 (12 chunks per row) the first
+// 120 threads copy, 10 rows per pass. `Rolled` keeps the chunk loop rolled (as load_rows').
+template <class T, int D, bool Rolled = false>
+class KeyTileStream {
+ public:
+  static constexpr int kPitch = D + 8;
+  static constexpr int kChunks = D / 8;                  // 16-byte chunks per row
+  static constexpr int kPass = kThreads / kChunks;       // rows the block copies per pass
+  static constexpr int kIterations = (kKeyTile + kPass - 1) / kPass;
+  static constexpr bool kExact = kPass * kChunks == kThreads && kKeyTile % kPass == 0;
+
+  // The block's first `count` keys (`keys`: rows first + j * stride), tile 0 next.
+  __device__ __forceinline__ void start(const T* base, std::int64_t seq_stride,
+                                        const Progression& keys, int count) {
+    const int tid = threadIdx.x;
+    const int row = tid < kPass * kChunks ? tid / kChunks : kKeyTile;  // kKeyTile: copies nothing
+    const int col = (tid % kChunks) * 8;
+    const std::int64_t key_step = keys.stride * seq_stride;  // elements between consecutive keys
+    next_ = base + (keys.first + (row < kKeyTile ? row : 0) * keys.stride) * seq_stride + col;
+    pass_step_ = kPass * key_step;
+    tile_step_ = kKeyTile * key_step;
+    remaining_ = count - row;
+    shared_ = row * kPitch + col;
+  }
+
+  // The next tile into `tile` (a stage of kKeyTile rows with pitch D + 8); `fallback` is any
+  // valid address, given for the zero-filled chunks (they read nothing).
+  __device__ __forceinline__ void issue(T* tile, const T* fallback) {
+    constexpr int kUnroll = Rolled ? 1 : kIterations;
+    (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
+    const T* source = next_;
+#pragma unroll kUnroll
+    for (int i = 0; i < kIterations; ++i) {
+      const bool inside = kExact || shared_ + i * kPass * kPitch < kKeyTile * kPitch;
+      if (inside) {
+        const bool valid = i * kPass < remaining_;
+        cp_async_16(tile + shared_ + i * kPass * kPitch, valid ? source : fallback, valid);
+      }
+      source += pass_step_;
+    }
+    next_ += tile_step_;
+    remaining_ -= kKeyTile;
+  }
+
+ private:
+  const T* next_;  // this thread's first chunk of the next tile
+  std::int64_t pass_step_, tile_step_;
+  int remaining_;  // keys of the block from this thread's first row of the next tile on
+  int shared_;     // its offset in a stage
+};
+
 // Eight consecutive outputs from fp32 values times `scale`: one 16-byte store with vector_io.
 template <class T>
 __device__ __forceinline__ void store_eight(T* to, const float* from, float scale,
