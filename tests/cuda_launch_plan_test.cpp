@@ -268,6 +268,20 @@ TEST(CudaLaunchPlan, PackedRowsAndSliceKeySteps) {
   EXPECT_EQ(dc::slice_tile_keys(64, 1), 0);
   EXPECT_EQ(dc::slice_tile_keys(65, 1), 16);
   EXPECT_EQ(dc::slice_tile_keys(1000, 3), 64);
+  // A rate past 2^31 (r <= w, w unbounded): the block's first row only, in 32-bit arithmetic too.
+  const da::BranchGeometry huge{std::int64_t{1} << 40, (std::int64_t{1} << 32) + 5, 1000};
+  const da::Progression lone = huge.rows(0, 7);
+  ASSERT_EQ(lone.count, 1);
+  dc::QueryWindow dense;
+  dense.count = 64;
+  dense.base = 0;
+  for (int row = 0; row < 64; ++row) EXPECT_EQ(dc::selects(lone, dense, row), row == 7) << row;
+  EXPECT_EQ(dc::selected_key_limit(lone, 7, true), 1);
+  EXPECT_EQ(dc::selected_key_limit(lone, 7, false), 1);
+  const da::Progression power{3, std::int64_t{1} << 32, 1};  // would truncate to a stride of 0
+  EXPECT_TRUE(dc::selects(power, dense, 3));
+  EXPECT_FALSE(dc::selects(power, dense, 4));
+  EXPECT_EQ(dc::selected_key_limit(power, 3, true), 1);
   // R = 12 (the paper's rates): K = 4 residues, 16 rows each; R = 6: 2 residues; R = 3: 1.
   EXPECT_EQ(dc::window_residues(12), 4);
   EXPECT_EQ(dc::window_residues(6), 2);

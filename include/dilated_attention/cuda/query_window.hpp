@@ -81,16 +81,23 @@ DILATED_ATTENTION_HOST_DEVICE SegmentRange segments_overlapping(const BranchGeom
   return {g.segment_of(window.position(0)), g.segment_of(window.position(window.count - 1))};
 }
 
+// A block's stride for 32-bit arithmetic: positions lie below 2^31 (check_backend_limits), so a
+// stride of 2^31 or more (r may be as large as w) leaves only the block's first row in range,
+// which 2^31 keeps: every other distance is neither a multiple of it nor past its first quotient.
+DILATED_ATTENTION_HOST_DEVICE std::uint32_t stride32(const Progression& keys) {
+  return keys.stride < (std::int64_t{1} << 31) ? static_cast<std::uint32_t>(keys.stride)
+                                               : std::uint32_t{1} << 31;
+}
+
 // Whether window row `row` is a query of the block `keys` (one segment's rows for one offset):
-// Progression::contains in 32 bits (positions, strides and counts are below 2^31:
-// check_backend_limits), which keeps the kernel's per-work ballots off 64-bit division.
+// Progression::contains in 32 bits, which keeps the kernel's per-work ballots off 64-bit division.
 DILATED_ATTENTION_HOST_DEVICE bool selects(const Progression& keys, const QueryWindow& window,
                                            int row) {
   if (row >= window.count || keys.count <= 0) return false;
   const std::int64_t from_first = window.position(row) - keys.first;
   if (from_first < 0) return false;
   const auto distance = static_cast<std::uint32_t>(from_first);
-  const auto stride = static_cast<std::uint32_t>(keys.stride);
+  const std::uint32_t stride = stride32(keys);
   return distance % stride == 0 && distance / stride < static_cast<std::uint32_t>(keys.count);
 }
 
@@ -98,8 +105,7 @@ DILATED_ATTENTION_HOST_DEVICE bool selects(const Progression& keys, const QueryW
 DILATED_ATTENTION_HOST_DEVICE int selected_key_limit(const Progression& keys, std::int64_t x,
                                                      bool causal) {
   const auto distance = static_cast<std::uint32_t>(x - keys.first);
-  return causal ? static_cast<int>(distance / static_cast<std::uint32_t>(keys.stride)) + 1
-                : static_cast<int>(keys.count);
+  return causal ? static_cast<int>(distance / stride32(keys)) + 1 : static_cast<int>(keys.count);
 }
 
 DILATED_ATTENTION_HOST_DEVICE int popcount64(std::uint64_t x) {

@@ -175,7 +175,7 @@ __global__ void __launch_bounds__(kThreads)
     T* const k_into = k_stages + into * kKeyTile * kPitch;
     T* const v_into = v_stages + into * kKeyTile * kPitch;
     if (p.k_vector) {
-      if (tile == 0) k_stream.start(k_base, p.k_seq, of.keys, of.key_count);
+      if (tile == 0) k_stream.start(p.k_seq, of.keys, of.key_count);
       k_stream.issue(k_into, k_base);
     } else {
       load_rows<T, D, kKeyTile, kRolled>(k_into, k_base, p.k_seq, of.keys.prefix(of.key_count),
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     cp_async_commit();
     if (p.v_vector) {
-      if (tile == 0) v_stream.start(v_base, p.v_seq, of.keys, of.key_count);
+      if (tile == 0) v_stream.start(p.v_seq, of.keys, of.key_count);
       v_stream.issue(v_into, v_base);
     } else {
       load_rows<T, D, kKeyTile, kRolled>(v_into, v_base, p.v_seq, of.keys.prefix(of.key_count),

@@ -88,31 +88,34 @@ class KeyTileStream {
   static constexpr bool kExact = kPass * kChunks == kThreads && kKeyTile % kPass == 0;
 
   // The block's first `count` keys (`keys`: rows first + j * stride), tile 0 next.
-  __device__ __forceinline__ void start(const T* base, std::int64_t seq_stride,
-                                        const Progression& keys, int count) {
+  __device__ __forceinline__ void start(std::int64_t seq_stride, const Progression& keys,
+                                        int count) {
     const int tid = threadIdx.x;
     const int row = tid < kPass * kChunks ? tid / kChunks : kKeyTile;  // kKeyTile: copies nothing
     const int col = (tid % kChunks) * 8;
-    const std::int64_t key_step = keys.stride * seq_stride;  // elements between consecutive keys
-    next_ = base + (keys.first + (row < kKeyTile ? row : 0) * keys.stride) * seq_stride + col;
+    // Elements between consecutive keys; 0 for a block of one key (its stride may exceed the
+    // sequence, and no second key is ever addressed).
+    const std::int64_t key_step = keys.count > 1 ? keys.stride * seq_stride : 0;
+    next_ = keys.first * seq_stride + (row < kKeyTile ? row : 0) * key_step + col;
     pass_step_ = kPass * key_step;
     tile_step_ = kKeyTile * key_step;
     remaining_ = count - row;
     shared_ = row * kPitch + col;
   }
 
-  // The next tile into `tile` (a stage of kKeyTile rows with pitch D + 8); `fallback` is any
-  // valid address, given for the zero-filled chunks (they read nothing).
-  __device__ __forceinline__ void issue(T* tile, const T* fallback) {
+  // The next tile into `tile` (a stage of kKeyTile rows with pitch D + 8), from the tensor's rows
+  // at `base` (position y at base + y * seq_stride); zero-filled chunks read nothing and are given
+  // `base` itself. Offsets stay integers until a chunk is valid: no pointer past the tensor.
+  __device__ __forceinline__ void issue(T* tile, const T* base) {
     constexpr int kUnroll = Rolled ? 1 : kIterations;
     (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
-    const T* source = next_;
+    std::int64_t source = next_;
 #pragma unroll kUnroll
     for (int i = 0; i < kIterations; ++i) {
       const bool inside = kExact || shared_ + i * kPass * kPitch < kKeyTile * kPitch;
       if (inside) {
         const bool valid = i * kPass < remaining_;
-        cp_async_16(tile + shared_ + i * kPass * kPitch, valid ? source : fallback, valid);
+        cp_async_16(tile + shared_ + i * kPass * kPitch, valid ? base + source : base, valid);
       }
       source += pass_step_;
     }
@@ -121,7 +124,7 @@ class KeyTileStream {
   }
 
  private:
-  const T* next_;  // this thread's first chunk of the next tile
+  std::int64_t next_;  // elements from the tensor's base to this thread's first chunk of the next tile
   std::int64_t pass_step_, tile_step_;
   int remaining_;  // keys of the block from this thread's first row of the next tile on
   int shared_;     // its offset in a stage
