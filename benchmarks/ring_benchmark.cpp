@@ -1,7 +1,8 @@
-// Ring forward over MPI (CPU ranks) against the single-process forward on the same total problem.
-// Run through benchmarks/ring_benchmark.sh, which launches P = 1, 2, 4. Prints, per branch, the
-// bytes each rank sent next to the closed-form count and to what a ring of whole shards would
-// send, and the wall time (slowest rank, best of the repeats).
+// Ring forward and backward over MPI (CPU ranks) against the single-process forward on the same
+// total problem. Run through benchmarks/ring_benchmark.sh, which launches P = 1, 2, 4. Prints, per
+// branch, the bytes each rank sent next to the closed-form count and to what a ring of whole
+// shards would send, and the wall time (slowest rank, best of the repeats); then the same for the
+// ring backward (the K/V rows out and the dK/dV partials back, which must equal them).
 //
 // Usage: mpiexec -n P ring_benchmark [N H D causal repeats overlap]   defaults: 16384 8 64 1 3 1
 // overlap = 1: every exchange posted up front and MPI progress driven between compute blocks
@@ -115,6 +116,46 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
 
+    // The ring backward of the same problem, from the last forward's O and LSE.
+    {
+      std::vector<float> d_out(shard_elements), d_q(shard_elements), d_k(shard_elements), d_v(shard_elements);
+      for (float& x : d_out) x = normal(engine);
+      da::ring::Stats backward_stats, best_backward_stats;
+      double best_backward = 1e300;
+      for (int repeat = 0; repeat < repeats; ++repeat) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        const double start = MPI_Wtime();
+        backward_stats = da::ring::backward<float>(
+            config, global, transport, da::contiguous_view<const float>(q.data(), local, heads),
+            da::contiguous_view<const float>(k.data(), local, heads),
+            da::contiguous_view<const float>(v.data(), local, heads),
+            da::contiguous_view<const float>(out.data(), local, heads), lse.data(),
+            da::contiguous_view<const float>(d_out.data(), local, heads), da::contiguous_view(d_q.data(), local, heads),
+            da::contiguous_view(d_k.data(), local, heads), da::contiguous_view(d_v.data(), local, heads), ring_options);
+        const double mine = MPI_Wtime() - start;
+        double slowest = 0.0;
+        MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        if (slowest < best_backward) best_backward_stats = backward_stats;
+        best_backward = std::min(best_backward, slowest);
+      }
+      if (rank == 0)
+        std::printf("backward P=%d best of %d: %.3f s (%.2fx the forward)\n", num_ranks, repeats, best_backward,
+                    best_backward / best);
+      for (int p = 0; p < num_ranks; ++p) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (p == rank)
+          std::printf("  rank %d backward: blocked in waits %.3f s, progress calls %lld, K/V out %lld B, "
+                      "dK/dV partials back %lld B (%s the K/V out), partials sent %lld B\n",
+                      rank, best_backward_stats.wait_seconds,
+                      static_cast<long long>(best_backward_stats.progress_calls),
+                      static_cast<long long>(backward_stats.bytes_sent),
+                      static_cast<long long>(backward_stats.gradient_bytes_received),
+                      backward_stats.gradient_bytes_received == backward_stats.bytes_sent ? "equal to" : "DIFFERENT FROM",
+                      static_cast<long long>(backward_stats.gradient_bytes_sent));
+        std::fflush(stdout);
+      }
+    }
+
     // The single-process forward of the same total problem, once per launch, on rank 0.
     if (rank == 0 && num_ranks == 1) {
       for (const int threads : {1, 2}) {
@@ -131,6 +172,23 @@ int main(int argc, char** argv) {
         }
         std::printf("single-process dilated_attention::forward, %d thread(s), best of %d: %.3f s\n", threads,
                     repeats, single_best);
+        std::vector<float> d_out(out.size()), d_q(out.size()), d_k(out.size()), d_v(out.size());
+        std::mt19937 gradient_engine(99);
+        for (float& x : d_out) x = normal(gradient_engine);
+        double backward_best = 1e300;
+        for (int repeat = 0; repeat < repeats; ++repeat) {
+          const double start = MPI_Wtime();
+          da::backward<float>(config, global, da::contiguous_view<const float>(q.data(), global, heads),
+                              da::contiguous_view<const float>(k.data(), global, heads),
+                              da::contiguous_view<const float>(v.data(), global, heads),
+                              da::contiguous_view<const float>(out.data(), global, heads), lse.data(),
+                              da::contiguous_view<const float>(d_out.data(), global, heads),
+                              da::contiguous_view(d_q.data(), global, heads), da::contiguous_view(d_k.data(), global, heads),
+                              da::contiguous_view(d_v.data(), global, heads), options);
+          backward_best = std::min(backward_best, MPI_Wtime() - start);
+        }
+        std::printf("single-process dilated_attention::backward, %d thread(s), best of %d: %.3f s\n", threads,
+                    repeats, backward_best);
       }
     }
   }

@@ -354,3 +354,34 @@ TEST(Pattern, ConstructorValidates) {
 }
 
 }  // namespace
+
+// for_each_block_in visits, per head and window, exactly the blocks of Pattern::blocks() that the
+// head takes part in and that have rows in the window, in branch then segment order, with those
+// rows.
+TEST(Pattern, ForEachBlockInMatchesBlocks) {
+  for (const da::OffsetRule rule : {da::OffsetRule::modular, da::OffsetRule::blocked, da::OffsetRule::partitioned}) {
+    da::Config config;
+    config.segment_lengths = {4, 10, 24};
+    config.dilation_rates = {1, 2, 3};
+    config.offsets = rule;
+    const da::Shape shape{1, 29, 5, 5, 4};
+    const da::Pattern pattern(config, shape);
+    for (std::int64_t h = 0; h < shape.num_heads; ++h)
+      for (std::int64_t lo = 0; lo < shape.seq_len; lo += 3)
+        for (const std::int64_t hi : {lo + 1, lo + 7, shape.seq_len}) {
+          if (hi > shape.seq_len) continue;
+          std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected, got;
+          for (const da::Block& block : pattern.blocks()) {
+            const da::Progression inside = block.rows.within(lo, hi);
+            if (block.heads.contains(h) && !inside.empty())
+              expected.emplace_back(block.branch, block.rows.first, inside.first, inside.count);
+          }
+          pattern.for_each_block_in(h, lo, hi, [&](std::int64_t i, const da::Progression& block,
+                                                   const da::Progression& inside) {
+            EXPECT_EQ(block.within(lo, hi), inside);
+            got.emplace_back(i, block.first, inside.first, inside.count);
+          });
+          EXPECT_EQ(got, expected) << da::to_string(rule) << " head " << h << " [" << lo << ", " << hi << ")";
+        }
+  }
+}

@@ -1,9 +1,10 @@
 # Tests of the ring area. Every ring test carries the label `ring`; the tests whose ranks are
-# threads of one process (forward, driver, transport, faults) and the pattern-cache tests also carry
+# threads of one process (forward, backward, driver, transport, faults) and the pattern-cache tests also carry
 # `tsan` (CI reruns them under ThreadSanitizer), and the tests launched through mpiexec carry `mpi`.
 # Every one runs under a CTest TIMEOUT, so a hang fails instead of stalling CI.
 
 dilated_attention_add_test(ring_forward_test SOURCES ring_forward_test.cpp LABELS "ring;tsan" TIMEOUT 120)
+dilated_attention_add_test(ring_backward_test SOURCES ring_backward_test.cpp LABELS "ring;tsan" TIMEOUT 300)
 dilated_attention_add_test(ring_schedule_test SOURCES ring_schedule_test.cpp LABELS ring TIMEOUT 120)
 dilated_attention_add_test(ring_pattern_cache_test SOURCES ring_pattern_cache_test.cpp LABELS "ring;tsan" TIMEOUT 120)
 dilated_attention_add_test(ring_transport_test SOURCES ring_transport_test.cpp LABELS "ring;tsan" TIMEOUT 120)

@@ -1,7 +1,8 @@
 // Fault safety of the ring on in-process ranks (the same scenarios run over MPI in
-// ring_mpi_test): a rank with a different config, shape or bad input, or one that fails in the
-// middle of a forward, makes every rank raise within seconds, no output is written, and the same
-// transports then run a consistent call exactly. Also: a transfer that never completes raises
+// ring_mpi_test): a rank with a different config, shape or bad input, one that calls the other
+// operation, or one that fails in the middle of a forward or a backward, makes every rank raise
+// within seconds, no output is written, and the same transports then run a consistent call
+// exactly. Also: a transfer that never completes raises
 // TransferTimeout, and the transport still works afterwards.
 
 #include <gtest/gtest.h>
@@ -26,24 +27,31 @@ const da::testing::FaultProblem& problem() {
   return instance;
 }
 
-class RingFaults : public ::testing::TestWithParam<std::tuple<int /*ranks*/, Fault, int /*faulty*/>> {};
-
-TEST_P(RingFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
-  const auto [num_ranks, fault, faulty_choice] = GetParam();
-  const int faulty = faulty_choice < 0 ? num_ranks - 1 : faulty_choice;
+// Runs `fault` on rank `faulty` of P in-process ranks (two compute threads each: a failure inside
+// the compute phase must not strand a worker), then a consistent call on the same transports;
+// every rank must see what judge() asks for.
+void expect_every_rank_raises_then_recovers(int num_ranks, Fault fault, int faulty, da::testing::Call call) {
   std::vector<Outcome> failed(static_cast<std::size_t>(num_ranks)), after(static_cast<std::size_t>(num_ranks));
   ring::run_in_process(num_ranks, [&](ring::Transport& transport) {
     const auto p = static_cast<std::size_t>(transport.rank());
     ring::Options options;
-    options.num_threads = 2;  // a failure inside the compute phase must not strand a worker thread
-    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options);
-    after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty);
+    options.num_threads = 2;
+    failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options, call);
+    after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty, {}, call);
   });
   for (int p = 0; p < num_ranks; ++p) {
     SCOPED_TRACE("rank " + std::to_string(p));
     EXPECT_EQ(da::testing::judge(failed[static_cast<std::size_t>(p)], fault, faulty, p), "");
     EXPECT_EQ(da::testing::judge(after[static_cast<std::size_t>(p)], Fault::none, faulty, p), "");
   }
+}
+
+class RingFaults : public ::testing::TestWithParam<std::tuple<int /*ranks*/, Fault, int /*faulty*/>> {};
+
+TEST_P(RingFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
+  const auto [num_ranks, fault, faulty_choice] = GetParam();
+  expect_every_rank_raises_then_recovers(num_ranks, fault, faulty_choice < 0 ? num_ranks - 1 : faulty_choice,
+                                         da::testing::Call::forward);
 }
 
 std::string name(const ::testing::TestParamInfo<std::tuple<int, Fault, int>>& info) {
@@ -63,6 +71,33 @@ INSTANTIATE_TEST_SUITE_P(
 INSTANTIATE_TEST_SUITE_P(OnRankZero, RingFaults,
                          ::testing::Combine(::testing::Values(2, 3),
                                             ::testing::Values(Fault::null_q, Fault::throw_mid_forward),
+                                            ::testing::Values(0)),
+                         name);
+
+// The same for ring::backward: its own bad inputs (a null lse), a rank that calls forward while
+// the others call backward, and exceptions in either direction's transfers. (A mismatch is judged
+// against rank 0's record, so the odd rank out is never rank 0 in the mismatch cases.)
+class RingBackwardFaults : public ::testing::TestWithParam<std::tuple<int /*ranks*/, Fault, int /*faulty*/>> {};
+
+TEST_P(RingBackwardFaults, EveryRankRaisesThenTheTransportServesAConsistentCall) {
+  const auto [num_ranks, fault, faulty_choice] = GetParam();
+  expect_every_rank_raises_then_recovers(num_ranks, fault, faulty_choice < 0 ? num_ranks - 1 : faulty_choice,
+                                         da::testing::Call::backward);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Mismatches, RingBackwardFaults,
+    ::testing::Combine(::testing::Values(2, 3, 4),
+                       ::testing::Values(Fault::causal, Fault::segments, Fault::head_dim, Fault::null_q,
+                                         Fault::null_lse, Fault::other_operation, Fault::throw_mid_forward,
+                                         Fault::throw_at_first_post, Fault::throw_in_progress,
+                                         Fault::throw_returning_gradients),
+                       ::testing::Values(-1)),
+    name);
+INSTANTIATE_TEST_SUITE_P(OnRankZero, RingBackwardFaults,
+                         ::testing::Combine(::testing::Values(2, 3),
+                                            ::testing::Values(Fault::null_lse, Fault::throw_mid_forward,
+                                                              Fault::throw_returning_gradients),
                                             ::testing::Values(0)),
                          name);
 

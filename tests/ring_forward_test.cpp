@@ -22,56 +22,7 @@ using da::testing::Tensor;
 
 namespace {
 
-struct Branches {
-  const char* name;
-  std::vector<std::int64_t> w, r;
-};
-
-// N = 24: shard lengths 24, 12, 8, 6 for P = 1..4.
-const std::vector<Branches>& branch_sets() {
-  static const std::vector<Branches> sets = {
-      {"below_shard", {4}, {1}},                    // w < L for every P: all local
-      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
-      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
-      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
-      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
-      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
-  };
-  return sets;
-}
-
-// The bytes rank p must send for branch i: every (batch, kv head, own row y, peer q) such that
-// some query head of q reading that kv head attends y from some query row in q's shard. Brute
-// force over the pattern, independent of the schedule.
-std::vector<std::vector<std::int64_t>> needed_bytes(const da::Pattern& pattern, int num_ranks,
-                                                    std::size_t element_size,
-                                                    std::vector<std::vector<bool>>* talks) {
-  const da::Shape& s = pattern.shape();
-  const std::int64_t length = s.seq_len / num_ranks;
-  std::vector<std::vector<std::int64_t>> bytes(static_cast<std::size_t>(num_ranks),
-                                               std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
-  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
-  for (int p = 0; p < num_ranks; ++p)
-    for (int q = 0; q < num_ranks; ++q) {
-      if (q == p) continue;
-      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
-        for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
-          for (std::int64_t y = p * length; y < (p + 1) * length; ++y) {
-            bool needed = false;
-            for (std::int64_t h = 0; h < s.num_heads && !needed; ++h) {
-              if (pattern.kv_head(h) != g) continue;
-              for (std::int64_t x = q * length; x < (q + 1) * length && !needed; ++x)
-                needed = pattern.keys(i, h, x).contains(y);
-            }
-            if (needed) {
-              bytes[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)] +=
-                  2 * s.head_dim * s.batch * static_cast<std::int64_t>(element_size);
-              (*talks)[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] = true;
-            }
-          }
-    }
-  return bytes;
-}
+using da::testing::needed_bytes;
 
 // The most offsets of one branch that the query heads reading one kv head use.
 std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
@@ -86,13 +37,13 @@ std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
   return most;
 }
 
-using Param = std::tuple<int /*set*/, da::OffsetRule, da::Mixing, bool /*causal*/, bool /*gqa*/>;
+using Param = da::testing::RingSweepParam;
 
 class RingForward : public ::testing::TestWithParam<Param> {};
 
 TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
   const auto [set, rule, mixing, causal, gqa] = GetParam();
-  const Branches& branches = branch_sets()[static_cast<std::size_t>(set)];
+  const da::testing::RingBranches& branches = da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
   da::Config config;
   config.segment_lengths = branches.w;
   config.dilation_rates = branches.r;
@@ -207,20 +158,32 @@ TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
   }
 }
 
-std::string name_of(const ::testing::TestParamInfo<Param>& info) {
-  const auto [set, rule, mixing, causal, gqa] = info.param;
-  return std::string(branch_sets()[static_cast<std::size_t>(set)].name) + "_" + da::to_string(rule) +
-         "_" + da::to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
+// Zigzag at the P the N = 24 sweep cannot reach (5, 7, 8; N = 560 = lcm(10, 14, 16)), every rule,
+// mixing, causal and not, MHA and GQA.
+class RingForwardZigzag : public ::testing::TestWithParam<da::testing::RingComboParam> {};
+
+TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
+  const auto [rule, mixing, causal, gqa] = GetParam();
+  const da::Config config = da::testing::ring_zigzag_config(rule, mixing, causal);
+  const da::Shape shape{1, 560, 4, gqa ? 2 : 4, 4};
+  Tensor<double> q(shape, 4), k(shape, shape.num_kv_heads), v(shape, shape.num_kv_heads), expected(shape, 4);
+  q.fill_random(81);
+  k.fill_random(82);
+  v.fill_random(83);
+  std::vector<double> expected_lse(static_cast<std::size_t>(4 * 560));
+  da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+  for (int num_ranks : {5, 7, 8}) {
+    SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
+                                                              da::ring::Layout::zigzag);
+    EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+    EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(Sweep, RingForward,
-                         ::testing::Combine(::testing::Range(0, 6),
-                                            ::testing::Values(da::OffsetRule::modular,
-                                                              da::OffsetRule::blocked,
-                                                              da::OffsetRule::partitioned),
-                                            ::testing::Values(da::Mixing::softmax, da::Mixing::mean),
-                                            ::testing::Bool(), ::testing::Bool()),
-                         name_of);
+INSTANTIATE_TEST_SUITE_P(EveryCombination, RingForwardZigzag, da::testing::ring_combo_values());
+
+INSTANTIATE_TEST_SUITE_P(Sweep, RingForward, da::testing::ring_sweep_values(), da::testing::ring_sweep_name);
 
 // Float storage, a longer sequence and several compute threads: still the reference, and
 // bitwise the same for any thread count (docs/semantics.md §6.11).

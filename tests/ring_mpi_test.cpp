@@ -1,8 +1,10 @@
 // Launched as `mpiexec -n P ring_mpi_test` (P = 2, 3, 4): every rank computes the single-process
-// forward of the whole problem, runs the ring over MPI on its shard, and compares its rows of O
-// and LSE. Then the fault scenarios of ring_faults.hpp (a different causal flag, segment lengths
+// forward and backward of the whole problem, runs the ring forward and backward over MPI on its
+// shard, and compares its rows of O and LSE, and of dQ, dK and dV. Then the fault scenarios of ring_faults.hpp (a different causal flag, segment lengths
 // or head_dim on one rank, a null pointer, an exception mid-forward): every rank must raise within
-// seconds, and a consistent call on the same transport right after must be exact. Exits non-zero
+// seconds, and a consistent call on the same transport right after must be exact (forward and
+// backward scenarios, including a rank calling forward while the others call backward and an
+// exception while returning gradients). Exits non-zero
 // on every rank when any rank sees a mismatch.
 
 #include <mpi.h>
@@ -129,6 +131,75 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   return ok ? 0 : 1;
 }
 
+// 0 when the ring backward's rows of dQ, dK and dV equal the single-process backward's (and the
+// fp64 reference's) and every gradient byte sent back is received.
+int check_backward(const Case& c, da::ring::MpiTransport& transport) {
+  da::Config config;
+  config.segment_lengths = c.w;
+  config.dilation_rates = c.r;
+  config.causal = c.causal;
+  config.offsets = c.rule;
+  config.mixing = c.mixing;
+  const da::Shape& s = c.shape;
+  Tensor<double> q(s, s.num_heads), k(s, s.num_kv_heads), v(s, s.num_kv_heads), out(s, s.num_heads),
+      d_out(s, s.num_heads);
+  q.fill_random(11);
+  k.fill_random(22);
+  v.fill_random(33);
+  d_out.fill_random(44);
+  std::vector<double> lse(static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len));
+  da::forward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data());
+  Tensor<double> single[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
+  Tensor<double> reference[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
+  da::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(), d_out.view(),
+                       single[0].view(), single[1].view(), single[2].view());
+  da::reference::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(),
+                                  d_out.view(), reference[0].view(), reference[1].view(), reference[2].view());
+
+  const std::int64_t length = s.seq_len / transport.size();
+  const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
+  std::vector<double> local_lse(static_cast<std::size_t>(s.batch * s.num_heads * length));
+  for (const auto& chunk : chunks)
+    for (std::int64_t bh = 0; bh < s.batch * s.num_heads; ++bh)
+      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+        local_lse[static_cast<std::size_t>(bh * length + chunk.local + x - chunk.begin)] =
+            lse[static_cast<std::size_t>(bh * s.seq_len + x)];
+  Tensor<double> lq = local_rows(q, chunks, length), lk = local_rows(k, chunks, length),
+                 lv = local_rows(v, chunks, length), lo = local_rows(out, chunks, length),
+                 ld = local_rows(d_out, chunks, length);
+  da::Shape local = s;
+  local.seq_len = length;
+  Tensor<double> grads[3] = {{local, s.num_heads}, {local, s.num_kv_heads}, {local, s.num_kv_heads}};
+  da::ring::Options options;
+  options.layout = c.layout;
+  const da::ring::Stats stats = da::ring::backward<double>(
+      config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(), local_lse.data(), ld.view(),
+      grads[0].view(), grads[1].view(), grads[2].view(), options);
+
+  double worst = 0.0, worst_reference = 0.0;
+  for (int n = 0; n < 3; ++n)
+    for (const auto& chunk : chunks)
+      for (std::int64_t b = 0; b < s.batch; ++b)
+        for (std::int64_t h = 0; h < grads[n].heads; ++h)
+          for (std::int64_t gx = chunk.begin; gx < chunk.end; ++gx)
+            for (std::int64_t d = 0; d < s.head_dim; ++d) {
+              const double got = grads[n].at(b, chunk.local + gx - chunk.begin, h, d);
+              worst = std::isnan(got) ? INFINITY : std::fmax(worst, std::fabs(got - single[n].at(b, gx, h, d)));
+              worst_reference = std::fmax(worst_reference, std::fabs(got - reference[n].at(b, gx, h, d)));
+            }
+  long long moved[2] = {static_cast<long long>(stats.gradient_bytes_sent),
+                        static_cast<long long>(stats.gradient_bytes_received)};
+  long long totals[2] = {0, 0};
+  MPI_Allreduce(moved, totals, 2, MPI_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
+  const bool ok = worst <= 1e-12 && worst_reference <= 1e-12 && totals[0] == totals[1] &&
+                  stats.gradient_bytes_received == stats.bytes_sent;
+  std::printf("rank %d/%d %-22s backward max|d(dQ,dK,dV)| %.2e vs reference %.2e K/V out %lld B, partials back %lld B %s\n",
+              transport.rank(), transport.size(), c.name, worst, worst_reference,
+              static_cast<long long>(stats.bytes_sent), static_cast<long long>(stats.gradient_bytes_received),
+              ok ? "ok" : "MISMATCH");
+  return ok ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -148,6 +219,7 @@ int main(int argc, char** argv) {
          {1, 48, 6, 3, 8}, da::ring::Layout::zigzag},
     };
     for (const Case& c : cases) failures += check(c, transport);
+    for (const Case& c : cases) failures += check_backward(c, transport);
 
     namespace dt = da::testing;
     const dt::FaultProblem small, big(true);
@@ -155,23 +227,33 @@ int main(int argc, char** argv) {
       dt::Fault fault;
       int faulty;
       const dt::FaultProblem* problem_ = nullptr;
+      dt::Call call = dt::Call::forward;
     };
+    const auto backward = dt::Call::backward;
     const int last = transport.size() - 1;
     const std::vector<Scenario> scenarios = {
         {dt::Fault::causal, last},  {dt::Fault::segments, last},         {dt::Fault::head_dim, last},
         {dt::Fault::null_q, last},  {dt::Fault::null_q, 0},               {dt::Fault::throw_mid_forward, last},
         {dt::Fault::throw_mid_forward, 0},  {dt::Fault::throw_mid_forward, last, &big},
         {dt::Fault::throw_mid_forward, 0, &big},  {dt::Fault::throw_at_first_post, last, &big},
-        {dt::Fault::throw_at_first_post, 0, &big},  {dt::Fault::throw_in_progress, last, &big}};
+        {dt::Fault::throw_at_first_post, 0, &big},  {dt::Fault::throw_in_progress, last, &big},
+        {dt::Fault::causal, last, nullptr, backward},  {dt::Fault::null_lse, last, nullptr, backward},
+        {dt::Fault::null_lse, 0, nullptr, backward},  {dt::Fault::other_operation, last, nullptr, backward},
+        {dt::Fault::throw_mid_forward, last, &big, backward},  {dt::Fault::throw_mid_forward, 0, &big, backward},
+        {dt::Fault::throw_returning_gradients, last, nullptr, backward},
+        {dt::Fault::throw_returning_gradients, 0, &big, backward},
+        {dt::Fault::throw_at_first_post, last, &big, backward}};
     for (const Scenario& scenario : scenarios) {
       const dt::FaultProblem& problem = scenario.problem_ != nullptr ? *scenario.problem_ : small;
-      const dt::Outcome failed = dt::run_fault_call(problem, transport, scenario.fault, scenario.faulty);
-      const dt::Outcome after = dt::run_fault_call(problem, transport, dt::Fault::none, scenario.faulty);
+      const dt::Outcome failed = dt::run_fault_call(problem, transport, scenario.fault, scenario.faulty, {},
+                                                    scenario.call);
+      const dt::Outcome after = dt::run_fault_call(problem, transport, dt::Fault::none, scenario.faulty, {},
+                                                   scenario.call);
       const std::string verdict = dt::judge(failed, scenario.fault, scenario.faulty, transport.rank());
       const std::string verdict_after = dt::judge(after, dt::Fault::none, scenario.faulty, transport.rank());
-      std::printf("rank %d/%d N=%lld fault %-18s on rank %d: %s in %.3f s (%s)%s; next call max|dO| %.2e %s\n",
-                  transport.rank(), transport.size(), static_cast<long long>(problem.shape.seq_len),
-                  dt::fault_name(scenario.fault), scenario.faulty,
+      std::printf("rank %d/%d %s N=%lld fault %-18s on rank %d: %s in %.3f s (%s)%s; next call max error %.2e %s\n",
+                  transport.rank(), transport.size(), scenario.call == backward ? "backward" : "forward",
+                  static_cast<long long>(problem.shape.seq_len), dt::fault_name(scenario.fault), scenario.faulty,
                   dt::kind_name(failed.kind), failed.seconds, failed.message.c_str(),
                   verdict.empty() ? "" : (" MISMATCH: " + verdict).c_str(), after.max_error,
                   verdict_after.empty() ? "ok" : ("MISMATCH: " + verdict_after).c_str());

@@ -1,13 +1,18 @@
 #pragma once
-// Test support for the ring: run a forward on P in-process ranks over global tensors, each rank
-// seeing views over its own shard, and gather O and LSE back into global arrays.
+// Test support for the ring: run a forward or a backward on P in-process ranks over global
+// tensors, each rank seeing views over its own rows, and gather the results back into global
+// arrays; and the brute-force count of the K/V bytes a rank must send.
 
 #include <dilated_attention/reference.hpp>
 #include <dilated_attention/ring.hpp>
 
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "support/tensors.hpp"
@@ -114,6 +119,166 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
     run.transport_bytes[static_cast<std::size_t>(p)] = transport.bytes_sent;
   });
   return run;
+}
+
+// A rank's rows of a [batch, heads, N] LSE array, in `chunks` order: [batch, heads, length].
+template <class L>
+std::vector<L> gather_lse(const std::vector<L>& global, const Shape& shape,
+                          const std::vector<ring::Chunk>& chunks, std::int64_t length) {
+  std::vector<L> local(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
+  for (const ring::Chunk& chunk : chunks)
+    for (std::int64_t bh = 0; bh < shape.batch * shape.num_heads; ++bh)
+      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+        local[static_cast<std::size_t>(bh * length + chunk.local + x - chunk.begin)] =
+            global[static_cast<std::size_t>(bh * shape.seq_len + x)];
+  return local;
+}
+
+// Writes a rank's dense local tensor back into its rows of the global one.
+template <class T>
+void scatter_rows(const Tensor<T>& local, const std::vector<ring::Chunk>& chunks, Tensor<T>& global) {
+  for (const ring::Chunk& chunk : chunks)
+    for (std::int64_t b = 0; b < global.shape.batch; ++b)
+      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+        for (std::int64_t h = 0; h < global.heads; ++h)
+          for (std::int64_t d = 0; d < global.shape.head_dim; ++d)
+            global.at(b, x, h, d) = local.at(b, chunk.local + x - chunk.begin, h, d);
+}
+
+template <class T>
+struct RingGradients {
+  Tensor<T> d_q, d_k, d_v;
+  std::vector<ring::Stats> stats;                        // per rank
+  std::vector<std::int64_t> transport_sends, transport_bytes;  // per rank, K/V and gradients
+};
+
+// Runs ring::backward on P in-process ranks. Contiguous layout: views straight into padded
+// global tensors (gradients too); zigzag: dense local copies of the rank's chunks, scattered back.
+// Every gradient element starts at 7, so a row the ring does not write shows.
+template <class T>
+RingGradients<T> run_ring_backward_in_process(const Config& config, const Shape& shape,
+                                              const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v,
+                                              const Tensor<T>& out, const std::vector<lse_type_t<T>>& lse,
+                                              const Tensor<T>& d_out, int num_ranks,
+                                              ring::Options options = {}) {
+  RingGradients<T> run;
+  run.d_q = Tensor<T>(shape, shape.num_heads, 1, 2);
+  run.d_k = Tensor<T>(shape, shape.num_kv_heads, 2);
+  run.d_v = Tensor<T>(shape, shape.num_kv_heads, 0, 3);
+  for (Tensor<T>* gradient : {&run.d_q, &run.d_k, &run.d_v}) gradient->fill(T(7));
+  run.stats.resize(static_cast<std::size_t>(num_ranks));
+  run.transport_sends.assign(static_cast<std::size_t>(num_ranks), 0);
+  run.transport_bytes.assign(static_cast<std::size_t>(num_ranks), 0);
+  const std::int64_t length = shape.seq_len / num_ranks;
+  ring::run_in_process(num_ranks, [&](ring::Transport& inner) {
+    CountingTransport transport(inner);
+    const int p = transport.rank();
+    const auto chunks = ring::rank_chunks(options.layout, shape.seq_len, num_ranks, p);
+    const std::vector<lse_type_t<T>> local_lse = gather_lse(lse, shape, chunks, length);
+    ring::Stats& stats = run.stats[static_cast<std::size_t>(p)];
+    if (options.layout == ring::Layout::contiguous) {
+      const std::int64_t begin = p * length;
+      stats = ring::backward<T>(config, shape, transport, shard_view(q.view(), begin),
+                                shard_view(k.view(), begin), shard_view(v.view(), begin),
+                                shard_view(out.view(), begin), local_lse.data(),
+                                shard_view(d_out.view(), begin), shard_view(run.d_q.view(), begin),
+                                shard_view(run.d_k.view(), begin), shard_view(run.d_v.view(), begin), options);
+    } else {
+      const Tensor<T> lq = gather_rows(q, chunks, length), lk = gather_rows(k, chunks, length),
+                      lv = gather_rows(v, chunks, length), lo = gather_rows(out, chunks, length),
+                      ld = gather_rows(d_out, chunks, length);
+      Tensor<T> gq = gather_rows(run.d_q, chunks, length), gk = gather_rows(run.d_k, chunks, length),
+                gv = gather_rows(run.d_v, chunks, length);
+      stats = ring::backward<T>(config, shape, transport, lq.view(), lk.view(), lv.view(), lo.view(),
+                                local_lse.data(), ld.view(), gq.view(), gk.view(), gv.view(), options);
+      scatter_rows(gq, chunks, run.d_q);
+      scatter_rows(gk, chunks, run.d_k);
+      scatter_rows(gv, chunks, run.d_v);
+    }
+    run.transport_sends[static_cast<std::size_t>(p)] = transport.sends;
+    run.transport_bytes[static_cast<std::size_t>(p)] = transport.bytes_sent;
+  });
+  return run;
+}
+
+// The K/V bytes rank p must send for branch i under the contiguous layout: every (batch, kv
+// head, own row y, peer q) such that some query head of q reading that kv head attends y from
+// some query row in q's shard. Brute force over the pattern, independent of the schedule.
+// talks[p][q]: whether p sends anything to q.
+inline std::vector<std::vector<std::int64_t>> needed_bytes(const Pattern& pattern, int num_ranks,
+                                                           std::size_t element_size,
+                                                           std::vector<std::vector<bool>>* talks) {
+  const Shape& s = pattern.shape();
+  const std::int64_t length = s.seq_len / num_ranks;
+  std::vector<std::vector<std::int64_t>> bytes(
+      static_cast<std::size_t>(num_ranks), std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
+  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
+  for (int p = 0; p < num_ranks; ++p)
+    for (int q = 0; q < num_ranks; ++q) {
+      if (q == p) continue;
+      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+        for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
+          for (std::int64_t y = p * length; y < (p + 1) * length; ++y) {
+            bool needed = false;
+            for (std::int64_t h = 0; h < s.num_heads && !needed; ++h) {
+              if (pattern.kv_head(h) != g) continue;
+              for (std::int64_t x = q * length; x < (q + 1) * length && !needed; ++x)
+                needed = pattern.keys(i, h, x).contains(y);
+            }
+            if (needed) {
+              bytes[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)] +=
+                  2 * s.head_dim * s.batch * static_cast<std::int64_t>(element_size);
+              (*talks)[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] = true;
+            }
+          }
+    }
+  return bytes;
+}
+
+// The branch sets both ring sweeps run at N = 24 (shard lengths 24, 12, 8, 6 for P = 1..4).
+struct RingBranches {
+  const char* name;
+  std::vector<std::int64_t> w, r;
+};
+inline const std::vector<RingBranches>& ring_branch_sets() {
+  static const std::vector<RingBranches> sets = {
+      {"below_shard", {4}, {1}},                    // w < L for every P: all local
+      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
+      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
+      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
+      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
+      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
+  };
+  return sets;
+}
+
+// The sweep's parameters and their test names.
+using RingSweepParam = std::tuple<int /*branch set*/, OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
+inline std::string ring_sweep_name(const ::testing::TestParamInfo<RingSweepParam>& info) {
+  const auto [set, rule, mixing, causal, gqa] = info.param;
+  return std::string(ring_branch_sets()[static_cast<std::size_t>(set)].name) + "_" + to_string(rule) + "_" +
+         to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
+}
+inline auto ring_sweep_values() {
+  return ::testing::Combine(::testing::Range(0, 6),
+                            ::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+}
+// Every (rule, mixing, causal, gqa): the zigzag tests at P = 5, 7, 8.
+using RingComboParam = std::tuple<OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
+inline auto ring_combo_values() {
+  return ::testing::Combine(::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+}
+// The config the zigzag tests at P = 5, 7, 8 use (N = 560 = lcm(10, 14, 16)).
+inline Config ring_zigzag_config(OffsetRule rule, Mixing mixing, bool causal) {
+  Config config;
+  config.segment_lengths = {20, 80, 560};
+  config.dilation_rates = {1, 2, 4};
+  config.offsets = rule;
+  config.mixing = mixing;
+  config.causal = causal;
+  return config;
 }
 
 }  // namespace dilated_attention::testing

@@ -220,6 +220,23 @@ class Pattern {
     return result;
   }
 
+  // visit(branch, block, inside) for every block query head `head` takes part in -- branch i's
+  // rows of one segment with the head's offset -- that has rows in [lo, hi), with those rows
+  // (`inside`), branch by branch, segments in order: the loop of every window-based kernel.
+  template <class Visit>
+  void for_each_block_in(std::int64_t head, std::int64_t lo, std::int64_t hi, Visit&& visit) const {
+    for (std::int64_t i = 0; i < num_branches(); ++i) {
+      const std::int64_t o = offset(i, head);
+      if (o < 0) continue;  // partitioned: this head does not run branch i
+      const BranchGeometry geometry = branch(i);
+      for (std::int64_t s = geometry.segment_of(lo); s <= geometry.segment_of(hi - 1); ++s) {
+        const Progression block = geometry.rows(s, o);
+        const Progression inside = block.within(lo, hi);
+        if (!inside.empty()) visit(i, block, inside);
+      }
+    }
+  }
+
   // Attended (query, key) pairs over all batches, heads and branches; a pair that two branches
   // both attend counts twice, since both are computed.
   std::int64_t attended_pairs() const {

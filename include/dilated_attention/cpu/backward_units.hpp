@@ -71,22 +71,14 @@ void statistics_window(const Pattern& pattern, std::int64_t b, std::int64_t h, s
   const Acc scale = static_cast<Acc>(resolved_scale(config, pattern.shape()));
   const Acc weight = Acc(1) / static_cast<Acc>(pattern.num_branches());
   const std::int64_t kv_head = pattern.kv_head(h);
-  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
-    const std::int64_t offset = pattern.offset(i, h);
-    if (offset < 0) continue;
-    const BranchGeometry geometry = pattern.branch(i);
-    for (std::int64_t s = geometry.segment_of(x0); s <= geometry.segment_of(x1 - 1); ++s) {
-      const Progression block = geometry.rows(s, offset);
-      const Progression queries = block.within(x0, x1);
-      if (queries.empty()) continue;
-      const Progression keys =
-          config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
-      attend_statistics(workspace, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                        rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries), dim, scale,
-                        weight, config.causal, stats.own_lse.data() + stats.offset(i, b, h),
-                        stats.delta.data() + stats.offset(i, b, h));
-    }
-  }
+  pattern.for_each_block_in(h, x0, x1, [&](std::int64_t i, const Progression& block,
+                                            const Progression& queries) {
+    const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
+    attend_statistics(workspace, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+                      rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries), dim, scale,
+                      weight, config.causal, stats.own_lse.data() + stats.offset(i, b, h),
+                      stats.delta.data() + stats.offset(i, b, h));
+  });
 }
 
 // One thread's scratch for phases 2 and 3: the block primitive's workspace and a window's
@@ -156,28 +148,20 @@ void key_window(const Pattern& pattern, std::int64_t b, std::int64_t kv_head, st
   std::fill_n(workspace.first.begin(), (y1 - y0) * dim, Acc(0));
   std::fill_n(workspace.second.begin(), (y1 - y0) * dim, Acc(0));
   for (std::int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
-    for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
-      const std::int64_t offset = pattern.offset(i, h);
-      if (offset < 0) continue;
+    pattern.for_each_block_in(h, y0, y1, [&](std::int64_t i, const Progression& block,
+                                             const Progression& keys) {
       const std::int64_t set = mean ? i : 0;
-      const Acc* lse = stats.lse + stats.offset(set, b, h);
-      const Acc* delta = stats.delta.data() + stats.offset(set, b, h);
-      const BranchGeometry geometry = pattern.branch(i);
-      for (std::int64_t s = geometry.segment_of(y0); s <= geometry.segment_of(y1 - 1); ++s) {
-        const Progression block = geometry.rows(s, offset);
-        const Progression keys = block.within(y0, y1);
-        if (keys.empty()) continue;
-        // A causal key is seen only by the queries at or after it.
-        const Progression queries =
-            config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
-        const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
-        attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                    rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries), lse, delta, dim,
-                    scale, weight, config.causal, GradientRows<Acc>{},
-                    GradientRows<Acc>{workspace.first.data() + row * dim, stride},
-                    GradientRows<Acc>{workspace.second.data() + row * dim, stride});
-      }
-    }
+      // A causal key is seen only by the queries at or after it.
+      const Progression queries =
+          config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
+      const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
+      attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+                  rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                  stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
+                  dim, scale, weight, config.causal, GradientRows<Acc>{},
+                  GradientRows<Acc>{workspace.first.data() + row * dim, stride},
+                  GradientRows<Acc>{workspace.second.data() + row * dim, stride});
+    });
   store_rows<T>(workspace.first, d_k, b, kv_head, y0, y1, dim);
   store_rows<T>(workspace.second, d_v, b, kv_head, y0, y1, dim);
 }
@@ -196,27 +180,18 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
   const bool mean = config.mixing == Mixing::mean;
   const Acc weight = mean ? Acc(1) / static_cast<Acc>(pattern.num_branches()) : Acc(1);
   std::fill_n(workspace.first.begin(), (x1 - x0) * dim, Acc(0));
-  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
-    const std::int64_t offset = pattern.offset(i, h);
-    if (offset < 0) continue;
+  pattern.for_each_block_in(h, x0, x1, [&](std::int64_t i, const Progression& block,
+                                            const Progression& queries) {
     const std::int64_t set = mean ? i : 0;
-    const Acc* lse = stats.lse + stats.offset(set, b, h);
-    const Acc* delta = stats.delta.data() + stats.offset(set, b, h);
-    const BranchGeometry geometry = pattern.branch(i);
-    for (std::int64_t s = geometry.segment_of(x0); s <= geometry.segment_of(x1 - 1); ++s) {
-      const Progression block = geometry.rows(s, offset);
-      const Progression queries = block.within(x0, x1);
-      if (queries.empty()) continue;
-      const Progression keys =
-          config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
-      const std::int64_t row = queries.first - x0;
-      attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                  rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries), lse, delta, dim,
-                  scale, weight, config.causal,
-                  GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
-                  GradientRows<Acc>{}, GradientRows<Acc>{});
-    }
-  }
+    const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
+    const std::int64_t row = queries.first - x0;
+    attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+                rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
+                dim, scale, weight, config.causal,
+                GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
+                GradientRows<Acc>{}, GradientRows<Acc>{});
+  });
   store_rows<T>(workspace.first, d_q, b, h, x0, x1, dim);
 }
 

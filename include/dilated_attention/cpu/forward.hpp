@@ -96,37 +96,28 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
   window_o.setZero();
   std::fill_n(workspace.window_lse.begin(), length, negative_infinity<Acc>());
 
-  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
-    const std::int64_t offset = pattern.offset(i, head);
-    if (offset < 0) continue;  // partitioned: this head does not run branch i
-    const BranchGeometry geometry = pattern.branch(i);
-    for (std::int64_t s = geometry.segment_of(x0); s <= geometry.segment_of(x1 - 1); ++s) {
-      const Progression block = geometry.rows(s, offset);
-      const Progression queries = block.within(x0, x1);
-      if (queries.empty()) continue;
-      // A causal query sees the block up to itself; the last query of the tile bounds them all.
-      const Progression keys =
-          config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
-      attend(workspace.attend, strided_rows(q_head, q.seq_stride, queries),
-             strided_rows(k_head, k.seq_stride, keys), strided_rows(v_head, v.seq_stride, keys),
-             dim, scale, config.causal, workspace.partial_o.data(), workspace.partial_lse.data());
+  pattern.for_each_block_in(head, x0, x1, [&](std::int64_t, const Progression& block,
+                                               const Progression& queries) {
+    // A causal query sees the block up to itself; the last query of the tile bounds them all.
+    const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
+    attend(workspace.attend, strided_rows(q_head, q.seq_stride, queries),
+           strided_rows(k_head, k.seq_stride, keys), strided_rows(v_head, v.seq_stride, keys),
+           dim, scale, config.causal, workspace.partial_o.data(), workspace.partial_lse.data());
 
-      for (std::int64_t j = 0; j < queries.count; ++j) {
-        const std::int64_t row = queries.at(j) - x0;
-        Acc& row_lse = workspace.window_lse[static_cast<std::size_t>(row)];
-        const Acc partial_lse = workspace.partial_lse[static_cast<std::size_t>(j)];
-        if (config.mixing == Mixing::softmax) {
-          const MergeWeights<Acc> weights = merge_weights(row_lse, partial_lse);
-          window_o.row(row) =
-              weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
-          row_lse = weights.lse;
-        } else {
-          window_o.row(row) += branch_weight * workspace.partial_o.row(j);
-          row_lse = log_add_exp(row_lse, partial_lse);
-        }
+    for (std::int64_t j = 0; j < queries.count; ++j) {
+      const std::int64_t row = queries.at(j) - x0;
+      Acc& row_lse = workspace.window_lse[static_cast<std::size_t>(row)];
+      const Acc partial_lse = workspace.partial_lse[static_cast<std::size_t>(j)];
+      if (config.mixing == Mixing::softmax) {
+        const MergeWeights<Acc> weights = merge_weights(row_lse, partial_lse);
+        window_o.row(row) = weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
+        row_lse = weights.lse;
+      } else {
+        window_o.row(row) += branch_weight * workspace.partial_o.row(j);
+        row_lse = log_add_exp(row_lse, partial_lse);
       }
     }
-  }
+  });
 
   for (std::int64_t x = x0; x < x1; ++x) {
     T* destination =

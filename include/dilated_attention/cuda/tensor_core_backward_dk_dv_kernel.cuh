@@ -8,7 +8,7 @@
 #include "copy.cuh"
 #include "launch_plan.hpp"
 #include "mma.cuh"
-#include "tensor_core_kernel.cuh"  // load_rows
+#include "row_pointers.cuh"
 
 namespace dilated_attention::cuda::device {
 
@@ -32,7 +32,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kPitch = D + 8;
   constexpr int kDimTiles = D / 8;
   constexpr int kQueryTile = kBackwardQueryTile;  // queries per streamed tile (32: registers)
-  constexpr bool kRolled = true;  // copy loops rolled: fewest spills (ptxas -v, docs/cuda.md)
   constexpr int kQueryTiles = kQueryTile / 8;    // n-tiles of S^T
   constexpr float kLog2e = 1.4426950408889634f;
   const float kInf = __int_as_float(0x7f800000);
@@ -46,26 +45,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const lse_stages = reinterpret_cast<float*>(do_stages + 2 * kQueryTile * kPitch);
   float* const delta_stages = lse_stages + 2 * kQueryTile;
 
+  // Block coordinates, positions and counts in 32 bits (seq_len < 2^31, fewer than 2^31 blocks:
+  // check_backend_limits); 64-bit addresses are recomputed from them where used
+  // (row_pointers.cuh), so the loops below carry ints, not 64-bit index state.
   const std::int64_t window_index = blockIdx.x % p.windows, rest = blockIdx.x / p.windows;
-  const std::int64_t batch = rest / p.kv_heads, kv_head = rest % p.kv_heads;
+  const int batch = static_cast<int>(rest / p.kv_heads);
+  const int kv_head = static_cast<int>(rest % p.kv_heads);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const Progression window = window_rows(p, window_index);
-  if (window.empty()) return;  // uniform
-  const T* const k_base = static_cast<const T*>(p.k) + batch * p.k_batch + kv_head * p.k_head;
-  const T* const v_base = static_cast<const T*>(p.v) + batch * p.v_batch + kv_head * p.v_head;
+  const Progression first_window = window_rows(p, window_index);
+  if (first_window.empty()) return;  // uniform
+  const int window_first = static_cast<int>(first_window.first);
+  const int window_count = static_cast<int>(first_window.count);
+  const int window_stride = static_cast<int>(p.row_stride);
   const bool mean = p.mixing == Mixing::mean;
-  const std::int64_t group = p.heads / p.kv_heads;
+  const int group = static_cast<int>(p.heads / p.kv_heads);
 
-  // The key rows whose dK, dV this thread accumulates (C fragment rows g and g + 8 of the warp).
-  const std::int64_t row_position[2] = {
-      warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
-      warp * 16 + g + 8 < window.count ? window.at(warp * 16 + g + 8) : -1};
+  // The key rows whose dK, dV this thread accumulates (C fragment rows g and g + 8 of the warp):
+  // window rows warp * 16 + g + 8 r, present while below window_count.
   const int fragment_offset =
       (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
 
-  load_rows<T, D, kWindowRows, kRolled>(k_tile, k_base, p.k_seq, window, 0, p.k_vector);
-  load_rows<T, D, kWindowRows, kRolled>(v_tile, v_base, p.v_seq, window, 0, p.v_vector);
+  copy_tile_rows<T, D, kWindowRows>(
+      k_tile,
+      row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, kv_head,
+             window_first),
+      window_stride * p.k_seq, window_count, p.k_vector);
+  copy_tile_rows<T, D, kWindowRows>(
+      v_tile,
+      row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, kv_head,
+             window_first),
+      window_stride * p.v_seq, window_count, p.v_vector);
   cp_async_commit();
 
   float acc_k[kDimTiles][4], acc_v[kDimTiles][4];
@@ -75,44 +85,59 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_k[dn][e] = acc_v[dn][e] = 0.f;
 
   int stage = 0;
-  for (std::int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-    const T* const q_base = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
-    const T* const do_base =
-        static_cast<const T*>(bp.d_out) + batch * bp.do_batch + head * bp.do_head;
-    const std::int64_t row_base = (batch * p.heads + head) * p.seq_len;
+  for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
     for (int i = 0; i < p.num_branches; ++i) {
-      const BranchGeometry geometry = p.branch(i);
-      const std::int64_t offset = p.offset(i, head);
+      const int offset = static_cast<int>(p.offset(i, head));
       if (offset < 0) continue;  // uniform
-      const std::int64_t stats_base = (mean ? i * bp.rows : 0) + row_base;
-      const SegmentRange segments = segments_overlapping(geometry, window);
-      for (std::int64_t s = segments.first; s <= segments.last; ++s) {
+      const SegmentRange segments =
+          segments_overlapping(p.branch(i), Progression{window_first, window_stride, window_count});
+      const int last_segment = static_cast<int>(segments.last);
+      for (int s = static_cast<int>(segments.first); s <= last_segment; ++s) {
+        // Everything below is recomputed per segment from ints (opaque: not hoisted out of the
+        // loops into registers); the loops carry only head, i, offset, s, last_segment.
+        const int branch = opaque(i);
+        const BranchGeometry geometry = p.branch(branch);
+        const Progression window{opaque(window_first), window_stride, opaque(window_count)};
         // Blocks are symmetric: the block's rows are the queries, the window's rows in it the keys.
         const SegmentWork work = segment_work(geometry, s, offset, false, window);
         if (work.queries.empty()) continue;  // uniform
         const Progression& block = work.keys;
         const std::int64_t start = p.causal ? block.index_of(work.queries.first) : 0;
-        const Progression streamed = block.slice(start, block.count);
-        // Query j of `streamed` attends key row r iff lo[r] <= j < streamed.count.
-        // (32-bit: a block has fewer than 2^31 rows.)
-        int lo[2], hi[2];
+        // The streamed queries: positions first + j * stride, j < count.
+        const int first = static_cast<int>(block.at(start));
+        const int stride = static_cast<int>(block.stride);
+        const int count = static_cast<int>(block.count - start);
+        // Query j attends key row r iff lo[r] <= j < count (lo[r] = count: row r is not a key of
+        // this block, or past the window's end).
+        int lo[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const bool in_block = block.contains(row_position[r]);
-          lo[r] = in_block && p.causal ? static_cast<int>(block.index_of(row_position[r]) - start) : 0;
-          hi[r] = in_block ? static_cast<int>(streamed.count) : 0;
+          const int row = opaque(warp * 16 + g) + 8 * r;
+          const bool in_window = row < window.count;
+          const int y = static_cast<int>(window.first) + (in_window ? row : 0) * window_stride;
+          const bool in_block = in_window && block.contains(y);
+          lo[r] = !in_block ? count : (p.causal ? static_cast<int>(block.index_of(y) - start) : 0);
         }
-        const std::int64_t tiles = (streamed.count + kQueryTile - 1) / kQueryTile;
-        // Q, dO rows (cp.async) and LSE, D (plain loads) of query tile `tile` into stage `into`.
-        auto load_tile = [&](std::int64_t tile, int into) {
-          const std::int64_t j0 = tile * kQueryTile;
-          load_rows<T, D, kQueryTile, kRolled>(q_stages + into * kQueryTile * kPitch, q_base, p.q_seq,
-                                      streamed, j0, p.q_vector);
-          load_rows<T, D, kQueryTile, kRolled>(do_stages + into * kQueryTile * kPitch, do_base, bp.do_seq,
-                                      streamed, j0, bp.do_vector);
+        // Q, dO rows (cp.async) and LSE, D (plain loads) of the query tile from query j0 on into
+        // stage `into`. Its 64-bit addresses are recomputed per tile from ints (row_pointers.cuh).
+        auto load_tile = [&](int j0, int into) {
+          const int h = opaque(head), r = opaque(stride);
+          const int position = first + j0 * r, rows_left = count - j0;
+          copy_tile_rows<T, D, kQueryTile>(
+              q_stages + into * kQueryTile * kPitch,
+              row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, h, position),
+              r * p.q_seq, rows_left, p.q_vector);
+          copy_tile_rows<T, D, kQueryTile>(
+              do_stages + into * kQueryTile * kPitch,
+              row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, h,
+                     position),
+              r * bp.do_seq, rows_left, bp.do_vector);
           if (tid < kQueryTile) {
-            const bool valid = j0 + tid < streamed.count;
-            const std::int64_t at = stats_base + (valid ? streamed.at(j0 + tid) : 0);
+            const bool valid = tid < rows_left;
+            const std::int64_t row_index =
+                (static_cast<std::int64_t>(batch) * p.heads + h) * p.seq_len +
+                (valid ? position + tid * r : 0);
+            const std::int64_t at = (mean ? opaque(branch) * bp.rows : 0) + row_index;
             const float lse = valid ? (mean ? bp.branch_lse[at] : p.lse[at]) : -kInf;
             lse_stages[into * kQueryTile + tid] = lse == -kInf ? 0.f : lse * kLog2e;
             delta_stages[into * kQueryTile + tid] = valid ? bp.delta[at] : 0.f;
@@ -120,10 +145,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         };
         load_tile(0, stage);
         cp_async_commit();
-        for (std::int64_t tile = 0; tile < tiles; ++tile) {
+        for (int j0 = 0; j0 < count; j0 += kQueryTile) {
           const int current = stage;
-          if (tile + 1 < tiles) {
-            load_tile(tile + 1, stage ^ 1);
+          if (j0 + kQueryTile < count) {
+            load_tile(j0 + kQueryTile, stage ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
           } else {
@@ -135,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float* const lse_log2 = lse_stages + current * kQueryTile;
           const float* const delta = delta_stages + current * kQueryTile;
 
-          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 64 queries.
+          // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 32 queries.
           float score[kQueryTiles][4], grad[kQueryTiles][4];
 #pragma unroll
           for (int nt = 0; nt < kQueryTiles; ++nt)
@@ -163,13 +188,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           // g P^T (as dV needs it) and dS^T, 0 where masked, packed at once into 16-bit A
           // fragments (the C and A layouts agree): the fp32 tiles die here, which keeps the
           // dV and dK accumulators in registers.
-          const int j0 = static_cast<int>(tile) * kQueryTile;
-          int local_lo[2], local_hi[2];
+          // Query j of the tile attends key row r iff local_lo <= j < local_hi (0 <= local_lo <=
+          // local_hi <= kQueryTile), i.e. iff j - local_lo < local_hi - local_lo as unsigned:
+          // per element one add of a constant and one compare, from two values per row and tile
+          // (no per-thread table of the thread's columns j held in registers).
+          const int local_hi = count - j0 < kQueryTile ? count - j0 : kQueryTile;
+          unsigned from_lo[2], span[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            const int a = lo[r] - j0, b = hi[r] - j0;
-            local_lo[r] = a < 0 ? 0 : (a > kQueryTile ? kQueryTile : a);
-            local_hi[r] = b < 0 ? 0 : (b > kQueryTile ? kQueryTile : b);
+            const int a = lo[r] - j0;
+            const int local_lo = a < 0 ? 0 : (a > kQueryTile ? kQueryTile : a);
+            from_lo[r] = static_cast<unsigned>(2 * t - local_lo);
+            span[r] = static_cast<unsigned>(local_hi - local_lo);
           }
           std::uint32_t p_frag[kQueryTile / 16][4], s_frag[kQueryTile / 16][4];
 #pragma unroll
@@ -180,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int e = 2 * half + c, j = nt * 8 + 2 * t + c;
-                const bool valid = j >= local_lo[half] && j < local_hi[half];
+                const bool valid = from_lo[half] + static_cast<unsigned>(nt * 8 + c) < span[half];
                 const float pr = valid ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[j])) : 0.f;
                 ds[c] = pr * (grad[nt][e] * bp.grad_out_scale - delta[j]);
                 prob[c] = pr * bp.grad_out_scale;
@@ -215,14 +245,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();  // a window no query reaches still waits for its own K/V copies
 
   // Epilogue: every key row of the window is written once (0 for keys no query attends).
-  T* const dk_base = static_cast<T*>(bp.d_k) + batch * bp.dk_batch + kv_head * bp.dk_head;
-  T* const dv_base = static_cast<T*>(bp.d_v) + batch * bp.dv_batch + kv_head * bp.dv_head;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const std::int64_t y = row_position[r];
-    if (y < 0) continue;
-    T* const dk_row = dk_base + y * bp.dk_seq;
-    T* const dv_row = dv_base + y * bp.dv_seq;
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= window_count) continue;
+    const int y = window_first + row * window_stride;
+    T* const dk_row =
+        row_at(static_cast<T*>(bp.d_k), bp.dk_batch, bp.dk_seq, bp.dk_head, batch, kv_head, y);
+    T* const dv_row =
+        row_at(static_cast<T*>(bp.d_v), bp.dv_batch, bp.dv_seq, bp.dv_head, batch, kv_head, y);
 #pragma unroll
     for (int dn = 0; dn < kDimTiles; ++dn)
 #pragma unroll

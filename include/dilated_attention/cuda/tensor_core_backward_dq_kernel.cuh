@@ -3,9 +3,10 @@
 // style: the forward kernel's structure (tensor_core_kernel.cuh) with the softmax replaced by the
 // known statistics. One thread block per (batch, head, window of up to 64 query rows of stride R),
 // the same work units as the forward; warp w owns rows 16w..16w+15. Q is loaded once as mma A
-// fragments and dO stays in shared memory (its fragments are read per tile); for each branch and each segment overlapping the window, the block's K and V
-// stream through shared memory in tiles of 64 keys (cp.async, two stages; the dO tile's copy is
-// completed by the first key tile's wait), and per tile:
+// fragments and dO stays in shared memory (its fragments are read per tile); for each branch and
+// each segment overlapping the window, the block's K and V stream through shared memory in tiles
+// of 64 keys (cp.async, two stages; the dO tile's copy is completed by the first key tile's wait),
+// and per tile:
 //   S  = Q K^T,  dP = dO V^T                      (mma, fp32 accumulators)
 //   P  = exp2(S scale log2 e - LSE log2 e)        (0 where the key is masked, as in the forward)
 //   dS = P (dP g - D)                             (g = 1, or 1/G for mean mixing)
@@ -13,6 +14,9 @@
 //                                                  ldmatrix.trans as the B operand)
 // LSE and D are the row's (softmax mixing) or branch i's (mean), from the row-statistics kernel.
 // Each dQ row is written once, by the block that owns it: no atomics, a fixed order.
+// Both backward tensor-core kernels carry 32-bit positions and counts across their loops and
+// recompute each tile's 64-bit addresses from them (row_pointers.cuh): registers for the
+// accumulators, no spills at any head_dim (docs/cuda.md).
 
 #include <cstdint>
 
@@ -20,7 +24,7 @@
 #include "copy.cuh"
 #include "launch_plan.hpp"
 #include "mma.cuh"
-#include "tensor_core_kernel.cuh"  // load_rows
+#include "row_pointers.cuh"
 
 namespace dilated_attention::cuda::device {
 
@@ -48,31 +52,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const k_stages = q_tile + kWindowRows * kPitch;
   T* const v_stages = k_stages + 2 * kKeyTile * kPitch;
 
+  // Block coordinates, positions and counts in 32 bits (seq_len < 2^31, fewer than 2^31 blocks:
+  // check_backend_limits); 64-bit addresses are recomputed from them where used
+  // (row_pointers.cuh), so the loops below carry ints, not 64-bit index state.
   const WorkUnit unit = work_unit(p, blockIdx.x);
+  const int batch = static_cast<int>(unit.batch), head = static_cast<int>(unit.head);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
-  const Progression window = window_rows(p, unit.window);
-  if (window.empty()) return;  // uniform
-  const std::int64_t kv_head = p.kv_head(unit.head);
-  const T* const q_base = static_cast<const T*>(p.q) + unit.batch * p.q_batch + unit.head * p.q_head;
-  const T* const do_base =
-      static_cast<const T*>(bp.d_out) + unit.batch * bp.do_batch + unit.head * bp.do_head;
-  const T* const k_base = static_cast<const T*>(p.k) + unit.batch * p.k_batch + kv_head * p.k_head;
-  const T* const v_base = static_cast<const T*>(p.v) + unit.batch * p.v_batch + kv_head * p.v_head;
+  const Progression first_window = window_rows(p, unit.window);
+  if (first_window.empty()) return;  // uniform
+  const int window_first = static_cast<int>(first_window.first);
+  const int window_count = static_cast<int>(first_window.count);
+  const int window_stride = static_cast<int>(p.row_stride);
+  const int kv_head = static_cast<int>(p.kv_head(head));
   const bool mean = p.mixing == Mixing::mean;
-
-  const std::int64_t row_position[2] = {
-      warp * 16 + g < window.count ? window.at(warp * 16 + g) : -1,
-      warp * 16 + g + 8 < window.count ? window.at(warp * 16 + g + 8) : -1};
-  const std::int64_t row_base = (unit.batch * p.heads + unit.head) * p.seq_len;
 
   // Q fragments live in registers for the whole block; the dO tile then takes Q's place in
   // shared memory and its fragments are read per key tile (holding both in registers spills at
   // head_dim 96 and 128).
-  const int fragment_offset = (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
+  const int fragment_offset =
+      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
   T* const fragment_row = row_tile + fragment_offset;
   std::uint32_t q_frag[kQInShared ? 1 : D / 16][4];
-  load_rows<T, D, kWindowRows, true>(q_tile, q_base, p.q_seq, window, 0, p.q_vector);
+  copy_tile_rows<T, D, kWindowRows>(
+      q_tile,
+      row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, head, window_first),
+      window_stride * p.q_seq, window_count, p.q_vector);
   if constexpr (!kQInShared) {
     cp_async_commit();
     cp_async_wait<0>();
@@ -81,7 +86,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], fragment_row + kk * 16);
     __syncthreads();
   }
-  load_rows<T, D, kWindowRows, true>(row_tile, do_base, bp.do_seq, window, 0, bp.do_vector);
+  copy_tile_rows<T, D, kWindowRows>(
+      row_tile,
+      row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, head,
+             window_first),
+      window_stride * bp.do_seq, window_count, bp.do_vector);
   cp_async_commit();
 
   float acc[kDimTiles][4];
@@ -90,41 +99,61 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   int stage = 0;
   for (int i = 0; i < p.num_branches; ++i) {
-    const BranchGeometry geometry = p.branch(i);
-    const std::int64_t offset = p.offset(i, unit.head);
+    const int offset = static_cast<int>(p.offset(i, head));
     if (offset < 0) continue;  // uniform
-    // This branch's statistics of the thread's two rows (unused where the row is masked).
+    // This thread's two rows (window rows warp * 16 + g + 8 r; -1 past the window's end) and
+    // their statistics in this branch (unused where the row is masked).
+    int row_position[2];
     float lse_log2[2], delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const std::int64_t x = row_position[r];
-      const std::int64_t at = (mean ? i * bp.rows : 0) + row_base + (x < 0 ? 0 : x);
-      const float lse = mean ? bp.branch_lse[at] : p.lse[row_base + (x < 0 ? 0 : x)];
+      const int row = opaque(warp * 16 + g) + 8 * r;
+      row_position[r] = row < window_count ? window_first + row * window_stride : -1;
+      const std::int64_t row_index =
+          (static_cast<std::int64_t>(batch) * p.heads + head) * p.seq_len +
+          (row_position[r] < 0 ? 0 : row_position[r]);
+      const std::int64_t at = (mean ? i * bp.rows : 0) + row_index;
+      const float lse = mean ? bp.branch_lse[at] : p.lse[row_index];
       lse_log2[r] = lse == -kInf ? 0.f : lse * kLog2e;
       delta[r] = bp.delta[at];
     }
-    const SegmentRange segments = segments_overlapping(geometry, window);
-    for (std::int64_t s = segments.first; s <= segments.last; ++s) {
-      const SegmentWork work = segment_work(geometry, s, offset, p.causal, window);
+    const SegmentRange segments =
+        segments_overlapping(p.branch(i), Progression{window_first, window_stride, window_count});
+    const int last_segment = static_cast<int>(segments.last);
+    for (int s = static_cast<int>(segments.first); s <= last_segment; ++s) {
+      // Everything below is recomputed per segment from ints (opaque: not hoisted out of the
+      // loops into registers); the loops carry only i, offset, s, last_segment and the rows'
+      // positions and statistics.
+      const SegmentWork work =
+          segment_work(p.branch(opaque(i)), s, offset, p.causal,
+                       Progression{opaque(window_first), window_stride, opaque(window_count)});
       if (work.empty()) continue;  // uniform
-      const Progression streamed = work.keys.prefix(work.key_count);
-      const std::int64_t limit[2] = {key_limit(work.keys, row_position[0], p.causal),
-                                     key_limit(work.keys, row_position[1], p.causal)};
-      const std::int64_t tiles = work.tiles();
-
-      load_rows<T, D, kKeyTile, true>(k_stages + stage * kKeyTile * kPitch, k_base, p.k_seq, streamed, 0,
-                                p.k_vector);
-      load_rows<T, D, kKeyTile, true>(v_stages + stage * kKeyTile * kPitch, v_base, p.v_seq, streamed, 0,
-                                p.v_vector);
+      // The streamed keys: positions first + j * stride, j < count.
+      const int first = static_cast<int>(work.keys.first);
+      const int stride = static_cast<int>(work.keys.stride);
+      const int count = static_cast<int>(work.key_count);
+      const int limit[2] = {static_cast<int>(key_limit(work.keys, row_position[0], p.causal)),
+                            static_cast<int>(key_limit(work.keys, row_position[1], p.causal))};
+      // K and V rows of the key tile from key j0 on into stage `into`. Its 64-bit addresses are
+      // recomputed per tile from ints (row_pointers.cuh).
+      auto load_tile = [&](int j0, int into) {
+        const int h = opaque(kv_head), r = opaque(stride);
+        const int position = first + j0 * r, rows_left = count - j0;
+        copy_tile_rows<T, D, kKeyTile>(
+            k_stages + into * kKeyTile * kPitch,
+            row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, h, position),
+            r * p.k_seq, rows_left, p.k_vector);
+        copy_tile_rows<T, D, kKeyTile>(
+            v_stages + into * kKeyTile * kPitch,
+            row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, h, position),
+            r * p.v_seq, rows_left, p.v_vector);
+      };
+      load_tile(0, stage);
       cp_async_commit();
-      for (std::int64_t tile = 0; tile < tiles; ++tile) {
+      for (int j0 = 0; j0 < count; j0 += kKeyTile) {
         const int current = stage;
-        if (tile + 1 < tiles) {
-          const std::int64_t next_j0 = (tile + 1) * kKeyTile;
-          load_rows<T, D, kKeyTile, true>(k_stages + (stage ^ 1) * kKeyTile * kPitch, k_base, p.k_seq,
-                                    streamed, next_j0, p.k_vector);
-          load_rows<T, D, kKeyTile, true>(v_stages + (stage ^ 1) * kKeyTile * kPitch, v_base, p.v_seq,
-                                    streamed, next_j0, p.v_vector);
+        if (j0 + kKeyTile < count) {
+          load_tile(j0 + kKeyTile, stage ^ 1);
           cp_async_commit();
           cp_async_wait<1>();
         } else {
@@ -159,21 +188,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
 
-        // dS = P (dP g - D), 0 where the key is masked for the row.
-        const std::int64_t j0 = tile * kKeyTile;
-        int local_limit[2];
+        // dS = P (dP g - D), 0 where the key is masked for the row. Key j = nt * 8 + 2 t + c
+        // is attended by row r iff j < local_limit[r], i.e. iff nt * 8 + c < room[r]: one compare
+        // with a constant per element (no per-thread table of the thread's columns j).
+        int room[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const std::int64_t rest = limit[r] - j0;
-          local_limit[r] = rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : static_cast<int>(rest));
+          const int rest = limit[r] - j0;
+          room[r] = (rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : rest)) - 2 * t;
         }
 #pragma unroll
         for (int nt = 0; nt < kKeyTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int j = nt * 8 + 2 * t + (e & 1), r = e >> 1;
-            const float prob =
-                j < local_limit[r] ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[r])) : 0.f;
+            const int r = e >> 1;
+            const float prob = nt * 8 + (e & 1) < room[r]
+                                   ? fast_exp2(fmaf(score[nt][e], p.scale_log2, -lse_log2[r]))
+                                   : 0.f;
             score[nt][e] = prob * (grad[nt][e] * bp.grad_out_scale - delta[r]);
           }
 
@@ -202,12 +233,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();  // a window that streamed no key tile still waits for its Q/dO copies
 
   // Epilogue: every row of the window is written once (0 for rows that attend nothing).
-  T* const dq_base = static_cast<T*>(bp.d_q) + unit.batch * bp.dq_batch + unit.head * bp.dq_head;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const std::int64_t x = row_position[r];
-    if (x < 0) continue;
-    T* const dq_row = dq_base + x * bp.dq_seq;
+    const int row = warp * 16 + g + 8 * r;
+    if (row >= window_count) continue;
+    T* const dq_row = row_at(static_cast<T*>(bp.d_q), bp.dq_batch, bp.dq_seq, bp.dq_head, batch,
+                             head, window_first + row * window_stride);
 #pragma unroll
     for (int dn = 0; dn < kDimTiles; ++dn)
 #pragma unroll

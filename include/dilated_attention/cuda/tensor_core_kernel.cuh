@@ -9,7 +9,7 @@
 // skipped); the warp's Q fragments come from the tile by ldmatrix at the packed rows. The block's
 // keys (rows of the segment with the head's offset, i.e. stride r) stream through shared memory
 // in tiles of kKeyTile rows with cp.async double buffering, addressed by stride in place: no
-// gather, no copy; each warp multiplies only up to its own slice's key limit (16-key steps).
+// gather, no copy (row_pointers.cuh, shared with the backward); each warp multiplies only up to its own slice's key limit (16-key steps).
 // Scores and P.V use mma.sync m16n8k16 with fp32 accumulators; keys past a query's causal limit
 // and past the block are masked to -inf. The online-softmax state (max, sum, accumulator) of a
 // row continues from one branch to the next: for Mixing::softmax this is exactly
@@ -25,6 +25,7 @@
 #include "launch_plan.hpp"
 #include "mma.cuh"
 #include "query_window.hpp"
+#include "row_pointers.cuh"
 #include "tile_io.cuh"
 
 namespace dilated_attention::cuda::device {
@@ -168,27 +169,18 @@ __global__ void __launch_bounds__(kThreads)
     }
     return false;
   };
-  // Key tile `tile` of a work into stage `into`: K and V in separate cp.async groups, so that
-  // S = QK^T starts while V is still in flight. Tiles are issued in order, each work's from 0.
-  KeyTileStream<T, D, kRolled> k_stream, v_stream;
+  // Key tile `tile` of a work into stage `into` (row_pointers.cuh: a per-thread row pointer walked
+  // down the tile), K and V in separate cp.async groups, so that S = QK^T starts while V is still
+  // in flight. A block of one key gets a row step of 0: its stride may exceed the sequence.
   auto issue_tile = [&](const QueryWork& of, int tile, int into) {
-    T* const k_into = k_stages + into * kKeyTile * kPitch;
-    T* const v_into = v_stages + into * kKeyTile * kPitch;
-    if (p.k_vector) {
-      if (tile == 0) k_stream.start(p.k_seq, of.keys, of.key_count);
-      k_stream.issue(k_into, k_base);
-    } else {
-      load_rows<T, D, kKeyTile, kRolled>(k_into, k_base, p.k_seq, of.keys.prefix(of.key_count),
-                                         tile * kKeyTile, false);
-    }
+    const std::int64_t first = of.keys.first + std::int64_t{tile} * kKeyTile * of.keys.stride;
+    const std::int64_t step = of.keys.count > 1 ? of.keys.stride : 0;
+    const int rows_left = of.key_count - tile * kKeyTile;
+    copy_tile_rows<T, D, kKeyTile>(k_stages + into * kKeyTile * kPitch, k_base + first * p.k_seq,
+                                   step * p.k_seq, rows_left, p.k_vector);
     cp_async_commit();
-    if (p.v_vector) {
-      if (tile == 0) v_stream.start(p.v_seq, of.keys, of.key_count);
-      v_stream.issue(v_into, v_base);
-    } else {
-      load_rows<T, D, kKeyTile, kRolled>(v_into, v_base, p.v_seq, of.keys.prefix(of.key_count),
-                                         tile * kKeyTile, false);
-    }
+    copy_tile_rows<T, D, kKeyTile>(v_stages + into * kKeyTile * kPitch, v_base + first * p.v_seq,
+                                   step * p.v_seq, rows_left, p.v_vector);
     cp_async_commit();
   };
 

@@ -30,7 +30,7 @@
 namespace dilated_attention::ring {
 
 struct CallRecord {
-  static constexpr int num_fields = 13;
+  static constexpr int num_fields = 14;
   std::int64_t fields[num_fields];
   std::int32_t status;  // CallStatus
   std::int32_t origin;  // the rank whose failure this one follows from, or -1
@@ -40,6 +40,10 @@ static_assert(std::is_trivially_copyable_v<CallRecord>);
 
 enum CallStatus : std::int32_t { call_ok = 0, call_refused = 1, call_failed = 2, call_knock_on = 3 };
 
+// Which collective the ranks are in: a rank calling ring::forward while another calls
+// ring::backward is refused like any other mismatch.
+enum class CallOperation : std::int64_t { forward = 0, backward = 1 };
+
 namespace detail {
 
 inline const char* call_field_name(int field) {
@@ -48,7 +52,7 @@ inline const char* call_field_name(int field) {
       "shape.num_kv_heads", "shape.head_dim",      "config.segment_lengths",
       "config.dilation_rates", "config.causal",    "config.offsets",
       "config.mixing",   "config.scale",           "the storage type T",
-      "options.layout"};
+      "options.layout",  "operation (0 forward, 1 backward)"};
   return names[field];
 }
 // Fields compared by hash only (lists); the message says "differ" without values.
@@ -79,7 +83,8 @@ inline std::string reason_of(const CallRecord& record) {
 
 // The description every rank must share. `layout` is the numeric value of Options::layout.
 template <class T>
-CallRecord describe_call(const Config& config, const Shape& shape, std::int64_t layout) {
+CallRecord describe_call(const Config& config, const Shape& shape, std::int64_t layout,
+                         CallOperation operation = CallOperation::forward) {
   CallRecord record{};
   std::int64_t scale_bits = 0;
   static_assert(sizeof(scale_bits) == sizeof(config.scale));
@@ -89,7 +94,8 @@ CallRecord describe_call(const Config& config, const Shape& shape, std::int64_t 
       detail::hash_list(config.segment_lengths), detail::hash_list(config.dilation_rates),
       config.causal ? 1 : 0, static_cast<std::int64_t>(config.offsets),
       static_cast<std::int64_t>(config.mixing), scale_bits,
-      static_cast<std::int64_t>(sizeof(T)) * 1000 + std::numeric_limits<T>::digits, layout};
+      static_cast<std::int64_t>(sizeof(T)) * 1000 + std::numeric_limits<T>::digits, layout,
+      static_cast<std::int64_t>(operation)};
   std::memcpy(record.fields, values, sizeof(values));
   record.status = call_ok;
   record.origin = -1;

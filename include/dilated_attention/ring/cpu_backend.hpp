@@ -8,11 +8,7 @@
 // fixed order (step, branch, offset, block), so the result never depends on the thread count.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -21,16 +17,18 @@
 #include "../cpu/kernels/isa.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
+#include "cpu_shard.hpp"
 #include "layout.hpp"
 
 namespace dilated_attention::ring {
 
 template <class T>
-class CpuBackend {
+class CpuBackend : public CpuShard<T> {
+  using Base = CpuShard<T>;
+
  public:
-  using Scalar = T;
   using Acc = cpu::accumulator_t<T>;
-  using Buffer = std::vector<T>;
+  using Buffer = typename Base::Buffer;
 
   // local: the shard's shape (seq_len = N / P); shard_begin: global position of its first row
   // (contiguous layout), or `chunks`: which global rows the views hold (ring/layout.hpp);
@@ -41,32 +39,14 @@ class CpuBackend {
                    scale, causal, accumulators, threads) {}
   CpuBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
              View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads)
-      : shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), scale_(scale), causal_(causal),
-        accumulators_(accumulators), threads_(std::max(1, threads)),
+      : Base(local, std::move(chunks), q, k, v, threads), scale_(scale), causal_(causal),
+        accumulators_(accumulators),
         acc_o_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
                                         local.seq_len * local.head_dim),
                Acc(0)),
         acc_lse_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
                                           local.seq_len),
                  negative_infinity<Acc>()) {}
-
-  Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }
-  static void* bytes(Buffer& buffer) { return buffer.data(); }
-  static std::size_t element_size() { return sizeof(T); }
-
-  // K rows then V rows of (batch b, kv head g) at global positions `rows`, each head_dim wide,
-  // written at `destination + element_offset`.
-  void pack(Buffer& destination, std::size_t element_offset, std::int64_t b, std::int64_t g,
-            const Progression& rows) const {
-    const std::int64_t dim = shape_.head_dim;
-    T* out = destination.data() + element_offset;
-    for (const View<const T>* source : {&k_, &v_})
-      for (std::int64_t j = 0; j < rows.count; ++j) {
-        const T* row = source->data + b * source->batch_stride +
-                       local_of(rows.at(j)) * source->seq_stride + g * source->head_stride;
-        out = std::copy(row, row + dim, out);
-      }
-  }
 
   // Scratch one thread reuses for every block it computes.
   struct Workspace {
@@ -75,43 +55,14 @@ class CpuBackend {
     std::vector<Acc> o, lse;
   };
 
-  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread. The
-  // schedule is static (thread t takes pairs t, t + threads, ...) so that the calling thread
-  // always computes blocks, and so drives the transport's progress between them (forward.hpp).
-  // The instruction set is resolved here, on the calling thread, so that a bad
-  // DILATED_ATTENTION_CPU_ISA raises std::invalid_argument to the caller; a worker's exception
-  // is carried back and rethrown here after every worker has joined, never left to terminate.
+  // Runs body(b, h, workspace) for every (batch, query head), each pair on one thread
+  // (CpuShard::run_units: static schedule, errors carried back to the caller).
   template <class Body>
   void for_each_head(Body&& body) {
-    const std::int64_t pairs = shape_.batch * shape_.num_heads;
-    const CpuIsa isa = cpu::resolve_isa(CpuIsa::automatic);
-    std::exception_ptr error;
-    std::mutex error_mutex;
-    std::atomic<bool> failed{false};
-    const auto work = [&](int thread) {
-      try {
-        Workspace workspace(shape_.head_dim, isa);
-        for (std::int64_t index = thread; index < pairs && !failed.load(std::memory_order_relaxed);
-             index += threads_)
-          body(index / shape_.num_heads, index % shape_.num_heads, workspace);
-      } catch (...) {
-        const std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-        failed.store(true, std::memory_order_relaxed);
-      }
-    };
-    std::vector<std::thread> pool;
-    const int helpers = static_cast<int>(std::min<std::int64_t>(threads_, pairs)) - 1;
-    try {
-      for (int t = 1; t <= helpers; ++t) pool.emplace_back(work, t);
-    } catch (...) {
-      failed.store(true, std::memory_order_relaxed);  // could not start a thread: stop, report
-      for (std::thread& thread : pool) thread.join();
-      throw;
-    }
-    work(0);
-    for (std::thread& thread : pool) thread.join();
-    if (error) std::rethrow_exception(error);
+    const std::int64_t heads = shape_.num_heads;
+    this->run_units(
+        shape_.batch * heads, [&](CpuIsa isa) { return Workspace(shape_.head_dim, isa); },
+        [&](std::int64_t unit, Workspace& workspace) { body(unit / heads, unit % heads, workspace); });
   }
 
   // The partial of query head h's rows `queries` (batch b) over key rows `keys` of kv head g,
@@ -174,31 +125,21 @@ class CpuBackend {
   }
 
  private:
-  cpu::StridedRows<T> local_rows(const View<const T>& view, std::int64_t b, std::int64_t head,
-                                 const Progression& rows) const {
-    return {view.data + b * view.batch_stride + local_of(rows.first) * view.seq_stride +
-                head * view.head_stride,
-            rows.stride * view.seq_stride, rows};
-  }
-  // The local row of global position x (a progression never crosses a chunk: the schedule
-  // cuts every one at chunk bounds).
-  std::int64_t local_of(std::int64_t x) const {
-    for (const Chunk& chunk : chunks_)
-      if (chunk.contains(x)) return chunk.local + (x - chunk.begin);
-    return -1;  // unreachable for rows the schedule names
-  }
+  using Base::local_of;
+  using Base::local_rows;
+  using Base::shape_;
+  using Base::q_;
+  using Base::k_;
+  using Base::v_;
+
   std::size_t row_index(std::int64_t slot, std::int64_t b, std::int64_t h, std::int64_t x) const {
     return static_cast<std::size_t>(((slot * shape_.batch + b) * shape_.num_heads + h) *
                                         shape_.seq_len + x);
   }
 
-  Shape shape_;
-  std::vector<Chunk> chunks_;
-  View<const T> q_, k_, v_;
   Acc scale_;
   bool causal_;
   std::int64_t accumulators_;
-  int threads_;
   std::vector<Acc> acc_o_, acc_lse_;
 };
 

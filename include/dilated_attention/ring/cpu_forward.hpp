@@ -10,6 +10,7 @@
 #include "agreement.hpp"
 #include "forward.hpp"
 #include "layout.hpp"
+#include "options.hpp"
 #include "pattern_cache.hpp"
 #include "schedule.hpp"
 #include "transport.hpp"
@@ -37,15 +38,8 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
               lse_type_t<T>* lse = nullptr, const Options& options = {}) {
   Shape local = shape;
   const auto validate_local = [&] {
-    validate_partition(shape.seq_len, transport.size(), transport.rank());
-    validate_layout(options.layout, shape.seq_len, transport.size());
-    validate(config, shape);
-    local.seq_len = shape.seq_len / transport.size();
+    local = validate_ring_call(config, shape, transport, options);
     validate(config, local, q, k, v, out, lse);
-    if (options.num_threads <= 0)
-      dilated_attention::detail::reject("options.num_threads = ", options.num_threads, ": must be positive");
-    if (options.timeout.count() <= 0)
-      dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
   };
   Stats stats;
   std::unique_ptr<CpuBackend<T>> backend;
