@@ -8,36 +8,28 @@
 // packed in position order into 16-row slices, one per warp (slices without queries are
 // skipped); the warp's Q fragments come from the tile by ldmatrix at the packed rows. The block's
 // keys (rows of the segment with the head's offset, i.e. stride r) stream through shared memory
-// in tiles of kKeyTile rows with cp.async double buffering, addressed by stride in place: no
-// gather, no copy (row_pointers.cuh, shared with the backward); each warp multiplies only up to its own slice's key limit (16-key steps).
-// Scores and P.V use mma.sync m16n8k16 with fp32 accumulators; keys past a query's causal limit
-// and past the block are masked to -inf. The online-softmax state (max, sum, accumulator) of a
-// row continues from one branch to the next: for Mixing::softmax this is exactly
-// softmax(S + ln C) V of docs/semantics.md §2. When the packing changes, the state moves through
-// one fp32 record per window row in shared memory. Mixing::mean closes each work's rows
-// (normalised partial / G added into the row's record, LSE_i into its log-sum-exp). Each output
-// row is written once, by the block that owns it, from its record, with no merge kernel.
+// in tiles of kKeyTile rows with cp.async double buffering, addressed by stride in place
+// (row_pointers.cuh, shared with the backward): no gather, no copy. Each warp multiplies only up
+// to its own slice's key limit (16-key steps). Scores and P.V use mma.sync m16n8k16 with fp32
+// accumulators; keys past a query's causal limit and past the block are masked to -inf. The
+// online-softmax state (max, sum, accumulator) of a row continues from one branch to the next:
+// for Mixing::softmax this is exactly softmax(S + ln C) V of docs/semantics.md §2. When the
+// packing changes, the state moves through one fp32 record per window row in shared memory
+// (row_records.cuh). Mixing::mean closes each work's rows (normalised partial / G added into the
+// row's record, LSE_i into its log-sum-exp). Each output row is written once, by the block that
+// owns it, from its record, with no merge kernel.
 
 #include <cstdint>
 
-#include "../merge.hpp"
 #include "copy.cuh"
 #include "launch_plan.hpp"
 #include "mma.cuh"
 #include "query_window.hpp"
 #include "row_pointers.cuh"
+#include "row_records.cuh"
 #include "tile_io.cuh"
 
 namespace dilated_attention::cuda::device {
-
-__device__ __forceinline__ float row_max4(float value) {
-  value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 1));
-  return fmaxf(value, __shfl_xor_sync(0xffffffffu, value, 2));
-}
-__device__ __forceinline__ float row_sum4(float value) {
-  value += __shfl_xor_sync(0xffffffffu, value, 1);
-  return value + __shfl_xor_sync(0xffffffffu, value, 2);
-}
 
 // The window rows that `keys` selects (query_window.hpp's selected_rows), by two ballots: lane l
 // tests rows l and l + 32. Every warp computes the whole mask, so it is uniform in the block.
@@ -56,9 +48,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kPitch = D + 8;
   constexpr int kDimTiles = D / 8;  // n-tiles of the output
   constexpr int kKeyTiles = kKeyTile / 8;  // n-tiles of the scores
-  constexpr int kChunks = D / 8;  // 8-element (16-byte) chunks of a row
   const float kInf = __int_as_float(0x7f800000);
-  constexpr float kLn2 = 0.693147180559945309f;
 
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* const q_tile = reinterpret_cast<T*>(shared_raw);
@@ -66,9 +56,8 @@ __global__ void __launch_bounds__(kThreads)
   T* const v_stages = k_stages + 2 * kKeyTile * kPitch;
   // One record per window row (launch_plan.hpp's forward_shared_bytes): D accumulators, the max
   // (mean: the log-sum-exp of the branches) and the sum.
-  float* const record_acc = reinterpret_cast<float*>(v_stages + 2 * kKeyTile * kPitch);
-  float* const record_max = record_acc + kWindowRows * D;
-  float* const record_sum = record_max + kWindowRows;
+  const RowRecords<D> records =
+      RowRecords<D>::in(reinterpret_cast<float*>(v_stages + 2 * kKeyTile * kPitch));
 
   const WorkUnit unit = work_unit(p, blockIdx.x);
   const QueryWindow window = query_window(p, unit.window);
@@ -86,13 +75,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kRolled = D >= 96;
   load_window_rows<T, D, kRolled>(q_tile, q_base, p.q_seq, window, p.q_vector);
   cp_async_commit();
-  // Every record starts empty: no key seen (max -inf, sum 0), zero accumulators; for mean a zero
-  // sum of branch outputs and a log-sum-exp of -inf.
-  for (int e = tid; e < kWindowRows * D; e += kThreads) record_acc[e] = 0.f;
-  if (tid < kWindowRows) {
-    record_max[tid] = -kInf;
-    record_sum[tid] = 0.f;
-  }
+  records.clear(tid);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -109,43 +92,6 @@ __global__ void __launch_bounds__(kThreads)
   // The packing (QueryWork::rows) that row_index and q_frag are for, 0 for none; for softmax the
   // registers hold the state of its rows (mean closes every work's rows at its end).
   std::uint64_t packed = 0;
-
-  // The registers' rows into their records (every lane takes part: the sums are shuffled).
-  auto save_rows = [&] {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = row_sum4(row_sum[r]);
-      const int row = row_index[r];
-      if (row < 0) continue;
-      if (t == 0) {
-        record_max[row] = row_max[r];
-        record_sum[row] = sum;
-      }
-#pragma unroll
-      for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) record_acc[row * D + dn * 8 + 2 * t + c] = acc[dn][2 * r + c];
-    }
-  };
-  // Mixing::mean: close the work's rows (each lies in one segment of the branch, so its branch
-  // partial is complete): O_i / G into the record, LSE_i into its log-sum-exp.
-  auto close_rows = [&] {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = row_sum4(row_sum[r]);
-      const int row = row_index[r];
-      if (row < 0 || !(sum > 0.f)) continue;
-      const float inverse = 1.f / (sum * static_cast<float>(p.num_branches));
-      if (t == 0)
-        record_max[row] =
-            log_add_exp(record_max[row], (row_max[r] * p.scale_log2 + log2f(sum)) * kLn2);
-#pragma unroll
-      for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-        for (int c = 0; c < 2; ++c)
-          record_acc[row * D + dn * 8 + 2 * t + c] += acc[dn][2 * r + c] * inverse;
-    }
-  };
 
   // The works of the block, in branch and segment order: the next one with queries after the
   // cursor (every warp ballots the same masks, so the answer is uniform).
@@ -193,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
     // fragments those of queries warp * 16 .. + 15.
     if (work.rows != packed) {  // uniform
       if (!mean && packed != 0) {
-        save_rows();
+        records.save(row_index, row_max, row_sum, acc, t);
         __syncthreads();  // the records are written before their new owners read them
       }
 #pragma unroll
@@ -208,18 +154,9 @@ __global__ void __launch_bounds__(kThreads)
         ldmatrix_x4(q_frag[kk], q_tile + row * kPitch + kk * 16 + (lane / 16) * 8);
     }
     if (mean || work.rows != packed) {  // uniform
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        // Mean: every work starts afresh. Softmax: the row's state so far.
-        const int row = mean ? -1 : row_index[r];
-        row_max[r] = row >= 0 ? record_max[row] : -kInf;
-        row_sum[r] = row >= 0 && t == 0 ? record_sum[row] : 0.f;
-#pragma unroll
-        for (int dn = 0; dn < kDimTiles; ++dn)
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-            acc[dn][2 * r + c] = row >= 0 ? record_acc[row * D + dn * 8 + 2 * t + c] : 0.f;
-      }
+      // Mean: every work starts afresh. Softmax: the rows' state so far.
+      const int from[2] = {mean ? -1 : row_index[0], mean ? -1 : row_index[1]};
+      records.load(from, row_max, row_sum, acc, t);
       packed = work.rows;
     }
 
@@ -343,32 +280,18 @@ __global__ void __launch_bounds__(kThreads)
       }
       stage ^= 1;
     }
-    if (mean) close_rows();
+    if (mean) records.close(row_index, row_max, row_sum, acc, t, p.num_branches, p.scale_log2);
     work = next;
     more = next_more;
   }
 
-  // Epilogue: every row of the window is written exactly once, from its record, rows no branch
-  // selected as (0, -inf); 16-byte stores of 8 outputs when out's rows are aligned.
-  if (!mean && packed != 0) save_rows();
+  // Epilogue: every row of the window written once, from its record.
+  if (!mean && packed != 0) records.save(row_index, row_max, row_sum, acc, t);
   __syncthreads();
-  T* const out_base = static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head;
-  for (int c = tid; c < window.count * kChunks; c += kThreads) {
-    const int row = c / kChunks, col = (c % kChunks) * 8;
-    const float sum = record_sum[row];
-    const float scale = mean ? 1.f : (sum > 0.f ? 1.f / sum : 0.f);
-    store_eight(out_base + window.position(row) * p.o_seq + col, record_acc + row * D + col, scale,
-                p.o_vector);
-  }
-  if (p.lse != nullptr) {
-    float* const lse_base = p.lse + (unit.batch * p.heads + unit.head) * p.seq_len;
-    for (int row = tid; row < window.count; row += kThreads) {
-      const float sum = record_sum[row];
-      lse_base[window.position(row)] =
-          mean ? record_max[row]
-               : (sum > 0.f ? (record_max[row] * p.scale_log2 + log2f(sum)) * kLn2 : -kInf);
-    }
-  }
+  records.write(window, static_cast<T*>(p.out) + unit.batch * p.o_batch + unit.head * p.o_head,
+                p.o_seq, p.o_vector,
+                p.lse != nullptr ? p.lse + (unit.batch * p.heads + unit.head) * p.seq_len : nullptr,
+                mean, p.scale_log2, tid);
 }
 
 }  // namespace dilated_attention::cuda::device
