@@ -391,3 +391,8 @@ inline void cp_async_wait() {
 }
 
 }  // namespace dilated_attention::cuda::device
+
+// The dynamic shared memory of the ring back end's kernels (ring/cuda_block_kernels.cuh).
+namespace dilated_attention::ring::device {
+alignas(16) inline float ring_query_rows[16 * 1024];
+}  // namespace dilated_attention::ring::device

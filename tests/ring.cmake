@@ -42,3 +42,15 @@ if(TARGET dilated_attention_nccl)
     $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wshadow --Werror=all-warnings>)
   gtest_discover_tests(ring_nccl_test PROPERTIES LABELS ring DISCOVERY_TIMEOUT 120)
 endif()
+
+# The CUDA back end of the ring (label `cuda`, first, so that `ctest -L cuda` and the one-call
+# GPU check run them; a discovered test keeps only its first label). The emulated test is plain
+# C++ run on any machine; the .cu test builds wherever nvcc is found and skips its GPU cases
+# without a device.
+if(TARGET dilated_attention_cuda)
+  dilated_attention_add_test(ring_cuda_emulated_test SOURCES ring_cuda_emulated_test.cpp
+                             LABELS cuda TIMEOUT 600)
+  target_include_directories(ring_cuda_emulated_test SYSTEM PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
+  target_compile_options(ring_cuda_emulated_test PRIVATE -O2 -Wno-unknown-pragmas)
+  dilated_attention_add_cuda_test(ring_cuda_forward_test ring_cuda_forward_test.cu)
+endif()

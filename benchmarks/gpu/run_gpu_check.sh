@@ -129,6 +129,7 @@ fi
 targets=(cuda_launch_plan_test cuda_emulated_kernel_test cuda_emulated_backward_test
          cuda_forward_half_test cuda_forward_bfloat16_test cuda_forward_float_test
          cuda_backward_half_test cuda_backward_bfloat16_test cuda_backward_float_test
+         ring_cuda_emulated_test ring_cuda_forward_test
          cuda_forward_benchmark cuda_backward_benchmark cuda_forward_from_files)
 step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDILATED_ATTENTION_ENABLE_MPI=OFF \
@@ -157,6 +158,10 @@ sanitize() {
         --gtest_filter="$filter" >"$work/${tool}_${t}.log" 2>&1 &
     pids+=($!)
   done
+  # The ring's CUDA back end and loopback transport: its small cases, beside the six.
+  compute-sanitizer --tool "$tool" --error-exitcode 1 "$tests/ring_cuda_forward_test" \
+      --gtest_filter='RingCudaForward.SmallCases*' >"$work/${tool}_ring.log" 2>&1 &
+  pids+=($!)
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   cat "$work/${tool}"_*.log
   return $rc

@@ -102,11 +102,7 @@ class CpuShard {
   }
   // The local row of global position x (a progression never crosses a chunk: the schedule
   // cuts every one at chunk bounds).
-  std::int64_t local_of(std::int64_t x) const {
-    for (const Chunk& chunk : chunks_)
-      if (chunk.contains(x)) return chunk.local + (x - chunk.begin);
-    return -1;  // unreachable for rows the schedule names
-  }
+  std::int64_t local_of(std::int64_t x) const { return local_row(chunks_, x); }
 
   Shape shape_;
   std::vector<Chunk> chunks_;

@@ -21,6 +21,7 @@
 #include <memory>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -33,6 +34,15 @@
 #include "transport.hpp"
 
 namespace dilated_attention::ring::detail {
+
+// Whether a back end runs its work asynchronously on a device stream (ring/cuda_backend.cuh:
+// `static constexpr bool stream_ordered = true`, with queue(), flush_packs(), synchronize() and
+// retire(std::shared_ptr<Buffer>)); see ring/forward.hpp.
+template <class Backend, class = void>
+struct is_stream_ordered : std::false_type {};
+template <class Backend>
+struct is_stream_ordered<Backend, std::void_t<decltype(Backend::stream_ordered)>>
+    : std::bool_constant<Backend::stream_ordered> {};
 
 // One piece of a step's message: K then V rows of one unit of (branch, offset), kv head, batch.
 struct Piece {
@@ -195,11 +205,23 @@ class Transfers {
     stats_.wait_seconds +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
+  // Device ordering (Transport::enqueue_wait): later work on `queue` runs after the transfer;
+  // true when the transport can, and then the transfer stays open until wait().
+  bool enqueue_wait(Id id, void* queue) {
+    const auto start = std::chrono::steady_clock::now();
+    const bool ordered = transport_.enqueue_wait(entries_.at(id).ticket, queue);
+    stats_.wait_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return ordered;
+  }
+  bool is_open(Id id) const { return entries_.at(id).open; }
   // Frees the buffer of a transfer that was waited for (or never posted).
-  void release(Id id) {
+  void release(Id id) { take(id).reset(); }
+  // Hands over the buffer of a transfer that was waited for (a device back end retires it).
+  std::shared_ptr<Buffer> take(Id id) {
     Entry& entry = entries_.at(id);
     if (entry.open) throw std::logic_error("dilated_attention::ring: buffer released while posted");
-    entry.buffer.reset();
+    return std::move(entry.buffer);
   }
 
  private:
@@ -242,6 +264,11 @@ void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
     }
   }
   if (step.receiving()) step.recv = transfers.add(backend.make_buffer(step.recv_elements));
+  if constexpr (is_stream_ordered<Backend>::value) {
+    // The step's packing kernels run now; its send reads the buffer only after them.
+    backend.flush_packs();
+    if (step.sending() && !transport.order_sends_after(backend.queue())) backend.synchronize();
+  }
   transport.begin_group();
   if (step.receiving())
     transfers.post_recv(step.recv, schedule.peer(t, false), 0,

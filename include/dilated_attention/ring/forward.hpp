@@ -17,6 +17,13 @@
 // which on any exit has either waited for it or hands it to Transport::abandon with its buffer,
 // so no buffer is freed while MPI or NCCL may still touch it, and the transport serves the next
 // call. The message layout is exchange.hpp's; no header travels.
+// A back end whose buffers live in device memory (ring/cuda_backend.cuh) declares
+// `stream_ordered` (exchange.hpp): its pack and attend_merge calls only record work, launched per
+// step on one stream; the driver then orders transfers on that stream (Transport::
+// order_sends_after in post_rows, Transport::enqueue_wait before a step's blocks) instead of
+// blocking the host per step, waits for the still-open receives at the end of the call, and
+// hands finished buffers to the back end's retire() (freed after its stream) instead of freeing
+// them under kernels that may still read them. The CPU back end keeps the plain path.
 
 #include <cstddef>
 #include <cstdint>
@@ -42,6 +49,7 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
   const Pattern& pattern = schedule.pattern();
   const std::int64_t num_ranks = transport.size();
   const bool mean = config.mixing == Mixing::mean;
+  constexpr bool stream_ordered = detail::is_stream_ordered<Backend>::value;
 
   Stats stats;
   stats.bytes_sent_per_branch.assign(static_cast<std::size_t>(pattern.num_branches()), 0);
@@ -75,20 +83,37 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
     });
     tick.rethrow();
   };
+  // Step t's rows must be in place before its blocks run: on a device stream the stream waits
+  // (the receive stays open until close_receive), otherwise the host does.
   const auto finish_receive = [&](std::int64_t t) {
     const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
-    if (step.receiving()) transfers.wait(step.recv);
+    if (!step.receiving()) return;
+    if constexpr (stream_ordered) {
+      if (transfers.enqueue_wait(step.recv, backend.queue())) return;
+    }
+    transfers.wait(step.recv);
+  };
+  // A buffer no transfer uses any more: freed, or (device) retired until the stream is done.
+  const auto release = [&](std::size_t id) {
+    if constexpr (stream_ordered) backend.retire(transfers.take(id));
+    else transfers.release(id);
+  };
+  const auto close_receive = [&](std::int64_t t) {
+    const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
+    if (!step.receiving()) return;
+    if (transfers.is_open(step.recv)) transfers.wait(step.recv);
+    release(step.recv);
   };
   const auto compute_and_release = [&](std::int64_t t) {
     compute(t);
     const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
-    if (step.receiving()) transfers.release(step.recv);
+    if (step.receiving() && !transfers.is_open(step.recv)) release(step.recv);
   };
   const auto finish_send = [&](std::int64_t t) {
     const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];
     if (!step.sending()) return;
     transfers.wait(step.send);
-    transfers.release(step.send);
+    release(step.send);
   };
 
   const std::vector<std::int64_t> order = schedule.step_order();
@@ -101,7 +126,10 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
       finish_receive(t);
       compute_and_release(t);
     }
-    for (const std::int64_t t : order) finish_send(t);
+    for (const std::int64_t t : order) {
+      close_receive(t);
+      finish_send(t);
+    }
   } else {
     // One step ahead, in step order (the first version).
     if (num_ranks > 1) post(1);
@@ -110,6 +138,7 @@ Stats run_ring(const Config& config, const Shape& global, Transport& transport, 
       finish_receive(t);
       if (t + 1 < num_ranks) post(t + 1);
       compute_and_release(t);
+      close_receive(t);
       finish_send(t);
     }
   }

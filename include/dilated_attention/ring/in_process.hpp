@@ -84,6 +84,18 @@ class InProcessWorld {
     if (bytes != 0) std::memcpy(data, message.data(), bytes);
   }
 
+  // Returns when rank `to` may go on waiting in call `epoch`; otherwise throws what collect()
+  // would: the world is dead, or a rank posted a failure notice for `epoch` (PeerFailure). For
+  // transports that wait on something other than this mailbox (ring/cuda_loopback.cuh).
+  void check_failures(int to, std::int64_t epoch) {
+    Mailbox& box = mailboxes_.at(static_cast<std::size_t>(to));
+    std::lock_guard<std::mutex> lock(box.mutex);
+    if (box.killed)
+      throw std::runtime_error("dilated_attention: in-process ring aborted: another rank failed");
+    const auto notice = box.notices.find(epoch);
+    if (notice != box.notices.end()) throw PeerFailure(notice->second.first, notice->second.second);
+  }
+
   // Drops what calls before `epoch` left in rank `to`'s mailbox (tags are epoch * 8 + tag).
   void purge_before(int to, std::int64_t epoch) {
     Mailbox& box = mailboxes_.at(static_cast<std::size_t>(to));
@@ -261,6 +273,28 @@ class InProcessTransport final : public Transport {
   std::map<std::pair<int, std::int64_t>, std::int64_t> posted_;  // receives per (peer, tag)
 };
 
+namespace detail {
+
+// Rethrows the first real error of a ring run (by rank order): a rank's own failure rather than
+// the knock-on errors it caused elsewhere (PeerFailure, "aborted"), else the first error at all.
+inline void rethrow_first_cause(const std::vector<std::exception_ptr>& errors) {
+  for (const auto& error : errors)
+    if (error) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const PeerFailure&) {
+        continue;
+      } catch (const std::runtime_error& e) {
+        if (std::string(e.what()).find("aborted") != std::string::npos) continue;
+        throw;
+      }
+    }
+  for (const auto& error : errors)
+    if (error) std::rethrow_exception(error);
+}
+
+}  // namespace detail
+
 // Runs body(transport) on num_ranks threads, one per rank, and rethrows the first exception (by
 // rank order) after all have finished. A rank whose body throws kills the world so that no
 // other rank waits forever for its messages.
@@ -281,20 +315,7 @@ void run_in_process(int num_ranks, Body&& body) {
       }
     });
   for (std::thread& thread : threads) thread.join();
-  // Prefer a rank's own failure over the knock-on errors it caused elsewhere.
-  for (const auto& error : errors)
-    if (error) {
-      try {
-        std::rethrow_exception(error);
-      } catch (const PeerFailure&) {
-        continue;
-      } catch (const std::runtime_error& e) {
-        if (std::string(e.what()).find("aborted") != std::string::npos) continue;
-        throw;
-      }
-    }
-  for (const auto& error : errors)
-    if (error) std::rethrow_exception(error);
+  detail::rethrow_first_cause(errors);
 }
 
 }  // namespace dilated_attention::ring

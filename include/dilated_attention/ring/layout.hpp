@@ -41,6 +41,14 @@ inline void validate_layout(Layout layout, std::int64_t seq_len, std::int64_t nu
                                       2 * num_ranks, ": the zigzag layout cuts N into 2P equal chunks");
 }
 
+// The local row of global position x among `chunks` (-1 when no chunk holds it). A schedule's
+// progression never crosses a chunk bound, so its rows are local_row(first) + j * stride.
+inline std::int64_t local_row(const std::vector<Chunk>& chunks, std::int64_t x) {
+  for (const Chunk& chunk : chunks)
+    if (chunk.contains(x)) return chunk.local + (x - chunk.begin);
+  return -1;
+}
+
 // The chunks rank `rank` holds, in local order.
 inline std::vector<Chunk> rank_chunks(Layout layout, std::int64_t seq_len, std::int64_t num_ranks,
                                       std::int64_t rank) {

@@ -11,8 +11,12 @@
 // nothing and only documents intent.
 //
 // wait(ticket) blocks the host until the transfer is done (an event recorded on the
-// communication stream after the operation); a device pipeline would instead use event(ticket)
-// with cudaStreamWaitEvent on its compute stream. The communicator and stream are borrowed.
+// communication stream after the operation). The CUDA ring back end instead orders transfers on
+// its compute stream: order_sends_after(compute) makes the communication stream wait for the
+// packing kernels, enqueue_wait(ticket, compute) makes the compute stream wait for a receive; no
+// host synchronisation per step. Passing the compute stream itself as the communication stream
+// is correct too, but then every transfer is serialised with compute. The communicator and
+// stream are borrowed.
 //
 // Faults (ring/transport.hpp). NCCL can neither cancel an operation nor send a side message, so:
 // - wait and all_gather poll their event (cudaEventQuery, ncclCommGetAsyncError) until the
@@ -77,6 +81,26 @@ class NcclTransport final : public Transport {
   Ticket post_recv(int peer, int /*tag*/, void* data, std::size_t bytes) override {
     check(ncclRecv(data, bytes, ncclUint8, peer, comm_, stream_), "ncclRecv");
     return issued();
+  }
+  bool order_sends_after(void* queue) override {
+    const auto compute = static_cast<cudaStream_t>(queue);
+    if (compute == stream_) return true;
+    cudaEvent_t packed;
+    if (cudaEventCreateWithFlags(&packed, cudaEventDisableTiming) != cudaSuccess)
+      throw std::runtime_error("dilated_attention: cudaEventCreate failed");
+    const bool ok = cudaEventRecord(packed, compute) == cudaSuccess &&
+                    cudaStreamWaitEvent(stream_, packed, 0) == cudaSuccess;
+    cudaEventDestroy(packed);  // released once the wait is done
+    if (!ok) throw std::runtime_error("dilated_attention: ordering NCCL sends after the compute stream failed");
+    return true;
+  }
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    const auto found = events_.find(ticket);
+    if (found == events_.end() || in_group_)
+      throw std::logic_error("dilated_attention: enqueue_wait on an unknown or finished NCCL ticket, or inside a group (its event is recorded at end_group)");
+    if (cudaStreamWaitEvent(static_cast<cudaStream_t>(queue), found->second, 0) != cudaSuccess)
+      throw std::runtime_error("dilated_attention: cudaStreamWaitEvent on an NCCL transfer failed");
+    return true;
   }
   void wait(Ticket ticket) override {
     const auto found = events_.find(ticket);

@@ -24,6 +24,14 @@
 //   blocks so that a transfer that needs the sender's attention (a rendezvous) moves meanwhile.
 // - Transfers posted between begin_group() and end_group() are issued together: NCCL needs that
 //   so that a step's send and receive cannot wait on each other; other transports ignore it.
+// - Device streams (for a back end whose buffers are device memory, ring/cuda_backend.cuh):
+//   `queue` is a cudaStream_t, opaque here so that this header needs no CUDA. order_sends_after
+//   (queue): sends posted from now on read their buffers only after the work already enqueued on
+//   `queue` (the packing kernels). enqueue_wait(ticket, queue): work enqueued on `queue` from now on
+//   runs after the transfer completed, without the host waiting for the device (it may wait for
+//   the peer to post); the ticket stays open, wait() or abandon() still completes it. Both return
+//   false when the transport cannot order transfers on a device stream (host transports): the
+//   caller then synchronises the stream before posting and calls wait() before computing.
 
 #include <chrono>
 #include <cstddef>
@@ -68,6 +76,8 @@ class Transport {
   virtual void progress() {}
   virtual void begin_group() {}
   virtual void end_group() {}
+  virtual bool order_sends_after(void* /*queue*/) { return false; }
+  virtual bool enqueue_wait(Ticket /*ticket*/, void* /*queue*/) { return false; }
 
   // One ring call. Every rank calls begin_call and end_call the same number of times, in the
   // same order; tags of different calls never match. Tags passed to post_* are 0..6.
@@ -99,6 +109,8 @@ class TransportAdapter : public Transport {
   void progress() override { inner_.progress(); }
   void begin_group() override { inner_.begin_group(); }
   void end_group() override { inner_.end_group(); }
+  bool order_sends_after(void* queue) override { return inner_.order_sends_after(queue); }
+  bool enqueue_wait(Ticket ticket, void* queue) override { return inner_.enqueue_wait(ticket, queue); }
   void begin_call(Duration timeout) override { inner_.begin_call(timeout); }
   void end_call() noexcept override { inner_.end_call(); }
   void all_gather(const void* mine, void* all, std::size_t bytes) override {
