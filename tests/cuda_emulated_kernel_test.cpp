@@ -69,6 +69,9 @@ dt::KernelResult<T> run_emulated(const dt::Case& c, const dt::DeviceTestInputs<T
                               : dc::device::shared_raw;
   EXPECT_LE(plan.shared_bytes, sizeof(dc::device::shared_raw));
   const Kernel kernel = kernel_for<T>(c.shape.head_dim);
+  const emulation::ReadableScope readable{std::pair{in.q.storage.data(), in.q.storage.size()},
+                                          std::pair{in.k.storage.data(), in.k.storage.size()},
+                                          std::pair{in.v.storage.data(), in.v.storage.size()}};
   emulation::launch(static_cast<unsigned>(plan.blocks), static_cast<unsigned>(plan.threads), shared,
                     plan.shared_bytes, [&] { kernel(plan.params); });
   return result;
@@ -131,6 +134,32 @@ TEST(CudaEmulatedKernel, TensorCoreOtherHeadDims) {
   check_every<__nv_bfloat16>(96, 10, 100, 3100);   // blocked mean causal
   check_every<__half>(128, 14, 100, 3200);         // GQA 6:2
   check_every<__nv_bfloat16>(128, 22, 100, 3300);  // strided windows R = 4
+}
+
+// The query windows of K residues and the packed slices (R = 12, 6, 3; cuda/query_window.hpp):
+// every case for both 16-bit types at head_dim 64, and two per head_dim (one per type) at 32, 96
+// and 128.
+std::vector<dt::Case> packed_slice_cases(std::int64_t head_dim) {
+  std::vector<dt::Case> chosen;
+  for (const dt::Case& c : dt::correctness_cases(head_dim))
+    if (c.name.rfind("packed slices", 0) == 0) chosen.push_back(c);
+  return chosen;
+}
+
+TEST(CudaEmulatedKernel, PackedSlicesEveryTypeAndHeadDim) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  ASSERT_EQ(packed_slice_cases(64).size(), 4u);
+  std::uint64_t seed = 5000;
+  for (const dt::Case& c : packed_slice_cases(64)) {
+    check_emulated<__half>(c, seed++);
+    check_emulated<__nv_bfloat16>(c, seed++);
+  }
+  check_emulated<__half>(packed_slice_cases(32)[0], seed++);
+  check_emulated<__nv_bfloat16>(packed_slice_cases(32)[3], seed++);
+  check_emulated<__half>(packed_slice_cases(96)[1], seed++);
+  check_emulated<__nv_bfloat16>(packed_slice_cases(96)[2], seed++);
+  check_emulated<__half>(packed_slice_cases(128)[3], seed++);
+  check_emulated<__nv_bfloat16>(packed_slice_cases(128)[0], seed++);
 }
 
 // The fp32 kernel emulates one warp per row (many shuffles per key chunk): a few small cases.

@@ -18,7 +18,19 @@ namespace {
 
 namespace da = dilated_attention;
 namespace dt = dilated_attention::testing;
+
 using T = Storage;
+
+// Whether this device grants the forward kernel of T its shared memory at this head_dim (the
+// 16-bit kernel needs 117.5 KiB at head_dim 128, more than the 99 KiB of sm_86/sm_89 parts).
+inline bool device_fits_forward(std::int64_t head_dim) {
+  if (std::is_same_v<T, float>) return true;
+  int device = 0, limit = 0;
+  da::cuda::check(cudaGetDevice(&device), "cudaGetDevice");
+  da::cuda::check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                  "cudaDeviceGetAttribute");
+  return static_cast<std::size_t>(limit) >= da::cuda::detail::forward_shared_bytes(head_dim);
+}
 
 da::Shape small_shape(std::int64_t head_dim = 64) { return {2, 100, 4, 2, head_dim}; }
 
@@ -147,6 +159,11 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), MatchesReferenceOtherHeadDims) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
   std::uint64_t seed = 200;
   for (std::int64_t head_dim : {32, 96, 128}) {
+    if (!device_fits_forward(head_dim)) {
+      std::printf("head_dim %lld skipped: over this device's shared memory (its own test below)\n",
+                  static_cast<long long>(head_dim));
+      continue;
+    }
     const std::vector<dt::Case> cases = dt::correctness_cases(head_dim);
     // A spread of the cases: multi-tile, multi-branch causal, mean, GQA, both paddings.
     for (std::size_t i : {1u, 5u, 8u, 12u, 14u, 20u, 21u, 22u})
@@ -156,6 +173,7 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), MatchesReferenceOtherHeadDims) {
 
 TEST(DILATED_ATTENTION_SUITE(Gpu), LargerShape) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
+  if (!device_fits_forward(128)) GTEST_SKIP() << "head_dim 128 is over this device's shared memory";
   dt::check_against_reference<T>(
       {"longer sequence", dt::make_config({256, 512, 1024}, {1, 2, 4}, true), {1, 1500, 4, 2, 128}},
       300);
@@ -232,16 +250,12 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), EarlierPendingErrorIsAttributedToTheCaller) {
 
 TEST(DILATED_ATTENTION_SUITE(Gpu), SharedMemoryLimitOfThisDeviceIsChecked) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  // head_dim 128 with mean mixing needs 117 KiB of shared memory (16-bit kernel): runs where the
+  // head_dim 128 needs 117.5 KiB of shared memory (16-bit kernel, either mixing): runs where the
   // device allows it, else std::invalid_argument naming the limit -- never a launch failure.
-  int device = 0, limit = 0;
-  da::cuda::check(cudaGetDevice(&device), "cudaGetDevice");
-  da::cuda::check(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                  "cudaDeviceGetAttribute");
   const dt::Case c{"head_dim 128, mean", dt::make_config({64, 128}, {1, 2}, false,
                                                          da::OffsetRule::modular, da::Mixing::mean),
                    {1, 200, 2, 2, 128}};
-  if (std::is_same_v<T, float> || limit >= 117 * 1024) {
+  if (device_fits_forward(128)) {
     dt::check_against_reference<T>(c, 700);
     dt::check_against_reference<T>(c, 701);  // second call: the granted attribute is reused
   } else {

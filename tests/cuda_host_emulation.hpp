@@ -12,7 +12,10 @@
 //   (k, n) of B in lane n * 4 + (k % 8) / 2, register k >= 8, half k % 2; accumulator element e of
 //   lane l is (l / 4 + 8 * (e >= 2), 2 * (l % 4) + e % 2). ldmatrix gives lane l row l / 4,
 //   elements 2 (l % 4) and 2 (l % 4) + 1 of each 8x8 matrix (transposed: column l / 4).
-// - cp.async copies synchronously (its ordering is checked on a GPU by racecheck, not here).
+// - cp.async is deferred as on the device: each thread's copies wait in commit groups and land in
+//   shared memory only when a cp.async.wait_group retires their group (the newest `Pending`
+//   committed groups and uncommitted copies stay in flight), so a tile read before its wait
+//   sees the stage's old contents. Cross-thread visibility still comes from the barriers.
 // - Shared memory is filled with NaN bytes before each block, so reads of unwritten shared
 //   memory show up as NaN in the output.
 //
@@ -28,8 +31,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <initializer_list>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #define DILATED_ATTENTION_CUDA_HOST_EMULATION 1
@@ -52,6 +58,40 @@ struct Dim3 {
 struct Barrier {
   int arrived = 0;
   unsigned long generation = 0;
+};
+
+// Global memory a kernel may read by cp.async: when any range is registered, every valid
+// cp.async source must lie inside one of them (a read past a tensor fails the test at once).
+struct GlobalRange {
+  const unsigned char* begin;
+  const unsigned char* end;
+};
+inline std::vector<GlobalRange>& readable_ranges() {
+  static std::vector<GlobalRange> ranges;
+  return ranges;
+}
+inline void check_readable(const void* source, std::size_t bytes) {
+  const auto& ranges = readable_ranges();
+  if (ranges.empty()) return;
+  const auto* at = static_cast<const unsigned char*>(source);
+  for (const GlobalRange& range : ranges)
+    if (at >= range.begin && at + bytes <= range.end) return;
+  std::fprintf(stderr, "emulation: cp.async reads %zu bytes at %p, outside every input tensor\n",
+               bytes, source);
+  std::abort();
+}
+// Registers [data, data + count) for the lifetime of the object.
+class ReadableScope {
+ public:
+  template <class T>
+  ReadableScope(std::initializer_list<std::pair<const T*, std::size_t>> tensors) {
+    for (const auto& [data, count] : tensors)
+      readable_ranges().push_back({reinterpret_cast<const unsigned char*>(data),
+                                   reinterpret_cast<const unsigned char*>(data + count)});
+  }
+  ~ReadableScope() { readable_ranges().clear(); }
+  ReadableScope(const ReadableScope&) = delete;
+  ReadableScope& operator=(const ReadableScope&) = delete;
 };
 
 // One thread block: `threads` fibers sharing the calling OS thread.
@@ -125,6 +165,30 @@ class Block {
     std::memcpy(slots_[fiber.slot_set][running_].data(), &value, sizeof(V));
     sync_warp();
   }
+  // cp.async of the running thread: queued, committed in groups, retired by wait_group.
+  void async_copy(void* shared, const void* global, bool valid) {
+    Fiber& fiber = fibers_[running_];
+    AsyncCopy copy{static_cast<unsigned char*>(shared), {}};
+    if (valid) {
+      check_readable(global, 16);
+      std::memcpy(copy.bytes.data(), global, 16);  // inputs do not change during a launch
+    }
+    fiber.open_copies.push_back(copy);
+  }
+  void async_commit() {
+    Fiber& fiber = fibers_[running_];
+    fiber.committed.push_back(std::move(fiber.open_copies));
+    fiber.open_copies.clear();
+  }
+  void async_wait(int pending) {
+    Fiber& fiber = fibers_[running_];
+    while (static_cast<int>(fiber.committed.size()) > pending) {
+      for (const AsyncCopy& copy : fiber.committed.front())
+        std::memcpy(copy.shared, copy.bytes.data(), 16);
+      fiber.committed.pop_front();
+    }
+  }
+
   template <class V>
   V read(unsigned lane) const {
     V value;
@@ -135,6 +199,10 @@ class Block {
 
  private:
   using Slot = std::array<unsigned char, 64>;
+  struct AsyncCopy {
+    unsigned char* shared;
+    std::array<unsigned char, 16> bytes;  // zero for a zero-filled (invalid) source
+  };
   struct Fiber {
     ucontext_t context{};
     std::unique_ptr<char[]> stack;
@@ -143,6 +211,8 @@ class Block {
     unsigned slot_set = 0;
     Barrier* waiting_on = nullptr;
     unsigned long waiting_generation = 0;
+    std::vector<AsyncCopy> open_copies;
+    std::deque<std::vector<AsyncCopy>> committed;
   };
 
   static void trampoline() {
@@ -209,6 +279,14 @@ template <class V>
 V __shfl_xor_sync(unsigned, V value, int lane_mask) {
   emulation::Block& block = emulation::Block::current();
   return __shfl_sync(0xffffffffu, value, static_cast<int>(block.lane() ^ static_cast<unsigned>(lane_mask)));
+}
+
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  emulation::Block& block = emulation::Block::current();
+  block.exchange(predicate != 0);
+  unsigned mask = 0;
+  for (unsigned l = 0; l < 32; ++l) mask |= block.read<bool>(l) ? 1u << l : 0u;
+  return mask;
 }
 
 inline float __int_as_float(int bits) {
@@ -301,14 +379,16 @@ inline float fast_exp2(float x) {
 }
 
 inline void cp_async_16(void* shared, const void* global, bool valid) {
-  if (valid)
-    std::memcpy(shared, global, 16);
-  else
-    std::memset(shared, 0, 16);
+  emulation::Block::current().async_copy(shared, global, valid);
 }
-inline void cp_async_commit() {}
+inline void store_16(void* global, const std::uint32_t (&words)[4]) {
+  std::memcpy(global, words, 16);
+}
+inline void cp_async_commit() { emulation::Block::current().async_commit(); }
 template <int Pending>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  emulation::Block::current().async_wait(Pending);
+}
 
 }  // namespace dilated_attention::cuda::device
 

@@ -272,6 +272,19 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
                    shape(1, 300, 4, 2)});
   cases.push_back({"strided windows R = 4, blocked mean",
                    make_config({256, 512}, {2, 4}, false, R::blocked, M::mean), shape(1, 400, 3, 3)});
+  // Query windows of K residues mod R (cuda/query_window.hpp), each (branch, segment) packing its
+  // rows into 16-row slices: R = 12 (K = 4, the paper's rates), R = 6 (K = 2), R = 3 (K = 1);
+  // windows straddling segments, several tiles, rows that move between packings.
+  cases.push_back({"packed slices R = 12 causal (paper rates)",
+                   make_config({768, 1536, 3072, 6144, 12288}, {1, 2, 4, 6, 12}, true),
+                   shape(1, 800, 3, 3)});
+  cases.push_back({"packed slices R = 12 blocked mean GQA 4:2",
+                   make_config({768, 1536}, {4, 12}, false, R::blocked, M::mean), shape(1, 1000, 4, 2)});
+  cases.push_back({"packed slices R = 6 partitioned causal",
+                   make_config({384, 768}, {2, 3}, true, R::partitioned), shape(1, 700, 4, 4)});
+  cases.push_back({"packed slices R = 3 modular mean causal, odd padding",
+                   make_config({192, 384}, {1, 3}, true, R::modular, M::mean), shape(2, 450, 2, 2), 1,
+                   3});
   return cases;
 }
 

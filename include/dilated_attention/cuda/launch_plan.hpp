@@ -118,9 +118,9 @@ struct ForwardParams {
   OffsetRule offsets;
   Mixing mixing;
   bool causal;
-  // Per tensor: every row start is 16-byte aligned, so cp.async / 16-byte copies are allowed
-  // (decided per tensor, so one padded tensor does not slow the others down).
-  bool q_vector, k_vector, v_vector;
+  // Per tensor: every row start is 16-byte aligned, so cp.async / 16-byte copies and stores are
+  // allowed (decided per tensor, so one padded tensor does not slow the others down).
+  bool q_vector, k_vector, v_vector, o_vector;
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
   std::int64_t row_stride;  // R: a window holds positions residue + R * j
@@ -188,15 +188,24 @@ struct LaunchPlan {
 
 namespace detail {
 
-// Shared memory of the tensor-core kernel: Q tile, two K and two V stages (rows padded by 8
+// Shared memory of a 64-row Q tile and two K and two V stages of 64 rows (rows padded by 8
 // elements so that ldmatrix rows fall in distinct banks), plus, for mean mixing, one fp32 slot per
-// thread per accumulator element.
+// thread per accumulator element: the layout of the backward's dQ kernel (backward_plan.hpp).
 inline std::size_t tensor_core_shared_bytes(std::int64_t head_dim, Mixing mixing) {
   const std::size_t pitch = static_cast<std::size_t>(head_dim + 8) * 2;  // bytes per 16-bit row
   std::size_t bytes = pitch * (kWindowRows + 4 * kKeyTile);
   if (mixing == Mixing::mean)
     bytes += static_cast<std::size_t>(head_dim / 2) * kThreads * sizeof(float);
   return bytes;
+}
+
+// Shared memory of the 16-bit forward kernel: the Q tile and K/V stages above, one fp32 record
+// per window row (D accumulators, max, sum: a row's online-softmax state between works, or its
+// mean-mixing sum and log-sum-exp; query_window.hpp), for either mixing.
+inline std::size_t forward_shared_bytes(std::int64_t head_dim) {
+  return tensor_core_shared_bytes(head_dim, Mixing::softmax) +
+         static_cast<std::size_t>(kWindowRows) * static_cast<std::size_t>(head_dim + 2) *
+             sizeof(float);
 }
 
 // SIMT kernel: one warp per query row, the row's query in shared memory (fp32).
@@ -280,8 +289,9 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   p.mixing = config.mixing;
   p.causal = config.causal;
   // 16-byte transfers need every row start of the tensor 16-byte aligned. Otherwise that tensor's
-  // copies fall back to element-wise ones (the output is stored element-wise anyway).
+  // copies (or, for out, stores) fall back to element-wise ones.
   p.q_vector = detail::rows_aligned16(q, shape, shape.num_heads);
+  p.o_vector = detail::rows_aligned16(out, shape, shape.num_heads);
   p.k_vector = detail::rows_aligned16(k, shape, shape.num_kv_heads);
   p.v_vector = detail::rows_aligned16(v, shape, shape.num_kv_heads);
   const double scale = resolved_scale(config, shape);
@@ -293,9 +303,11 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
 
   plan.kind = kind;
   if (kind == KernelKind::tensor_core) {
+    // The grid of the stride-R windows, which the backward kernels share; the forward's query
+    // windows (query_window.hpp) are never more, and its extra blocks return at once.
     plan.blocks = p.windows * p.heads * p.batch;
     plan.threads = kThreads;
-    plan.shared_bytes = detail::tensor_core_shared_bytes(shape.head_dim, config.mixing);
+    plan.shared_bytes = detail::forward_shared_bytes(shape.head_dim);
   } else {
     const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
     // The SIMT kernel strides over rows, so its grid may be capped below the 2^31 - 1 limit.

@@ -38,7 +38,7 @@ __device__ __forceinline__ int opaque(int x) {
 // j >= rows_left are zero (so masked rows meet finite values and 0 * x stays 0). With vector_io
 // (the tensor's 16-byte flag) the copy is asynchronous (cp.async, completed by cp_async_wait +
 // barrier); otherwise element-wise and synchronous (completed by the barrier). The chunk -> thread
-// map is the forward's load_rows (16-byte chunk c by thread c % kThreads), so coalescing is
+// map is the forward's former load_rows (16-byte chunk c by thread c % kThreads), so coalescing is
 // unchanged. When a row's chunks divide among the threads (head_dim 32, 64, 128) each thread
 // copies one column of rows row0, row0 + P, ... (P = kThreads / chunks per row) and walks its
 // row pointer (kept as a 64-bit offset from first_row, so that no pointer past the tensor is ever
