@@ -43,10 +43,10 @@ if(TARGET dilated_attention_nccl)
   gtest_discover_tests(ring_nccl_test PROPERTIES LABELS ring DISCOVERY_TIMEOUT 120)
 endif()
 
-# The CUDA back end of the ring (label `cuda`, first, so that `ctest -L cuda` and the one-call
-# GPU check run them; a discovered test keeps only its first label). The emulated test is plain
-# C++ run on any machine; the .cu test builds wherever nvcc is found and skips its GPU cases
-# without a device.
+# The CUDA back ends of the ring, forward and backward (label `cuda`, first, so that `ctest -L
+# cuda` and the one-call GPU check run them; a discovered test keeps only its first label). The
+# emulated tests are plain C++ run on any machine; the .cu tests build wherever nvcc is found and
+# skip their GPU cases without a device.
 if(TARGET dilated_attention_cuda)
   dilated_attention_add_test(ring_cuda_emulated_test SOURCES ring_cuda_emulated_test.cpp
                              LABELS cuda TIMEOUT 600)
