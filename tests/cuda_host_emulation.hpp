@@ -105,6 +105,14 @@ class Block {
     slots_[0].resize(threads);
     slots_[1].resize(threads);
   }
+  // The fibers' stacks go back to this OS thread's pool: allocating 256 KiB per emulated thread
+  // for every block again made the emulation tests spend most of their time in the kernel.
+  ~Block() {
+    for (Fiber& fiber : fibers_)
+      if (fiber.stack) stack_pool().push_back(std::move(fiber.stack));
+  }
+  Block(const Block&) = delete;
+  Block& operator=(const Block&) = delete;
 
   void run(const std::function<void()>& body) {
     body_ = &body;
@@ -113,7 +121,12 @@ class Block {
     for (unsigned i = 0; i < threads_; ++i) {
       Fiber& fiber = fibers_[i];
       fiber.thread_idx.x = i;
-      fiber.stack.reset(new char[kStackBytes]);
+      if (!stack_pool().empty()) {
+        fiber.stack = std::move(stack_pool().back());
+        stack_pool().pop_back();
+      } else {
+        fiber.stack.reset(new char[kStackBytes]);
+      }
       getcontext(&fiber.context);
       fiber.context.uc_stack.ss_sp = fiber.stack.get();
       fiber.context.uc_stack.ss_size = kStackBytes;
@@ -198,6 +211,10 @@ class Block {
   }
 
  private:
+  static std::vector<std::unique_ptr<char[]>>& stack_pool() {
+    static thread_local std::vector<std::unique_ptr<char[]>> pool;
+    return pool;
+  }
   using Slot = std::array<unsigned char, 64>;
   struct AsyncCopy {
     unsigned char* shared;
