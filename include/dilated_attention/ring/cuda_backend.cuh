@@ -2,8 +2,9 @@
 // The CUDA compute back end of the ring driver (ring/forward.hpp): the CPU back end's members
 // (ring/cpu_backend.hpp) over device memory, ordered on one compute stream.
 //
-// - Buffers are DeviceArray: RAII over Device::allocate / Device::release (cudaMalloc / cudaFree),
-//   allocated per call like the CPU back end's; no pool, no cache.
+// - Buffers are DeviceArray (ring/cuda_shard.cuh, with the packing and the staging of work items
+//   this back end shares with the gradient one): RAII over Device::allocate / Device::release
+//   (cudaMalloc / cudaFree), allocated per call like the CPU back end's; no pool, no cache.
 // - pack() and attend_merge() only record work items on the host; flush_packs() (before a step's
 //   sends are posted) and the end of for_each_head() (one step's blocks) upload them and launch
 //   one kernel each (ring/cuda_block_kernels.cuh). So a step costs two uploads and two launches
@@ -40,6 +41,7 @@
 #include "../pattern.hpp"
 #include "agreement.hpp"
 #include "cuda_block_kernels.cuh"
+#include "cuda_shard.cuh"
 #include "forward.hpp"
 #include "layout.hpp"
 #include "pattern_cache.hpp"
@@ -47,53 +49,19 @@
 
 namespace dilated_attention::ring {
 
-// `count` elements of device memory, owned.
 template <class T, class Device>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  explicit DeviceArray(std::size_t count)
-      : data_(static_cast<T*>(Device::allocate(std::max<std::size_t>(count, 1) * sizeof(T)))),
-        count_(count) {}
-  DeviceArray(DeviceArray&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), count_(std::exchange(other.count_, 0)) {}
-  DeviceArray& operator=(DeviceArray&& other) noexcept {
-    if (this != &other) {
-      reset();
-      data_ = std::exchange(other.data_, nullptr);
-      count_ = std::exchange(other.count_, 0);
-    }
-    return *this;
-  }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() { reset(); }
-  T* data() const { return data_; }
-  std::size_t size() const { return count_; }
+class CudaBackend : public CudaShard<T, Device> {
+  using Base = CudaShard<T, Device>;
 
- private:
-  void reset() noexcept {
-    if (data_ != nullptr) Device::release(data_);
-    data_ = nullptr;
-    count_ = 0;
-  }
-  T* data_ = nullptr;
-  std::size_t count_ = 0;
-};
-
-template <class T, class Device>
-class CudaBackend {
  public:
-  using Scalar = T;
-  using Buffer = DeviceArray<T, Device>;
-  static constexpr bool stream_ordered = true;
-  struct Workspace {};
+  using Buffer = typename Base::Buffer;
+  using Workspace = typename Base::Workspace;
 
   // local: the shard's shape (seq_len = N / P); chunks: which global rows the views hold;
   // accumulators: 1 for softmax mixing, G for mean mixing. q, k, v are device views.
   CudaBackend(Device device, const Shape& local, std::vector<Chunk> chunks, View<const T> q,
               View<const T> k, View<const T> v, double scale, bool causal, std::int64_t accumulators)
-      : device_(device), shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v),
+      : Base(device, local, std::move(chunks), q, k, v),
         scale_log2_(static_cast<float>(scale * 1.4426950408889634)), causal_(causal),
         accumulators_(accumulators),
         acc_o_(static_cast<std::size_t>(accumulators * rows_per_slot() * local.head_dim)),
@@ -103,41 +71,8 @@ class CudaBackend {
     device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::kThreads, 0,
                    device::FillParams{acc_lse_.data(), count, negative_infinity<float>()});
   }
-  CudaBackend(const CudaBackend&) = delete;
-  CudaBackend& operator=(const CudaBackend&) = delete;
-  // Kernels may still read the retired buffers and the accumulators: wait for the stream first.
-  ~CudaBackend() {
-    try {
-      device_.synchronize();
-    } catch (...) {  // a device error was reported (or will be) by the call itself
-    }
-  }
-
-  Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }
-  static void* bytes(Buffer& buffer) { return buffer.data(); }
-  static std::size_t element_size() { return sizeof(T); }
-  void* queue() const { return device_.queue(); }
-  void synchronize() const { device_.synchronize(); }
-  void retire(std::shared_ptr<Buffer> buffer) {
-    if (buffer) retired_.push_back(std::move(buffer));
-  }
-
-  // Records: K rows then V rows of (batch b, kv head g) at global positions `rows`, written at
-  // destination + element_offset. flush_packs() runs every recorded piece.
-  void pack(Buffer& destination, std::size_t element_offset, std::int64_t b, std::int64_t g,
-            const Progression& rows) {
-    pack_items_.push_back({destination.data() + element_offset, b, g,
-                           Progression{local_of(rows.first), rows.stride, rows.count}});
-  }
-  void flush_packs() {
-    if (pack_items_.empty()) return;
-    stage(pack_items_, pack_device_);
-    const device::PackParams p{pack_device_.data(), k_.data, v_.data, strides(k_), strides(v_),
-                               shape_.head_dim};
-    device_.launch(&device::ring_pack_kernel<T>, static_cast<std::int64_t>(pack_items_.size()),
-                   device::kThreads, 0, p);
-    pack_items_.clear();
-  }
+  // Kernels may still read the accumulators and the item arrays: wait for the stream first.
+  ~CudaBackend() { this->drain(); }
 
   // body(b, h, workspace) for every (batch, query head) on the calling thread: it records the
   // step's blocks, which then run as one launch.
@@ -156,7 +91,7 @@ class CudaBackend {
     if (items_.empty()) return;
     stage(items_, items_device_);
     stage(group_begin_, groups_device_);
-    const std::int64_t tiles = (shape_.seq_len + device::kTileRows - 1) / device::kTileRows;
+    const std::int64_t tiles = this->tiles();
     const device::AttendParams p{items_device_.data(), groups_device_.data(), q_.data, k_.data,
                                  v_.data, strides(q_), strides(k_), strides(v_), acc_o_.data(),
                                  acc_lse_.data(), shape_.batch, shape_.num_heads, shape_.seq_len,
@@ -192,42 +127,26 @@ class CudaBackend {
   }
 
  private:
-  std::int64_t rows_per_slot() const { return shape_.batch * shape_.num_heads * shape_.seq_len; }
-  static std::int64_t grid_for(std::int64_t elements) {
-    const std::int64_t blocks = (elements + device::kThreads - 1) / device::kThreads;
-    return std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, std::int64_t{1} << 20));
-  }
-  template <class U>
-  static device::Strides strides(const View<U>& view) {
-    return {view.batch_stride, view.seq_stride, view.head_stride};
-  }
-  // Uploads `host` into `on_device`, growing it (the old array is retired: a kernel may still read it).
-  template <class Item>
-  void stage(const std::vector<Item>& host, DeviceArray<Item, Device>& on_device) {
-    if (host.size() > on_device.size()) {
-      if (on_device.data() != nullptr)
-        retired_.push_back(std::make_shared<DeviceArray<Item, Device>>(std::move(on_device)));
-      on_device = DeviceArray<Item, Device>(std::max(host.size(), 2 * on_device.size()));
-    }
-    device_.upload(on_device.data(), host.data(), host.size() * sizeof(Item));
-  }
-  std::int64_t local_of(std::int64_t x) const { return local_row(chunks_, x); }
+  using Base::device_;
+  using Base::grid_for;
+  using Base::k_;
+  using Base::local_of;
+  using Base::q_;
+  using Base::shape_;
+  using Base::stage;
+  using Base::strides;
+  using Base::v_;
 
-  Device device_;
-  Shape shape_;
-  std::vector<Chunk> chunks_;
-  View<const T> q_, k_, v_;
+  std::int64_t rows_per_slot() const { return shape_.batch * shape_.num_heads * shape_.seq_len; }
+
   float scale_log2_;
   bool causal_;
   std::int64_t accumulators_;
   DeviceArray<float, Device> acc_o_, acc_lse_;
-  std::vector<device::PackItem> pack_items_;
   std::vector<device::AttendItem> items_;
   std::vector<std::int64_t> group_begin_;
-  DeviceArray<device::PackItem, Device> pack_device_;
   DeviceArray<device::AttendItem, Device> items_device_;
   DeviceArray<std::int64_t, Device> groups_device_;
-  std::vector<std::shared_ptr<void>> retired_;  // freed after the destructor's synchronize
 };
 
 namespace detail {

@@ -1,8 +1,9 @@
 #pragma once
 // The CUDA compute back end of the ring backward (ring/backward.hpp, docs/semantics.md §7): the
 // CPU gradient back end's members (ring/cpu_gradient_backend.hpp) over device memory, ordered on
-// one compute stream, with the forward back end's conventions (ring/cuda_backend.cuh: the Device
-// policy, DeviceArray, packing recorded and launched per step, retired buffers).
+// one compute stream, with the forward back end's conventions and shared machinery
+// (ring/cuda_shard.cuh: the Device policy, DeviceArray, packing recorded and launched per step,
+// staged work items, retired buffers).
 //
 // - Row statistics: softmax reads the forward's LSE in place and computes D = dO·O in one launch
 //   (local_statistics); mean merges each block's (lse_b, D_b) into per-branch (LSE_i, D_i), one
@@ -31,24 +32,26 @@
 #include "cuda_backend.cuh"
 #include "cuda_gradient_kernels.cuh"
 #include "cuda_gradient_row_kernels.cuh"
+#include "cuda_shard.cuh"
 #include "layout.hpp"
 
 namespace dilated_attention::ring {
 
 template <class T, class Device>
-class CudaGradientBackend {
+class CudaGradientBackend : public CudaShard<T, Device> {
+  using Base = CudaShard<T, Device>;
+
  public:
-  using Buffer = DeviceArray<T, Device>;
+  using Buffer = typename Base::Buffer;
+  using Workspace = typename Base::Workspace;
   using GradientBuffer = DeviceArray<float, Device>;  // dK then dV rows of each piece (fp32)
-  static constexpr bool stream_ordered = true;
-  struct Workspace {};
 
   // local: the shard's shape; chunks: which global rows the views hold; lse: the forward's
   // [batch, heads, local rows] (device); branches: G; mean: the mixing. Views are device views.
   CudaGradientBackend(Device device, const Shape& local, std::vector<Chunk> chunks, View<const T> q,
                       View<const T> k, View<const T> v, View<const T> out, const float* lse,
                       View<const T> d_out, double scale, bool causal, std::int64_t branches, bool mean)
-      : device_(device), shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), out_(out),
+      : Base(device, local, std::move(chunks), q, k, v), out_(out),
         d_out_(d_out), scale_(static_cast<float>(scale)),
         weight_(mean ? 1.f / static_cast<float>(branches) : 1.f), causal_(causal), mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),
@@ -68,18 +71,9 @@ class CudaGradientBackend {
       lse_ = const_cast<float*>(lse);  // read only: only the mean statistics write lse_
     }
   }
-  CudaGradientBackend(const CudaGradientBackend&) = delete;
-  CudaGradientBackend& operator=(const CudaGradientBackend&) = delete;
-  ~CudaGradientBackend() {
-    try {
-      device_.synchronize();  // kernels may still read retired buffers and the accumulators
-    } catch (...) {  // a device error was reported (or will be) by the call itself
-    }
-  }
+  // Kernels may still read the accumulators and the item arrays: wait for the stream first.
+  ~CudaGradientBackend() { this->drain(); }
 
-  Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }
-  static void* bytes(Buffer& buffer) { return buffer.data(); }
-  static std::size_t element_size() { return sizeof(T); }
   // A partial buffer the blocks accumulate into: zeroed on the stream.
   GradientBuffer make_gradient_buffer(std::size_t elements) const {
     GradientBuffer buffer(elements);
@@ -91,28 +85,6 @@ class CudaGradientBackend {
   GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(elements); }
   static void* gradient_bytes(GradientBuffer& buffer) { return buffer.data(); }
   static std::size_t gradient_element_size() { return sizeof(float); }
-  void* queue() const { return device_.queue(); }
-  void synchronize() const { device_.synchronize(); }
-  template <class U>
-  void retire(std::shared_ptr<U> buffer) {
-    if (buffer) retired_.push_back(std::move(buffer));
-  }
-
-  // As CudaBackend::pack / flush_packs: K rows then V rows of (b, g) at global positions `rows`.
-  void pack(Buffer& destination, std::size_t element_offset, std::int64_t b, std::int64_t g,
-            const Progression& rows) {
-    pack_items_.push_back({destination.data() + element_offset, b, g,
-                           Progression{local_of(rows.first), rows.stride, rows.count}});
-  }
-  void flush_packs() {
-    if (pack_items_.empty()) return;
-    stage(pack_items_, pack_device_);
-    const device::PackParams p{pack_device_.data(), k_.data, v_.data, strides(k_), strides(v_),
-                               shape_.head_dim};
-    device_.launch(&device::ring_pack_kernel<T>, static_cast<std::int64_t>(pack_items_.size()),
-                   device::kThreads, 0, p);
-    pack_items_.clear();
-  }
 
   // body(b, g, workspace) for the (batch, kv head) pairs [first, last) on the calling thread: it
   // records blocks (statistics or gradient), which then run as one or two launches.
@@ -255,46 +227,30 @@ class CudaGradientBackend {
     device_.launch(&device::ring_gradient_cast_kernel<T>, grid_for(elements), device::kThreads, 0, p);
   }
 
-  std::int64_t tiles() const { return (shape_.seq_len + device::kTileRows - 1) / device::kTileRows; }
-  static std::int64_t grid_for(std::int64_t elements) {
-    const std::int64_t blocks = (elements + device::kThreads - 1) / device::kThreads;
-    return std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, std::int64_t{1} << 20));
-  }
-  template <class U>
-  static device::Strides strides(const View<U>& view) {
-    return {view.batch_stride, view.seq_stride, view.head_stride};
-  }
-  // Uploads `host` into `on_device`, growing it (the old array is retired: a kernel may still read it).
-  template <class Item>
-  void stage(const std::vector<Item>& host, DeviceArray<Item, Device>& on_device) {
-    if (host.size() > on_device.size()) {
-      if (on_device.data() != nullptr)
-        retired_.push_back(std::make_shared<DeviceArray<Item, Device>>(std::move(on_device)));
-      on_device = DeviceArray<Item, Device>(std::max(host.size(), 2 * on_device.size()));
-    }
-    device_.upload(on_device.data(), host.data(), host.size() * sizeof(Item));
-  }
-  std::int64_t local_of(std::int64_t x) const { return local_row(chunks_, x); }
+  using Base::device_;
+  using Base::grid_for;
+  using Base::k_;
+  using Base::local_of;
+  using Base::q_;
+  using Base::shape_;
+  using Base::stage;
+  using Base::strides;
+  using Base::tiles;
+  using Base::v_;
 
-  Device device_;
-  Shape shape_;
-  std::vector<Chunk> chunks_;
-  View<const T> q_, k_, v_, out_, d_out_;
+  View<const T> out_, d_out_;
   float scale_, weight_;
   bool causal_, mean_;
   std::int64_t rows_;  // batch * heads * local rows
   float* lse_ = nullptr;
   DeviceArray<float, Device> branch_lse_, delta_;  // row statistics: [set][b][h][x]
   DeviceArray<float, Device> d_q_, d_k_, d_v_;     // fp32 gradient accumulators
-  std::vector<device::PackItem> pack_items_;
   std::vector<device::GradientItem> statistics_items_, gradient_items_, sorted_;
   std::vector<device::ReturnedItem> returned_items_;
   std::vector<std::int64_t> group_begin_;
-  DeviceArray<device::PackItem, Device> pack_device_;
   DeviceArray<device::GradientItem, Device> query_items_device_, key_items_device_;
   DeviceArray<device::ReturnedItem, Device> returned_device_;
   DeviceArray<std::int64_t, Device> query_groups_device_, key_groups_device_, returned_groups_device_;
-  std::vector<std::shared_ptr<void>> retired_;  // freed after the destructor's synchronize
 };
 
 }  // namespace dilated_attention::ring
