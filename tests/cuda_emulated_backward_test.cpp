@@ -21,26 +21,11 @@
 
 #include "cuda_backward_oracles.hpp"
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#endif
-#endif
-
 namespace {
 
 namespace da = dilated_attention;
 namespace dc = dilated_attention::cuda;
 namespace dt = dilated_attention::testing;
-
-#if defined(DILATED_ATTENTION_FIBERS_UNSUPPORTED)
-#define DILATED_ATTENTION_REQUIRE_FIBERS() \
-  GTEST_SKIP() << "host emulation uses ucontext fibers, which ASan/TSan do not follow"
-#else
-#define DILATED_ATTENTION_REQUIRE_FIBERS() (void)0
-#endif
 
 using Kernel = void (*)(dc::BackwardParams);
 struct Kernels {

@@ -39,6 +39,22 @@
 #include <vector>
 
 #define DILATED_ATTENTION_CUDA_HOST_EMULATION 1
+
+// ASan and TSan do not follow ucontext fibers: a test that runs kernels in the emulation starts
+// with DILATED_ATTENTION_REQUIRE_FIBERS(), which skips it (with the reason) under either.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
+#endif
+#endif
+#if defined(DILATED_ATTENTION_FIBERS_UNSUPPORTED)
+#define DILATED_ATTENTION_REQUIRE_FIBERS() \
+  GTEST_SKIP() << "host emulation uses ucontext fibers, which ASan/TSan do not follow"
+#else
+#define DILATED_ATTENTION_REQUIRE_FIBERS() (void)0
+#endif
 #undef __global__
 #define __global__
 #undef __device__

@@ -35,23 +35,9 @@
 #include <dilated_attention/ring/cuda_loopback.cuh>
 
 #include "ring_cuda_cases.hpp"
+#include "ring_cuda_emulated_device.hpp"
 #include "ring_cuda_gradient_cases.hpp"
 #include "ring_support.hpp"
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#endif
-#endif
-
-#if defined(DILATED_ATTENTION_FIBERS_UNSUPPORTED)
-#define DILATED_ATTENTION_REQUIRE_FIBERS() \
-  GTEST_SKIP() << "host emulation uses ucontext fibers, which ASan/TSan do not follow"
-#else
-#define DILATED_ATTENTION_REQUIRE_FIBERS() (void)0
-#endif
 
 namespace {
 
@@ -59,31 +45,7 @@ namespace da = dilated_attention;
 namespace ring = dilated_attention::ring;
 namespace dt = dilated_attention::testing;
 
-// The Device policy on the host (as the forward's emulated test): one process-wide lock
-// serialises launches, whose fibers and shared memory are per process.
-std::mutex& launch_mutex() {
-  static std::mutex mutex;
-  return mutex;
-}
-
-struct EmulatedDevice {
-  static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t(256)); }
-  static void release(void* data) noexcept { ::operator delete(data, std::align_val_t(256)); }
-  void upload(void* device, const void* host, std::size_t bytes) const { std::memcpy(device, host, bytes); }
-  void zero(void* device, std::size_t bytes) const { std::memset(device, 0, bytes); }
-  template <class Params>
-  void launch(void (*kernel)(Params), std::int64_t blocks, int threads, std::size_t shared_bytes,
-              const Params& params) const {
-    EXPECT_LE(shared_bytes, sizeof(ring::device::ring_query_rows));
-    const std::lock_guard<std::mutex> lock(launch_mutex());
-    emulation::launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads),
-                      reinterpret_cast<unsigned char*>(ring::device::ring_query_rows), shared_bytes,
-                      [&] { kernel(params); });
-  }
-  void synchronize() const {}
-  void* queue() const { return stream; }
-  void* stream = nullptr;
-};
+using dt::EmulatedDevice;
 
 template <class T>
 using EmulatedGradientBackend = ring::CudaGradientBackend<T, EmulatedDevice>;

@@ -30,22 +30,8 @@
 #include <dilated_attention/ring/cuda_loopback.cuh>
 
 #include "ring_cuda_cases.hpp"
+#include "ring_cuda_emulated_device.hpp"
 #include "ring_support.hpp"
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define DILATED_ATTENTION_FIBERS_UNSUPPORTED 1
-#endif
-#endif
-
-#if defined(DILATED_ATTENTION_FIBERS_UNSUPPORTED)
-#define DILATED_ATTENTION_REQUIRE_FIBERS() \
-  GTEST_SKIP() << "host emulation uses ucontext fibers, which ASan/TSan do not follow"
-#else
-#define DILATED_ATTENTION_REQUIRE_FIBERS() (void)0
-#endif
 
 namespace {
 
@@ -53,41 +39,10 @@ namespace da = dilated_attention;
 namespace ring = dilated_attention::ring;
 namespace dt = dilated_attention::testing;
 
-// The Device policy of CudaBackend on the host: memory is memory, launches run the kernel's
-// blocks one after another (emulation::launch), the "stream" is program order. One process-wide
-// lock serialises launches: the emulation's fibers and shared memory are per process, and the
-// ranks are threads.
-std::mutex& launch_mutex() {
-  static std::mutex mutex;
-  return mutex;
-}
-
-struct EmulatedDevice {
-  static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t(256)); }
-  static void release(void* data) noexcept { ::operator delete(data, std::align_val_t(256)); }
-  void upload(void* device, const void* host, std::size_t bytes) const { std::memcpy(device, host, bytes); }
-  void zero(void* device, std::size_t bytes) const { std::memset(device, 0, bytes); }
-  template <class Params>
-  void launch(void (*kernel)(Params), std::int64_t blocks, int threads, std::size_t shared_bytes,
-              const Params& params) const {
-    EXPECT_LE(shared_bytes, sizeof(ring::device::ring_query_rows));
-    const std::lock_guard<std::mutex> lock(launch_mutex());
-    emulation::launch(static_cast<unsigned>(blocks), static_cast<unsigned>(threads),
-                      reinterpret_cast<unsigned char*>(ring::device::ring_query_rows), shared_bytes,
-                      [&] { kernel(params); });
-  }
-  void synchronize() const {}
-  void* queue() const { return nullptr; }
-};
+using dt::EmulatedDevice;
 
 template <class T>
 using EmulatedBackend = ring::CudaBackend<T, EmulatedDevice>;
-
-// The same, on the rank's (fake) stream, for the loopback transport's stream hooks.
-struct EmulatedStreamDevice : EmulatedDevice {
-  void* stream = nullptr;
-  void* queue() const { return stream; }
-};
 
 // A transport that claims device ordering, as the loopback and NCCL transports do: sends are
 // "ordered" (program order), a stream wait completes the receive on the host and leaves the
@@ -154,7 +109,7 @@ dt::KernelResult<T> run_loopback_ring(const dt::Case& c, const dt::DeviceTestInp
       },
       [&](ring::Transport& transport, void* stream, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
           const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
-        ring::forward_on_device<T>(EmulatedStreamDevice{{}, stream}, c.config, c.shape, transport, q.view(),
+        ring::forward_on_device<T>(EmulatedDevice{stream}, c.config, c.shape, transport, q.view(),
                                    k.view(), v.view(), out.view(), lse.data(), options);
       });
 }
@@ -353,7 +308,7 @@ TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
           da::Config config = c.config;
           config.causal = scenario == 2 && p == 1;
           try {
-            ring::forward_on_device<float>(EmulatedStreamDevice{{}, stream}, config, c.shape, faulty, q.view(),
+            ring::forward_on_device<float>(EmulatedDevice{stream}, config, c.shape, faulty, q.view(),
                                            k.view(), v.view(), out.view(), lse.data(), {});
             outcome[p] = "returned";
           } catch (const ring::PeerFailure& e) {
@@ -362,7 +317,7 @@ TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             outcome[p] = e.what();
           }
           for (const float value : out.storage) written[p] += std::isnan(value) ? 0 : 1;
-          ring::forward_on_device<float>(EmulatedStreamDevice{{}, stream}, c.config, c.shape, transport, q.view(),
+          ring::forward_on_device<float>(EmulatedDevice{stream}, c.config, c.shape, transport, q.view(),
                                          k.view(), v.view(), out.view(), lse.data(), {});
         });
     const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
