@@ -267,23 +267,6 @@ TEST(RingCudaBackwardEmulated, LoopbackEqualsInProcessBitwise) {
 // before anything moves). Every rank raises -- the faulty one its own exception, the others
 // PeerFailure naming it --, no gradient is written, and a consistent call right after on the same
 // transports is exact.
-class FaultyTransport final : public ring::TransportAdapter {
- public:
-  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
-      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
-  bool enqueue_wait(Ticket ticket, void* queue) override {
-    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
-    return TransportAdapter::enqueue_wait(ticket, queue);
-  }
-  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
-    return TransportAdapter::post_recv(peer, tag, data, bytes);
-  }
-
- private:
-  bool in_stream_wait_, in_post_recv_;
-};
-
 TEST(RingCudaBackwardEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
@@ -302,7 +285,7 @@ TEST(RingCudaBackwardEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExa
         [&](ring::Transport& transport, void* stream, const dt::RankTensors<float>& in,
             const std::vector<float>& lse, dt::RingGradientResult<float>& local) {
           const auto rank = static_cast<std::size_t>(transport.rank());
-          FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+          dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
           da::Config config = c.config;
           config.causal = scenario == 2 && rank == 1;
           const auto call = [&](ring::Transport& used, const da::Config& cfg) {

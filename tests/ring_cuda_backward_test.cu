@@ -163,23 +163,6 @@ TEST(RingCudaBackward, LongerCasesBfloat16) {
 // enqueue_wait, rank 2 at its first post_recv, or rank 1 passes another causal flag. Every rank
 // raises (the faulty one its own exception, the others PeerFailure naming it), no gradient is
 // written, and a consistent call right after on the same transports is exact.
-class FaultyTransport final : public ring::TransportAdapter {
- public:
-  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
-      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
-  bool enqueue_wait(Ticket ticket, void* queue) override {
-    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
-    return TransportAdapter::enqueue_wait(ticket, queue);
-  }
-  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
-    return TransportAdapter::post_recv(peer, tag, data, bytes);
-  }
-
- private:
-  bool in_stream_wait_, in_post_recv_;
-};
-
 TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
   const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
@@ -214,7 +197,7 @@ TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             d_k.upload(local.d_k.storage);
             d_v.upload(local.d_v.storage);
             da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");
-            FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+            dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
             da::Config config = c.config;
             config.causal = scenario == 2 && rank == 1;
             try {

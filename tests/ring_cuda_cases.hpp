@@ -13,10 +13,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_oracles.hpp"
+#include "ring_branch_sets.hpp"
 #include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
@@ -24,16 +27,9 @@ namespace dilated_attention::testing {
 // ring_forward_test's branch sets (N = 24: segments below, equal to, across and beyond shards
 // of 24, 12, 8, 6 rows), each rule and mixing, causal and GQA alternating: 36 cases.
 inline std::vector<Case> ring_sweep_cases(std::int64_t head_dim) {
-  struct Set {
-    const char* name;
-    std::vector<std::int64_t> w, r;
-  };
-  const Set sets[] = {{"below_shard", {4}, {1}},           {"equal_shard_p4", {6}, {2}},
-                      {"equal_shard_p3_p2", {8, 12}, {2, 3}}, {"not_multiple", {10, 16}, {2, 4}},
-                      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}}, {"repeated_branch", {9, 9}, {3, 3}}};
   std::vector<Case> cases;
   int index = 0;
-  for (const Set& set : sets)
+  for (const RingBranches& set : ring_branch_sets())
     for (const OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
       for (const Mixing mixing : {Mixing::softmax, Mixing::mean}) {
         const bool causal = index % 2 == 1, gqa = index / 2 % 2 == 1;
@@ -47,6 +43,25 @@ inline std::vector<Case> ring_sweep_cases(std::int64_t head_dim) {
       }
   return cases;
 }
+
+// The fault the CUDA ring tests inject (loopback transport): an exception at the first
+// enqueue_wait or at the first post_recv.
+class FaultyTransport final : public ring::TransportAdapter {
+ public:
+  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
+      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
+    return TransportAdapter::enqueue_wait(ticket, queue);
+  }
+  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
+    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
+    return TransportAdapter::post_recv(peer, tag, data, bytes);
+  }
+
+ private:
+  bool in_stream_wait_, in_post_recv_;
+};
 
 // A rank's rows of a global tensor in `chunks` order, padding included.
 template <class T>

@@ -269,23 +269,6 @@ TEST(RingCudaEmulated, LoopbackRingEqualsInProcessBitwise) {
 // throws at its first enqueue_wait (its links are matched: abandon parks them), rank 2 at its
 // first post_recv (the others' sends are withdrawn), rank 1 passes a different causal flag.
 // Every rank raises, no output is written, and the next call on the same transports is exact.
-class FaultyTransport final : public ring::TransportAdapter {
- public:
-  FaultyTransport(ring::Transport& inner, bool in_stream_wait, bool in_post_recv)
-      : TransportAdapter(inner), in_stream_wait_(in_stream_wait), in_post_recv_(in_post_recv) {}
-  bool enqueue_wait(Ticket ticket, void* queue) override {
-    if (std::exchange(in_stream_wait_, false)) throw std::runtime_error("injected failure in enqueue_wait");
-    return TransportAdapter::enqueue_wait(ticket, queue);
-  }
-  Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
-    if (std::exchange(in_post_recv_, false)) throw std::runtime_error("injected failure in post_recv");
-    return TransportAdapter::post_recv(peer, tag, data, bytes);
-  }
-
- private:
-  bool in_stream_wait_, in_post_recv_;
-};
-
 TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const dt::Case c{"faults", dt::make_config({16, 48}, {1, 2}), da::Shape{1, 48, 2, 2, 32}};
@@ -304,7 +287,7 @@ TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
         [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q, const dt::Tensor<float>& k,
             const dt::Tensor<float>& v, dt::Tensor<float>& out, std::vector<float>& lse) {
           const auto p = static_cast<std::size_t>(transport.rank());
-          FaultyTransport faulty(transport, scenario == 0 && p == 1, scenario == 1 && p == 2);
+          dt::FaultyTransport faulty(transport, scenario == 0 && p == 1, scenario == 1 && p == 2);
           da::Config config = c.config;
           config.causal = scenario == 2 && p == 1;
           try {

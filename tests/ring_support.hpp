@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ring_branch_sets.hpp"
 #include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
@@ -233,23 +234,6 @@ inline std::vector<std::vector<std::int64_t>> needed_bytes(const Pattern& patter
           }
     }
   return bytes;
-}
-
-// The branch sets both ring sweeps run at N = 24 (shard lengths 24, 12, 8, 6 for P = 1..4).
-struct RingBranches {
-  const char* name;
-  std::vector<std::int64_t> w, r;
-};
-inline const std::vector<RingBranches>& ring_branch_sets() {
-  static const std::vector<RingBranches> sets = {
-      {"below_shard", {4}, {1}},                    // w < L for every P: all local
-      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
-      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
-      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
-      {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
-      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
-  };
-  return sets;
 }
 
 // The sweep's parameters and their test names.
