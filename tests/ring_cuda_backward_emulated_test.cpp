@@ -50,32 +50,6 @@ using dt::EmulatedDevice;
 template <class T>
 using EmulatedGradientBackend = ring::CudaGradientBackend<T, EmulatedDevice>;
 
-// Claims device ordering as the loopback and NCCL transports do (a stream wait completes the
-// receive on the host and leaves the ticket open until the driver's final wait), so that the
-// driver's stream-ordered path runs over the in-process transport; counts the hooks.
-class StreamOrderedAdapter final : public ring::TransportAdapter {
- public:
-  using TransportAdapter::TransportAdapter;
-  bool order_sends_after(void*) override {
-    ++orderings;
-    return true;
-  }
-  bool enqueue_wait(Ticket ticket, void*) override {
-    TransportAdapter::wait(ticket);
-    arrived_.insert(ticket);
-    ++stream_waits;
-    return true;
-  }
-  void wait(Ticket ticket) override {
-    if (arrived_.erase(ticket) != 0) return;
-    TransportAdapter::wait(ticket);
-  }
-  int orderings = 0, stream_waits = 0;
-
- private:
-  std::set<Ticket> arrived_;
-};
-
 enum class Path { host_ordered, stream_ordered, loopback };
 
 // The ring backward of `p` on P emulated ranks, over the in-process transport (host- or
@@ -98,7 +72,7 @@ dt::RingGradientResult<T> run_ring(const dt::GradientProblem<T>& p, int num_rank
       p, num_ranks, layout, run_ranks,
       [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in, const std::vector<float>& lse,
           dt::RingGradientResult<T>& local) {
-        StreamOrderedAdapter ordered(transport);
+        dt::StreamOrderedAdapter ordered(transport);
         ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
         const ring::Stats stats = ring::backward_on_device<T>(
             EmulatedDevice{stream}, p.c.config, p.c.shape, used, in.q.view(), in.k.view(), in.v.view(),

@@ -3,8 +3,10 @@
 // emulation tests: memory is memory, launches run the kernel's blocks one after another
 // (emulation::launch), the "stream" is program order. One process-wide lock serialises
 // launches: the emulation's fibers and shared memory are per process, and the ranks are threads.
+// Also a transport adapter that claims device ordering, for the driver's stream-ordered path.
 // Include after cuda_host_emulation.hpp and the ring's CUDA headers.
 
+#include <dilated_attention/ring/transport.hpp>
 #include <gtest/gtest.h>
 
 #include <cstddef>
@@ -12,6 +14,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <set>
 
 namespace dilated_attention::testing {
 
@@ -37,6 +40,32 @@ struct EmulatedDevice {
   void synchronize() const {}
   void* queue() const { return stream; }
   void* stream = nullptr;  // what the driver hands to the transport's stream hooks
+};
+
+// A transport that claims device ordering, as the loopback and NCCL transports do: sends are
+// "ordered" (program order), a stream wait completes the receive on the host and leaves the
+// ticket open until the driver's final wait. Exercises the driver's stream-ordered path.
+class StreamOrderedAdapter final : public ring::TransportAdapter {
+ public:
+  using TransportAdapter::TransportAdapter;
+  bool order_sends_after(void*) override {
+    ++orderings;
+    return true;
+  }
+  bool enqueue_wait(Ticket ticket, void*) override {
+    TransportAdapter::wait(ticket);
+    arrived_.insert(ticket);
+    ++stream_waits;
+    return true;
+  }
+  void wait(Ticket ticket) override {
+    if (arrived_.erase(ticket) != 0) return;
+    TransportAdapter::wait(ticket);
+  }
+  int orderings = 0, stream_waits = 0;
+
+ private:
+  std::set<Ticket> arrived_;
 };
 
 }  // namespace dilated_attention::testing

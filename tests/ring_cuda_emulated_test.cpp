@@ -44,32 +44,6 @@ using dt::EmulatedDevice;
 template <class T>
 using EmulatedBackend = ring::CudaBackend<T, EmulatedDevice>;
 
-// A transport that claims device ordering, as the loopback and NCCL transports do: sends are
-// "ordered" (program order), a stream wait completes the receive on the host and leaves the
-// ticket open until the driver's final wait. Exercises the driver's stream-ordered path.
-class StreamOrderedAdapter final : public ring::TransportAdapter {
- public:
-  using TransportAdapter::TransportAdapter;
-  bool order_sends_after(void*) override {
-    ++orderings;
-    return true;
-  }
-  bool enqueue_wait(Ticket ticket, void*) override {
-    TransportAdapter::wait(ticket);
-    arrived_.insert(ticket);
-    ++stream_waits;
-    return true;
-  }
-  void wait(Ticket ticket) override {
-    if (arrived_.erase(ticket) != 0) return;
-    TransportAdapter::wait(ticket);
-  }
-  int orderings = 0, stream_waits = 0;
-
- private:
-  std::set<Ticket> arrived_;
-};
-
 template <class T>
 dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, int num_ranks,
                                       ring::Layout layout = ring::Layout::contiguous,
@@ -83,7 +57,7 @@ dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInp
       },
       [&](ring::Transport& inner, void*, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
           const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
-        StreamOrderedAdapter ordered(inner);
+        dt::StreamOrderedAdapter ordered(inner);
         ring::Transport& transport = stream_ordered ? static_cast<ring::Transport&>(ordered) : inner;
         const ring::Stats stats = ring::forward_on_device<T>(EmulatedDevice{}, c.config, c.shape, transport,
                                                              q.view(), k.view(), v.view(), out.view(),

@@ -21,6 +21,7 @@
 
 #include "cuda_test_oracles.hpp"
 #include "ring_cuda_cases.hpp"
+#include "ring_rows.hpp"
 
 namespace dilated_attention::testing {
 
@@ -100,29 +101,6 @@ void check_gradients(const GradientProblem<T>& p, const RingGradientResult<T>& r
   EXPECT_LE(max_abs_diff(run.d_v, p.ref_v), bound) << "dV";
 }
 
-// A rank's rows of a [batch, heads, N] LSE array, in `chunks` order: [batch, heads, length].
-inline std::vector<float> local_lse(const std::vector<float>& global, const Shape& shape,
-                                    const std::vector<ring::Chunk>& chunks, std::int64_t length) {
-  std::vector<float> local(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
-  for (const ring::Chunk& chunk : chunks)
-    for (std::int64_t bh = 0; bh < shape.batch * shape.num_heads; ++bh)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        local[static_cast<std::size_t>(bh * length + chunk.local + x - chunk.begin)] =
-            global[static_cast<std::size_t>(bh * shape.seq_len + x)];
-  return local;
-}
-
-// Writes a rank's local tensor (local_rows' layout) back into its rows of the global one.
-template <class T>
-void scatter_local_rows(const Tensor<T>& local, const std::vector<ring::Chunk>& chunks, Tensor<T>& global) {
-  for (const ring::Chunk& chunk : chunks)
-    for (std::int64_t b = 0; b < global.shape.batch; ++b)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        for (std::int64_t h = 0; h < global.heads; ++h)
-          for (std::int64_t d = 0; d < global.shape.head_dim; ++d)
-            global.at(b, x, h, d) = local.at(b, chunk.local + x - chunk.begin, h, d);
-}
-
 // A rank's rows of the problem's tensors (padding kept), in its chunks' order.
 template <class T>
 struct RankTensors {
@@ -145,13 +123,13 @@ RingGradientResult<T> run_ring_backward_case(const GradientProblem<T>& p, int nu
     const RankTensors<T> in{local_rows(p.q, chunks, length), local_rows(p.k, chunks, length),
                             local_rows(p.v, chunks, length), local_rows(p.out, chunks, length),
                             local_rows(p.d_out, chunks, length)};
-    const std::vector<float> lse = local_lse(p.lse, s, chunks, length);
+    const std::vector<float> lse = gather_lse(p.lse, s, chunks, length);
     RingGradientResult<T> local{local_rows(run.d_q, chunks, length), local_rows(run.d_k, chunks, length),
                                 local_rows(run.d_v, chunks, length)};
     rank_backward(transport, stream, in, lse, local);
-    scatter_local_rows(local.d_q, chunks, run.d_q);  // disjoint rows per rank: no lock needed
-    scatter_local_rows(local.d_k, chunks, run.d_k);
-    scatter_local_rows(local.d_v, chunks, run.d_v);
+    scatter_rows(local.d_q, chunks, run.d_q);  // disjoint rows per rank: no lock needed
+    scatter_rows(local.d_k, chunks, run.d_k);
+    scatter_rows(local.d_v, chunks, run.d_v);
   });
   return run;
 }

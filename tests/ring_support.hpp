@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ring_branch_sets.hpp"
+#include "ring_rows.hpp"
 #include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
@@ -120,30 +121,6 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
     run.transport_bytes[static_cast<std::size_t>(p)] = transport.bytes_sent;
   });
   return run;
-}
-
-// A rank's rows of a [batch, heads, N] LSE array, in `chunks` order: [batch, heads, length].
-template <class L>
-std::vector<L> gather_lse(const std::vector<L>& global, const Shape& shape,
-                          const std::vector<ring::Chunk>& chunks, std::int64_t length) {
-  std::vector<L> local(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
-  for (const ring::Chunk& chunk : chunks)
-    for (std::int64_t bh = 0; bh < shape.batch * shape.num_heads; ++bh)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        local[static_cast<std::size_t>(bh * length + chunk.local + x - chunk.begin)] =
-            global[static_cast<std::size_t>(bh * shape.seq_len + x)];
-  return local;
-}
-
-// Writes a rank's dense local tensor back into its rows of the global one.
-template <class T>
-void scatter_rows(const Tensor<T>& local, const std::vector<ring::Chunk>& chunks, Tensor<T>& global) {
-  for (const ring::Chunk& chunk : chunks)
-    for (std::int64_t b = 0; b < global.shape.batch; ++b)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        for (std::int64_t h = 0; h < global.heads; ++h)
-          for (std::int64_t d = 0; d < global.shape.head_dim; ++d)
-            global.at(b, x, h, d) = local.at(b, chunk.local + x - chunk.begin, h, d);
 }
 
 template <class T>
