@@ -31,6 +31,7 @@ namespace dilated_attention::ring {
 
 struct CallRecord {
   static constexpr int num_fields = 14;
+  static constexpr int storage_field = 11;  // fields[storage_field]: the storage type T
   std::int64_t fields[num_fields];
   std::int32_t status;  // CallStatus
   std::int32_t origin;  // the rank whose failure this one follows from, or -1

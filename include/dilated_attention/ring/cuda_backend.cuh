@@ -160,6 +160,15 @@ std::int64_t device_storage_code() {
   else return 2008;
 }
 
+// The agreement record of a device call: describe_call's, with the storage field for T.
+template <class T>
+CallRecord describe_device_call(const Config& config, const Shape& shape, Layout layout,
+                                CallOperation operation) {
+  CallRecord record = describe_call<float>(config, shape, static_cast<std::int64_t>(layout), operation);
+  record.fields[CallRecord::storage_field] = device_storage_code<T>();
+  return record;
+}
+
 }  // namespace detail
 
 // The ring forward on a device (ring/cuda_forward.cuh instantiates it with the CUDA stream): the
@@ -185,8 +194,8 @@ Stats forward_on_device(Device device, const Config& config, const Shape& shape,
     if (lse != nullptr)
       dilated_attention::cuda::check_alignment(lse, alignof(float), "lse", "lse is an array of float");
   };
-  CallRecord record = describe_call<float>(config, shape, static_cast<std::int64_t>(options.layout));
-  record.fields[11] = detail::device_storage_code<T>();
+  const CallRecord record =
+      detail::describe_device_call<T>(config, shape, options.layout, CallOperation::forward);
   Stats stats;
   std::unique_ptr<CudaBackend<T, Device>> backend;
   run_agreed_call(

@@ -46,9 +46,8 @@ Stats backward_on_device(Device device, const Config& config, const Shape& shape
       dilated_attention::cuda::check_alignment(data, alignof(T), name, element);
     dilated_attention::cuda::check_alignment(lse, alignof(float), "lse", "lse is an array of float");
   };
-  CallRecord record = describe_call<float>(config, shape, static_cast<std::int64_t>(options.layout),
-                                           CallOperation::backward);
-  record.fields[11] = detail::device_storage_code<T>();
+  const CallRecord record =
+      detail::describe_device_call<T>(config, shape, options.layout, CallOperation::backward);
   Stats stats;
   std::unique_ptr<CudaGradientBackend<T, Device>> backend;
   run_agreed_call(
