@@ -17,6 +17,7 @@
 #include <dilated_attention/ring/mpi.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -26,6 +27,7 @@ namespace da = dilated_attention;
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
+  int wrong = 0;  // this rank saw a wrong result: every rank then exits non-zero
   {
     da::ring::MpiTransport transport(MPI_COMM_WORLD);
     const int rank = transport.rank(), num_ranks = transport.size();
@@ -154,6 +156,12 @@ int main(int argc, char** argv) {
                       static_cast<long long>(backward_stats.gradient_bytes_sent));
         std::fflush(stdout);
       }
+      // A figure of a wrong run is no figure: the partials back must be exactly the rows sent
+      // (float: the accumulator is the storage type), and every output finite.
+      if (backward_stats.gradient_bytes_received != backward_stats.bytes_sent) wrong = 1;
+      for (const std::vector<float>* tensor : {&out, &d_q, &d_k, &d_v})
+        for (const float x : *tensor)
+          if (!std::isfinite(x)) wrong = 1;
     }
 
     // The single-process forward of the same total problem, once per launch, on rank 0.
@@ -192,6 +200,9 @@ int main(int argc, char** argv) {
       }
     }
   }
+  int any_wrong = 0;
+  MPI_Allreduce(&wrong, &any_wrong, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (any_wrong != 0) std::fprintf(stderr, "ring_benchmark: a rank saw a wrong result (see above)\n");
   MPI_Finalize();
-  return 0;
+  return any_wrong == 0 ? 0 : 1;
 }

@@ -40,7 +40,7 @@ if(TARGET dilated_attention_nccl)
   target_link_libraries(ring_nccl_test PRIVATE DilatedAttention::nccl GTest::gtest_main)
   target_compile_options(ring_nccl_test PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wshadow --Werror=all-warnings>)
-  gtest_discover_tests(ring_nccl_test PROPERTIES LABELS ring DISCOVERY_TIMEOUT 120)
+  gtest_discover_tests(ring_nccl_test PROPERTIES LABELS ring TIMEOUT 120 DISCOVERY_TIMEOUT 120)
 endif()
 
 # The CUDA back ends of the ring, forward and backward (label `cuda`, first, so that `ctest -L
