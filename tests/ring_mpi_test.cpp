@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "ring_faults.hpp"
+#include "ring_rows.hpp"
 #include "support/tensors.hpp"
 
 namespace da = dilated_attention;
@@ -37,27 +38,6 @@ struct Case {
   da::Shape shape;
   da::ring::Layout layout = da::ring::Layout::contiguous;
 };
-
-// A rank's rows of a global tensor in `chunks` order, dense.
-Tensor<double> local_rows(const Tensor<double>& global, const std::vector<da::ring::Chunk>& chunks,
-                          std::int64_t length) {
-  da::Shape local = global.shape;
-  local.seq_len = length;
-  Tensor<double> result(local, global.heads);
-  for (const auto& chunk : chunks)
-    for (std::int64_t b = 0; b < local.batch; ++b)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        for (std::int64_t h = 0; h < global.heads; ++h)
-          for (std::int64_t d = 0; d < local.head_dim; ++d)
-            result.at(b, chunk.local + x - chunk.begin, h, d) = global.at(b, x, h, d);
-  return result;
-}
-
-template <class T>
-da::View<T> shard_view(da::View<T> global, std::int64_t begin) {
-  return {global.data + begin * global.seq_stride, global.batch_stride, global.seq_stride,
-          global.head_stride};
-}
 
 // 0 when the ring's rows equal the single-process forward's (and the fp64 reference's).
 int check(const Case& c, da::ring::MpiTransport& transport) {
@@ -87,20 +67,16 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   da::ring::Stats stats;
   if (c.layout == da::ring::Layout::contiguous) {
     const std::int64_t begin = transport.rank() * length;
-    stats = da::ring::forward<double>(config, s, transport, shard_view(q.view(), begin), shard_view(k.view(), begin),
-                                      shard_view(v.view(), begin), shard_view(ring.view(), begin), ring_lse.data(),
+    stats = da::ring::forward<double>(config, s, transport, da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin),
+                                      da::testing::shard_view(v.view(), begin), da::testing::shard_view(ring.view(), begin), ring_lse.data(),
                                       options);
   } else {
-    const Tensor<double> lq = local_rows(q, chunks, length), lk = local_rows(k, chunks, length),
-                         lv = local_rows(v, chunks, length);
-    Tensor<double> lo = local_rows(ring, chunks, length);
+    const Tensor<double> lq = da::testing::gather_rows(q, chunks, length), lk = da::testing::gather_rows(k, chunks, length),
+                         lv = da::testing::gather_rows(v, chunks, length);
+    Tensor<double> lo = da::testing::gather_rows(ring, chunks, length);
     stats = da::ring::forward<double>(config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(),
                                       ring_lse.data(), options);
-    for (const auto& chunk : chunks)
-      for (std::int64_t b = 0; b < s.batch; ++b)
-        for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-          for (std::int64_t h = 0; h < s.num_heads; ++h)
-            for (std::int64_t d = 0; d < s.head_dim; ++d) ring.at(b, x, h, d) = lo.at(b, chunk.local + x - chunk.begin, h, d);
+    da::testing::scatter_rows(lo, chunks, ring);
   }
 
   double worst_o = 0.0, worst_lse = 0.0, worst_reference = 0.0;
@@ -158,15 +134,10 @@ int check_backward(const Case& c, da::ring::MpiTransport& transport) {
 
   const std::int64_t length = s.seq_len / transport.size();
   const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
-  std::vector<double> local_lse(static_cast<std::size_t>(s.batch * s.num_heads * length));
-  for (const auto& chunk : chunks)
-    for (std::int64_t bh = 0; bh < s.batch * s.num_heads; ++bh)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        local_lse[static_cast<std::size_t>(bh * length + chunk.local + x - chunk.begin)] =
-            lse[static_cast<std::size_t>(bh * s.seq_len + x)];
-  Tensor<double> lq = local_rows(q, chunks, length), lk = local_rows(k, chunks, length),
-                 lv = local_rows(v, chunks, length), lo = local_rows(out, chunks, length),
-                 ld = local_rows(d_out, chunks, length);
+  const std::vector<double> local_lse = da::testing::gather_lse(lse, s, chunks, length);
+  Tensor<double> lq = da::testing::gather_rows(q, chunks, length), lk = da::testing::gather_rows(k, chunks, length),
+                 lv = da::testing::gather_rows(v, chunks, length), lo = da::testing::gather_rows(out, chunks, length),
+                 ld = da::testing::gather_rows(d_out, chunks, length);
   da::Shape local = s;
   local.seq_len = length;
   Tensor<double> grads[3] = {{local, s.num_heads}, {local, s.num_kv_heads}, {local, s.num_kv_heads}};

@@ -1,7 +1,7 @@
 #pragma once
 // Moving a ring rank's rows between global test tensors and its local ones, in the order of its
-// chunks (ring/layout.hpp). Shared by the CPU ring tests (ring_support.hpp) and the CUDA ring
-// tests (ring_cuda_gradient_cases.hpp). Plain C++.
+// chunks (ring/layout.hpp). Shared by the CPU ring tests (ring_support.hpp, ring_mpi_test.cpp) and the
+// CUDA ring tests (ring_cuda_gradient_cases.hpp). Plain C++.
 
 #include <dilated_attention/config.hpp>
 #include <dilated_attention/ring/layout.hpp>
@@ -12,6 +12,28 @@
 #include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
+
+// A shard view: same strides, data moved to the shard's first row.
+template <class T>
+View<T> shard_view(View<T> global, std::int64_t begin) {
+  return {global.data + begin * global.seq_stride, global.batch_stride, global.seq_stride,
+          global.head_stride};
+}
+
+// A rank's rows of a global tensor, copied in `chunks` order into a dense local tensor.
+template <class T>
+Tensor<T> gather_rows(const Tensor<T>& global, const std::vector<ring::Chunk>& chunks, std::int64_t length) {
+  Shape local = global.shape;
+  local.seq_len = length;
+  Tensor<T> result(local, global.heads);
+  for (const ring::Chunk& chunk : chunks)
+    for (std::int64_t b = 0; b < local.batch; ++b)
+      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
+        for (std::int64_t h = 0; h < global.heads; ++h)
+          for (std::int64_t d = 0; d < local.head_dim; ++d)
+            result.at(b, chunk.local + x - chunk.begin, h, d) = global.at(b, x, h, d);
+  return result;
+}
 
 // A rank's rows of a [batch, heads, N] LSE array, in `chunks` order: [batch, heads, length].
 template <class L>

@@ -38,13 +38,6 @@ class CountingTransport final : public ring::TransportAdapter {
   std::int64_t sends = 0, recvs = 0, bytes_sent = 0;
 };
 
-// A shard view: same strides, data moved to the shard's first row.
-template <class T>
-View<T> shard_view(View<T> global, std::int64_t begin) {
-  return {global.data + begin * global.seq_stride, global.batch_stride, global.seq_stride,
-          global.head_stride};
-}
-
 template <class T>
 struct RingRun {
   Tensor<T> out;
@@ -52,21 +45,6 @@ struct RingRun {
   std::vector<ring::Stats> stats;            // per rank
   std::vector<std::int64_t> transport_sends, transport_recvs, transport_bytes;  // per rank
 };
-
-// A rank's rows of a global tensor, copied in `chunks` order into a dense local tensor.
-template <class T>
-Tensor<T> gather_rows(const Tensor<T>& global, const std::vector<ring::Chunk>& chunks, std::int64_t length) {
-  Shape local = global.shape;
-  local.seq_len = length;
-  Tensor<T> result(local, global.heads);
-  for (const ring::Chunk& chunk : chunks)
-    for (std::int64_t b = 0; b < local.batch; ++b)
-      for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
-        for (std::int64_t h = 0; h < global.heads; ++h)
-          for (std::int64_t d = 0; d < local.head_dim; ++d)
-            result.at(b, chunk.local + x - chunk.begin, h, d) = global.at(b, x, h, d);
-  return result;
-}
 
 // Runs the ring on P in-process ranks. Contiguous layout: each rank gets views straight into the
 // (padded) global tensors; zigzag: dense local copies of its chunks, scattered back afterwards.
