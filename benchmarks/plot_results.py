@@ -16,7 +16,7 @@ measured in the same process on the same machine state:
                     wall time, and in brackets process CPU time
   t(N)/t(N/4)       time of dilated at N / time at N/4 (linear cost gives 4); wall (CPU)
   peak MiB          q + k + v + out + lse + the heap the calls allocated on top (budget: +64 MiB)
-  max err           max |ours - docs/semantics.md §2 in double| over sampled rows (out and lse)
+  max err           max |ours - docs/semantics.md "The forward" in double| over sampled rows (out and lse)
 
 With --backward (the JSON of cpu_backward_benchmark, forward and backward timed in one binary) a
 second table covers the backward:
@@ -26,7 +26,7 @@ second table covers the backward:
                     GFLOP/core-s divides by process CPU seconds instead (less load-sensitive)
   t(N)/t(N/4)       of the backward (target <= 4.4)
   heap MiB          heap the backward calls allocated beyond q, k, v, out, lse, d_out, dq, dk, dv
-  max rel err       largest gradient error on sampled rows against docs/semantics.md §7 in double,
+  max rel err       largest gradient error on sampled rows against docs/semantics.md "The gradient" in double,
                     relative to the largest sampled entry (dQ, dK, dV)
 
 Writes DIR/summary.json and, when matplotlib is importable, DIR/benchmark_cpu.png (time against

@@ -17,11 +17,11 @@ Steps, each announced by a line starting with "==>":
      Ninja prints one [done/total] line per finished step
   3. run the forward benchmarks, announcing each one ("... running <name>") before it starts;
      then the backward: cpu_backward_benchmark times forward and backward on the same inputs at
-     N=16384,65536 (D as given) and checks sampled gradient rows against docs/semantics.md §7
+     N=16384,65536 (D as given) and checks sampled gradient rows against docs/semantics.md "The gradient"
      (a wrong gradient fails the job)
   4. print a table (N, time, useful GFLOP/s, ratio to an Eigen SGEMM measured in the same binary,
      ratio to dense attention, time(4N)/time(N), peak memory, max error against
-     docs/semantics.md §2 on sampled rows), then the backward's (backward/forward time, useful
+     docs/semantics.md "The forward" on sampled rows), then the backward's (backward/forward time, useful
      GFLOP/s at 2.5x the forward's FLOPs, time(4N)/time(N), heap beyond the tensors, gradient
      errors), and write, into RESULTS/<UTC date and time>/: cpu_forward_benchmark.json,
      cpu_backward_benchmark.json, summary.json, benchmark_cpu.png and benchmark_cpu_backward.png
@@ -273,7 +273,7 @@ if [[ $BACKWARD -eq 1 ]]; then
   say "running the backward (load before: $(uptime | sed 's/.*load average/load average/'))"
   echo "    B=$BATCH H=$HEADS D=$HEAD_DIMS w=$SEGMENTS r=$DILATIONS causal=$CAUSAL N=$BACKWARD_SEQ_LENS;" \
        "$REPETITIONS repetition(s)"
-  # Exit status 4: a sampled gradient row disagrees with docs/semantics.md §7 (set -e stops here).
+  # Exit status 4: a sampled gradient row disagrees with docs/semantics.md "The gradient" (set -e stops here).
   with_progress backward "$BUILD_DIR/benchmarks/cpu_backward_benchmark" --seq_lens="$BACKWARD_SEQ_LENS" \
     --head_dims="$HEAD_DIMS" --heads="$HEADS" --batch="$BATCH" --segments="$SEGMENTS" \
     --dilations="$DILATIONS" --causal="$CAUSAL" --repetitions="$REPETITIONS" \

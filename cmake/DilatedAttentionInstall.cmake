@@ -77,4 +77,7 @@ if(DILATED_ATTENTION_INSTALL)
   install(FILES "${PROJECT_SOURCE_DIR}/LICENSE" "${PROJECT_SOURCE_DIR}/README.md"
                 "${PROJECT_SOURCE_DIR}/CHANGELOG.md"
           DESTINATION "${CMAKE_INSTALL_DOCDIR}" OPTIONAL)
+  # The normative definition the headers' comments cite by heading ("Bad input", ...): an
+  # installed copy must be able to follow them.
+  install(FILES "${PROJECT_SOURCE_DIR}/docs/semantics.md" DESTINATION "${CMAKE_INSTALL_DOCDIR}")
 endif()

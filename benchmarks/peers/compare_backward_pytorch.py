@@ -17,7 +17,7 @@ Per sequence length N:
   3. ours: cpu_backward_from_files on the same files (our forward once, then backward twice; the
      second backward call is the timed one), alternating with the peer's timed calls;
   4. compares dQ, dK, dV element by element (largest difference relative to the largest |gradient|),
-     and dQ of sampled rows of both sides against docs/semantics.md §7 evaluated in float64.
+     and dQ of sampled rows of both sides against docs/semantics.md "The gradient" evaluated in float64.
 """
 
 import argparse
@@ -36,7 +36,7 @@ from peer_harness import (add_common_arguments, our_command, rows_with_keys, sam
 
 
 def exact_dq_rows(q, k, v, d_out, segments, dilations, causal, rows):
-    """dQ of docs/semantics.md §7 (partitioned offsets, mean mixing) in float64 for (b, x, h) rows."""
+    """dQ of docs/semantics.md "The gradient" (partitioned offsets, mean mixing) in float64 for (b, x, h) rows."""
     scale, groups = 1.0 / np.sqrt(q.shape[3]), len(segments)
     result = {}
     for (b, x, h), keys in rows_with_keys(q, segments, dilations, causal, rows):

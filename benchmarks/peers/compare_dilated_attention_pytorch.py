@@ -20,11 +20,11 @@ What it does, per sequence length N:
      torch.inference_mode() with torch.set_num_threads(threads): one warm-up, then `repeats` timed
      calls, median reported;
   3. runs our cpu_forward_from_files on the same files with DILATED_ATTENTION_NUM_THREADS =
-     threads (partitioned offsets, mean mixing: docs/semantics.md §3's preset for this peer); each timed
+     threads (partitioned offsets, mean mixing: docs/semantics.md "Which offset a head uses"'s preset for this peer); each timed
      call is the second of a fresh process, and the timed calls alternate with the peer's so
      that load changes hit both; medians reported, of wall time and of process CPU time (all
      threads), the latter being the fairer figure on a shared machine;
-  4. compares the two outputs element by element, and both against docs/semantics.md §2 evaluated in
+  4. compares the two outputs element by element, and both against docs/semantics.md "The forward" evaluated in
      float64 on sampled rows, so "matches" is judged against the rounding of either side.
 
 The peer's package __init__ imports many optional modules; only its dilated_attention module
@@ -50,7 +50,7 @@ from peer_harness import (add_common_arguments, load_peer, our_command, rows_wit
 
 
 def exact_rows(q, k, v, segments, dilations, causal, rows):
-    """docs/semantics.md §2, partitioned offsets and mean mixing, in float64, for (b, x, h) rows."""
+    """docs/semantics.md "The forward", partitioned offsets and mean mixing, in float64, for (b, x, h) rows."""
     dim, groups = q.shape[3], len(segments)
     scale = 1.0 / np.sqrt(dim)
     result = {}

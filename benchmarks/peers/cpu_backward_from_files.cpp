@@ -12,7 +12,7 @@
 
 #include <dilated_attention/dilated_attention.hpp>
 
-#include "../peer_run_arguments.hpp"
+#include "peer_run_arguments.hpp"
 
 #include <cstdio>
 #include <exception>

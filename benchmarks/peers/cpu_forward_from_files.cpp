@@ -11,7 +11,7 @@
 
 #include <dilated_attention/dilated_attention.hpp>
 
-#include "../peer_run_arguments.hpp"
+#include "peer_run_arguments.hpp"
 
 #include <algorithm>
 #include <cstdio>

@@ -2,7 +2,7 @@
 """LongNet in plain PyTorch on the GPU -- gather, SDPA (flash), scatter per branch, the math of
 dilated-attention-pytorch's DilatedAttention without its xformers dependency -- timed against our
 cuda_forward_benchmark on the same shapes, and checked against our kernel's output on a smaller
-case (cuda_forward_from_files) and against docs/semantics.md §2 in float64 on sampled rows.
+case (cuda_forward_from_files) and against docs/semantics.md "The forward" in float64 on sampled rows.
 
 Two mixings, each written only with public PyTorch ops plus, for softmax mixing, the flash
 attention op that also returns the log-sum-exp:
@@ -88,7 +88,7 @@ def longnet_softmax_modular(torch, q, k, v, segments, rates, causal):
 
 
 def exact_rows(q, k, v, segments, rates, causal, mixing, offsets, rows):
-    """docs/semantics.md §2 in float64 for (b, x, h) rows; q, k, v float64 numpy [B, N, H, D]."""
+    """docs/semantics.md "The forward" in float64 for (b, x, h) rows; q, k, v float64 numpy [B, N, H, D]."""
     _, n, heads, d = q.shape
     groups = len(segments)
     ranges = partition_ranges(heads, groups)

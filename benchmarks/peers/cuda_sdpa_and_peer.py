@@ -3,14 +3,14 @@
 same GPU in one session. Only our harness lives here; peers are never committed.
 
   (a) --sdpa: torch.nn.functional.scaled_dot_product_attention with the flash backend on the
-      dense-equivalent shapes of benchmarks/cuda_forward_benchmark.cu (bf16, B*N = 16384 tokens,
+      dense-equivalent shapes of benchmarks/cuda/cuda_forward_benchmark.cu (bf16, B*N = 16384 tokens,
       H*D = 2048, N = 2k..16k, D = 64 and 128, causal and not), joined with our
       BM_DenseEquivalent results (run the benchmark binary with --benchmark_format=json and pass
       the file as --ours-json) into a ratio table. Target: ours >= 0.9x SDPA-flash.
   (c) --peer: dilated-attention-pytorch's DilatedAttention (segments 2048,4096,8192, dilations
       1,2,4) on CUDA against our partitioned + mean forward (benchmarks/cuda_forward_from_files)
       on the same inputs: median times with CUDA events and the output match, both sides also
-      checked against docs/semantics.md §2 in float64 on sampled rows. Target: >= 10x faster.
+      checked against docs/semantics.md "The forward" in float64 on sampled rows. Target: >= 10x faster.
 
 Setup (git-ignored folders only):
 

@@ -1,7 +1,7 @@
 """What the peer comparisons share. The CPU ones (compare_dilated_attention_pytorch.py for the
 forward, compare_backward_pytorch.py for the backward): loading the peer, the command line, the
 report header, the input files, our driver's command, the sampled rows and the per-row key
-selection of docs/semantics.md §2 (partitioned offsets) that both float64 oracles use. The CUDA
+selection of docs/semantics.md "The forward" (partitioned offsets) that both float64 oracles use. The CUDA
 ones (cuda_sdpa_and_peer.py, cuda_longnet_torch.py): the head partition and the CUDA-event timer.
 
 PyTorch is never imported here: the scripts import it in main(), after argument parsing, so that
@@ -46,7 +46,7 @@ def partition_ranges(heads, groups):
 
 
 def row_keys(n, heads, segments, dilations, causal, x, h):
-    """The keys query row x of head h attends to (docs/semantics.md §2, partitioned offsets), or
+    """The keys query row x of head h attends to (docs/semantics.md "The forward", partitioned offsets), or
     None when x is not on its branch's dilated grid; heads split into len(segments) groups."""
     ranges = partition_ranges(heads, len(segments))
     g = next(i for i, (lo, hi) in enumerate(ranges) if lo <= h < hi)

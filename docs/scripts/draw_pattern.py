@@ -4,7 +4,7 @@
 For each offset rule (rows) and query head (columns), a query x key grid coloured by the
 multiplicity C_h(x, y) = number of branches in which query x of head h attends key y.
 
-A drawing aid only. The pattern is computed here directly from the formulas of docs/semantics.md §2
+A drawing aid only. The pattern is computed here directly from the formulas of docs/semantics.md "The forward"
 and 3 (segments sigma = floor(x / w), in-segment index rho = x - sigma * w, selection
 rho mod r == offset), independently of the C++ code; the C++ tests are what check the library.
 
@@ -30,7 +30,7 @@ RULES = ["modular", "blocked", "partitioned"]
 
 
 def offset(rule, branch, head):
-    """o_i(h) of docs/semantics.md §3, or None when head h does not run branch i."""
+    """o_i(h) of docs/semantics.md "Which offset a head uses", or None when head h does not run branch i."""
     w, r = BRANCHES[branch]
     g_count = len(BRANCHES)
     if rule == "modular":

@@ -8,7 +8,7 @@ attend (per branch: rows of the shared segment with in-segment index = offset mo
 coloured by branch and labelled with the rows sent per head; dashed grey means the pair's step is
 skipped (no shared segment, or a future shard when causal): no transport call at all.
 
-A drawing aid only, computed here from the formulas of docs/semantics.md §2 (segments
+A drawing aid only, computed here from the formulas of docs/semantics.md "The forward" (segments
 sigma = floor(x / w), selection rho mod r == offset) independently of the C++ code; the C++ tests
 are what check the library.
 

@@ -1,5 +1,5 @@
 #pragma once
-// The contract's types (docs/semantics.md §4) and the one routine that rejects bad input (docs/semantics.md §5).
+// The contract's types (docs/semantics.md "Entry points") and the one routine that rejects bad input (docs/semantics.md "Bad input").
 // Every entry point -- reference, CPU, CUDA, ring -- calls validate() before it touches output,
 // so the rules and their messages live here and nowhere else.
 
@@ -17,10 +17,10 @@
 
 namespace dilated_attention {
 
-// Which dilation offset a query head uses in each branch (docs/semantics.md §3).
+// Which dilation offset a query head uses in each branch (docs/semantics.md "Which offset a head uses").
 enum class OffsetRule { modular, blocked, partitioned };
 
-// How the branches of one query row are combined (docs/semantics.md §2).
+// How the branches of one query row are combined (docs/semantics.md "The forward").
 enum class Mixing { softmax, mean };
 
 struct Config {
@@ -40,7 +40,7 @@ struct Shape {
 // head_dim always has stride 1. An aggregate on purpose: `View<T>{ptr, bs, ss, hs}`.
 // `extent` is optional: the number of elements of the buffer at and after `data`. When it is
 // given (>= 0), validate() checks that the highest element the view can touch lies inside the
-// buffer (docs/semantics.md §5); -1, what the four-value spelling leaves, means unknown and
+// buffer (docs/semantics.md "Bad input"); -1, what the four-value spelling leaves, means unknown and
 // unchecked, as a raw pointer must be. checked_view() and contiguous_view(std::vector&) set it.
 template <class T>
 struct View {
@@ -85,7 +85,7 @@ View<const T> contiguous_view(const std::vector<T, A>& buffer, const Shape& shap
 template <class T, class A>
 void contiguous_view(std::vector<T, A>&&, const Shape&, std::int64_t) = delete;
 
-// The LSE element type of docs/semantics.md §4: double for double storage, float for everything else.
+// The LSE element type of docs/semantics.md "Entry points": double for double storage, float for everything else.
 template <class T>
 using lse_type_t = std::conditional_t<std::is_same_v<std::remove_cv_t<T>, double>, double, float>;
 
@@ -210,7 +210,7 @@ void check_view(const char* name, const View<T>& view, const Shape& shape, std::
 
 }  // namespace detail
 
-// The config rules alone (docs/semantics.md §5), for code that has no shape yet.
+// The config rules alone (docs/semantics.md "Bad input"), for code that has no shape yet.
 inline void validate_config(const Config& config) {
   using detail::reject;
   const auto& w = config.segment_lengths;
@@ -270,7 +270,7 @@ inline void validate(const Config& config, const Shape& shape) {
            shape.head_dim, "] has ", elements, " elements: more than 2^62 cannot be indexed");
 }
 
-// Everything an entry point receives (docs/semantics.md §5). Raises std::invalid_argument before any output
+// Everything an entry point receives (docs/semantics.md "Bad input"). Raises std::invalid_argument before any output
 // is written. `lse` may be null; when given it is [batch, num_heads, seq_len], contiguous.
 template <class T, class L>
 void validate(const Config& config, const Shape& shape, const View<const T>& q,
@@ -304,7 +304,7 @@ void validate(const Config& config, const Shape& shape, const View<const T>& q,
 }
 
 
-// Everything backward receives (docs/semantics.md §7.4): the forward's rules for q, k, v, then
+// Everything backward receives (docs/semantics.md "Inputs and bad input of the backward"): the forward's rules for q, k, v, then
 // `out`, `lse` and `d_out` as further inputs, and d_q, d_k, d_v as outputs that must not share
 // memory with any input or with each other. Raises std::invalid_argument before any gradient is
 // written.

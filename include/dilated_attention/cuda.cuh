@@ -1,6 +1,6 @@
 #pragma once
 // The GPU umbrella header: dilated_attention::cuda::forward and ::backward on device pointers for __half,
-// __nv_bfloat16 and float (docs/semantics.md §4). The only way CUDA enters a build: compile the including
+// __nv_bfloat16 and float (docs/semantics.md "Entry points"). The only way CUDA enters a build: compile the including
 // translation unit with nvcc and link DilatedAttention::cuda. The CPU headers never include it.
 
 #include "config.hpp"

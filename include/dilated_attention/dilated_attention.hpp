@@ -1,5 +1,5 @@
 #pragma once
-// The CPU umbrella header (docs/semantics.md §4): the contract's types and validation, the pattern generator,
+// The CPU umbrella header (docs/semantics.md "Entry points"): the contract's types and validation, the pattern generator,
 // the merge algebra, the fp64 reference, and the fast threaded CPU forward and backward. Needs only the C++17
 // standard library, Eigen 3.4 and threads.
 
@@ -10,6 +10,6 @@
 #include "cpu/attend.hpp"
 #include "cpu/threads.hpp"
 #include "cpu/forward.hpp"
-#include "cpu/attend_grad.hpp"
+#include "cpu/attend_backward.hpp"
 #include "cpu/backward_units.hpp"
 #include "cpu/backward.hpp"

@@ -1,5 +1,5 @@
 #pragma once
-// The index algebra of dilated attention (docs/semantics.md §2-3), in one place: segments, offsets of heads,
+// The index algebra of dilated attention (docs/semantics.md "The forward"-3), in one place: segments, offsets of heads,
 // the rows a (branch, segment, offset) selects, the keys of a query, and the exact useful-FLOP
 // count. Kernels and the ring schedule ask this header; none of them re-derives the math.
 //
@@ -99,7 +99,7 @@ struct BranchGeometry {
 };
 
 // First head of partition group g when H heads are split into G contiguous groups, the first
-// H mod G of them one head larger (docs/semantics.md §3, partitioned).
+// H mod G of them one head larger (docs/semantics.md "Which offset a head uses", partitioned).
 DILATED_ATTENTION_HOST_DEVICE std::int64_t partition_begin(std::int64_t g, std::int64_t num_heads,
                                                            std::int64_t num_groups) {
   const std::int64_t base = num_heads / num_groups, extra = num_heads % num_groups;
@@ -114,7 +114,7 @@ DILATED_ATTENTION_HOST_DEVICE std::int64_t partition_of(std::int64_t head, std::
   return head < big ? head / (base + 1) : extra + (head - big) / base;
 }
 
-// o_i(h) of docs/semantics.md §3, or -1 when head h does not run branch i (partitioned only).
+// o_i(h) of docs/semantics.md "Which offset a head uses", or -1 when head h does not run branch i (partitioned only).
 DILATED_ATTENTION_HOST_DEVICE std::int64_t head_offset(OffsetRule rule, std::int64_t branch,
                                                        std::int64_t num_branches,
                                                        std::int64_t rate, std::int64_t head,

@@ -1,5 +1,5 @@
 #pragma once
-// The oracle: docs/semantics.md §2 (forward) and §7 (gradient) computed as written, in double,
+// The oracle: docs/semantics.md "The forward" (forward) and docs/semantics.md "The gradient" (gradient) computed as written, in double,
 // one query row at a time, with the multiplicity C_h(x, y) counted from the key sets K_i(x, h)
 // that the pattern gives each branch. Slow on purpose and public on purpose: users check their
 // own integrations against it, and every other test in this repository uses it as the ground
@@ -30,7 +30,7 @@ double dot(const T* a, const T* b, std::int64_t n) {
 
 // One query row x of head h: its scores s(x, y) and multiplicities C_h(x, y) over the window of
 // positions that x's segments cover (C is zero outside it), built branch by branch as
-// docs/semantics.md §2 defines them. Forward and backward both start from this.
+// docs/semantics.md "The forward" defines them. Forward and backward both start from this.
 class RowScores {
  public:
   template <class T>
@@ -87,7 +87,7 @@ class RowScores {
 
 }  // namespace detail
 
-// Same parameters and meaning as dilated_attention::forward (docs/semantics.md §4). T is any floating type
+// Same parameters and meaning as dilated_attention::forward (docs/semantics.md "Entry points"). T is any floating type
 // that converts to and from double (float, double, half types); lse is optional.
 template <class T>
 void forward(const Config& config, const Shape& shape,
@@ -162,7 +162,7 @@ void forward(const Config& config, const Shape& shape,
     }
 }
 
-// The gradient of docs/semantics.md §7, computed as written, in double, one query row at a
+// The gradient of docs/semantics.md "The gradient", computed as written, in double, one query row at a
 // time: the row's scores and its multiplicities are rebuilt exactly as forward builds them, and
 // every (query, key) pair adds its terms to dQ, dK, dV. `out` and `lse` are checked like every
 // other input but not read: the oracle recomputes O and LSE in double, so that its gradient is
@@ -211,7 +211,7 @@ void backward(const Config& config, const Shape& shape,
 
         // One softmax (weights p over `keys`) and the upstream gradient g of its output: adds
         // dV += p g, dS = p (g.v - g.o), dQ += scale dS k, dK += scale dS q (docs/semantics.md
-        // §7.1). `weight(y)` is p(y); `keys` lists each key once.
+        // docs/semantics.md "Gradient of the softmax mixing"). `weight(y)` is p(y); `keys` lists each key once.
         auto add_softmax_gradient = [&](auto&& keys, auto&& weight, const std::vector<double>& g) {
           std::fill(o_row.begin(), o_row.end(), 0.0);
           keys([&](std::int64_t y) {
@@ -248,7 +248,7 @@ void backward(const Config& config, const Shape& shape,
                                  grad_out);
           }
         } else {
-          // Mean: branch i's own softmax receives dO / G (docs/semantics.md §7.2).
+          // Mean: branch i's own softmax receives dO / G (docs/semantics.md "Gradient of the mean mixing").
           for (std::size_t d = 0; d < udim; ++d)
             grad_o_branch[d] = grad_out[d] / static_cast<double>(branches);
           for (std::int64_t i = 0; i < branches; ++i) {

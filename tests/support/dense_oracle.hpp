@@ -1,5 +1,5 @@
 #pragma once
-// A brute-force dilated attention for tests: docs/semantics.md §2-3 re-derived with plain loops over every
+// A brute-force dilated attention for tests: docs/semantics.md "The forward"-3 re-derived with plain loops over every
 // (query, key) pair, in double. It deliberately shares no code with pattern.hpp or reference.hpp
 // (only the contract's types from config.hpp), so that a slip in the library's index algebra
 // cannot hide behind the same slip here. Slow on purpose: O(batch * heads * N^2 * G).
@@ -20,11 +20,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "tensors.hpp"
+#include "support/tensors.hpp"
 
 namespace dilated_attention::testing {
 
-// o_i(h) of docs/semantics.md §3, written from the text; -1 when head h does not run branch i (partitioned).
+// o_i(h) of docs/semantics.md "Which offset a head uses", written from the text; -1 when head h does not run branch i (partitioned).
 inline std::int64_t oracle_offset(const Config& config, std::int64_t num_heads, std::size_t i,
                                   std::int64_t h) {
   const std::int64_t r = config.dilation_rates[i];
@@ -175,12 +175,12 @@ DenseResult weighted_attention(const Shape& shape, double scale, const Tensor<T>
   return weighted_attention(shape, scale, q.view(), k.view(), v.view(), weight);
 }
 
-// The scale a config asks for (docs/semantics.md §1), derived here rather than borrowed from the library.
+// The scale a config asks for (docs/semantics.md "Tensors and scores"), derived here rather than borrowed from the library.
 inline double oracle_scale(const Config& config, const Shape& shape) {
   return config.scale != 0.0 ? config.scale : 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
 }
 
-// Dilated attention as docs/semantics.md §2 defines it, both mixings. q, k, v may be View<T> or View<const T>.
+// Dilated attention as docs/semantics.md "The forward" defines it, both mixings. q, k, v may be View<T> or View<const T>.
 template <class T>
 DenseResult dense_oracle(const Config& config, const Shape& shape, View<T> q_in, View<T> k_in,
                          View<T> v_in) {

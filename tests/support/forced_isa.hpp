@@ -9,7 +9,7 @@
 
 #include <gtest/gtest.h>
 
-#include "random_config.hpp"
+#include "support/random_config.hpp"
 
 #include <cstdio>
 #include <cstdlib>

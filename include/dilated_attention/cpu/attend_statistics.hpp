@@ -1,6 +1,6 @@
 #pragma once
 // The row statistics that mean mixing needs and the forward does not return (docs/semantics.md
-// §7.2), on the backward primitive's workspace and micro-kernels (attend_grad.hpp): for each
+// docs/semantics.md "Gradient of the mean mixing"), on the backward primitive's workspace and micro-kernels (attend_backward.hpp): for each
 // query row of q over k/v's rows, LSE = ln sum_y exp(scale * q·k_y) and D = weight * dO·O with
 // O = sum_y exp(scale * q·k_y - LSE) v_y. D is accumulated as sum_y p_y (dO·v_y) in an online
 // softmax, so O itself is never formed: the cost is the forward's (Products 1 and 2 per tile
@@ -14,7 +14,7 @@
 #include "../merge.hpp"
 #include "../pattern.hpp"
 #include "attend.hpp"
-#include "attend_grad.hpp"
+#include "attend_backward.hpp"
 #include "kernels/dispatch.hpp"
 #include "kernels/pack.hpp"
 
@@ -22,7 +22,7 @@ namespace dilated_attention::cpu {
 
 // attend_statistics() with kernel set K (the workspace's).
 template <class K, class T, class Acc>
-void attend_statistics_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& q,
+void attend_statistics_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>& q,
                             const StridedRows<T>& k, const StridedRows<T>& v,
                             const StridedRows<T>& d_out, Acc scale, Acc weight, bool causal,
                             Acc* lse, Acc* delta) {
@@ -82,7 +82,7 @@ void attend_statistics_with(AttendGradWorkspace<Acc>& ws, const StridedRows<T>& 
 // D (-inf and 0 for a row that attends nothing). Causal means key position <= query position.
 // Single-threaded and deterministic for a given workspace.isa().
 template <class T, class Acc>
-void attend_statistics(AttendGradWorkspace<Acc>& workspace, const StridedRows<T>& q,
+void attend_statistics(AttendBackwardWorkspace<Acc>& workspace, const StridedRows<T>& q,
                        const StridedRows<T>& k, const StridedRows<T>& v,
                        const StridedRows<T>& d_out, std::int64_t head_dim, Acc scale, Acc weight,
                        bool causal, Acc* lse, Acc* delta) {

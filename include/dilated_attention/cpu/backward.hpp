@@ -1,5 +1,5 @@
 #pragma once
-// The fast CPU backward (docs/semantics.md §7): exact gradients of the forward's definition,
+// The fast CPU backward (docs/semantics.md "The gradient"): exact gradients of the forward's definition,
 // straight from the caller's memory, bitwise identical for any thread count.
 //
 // Phase 1 (every storage type): row statistics, one unit per (batch, head, window of the
@@ -23,7 +23,7 @@
 // times that for mean) and per thread the primitive's tiles (plus, for narrow storage, a
 // window's float accumulators); never N x w or N x N. docs/design.md ("Backward") has the
 // measurements behind these choices. All index math comes from pattern.hpp; the block math
-// lives in cpu::attend_grad.
+// lives in cpu::attend_backward.
 
 #include <algorithm>
 #include <cstdint>
@@ -34,14 +34,14 @@
 
 #include "../config.hpp"
 #include "../pattern.hpp"
-#include "attend_grad.hpp"
+#include "attend_backward.hpp"
 #include "backward_units.hpp"
 #include "forward.hpp"
 #include "threads.hpp"
 
 namespace dilated_attention {
 
-// Fast CPU backward (docs/semantics.md §7). `out` and `lse` are what forward returned for the
+// Fast CPU backward (docs/semantics.md "The gradient"). `out` and `lse` are what forward returned for the
 // same q, k, v and config; d_q, d_k, d_v are overwritten (with GQA, d_k and d_v sum over the
 // query heads of each group). T as for forward. Uses options.num_threads threads (0: the
 // DILATED_ATTENTION_NUM_THREADS environment variable, else every hardware thread). Raises
@@ -88,7 +88,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
   // Phase 1: row statistics, per (batch, head, window); the fused path also zeroes the
   // gradients here (each unit its own rows: d_q of its head, d_k and d_v of kv head h < Hkv).
   cpu::run_units(shape.batch * shape.num_heads * windows, num_threads, [&](const auto& next) {
-    cpu::AttendGradWorkspace<Acc>& workspace = pool.claim().grad;
+    cpu::AttendBackwardWorkspace<Acc>& workspace = pool.claim().grad;
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const std::int64_t w = unit % windows, bh = unit / windows;
       const std::int64_t b = bh / shape.num_heads, h = bh % shape.num_heads;
@@ -115,7 +115,7 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
         if (block.branch == i) branch.push_back(&block);
       const auto count = static_cast<std::int64_t>(branch.size());
       cpu::run_units(shape.batch * shape.num_kv_heads * count, num_threads, [&](const auto& next) {
-        cpu::AttendGradWorkspace<Acc>& workspace = pool.claim().grad;
+        cpu::AttendBackwardWorkspace<Acc>& workspace = pool.claim().grad;
         for (std::int64_t unit = next(); unit >= 0; unit = next()) {
           const std::int64_t bg = unit / count;
           cpu::detail::block_unit<T>(pattern, *branch[static_cast<std::size_t>(unit % count)],

@@ -1,5 +1,5 @@
 #pragma once
-// The work units of the CPU backward (cpu/backward.hpp, docs/semantics.md §7): what one thread
+// The work units of the CPU backward (cpu/backward.hpp, docs/semantics.md "The gradient"): what one thread
 // does for one (batch, head, window) of row statistics, one (batch, kv head, block) of the fused
 // path, and one key or query window of the narrow-storage path. Each sums its gradient rows in a
 // fixed order and shares none of them with another unit of the same phase.
@@ -15,7 +15,7 @@
 #include "../config.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
-#include "attend_grad.hpp"
+#include "attend_backward.hpp"
 #include "attend_statistics.hpp"
 #include "forward.hpp"
 
@@ -50,7 +50,7 @@ void statistics_window(const Pattern& pattern, std::int64_t b, std::int64_t h, s
                        std::int64_t x1, View<const T> q, View<const T> k, View<const T> v,
                        View<const T> out, View<const T> d_out,
                        RowStatistics<accumulator_t<T>>& stats,
-                       AttendGradWorkspace<accumulator_t<T>>& workspace) {
+                       AttendBackwardWorkspace<accumulator_t<T>>& workspace) {
   using Acc = accumulator_t<T>;
   const Config& config = pattern.config();
   const std::int64_t dim = pattern.shape().head_dim;
@@ -89,7 +89,7 @@ struct BackwardWorkspace {
       : grad(head_dim, isa),
         first(static_cast<std::size_t>(window * head_dim)),
         second(static_cast<std::size_t>(window * head_dim)) {}
-  AttendGradWorkspace<Acc> grad;
+  AttendBackwardWorkspace<Acc> grad;
   std::vector<Acc> first, second;
 };
 
@@ -155,7 +155,7 @@ void key_window(const Pattern& pattern, std::int64_t b, std::int64_t kv_head, st
       const Progression queries =
           config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
       const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
-      attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+      attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
                   rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
                   stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
                   dim, scale, weight, config.causal, GradientRows<Acc>{},
@@ -185,7 +185,7 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
     const std::int64_t set = mean ? i : 0;
     const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
     const std::int64_t row = queries.first - x0;
-    attend_grad(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+    attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
                 rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
                 stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
                 dim, scale, weight, config.causal,
@@ -204,7 +204,7 @@ template <class T>
 void block_unit(const Pattern& pattern, const Block& block, std::int64_t b, std::int64_t kv_head,
                 View<const T> q, View<const T> k, View<const T> v, View<const T> d_out,
                 const RowStatistics<T>& stats, View<T> d_q, View<T> d_k, View<T> d_v,
-                AttendGradWorkspace<T>& workspace) {
+                AttendBackwardWorkspace<T>& workspace) {
   static_assert(std::is_same_v<T, accumulator_t<T>>, "block_unit: T must be its own accumulator");
   const Config& config = pattern.config();
   const Shape& shape = pattern.shape();
@@ -222,7 +222,7 @@ void block_unit(const Pattern& pattern, const Block& block, std::int64_t b, std:
   for (std::int64_t j = 0; j < heads.count; ++j) {
     const std::int64_t h = heads.at(j);
     const std::int64_t set = mean ? block.branch : 0;
-    attend_grad(workspace, rows_of(q, b, h, rows), rows_of(k, b, kv_head, rows),
+    attend_backward(workspace, rows_of(q, b, h, rows), rows_of(k, b, kv_head, rows),
                 rows_of(v, b, kv_head, rows), rows_of(d_out, b, h, rows),
                 stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
                 dim, scale, weight, config.causal, gradient(d_q, h), gradient(d_k, kv_head),

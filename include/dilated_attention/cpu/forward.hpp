@@ -1,5 +1,5 @@
 #pragma once
-// The fast CPU forward (docs/semantics.md §4): dilated attention straight from the caller's memory.
+// The fast CPU forward (docs/semantics.md "Entry points"): dilated attention straight from the caller's memory.
 //
 // Work unit: one (batch, head, window of consecutive positions). Inside a window, for each
 // branch and each segment overlapping it, the window's rows that the head selects form a
@@ -135,7 +135,7 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
 
 }  // namespace cpu::detail
 
-// Fast CPU kernel (docs/semantics.md §4). T is float, double, or Eigen::bfloat16 / Eigen::half (stored
+// Fast CPU kernel (docs/semantics.md "Entry points"). T is float, double, or Eigen::bfloat16 / Eigen::half (stored
 // narrow, accumulated in float); lse, when given, is [batch, num_heads, seq_len], contiguous,
 // of lse_type_t<T>. Uses options.num_threads threads (0: the DILATED_ATTENTION_NUM_THREADS
 // environment variable, else the CPUs this process may use) and the inner kernels of

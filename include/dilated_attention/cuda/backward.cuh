@@ -1,5 +1,5 @@
 #pragma once
-// dilated_attention::cuda::backward: the gradient of docs/semantics.md §7 on the GPU.
+// dilated_attention::cuda::backward: the gradient of docs/semantics.md "The gradient" on the GPU.
 // validate_backward() first (pointer arithmetic only), then the back end's limits and the
 // workspace, then three kernel launches on `stream` (backward_plan.hpp): row statistics, dQ and
 // dK/dV (the last two on tensor cores for 16-bit storage). No allocation (the caller provides `workspace` of backward_workspace_size() bytes), no
@@ -86,7 +86,7 @@ void launch_backward(const Config& config, const Shape& shape, const BackwardPla
 
 }  // namespace detail
 
-// docs/semantics.md §7 on device pointers: q, k, v, out, d_out and the forward's `lse`
+// docs/semantics.md "The gradient" on device pointers: q, k, v, out, d_out and the forward's `lse`
 // ([batch, num_heads, seq_len] float) are read; d_q, d_k, d_v are overwritten; `workspace` is
 // device memory of at least backward_workspace_size(config, shape) bytes, 256-byte aligned, that
 // nothing else uses until the call's work on `stream` is done. T is __half, __nv_bfloat16 or

@@ -1,5 +1,5 @@
 #pragma once
-// The backward kernels (docs/semantics.md §7), plain fp32 arithmetic on the CUDA cores for every
+// The backward kernels (docs/semantics.md "The gradient"), plain fp32 arithmetic on the CUDA cores for every
 // storage type (16-bit inputs are widened on load; gradients are rounded to T once, at the end).
 // One warp per row; the three kernels and their ownership rules are described in
 // backward_plan.hpp. A row's keys (or a key's queries) are taken 32 at a time: lane j handles

@@ -3,7 +3,7 @@
 // tile load while the current one is multiplied, and 16-byte global stores. A chunk past the end of a block is zero-filled
 // (src-size 0), so masked keys meet finite values and 0 * v stays 0, never NaN.
 
-// Under DILATED_ATTENTION_CUDA_HOST_EMULATION (tests only: tests/cuda_host_emulation.hpp) the
+// Under DILATED_ATTENTION_CUDA_HOST_EMULATION (tests only: tests/support/cuda_host_emulation.hpp) the
 // test provides these primitives itself, so the kernels run on the host without a GPU.
 #if !defined(DILATED_ATTENTION_CUDA_HOST_EMULATION)
 

@@ -1,5 +1,5 @@
 #pragma once
-// dilated_attention::cuda::forward: the host entry point of the GPU back end (docs/semantics.md §4).
+// dilated_attention::cuda::forward: the host entry point of the GPU back end (docs/semantics.md "Entry points").
 // validate() first (it only does arithmetic on the pointers and strides, so device pointers are
 // fine), then the back end's own limits, then the launch plan, then one kernel launch on
 // `stream` (detail::launch, which also checks shared memory against the device's limit and that
@@ -119,7 +119,7 @@ void launch(const Config& config, const Shape& shape, const LaunchPlan& plan,
 
 }  // namespace detail
 
-// docs/semantics.md §4, GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
+// docs/semantics.md "Entry points", GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
 // contiguous) are device pointers. Bad arguments raise std::invalid_argument before any device
 // work; CUDA failures raise std::runtime_error with the CUDA error string. Asynchronous on
 // `stream`: synchronise before reading the results on the host.

@@ -1,8 +1,8 @@
 #pragma once
 // Host-side checks and bookkeeping around a kernel launch, in plain C++ so that they are tested
-// on machines without a GPU (tests/cuda_launch_plan_test.cpp):
+// on machines without a GPU (tests/cuda/cuda_launch_plan_test.cpp):
 //  - the shared memory a plan needs against the device's per-block limit, as
-//    std::invalid_argument naming what asked for it (docs/semantics.md §5's style), before any
+//    std::invalid_argument naming what asked for it (docs/semantics.md "Bad input"'s style), before any
 //    launch rather than as a launch failure;
 //  - pointer alignment that the kernels rely on (element type, the fp32 LSE, the workspace);
 //  - which dynamic shared-memory sizes a kernel was already granted on each device, so that

@@ -230,7 +230,7 @@ bool rows_aligned16(const View<T>& view, const Shape& shape, std::int64_t heads)
 
 }  // namespace detail
 
-// Backend limits beyond docs/semantics.md §5, checked after validate(): head_dim, number of branches, and
+// Backend limits beyond docs/semantics.md "Bad input", checked after validate(): head_dim, number of branches, and
 // sizes that fit the 1-D grid of the tensor-core kernel (one block per 64-row window).
 inline void check_backend_limits(const Config& config, const Shape& shape) {
   if (!head_dim_supported(shape.head_dim))

@@ -6,7 +6,7 @@
 //   B 16x8  (col): b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
 //   C 16x8  (f32): c0 c1 (g, 2t..2t+1)  c2 c3 (g+8, 2t..2t+1)
 
-// Under DILATED_ATTENTION_CUDA_HOST_EMULATION (tests only: tests/cuda_host_emulation.hpp) the
+// Under DILATED_ATTENTION_CUDA_HOST_EMULATION (tests only: tests/support/cuda_host_emulation.hpp) the
 // test provides these primitives itself, so the kernels run on the host without a GPU.
 #if !defined(DILATED_ATTENTION_CUDA_HOST_EMULATION)
 

@@ -1,5 +1,5 @@
 #pragma once
-// dK and dV of the backward (docs/semantics.md §7) on tensor cores for 16-bit storage; the
+// dK and dV of the backward (docs/semantics.md "The gradient") on tensor cores for 16-bit storage; the
 // companion of tensor_core_backward_dq_kernel.cuh (which describes the shared scheme).
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 #pragma once
-// dQ of the backward (docs/semantics.md §7) on tensor cores for 16-bit storage, FlashAttention-2
+// dQ of the backward (docs/semantics.md "The gradient") on tensor cores for 16-bit storage, FlashAttention-2
 // style: the forward kernel's structure (tensor_core_kernel.cuh) with the softmax replaced by the
 // known statistics. One thread block per (batch, head, window of up to 64 query rows of stride R),
 // the same work units as the forward; warp w owns rows 16w..16w+15. Q is loaded once as mma A

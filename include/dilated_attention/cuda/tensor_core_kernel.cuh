@@ -13,7 +13,7 @@
 // to its own slice's key limit (16-key steps). Scores and P.V use mma.sync m16n8k16 with fp32
 // accumulators; keys past a query's causal limit and past the block are masked to -inf. The
 // online-softmax state (max, sum, accumulator) of a row continues from one branch to the next:
-// for Mixing::softmax this is exactly softmax(S + ln C) V of docs/semantics.md §2. When the
+// for Mixing::softmax this is exactly softmax(S + ln C) V of docs/semantics.md "The forward". When the
 // packing changes, the state moves through one fp32 record per window row in shared memory
 // (row_records.cuh). Mixing::mean closes each work's rows (normalised partial / G added into the
 // row's record, LSE_i into its log-sum-exp). Each output row is written once, by the block that

@@ -29,7 +29,7 @@ namespace avx2_detail {
 // Cody-Waite reduction x = k ln2 + f, |f| <= ln2/2 (ln2 split so that k ln2 is exact), a
 // degree-7 Taylor polynomial for e^f (truncation error below 6e-9 relative) evaluated with FMAs,
 // and 2^k put into the exponent bits. Relative error against the exact e^x: within 2 float ulps
-// (measured max 1.8e-7 over the softmax range, tests/cpu_attend_test.cpp). NaN stays NaN.
+// (measured max 1.8e-7 over the softmax range, tests/cpu/cpu_attend_test.cpp). NaN stays NaN.
 DILATED_ATTENTION_AVX2 inline __m256 exp_nonpositive(__m256 argument) {
   const __m256 x = _mm256_max_ps(argument, _mm256_set1_ps(-87.0f));
   const __m256 magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to integer

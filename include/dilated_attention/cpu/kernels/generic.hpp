@@ -1,7 +1,7 @@
 #pragma once
 // The portable micro-kernels: plain C++, every accumulator type, every CPU. They define the
 // contract the instruction-set variants (avx2.hpp, avx512.hpp, neon.hpp) share, and are the
-// oracle those are tested against (tests/cpu_attend_test.cpp runs each path against it and the
+// oracle those are tested against (tests/cpu/cpu_attend_test.cpp runs each path against it and the
 // fp64 brute force).
 //
 // The contract of a kernel set K (all members static):

@@ -1,0 +1,386 @@
+#pragma once
+// What the CPU benchmarks share: which forward they time, the attention options of their command
+// line, seeded inputs that fill fast in parallel, the two memory probes (live heap, resident
+// high-water mark) and their counters, and the sampled-row oracle that checks a long run against
+// docs/semantics.md "The forward" without paying for the O(N * w) reference.
+
+#include <dilated_attention/config.hpp>
+#include <dilated_attention/pattern.hpp>
+#include <dilated_attention/reference.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+// The timed implementation. The fast kernel when its header is present, the fp64 reference
+// otherwise (or when DA_BENCH_USE_REFERENCE is defined), so the harness builds before the kernel
+// lands and the JSON says which one was measured.
+#if !defined(DA_BENCH_USE_REFERENCE) && __has_include(<dilated_attention/dilated_attention.hpp>)
+#include <dilated_attention/dilated_attention.hpp>
+#define DA_BENCH_IMPLEMENTATION "dilated_attention::forward"
+#define DA_BENCH_TIMES_REFERENCE 0
+#else
+#define DA_BENCH_IMPLEMENTATION "dilated_attention::reference::forward"
+#define DA_BENCH_TIMES_REFERENCE 1
+#endif
+
+namespace dilated_attention::bench {
+
+template <class T>
+void timed_forward(const Config& config, const Shape& shape, View<const T> q, View<const T> k,
+                   View<const T> v, View<T> out, lse_type_t<T>* lse) {
+#if DA_BENCH_TIMES_REFERENCE
+  reference::forward<T>(config, shape, q, k, v, out, lse);
+#else
+  dilated_attention::forward<T>(config, shape, q, k, v, out, lse);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line both benchmarks share: the attention being timed. Each benchmark derives its
+// own Options from AttentionOptions and parses `--causal` itself (the forward's is strict).
+
+// "2048,4096,8192" -> {2048, 4096, 8192}; an empty list is an error.
+inline std::vector<std::int64_t> parse_list(const std::string& text) {
+  std::vector<std::int64_t> values;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ',')) values.push_back(std::stoll(item));
+  if (values.empty()) throw std::invalid_argument("empty list: " + text);
+  return values;
+}
+
+inline std::string join(const std::vector<std::int64_t>& values) {
+  std::string text;
+  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
+  return text;
+}
+
+// Their lines of --help, spliced into each benchmark's usage text (a macro, so that the text
+// stays one string literal).
+#define DA_BENCH_ATTENTION_USAGE \
+  "  --head_dims=64                head dims D (e.g. 64,128)\n" \
+  "  --batch=1 --heads=8           batch B and query heads H\n" \
+  "  --kv_heads=H                  key/value heads (grouped-query attention when < H)\n" \
+  "  --segments=2048,4096,8192     segment lengths w_i\n" \
+  "  --dilations=1,2,4             dilation rates r_i\n" \
+  "  --causal=false                causal masking\n" \
+  "  --offsets=modular             modular | blocked | partitioned\n" \
+  "  --mixing=softmax              softmax | mean\n"
+
+struct AttentionOptions {
+  std::vector<std::int64_t> seq_lens = {16384, 65536};
+  std::vector<std::int64_t> head_dims = {64};
+  std::int64_t batch = 1, heads = 8, kv_heads = 0;  // 0: same as heads
+  std::vector<std::int64_t> segments = {2048, 4096, 8192};
+  std::vector<std::int64_t> dilations = {1, 2, 4};
+  bool causal = false;
+  OffsetRule offsets = OffsetRule::modular;
+  Mixing mixing = Mixing::softmax;
+
+  std::int64_t resolved_kv_heads() const { return kv_heads > 0 ? kv_heads : heads; }
+
+  Config config() const {
+    Config result;
+    result.segment_lengths = segments;
+    result.dilation_rates = dilations;
+    result.causal = causal;
+    result.offsets = offsets;
+    result.mixing = mixing;
+    return result;
+  }
+
+  // The "config" context line of the JSON.
+  std::string describe() const {
+    return "B=" + std::to_string(batch) + " H=" + std::to_string(heads) + " Hkv=" +
+           std::to_string(resolved_kv_heads()) + " w=" + join(segments) + " r=" + join(dilations) +
+           " causal=" + (causal ? "true" : "false") + " offsets=" + to_string(offsets) +
+           " mixing=" + to_string(mixing) + " dtype=float";
+  }
+};
+
+// Returns false when `key` is not one of the shared options (--causal included: see above).
+inline bool parse_attention_option(AttentionOptions& options, const std::string& key, const std::string& value) {
+  if (key == "seq_lens") options.seq_lens = parse_list(value);
+  else if (key == "head_dims") options.head_dims = parse_list(value);
+  else if (key == "batch") options.batch = std::stoll(value);
+  else if (key == "heads") options.heads = std::stoll(value);
+  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
+  else if (key == "segments") options.segments = parse_list(value);
+  else if (key == "dilations") options.dilations = parse_list(value);
+  else if (key == "offsets") {
+    if (value == "modular") options.offsets = OffsetRule::modular;
+    else if (value == "blocked") options.offsets = OffsetRule::blocked;
+    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
+    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
+  } else if (key == "mixing") {
+    if (value == "softmax") options.mixing = Mixing::softmax;
+    else if (value == "mean") options.mixing = Mixing::mean;
+    else throw std::invalid_argument("--mixing must be softmax or mean");
+  } else return false;
+  return true;
+}
+
+inline bool wants_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+  return false;
+}
+
+// Our flags (those Google Benchmark left in argv), each `--key=value`: the shared ones here, the
+// rest through the benchmark's `parse_option(key, value)` (false: not one of its keys); then every
+// (N, D) validated, so that a bad config is rejected here with the library's own message rather
+// than inside a benchmark. Returns 0, or 2 after a message on stderr naming `program`.
+template <class ParseOption>
+int parse_command_line(int argc, char** argv, const char* program, const ParseOption& parse_option,
+                       AttentionOptions& options) {
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      const std::size_t eq = arg.find('=');
+      bool known = false;
+      if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+        const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
+        known = parse_attention_option(options, key, value) || parse_option(key, value);
+      }
+      if (!known) {
+        std::fprintf(stderr, "%s: unknown argument '%s' (see --help)\n", program, argv[i]);
+        return 2;
+      }
+    }
+    for (std::int64_t dim : options.head_dims)
+      for (std::int64_t n : options.seq_lens)
+        validate(options.config(), Shape{options.batch, n, options.heads, options.resolved_kv_heads(), dim});
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s: %s\n", program, error.what());
+    return 2;
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs. Element i of a tensor is a function of (seed, i) alone, so the fill can be split over
+// threads and still give the same tensor; uniform on [-sqrt 3, sqrt 3) has unit variance.
+
+inline std::uint64_t splitmix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+template <class T>
+void fill_uniform(std::vector<T>& data, std::uint64_t seed) {
+  const std::size_t n = data.size();
+  const unsigned workers = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < workers; ++t)
+    threads.emplace_back([&, t] {
+      const std::size_t begin = n * t / workers, end = n * (t + 1) / workers;
+      const std::uint64_t base = splitmix64(seed);
+      for (std::size_t i = begin; i < end; ++i) {
+        const double unit = static_cast<double>(splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
+                            0x1p-53;  // [0, 1)
+        data[i] = static_cast<T>((2.0 * unit - 1.0) * 1.7320508075688772);
+      }
+    });
+  for (std::thread& thread : threads) thread.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory probes.
+//
+// Heap: benchmarks/cpu/cpu_heap_counter.cpp interposes malloc and friends (glibc, no sanitizer) and
+// keeps the live byte count and its high-water mark. `heap_peak_since_reset()` is the largest
+// number of bytes that were live at once above what was live at the reset: exactly the heap the
+// measured calls needed on top of the caller's tensors (the kernel's scratch, std::thread state,
+// Eigen temporaries). It is -1 when the counter is not compiled in.
+namespace heap {
+bool available();
+void reset_peak();
+std::int64_t peak_since_reset();
+}  // namespace heap
+
+// Resident memory: Linux lets a process reset its own VmHWM (write "5" to /proc/self/clear_refs).
+// The delta VmHWM - VmRSS(at reset) counts pages that became resident during the calls: heap,
+// thread stacks, anything mmapped. It undercounts memory that was already resident and is
+// reused (freed heap that malloc kept), so the heap counter is the primary figure.
+inline std::int64_t proc_status_kib(const char* field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  const std::size_t length = std::strlen(field);
+  while (std::getline(status, line))
+    if (line.compare(0, length, field) == 0 && line.size() > length && line[length] == ':')
+      return std::stoll(line.substr(length + 1));
+  return -1;
+}
+
+// Returns VmRSS in bytes at the reset, or -1 when the kernel refuses.
+inline std::int64_t reset_resident_peak() {
+  std::FILE* file = std::fopen("/proc/self/clear_refs", "w");
+  if (file == nullptr) return -1;
+  const bool ok = std::fputs("5", file) >= 0;
+  if (std::fclose(file) != 0 || !ok) return -1;
+  const std::int64_t rss = proc_status_kib("VmRSS");
+  return rss < 0 ? -1 : rss * 1024;
+}
+
+inline std::int64_t resident_peak_bytes() {
+  const std::int64_t hwm = proc_status_kib("VmHWM");
+  return hwm < 0 ? -1 : hwm * 1024;
+}
+
+constexpr double kMiB = 1024.0 * 1024.0;
+
+// The memory counters of a run: its tensors, and when the probes could tell, the heap above them
+// (and tensors + heap) and the resident high-water delta. `State` is benchmark::State.
+template <class State>
+void memory_counters(State& state, double tensor_bytes, std::int64_t heap_peak, std::int64_t rss_at_reset,
+                     std::int64_t rss_peak) {
+  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
+  if (heap_peak >= 0) {
+    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
+    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
+  }
+  if (rss_at_reset >= 0 && rss_peak >= 0)
+    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sampled-row oracle: docs/semantics.md "The forward" for one (batch, head, query) in double, built from
+// Pattern::keys exactly as the section reads. Softmax mixing sums exp(s) once per branch that
+// gives the key (so a key that two branches give counts twice: the multiplicity C); mean mixing
+// averages the per-branch softmax outputs over all G branches. O(G * w * D) per row.
+
+struct RowResult {
+  std::vector<double> out;
+  double lse;
+};
+
+template <class T>
+RowResult reference_row(const Pattern& pattern, const Shape& shape, View<const T> q,
+                        View<const T> k, View<const T> v, std::int64_t b, std::int64_t h,
+                        std::int64_t x) {
+  const Config& config = pattern.config();
+  const double scale = resolved_scale(config, shape);
+  const std::int64_t dim = shape.head_dim, kvh = pattern.kv_head(h);
+  const double inf = std::numeric_limits<double>::infinity();
+  const T* qx = q.data + b * q.batch_stride + x * q.seq_stride + h * q.head_stride;
+  const T* k_head = k.data + b * k.batch_stride + kvh * k.head_stride;
+  const T* v_head = v.data + b * v.batch_stride + kvh * v.head_stride;
+  auto score = [&](std::int64_t y) {
+    double sum = 0.0;
+    const T* ky = k_head + y * k.seq_stride;
+    for (std::int64_t d = 0; d < dim; ++d) sum += static_cast<double>(qx[d]) * static_cast<double>(ky[d]);
+    return scale * sum;
+  };
+
+  struct BranchPartial {
+    std::vector<double> acc;  // sum_y exp(s - max) v_y
+    double max = -std::numeric_limits<double>::infinity(), sum = 0.0;
+  };
+  std::vector<BranchPartial> partials;
+  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+    const Progression keys = pattern.keys(i, h, x);
+    BranchPartial partial;
+    partial.acc.assign(static_cast<std::size_t>(dim), 0.0);
+    if (!keys.empty()) {
+      std::vector<double> scores(static_cast<std::size_t>(keys.count));
+      for (std::int64_t j = 0; j < keys.count; ++j) {
+        scores[static_cast<std::size_t>(j)] = score(keys.at(j));
+        partial.max = std::max(partial.max, scores[static_cast<std::size_t>(j)]);
+      }
+      for (std::int64_t j = 0; j < keys.count; ++j) {
+        const double p = std::exp(scores[static_cast<std::size_t>(j)] - partial.max);
+        partial.sum += p;
+        const T* vy = v_head + keys.at(j) * v.seq_stride;
+        for (std::int64_t d = 0; d < dim; ++d)
+          partial.acc[static_cast<std::size_t>(d)] += p * static_cast<double>(vy[d]);
+      }
+    }
+    partials.push_back(std::move(partial));
+  }
+
+  RowResult result{std::vector<double>(static_cast<std::size_t>(dim), 0.0), -inf};
+  double max = -inf;
+  for (const BranchPartial& p : partials)
+    if (p.sum > 0.0) max = std::max(max, p.max);
+  if (max == -inf) return result;  // no branch gives this row a key: O = 0, LSE = -inf
+  double total = 0.0;
+  for (const BranchPartial& p : partials)
+    if (p.sum > 0.0) total += p.sum * std::exp(p.max - max);
+  result.lse = max + std::log(total);
+  const double branches = static_cast<double>(pattern.num_branches());
+  for (const BranchPartial& p : partials) {
+    if (p.sum == 0.0) continue;
+    const double weight = config.mixing == Mixing::softmax
+                              ? std::exp(p.max - max) / total  // share of the union's softmax
+                              : 1.0 / (p.sum * branches);      // own softmax, averaged over G
+    for (std::int64_t d = 0; d < dim; ++d)
+      result.out[static_cast<std::size_t>(d)] += weight * p.acc[static_cast<std::size_t>(d)];
+  }
+  return result;
+}
+
+// Rows worth checking in a head: the ends, both sides of every branch's first segment boundary,
+// the start of every branch's last segment, and `count` more spread by a seeded hash.
+inline std::vector<std::int64_t> sample_rows(const Config& config, std::int64_t n, int count,
+                                             std::uint64_t seed) {
+  std::vector<std::int64_t> rows = {0, n - 1};
+  for (std::int64_t w : config.segment_lengths)
+    for (std::int64_t x : {w - 1, w, w + 1, ((n - 1) / w) * w}) rows.push_back(x);
+  for (int i = 0; i < count; ++i)
+    rows.push_back(static_cast<std::int64_t>(splitmix64(seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i)) %
+                                             static_cast<std::uint64_t>(n)));
+  rows.erase(std::remove_if(rows.begin(), rows.end(), [n](std::int64_t x) { return x < 0 || x >= n; }),
+             rows.end());
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+struct SampledError {
+  double out = 0.0;  // max |O - O_ref| over the sampled rows
+  double lse = 0.0;  // max |LSE - LSE_ref| over sampled rows whose reference LSE is finite
+  std::int64_t rows = 0;
+  bool lse_mismatch_infinite = false;  // one side -inf and the other not
+};
+
+template <class T>
+SampledError sampled_error(const Config& config, const Shape& shape, View<const T> q,
+                           View<const T> k, View<const T> v, View<const T> out,
+                           const lse_type_t<T>* lse, int rows_per_head, std::uint64_t seed) {
+  const Pattern pattern(config, shape);
+  SampledError error;
+  for (std::int64_t b = 0; b < shape.batch; ++b)
+    for (std::int64_t h = 0; h < shape.num_heads; ++h)
+      for (std::int64_t x : sample_rows(config, shape.seq_len, rows_per_head,
+                                        seed + static_cast<std::uint64_t>(b * shape.num_heads + h))) {
+        const RowResult expected = reference_row<T>(pattern, shape, q, k, v, b, h, x);
+        const T* got = out.data + b * out.batch_stride + x * out.seq_stride + h * out.head_stride;
+        for (std::int64_t d = 0; d < shape.head_dim; ++d)
+          error.out = std::max(error.out, std::abs(static_cast<double>(got[d]) -
+                                                   expected.out[static_cast<std::size_t>(d)]));
+        if (lse != nullptr) {
+          const double got_lse = static_cast<double>(lse[(b * shape.num_heads + h) * shape.seq_len + x]);
+          if (std::isinf(expected.lse) || std::isinf(got_lse)) {
+            if (got_lse != expected.lse) error.lse_mismatch_infinite = true;
+          } else {
+            error.lse = std::max(error.lse, std::abs(got_lse - expected.lse));
+          }
+        }
+        ++error.rows;
+      }
+  return error;
+}
+
+}  // namespace dilated_attention::bench

@@ -1,0 +1,8 @@
+// CUDA backward tests for __nv_bfloat16 storage; the body is shared by the three storage types.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+using Storage = __nv_bfloat16;
+#define DILATED_ATTENTION_SUITE(name) CudaBackwardBfloat16##name
+
+#include "support/cuda_backward_test_body.cuh"
