@@ -4,6 +4,7 @@
 // translation unit with nvcc and link DilatedAttention::cuda. The CPU headers never include it.
 
 #include "config.hpp"
+#include "arguments.hpp"
 #include "pattern.hpp"
 #include "reference.hpp"
 #include "cuda/error.cuh"

@@ -4,6 +4,7 @@
 // standard library, Eigen 3.4 and threads.
 
 #include "config.hpp"
+#include "arguments.hpp"
 #include "merge.hpp"
 #include "pattern.hpp"
 #include "reference.hpp"

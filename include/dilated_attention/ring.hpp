@@ -6,6 +6,7 @@
 // <dilated_attention/ring/nccl.cuh> (target DilatedAttention::nccl) for those transports.
 
 #include "config.hpp"
+#include "arguments.hpp"
 #include "ring/driver/backward.hpp"
 #include "ring/cpu/forward_backend.hpp"
 #include "ring/cpu/backward.hpp"
