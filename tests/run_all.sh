@@ -121,7 +121,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   else
     echo "run_all.sh: missing: ${missing[*]}" >&2
     echo "  install them (Debian/Ubuntu: sudo apt-get install --no-install-recommends ${missing[*]})" >&2
-    echo "  and run again; needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.3+, GoogleTest," >&2
+    echo "  and run again; needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.4+, GoogleTest," >&2
     echo "  Open MPI (Google Benchmark only for the main job)." >&2
     exit 1
   fi
