@@ -58,7 +58,8 @@ Direct direct(const Keys& keys) {
   for (double s : keys.scores) sum += std::exp(s - max);
   result.lse = max + std::log(sum);
   for (std::size_t i = 0; i < keys.scores.size(); ++i)
-    for (int d = 0; d < kDim; ++d) result.o[d] += std::exp(keys.scores[i] - result.lse) * keys.values[i][d];
+    for (int d = 0; d < kDim; ++d)
+      result.o[d] += std::exp(keys.scores[i] - result.lse) * keys.values[i][d];
   return result;
 }
 
@@ -100,7 +101,8 @@ class Merge : public ::testing::Test {
     return 4 * std::numeric_limits<Acc>::epsilon() * (1.0 + std::abs(scale));
   }
   template <class P>
-  static void expect_near(const P& actual, const Direct& expected, double lse_scale, const char* what) {
+  static void expect_near(const P& actual, const Direct& expected, double lse_scale,
+                          const char* what) {
     SCOPED_TRACE(what);
     if (std::isinf(expected.lse)) {
       EXPECT_EQ(actual.lse, static_cast<Acc>(expected.lse));
@@ -109,7 +111,8 @@ class Merge : public ::testing::Test {
     }
     for (int d = 0; d < kDim; ++d) {
       EXPECT_FALSE(std::isnan(static_cast<double>(actual.o[d])));
-      EXPECT_NEAR(static_cast<double>(actual.o[d]), expected.o[d], 4 * tolerance(lse_scale)) << "d = " << d;
+      EXPECT_NEAR(static_cast<double>(actual.o[d]), expected.o[d], 4 * tolerance(lse_scale))
+          << "d = " << d;
     }
   }
 };
@@ -222,7 +225,8 @@ TYPED_TEST(Merge, EmptyPartialIsTheIdentity) {
       EXPECT_EQ(merged.lse, p.lse) << centre;  // exact: log1p(exp(-inf)) = 0
       for (int d = 0; d < kDim; ++d) EXPECT_EQ(merged.o[d], p.o[d]) << centre;
     }
-    const MergeWeights<Acc> left = merge_weights(empty.lse, p.lse), right = merge_weights(p.lse, empty.lse);
+    const MergeWeights<Acc> left = merge_weights(empty.lse, p.lse),
+                            right = merge_weights(p.lse, empty.lse);
     EXPECT_EQ(left.a, Acc(0));
     EXPECT_EQ(left.b, Acc(1));
     EXPECT_EQ(right.a, Acc(1));

@@ -78,8 +78,17 @@ std::string current;
 }
 
 // How a tensor's view is laid out.
-enum class Layout { contiguous, padded, broadcast, overlapping, negative, too_small, unknown_extent,
-                    inside_input, count };
+enum class Layout {
+  contiguous,
+  padded,
+  broadcast,
+  overlapping,
+  negative,
+  too_small,
+  unknown_extent,
+  inside_input,
+  count
+};
 
 struct TensorSpec {
   Layout layout = Layout::contiguous;
@@ -108,15 +117,24 @@ struct Problem {
 TensorSpec decode_layout(Bytes& in, bool input) {
   TensorSpec spec;
   const int pick = in.next() % 24;
-  if (pick < 10) spec.layout = Layout::contiguous;
-  else if (pick < 15) spec.layout = Layout::padded;
-  else if (pick < 17) spec.layout = Layout::unknown_extent;
-  else if (pick == 17) spec.layout = input ? Layout::broadcast : Layout::overlapping;
-  else if (pick == 18) spec.layout = Layout::broadcast;  // on an output: rejected unless trivial
-  else if (pick == 19) spec.layout = Layout::negative;
-  else if (pick == 20) spec.layout = Layout::too_small;
-  else if (pick == 21) spec.layout = input ? Layout::padded : Layout::inside_input;
-  else spec.layout = Layout::padded;
+  if (pick < 10)
+    spec.layout = Layout::contiguous;
+  else if (pick < 15)
+    spec.layout = Layout::padded;
+  else if (pick < 17)
+    spec.layout = Layout::unknown_extent;
+  else if (pick == 17)
+    spec.layout = input ? Layout::broadcast : Layout::overlapping;
+  else if (pick == 18)
+    spec.layout = Layout::broadcast;  // on an output: rejected unless trivial
+  else if (pick == 19)
+    spec.layout = Layout::negative;
+  else if (pick == 20)
+    spec.layout = Layout::too_small;
+  else if (pick == 21)
+    spec.layout = input ? Layout::padded : Layout::inside_input;
+  else
+    spec.layout = Layout::padded;
   spec.pad_head = in.range(0, 3);
   spec.pad_seq = in.range(0, 2);
   spec.broadcast_dim = static_cast<int>(in.range(0, 2));
@@ -146,7 +164,9 @@ Problem decode(const std::uint8_t* data, std::size_t size) {
     case 0: p.config.scale = std::numeric_limits<double>::quiet_NaN(); break;
     case 1: p.config.scale = -0.5; break;
     case 2: p.config.scale = std::numeric_limits<double>::infinity(); break;
-    case 3: case 4: case 5: p.config.scale = 0.05 + 0.01 * static_cast<double>(in.range(0, 195)); break;
+    case 3:
+    case 4:
+    case 5: p.config.scale = 0.05 + 0.01 * static_cast<double>(in.range(0, 195)); break;
     default: p.config.scale = 0.0;
   }
 
@@ -159,7 +179,9 @@ Problem decode(const std::uint8_t* data, std::size_t size) {
     case 3: p.shape.num_kv_heads = in.range(-1, 0); break;
     case 4: p.shape.head_dim = in.range(-1, 0); break;
     case 5: p.shape.num_kv_heads = p.shape.num_heads + 1; break;  // H % Hkv != 0
-    case 6: if (p.shape.num_kv_heads == 2) p.shape.num_heads = 3; break;
+    case 6:
+      if (p.shape.num_kv_heads == 2) p.shape.num_heads = 3;
+      break;
     default: break;
   }
 
@@ -240,9 +262,12 @@ void make_view(Buffer<T>& buffer, const TensorSpec& spec, const da::Shape& shape
       bs = n * ss + spec.pad_seq;
       break;
     case Layout::broadcast:
-      if (spec.broadcast_dim == 0) bs = 0;
-      else if (spec.broadcast_dim == 1) ss = 0;
-      else hs = 0;
+      if (spec.broadcast_dim == 0)
+        bs = 0;
+      else if (spec.broadcast_dim == 1)
+        ss = 0;
+      else
+        hs = 0;
       break;
     case Layout::overlapping:
       hs = std::max<std::int64_t>(0, dim - 1);  // heads share their last elements (when h > 1)
@@ -250,9 +275,12 @@ void make_view(Buffer<T>& buffer, const TensorSpec& spec, const da::Shape& shape
       bs = n * ss;
       break;
     case Layout::negative:
-      if (spec.broadcast_dim == 0) bs = -bs;
-      else if (spec.broadcast_dim == 1) ss = -ss;
-      else hs = -hs;
+      if (spec.broadcast_dim == 0)
+        bs = -bs;
+      else if (spec.broadcast_dim == 1)
+        ss = -ss;
+      else
+        hs = -hs;
       break;
     default: break;
   }
@@ -285,9 +313,12 @@ template <class T>
 void fill(Buffer<T>& buffer, Random& random, int mode, int tensor, const Problem& p) {
   const double constant = random.uniform(-1, 1);
   for (T& x : buffer.storage) {
-    if (mode == 1) x = static_cast<T>(constant);
-    else if (mode == 2) x = static_cast<T>(random.uniform(-1, 1) * 1e-39);
-    else x = static_cast<T>(random.uniform(-2, 2));
+    if (mode == 1)
+      x = static_cast<T>(constant);
+    else if (mode == 2)
+      x = static_cast<T>(random.uniform(-1, 1) * 1e-39);
+    else
+      x = static_cast<T>(random.uniform(-2, 2));
   }
   if (buffer.storage.empty()) return;
   for (const Problem::Special& s : p.specials)
@@ -338,7 +369,8 @@ T sentinel() {
 // Bitwise equality (NaN equals itself here).
 template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 template <class T>
 bool untouched(const std::vector<T>& values) {
@@ -374,7 +406,8 @@ double at(const da::View<T>& view, std::int64_t b, std::int64_t x, std::int64_t 
 
 // Max |a - b| over the shape of two views of `heads` heads.
 template <class A, class B>
-double max_diff(const da::View<A>& a, const da::View<B>& b, const da::Shape& s, std::int64_t heads) {
+double max_diff(const da::View<A>& a, const da::View<B>& b, const da::Shape& s,
+                std::int64_t heads) {
   double m = 0;
   for (std::int64_t i = 0; i < s.batch; ++i)
     for (std::int64_t x = 0; x < s.seq_len; ++x)
@@ -421,7 +454,8 @@ void check(const Problem& p) {
   fill(d_out, random, p.value_mode, 3, p);
 
   Buffer<T> out, ref_out;
-  make_view(out, p.out, shape, heads, q.storage.data(), static_cast<std::int64_t>(q.storage.size()));
+  make_view(out, p.out, shape, heads, q.storage.data(),
+            static_cast<std::int64_t>(q.storage.size()));
   make_view(ref_out, p.out, shape, heads, q.storage.data(),
             static_cast<std::int64_t>(q.storage.size()));
   const std::size_t lse_count =
@@ -440,13 +474,13 @@ void check(const Problem& p) {
     da::validate(p.config, shape, as_const(q.view), as_const(k.view), as_const(v.view), out.view,
                  lse_ptr);
   });
-  const bool fast_ok = accepted([&] {
-    da::forward<T>(p.config, shape, q.view, k.view, v.view, out.view, lse_ptr, options);
-  });
+  const bool fast_ok = accepted(
+      [&] { da::forward<T>(p.config, shape, q.view, k.view, v.view, out.view, lse_ptr, options); });
   const bool ref_ok = accepted([&] {
     da::reference::forward<T>(p.config, shape, q.view, k.view, v.view, ref_out.view, ref_lse_ptr);
   });
-  if (valid != fast_ok || valid != ref_ok) fail("validate, cpu::forward and reference::forward disagree");
+  if (valid != fast_ok || valid != ref_ok)
+    fail("validate, cpu::forward and reference::forward disagree");
   if (!valid) {
     if (!untouched(out.storage) || !untouched(ref_out.storage) || !untouched(lse) ||
         !untouched(ref_lse))
@@ -465,9 +499,12 @@ void check(const Problem& p) {
   // Scores of magnitude S carry rounding of S * eps into exp(): allowed on top of `base`.
   const double relative = base + 8 * score_bound * eps;
   double finite_q = 0, finite_k = 0, finite_v = std::numeric_limits<double>::min();
-  for (T x : q.storage) if (std::isfinite(double(x))) finite_q = std::max(finite_q, std::abs(double(x)));
-  for (T x : k.storage) if (std::isfinite(double(x))) finite_k = std::max(finite_k, std::abs(double(x)));
-  for (T x : v.storage) if (std::isfinite(double(x))) finite_v = std::max(finite_v, std::abs(double(x)));
+  for (T x : q.storage)
+    if (std::isfinite(double(x))) finite_q = std::max(finite_q, std::abs(double(x)));
+  for (T x : k.storage)
+    if (std::isfinite(double(x))) finite_k = std::max(finite_k, std::abs(double(x)));
+  for (T x : v.storage)
+    if (std::isfinite(double(x))) finite_v = std::max(finite_v, std::abs(double(x)));
   const double finite_bound = scale * finite_q * finite_k * static_cast<double>(shape.head_dim);
   const bool representable = score_bound < 1e30 && v_scale * 1e3 < std::numeric_limits<T>::max();
   if (finite && representable) {
@@ -509,9 +546,11 @@ void check(const Problem& p) {
           if (clean) {
             double diff = 0;
             for (std::int64_t d = 0; d < shape.head_dim; ++d)
-              diff = std::max(diff, std::abs(at(out.view, b, x, h, d) - at(ref_out.view, b, x, h, d)));
+              diff =
+                  std::max(diff, std::abs(at(out.view, b, x, h, d) - at(ref_out.view, b, x, h, d)));
             if (!fast_finite || !(diff <= allowed)) {
-              std::fprintf(stderr, "row b=%lld h=%lld x=%lld reads only finite values; differs by %g\n",
+              std::fprintf(stderr,
+                           "row b=%lld h=%lld x=%lld reads only finite values; differs by %g\n",
                            static_cast<long long>(b), static_cast<long long>(h),
                            static_cast<long long>(x), diff);
               fail("non-finite input elsewhere changed a row that does not read it");
@@ -523,7 +562,8 @@ void check(const Problem& p) {
             if (!ref_finite) ++stats().tainted_ref_nonfinite;
             if (fast_finite != ref_finite) ++stats().tainted_disagree;
             bool nan = false;
-            for (std::int64_t d = 0; d < shape.head_dim; ++d) nan = nan || std::isnan(at(out.view, b, x, h, d));
+            for (std::int64_t d = 0; d < shape.head_dim; ++d)
+              nan = nan || std::isnan(at(out.view, b, x, h, d));
             if (nan) ++stats().tainted_fast_nan;
           }
         }
@@ -531,12 +571,18 @@ void check(const Problem& p) {
 
   // Backward, on the fast forward's out and lse.
   Buffer<T> d_q, d_k, d_v, r_q, r_k, r_v;
-  make_view(d_q, p.d_q, shape, heads, q.storage.data(), static_cast<std::int64_t>(q.storage.size()));
-  make_view(d_k, p.d_k, shape, kv_heads, k.storage.data(), static_cast<std::int64_t>(k.storage.size()));
-  make_view(d_v, p.d_v, shape, kv_heads, v.storage.data(), static_cast<std::int64_t>(v.storage.size()));
-  make_view(r_q, p.d_q, shape, heads, q.storage.data(), static_cast<std::int64_t>(q.storage.size()));
-  make_view(r_k, p.d_k, shape, kv_heads, k.storage.data(), static_cast<std::int64_t>(k.storage.size()));
-  make_view(r_v, p.d_v, shape, kv_heads, v.storage.data(), static_cast<std::int64_t>(v.storage.size()));
+  make_view(d_q, p.d_q, shape, heads, q.storage.data(),
+            static_cast<std::int64_t>(q.storage.size()));
+  make_view(d_k, p.d_k, shape, kv_heads, k.storage.data(),
+            static_cast<std::int64_t>(k.storage.size()));
+  make_view(d_v, p.d_v, shape, kv_heads, v.storage.data(),
+            static_cast<std::int64_t>(v.storage.size()));
+  make_view(r_q, p.d_q, shape, heads, q.storage.data(),
+            static_cast<std::int64_t>(q.storage.size()));
+  make_view(r_k, p.d_k, shape, kv_heads, k.storage.data(),
+            static_cast<std::int64_t>(k.storage.size()));
+  make_view(r_v, p.d_v, shape, kv_heads, v.storage.data(),
+            static_cast<std::int64_t>(v.storage.size()));
   for (Buffer<T>* g : {&d_q, &d_k, &d_v, &r_q, &r_k, &r_v})
     std::fill(g->storage.begin(), g->storage.end(), sentinel<T>());
   // Without a forward LSE, backward must reject the null pointer; give it one when asked to.
@@ -585,13 +631,15 @@ void check(const Problem& p) {
     const Buffer<T>*fast, *ref;
     std::int64_t heads;
     const char* name;
-  } pairs[3] = {{&d_q, &r_q, heads, "d_q"}, {&d_k, &r_k, kv_heads, "d_k"}, {&d_v, &r_v, kv_heads, "d_v"}};
+  } pairs[3] = {
+      {&d_q, &r_q, heads, "d_q"}, {&d_k, &r_k, kv_heads, "d_k"}, {&d_v, &r_v, kv_heads, "d_v"}};
   for (const Pair& pair : pairs) {
     const double magnitude =
         std::max(max_abs_view(pair.ref->view, shape, pair.heads), v_scale * do_scale);
     const double diff = max_diff(pair.fast->view, pair.ref->view, shape, pair.heads);
     if (!(diff <= g_relative * magnitude)) {
-      std::fprintf(stderr, "%s differs by %g (allowed %g)\n", pair.name, diff, g_relative * magnitude);
+      std::fprintf(stderr, "%s differs by %g (allowed %g)\n", pair.name, diff,
+                   g_relative * magnitude);
       fail("cpu::backward differs from reference::backward");
     }
   }

@@ -27,7 +27,8 @@ namespace {
 void run_one(const std::vector<std::uint8_t>& input, bool save) {
   if (save) {
     std::ofstream file("fuzz-crash.bin", std::ios::binary | std::ios::trunc);
-    file.write(reinterpret_cast<const char*>(input.data()), static_cast<std::streamsize>(input.size()));
+    file.write(reinterpret_cast<const char*>(input.data()),
+               static_cast<std::streamsize>(input.size()));
   }
   LLVMFuzzerTestOneInput(input.data(), input.size());
 }
@@ -46,14 +47,19 @@ int main(int argc, char** argv) {
   std::vector<std::filesystem::path> corpus;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg.rfind("--seed=", 0) == 0) seed = std::strtoull(arg.c_str() + 7, nullptr, 10);
-    else if (arg.rfind("--runs=", 0) == 0) runs = std::strtol(arg.c_str() + 7, nullptr, 10);
-    else if (arg.rfind("--seconds=", 0) == 0) seconds = std::strtod(arg.c_str() + 10, nullptr);
-    else if (arg.rfind("--max-len=", 0) == 0) max_len = std::strtol(arg.c_str() + 10, nullptr, 10);
+    if (arg.rfind("--seed=", 0) == 0)
+      seed = std::strtoull(arg.c_str() + 7, nullptr, 10);
+    else if (arg.rfind("--runs=", 0) == 0)
+      runs = std::strtol(arg.c_str() + 7, nullptr, 10);
+    else if (arg.rfind("--seconds=", 0) == 0)
+      seconds = std::strtod(arg.c_str() + 10, nullptr);
+    else if (arg.rfind("--max-len=", 0) == 0)
+      max_len = std::strtol(arg.c_str() + 10, nullptr, 10);
     else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "fuzz_driver: unknown option %s\n", arg.c_str());
       return 2;
-    } else corpus.emplace_back(arg);
+    } else
+      corpus.emplace_back(arg);
   }
   const bool save = std::getenv("FUZZ_DRIVER_NO_SAVE") == nullptr;
 
@@ -82,13 +88,17 @@ int main(int argc, char** argv) {
   for (; generated < runs; ++generated) {
     if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > seconds)
       break;
-    std::vector<std::uint8_t> input(static_cast<std::size_t>(engine() % static_cast<std::uint64_t>(max_len + 1)));
+    std::vector<std::uint8_t> input(
+        static_cast<std::size_t>(engine() % static_cast<std::uint64_t>(max_len + 1)));
     for (auto& byte : input) byte = static_cast<std::uint8_t>(engine());
     run_one(input, save);
   }
-  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (save) std::remove("fuzz-crash.bin");
-  std::printf("fuzz_driver: %ld corpus inputs replayed, %ld random inputs (seed %llu) in %.1f s, no failure\n",
-              replayed, generated, static_cast<unsigned long long>(seed), elapsed);
+  std::printf(
+      "fuzz_driver: %ld corpus inputs replayed, %ld random inputs (seed %llu) in %.1f s, no "
+      "failure\n",
+      replayed, generated, static_cast<unsigned long long>(seed), elapsed);
   return 0;
 }
