@@ -4,8 +4,10 @@
 #           without a GPU)                                          ~2 min on 2 idle cores
 #   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test        ~5 min
 #   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~1 min
+#   format  the C++/CUDA lines changed since .clang-format was added follow it
+#           (tests/check_format.sh, git clang-format)                                    seconds
 #
-# Usage: bash tests/run_all.sh [--fresh] [debug] [asan] [tsan]      (default: all three phases)
+# Usage: bash tests/run_all.sh [--fresh] [debug] [asan] [tsan] [format]   (default: all four phases)
 #        bash tests/run_all.sh -h | --help                            (this text)
 #   --fresh   reconfigure each phase from scratch (cmake --workflow --fresh)
 # Environment: JOBS (default: nproc) build and test parallelism; PROGRESS_SECONDS (default 15).
@@ -26,12 +28,12 @@ phases=()
 for arg in "$@"; do
   case "${arg}" in
     --fresh) fresh=(--fresh) ;;
-    debug | asan | tsan) phases+=("${arg}") ;;
+    debug | asan | tsan | format) phases+=("${arg}") ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "run_all.sh: unknown argument '${arg}' (expected --fresh, debug, asan, tsan)" >&2; exit 2 ;;
+    *) echo "run_all.sh: unknown argument '${arg}' (expected --fresh, debug, asan, tsan, format)" >&2; exit 2 ;;
   esac
 done
-[[ ${#phases[@]} -eq 0 ]] && phases=(debug asan tsan)
+[[ ${#phases[@]} -eq 0 ]] && phases=(format debug asan tsan)
 
 # ---- dependencies ------------------------------------------------------------------------------
 progress_seconds="${PROGRESS_SECONDS:-15}"
@@ -121,7 +123,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   else
     echo "run_all.sh: missing: ${missing[*]}" >&2
     echo "  install them (Debian/Ubuntu: sudo apt-get install --no-install-recommends ${missing[*]})" >&2
-    echo "  and run again; needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.3+, GoogleTest," >&2
+    echo "  and run again; needed: CMake >= 3.25, Ninja, a C++17 compiler, Eigen 3.4+, GoogleTest," >&2
     echo "  Open MPI (Google Benchmark only for the main job)." >&2
     exit 1
   fi
@@ -156,10 +158,16 @@ failed=0
 started_all=${SECONDS}
 for phase in "${phases[@]}"; do
   echo
-  echo "==== ${phase}: cmake --workflow --preset ${phase} ${fresh[*]:-} (jobs ${jobs}):" \
-       "configure, build, test ===="
   started=${SECONDS}
-  if with_progress "${phase}" cmake --workflow --preset "${phase}" "${fresh[@]}"; then
+  if [[ "${phase}" == format ]]; then
+    echo "==== format: tests/check_format.sh (changed lines against .clang-format) ===="
+    command=(bash tests/check_format.sh)
+  else
+    echo "==== ${phase}: cmake --workflow --preset ${phase} ${fresh[*]:-} (jobs ${jobs}):" \
+         "configure, build, test ===="
+    command=(cmake --workflow --preset "${phase}" "${fresh[@]}")
+  fi
+  if with_progress "${phase}" "${command[@]}"; then
     result=passed
   else
     result=FAILED

@@ -20,6 +20,10 @@ DILATED_ATTENTION_HOST_DEVICE Acc negative_infinity() {
 // ln(exp(a) + exp(b)), exact for -inf on either side.
 template <class Acc>
 DILATED_ATTENTION_HOST_DEVICE Acc log_add_exp(Acc a, Acc b) {
+  // A NaN must survive on either side: max/min by comparison would drop it against -inf (an
+  // empty partial), and a NaN row merged with an empty one would then look empty.
+  if (a != a) return a;
+  if (b != b) return b;
   const Acc hi = a > b ? a : b, lo = a > b ? b : a;
   if (hi == negative_infinity<Acc>()) return hi;
   return hi + std::log1p(std::exp(lo - hi));
