@@ -91,13 +91,7 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statis
         const bool valid = j < keys.count;
         const std::int64_t y = valid ? keys.at(j) : 0;
         const float score = valid ? dot_row<T, D>(query, k_base + y * f.k_seq) * f.scale_log2 : -inf;
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < per_lane; ++e) acc[e] *= factor;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = keys.count - chunk < 32 ? keys.count - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);

@@ -14,20 +14,9 @@
 
 #include "../merge.hpp"
 #include "launch_plan.hpp"
+#include "online_softmax.cuh"
 
 namespace dilated_attention::cuda::device {
-
-__device__ __forceinline__ float warp_max(float value) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2)
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, mask));
-  return value;
-}
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
-  return value;
-}
 
 template <class T>
 __device__ __forceinline__ float to_float(T value) {
@@ -82,13 +71,7 @@ __global__ void __launch_bounds__(32 * detail::simt_rows_per_block, 4)
           for (int d = 0; d < D; ++d) dot = fmaf(query[d], to_float(k_row[d]), dot);
           score = dot * p.scale_log2;
         }
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < per_lane; ++e) acc[e] *= factor;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = keys.count - chunk < 32 ? keys.count - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);

@@ -97,8 +97,7 @@ __global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const 
   const float inf = __int_as_float(0x7f800000);
   constexpr float ln2 = 0.693147180559945309f;
   using dilated_attention::cuda::device::to_float;
-  using dilated_attention::cuda::device::warp_max;
-  using dilated_attention::cuda::device::warp_sum;
+  using dilated_attention::cuda::device::warp_online_softmax_step;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -142,13 +141,7 @@ __global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const 
           for (int d = 0; d < D; ++d) dot = fmaf(query[d], to_float(k_row[d]), dot);
           score = dot * p.scale_log2;
         }
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < per_lane; ++e) acc[e] *= factor;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = limit - chunk < 32 ? limit - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);

@@ -89,8 +89,10 @@ __device__ void query_side(const GradientParams& p) {
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
   using dilated_attention::cuda::device::to_float;
-  using dilated_attention::cuda::device::warp_max;
+  using dilated_attention::cuda::device::ScoreBase;
+  using dilated_attention::cuda::device::warp_online_softmax_step;
   using dilated_attention::cuda::device::warp_sum;
+  using dilated_attention::cuda::device::WarpSoftmaxStep;
   using gradient_detail::dot;
 
   extern __shared__ float ring_query_rows[];
@@ -144,12 +146,8 @@ __device__ void query_side(const GradientParams& p) {
         }
         if constexpr (Statistics) {
           // Online softmax of the block's scores; row_dot accumulates p_j (dO·v_j) beside it.
-          const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-          const float factor = expf(row_max - new_max);            // 0 on the first chunk
-          const float prob = valid ? expf(score - new_max) : 0.f;
-          row_max = new_max;
-          row_sum = row_sum * factor + warp_sum(prob);
-          row_dot = row_dot * factor + warp_sum(prob * d_prob);
+          const WarpSoftmaxStep step = warp_online_softmax_step<ScoreBase::e>(row_max, row_sum, score, valid);
+          row_dot = row_dot * step.factor + warp_sum(step.prob * d_prob);
         } else {
           const float prob = valid ? expf(score - row_lse) : 0.f;
           const float d_score = p.scale * prob * (p.weight * d_prob - row_delta);
