@@ -100,7 +100,7 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
     std::vector<int> owners(static_cast<std::size_t>(c.shape.seq_len), 0);
     for (std::int64_t window = 0; window < plan.params.windows; ++window) {
       const da::Progression rows = dc::window_rows(plan.params, window);
-      EXPECT_LE(rows.count, dc::kWindowRows);
+      EXPECT_LE(rows.count, dc::block_window_rows);
       for (std::int64_t j = 0; j < rows.count; ++j) ++owners[static_cast<std::size_t>(rows.at(j))];
     }
     EXPECT_EQ(std::count(owners.begin(), owners.end(), 1), c.shape.seq_len);
@@ -123,7 +123,7 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
                         }
                         // Streamed keys are exactly those some query attends: no empty tile.
                         EXPECT_EQ(work.key_count, widest);
-                        EXPECT_EQ(work.tiles(), (widest + dc::kKeyTile - 1) / dc::kKeyTile);
+                        EXPECT_EQ(work.tiles(), (widest + dc::key_stage_rows - 1) / dc::key_stage_rows);
                       });
     EXPECT_EQ(seen, expected);
     EXPECT_EQ(pairs * c.shape.batch, pattern.attended_pairs());
@@ -159,7 +159,7 @@ TEST(CudaLaunchPlan, QueryWindowsCoverEachPositionOnceWithinTheGrid) {
     std::int64_t non_empty = 0, last_non_empty = -1;
     for (std::int64_t index = 0; index < p.windows; ++index) {
       const dc::QueryWindow window = dc::query_window(p, index);
-      EXPECT_LE(window.count, dc::kWindowRows);
+      EXPECT_LE(window.count, dc::block_window_rows);
       if (window.empty()) continue;
       ++non_empty;
       last_non_empty = index;
@@ -183,7 +183,7 @@ TEST(CudaLaunchPlan, QueryWindowsCoverEachPositionOnceWithinTheGrid) {
   // The bound holds for every length and stride, not only the cases'.
   for (std::int64_t r : {1, 2, 3, 4, 6, 8, 12, 24, 60, 64})
     for (std::int64_t n = 1; n < 3000; n += 7) {
-      const std::int64_t chunks = ((n + r - 1) / r + dc::kWindowRows - 1) / dc::kWindowRows;
+      const std::int64_t chunks = ((n + r - 1) / r + dc::block_window_rows - 1) / dc::block_window_rows;
       EXPECT_LE(dc::query_window_count(n, r), r * chunks) << "N " << n << " R " << r;
     }
 }
@@ -220,7 +220,7 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
             EXPECT_EQ(dc::selected_key_limit(work.keys, x, causal), limit);
             EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
             // A warp streams up to its slice's limit: never less than any of its rows needs.
-            EXPECT_LE(limit, dc::slice_key_limit(work, window, n / dc::kSliceRows, causal));
+            EXPECT_LE(limit, dc::slice_key_limit(work, window, n / dc::slice_rows, causal));
             widest = std::max(widest, limit);
             pairs += limit;
           }
@@ -228,7 +228,7 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
             const std::int64_t slice_limit = dc::slice_key_limit(work, window, slice, causal);
             EXPECT_LE(slice_limit, work.key_count);
             // The limit is attained by a row of the slice (no key step beyond it).
-            const int last = std::min(work.queries, (slice + 1) * dc::kSliceRows) - 1;
+            const int last = std::min(work.queries, (slice + 1) * dc::slice_rows) - 1;
             EXPECT_EQ(slice_limit,
                       dc::key_limit(work.keys, window.position(dc::nth_set_bit(work.rows, last)), causal));
           }
@@ -236,7 +236,7 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
           EXPECT_EQ(work.key_count, widest);  // no empty tile
           // With R = lcm of the rates a branch selects whole residue classes of the window, so
           // every slice but a window's cut-off end is full.
-          if (window.count == dc::kWindowRows) {
+          if (window.count == dc::block_window_rows) {
             bool lcm = true;
             for (int b = 0; b < static_cast<int>(pattern.num_branches()); ++b)
               lcm = lcm && plan.params.row_stride % pattern.branch(b).r == 0;
@@ -244,7 +244,7 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
             const bool inside = g.segment_of(window.position(0)) ==
                                 g.segment_of(window.position(window.count - 1));
             if (lcm && plan.params.row_stride > 1 && inside) {
-              EXPECT_EQ(work.queries % dc::kSliceRows, 0) << "R " << plan.params.row_stride;
+              EXPECT_EQ(work.queries % dc::slice_rows, 0) << "R " << plan.params.row_stride;
             }
           }
         });
@@ -362,7 +362,7 @@ TEST(CudaLaunchPlan, GridMapsOneBlockToEachWorkUnit) {
   EXPECT_EQ(plan.params.row_stride, 1);
   EXPECT_EQ(plan.params.windows, 4);
   EXPECT_EQ(plan.blocks, 4 * 5 * 3);
-  EXPECT_EQ(plan.threads, dc::kThreads);
+  EXPECT_EQ(plan.threads, dc::block_threads);
   std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t>> units;
   for (std::int64_t block = 0; block < plan.blocks; ++block) {
     const dc::WorkUnit unit = dc::work_unit(plan.params, block);
@@ -540,9 +540,9 @@ TEST(CudaLaunchChecks, SharedMemoryGrantsAskOncePerDeviceAndLargerSize) {
   EXPECT_FALSE(grants.covers(1, 85 * 1024));   // per device
   grants.record(0, 61 * 1024);                 // never shrinks
   EXPECT_TRUE(grants.covers(0, 85 * 1024));
-  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));  // untracked: always ask
-  grants.record(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024);
-  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::kMaxDevices, 85 * 1024));
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::max_devices, 85 * 1024));  // untracked: always ask
+  grants.record(dc::SharedMemoryGrants::max_devices, 85 * 1024);
+  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::max_devices, 85 * 1024));
 }
 
 }  // namespace
@@ -566,10 +566,10 @@ double tensor_work_over_useful(const da::Config& config, const da::Shape& shape)
     for (int i = 0; i < p.num_branches; ++i)
       for_each_query_work(p, head, i, [&](const dc::QueryWindow& window, std::int64_t,
                                           std::int64_t, const dc::QueryWork& unit) {
-        for (int slice = 0; slice < dc::kWarps; ++slice) {
+        for (int slice = 0; slice < dc::block_warps; ++slice) {
           const std::int64_t limit = dc::slice_key_limit(unit, window, slice, p.causal);
           for (std::int64_t tile = 0; tile < unit.tiles(); ++tile)
-            work += double(dc::kSliceRows) * dc::slice_tile_keys(limit, tile);
+            work += double(dc::slice_rows) * dc::slice_tile_keys(limit, tile);
         }
       });
   return work * double(shape.batch) / double(da::Pattern(config, shape).attended_pairs());

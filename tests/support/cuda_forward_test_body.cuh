@@ -101,7 +101,7 @@ TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsUnsupportedHeadDim) {
 }
 
 TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsTooManyBranches) {
-  std::vector<std::int64_t> w(da::cuda::kMaxBranches + 1, 16), r(w.size(), 1);
+  std::vector<std::int64_t> w(da::cuda::max_branches + 1, 16), r(w.size(), 1);
   dt::FakeTensors<T> t({1, 64, 20, 20, 64});
   expect_invalid([&] { call_forward(dt::make_config(w, r), t); }, {"branches", "at most 16"});
 }

@@ -113,7 +113,7 @@ class ReadableScope {
 // One thread block: `threads` fibers sharing the calling OS thread.
 class Block {
  public:
-  static constexpr std::size_t kStackBytes = 256 * 1024;
+  static constexpr std::size_t stack_bytes = 256 * 1024;
 
   Block(unsigned threads, Dim3 block_idx, Dim3 grid_dim)
       : threads_(threads), block_idx_(block_idx), grid_dim_(grid_dim), fibers_(threads),
@@ -141,11 +141,11 @@ class Block {
         fiber.stack = std::move(stack_pool().back());
         stack_pool().pop_back();
       } else {
-        fiber.stack.reset(new char[kStackBytes]);
+        fiber.stack.reset(new char[stack_bytes]);
       }
       getcontext(&fiber.context);
       fiber.context.uc_stack.ss_sp = fiber.stack.get();
-      fiber.context.uc_stack.ss_size = kStackBytes;
+      fiber.context.uc_stack.ss_size = stack_bytes;
       fiber.context.uc_link = &scheduler_;
       makecontext(&fiber.context, &Block::trampoline, 0);
     }

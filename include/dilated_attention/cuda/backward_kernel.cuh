@@ -39,27 +39,27 @@ struct RowStatistics {
 };
 __device__ __forceinline__ RowStatistics row_statistics(const BackwardParams& p, int branch,
                                                         std::int64_t row) {
-  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float log2e = 1.4426950408889634f;
   const bool mean = p.f.mixing == Mixing::mean;
   const std::int64_t at = mean ? branch * p.rows + row : row;
   const float lse = mean ? p.branch_lse[at] : p.f.lse[row];
-  return {lse * kLog2e, p.delta[at]};
+  return {lse * log2e, p.delta[at]};
 }
 
 // Kernel 1: D = dO . O per row (softmax), or per branch LSE_i and D_i = (dO / G) . O_i with O_i
 // recomputed by an online softmax over the branch's keys (mean).
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads, 4) backward_row_statistics_kernel(const BackwardParams p) {
-  constexpr int kPerLane = D / 32;
-  constexpr float kLn2 = 0.693147180559945309f;
-  const float kInf = __int_as_float(0x7f800000);
+__global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statistics_kernel(const BackwardParams p) {
+  constexpr int per_lane = D / 32;
+  constexpr float ln2 = 0.693147180559945309f;
+  const float inf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* const query = backward_rows + warp * 2 * D;
   float* const grad_out = query + D;
   const ForwardParams& f = p.f;
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kBackwardWarps + warp; row < p.rows;
-       row += static_cast<std::int64_t>(gridDim.x) * kBackwardWarps) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp; row < p.rows;
+       row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t x = row % f.seq_len, head = (row / f.seq_len) % f.heads;
     const std::int64_t batch = row / (f.seq_len * f.heads);
     const T* const do_row = static_cast<const T*>(p.d_out) + batch * p.do_batch + x * p.do_seq + head * p.do_head;
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_row_statistics_k
       const T* const o_row = static_cast<const T*>(f.out) + batch * f.o_batch + x * f.o_seq + head * f.o_head;
       float partial = 0.f;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e)
+      for (int e = 0; e < per_lane; ++e)
         partial = fmaf(to_float(do_row[lane + 32 * e]), to_float(o_row[lane + 32 * e]), partial);
       const float delta = warp_sum(partial);
       if (lane == 0) p.delta[row] = delta;
@@ -83,39 +83,33 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_row_statistics_k
     __syncwarp();
     for (int i = 0; i < f.num_branches; ++i) {
       const Progression keys = f.branch(i).keys(x, f.offset(i, head), f.causal);
-      float row_max = -kInf, row_sum = 0.f, acc[kPerLane];
+      float row_max = -inf, row_sum = 0.f, acc[per_lane];
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+      for (int e = 0; e < per_lane; ++e) acc[e] = 0.f;
       for (std::int64_t chunk = 0; chunk < keys.count; chunk += 32) {
         const std::int64_t j = chunk + lane;
         const bool valid = j < keys.count;
         const std::int64_t y = valid ? keys.at(j) : 0;
-        const float score = valid ? dot_row<T, D>(query, k_base + y * f.k_seq) * f.scale_log2 : -kInf;
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < kPerLane; ++e) acc[e] *= factor;
+        const float score = valid ? dot_row<T, D>(query, k_base + y * f.k_seq) * f.scale_log2 : -inf;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = keys.count - chunk < 32 ? keys.count - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const v_row = v_base + y_j * f.v_seq;
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       // D_i = (dO / G) . O_i with O_i = acc / sum; an unselected row has no terms (D_i = 0).
       float partial = 0.f;
       const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) partial = fmaf(grad_out[lane + 32 * e], acc[e] * inverse, partial);
+      for (int e = 0; e < per_lane; ++e) partial = fmaf(grad_out[lane + 32 * e], acc[e] * inverse, partial);
       const float delta = warp_sum(partial);
       if (lane == 0) {
         p.delta[i * p.rows + row] = delta;
-        p.branch_lse[i * p.rows + row] = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
+        p.branch_lse[i * p.rows + row] = row_sum > 0.f ? (row_max + log2f(row_sum)) * ln2 : -inf;
       }
     }
   }
@@ -124,16 +118,16 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_row_statistics_k
 // Kernel 2: dQ(x) = scale * sum over branches and keys y of dS(x, y) k_y, with
 // dS = P (dO . v_y - D), P = exp(s - LSE).
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads, 4) backward_dq_kernel(const BackwardParams p) {
-  constexpr int kPerLane = D / 32;
-  const float kInf = __int_as_float(0x7f800000);
+__global__ void __launch_bounds__(backward_block_threads, 4) backward_dq_kernel(const BackwardParams p) {
+  constexpr int per_lane = D / 32;
+  const float inf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* const query = backward_rows + warp * 2 * D;
   float* const grad_out = query + D;
   const ForwardParams& f = p.f;
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kBackwardWarps + warp; row < p.rows;
-       row += static_cast<std::int64_t>(gridDim.x) * kBackwardWarps) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp; row < p.rows;
+       row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t x = row % f.seq_len, head = (row / f.seq_len) % f.heads;
     const std::int64_t batch = row / (f.seq_len * f.heads);
     const std::int64_t kv_head = f.kv_head(head);
@@ -144,14 +138,14 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dq_kernel(const 
     load_row<T, D>(grad_out, static_cast<const T*>(p.d_out) + batch * p.do_batch + x * p.do_seq + head * p.do_head,
                    p.grad_out_scale, lane);
     __syncwarp();
-    float acc[kPerLane];
+    float acc[per_lane];
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+    for (int e = 0; e < per_lane; ++e) acc[e] = 0.f;
     for (int i = 0; i < f.num_branches; ++i) {
       const Progression keys = f.branch(i).keys(x, f.offset(i, head), f.causal);
       if (keys.empty()) continue;
       const RowStatistics stats = row_statistics(p, i, row);
-      if (stats.lse_log2 == -kInf) continue;  // attends nothing (cannot happen with keys; kept safe)
+      if (stats.lse_log2 == -inf) continue;  // attends nothing (cannot happen with keys; kept safe)
       for (std::int64_t chunk = 0; chunk < keys.count; chunk += 32) {
         const std::int64_t j = chunk + lane;
         const bool valid = j < keys.count;
@@ -167,13 +161,13 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dq_kernel(const 
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const k_row = k_base + y_j * f.k_seq;
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) acc[e] = fmaf(ds_j, to_float(k_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(ds_j, to_float(k_row[lane + 32 * e]), acc[e]);
         }
       }
     }
     T* const dq_row = static_cast<T*>(p.d_q) + batch * p.dq_batch + x * p.dq_seq + head * p.dq_head;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) dq_row[lane + 32 * e] = static_cast<T>(acc[e] * f.scale);
+    for (int e = 0; e < per_lane; ++e) dq_row[lane + 32 * e] = static_cast<T>(acc[e] * f.scale);
   }
 }
 
@@ -181,26 +175,26 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dq_kernel(const 
 // of y's GQA group, every branch, and the queries x of y's block in that branch (x >= y when
 // causal) -- in that fixed order.
 template <class T, int D>
-__global__ void __launch_bounds__(kBackwardThreads, 4) backward_dk_dv_kernel(const BackwardParams p) {
-  constexpr int kPerLane = D / 32;
-  const float kInf = __int_as_float(0x7f800000);
+__global__ void __launch_bounds__(backward_block_threads, 4) backward_dk_dv_kernel(const BackwardParams p) {
+  constexpr int per_lane = D / 32;
+  const float inf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* const key = backward_rows + warp * 2 * D;
   float* const value = key + D;
   const ForwardParams& f = p.f;
   const std::int64_t group = f.heads / f.kv_heads;
-  for (std::int64_t key_row = static_cast<std::int64_t>(blockIdx.x) * kBackwardWarps + warp;
-       key_row < p.key_rows; key_row += static_cast<std::int64_t>(gridDim.x) * kBackwardWarps) {
+  for (std::int64_t key_row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp;
+       key_row < p.key_rows; key_row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t y = key_row % f.seq_len, kv_head = (key_row / f.seq_len) % f.kv_heads;
     const std::int64_t batch = key_row / (f.seq_len * f.kv_heads);
     __syncwarp();
     load_row<T, D>(key, static_cast<const T*>(f.k) + batch * f.k_batch + y * f.k_seq + kv_head * f.k_head, 1.f, lane);
     load_row<T, D>(value, static_cast<const T*>(f.v) + batch * f.v_batch + y * f.v_seq + kv_head * f.v_head, 1.f, lane);
     __syncwarp();
-    float acc_k[kPerLane], acc_v[kPerLane];
+    float acc_k[per_lane], acc_v[per_lane];
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc_k[e] = acc_v[e] = 0.f;
+    for (int e = 0; e < per_lane; ++e) acc_k[e] = acc_v[e] = 0.f;
     for (std::int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
       const T* const q_base = static_cast<const T*>(f.q) + batch * f.q_batch + head * f.q_head;
       const T* const do_base = static_cast<const T*>(p.d_out) + batch * p.do_batch + head * p.do_head;
@@ -217,7 +211,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dk_dv_kernel(con
           float prob = 0.f, ds = 0.f;
           if (valid) {
             const RowStatistics stats = row_statistics(p, i, row_base + x);
-            if (stats.lse_log2 != -kInf) {
+            if (stats.lse_log2 != -inf) {
               prob = exp2f(dot_row<T, D>(key, q_base + x * f.q_seq) * f.scale_log2 - stats.lse_log2);
               ds = prob * (dot_row<T, D>(value, do_base + x * p.do_seq) * p.grad_out_scale - stats.delta);
             }
@@ -230,7 +224,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dk_dv_kernel(con
             const T* const q_row = q_base + x_j * f.q_seq;
             const T* const do_row = do_base + x_j * p.do_seq;
 #pragma unroll
-            for (int e = 0; e < kPerLane; ++e) {
+            for (int e = 0; e < per_lane; ++e) {
               acc_k[e] = fmaf(ds_j, to_float(q_row[lane + 32 * e]), acc_k[e]);
               acc_v[e] = fmaf(p_j, to_float(do_row[lane + 32 * e]), acc_v[e]);
             }
@@ -241,7 +235,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 4) backward_dk_dv_kernel(con
     T* const dk_row = static_cast<T*>(p.d_k) + batch * p.dk_batch + y * p.dk_seq + kv_head * p.dk_head;
     T* const dv_row = static_cast<T*>(p.d_v) + batch * p.dv_batch + y * p.dv_seq + kv_head * p.dv_head;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) {
+    for (int e = 0; e < per_lane; ++e) {
       dk_row[lane + 32 * e] = static_cast<T>(acc_k[e] * f.scale);
       dv_row[lane + 32 * e] = static_cast<T>(acc_v[e]);
     }

@@ -54,11 +54,11 @@ DILATED_ATTENTION_HOST_DEVICE constexpr bool backward_dq_keeps_q_in_shared(int h
 
 // Queries per streamed tile of the tensor-core dK/dV kernel: 32, half the forward's key tile, so
 // that the two fp32 score tiles (S^T, dP^T) fit beside the dK and dV accumulators in registers.
-inline constexpr int kBackwardQueryTile = 32;
+inline constexpr int backward_query_stage_rows = 32;
 
 // Threads per block of the backward kernels: 4 warps, one row each at a time.
-inline constexpr int kBackwardWarps = 4;
-inline constexpr int kBackwardThreads = 32 * kBackwardWarps;
+inline constexpr int backward_block_warps = 4;
+inline constexpr int backward_block_threads = 32 * backward_block_warps;
 
 namespace detail {
 
@@ -69,11 +69,11 @@ inline std::size_t rows_of(const Shape& shape) {
 
 // Shared memory: per warp two rows of head_dim floats (query and dO, or key and value).
 inline std::size_t backward_shared_bytes(std::int64_t head_dim) {
-  return static_cast<std::size_t>(head_dim) * 2 * kBackwardWarps * sizeof(float);
+  return static_cast<std::size_t>(head_dim) * 2 * backward_block_warps * sizeof(float);
 }
 
 inline std::int64_t backward_grid(std::int64_t rows) {
-  const std::int64_t wanted = (rows + kBackwardWarps - 1) / kBackwardWarps;
+  const std::int64_t wanted = (rows + backward_block_warps - 1) / backward_block_warps;
   return wanted < (std::int64_t{1} << 30) ? wanted : (std::int64_t{1} << 30);  // rows are strided
 }
 
@@ -176,26 +176,26 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
                                     : 1.0f;
   plan.query_blocks = detail::backward_grid(p.rows);
   plan.key_blocks = detail::backward_grid(p.key_rows);
-  plan.threads = kBackwardThreads;
+  plan.threads = backward_block_threads;
   plan.shared_bytes = detail::backward_shared_bytes(shape.head_dim);
   plan.dq_kind = dq_kind;
   if (dq_kind == KernelKind::tensor_core) {
     plan.dq_blocks = forward_plan.blocks;
-    plan.dq_threads = kThreads;
+    plan.dq_threads = block_threads;
     // dO tile (Q's before it) and two K and two V stages: the forward's softmax layout, plus a
     // separate Q tile at head_dim 128.
     plan.dq_shared_bytes =
         detail::tensor_core_shared_bytes(shape.head_dim, Mixing::softmax) +
         (backward_dq_keeps_q_in_shared(static_cast<int>(shape.head_dim))
-             ? static_cast<std::size_t>(kWindowRows * (shape.head_dim + 8) * 2)
+             ? static_cast<std::size_t>(block_window_rows * (shape.head_dim + 8) * 2)
              : 0);
     // K and V of the window, two stages of Q and dO tiles, two stages of 64 LSE and D values.
     plan.dk_dv_blocks = p.f.windows * shape.num_kv_heads * shape.batch;
-    plan.dk_dv_threads = kThreads;
+    plan.dk_dv_threads = block_threads;
     plan.dk_dv_shared_bytes =
-        static_cast<std::size_t>((2 * kWindowRows + 4 * kBackwardQueryTile) * (shape.head_dim + 8) *
+        static_cast<std::size_t>((2 * block_window_rows + 4 * backward_query_stage_rows) * (shape.head_dim + 8) *
                                  2) +
-        4 * kBackwardQueryTile * sizeof(float);
+        4 * backward_query_stage_rows * sizeof(float);
   } else {
     plan.dq_blocks = plan.query_blocks;
     plan.dq_threads = plan.threads;

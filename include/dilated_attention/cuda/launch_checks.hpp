@@ -42,26 +42,26 @@ inline void check_alignment(const void* pointer, std::size_t alignment, const ch
 // larger one recorded by the other).
 class SharedMemoryGrants {
  public:
-  static constexpr int kMaxDevices = 64;
+  static constexpr int max_devices = 64;
   // True when a launch of `bytes` on `device` needs no cudaFuncSetAttribute first.
   bool covers(int device, std::size_t bytes) const {
-    if (bytes <= kDefaultBytes) return true;
-    if (device < 0 || device >= kMaxDevices) return false;
+    if (bytes <= default_bytes) return true;
+    if (device < 0 || device >= max_devices) return false;
     return granted_[device].load(std::memory_order_acquire) >= bytes;
   }
   // Records a successful cudaFuncSetAttribute(MaxDynamicSharedMemorySize, bytes) on `device`.
   void record(int device, std::size_t bytes) {
-    if (device < 0 || device >= kMaxDevices) return;
+    if (device < 0 || device >= max_devices) return;
     std::size_t seen = granted_[device].load(std::memory_order_relaxed);
     while (seen < bytes &&
            !granted_[device].compare_exchange_weak(seen, bytes, std::memory_order_release)) {
     }
   }
   // Every kernel may use 48 KiB of dynamic shared memory without asking.
-  static constexpr std::size_t kDefaultBytes = 48 * 1024;
+  static constexpr std::size_t default_bytes = 48 * 1024;
 
  private:
-  std::atomic<std::size_t> granted_[kMaxDevices] = {};
+  std::atomic<std::size_t> granted_[max_devices] = {};
 };
 
 }  // namespace dilated_attention::cuda

@@ -24,23 +24,23 @@ namespace dilated_attention::cuda {
 
 // Branches travel by value inside the kernel parameters, so their number is capped. The LongNet
 // paper uses 5; a config with more gets std::invalid_argument.
-inline constexpr int kMaxBranches = 16;
+inline constexpr int max_branches = 16;
 
-// A work unit is (batch, head, window): up to `kWindowRows` rows of one query head, every
+// A work unit is (batch, head, window): up to `block_window_rows` rows of one query head, every
 // `row_stride`-th position (R, see choose_row_stride). The same rows form the query tile of every
 // branch (rows a branch does not select are masked), which is what lets the online softmax run
 // across branches in registers and write each output row once. Keys stream in tiles of
-// `kKeyTile` rows of one block (compressed, i.e. stride r).
-inline constexpr int kWindowRows = 64;
-inline constexpr int kKeyTile = 64;
-inline constexpr int kWarps = 4;  // each warp owns 16 rows of the window (mma m16)
-inline constexpr int kThreads = 32 * kWarps;
+// `key_stage_rows` rows of one block (compressed, i.e. stride r).
+inline constexpr int block_window_rows = 64;
+inline constexpr int key_stage_rows = 64;
+inline constexpr int block_warps = 4;  // each warp owns 16 rows of the window (mma m16)
+inline constexpr int block_threads = 32 * block_warps;
 
 // The head dimensions with compiled kernels, and their names for error messages.
-inline constexpr int kHeadDims[] = {32, 64, 96, 128};
+inline constexpr int compiled_head_dims[] = {32, 64, 96, 128};
 inline const char* supported_head_dims() { return "{32, 64, 96, 128}"; }
 inline bool head_dim_supported(std::int64_t head_dim) {
-  for (int d : kHeadDims)
+  for (int d : compiled_head_dims)
     if (d == head_dim) return true;
   return false;
 }
@@ -52,7 +52,7 @@ struct SegmentWork {
   std::int64_t key_count = 0;  // keys streamed: all, or when causal those up to the last query
   DILATED_ATTENTION_HOST_DEVICE bool empty() const { return queries.empty() || key_count <= 0; }
   DILATED_ATTENTION_HOST_DEVICE std::int64_t tiles() const {
-    return (key_count + kKeyTile - 1) / kKeyTile;
+    return (key_count + key_stage_rows - 1) / key_stage_rows;
   }
 };
 
@@ -114,7 +114,7 @@ struct ForwardParams {
   std::int64_t o_batch, o_seq, o_head;
   std::int64_t batch, seq_len, heads, kv_heads, head_dim;
   int num_branches;
-  BranchParams branches[kMaxBranches];
+  BranchParams branches[max_branches];
   OffsetRule offsets;
   Mixing mixing;
   bool causal;
@@ -124,7 +124,7 @@ struct ForwardParams {
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
   std::int64_t row_stride;  // R: a window holds positions residue + R * j
-  std::int64_t chunks;      // windows per residue class: ceil(ceil(seq_len / R) / kWindowRows)
+  std::int64_t chunks;      // windows per residue class: ceil(ceil(seq_len / R) / block_window_rows)
   std::int64_t windows;     // R * chunks per (batch, head)
 
   DILATED_ATTENTION_HOST_DEVICE BranchGeometry branch(int i) const {
@@ -152,10 +152,10 @@ DILATED_ATTENTION_HOST_DEVICE WorkUnit work_unit(const ForwardParams& p, std::in
 // (the last chunk of a residue class that has fewer rows); the kernel then returns at once.
 DILATED_ATTENTION_HOST_DEVICE Progression window_rows(const ForwardParams& p, std::int64_t window) {
   const std::int64_t residue = window % p.row_stride, chunk = window / p.row_stride;
-  const std::int64_t first = residue + p.row_stride * kWindowRows * chunk;
+  const std::int64_t first = residue + p.row_stride * block_window_rows * chunk;
   if (first >= p.seq_len) return {first, p.row_stride, 0};
   const std::int64_t rows = (p.seq_len - first + p.row_stride - 1) / p.row_stride;
-  return {first, p.row_stride, rows < kWindowRows ? rows : kWindowRows};
+  return {first, p.row_stride, rows < block_window_rows ? rows : block_window_rows};
 }
 
 // R, the stride of the windows. With R = 1 a window is 64 consecutive positions and a branch of
@@ -169,10 +169,10 @@ inline std::int64_t choose_row_stride(const Config& config) {
     std::int64_t a = lcm, b = config.dilation_rates[i];
     while (b != 0) a = std::exchange(b, a % b);  // gcd(lcm, r)
     lcm = lcm / a * config.dilation_rates[i];
-    if (lcm > kWindowRows) return 1;
+    if (lcm > block_window_rows) return 1;
     shortest = std::min(shortest, config.segment_lengths[i]);
   }
-  return kWindowRows * lcm <= shortest ? lcm : 1;
+  return block_window_rows * lcm <= shortest ? lcm : 1;
 }
 
 // Which kernel runs: tensor cores for 16-bit storage, SIMT (exact fp32 arithmetic) for float.
@@ -193,9 +193,9 @@ namespace detail {
 // thread per accumulator element: the layout of the backward's dQ kernel (backward_plan.hpp).
 inline std::size_t tensor_core_shared_bytes(std::int64_t head_dim, Mixing mixing) {
   const std::size_t pitch = static_cast<std::size_t>(head_dim + 8) * 2;  // bytes per 16-bit row
-  std::size_t bytes = pitch * (kWindowRows + 4 * kKeyTile);
+  std::size_t bytes = pitch * (block_window_rows + 4 * key_stage_rows);
   if (mixing == Mixing::mean)
-    bytes += static_cast<std::size_t>(head_dim / 2) * kThreads * sizeof(float);
+    bytes += static_cast<std::size_t>(head_dim / 2) * block_threads * sizeof(float);
   return bytes;
 }
 
@@ -204,14 +204,14 @@ inline std::size_t tensor_core_shared_bytes(std::int64_t head_dim, Mixing mixing
 // mean-mixing sum and log-sum-exp; query_window.hpp), for either mixing.
 inline std::size_t forward_shared_bytes(std::int64_t head_dim) {
   return tensor_core_shared_bytes(head_dim, Mixing::softmax) +
-         static_cast<std::size_t>(kWindowRows) * static_cast<std::size_t>(head_dim + 2) *
+         static_cast<std::size_t>(block_window_rows) * static_cast<std::size_t>(head_dim + 2) *
              sizeof(float);
 }
 
 // SIMT kernel: one warp per query row, the row's query in shared memory (fp32).
-inline constexpr int kSimtRowsPerBlock = 4;
+inline constexpr int simt_rows_per_block = 4;
 inline std::size_t simt_shared_bytes(std::int64_t head_dim) {
-  return static_cast<std::size_t>(head_dim) * kSimtRowsPerBlock * sizeof(float);
+  return static_cast<std::size_t>(head_dim) * simt_rows_per_block * sizeof(float);
 }
 
 inline bool aligned16(const void* pointer) {
@@ -238,19 +238,19 @@ inline void check_backend_limits(const Config& config, const Shape& shape) {
                                       ": the CUDA back end supports head_dim in ",
                                       supported_head_dims());
   const auto branches = config.segment_lengths.size();
-  if (branches > static_cast<std::size_t>(kMaxBranches))
+  if (branches > static_cast<std::size_t>(max_branches))
     dilated_attention::detail::reject("config.segment_lengths has ", branches,
                                       " branches: the CUDA back end supports at most ",
-                                      kMaxBranches);
+                                      max_branches);
   // R * ceil(ceil(N/R) / 64) <= ceil(N/64) + R windows per head, and R <= 64.
-  const std::int64_t windows = (shape.seq_len + kWindowRows - 1) / kWindowRows + kWindowRows;
+  const std::int64_t windows = (shape.seq_len + block_window_rows - 1) / block_window_rows + block_window_rows;
   const double blocks = static_cast<double>(windows) * static_cast<double>(shape.num_heads) *
                         static_cast<double>(shape.batch);
   if (shape.seq_len > (std::int64_t{1} << 31) - 1 || blocks > 2147483647.0)
     dilated_attention::detail::reject(
         "shape [batch ", shape.batch, ", seq_len ", shape.seq_len, ", heads ", shape.num_heads,
         "] needs ", blocks, " thread blocks: the CUDA back end supports seq_len < 2^31 and at "
-        "most 2^31 - 1 blocks of ", kWindowRows, " rows");
+        "most 2^31 - 1 blocks of ", block_window_rows, " rows");
 }
 
 // The plan of one forward call. Call after validate(); raises std::invalid_argument for the
@@ -298,7 +298,7 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.row_stride = choose_row_stride(config);
-  p.chunks = ((shape.seq_len + p.row_stride - 1) / p.row_stride + kWindowRows - 1) / kWindowRows;
+  p.chunks = ((shape.seq_len + p.row_stride - 1) / p.row_stride + block_window_rows - 1) / block_window_rows;
   p.windows = p.row_stride * p.chunks;
 
   plan.kind = kind;
@@ -306,14 +306,14 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
     // The grid of the stride-R windows, which the backward kernels share; the forward's query
     // windows (query_window.hpp) are never more, and its extra blocks return at once.
     plan.blocks = p.windows * p.heads * p.batch;
-    plan.threads = kThreads;
+    plan.threads = block_threads;
     plan.shared_bytes = detail::forward_shared_bytes(shape.head_dim);
   } else {
     const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
     // The SIMT kernel strides over rows, so its grid may be capped below the 2^31 - 1 limit.
-    const std::int64_t wanted = (rows + detail::kSimtRowsPerBlock - 1) / detail::kSimtRowsPerBlock;
+    const std::int64_t wanted = (rows + detail::simt_rows_per_block - 1) / detail::simt_rows_per_block;
     plan.blocks = wanted < (std::int64_t{1} << 30) ? wanted : (std::int64_t{1} << 30);
-    plan.threads = 32 * detail::kSimtRowsPerBlock;
+    plan.threads = 32 * detail::simt_rows_per_block;
     plan.shared_bytes = detail::simt_shared_bytes(shape.head_dim);
   }
   return plan;

@@ -25,8 +25,8 @@
 
 namespace dilated_attention::cuda {
 
-inline constexpr int kSliceRows = 16;  // rows of one warp's m16 tile
-inline constexpr int kKeyStep = 16;    // keys per skippable step (ldmatrix.x4 of K, k of P.V)
+inline constexpr int slice_rows = 16;  // rows of one warp's m16 tile
+inline constexpr int key_step = 16;    // keys per skippable step (ldmatrix.x4 of K, k of P.V)
 
 // Residues per query window: the largest of 4, 2, 1 that divides R.
 DILATED_ATTENTION_HOST_DEVICE int window_residues(std::int64_t row_stride) {
@@ -39,7 +39,7 @@ DILATED_ATTENTION_HOST_DEVICE int window_residues(std::int64_t row_stride) {
 DILATED_ATTENTION_HOST_DEVICE std::int64_t query_window_count(std::int64_t seq_len,
                                                               std::int64_t row_stride) {
   const std::int64_t residues = window_residues(row_stride);
-  const std::int64_t span = row_stride * (kWindowRows / residues);  // positions per chunk
+  const std::int64_t span = row_stride * (block_window_rows / residues);  // positions per chunk
   return (row_stride / residues) * ((seq_len + span - 1) / span);
 }
 
@@ -62,7 +62,7 @@ DILATED_ATTENTION_HOST_DEVICE QueryWindow query_window(const ForwardParams& p,
   window.residues = window_residues(p.row_stride);
   const auto groups = static_cast<std::uint32_t>(p.row_stride / window.residues);
   const auto at = static_cast<std::uint32_t>(index);  // below the grid's 2^31
-  const std::int64_t rows_per_residue = kWindowRows / window.residues;
+  const std::int64_t rows_per_residue = block_window_rows / window.residues;
   window.base = static_cast<std::int64_t>(at / groups) * p.row_stride * rows_per_residue +
                 static_cast<std::int64_t>(at % groups) * window.residues;
   if (window.base >= p.seq_len) return window;
@@ -71,7 +71,7 @@ DILATED_ATTENTION_HOST_DEVICE QueryWindow query_window(const ForwardParams& p,
   const std::int64_t steps = rest / p.row_stride, tail = rest % p.row_stride;
   const std::int64_t rows =
       steps * window.residues + (tail < window.residues ? tail : window.residues);
-  window.count = static_cast<int>(rows < kWindowRows ? rows : kWindowRows);
+  window.count = static_cast<int>(rows < block_window_rows ? rows : block_window_rows);
   return window;
 }
 
@@ -144,8 +144,8 @@ struct QueryWork {
   int queries = 0;    // set bits of rows
   int key_count = 0;  // keys streamed: all, or when causal those up to the last query
   DILATED_ATTENTION_HOST_DEVICE bool empty() const { return queries == 0; }
-  DILATED_ATTENTION_HOST_DEVICE int tiles() const { return (key_count + kKeyTile - 1) / kKeyTile; }
-  DILATED_ATTENTION_HOST_DEVICE int slices() const { return (queries + kSliceRows - 1) / kSliceRows; }
+  DILATED_ATTENTION_HOST_DEVICE int tiles() const { return (key_count + key_stage_rows - 1) / key_stage_rows; }
+  DILATED_ATTENTION_HOST_DEVICE int slices() const { return (queries + slice_rows - 1) / slice_rows; }
 };
 
 // The window rows that `keys` selects, as a mask. The kernel computes the same mask with two warp
@@ -176,9 +176,9 @@ DILATED_ATTENTION_HOST_DEVICE QueryWork query_work(const Progression& keys, std:
 DILATED_ATTENTION_HOST_DEVICE int slice_key_limit(const QueryWork& work,
                                                   const QueryWindow& window, int slice,
                                                   bool causal) {
-  if (slice * kSliceRows >= work.queries) return 0;
-  const int last = slice * kSliceRows + kSliceRows - 1 < work.queries - 1
-                       ? slice * kSliceRows + kSliceRows - 1
+  if (slice * slice_rows >= work.queries) return 0;
+  const int last = slice * slice_rows + slice_rows - 1 < work.queries - 1
+                       ? slice * slice_rows + slice_rows - 1
                        : work.queries - 1;
   return selected_key_limit(work.keys, window.position(nth_set_bit(work.rows, last)), causal);
 }
@@ -186,9 +186,9 @@ DILATED_ATTENTION_HOST_DEVICE int slice_key_limit(const QueryWork& work,
 // Keys a slice multiplies in key tile `tile`: its limit inside the tile rounded up to the 16-key
 // step (0: the warp skips the tile).
 DILATED_ATTENTION_HOST_DEVICE int slice_tile_keys(int slice_limit, int tile) {
-  const int rest = slice_limit - tile * kKeyTile;
+  const int rest = slice_limit - tile * key_stage_rows;
   if (rest <= 0) return 0;
-  return rest >= kKeyTile ? kKeyTile : (rest + kKeyStep - 1) / kKeyStep * kKeyStep;
+  return rest >= key_stage_rows ? key_stage_rows : (rest + key_step - 1) / key_step * key_step;
 }
 
 }  // namespace dilated_attention::cuda

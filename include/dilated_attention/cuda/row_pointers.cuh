@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "copy.cuh"
-#include "launch_plan.hpp"  // kThreads
+#include "launch_plan.hpp"  // block_threads
 
 namespace dilated_attention::cuda::device {
 
@@ -38,45 +38,45 @@ __device__ __forceinline__ int opaque(int x) {
 // j >= rows_left are zero (so masked rows meet finite values and 0 * x stays 0). With vector_io
 // (the tensor's 16-byte flag) the copy is asynchronous (cp.async, completed by cp_async_wait +
 // barrier); otherwise element-wise and synchronous (completed by the barrier). The chunk -> thread
-// map is the forward's former load_rows (16-byte chunk c by thread c % kThreads), so coalescing is
+// map is the forward's former load_rows (16-byte chunk c by thread c % block_threads), so coalescing is
 // unchanged. When a row's chunks divide among the threads (head_dim 32, 64, 128) each thread
-// copies one column of rows row0, row0 + P, ... (P = kThreads / chunks per row) and walks its
+// copies one column of rows row0, row0 + P, ... (P = block_threads / chunks per row) and walks its
 // row pointer (kept as a 64-bit offset from first_row, so that no pointer past the tensor is ever
 // formed) down them: one 64-bit add per chunk, no per-chunk index state. Otherwise (head_dim 96)
 // the chunk's 32-bit in-tile row times row_step.
 template <class T, int D, int Rows>
 __device__ __forceinline__ void copy_tile_rows(T* tile, const T* first_row, std::int64_t row_step,
                                                int rows_left, bool vector_io) {
-  constexpr int kPitch = D + 8;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static_assert(Rows * kChunks % kThreads == 0, "every thread copies the same number of chunks");
-  constexpr int kPerThread = Rows * kChunks / kThreads;
+  constexpr int pitch = D + 8;
+  constexpr int chunks = D / 8;  // 16-byte chunks per row
+  static_assert(Rows * chunks % block_threads == 0, "every thread copies the same number of chunks");
+  constexpr int per_thread = Rows * chunks / block_threads;
   const int tid = opaque(threadIdx.x);
   if (vector_io) {
-    if constexpr (kThreads % kChunks == 0) {
-      constexpr int kRowsPerPass = kThreads / kChunks;
-      const int row0 = tid / kChunks, col = (tid % kChunks) * 8;
+    if constexpr (block_threads % chunks == 0) {
+      constexpr int rows_per_pass = block_threads / chunks;
+      const int row0 = tid / chunks, col = (tid % chunks) * 8;
       std::int64_t offset = row0 * row_step + col;  // of the thread's next chunk from first_row
 #pragma unroll 1
-      for (int k = 0; k < kPerThread; ++k) {
-        const int row = row0 + k * kRowsPerPass;
+      for (int k = 0; k < per_thread; ++k) {
+        const int row = row0 + k * rows_per_pass;
         const bool valid = row < rows_left;
-        cp_async_16(tile + row * kPitch + col, valid ? first_row + offset : first_row, valid);
-        offset += kRowsPerPass * row_step;
+        cp_async_16(tile + row * pitch + col, valid ? first_row + offset : first_row, valid);
+        offset += rows_per_pass * row_step;
       }
     } else {
 #pragma unroll 1
-      for (int k = 0; k < kPerThread; ++k) {
-        const int c = tid + k * kThreads, row = c / kChunks, col = (c % kChunks) * 8;
+      for (int k = 0; k < per_thread; ++k) {
+        const int c = tid + k * block_threads, row = c / chunks, col = (c % chunks) * 8;
         const bool valid = row < rows_left;
-        cp_async_16(tile + row * kPitch + col, valid ? first_row + row * row_step + col : first_row,
+        cp_async_16(tile + row * pitch + col, valid ? first_row + row * row_step + col : first_row,
                     valid);
       }
     }
   } else {
-    for (int e = tid; e < Rows * D; e += kThreads) {
+    for (int e = tid; e < Rows * D; e += block_threads) {
       const int row = e / D, col = e % D;
-      tile[row * kPitch + col] = row < rows_left ? first_row[row * row_step + col] : T(0.0f);
+      tile[row * pitch + col] = row < rows_left ? first_row[row * row_step + col] : T(0.0f);
     }
   }
 }

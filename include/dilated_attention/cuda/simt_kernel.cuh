@@ -14,20 +14,9 @@
 
 #include "../merge.hpp"
 #include "launch_plan.hpp"
+#include "online_softmax.cuh"
 
 namespace dilated_attention::cuda::device {
-
-__device__ __forceinline__ float warp_max(float value) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2)
-    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, mask));
-  return value;
-}
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
-  return value;
-}
 
 template <class T>
 __device__ __forceinline__ float to_float(T value) {
@@ -35,13 +24,13 @@ __device__ __forceinline__ float to_float(T value) {
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
+__global__ void __launch_bounds__(32 * detail::simt_rows_per_block, 4)
     simt_forward_kernel(const ForwardParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
-  constexpr int kPerLane = D / 32;
-  constexpr int kRowsPerBlock = detail::kSimtRowsPerBlock;
-  const float kInf = __int_as_float(0x7f800000);
-  constexpr float kLn2 = 0.693147180559945309f;
+  constexpr int per_lane = D / 32;
+  constexpr int rows_per_block = detail::simt_rows_per_block;
+  const float inf = __int_as_float(0x7f800000);
+  constexpr float ln2 = 0.693147180559945309f;
 
   extern __shared__ float simt_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -49,8 +38,8 @@ __global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
   const bool mean = p.mixing == Mixing::mean;
   const std::int64_t rows = p.batch * p.heads * p.seq_len;
 
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kRowsPerBlock + warp;
-       row < rows; row += static_cast<std::int64_t>(gridDim.x) * kRowsPerBlock) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * rows_per_block + warp;
+       row < rows; row += static_cast<std::int64_t>(gridDim.x) * rows_per_block) {
     const std::int64_t x = row % p.seq_len, head = (row / p.seq_len) % p.heads;
     const std::int64_t batch = row / (p.seq_len * p.heads);
     const std::int64_t kv_head = p.kv_head(head);
@@ -63,10 +52,10 @@ __global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
     for (int d = lane; d < D; d += 32) query[d] = to_float(q_row[d]);
     __syncwarp();
 
-    float row_max = -kInf, row_sum = 0.f, lse_mean = -kInf;
-    float acc[kPerLane], mean_acc[kPerLane];
+    float row_max = -inf, row_sum = 0.f, lse_mean = -inf;
+    float acc[per_lane], mean_acc[per_lane];
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e) acc[e] = mean_acc[e] = 0.f;
+    for (int e = 0; e < per_lane; ++e) acc[e] = mean_acc[e] = 0.f;
 
     for (int i = 0; i < p.num_branches; ++i) {
       const Progression keys = p.branch(i).keys(x, p.offset(i, head), p.causal);
@@ -74,7 +63,7 @@ __global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
         const std::int64_t j = chunk + lane;
         const bool valid = j < keys.count;
         const std::int64_t y = valid ? keys.at(j) : 0;
-        float score = -kInf;
+        float score = -inf;
         if (valid) {
           const T* const k_row = k_base + y * p.k_seq;
           float dot = 0.f;
@@ -82,32 +71,26 @@ __global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
           for (int d = 0; d < D; ++d) dot = fmaf(query[d], to_float(k_row[d]), dot);
           score = dot * p.scale_log2;
         }
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < kPerLane; ++e) acc[e] *= factor;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = keys.count - chunk < 32 ? keys.count - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const v_row = v_base + y_j * p.v_seq;
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       if (mean) {
         if (row_sum > 0.f) {
           const float inverse = 1.f / (row_sum * static_cast<float>(p.num_branches));
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) mean_acc[e] += acc[e] * inverse;
-          lse_mean = log_add_exp(lse_mean, (row_max + log2f(row_sum)) * kLn2);
+          for (int e = 0; e < per_lane; ++e) mean_acc[e] += acc[e] * inverse;
+          lse_mean = log_add_exp(lse_mean, (row_max + log2f(row_sum)) * ln2);
         }
 #pragma unroll
-        for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
-        row_max = -kInf;
+        for (int e = 0; e < per_lane; ++e) acc[e] = 0.f;
+        row_max = -inf;
         row_sum = 0.f;
       }
     }
@@ -115,11 +98,11 @@ __global__ void __launch_bounds__(32 * detail::kSimtRowsPerBlock, 4)
     T* const out_row = static_cast<T*>(p.out) + batch * p.o_batch + x * p.o_seq + head * p.o_head;
     const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
-    for (int e = 0; e < kPerLane; ++e)
+    for (int e = 0; e < per_lane; ++e)
       out_row[lane + 32 * e] = static_cast<T>(mean ? mean_acc[e] : acc[e] * inverse);
     if (p.lse != nullptr && lane == 0)
       p.lse[(batch * p.heads + head) * p.seq_len + x] =
-          mean ? lse_mean : (row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf);
+          mean ? lse_mean : (row_sum > 0.f ? (row_max + log2f(row_sum)) * ln2 : -inf);
   }
 }
 

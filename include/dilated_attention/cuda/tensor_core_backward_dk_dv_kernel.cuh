@@ -25,25 +25,25 @@ namespace dilated_attention::cuda::device {
 //   dV += (g P^T) dO,  dK += dS^T Q                   (ldmatrix.trans of the dO and Q tiles)
 // in that fixed order: no atomics, bitwise reproducible.
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(block_threads, 1)
     tensor_core_backward_dk_dv_kernel(const BackwardParams bp) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   using Mma = MmaOp<T>;
-  constexpr int kPitch = D + 8;
-  constexpr int kDimTiles = D / 8;
-  constexpr int kQueryTile = kBackwardQueryTile;  // queries per streamed tile (32: registers)
-  constexpr int kQueryTiles = kQueryTile / 8;    // n-tiles of S^T
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float kInf = __int_as_float(0x7f800000);
+  constexpr int pitch = D + 8;
+  constexpr int dim_tiles = D / 8;
+  constexpr int query_stage_rows = backward_query_stage_rows;  // queries per streamed tile (32: registers)
+  constexpr int query_tiles = query_stage_rows / 8;    // n-tiles of S^T
+  constexpr float log2e = 1.4426950408889634f;
+  const float inf = __int_as_float(0x7f800000);
   const ForwardParams& p = bp.f;
 
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* const k_tile = reinterpret_cast<T*>(shared_raw);  // the window's keys
-  T* const v_tile = k_tile + kWindowRows * kPitch;
-  T* const q_stages = v_tile + kWindowRows * kPitch;    // two stages each
-  T* const do_stages = q_stages + 2 * kQueryTile * kPitch;
-  float* const lse_stages = reinterpret_cast<float*>(do_stages + 2 * kQueryTile * kPitch);
-  float* const delta_stages = lse_stages + 2 * kQueryTile;
+  T* const v_tile = k_tile + block_window_rows * pitch;
+  T* const q_stages = v_tile + block_window_rows * pitch;    // two stages each
+  T* const do_stages = q_stages + 2 * query_stage_rows * pitch;
+  float* const lse_stages = reinterpret_cast<float*>(do_stages + 2 * query_stage_rows * pitch);
+  float* const delta_stages = lse_stages + 2 * query_stage_rows;
 
   // Block coordinates, positions and counts in 32 bits (seq_len < 2^31, fewer than 2^31 blocks:
   // check_backend_limits); 64-bit addresses are recomputed from them where used
@@ -64,23 +64,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The key rows whose dK, dV this thread accumulates (C fragment rows g and g + 8 of the warp):
   // window rows warp * 16 + g + 8 r, present while below window_count.
   const int fragment_offset =
-      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
+      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * pitch + (lane / 16) * 8;
 
-  copy_tile_rows<T, D, kWindowRows>(
+  copy_tile_rows<T, D, block_window_rows>(
       k_tile,
       row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, kv_head,
              window_first),
       window_stride * p.k_seq, window_count, p.k_vector);
-  copy_tile_rows<T, D, kWindowRows>(
+  copy_tile_rows<T, D, block_window_rows>(
       v_tile,
       row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, kv_head,
              window_first),
       window_stride * p.v_seq, window_count, p.v_vector);
   cp_async_commit();
 
-  float acc_k[kDimTiles][4], acc_v[kDimTiles][4];
+  float acc_k[dim_tiles][4], acc_v[dim_tiles][4];
 #pragma unroll
-  for (int dn = 0; dn < kDimTiles; ++dn)
+  for (int dn = 0; dn < dim_tiles; ++dn)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_k[dn][e] = acc_v[dn][e] = 0.f;
 
@@ -123,47 +123,47 @@ __global__ void __launch_bounds__(kThreads, 1)
         auto load_tile = [&](int j0, int into) {
           const int h = opaque(head), r = opaque(stride);
           const int position = first + j0 * r, rows_left = count - j0;
-          copy_tile_rows<T, D, kQueryTile>(
-              q_stages + into * kQueryTile * kPitch,
+          copy_tile_rows<T, D, query_stage_rows>(
+              q_stages + into * query_stage_rows * pitch,
               row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, h, position),
               r * p.q_seq, rows_left, p.q_vector);
-          copy_tile_rows<T, D, kQueryTile>(
-              do_stages + into * kQueryTile * kPitch,
+          copy_tile_rows<T, D, query_stage_rows>(
+              do_stages + into * query_stage_rows * pitch,
               row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, h,
                      position),
               r * bp.do_seq, rows_left, bp.do_vector);
-          if (tid < kQueryTile) {
+          if (tid < query_stage_rows) {
             const bool valid = tid < rows_left;
             const std::int64_t row_index =
                 (static_cast<std::int64_t>(batch) * p.heads + h) * p.seq_len +
                 (valid ? position + tid * r : 0);
             const std::int64_t at = (mean ? opaque(branch) * bp.rows : 0) + row_index;
-            const float lse = valid ? (mean ? bp.branch_lse[at] : p.lse[at]) : -kInf;
-            lse_stages[into * kQueryTile + tid] = lse == -kInf ? 0.f : lse * kLog2e;
-            delta_stages[into * kQueryTile + tid] = valid ? bp.delta[at] : 0.f;
+            const float lse = valid ? (mean ? bp.branch_lse[at] : p.lse[at]) : -inf;
+            lse_stages[into * query_stage_rows + tid] = lse == -inf ? 0.f : lse * log2e;
+            delta_stages[into * query_stage_rows + tid] = valid ? bp.delta[at] : 0.f;
           }
         };
         load_tile(0, stage);
         cp_async_commit();
-        for (int j0 = 0; j0 < count; j0 += kQueryTile) {
+        for (int j0 = 0; j0 < count; j0 += query_stage_rows) {
           const int current = stage;
-          if (j0 + kQueryTile < count) {
-            load_tile(j0 + kQueryTile, stage ^ 1);
+          if (j0 + query_stage_rows < count) {
+            load_tile(j0 + query_stage_rows, stage ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
           } else {
             cp_async_wait<0>();
           }
           __syncthreads();
-          const T* const q_tile = q_stages + current * kQueryTile * kPitch;
-          const T* const do_tile = do_stages + current * kQueryTile * kPitch;
-          const float* const lse_log2 = lse_stages + current * kQueryTile;
-          const float* const delta = delta_stages + current * kQueryTile;
+          const T* const q_tile = q_stages + current * query_stage_rows * pitch;
+          const T* const do_tile = do_stages + current * query_stage_rows * pitch;
+          const float* const lse_log2 = lse_stages + current * query_stage_rows;
+          const float* const delta = delta_stages + current * query_stage_rows;
 
           // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and the tile's 32 queries.
-          float score[kQueryTiles][4], grad[kQueryTiles][4];
+          float score[query_tiles][4], grad[query_tiles][4];
 #pragma unroll
-          for (int nt = 0; nt < kQueryTiles; ++nt)
+          for (int nt = 0; nt < query_tiles; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) score[nt][e] = grad[nt][e] = 0.f;
 #pragma unroll 2
@@ -172,14 +172,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             ldmatrix_x4(a_k, k_tile + fragment_offset + kk * 16);
             ldmatrix_x4(a_v, v_tile + fragment_offset + kk * 16);
 #pragma unroll
-            for (int np = 0; np < kQueryTiles / 2; ++np) {
+            for (int np = 0; np < query_tiles / 2; ++np) {
               const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
               const int col = kk * 16 + ((lane / 8) % 2) * 8;
               std::uint32_t b[4];
-              ldmatrix_x4(b, q_tile + row * kPitch + col);
+              ldmatrix_x4(b, q_tile + row * pitch + col);
               Mma::run(score[2 * np], a_k, b[0], b[1]);
               Mma::run(score[2 * np + 1], a_k, b[2], b[3]);
-              ldmatrix_x4(b, do_tile + row * kPitch + col);
+              ldmatrix_x4(b, do_tile + row * pitch + col);
               Mma::run(grad[2 * np], a_v, b[0], b[1]);
               Mma::run(grad[2 * np + 1], a_v, b[2], b[3]);
             }
@@ -189,21 +189,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           // fragments (the C and A layouts agree): the fp32 tiles die here, which keeps the
           // dV and dK accumulators in registers.
           // Query j of the tile attends key row r iff local_lo <= j < local_hi (0 <= local_lo <=
-          // local_hi <= kQueryTile), i.e. iff j - local_lo < local_hi - local_lo as unsigned:
+          // local_hi <= query_stage_rows), i.e. iff j - local_lo < local_hi - local_lo as unsigned:
           // per element one add of a constant and one compare, from two values per row and tile
           // (no per-thread table of the thread's columns j held in registers).
-          const int local_hi = count - j0 < kQueryTile ? count - j0 : kQueryTile;
+          const int local_hi = count - j0 < query_stage_rows ? count - j0 : query_stage_rows;
           unsigned from_lo[2], span[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int a = lo[r] - j0;
-            const int local_lo = a < 0 ? 0 : (a > kQueryTile ? kQueryTile : a);
+            const int local_lo = a < 0 ? 0 : (a > query_stage_rows ? query_stage_rows : a);
             from_lo[r] = static_cast<unsigned>(2 * t - local_lo);
             span[r] = static_cast<unsigned>(local_hi - local_lo);
           }
-          std::uint32_t p_frag[kQueryTile / 16][4], s_frag[kQueryTile / 16][4];
+          std::uint32_t p_frag[query_stage_rows / 16][4], s_frag[query_stage_rows / 16][4];
 #pragma unroll
-          for (int nt = 0; nt < kQueryTiles; ++nt)
+          for (int nt = 0; nt < query_tiles; ++nt)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {  // elements 2 half, 2 half + 1: one row
               float prob[2], ds[2];
@@ -223,15 +223,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
           // dV += (g P^T) dO and dK += dS^T Q, B operands by ldmatrix.trans of the tiles.
 #pragma unroll
-          for (int ks = 0; ks < kQueryTile / 16; ++ks) {
+          for (int ks = 0; ks < query_stage_rows / 16; ++ks) {
             const int row = ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
               std::uint32_t b[4];
-              ldmatrix_x4_trans(b, do_tile + row * kPitch + dp * 16 + (lane / 16) * 8);
+              ldmatrix_x4_trans(b, do_tile + row * pitch + dp * 16 + (lane / 16) * 8);
               Mma::run(acc_v[2 * dp], p_frag[ks], b[0], b[1]);
               Mma::run(acc_v[2 * dp + 1], p_frag[ks], b[2], b[3]);
-              ldmatrix_x4_trans(b, q_tile + row * kPitch + dp * 16 + (lane / 16) * 8);
+              ldmatrix_x4_trans(b, q_tile + row * pitch + dp * 16 + (lane / 16) * 8);
               Mma::run(acc_k[2 * dp], s_frag[ks], b[0], b[1]);
               Mma::run(acc_k[2 * dp + 1], s_frag[ks], b[2], b[3]);
             }
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     T* const dv_row =
         row_at(static_cast<T*>(bp.d_v), bp.dv_batch, bp.dv_seq, bp.dv_head, batch, kv_head, y);
 #pragma unroll
-    for (int dn = 0; dn < kDimTiles; ++dn)
+    for (int dn = 0; dn < dim_tiles; ++dn)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         dk_row[dn * 8 + 2 * t + c] = T(acc_k[dn][2 * r + c] * p.scale);

@@ -29,28 +29,28 @@
 namespace dilated_attention::cuda::device {
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(block_threads, 1)
     tensor_core_backward_dq_kernel(const BackwardParams bp) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   using Mma = MmaOp<T>;
-  constexpr int kPitch = D + 8;
-  constexpr int kDimTiles = D / 8;
-  constexpr int kKeyTiles = kKeyTile / 8;
-  constexpr float kLog2e = 1.4426950408889634f;
-  const float kInf = __int_as_float(0x7f800000);
+  constexpr int pitch = D + 8;
+  constexpr int dim_tiles = D / 8;
+  constexpr int key_tiles = key_stage_rows / 8;
+  constexpr float log2e = 1.4426950408889634f;
+  const float inf = __int_as_float(0x7f800000);
   const ForwardParams& p = bp.f;
 
   // At head_dim 128 the Q fragments stay in shared memory too (registers would spill).
-  constexpr bool kQInShared = backward_dq_keeps_q_in_shared(D);
+  constexpr bool q_in_shared = backward_dq_keeps_q_in_shared(D);
   // With Q in shared memory the k-loop of S and dP need not be unrolled (nothing is indexed in
   // registers by it); rolled, its ldmatrix addresses are not all kept live at once.
-  constexpr int kScoreUnroll = kQInShared ? 2 : D / 16;
-  (void)kScoreUnroll;  // read only by the pragma (ignored by the host emulation)
+  constexpr int score_unroll = q_in_shared ? 2 : D / 16;
+  (void)score_unroll;  // read only by the pragma (ignored by the host emulation)
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* const row_tile = reinterpret_cast<T*>(shared_raw);  // dO (and Q before, unless kQInShared)
-  T* const q_tile = kQInShared ? row_tile + kWindowRows * kPitch : row_tile;
-  T* const k_stages = q_tile + kWindowRows * kPitch;
-  T* const v_stages = k_stages + 2 * kKeyTile * kPitch;
+  T* const row_tile = reinterpret_cast<T*>(shared_raw);  // dO (and Q before, unless q_in_shared)
+  T* const q_tile = q_in_shared ? row_tile + block_window_rows * pitch : row_tile;
+  T* const k_stages = q_tile + block_window_rows * pitch;
+  T* const v_stages = k_stages + 2 * key_stage_rows * pitch;
 
   // Block coordinates, positions and counts in 32 bits (seq_len < 2^31, fewer than 2^31 blocks:
   // check_backend_limits); 64-bit addresses are recomputed from them where used
@@ -71,14 +71,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   // shared memory and its fragments are read per key tile (holding both in registers spills at
   // head_dim 96 and 128).
   const int fragment_offset =
-      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch + (lane / 16) * 8;
+      (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * pitch + (lane / 16) * 8;
   T* const fragment_row = row_tile + fragment_offset;
-  std::uint32_t q_frag[kQInShared ? 1 : D / 16][4];
-  copy_tile_rows<T, D, kWindowRows>(
+  std::uint32_t q_frag[q_in_shared ? 1 : D / 16][4];
+  copy_tile_rows<T, D, block_window_rows>(
       q_tile,
       row_at(static_cast<const T*>(p.q), p.q_batch, p.q_seq, p.q_head, batch, head, window_first),
       window_stride * p.q_seq, window_count, p.q_vector);
-  if constexpr (!kQInShared) {
+  if constexpr (!q_in_shared) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -86,16 +86,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], fragment_row + kk * 16);
     __syncthreads();
   }
-  copy_tile_rows<T, D, kWindowRows>(
+  copy_tile_rows<T, D, block_window_rows>(
       row_tile,
       row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, head,
              window_first),
       window_stride * bp.do_seq, window_count, bp.do_vector);
   cp_async_commit();
 
-  float acc[kDimTiles][4];
+  float acc[dim_tiles][4];
 #pragma unroll
-  for (int dn = 0; dn < kDimTiles; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+  for (int dn = 0; dn < dim_tiles; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
 
   int stage = 0;
   for (int i = 0; i < p.num_branches; ++i) {
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           (row_position[r] < 0 ? 0 : row_position[r]);
       const std::int64_t at = (mean ? i * bp.rows : 0) + row_index;
       const float lse = mean ? bp.branch_lse[at] : p.lse[row_index];
-      lse_log2[r] = lse == -kInf ? 0.f : lse * kLog2e;
+      lse_log2[r] = lse == -inf ? 0.f : lse * log2e;
       delta[r] = bp.delta[at];
     }
     const SegmentRange segments =
@@ -139,50 +139,50 @@ __global__ void __launch_bounds__(kThreads, 1)
       auto load_tile = [&](int j0, int into) {
         const int h = opaque(kv_head), r = opaque(stride);
         const int position = first + j0 * r, rows_left = count - j0;
-        copy_tile_rows<T, D, kKeyTile>(
-            k_stages + into * kKeyTile * kPitch,
+        copy_tile_rows<T, D, key_stage_rows>(
+            k_stages + into * key_stage_rows * pitch,
             row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, h, position),
             r * p.k_seq, rows_left, p.k_vector);
-        copy_tile_rows<T, D, kKeyTile>(
-            v_stages + into * kKeyTile * kPitch,
+        copy_tile_rows<T, D, key_stage_rows>(
+            v_stages + into * key_stage_rows * pitch,
             row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, h, position),
             r * p.v_seq, rows_left, p.v_vector);
       };
       load_tile(0, stage);
       cp_async_commit();
-      for (int j0 = 0; j0 < count; j0 += kKeyTile) {
+      for (int j0 = 0; j0 < count; j0 += key_stage_rows) {
         const int current = stage;
-        if (j0 + kKeyTile < count) {
-          load_tile(j0 + kKeyTile, stage ^ 1);
+        if (j0 + key_stage_rows < count) {
+          load_tile(j0 + key_stage_rows, stage ^ 1);
           cp_async_commit();
           cp_async_wait<1>();
         } else {
           cp_async_wait<0>();
         }
         __syncthreads();
-        const T* const k_tile = k_stages + current * kKeyTile * kPitch;
-        const T* const v_tile = v_stages + current * kKeyTile * kPitch;
+        const T* const k_tile = k_stages + current * key_stage_rows * pitch;
+        const T* const v_tile = v_stages + current * key_stage_rows * pitch;
 
         // S = Q K^T and dP = dO V^T for this warp's 16 rows and the tile's 64 keys.
-        float score[kKeyTiles][4], grad[kKeyTiles][4];
+        float score[key_tiles][4], grad[key_tiles][4];
 #pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt)
+        for (int nt = 0; nt < key_tiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) score[nt][e] = grad[nt][e] = 0.f;
-#pragma unroll kScoreUnroll
+#pragma unroll score_unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           std::uint32_t do_frag[4], q_shared_frag[4];
           ldmatrix_x4(do_frag, fragment_row + kk * 16);
-          if constexpr (kQInShared) ldmatrix_x4(q_shared_frag, q_tile + fragment_offset + kk * 16);
-          const std::uint32_t(&a_q)[4] = kQInShared ? q_shared_frag : q_frag[kQInShared ? 0 : kk];
+          if constexpr (q_in_shared) ldmatrix_x4(q_shared_frag, q_tile + fragment_offset + kk * 16);
+          const std::uint32_t(&a_q)[4] = q_in_shared ? q_shared_frag : q_frag[q_in_shared ? 0 : kk];
 #pragma unroll
-          for (int np = 0; np < kKeyTiles / 2; ++np) {
+          for (int np = 0; np < key_tiles / 2; ++np) {
             const int row = np * 16 + (lane % 8) + (lane / 16) * 8, col = kk * 16 + ((lane / 8) % 2) * 8;
             std::uint32_t b[4];
-            ldmatrix_x4(b, k_tile + row * kPitch + col);
+            ldmatrix_x4(b, k_tile + row * pitch + col);
             Mma::run(score[2 * np], a_q, b[0], b[1]);
             Mma::run(score[2 * np + 1], a_q, b[2], b[3]);
-            ldmatrix_x4(b, v_tile + row * kPitch + col);
+            ldmatrix_x4(b, v_tile + row * pitch + col);
             Mma::run(grad[2 * np], do_frag, b[0], b[1]);
             Mma::run(grad[2 * np + 1], do_frag, b[2], b[3]);
           }
@@ -195,10 +195,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int rest = limit[r] - j0;
-          room[r] = (rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : rest)) - 2 * t;
+          room[r] = (rest < 0 ? 0 : (rest > key_stage_rows ? key_stage_rows : rest)) - 2 * t;
         }
 #pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt)
+        for (int nt = 0; nt < key_tiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = e >> 1;
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
         // dQ += dS K: dS as A fragments (C and A layouts agree), K^T via ldmatrix.trans.
 #pragma unroll
-        for (int ks = 0; ks < kKeyTile / 16; ++ks) {
+        for (int ks = 0; ks < key_stage_rows / 16; ++ks) {
           const std::uint32_t a[4] = {Mma::pack(score[2 * ks][0], score[2 * ks][1]),
                                       Mma::pack(score[2 * ks][2], score[2 * ks][3]),
                                       Mma::pack(score[2 * ks + 1][0], score[2 * ks + 1][1]),
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int dp = 0; dp < D / 16; ++dp) {
             std::uint32_t b[4];
-            ldmatrix_x4_trans(b, k_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch +
+            ldmatrix_x4_trans(b, k_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * pitch +
                                      dp * 16 + (lane / 16) * 8);
             Mma::run(acc[2 * dp], a, b[0], b[1]);
             Mma::run(acc[2 * dp + 1], a, b[2], b[3]);
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     T* const dq_row = row_at(static_cast<T*>(bp.d_q), bp.dq_batch, bp.dq_seq, bp.dq_head, batch,
                              head, window_first + row * window_stride);
 #pragma unroll
-    for (int dn = 0; dn < kDimTiles; ++dn)
+    for (int dn = 0; dn < dim_tiles; ++dn)
 #pragma unroll
       for (int c = 0; c < 2; ++c) dq_row[dn * 8 + 2 * t + c] = T(acc[dn][2 * r + c] * p.scale);
   }

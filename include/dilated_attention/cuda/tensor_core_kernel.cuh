@@ -2,13 +2,13 @@
 // The fused forward kernel for 16-bit storage (__half, __nv_bfloat16) on tensor cores, in the
 // FlashAttention-2 style, for every branch at once.
 //
-// One thread block = one work unit (batch, head, query window of up to kWindowRows positions,
+// One thread block = one work unit (batch, head, query window of up to block_window_rows positions,
 // query_window.hpp). The window's rows are loaded once into a shared Q tile. For each branch and
 // each segment overlapping the window (a "work"), the window rows that the block selects are
 // packed in position order into 16-row slices, one per warp (slices without queries are
 // skipped); the warp's Q fragments come from the tile by ldmatrix at the packed rows. The block's
 // keys (rows of the segment with the head's offset, i.e. stride r) stream through shared memory
-// in tiles of kKeyTile rows with cp.async double buffering, addressed by stride in place
+// in tiles of key_stage_rows rows with cp.async double buffering, addressed by stride in place
 // (row_pointers.cuh, shared with the backward): no gather, no copy. Each warp multiplies only up
 // to its own slice's key limit (16-key steps). Scores and P.V use mma.sync m16n8k16 with fp32
 // accumulators; keys past a query's causal limit and past the block are masked to -inf. The
@@ -41,23 +41,23 @@ __device__ __forceinline__ std::uint64_t ballot_rows(const Progression& keys,
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(block_threads)
     tensor_core_forward_kernel(const ForwardParams p) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   using Mma = MmaOp<T>;
-  constexpr int kPitch = D + 8;
-  constexpr int kDimTiles = D / 8;  // n-tiles of the output
-  constexpr int kKeyTiles = kKeyTile / 8;  // n-tiles of the scores
-  const float kInf = __int_as_float(0x7f800000);
+  constexpr int pitch = D + 8;
+  constexpr int dim_tiles = D / 8;  // n-tiles of the output
+  constexpr int key_tiles = key_stage_rows / 8;  // n-tiles of the scores
+  const float inf = __int_as_float(0x7f800000);
 
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* const q_tile = reinterpret_cast<T*>(shared_raw);
-  T* const k_stages = q_tile + kWindowRows * kPitch;
-  T* const v_stages = k_stages + 2 * kKeyTile * kPitch;
+  T* const k_stages = q_tile + block_window_rows * pitch;
+  T* const v_stages = k_stages + 2 * key_stage_rows * pitch;
   // One record per window row (launch_plan.hpp's forward_shared_bytes): D accumulators, the max
   // (mean: the log-sum-exp of the branches) and the sum.
   const RowRecords<D> records =
-      RowRecords<D>::in(reinterpret_cast<float*>(v_stages + 2 * kKeyTile * kPitch));
+      RowRecords<D>::in(reinterpret_cast<float*>(v_stages + 2 * key_stage_rows * pitch));
 
   const WorkUnit unit = work_unit(p, blockIdx.x);
   const QueryWindow window = query_window(p, unit.window);
@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kThreads)
   const bool mean = p.mixing == Mixing::mean;
 
   // Copy loops rolled at head_dim 96 and 128, unrolled below: the choice without spills (ptxas -v).
-  constexpr bool kRolled = D >= 96;
-  load_window_rows<T, D, kRolled>(q_tile, q_base, p.q_seq, window, p.q_vector);
+  constexpr bool rolled = D >= 96;
+  load_window_rows<T, D, rolled>(q_tile, q_base, p.q_seq, window, p.q_vector);
   cp_async_commit();
   records.clear(tid);
   cp_async_wait<0>();
@@ -84,9 +84,9 @@ __global__ void __launch_bounds__(kThreads)
   // so it is also the max of the scaled ones; probabilities are exp2(s scale log2e - pivot)), this
   // thread's share of the sum (the 4 threads of a row are summed when the state is saved), and
   // the accumulators.
-  float row_max[2] = {-kInf, -kInf};
+  float row_max[2] = {-inf, -inf};
   float row_sum[2] = {0.f, 0.f};
-  float acc[kDimTiles][4];
+  float acc[dim_tiles][4];
   int row_index[2] = {-1, -1};  // their window rows, -1 for none
   std::uint32_t q_frag[D / 16][4];
   // The packing (QueryWork::rows) that row_index and q_frag are for, 0 for none; for softmax the
@@ -119,13 +119,13 @@ __global__ void __launch_bounds__(kThreads)
   // down the tile), K and V in separate cp.async groups, so that S = QK^T starts while V is still
   // in flight. A block of one key gets a row step of 0: its stride may exceed the sequence.
   auto issue_tile = [&](const QueryWork& of, int tile, int into) {
-    const std::int64_t first = of.keys.first + std::int64_t{tile} * kKeyTile * of.keys.stride;
+    const std::int64_t first = of.keys.first + std::int64_t{tile} * key_stage_rows * of.keys.stride;
     const std::int64_t step = of.keys.count > 1 ? of.keys.stride : 0;
-    const int rows_left = of.key_count - tile * kKeyTile;
-    copy_tile_rows<T, D, kKeyTile>(k_stages + into * kKeyTile * kPitch, k_base + first * p.k_seq,
+    const int rows_left = of.key_count - tile * key_stage_rows;
+    copy_tile_rows<T, D, key_stage_rows>(k_stages + into * key_stage_rows * pitch, k_base + first * p.k_seq,
                                    step * p.k_seq, rows_left, p.k_vector);
     cp_async_commit();
-    copy_tile_rows<T, D, kKeyTile>(v_stages + into * kKeyTile * kPitch, v_base + first * p.v_seq,
+    copy_tile_rows<T, D, key_stage_rows>(v_stages + into * key_stage_rows * pitch, v_base + first * p.v_seq,
                                    step * p.v_seq, rows_left, p.v_vector);
     cp_async_commit();
   };
@@ -144,14 +144,14 @@ __global__ void __launch_bounds__(kThreads)
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int n = warp * kSliceRows + g + 8 * r;
+        const int n = warp * slice_rows + g + 8 * r;
         row_index[r] = n < work.queries ? nth_set_bit(work.rows, n) : -1;
       }
-      const int n = warp * kSliceRows + (lane % 8) + ((lane / 8) % 2) * 8;
+      const int n = warp * slice_rows + (lane % 8) + ((lane / 8) % 2) * 8;
       const int row = n < work.queries ? nth_set_bit(work.rows, n) : 0;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
-        ldmatrix_x4(q_frag[kk], q_tile + row * kPitch + kk * 16 + (lane / 16) * 8);
+        ldmatrix_x4(q_frag[kk], q_tile + row * pitch + kk * 16 + (lane / 16) * 8);
     }
     if (mean || work.rows != packed) {  // uniform
       // Mean: every work starts afresh. Softmax: the rows' state so far.
@@ -185,22 +185,22 @@ __global__ void __launch_bounds__(kThreads)
 
       // Keys this warp multiplies in the tile (16-key steps); 0: its slice attends none.
       const int warp_keys = slice_tile_keys(warp_limit, tile);
-      const T* const k_tile = k_stages + current * kKeyTile * kPitch;
-      const T* const v_tile = v_stages + current * kKeyTile * kPitch;
-      float score[kKeyTiles][4];
+      const T* const k_tile = k_stages + current * key_stage_rows * pitch;
+      const T* const v_tile = v_stages + current * key_stage_rows * pitch;
+      float score[key_tiles][4];
       float factor[2];
       if (warp_keys > 0) {  // uniform in the warp
         // S = Q K^T for this warp's 16 rows and the tile's keys up to warp_keys.
 #pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt)
+        for (int nt = 0; nt < key_tiles; ++nt)
           score[nt][0] = score[nt][1] = score[nt][2] = score[nt][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-          for (int np = 0; np < kKeyTiles / 2; ++np) {
-            if (np * kKeyStep >= warp_keys) continue;
+          for (int np = 0; np < key_tiles / 2; ++np) {
+            if (np * key_step >= warp_keys) continue;
             std::uint32_t b[4];
-            ldmatrix_x4(b, k_tile + (np * 16 + (lane % 8) + (lane / 16) * 8) * kPitch + kk * 16 +
+            ldmatrix_x4(b, k_tile + (np * 16 + (lane % 8) + (lane / 16) * 8) * pitch + kk * 16 +
                                ((lane / 8) % 2) * 8);
             Mma::run(score[2 * np], q_frag[kk], b[0], b[1]);
             Mma::run(score[2 * np + 1], q_frag[kk], b[2], b[3]);
@@ -208,20 +208,20 @@ __global__ void __launch_bounds__(kThreads)
 
         // Mask: key j of the block is attended by a row iff j < its limit (0 for rows past the
         // work's queries). Then the running max of each row.
-        const int j0 = tile * kKeyTile;
+        const int j0 = tile * key_stage_rows;
         int local_limit[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int rest = limit[r] - j0;
-          local_limit[r] = rest < 0 ? 0 : (rest > kKeyTile ? kKeyTile : rest);
+          local_limit[r] = rest < 0 ? 0 : (rest > key_stage_rows ? key_stage_rows : rest);
         }
-        float tile_max[2] = {-kInf, -kInf};
+        float tile_max[2] = {-inf, -inf};
 #pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt)
+        for (int nt = 0; nt < key_tiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int j = nt * 8 + 2 * t + (e & 1);
-            const float value = j < local_limit[e >> 1] ? score[nt][e] : -kInf;
+            const float value = j < local_limit[e >> 1] ? score[nt][e] : -inf;
             score[nt][e] = value;
             tile_max[e >> 1] = fmaxf(tile_max[e >> 1], value);
           }
@@ -231,13 +231,13 @@ __global__ void __launch_bounds__(kThreads)
           const float new_max = fmaxf(row_max[r], row_max4(tile_max[r]));
           // A row that has seen no key yet keeps max -inf: exponentiate against 0 so that its
           // masked scores give exp2(-inf) = 0 rather than NaN.
-          factor[r] = new_max == -kInf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
-          pivot[r] = new_max == -kInf ? 0.f : new_max * p.scale_log2;
+          factor[r] = new_max == -inf ? 1.f : fast_exp2((row_max[r] - new_max) * p.scale_log2);
+          pivot[r] = new_max == -inf ? 0.f : new_max * p.scale_log2;
           row_max[r] = new_max;
           row_sum[r] *= factor[r];
         }
 #pragma unroll
-        for (int nt = 0; nt < kKeyTiles; ++nt)
+        for (int nt = 0; nt < key_tiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             // One FFMA and one MUFU.EX2 per score: exp2(s scale log2e - max scale log2e).
@@ -256,14 +256,14 @@ __global__ void __launch_bounds__(kThreads)
 
       if (warp_keys > 0) {
 #pragma unroll
-        for (int dn = 0; dn < kDimTiles; ++dn)
+        for (int dn = 0; dn < dim_tiles; ++dn)
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[dn][e] *= factor[e >> 1];
         // O += P V: the score accumulators become A fragments (the C and A layouts agree); key
         // steps past warp_keys hold only zeros and are skipped.
 #pragma unroll
-        for (int ks = 0; ks < kKeyTile / 16; ++ks) {
-          if (ks * kKeyStep >= warp_keys) continue;
+        for (int ks = 0; ks < key_stage_rows / 16; ++ks) {
+          if (ks * key_step >= warp_keys) continue;
           const std::uint32_t a[4] = {Mma::pack(score[2 * ks][0], score[2 * ks][1]),
                                       Mma::pack(score[2 * ks][2], score[2 * ks][3]),
                                       Mma::pack(score[2 * ks + 1][0], score[2 * ks + 1][1]),
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int dp = 0; dp < D / 16; ++dp) {
             std::uint32_t b[4];
-            ldmatrix_x4_trans(b, v_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kPitch +
+            ldmatrix_x4_trans(b, v_tile + (ks * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * pitch +
                                      dp * 16 + (lane / 16) * 8);
             Mma::run(acc[2 * dp], a, b[0], b[1]);
             Mma::run(acc[2 * dp + 1], a, b[2], b[3]);

@@ -20,22 +20,22 @@ namespace dilated_attention::cuda::device {
 template <class T, int D, bool Rolled>
 __device__ __forceinline__ void load_window_rows(T* tile, const T* base, std::int64_t seq_stride,
                                                  const QueryWindow& window, bool vector_io) {
-  constexpr int kPitch = D + 8;
-  constexpr int kChunks = D / 8;
-  constexpr int kUnroll = Rolled ? 1 : kWindowRows * kChunks / kThreads;
-  (void)kUnroll;  // read only by the pragma (ignored by the host emulation)
+  constexpr int pitch = D + 8;
+  constexpr int chunks = D / 8;
+  constexpr int copy_unroll = Rolled ? 1 : block_window_rows * chunks / block_threads;
+  (void)copy_unroll;  // read only by the pragma (ignored by the host emulation)
   if (vector_io) {
-#pragma unroll kUnroll
-    for (int c = threadIdx.x; c < kWindowRows * kChunks; c += kThreads) {
-      const int row = c / kChunks, col = (c % kChunks) * 8;
+#pragma unroll copy_unroll
+    for (int c = threadIdx.x; c < block_window_rows * chunks; c += block_threads) {
+      const int row = c / chunks, col = (c % chunks) * 8;
       const bool valid = row < window.count;
       const T* source = valid ? base + window.position(row) * seq_stride + col : base;
-      cp_async_16(tile + row * kPitch + col, source, valid);
+      cp_async_16(tile + row * pitch + col, source, valid);
     }
   } else {
-    for (int e = threadIdx.x; e < kWindowRows * D; e += kThreads) {
+    for (int e = threadIdx.x; e < block_window_rows * D; e += block_threads) {
       const int row = e / D, col = e % D;
-      tile[row * kPitch + col] =
+      tile[row * pitch + col] =
           row < window.count ? base[window.position(row) * seq_stride + col] : T(0.0f);
     }
   }

@@ -64,7 +64,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     if (mean) {
       branch_lse_ = DeviceArray<float, Device>(static_cast<std::size_t>(branches * rows_));
       const auto count = static_cast<std::int64_t>(branch_lse_.size());
-      device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::kThreads, 0,
+      device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::block_threads, 0,
                      device::FillParams{branch_lse_.data(), count, negative_infinity<float>()});
       lse_ = branch_lse_.data();
     } else {
@@ -107,7 +107,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     if (mean_) return;
     const device::DeltaParams p{out_.data, d_out_.data, strides(out_), strides(d_out_), delta_.data(),
                                 shape_.batch, shape_.num_heads, shape_.seq_len, shape_.head_dim};
-    device_.launch(&device::ring_delta_kernel<T>, grid_for(rows_), device::kThreads, 0, p);
+    device_.launch(&device::ring_delta_kernel<T>, grid_for(rows_), device::block_threads, 0, p);
   }
 
   // Mean mixing: records one block whose (lse, D) merge into branch i's row statistics.
@@ -141,7 +141,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     stage(group_begin_, returned_groups_device_);
     const device::ReturnedParams p{returned_device_.data(), returned_groups_device_.data(), d_k_.data(),
                                    d_v_.data(), shape_.num_kv_heads, shape_.seq_len, tiles(), shape_.head_dim};
-    device_.launch(&device::ring_add_returned_kernel<float>, used * tiles(), device::kThreads, 0, p);
+    device_.launch(&device::ring_add_returned_kernel<float>, used * tiles(), device::block_threads, 0, p);
     returned_items_.clear();
   }
 
@@ -206,7 +206,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   }
   template <bool Statistics, bool Keys>
   void dispatch(const device::GradientParams& p, std::int64_t blocks) {
-    const std::size_t shared = static_cast<std::size_t>(device::kWarps * 2 * shape_.head_dim) * sizeof(float);
+    const std::size_t shared = static_cast<std::size_t>(device::block_warps * 2 * shape_.head_dim) * sizeof(float);
     switch (shape_.head_dim) {
       case 32: launch_one<Statistics, Keys, 32>(p, blocks, shared); break;
       case 64: launch_one<Statistics, Keys, 64>(p, blocks, shared); break;
@@ -216,15 +216,15 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   }
   template <bool Statistics, bool Keys, int D>
   void launch_one(const device::GradientParams& p, std::int64_t blocks, std::size_t shared) {
-    if constexpr (Keys) device_.launch(&device::ring_key_gradient_kernel<T, D>, blocks, device::kThreads, shared, p);
-    else if constexpr (Statistics) device_.launch(&device::ring_statistics_kernel<T, D>, blocks, device::kThreads, shared, p);
-    else device_.launch(&device::ring_query_gradient_kernel<T, D>, blocks, device::kThreads, shared, p);
+    if constexpr (Keys) device_.launch(&device::ring_key_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
+    else if constexpr (Statistics) device_.launch(&device::ring_statistics_kernel<T, D>, blocks, device::block_threads, shared, p);
+    else device_.launch(&device::ring_query_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
   }
   void cast(const DeviceArray<float, Device>& from, View<T> to, std::int64_t heads) const {
     const std::int64_t elements = shape_.batch * heads * shape_.seq_len * shape_.head_dim;
     const device::CastParams p{from.data(), to.data, strides(to), shape_.batch, heads, shape_.seq_len,
                                shape_.head_dim};
-    device_.launch(&device::ring_gradient_cast_kernel<T>, grid_for(elements), device::kThreads, 0, p);
+    device_.launch(&device::ring_gradient_cast_kernel<T>, grid_for(elements), device::block_threads, 0, p);
   }
 
   using Base::device_;

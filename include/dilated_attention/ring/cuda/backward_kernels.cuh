@@ -86,11 +86,13 @@ __device__ __forceinline__ std::int64_t statistic(const GradientParams& p, const
 template <class T, int D, bool Statistics>
 __device__ void query_side(const GradientParams& p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
-  constexpr int kPerLane = D / 32;
-  const float kInf = __int_as_float(0x7f800000);
+  constexpr int per_lane = D / 32;
+  const float inf = __int_as_float(0x7f800000);
   using dilated_attention::cuda::device::to_float;
-  using dilated_attention::cuda::device::warp_max;
+  using dilated_attention::cuda::device::ScoreBase;
+  using dilated_attention::cuda::device::warp_online_softmax_step;
   using dilated_attention::cuda::device::warp_sum;
+  using dilated_attention::cuda::device::WarpSoftmaxStep;
   using gradient_detail::dot;
 
   extern __shared__ float ring_query_rows[];
@@ -98,8 +100,8 @@ __device__ void query_side(const GradientParams& p) {
   float* const query = ring_query_rows + warp * 2 * D;
   float* const upstream = query + D;  // dO of the row
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
-  const std::int64_t row_lo = tile * kTileRows;
-  const std::int64_t row_hi = row_lo + kTileRows < p.rows ? row_lo + kTileRows : p.rows;
+  const std::int64_t row_lo = tile * block_query_rows;
+  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const GradientItem item = p.items[index];
@@ -110,14 +112,14 @@ __device__ void query_side(const GradientParams& p) {
     const T* const v_base = static_cast<const T*>(p.v) + item.batch * p.v_strides.batch +
                             item.kv_head * p.v_strides.head;
     const T* const packed = static_cast<const T*>(item.received);
-    for (std::int64_t m = warp; m < mine.count; m += kWarps) {
+    for (std::int64_t m = warp; m < mine.count; m += block_warps) {
       const std::int64_t row = mine.at(m);
       const std::int64_t x = item.queries.at(local.index_of(row));
       const std::int64_t at = gradient_detail::statistic(p, item, row);
       const float row_lse = Statistics ? 0.f : p.lse[at];
       const float row_delta = Statistics ? 0.f : p.delta[at];
       std::int64_t limit = p.causal ? item.keys.count_up_to(x) : item.keys.count;
-      if (!Statistics && row_lse == -kInf) limit = 0;  // an empty row: nothing flows back
+      if (!Statistics && row_lse == -inf) limit = 0;  // an empty row: nothing flows back
       const T* const q_row = gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
       const T* const g_row = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
       __syncwarp();  // the previous row is no longer read
@@ -127,13 +129,13 @@ __device__ void query_side(const GradientParams& p) {
       }
       __syncwarp();
 
-      float row_max = -kInf, row_sum = 0.f, row_dot = 0.f, acc[kPerLane];
+      float row_max = -inf, row_sum = 0.f, row_dot = 0.f, acc[per_lane];
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+      for (int e = 0; e < per_lane; ++e) acc[e] = 0.f;
       for (std::int64_t chunk = 0; chunk < limit; chunk += 32) {
         const std::int64_t j = chunk + lane;
         const bool valid = j < limit;
-        float score = -kInf, d_prob = 0.f;
+        float score = -inf, d_prob = 0.f;
         if (valid) {
           const T* const k_row = packed != nullptr ? packed + j * D
                                                    : k_base + (item.key_row + j * item.keys.stride) * p.k_strides.seq;
@@ -144,12 +146,8 @@ __device__ void query_side(const GradientParams& p) {
         }
         if constexpr (Statistics) {
           // Online softmax of the block's scores; row_dot accumulates p_j (dO·v_j) beside it.
-          const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-          const float factor = expf(row_max - new_max);            // 0 on the first chunk
-          const float prob = valid ? expf(score - new_max) : 0.f;
-          row_max = new_max;
-          row_sum = row_sum * factor + warp_sum(prob);
-          row_dot = row_dot * factor + warp_sum(prob * d_prob);
+          const WarpSoftmaxStep step = warp_online_softmax_step<ScoreBase::e>(row_max, row_sum, score, valid);
+          row_dot = row_dot * step.factor + warp_sum(step.prob * d_prob);
         } else {
           const float prob = valid ? expf(score - row_lse) : 0.f;
           const float d_score = p.scale * prob * (p.weight * d_prob - row_delta);
@@ -160,12 +158,12 @@ __device__ void query_side(const GradientParams& p) {
             const T* const k_row = packed != nullptr ? packed + key * D
                                                      : k_base + (item.key_row + key * item.keys.stride) * p.k_strides.seq;
 #pragma unroll
-            for (int e = 0; e < kPerLane; ++e) acc[e] = fmaf(ds, to_float(k_row[lane + 32 * e]), acc[e]);
+            for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(ds, to_float(k_row[lane + 32 * e]), acc[e]);
           }
         }
       }
       if constexpr (Statistics) {
-        const float lse = row_sum > 0.f ? row_max + logf(row_sum) : -kInf;
+        const float lse = row_sum > 0.f ? row_max + logf(row_sum) : -inf;
         const float delta = row_sum > 0.f ? p.weight * row_dot / row_sum : 0.f;
         const MergeWeights<float> w = merge_weights(p.lse[at], lse);
         __syncwarp();  // every lane has read the old lse
@@ -176,7 +174,7 @@ __device__ void query_side(const GradientParams& p) {
       } else {
         float* const d_q_row = p.d_q + ((item.batch * p.heads + item.head) * p.rows + row) * D;
 #pragma unroll
-        for (int e = 0; e < kPerLane; ++e) d_q_row[lane + 32 * e] += acc[e];
+        for (int e = 0; e < per_lane; ++e) d_q_row[lane + 32 * e] += acc[e];
       }
     }
     __syncthreads();  // the next item may touch a row another warp handled in this one
@@ -184,22 +182,22 @@ __device__ void query_side(const GradientParams& p) {
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) ring_statistics_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_statistics_kernel(const GradientParams p) {
   query_side<T, D, true>(p);
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) ring_query_gradient_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_query_gradient_kernel(const GradientParams p) {
   query_side<T, D, false>(p);
 }
 
 // dK and dV of a step's blocks: one warp per key row, its k and v rows in shared memory; the
 // visible queries in chunks of 32 (lane i: query i of the chunk).
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const GradientParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
-  constexpr int kPerLane = D / 32;
-  const float kInf = __int_as_float(0x7f800000);
+  constexpr int per_lane = D / 32;
+  const float inf = __int_as_float(0x7f800000);
   using dilated_attention::cuda::device::to_float;
   using gradient_detail::dot;
 
@@ -208,8 +206,8 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
   float* const key = ring_query_rows + warp * 2 * D;
   float* const value = key + D;
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
-  const std::int64_t row_lo = tile * kTileRows;
-  const std::int64_t row_hi = row_lo + kTileRows < p.rows ? row_lo + kTileRows : p.rows;
+  const std::int64_t row_lo = tile * block_query_rows;
+  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const GradientItem item = p.items[index];
@@ -218,7 +216,7 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
     const Progression destination = packed != nullptr ? Progression{0, 1, item.keys.count}
                                                        : Progression{item.key_row, item.keys.stride, item.keys.count};
     const Progression mine = destination.within(row_lo, row_hi);
-    for (std::int64_t m = warp; m < mine.count; m += kWarps) {
+    for (std::int64_t m = warp; m < mine.count; m += block_warps) {
       const std::int64_t j = destination.index_of(mine.at(m));
       const std::int64_t y = item.keys.at(j);
       const T* const k_row = packed != nullptr ? packed + j * D
@@ -232,9 +230,9 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
       }
       __syncwarp();
       const std::int64_t first = p.causal ? item.queries.count_up_to(y - 1) : 0;  // x >= y
-      float acc_k[kPerLane], acc_v[kPerLane];
+      float acc_k[per_lane], acc_v[per_lane];
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc_k[e] = acc_v[e] = 0.f;
+      for (int e = 0; e < per_lane; ++e) acc_k[e] = acc_v[e] = 0.f;
       for (std::int64_t chunk = first; chunk < item.queries.count; chunk += 32) {
         const std::int64_t i = chunk + lane;
         float prob = 0.f, d_score = 0.f;
@@ -242,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
           const std::int64_t row = item.query_row + i * item.queries.stride;
           const std::int64_t at = gradient_detail::statistic(p, item, row);
           const float row_lse = p.lse[at];
-          if (row_lse != -kInf) {
+          if (row_lse != -inf) {
             const float score = dot(key, gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head), D);
             const float d_prob = dot(value, gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head), D);
             prob = expf(score * p.scale - row_lse);
@@ -257,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
           const T* const q_row = gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
           const T* const g_row = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) {
+          for (int e = 0; e < per_lane; ++e) {
             acc_k[e] = fmaf(ds_i, to_float(q_row[lane + 32 * e]), acc_k[e]);
             acc_v[e] = fmaf(p_i, to_float(g_row[lane + 32 * e]), acc_v[e]);
           }
@@ -274,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) ring_key_gradient_kernel(const Gradi
         d_v_row = p.d_v + at;
       }
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
+      for (int e = 0; e < per_lane; ++e) {
         d_k_row[lane + 32 * e] += acc_k[e];
         d_v_row[lane + 32 * e] += p.weight * acc_v[e];
       }

@@ -26,7 +26,7 @@ struct DeltaParams {
 
 // Softmax mixing: D = dO·O for every local row, one thread per row.
 template <class T>
-__global__ void __launch_bounds__(kThreads) ring_delta_kernel(const DeltaParams p) {
+__global__ void __launch_bounds__(block_threads) ring_delta_kernel(const DeltaParams p) {
   using dilated_attention::cuda::device::to_float;
   const std::int64_t count = p.batch * p.heads * p.rows;
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < count;
@@ -57,10 +57,10 @@ struct ReturnedParams {
 // One thread block per (batch, kv head) and tile of 64 local rows; the group's pieces in the
 // driver's order (step order), a block barrier between them.
 template <class V = float>
-__global__ void __launch_bounds__(kThreads) ring_add_returned_kernel(const ReturnedParams p) {
+__global__ void __launch_bounds__(block_threads) ring_add_returned_kernel(const ReturnedParams p) {
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
-  const std::int64_t row_lo = tile * kTileRows;
-  const std::int64_t row_hi = row_lo + kTileRows < p.rows ? row_lo + kTileRows : p.rows;
+  const std::int64_t row_lo = tile * block_query_rows;
+  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const ReturnedItem item = p.items[index];
     const Progression mine = item.rows.within(row_lo, row_hi);
@@ -84,7 +84,7 @@ struct CastParams {
 
 // Each element rounded once to the storage type, one thread per element.
 template <class T>
-__global__ void __launch_bounds__(kThreads) ring_gradient_cast_kernel(const CastParams p) {
+__global__ void __launch_bounds__(block_threads) ring_gradient_cast_kernel(const CastParams p) {
   const std::int64_t elements = p.batch * p.heads * p.rows * p.head_dim;
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
        e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {

@@ -68,7 +68,7 @@ class CudaForwardBackend : public CudaShard<T, Device> {
         acc_lse_(static_cast<std::size_t>(accumulators * rows_per_slot())) {
     device_.zero(acc_o_.data(), acc_o_.size() * sizeof(float));
     const auto count = static_cast<std::int64_t>(acc_lse_.size());
-    device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::kThreads, 0,
+    device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::block_threads, 0,
                    device::FillParams{acc_lse_.data(), count, negative_infinity<float>()});
   }
   // Kernels may still read the accumulators and the item arrays: wait for the stream first.
@@ -97,12 +97,12 @@ class CudaForwardBackend : public CudaShard<T, Device> {
                                  acc_lse_.data(), shape_.batch, shape_.num_heads, shape_.seq_len,
                                  tiles, scale_log2_, causal_};
     const std::int64_t blocks = shape_.batch * shape_.num_heads * tiles;
-    const std::size_t shared = static_cast<std::size_t>(device::kWarps * shape_.head_dim) * sizeof(float);
+    const std::size_t shared = static_cast<std::size_t>(device::block_warps * shape_.head_dim) * sizeof(float);
     switch (shape_.head_dim) {
-      case 32: device_.launch(&device::ring_attend_merge_kernel<T, 32>, blocks, device::kThreads, shared, p); break;
-      case 64: device_.launch(&device::ring_attend_merge_kernel<T, 64>, blocks, device::kThreads, shared, p); break;
-      case 96: device_.launch(&device::ring_attend_merge_kernel<T, 96>, blocks, device::kThreads, shared, p); break;
-      default: device_.launch(&device::ring_attend_merge_kernel<T, 128>, blocks, device::kThreads, shared, p); break;
+      case 32: device_.launch(&device::ring_attend_merge_kernel<T, 32>, blocks, device::block_threads, shared, p); break;
+      case 64: device_.launch(&device::ring_attend_merge_kernel<T, 64>, blocks, device::block_threads, shared, p); break;
+      case 96: device_.launch(&device::ring_attend_merge_kernel<T, 96>, blocks, device::block_threads, shared, p); break;
+      default: device_.launch(&device::ring_attend_merge_kernel<T, 128>, blocks, device::block_threads, shared, p); break;
     }
   }
 
@@ -123,7 +123,7 @@ class CudaForwardBackend : public CudaShard<T, Device> {
     const device::FinishParams p{acc_o_.data(), acc_lse_.data(), out.data, strides(out), lse,
                                  accumulators_, shape_.batch, shape_.num_heads, shape_.seq_len,
                                  shape_.head_dim};
-    device_.launch(&device::ring_finish_kernel<T>, grid_for(elements), device::kThreads, 0, p);
+    device_.launch(&device::ring_finish_kernel<T>, grid_for(elements), device::block_threads, 0, p);
   }
 
  private:

@@ -28,9 +28,9 @@
 
 namespace dilated_attention::ring::device {
 
-inline constexpr int kWarps = 4;
-inline constexpr int kThreads = 32 * kWarps;
-inline constexpr int kTileRows = 64;  // local query rows per thread block of the attend kernel
+inline constexpr int block_warps = 4;
+inline constexpr int block_threads = 32 * block_warps;
+inline constexpr int block_query_rows = 64;  // local query rows per thread block of the attend kernel
 
 // Element strides of a [batch, seq, heads, head_dim] tensor.
 struct Strides {
@@ -53,7 +53,7 @@ struct PackParams {
 };
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) ring_pack_kernel(const PackParams p) {
+__global__ void __launch_bounds__(block_threads) ring_pack_kernel(const PackParams p) {
   const PackItem item = p.items[blockIdx.x];
   T* const out = static_cast<T*>(item.destination);
   const std::int64_t per_tensor = item.rows.count * p.head_dim;
@@ -85,27 +85,26 @@ struct AttendParams {
   float* acc_o;    // [slot][batch][heads][rows][head_dim]
   float* acc_lse;  // [slot][batch][heads][rows]
   std::int64_t batch, heads, rows;  // the local shape (rows = N / P)
-  std::int64_t tiles;               // ceil(rows / kTileRows)
+  std::int64_t tiles;               // ceil(rows / block_query_rows)
   float scale_log2;                 // scale * log2(e)
   bool causal;
 };
 
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) ring_attend_merge_kernel(const AttendParams p) {
+__global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const AttendParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
-  constexpr int kPerLane = D / 32;
-  const float kInf = __int_as_float(0x7f800000);
-  constexpr float kLn2 = 0.693147180559945309f;
+  constexpr int per_lane = D / 32;
+  const float inf = __int_as_float(0x7f800000);
+  constexpr float ln2 = 0.693147180559945309f;
   using dilated_attention::cuda::device::to_float;
-  using dilated_attention::cuda::device::warp_max;
-  using dilated_attention::cuda::device::warp_sum;
+  using dilated_attention::cuda::device::warp_online_softmax_step;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* const query = ring_query_rows + warp * D;
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
-  const std::int64_t row_lo = tile * kTileRows;
-  const std::int64_t row_hi = row_lo + kTileRows < p.rows ? row_lo + kTileRows : p.rows;
+  const std::int64_t row_lo = tile * block_query_rows;
+  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const AttendItem item = p.items[index];
@@ -116,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) ring_attend_merge_kernel(const Atten
     const T* const v_base = static_cast<const T*>(p.v) + item.batch * p.v_strides.batch +
                             item.kv_head * p.v_strides.head;
     const T* const packed = static_cast<const T*>(item.received);
-    for (std::int64_t m = warp; m < mine.count; m += kWarps) {
+    for (std::int64_t m = warp; m < mine.count; m += block_warps) {
       const std::int64_t row = mine.at(m);
       const std::int64_t x = item.queries.at(local.index_of(row));
       const std::int64_t limit = p.causal ? item.keys.count_up_to(x) : item.keys.count;
@@ -126,13 +125,13 @@ __global__ void __launch_bounds__(kThreads) ring_attend_merge_kernel(const Atten
       for (int d = lane; d < D; d += 32) query[d] = to_float(q_row[d]);
       __syncwarp();
 
-      float row_max = -kInf, row_sum = 0.f, acc[kPerLane];
+      float row_max = -inf, row_sum = 0.f, acc[per_lane];
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) acc[e] = 0.f;
+      for (int e = 0; e < per_lane; ++e) acc[e] = 0.f;
       for (std::int64_t chunk = 0; chunk < limit; chunk += 32) {
         const std::int64_t j = chunk + lane;
         const bool valid = j < limit;
-        float score = -kInf;
+        float score = -inf;
         if (valid) {
           const T* const k_row = packed != nullptr
                                      ? packed + j * D
@@ -142,13 +141,7 @@ __global__ void __launch_bounds__(kThreads) ring_attend_merge_kernel(const Atten
           for (int d = 0; d < D; ++d) dot = fmaf(query[d], to_float(k_row[d]), dot);
           score = dot * p.scale_log2;
         }
-        const float new_max = fmaxf(row_max, warp_max(score));  // lane 0 is always valid
-        const float factor = exp2f(row_max - new_max);          // 0 on the first chunk
-        const float prob = valid ? exp2f(score - new_max) : 0.f;
-        row_max = new_max;
-        row_sum = row_sum * factor + warp_sum(prob);
-#pragma unroll
-        for (int e = 0; e < kPerLane; ++e) acc[e] *= factor;
+        const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = limit - chunk < 32 ? limit - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);
@@ -157,17 +150,17 @@ __global__ void __launch_bounds__(kThreads) ring_attend_merge_kernel(const Atten
                                      ? packed + (item.keys.count + key) * D
                                      : v_base + (item.key_row + key * item.keys.stride) * p.v_strides.seq;
 #pragma unroll
-          for (int e = 0; e < kPerLane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       // The block's partial (o = acc / sum, lse), merged into the running accumulator.
-      const float lse = row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -kInf;
+      const float lse = row_sum > 0.f ? (row_max + log2f(row_sum)) * ln2 : -inf;
       const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
       const std::int64_t at = ((item.slot * p.batch + item.batch) * p.heads + item.head) * p.rows + row;
       const MergeWeights<float> w = merge_weights(p.acc_lse[at], lse);
       float* const acc_row = p.acc_o + at * D;
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e)
+      for (int e = 0; e < per_lane; ++e)
         acc_row[lane + 32 * e] = w.a * acc_row[lane + 32 * e] + w.b * (acc[e] * inverse);
       __syncwarp();  // every lane has read the old lse
       if (lane == 0) p.acc_lse[at] = w.lse;
@@ -186,7 +179,7 @@ struct FinishParams {
 
 // One thread per output element (batch, head, row, d); the slots are summed in a fixed order.
 template <class T>
-__global__ void __launch_bounds__(kThreads) ring_finish_kernel(const FinishParams p) {
+__global__ void __launch_bounds__(block_threads) ring_finish_kernel(const FinishParams p) {
   const std::int64_t elements = p.batch * p.heads * p.rows * p.head_dim;
   const std::int64_t stride_per_slot = p.batch * p.heads * p.rows;
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -214,7 +207,7 @@ struct FillParams {
 // Sets `count` floats to `value` (the accumulators' initial lse = -inf). A template only so that
 // every translation unit that includes this header may define it.
 template <class V = float>
-__global__ void __launch_bounds__(kThreads) ring_fill_kernel(const FillParams p) {
+__global__ void __launch_bounds__(block_threads) ring_fill_kernel(const FillParams p) {
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.count;
        e += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     p.data[e] = static_cast<V>(p.value);

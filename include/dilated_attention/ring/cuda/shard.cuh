@@ -97,7 +97,7 @@ class CudaShard {
     const device::PackParams p{pack_device_.data(), k_.data, v_.data, strides(k_), strides(v_),
                                shape_.head_dim};
     device_.launch(&device::ring_pack_kernel<T>, static_cast<std::int64_t>(pack_items_.size()),
-                   device::kThreads, 0, p);
+                   device::block_threads, 0, p);
     pack_items_.clear();
   }
 
@@ -112,14 +112,14 @@ class CudaShard {
     }
   }
   static std::int64_t grid_for(std::int64_t elements) {
-    const std::int64_t blocks = (elements + device::kThreads - 1) / device::kThreads;
+    const std::int64_t blocks = (elements + device::block_threads - 1) / device::block_threads;
     return std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, std::int64_t{1} << 20));
   }
   template <class U>
   static device::Strides strides(const View<U>& view) {
     return {view.batch_stride, view.seq_stride, view.head_stride};
   }
-  std::int64_t tiles() const { return (shape_.seq_len + device::kTileRows - 1) / device::kTileRows; }
+  std::int64_t tiles() const { return (shape_.seq_len + device::block_query_rows - 1) / device::block_query_rows; }
   // Uploads `host` into `on_device`, growing it (the old array is retired: a kernel may still read it).
   template <class Item>
   void stage(const std::vector<Item>& host, DeviceArray<Item, Device>& on_device) {
