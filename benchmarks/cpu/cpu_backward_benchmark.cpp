@@ -313,7 +313,7 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
     const double worst = std::max({error.dq, error.dk, error.dv});
     if (!(worst <= options.tolerance)) {
       failed = true;
-      state.SkipWithError("gradient differs from docs/semantics.md "The gradient" on sampled rows");
+      state.SkipWithError("gradient differs from docs/semantics.md \"The gradient\" on sampled rows");
     }
   }
 }
