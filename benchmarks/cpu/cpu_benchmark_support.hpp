@@ -39,9 +39,9 @@ template <class T>
 void timed_forward(const Config& config, const Shape& shape, View<const T> q, View<const T> k,
                    View<const T> v, View<T> out, lse_type_t<T>* lse) {
 #if DA_BENCH_TIMES_REFERENCE
-  reference::forward<T>(config, shape, q, k, v, out, lse);
+  reference::forward<T>(config, shape, {q, k, v}, {out, lse});
 #else
-  dilated_attention::forward<T>(config, shape, q, k, v, out, lse);
+  dilated_attention::forward<T>(config, shape, {q, k, v}, {out, lse});
 #endif
 }
 

@@ -416,8 +416,8 @@ void check_sampled_oracle() {
         const auto qv = contiguous_view<const double>(q.data(), shape, 4);
         const auto kv = contiguous_view<const double>(k.data(), shape, 2);
         const auto vv = contiguous_view<const double>(v.data(), shape, 2);
-        reference::forward<double>(config, shape, qv, kv, vv,
-                                   contiguous_view<double>(out.data(), shape, 4), lse.data());
+        reference::forward<double>(config, shape, {qv, kv, vv},
+                                   {contiguous_view<double>(out.data(), shape, 4), lse.data()});
         const Pattern pattern(config, shape);
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t h = 0; h < shape.num_heads; ++h)

@@ -108,9 +108,9 @@ struct Problem {
   void forward(Entry entry) {
     const da::View<const T> q = view(0), k = view(1), v = view(2);
     if (entry == Entry::reference)
-      da::reference::forward<T>(config, shape, q, k, v, view(3), lse.data());
+      da::reference::forward<T>(config, shape, {q, k, v}, {view(3), lse.data()});
     else
-      da::forward<T>(config, shape, q, k, v, view(3), lse.data());
+      da::forward<T>(config, shape, {q, k, v}, {view(3), lse.data()});
   }
 
   bool outputs_untouched() const {
@@ -197,10 +197,11 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
   const std::vector<double> q = random(q_size), k = random(kv_size), v = random(kv_size),
                             d_out = random(q_size);
   std::vector<double> out(q_size), lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-  da::reference::forward<double>(config, shape, da::contiguous_view(q, shape, shape.num_heads),
-                                 da::contiguous_view(k, shape, shape.num_kv_heads),
-                                 da::contiguous_view(v, shape, shape.num_kv_heads),
-                                 da::contiguous_view(out, shape, shape.num_heads), lse.data());
+  da::reference::forward<double>(config, shape,
+                                 {da::contiguous_view(q, shape, shape.num_heads),
+                                  da::contiguous_view(k, shape, shape.num_kv_heads),
+                                  da::contiguous_view(v, shape, shape.num_kv_heads)},
+                                 {da::contiguous_view(out, shape, shape.num_heads), lse.data()});
   const char* const names[7] = {"q", "k", "v", "out", "d_out", "d_q", "d_k"};
   for (int shortened = -1; shortened < 8; ++shortened) {
     const char* name = shortened < 0 ? "none" : shortened < 7 ? names[shortened] : "d_v";
@@ -212,11 +213,14 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
       return checked;
     };
     auto call = [&] {
-      da::reference::backward<double>(
-          config, shape, view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
-          view(v, shape.num_kv_heads, 2), view(out, shape.num_heads, 3), lse.data(),
-          view(d_out, shape.num_heads, 4), view(d_q, shape.num_heads, 5),
-          view(d_k, shape.num_kv_heads, 6), view(d_v, shape.num_kv_heads, 7));
+      da::reference::backward<double>(config, shape,
+                                      {view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
+                                       view(v, shape.num_kv_heads, 2)},
+                                      {view(out, shape.num_heads, 3), lse.data()},
+                                      view(d_out, shape.num_heads, 4),
+                                      {view(d_q, shape.num_heads, 5),
+                                       view(d_k, shape.num_kv_heads, 6),
+                                       view(d_v, shape.num_kv_heads, 7)});
     };
     if (shortened < 0) {
       ASSERT_NO_THROW(call());
@@ -251,10 +255,11 @@ TEST(CheckedView, ViewForAWiderHeadIsRejected) {
   std::vector<float> q(elements, 0.5f), k(elements, 0.25f), v(elements, 1.0f),
       out(elements, float(kSentinel));
   try {
-    da::forward<float>(config, shape, da::contiguous_view(q, wide, wide.num_heads),
-                       da::contiguous_view(k, shape, shape.num_kv_heads),
-                       da::contiguous_view(v, shape, shape.num_kv_heads),
-                       da::contiguous_view(out, shape, shape.num_heads));
+    da::forward<float>(config, shape,
+                       {da::contiguous_view(q, wide, wide.num_heads),
+                        da::contiguous_view(k, shape, shape.num_kv_heads),
+                        da::contiguous_view(v, shape, shape.num_kv_heads)},
+                       {da::contiguous_view(out, shape, shape.num_heads)});
     ADD_FAILURE() << "no exception was thrown";
   } catch (const std::invalid_argument& error) {
     // Last element reached: row 31 at seq stride 256, head 1 at head stride 128, element 63.
@@ -263,10 +268,11 @@ TEST(CheckedView, ViewForAWiderHeadIsRejected) {
   }
   for (const float x : out) ASSERT_EQ(x, float(kSentinel));
   // The right view over the same buffer is accepted.
-  EXPECT_NO_THROW(da::forward<float>(config, shape, da::contiguous_view(q, shape, shape.num_heads),
-                                     da::contiguous_view(k, shape, shape.num_kv_heads),
-                                     da::contiguous_view(v, shape, shape.num_kv_heads),
-                                     da::contiguous_view(out, shape, shape.num_heads)));
+  EXPECT_NO_THROW(da::forward<float>(config, shape,
+                                     {da::contiguous_view(q, shape, shape.num_heads),
+                                      da::contiguous_view(k, shape, shape.num_kv_heads),
+                                      da::contiguous_view(v, shape, shape.num_kv_heads)},
+                                     {da::contiguous_view(out, shape, shape.num_heads)}));
 }
 
 }  // namespace

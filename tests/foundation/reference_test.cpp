@@ -55,8 +55,8 @@ Result<T> run(const da::Config& config, const da::Shape& shape, const dt::Inputs
   Result<T> result{dt::Tensor<T>(shape, shape.num_heads, out_pad, out_seq_pad),
                    std::vector<Lse<T>>(dt::lse_size(shape), std::numeric_limits<Lse<T>>::quiet_NaN())};
   result.out.fill(std::numeric_limits<T>::quiet_NaN());
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), result.out.view(),
-                         result.lse.data());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{result.out.view(), result.lse.data()});
   return result;
 }
 
@@ -488,7 +488,7 @@ TYPED_TEST(ReferenceOracles, BroadcastInputsAreRead) {
   da::View<const T> k = shared.k.view(), v = shared.v.view();
   k.batch_stride = 0;
   v.batch_stride = 0;
-  da::reference::forward(config, shape, in.q.view(), k, v, out.view(), lse.data());
+  da::reference::forward(config, shape, {in.q.view(), k, v}, da::Outputs{out.view(), lse.data()});
   EXPECT_TRUE(dt::bitwise_equal(out, want.out));
   EXPECT_TRUE(dt::bitwise_equal(lse, want.lse));
 }
@@ -568,10 +568,12 @@ TYPED_TEST(ReferenceOracles, LseMayBeNull) {
   const da::Config config = make_config({4, 9}, {3, 2}, true, da::OffsetRule::partitioned);
   const Result<T> with = run(config, shape, in);
   dt::Tensor<T> out(shape, shape.num_heads);
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out.view());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out.view()});
   EXPECT_TRUE(dt::bitwise_equal(out, with.out));
   dt::Tensor<T> out2(shape, shape.num_heads);
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out2.view(), nullptr);
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out2.view()});
   EXPECT_TRUE(dt::bitwise_equal(out2, with.out));
 }
 

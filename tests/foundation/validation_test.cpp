@@ -47,7 +47,7 @@ struct Problem {
 
   Problem() { out_tensor.fill(T(kSentinel)); }
 
-  void forward() const { da::reference::forward(config, shape, q, k, v, out, lse); }
+  void forward() const { da::reference::forward(config, shape, {q, k, v}, da::Outputs{out, lse}); }
 
   bool outputs_untouched() const {
     for (const T value : out_tensor.storage)
