@@ -43,7 +43,7 @@ struct Options : bench::AttentionOptions {
 Options options;
 bool failed = false;
 
-const char* const kUsage = R"(cpu_backward_benchmark [--benchmark_* flags] [options]
+const char* const usage_text = R"(cpu_backward_benchmark [--benchmark_* flags] [options]
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N
@@ -322,7 +322,7 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
 
 int main(int argc, char** argv) {
   if (bench::wants_help(argc, argv)) {
-    std::fputs(kUsage, stdout);
+    std::fputs(usage_text, stdout);
     return 0;
   }
   benchmark::Initialize(&argc, argv);

@@ -41,7 +41,7 @@ using dt::Tensor;
 using ::testing::HasSubstr;
 
 template <class T>
-const T kSentinel = T(7);
+const T sentinel_value = T(7);
 
 // Whether every storage element outside the tensor's logical extent still holds `value`.
 template <class T>
@@ -104,7 +104,7 @@ struct Gradients {
   Gradients(const Shape& s, std::int64_t pad)
       : d_q(s, s.num_heads, pad + 2, pad), d_k(s, s.num_kv_heads, pad, pad + 1),
         d_v(s, s.num_kv_heads, pad + 1, pad + 3) {
-    for (Tensor<T>* t : {&d_q, &d_k, &d_v}) t->fill(kSentinel<T>);
+    for (Tensor<T>* t : {&d_q, &d_k, &d_v}) t->fill(sentinel_value<T>);
   }
 };
 
@@ -166,7 +166,7 @@ void expect_matches_reference(const Problem<T>& p, const CpuOptions& options = {
   const double tolerance = tolerance_for(T{}) * gradient_magnitude(want);
   for (int i = 0; i < 3; ++i) {
     EXPECT_LE(dt::max_abs_diff(*gots[i], *wants[i]), tolerance) << names[i];
-    EXPECT_TRUE(padding_holds(*gots[i], kSentinel<T>)) << names[i] << ": padding was written";
+    EXPECT_TRUE(padding_holds(*gots[i], sentinel_value<T>)) << names[i] << ": padding was written";
   }
 }
 
@@ -492,7 +492,7 @@ TEST(CpuBackward, UnsupportedForcedPathIsRejectedWithGradientsUntouched) {
                    std::invalid_argument)
           << da::to_string(isa);
       for (const Tensor<float>* t : {&g.d_q, &g.d_k, &g.d_v})
-        for (float value : t->storage) ASSERT_EQ(value, kSentinel<float>);
+        for (float value : t->storage) ASSERT_EQ(value, sentinel_value<float>);
     }
   Gradients<float> g(p.shape, 0);
   EXPECT_THROW(da::backward<float>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
@@ -579,7 +579,7 @@ struct Bad {
 
   Bad() {
     da::forward<float>(config, shape, {q, k, v}, {out_tensor.view(), lse_storage.data()});
-    for (Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(kSentinel<float>);
+    for (Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(sentinel_value<float>);
   }
   void backward() const {
     da::backward<float>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, options);
@@ -587,7 +587,7 @@ struct Bad {
   bool untouched() const {
     for (const Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor})
       for (const float value : t->storage)
-        if (!(value == kSentinel<float>)) return false;
+        if (!(value == sentinel_value<float>)) return false;
     return true;
   }
 };

@@ -254,7 +254,7 @@ TEST(ReferenceBackwardEdges, FloatStorageIsTheDoubleGradientRounded) {
 
 // --- Bad input (docs/semantics.md "Inputs and bad input of the backward") -------------------------------------------------------
 
-constexpr double kSentinel = 4321.25;
+constexpr double sentinel_value = 4321.25;
 
 // A valid backward problem whose gradient outputs hold a sentinel; each test breaks one thing.
 struct BackwardProblem {
@@ -276,7 +276,7 @@ struct BackwardProblem {
   BackwardProblem() {
     da::reference::forward(config, shape, {q, k, v},
                            da::Outputs{out_tensor.view(), lse_storage.data()});
-    for (dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(kSentinel);
+    for (dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(sentinel_value);
   }
   void backward() const {
     da::reference::backward<double>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v});
@@ -284,7 +284,7 @@ struct BackwardProblem {
   bool gradients_untouched() const {
     for (const dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor})
       for (const double value : t->storage)
-        if (!(value == kSentinel)) return false;
+        if (!(value == sentinel_value)) return false;
     return true;
   }
 };
