@@ -261,10 +261,7 @@ TEST(RingForward, CorruptedTransferIsDetected) {
   da::ring::run_in_process(2, [&](da::ring::Transport& inner) {
     Corrupting transport(inner);
     const std::int64_t begin = transport.rank() * 12;
-    da::ring::forward<double>(config, shape, transport, da::testing::shard_view(q.view(), begin),
-                              da::testing::shard_view(k.view(), begin),
-                              da::testing::shard_view(v.view(), begin),
-                              da::testing::shard_view(out.view(), begin));
+    da::ring::forward<double>(config, shape, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(out.view(), begin)});
   });
   EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
 }

@@ -50,7 +50,7 @@ namespace dilated_attention::ring {
 // Runs the ring backward on an existing back end. Call only after validation (ring::backward).
 template <class Backend>
 Stats run_ring_backward(const Config& config, const Shape& global, Transport& transport,
-                        Backend& backend, PatternCache& cache, const Options& options = {}) {
+                        Backend& backend, PatternCache& cache, const CommonOptions& options = {}) {
   using Buffer = typename Backend::Buffer;
   using GradientBuffer = typename Backend::GradientBuffer;
   const detail::CallSchedule schedule(config, global, transport.size(), transport.rank(), cache,
