@@ -34,7 +34,7 @@ template <class T, class Device>
 Stats backward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
                          const Inputs<T>& inputs, const Outputs<const T>& forward_outputs,
                          View<const T> d_out, const Gradients<T>& gradients, const CommonOptions& options) {
-  const auto& [q, k, v] = inputs;
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
   const View<const T> out = forward_outputs.out;
   const float* lse = forward_outputs.lse;
   return run_ring_call<CallOperation::backward>(

@@ -185,7 +185,7 @@ CallRecord describe_device_call(const Config& config, const Shape& shape, Layout
 template <class T, class Device>
 Stats forward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
                         const Inputs<T>& inputs, const Outputs<T>& outputs, const CommonOptions& options) {
-  const auto& [q, k, v] = inputs;
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
   return run_ring_call<CallOperation::forward>(
       config, shape, transport, options,
       detail::describe_device_call<T>(config, shape, options.layout, CallOperation::forward),
