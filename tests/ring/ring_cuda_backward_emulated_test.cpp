@@ -76,7 +76,10 @@ dt::RingGradientResult<T> run_ring_forward(const dt::GradientProblem<T>& p, int 
         ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
         const ring::Stats stats = ring::backward_on_device<T>(EmulatedDevice{stream}, p.c.config, p.c.shape, used, {in.q.view(), in.k.view(), in.v.view()}, {in.out.view(), lse.data()}, in.d_out.view(), {local.d_q.view(), local.d_k.view(), local.d_v.view()}, options);
         if (path == Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
-          EXPECT_EQ(ordered.orderings, stats.sends_posted + stats.gradient_sends);
+          // once per exchange that moves anything (K/V out, partials back)
+          EXPECT_GE(ordered.orderings, stats.sends_posted + stats.gradient_sends);
+          EXPECT_LE(ordered.orderings, stats.sends_posted + stats.recvs_posted + stats.gradient_sends +
+                                           stats.gradient_recvs);
           EXPECT_EQ(ordered.stream_waits, stats.recvs_posted + stats.gradient_recvs);
         }
       });
