@@ -215,7 +215,7 @@ TEST(RingBackward, FloatStorageIsBitwiseReproducibleForAnyThreadCount) {
       SCOPED_TRACE(std::string(da::to_string(mixing)) + " P = " + std::to_string(num_ranks));
       da::ring::Options options;
       const auto one = problem.ring(num_ranks, options);
-      options.num_threads = 3;
+      options.device.num_threads = 3;
       const auto three = problem.ring(num_ranks, options);
       const auto again = problem.ring(num_ranks, options);
       options.post_early = false;
@@ -275,7 +275,7 @@ TEST(RingBackward, EqualsCpuBackwardOnALongerSequence) {
   da::Config config = da::testing::make_config({128, 256, 512}, {1, 2, 4});
   const Problem<float> problem(config, da::Shape{1, 512, 4, 4, 32}, 41);
   da::ring::Options options;
-  options.num_threads = 2;
+  options.device.num_threads = 2;
   const auto run = problem.ring(4, options);
   double scale = 1;
   for (const Tensor<float>* t : {&problem.d_q, &problem.d_k, &problem.d_v})

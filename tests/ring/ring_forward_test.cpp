@@ -231,6 +231,27 @@ TEST(RingForward, BadInstructionSetVariableRaises) {
   EXPECT_NO_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2));
 }
 
+// options.device.num_threads means what CpuOptions::num_threads means on one device: 0 is the
+// default (the environment variable, else the CPUs this process may use) and gives the same
+// bits as one thread; a negative count is refused on that rank, naming the ring's field.
+TEST(RingForward, DeviceThreadCountHasTheSingleDeviceMeaning) {
+  const da::Config config = da::testing::make_config({8, 16}, {1, 2});
+  const da::Shape shape{1, 32, 2, 2, 8};
+  Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 1);
+  const auto automatic = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 0);
+  EXPECT_EQ(one.out.storage, automatic.out.storage);
+  try {
+    da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, -1);
+    ADD_FAILURE() << "options.device.num_threads = -1 was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("options.device.num_threads"), std::string::npos) << e.what();
+  }
+}
+
 // The ring can fail: a corrupted received row changes the answer (guards against a test that
 // compares the reference with itself).
 TEST(RingForward, CorruptedTransferIsDetected) {
@@ -261,10 +282,7 @@ TEST(RingForward, CorruptedTransferIsDetected) {
   da::ring::run_in_process(2, [&](da::ring::Transport& inner) {
     Corrupting transport(inner);
     const std::int64_t begin = transport.rank() * 12;
-    da::ring::forward<double>(config, shape, transport, da::testing::shard_view(q.view(), begin),
-                              da::testing::shard_view(k.view(), begin),
-                              da::testing::shard_view(v.view(), begin),
-                              da::testing::shard_view(out.view(), begin));
+    da::ring::forward<double>(config, shape, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(out.view(), begin)});
   });
   EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
 }

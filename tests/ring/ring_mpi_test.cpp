@@ -67,15 +67,12 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   da::ring::Stats stats;
   if (c.layout == da::ring::Layout::contiguous) {
     const std::int64_t begin = transport.rank() * length;
-    stats = da::ring::forward<double>(config, s, transport, da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin),
-                                      da::testing::shard_view(v.view(), begin), da::testing::shard_view(ring.view(), begin), ring_lse.data(),
-                                      options);
+    stats = da::ring::forward<double>(config, s, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(ring.view(), begin), ring_lse.data()}, options);
   } else {
     const Tensor<double> lq = da::testing::gather_rows(q, chunks, length), lk = da::testing::gather_rows(k, chunks, length),
                          lv = da::testing::gather_rows(v, chunks, length);
     Tensor<double> lo = da::testing::gather_rows(ring, chunks, length);
-    stats = da::ring::forward<double>(config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(),
-                                      ring_lse.data(), options);
+    stats = da::ring::forward<double>(config, s, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), ring_lse.data()}, options);
     da::testing::scatter_rows(lo, chunks, ring);
   }
 
@@ -143,9 +140,7 @@ int check_backward(const Case& c, da::ring::MpiTransport& transport) {
   Tensor<double> grads[3] = {{local, s.num_heads}, {local, s.num_kv_heads}, {local, s.num_kv_heads}};
   da::ring::Options options;
   options.layout = c.layout;
-  const da::ring::Stats stats = da::ring::backward<double>(
-      config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(), local_lse.data(), ld.view(),
-      grads[0].view(), grads[1].view(), grads[2].view(), options);
+  const da::ring::Stats stats = da::ring::backward<double>(config, s, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, ld.view(), {grads[0].view(), grads[1].view(), grads[2].view()}, options);
 
   double worst = 0.0, worst_reference = 0.0;
   for (int n = 0; n < 3; ++n)

@@ -200,13 +200,10 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   const auto start = std::chrono::steady_clock::now();
   try {
     if (call == Call::forward) {
-      ring::forward<double>(config, shape, wrapped, q, shard(problem.k.view()), shard(problem.v.view()),
-                            shard(out.view()), nullptr, options);
+      ring::forward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(out.view()), nullptr}, options);
       error(out, problem.expected);
     } else {
-      ring::backward<double>(config, shape, wrapped, q, shard(problem.k.view()), shard(problem.v.view()),
-                             shard(problem.expected.view()), lse_data, shard(problem.d_out.view()),
-                             shard(d_q.view()), shard(d_k.view()), shard(d_v.view()), options);
+      ring::backward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(problem.expected.view()), lse_data}, shard(problem.d_out.view()), {shard(d_q.view()), shard(d_k.view()), shard(d_v.view())}, options);
       error(d_q, problem.d_q);
       error(d_k, problem.d_k);
       error(d_v, problem.d_v);

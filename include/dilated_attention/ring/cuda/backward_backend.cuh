@@ -55,14 +55,14 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
         d_out_(d_out), scale_(static_cast<float>(scale)),
         weight_(mean ? 1.f / static_cast<float>(branches) : 1.f), causal_(causal), mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),
-        delta_(static_cast<std::size_t>((mean ? branches : 1) * rows_)),
-        d_q_(static_cast<std::size_t>(rows_ * local.head_dim)),
-        d_k_(static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim)),
-        d_v_(d_k_.size()) {
+        delta_(device, static_cast<std::size_t>((mean ? branches : 1) * rows_)),
+        d_q_(device, static_cast<std::size_t>(rows_ * local.head_dim)),
+        d_k_(device, static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim)),
+        d_v_(device, d_k_.size()) {
     for (DeviceArray<float, Device>* a : {&delta_, &d_q_, &d_k_, &d_v_})
       device_.zero(a->data(), a->size() * sizeof(float));
     if (mean) {
-      branch_lse_ = DeviceArray<float, Device>(static_cast<std::size_t>(branches * rows_));
+      branch_lse_ = DeviceArray<float, Device>(device, static_cast<std::size_t>(branches * rows_));
       const auto count = static_cast<std::int64_t>(branch_lse_.size());
       device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::block_threads, 0,
                      device::FillParams{branch_lse_.data(), count, negative_infinity<float>()});
@@ -71,18 +71,18 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
       lse_ = const_cast<float*>(lse);  // read only: only the mean statistics write lse_
     }
   }
-  // Kernels may still read the accumulators and the item arrays: wait for the stream first.
-  ~CudaBackwardBackend() { this->drain(); }
+  // No wait for the stream: every DeviceArray is released stream-ordered (ring/cuda/shard.cuh),
+  // after the kernels enqueued before it (finish() included).
 
   // A partial buffer the blocks accumulate into: zeroed on the stream.
   GradientBuffer make_gradient_buffer(std::size_t elements) const {
-    GradientBuffer buffer(elements);
+    GradientBuffer buffer(device_, elements);
     device_.zero(buffer.data(), std::max<std::size_t>(elements, 1) * sizeof(float));
     return buffer;
   }
   // A buffer a transfer writes (returned partials): not zeroed, so that no stream operation
   // races the transport's copy into it.
-  GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(elements); }
+  GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(device_, elements); }
   static void* gradient_bytes(GradientBuffer& buffer) { return buffer.data(); }
   static std::size_t gradient_element_size() { return sizeof(float); }
 
