@@ -56,19 +56,17 @@ struct Problem {
     v.fill_random(seed + 2);
     d_out.fill_random(seed + 3);
     lse.assign(static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len), 0);
-    da::forward<T>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data());
+    da::forward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()});
     d_q = Tensor<T>(s, s.num_heads);
     d_k = Tensor<T>(s, s.num_kv_heads);
     d_v = Tensor<T>(s, s.num_kv_heads);
-    da::backward<T>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data(), d_out.view(),
-                    d_q.view(), d_k.view(), d_v.view());
+    da::backward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
     if constexpr (std::is_same_v<T, double>) {
       if (!with_reference) return;
       ref_q = Tensor<double>(s, s.num_heads);
       ref_k = Tensor<double>(s, s.num_kv_heads);
       ref_v = Tensor<double>(s, s.num_kv_heads);
-      da::reference::backward<double>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                                      d_out.view(), ref_q.view(), ref_k.view(), ref_v.view());
+      da::reference::backward<double>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {ref_q.view(), ref_k.view(), ref_v.view()});
     }
   }
 

@@ -422,7 +422,7 @@ TEST(RingCudaEmulated, CallReturnsWithoutWaitingAndReleasesStreamOrdered) {
   auto q = dt::random_tensor<float>(shape, 2, 5), k = dt::random_tensor<float>(shape, 1, 6),
        v = dt::random_tensor<float>(shape, 1, 7);
   dt::Tensor<float> expected(shape, 2), out(shape, 2);
-  da::reference::forward<float>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::reference::forward<float>(config, shape, {q.view(), k.view(), v.view()}, {expected.view()});
   int streams[2] = {0, 0};
   const std::int64_t before = EmulatedDevice::synchronizations();
   std::size_t pending[2] = {0, 0};

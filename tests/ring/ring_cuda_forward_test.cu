@@ -107,7 +107,7 @@ void check_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, const dt::
   if (!std::is_same_v<T, float>) {
     const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
     dt::Tensor<double> expected(c.shape, c.shape.num_heads);
-    da::reference::forward<double>(c.config, c.shape, q.view(), k.view(), v.view(), expected.view());
+    da::reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()}, {expected.view()});
     dt::Tensor<T> naive(c.shape, c.shape.num_heads);
     std::vector<double> naive_lse;
     dt::naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);

@@ -55,9 +55,8 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   Tensor<double> single(s, s.num_heads), reference(s, s.num_heads), ring(s, s.num_heads);
   const std::size_t lse_size = static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len);
   std::vector<double> single_lse(lse_size), reference_lse(lse_size);
-  da::forward<double>(config, s, q.view(), k.view(), v.view(), single.view(), single_lse.data());
-  da::reference::forward<double>(config, s, q.view(), k.view(), v.view(), reference.view(),
-                                 reference_lse.data());
+  da::forward<double>(config, s, {q.view(), k.view(), v.view()}, {single.view(), single_lse.data()});
+  da::reference::forward<double>(config, s, {q.view(), k.view(), v.view()}, {reference.view(), reference_lse.data()});
 
   const std::int64_t length = s.seq_len / transport.size();
   const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
@@ -121,13 +120,11 @@ int check_backward(const Case& c, da::ring::MpiTransport& transport) {
   v.fill_random(33);
   d_out.fill_random(44);
   std::vector<double> lse(static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len));
-  da::forward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data());
+  da::forward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()});
   Tensor<double> single[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
   Tensor<double> reference[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
-  da::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(), d_out.view(),
-                       single[0].view(), single[1].view(), single[2].view());
-  da::reference::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                                  d_out.view(), reference[0].view(), reference[1].view(), reference[2].view());
+  da::backward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {single[0].view(), single[1].view(), single[2].view()});
+  da::reference::backward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {reference[0].view(), reference[1].view(), reference[2].view()});
 
   const std::int64_t length = s.seq_len / transport.size();
   const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());

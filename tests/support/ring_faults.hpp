@@ -145,14 +145,13 @@ struct FaultProblem {
     k.fill_random(6);
     v.fill_random(7);
     lse.resize(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-    forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), lse.data());
+    forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()});
     d_out = Tensor<double>(shape, shape.num_heads);
     d_out.fill_random(8);
     d_q = Tensor<double>(shape, shape.num_heads);
     d_k = Tensor<double>(shape, shape.num_kv_heads);
     d_v = Tensor<double>(shape, shape.num_kv_heads);
-    backward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), lse.data(),
-                     d_out.view(), d_q.view(), d_k.view(), d_v.view());
+    backward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
   }
 };
 
