@@ -253,6 +253,32 @@ TEST(CudaInferenceEmulated, VarlenMatchesEachSequenceAlone) {
   }
 }
 
+// Sequences::query_begins: chunks in the middle of their sequences (chunked prefill of a
+// batch), non-causal so that the rows see keys after them, packed and paged agreeing bitwise.
+TEST(CudaInferenceEmulated, VarlenAndPagedWithQueryBegins) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  EmulatedBackend backend;
+  const di::Heads heads{4, 4, 32};
+  const da::Config config = di::inference_config(R::blocked, M::softmax, false);
+  const di::Batch batch{{200, 37, 120}, {31, 1, 0}, {40, 36, 5}};
+  const auto data = di::random_batch<float>(heads, batch, 650);
+  std::vector<std::int64_t> offsets;
+  di::packed_queries(data, batch, heads, offsets);
+  const auto varlen = di::run_varlen<float>(backend, config, heads, data, batch);
+  EXPECT_FALSE(backend.last.split);
+  di::check_packed<float>(config, heads, data, batch, offsets, varlen);
+  const auto paged = di::run_paged<float>(backend, config, heads, data, batch, 16, 651);
+  EXPECT_TRUE(dt::bitwise_equal(paged.out, varlen.out));
+  EXPECT_TRUE(dt::bitwise_equal(paged.lse, varlen.lse));
+  // One row per sequence: the split-KV path, anywhere in the sequence.
+  const di::Batch decode{{200, 37, 120}, {1, 1, 1}, {13, 36, 100}};
+  const auto rows = di::random_batch<float>(heads, decode, 660);
+  di::packed_queries(rows, decode, heads, offsets);
+  const auto split = di::run_varlen<float>(backend, config, heads, rows, decode);
+  EXPECT_TRUE(backend.last.split);
+  di::check_packed<float>(config, heads, rows, decode, offsets, split);
+}
+
 // Paged K/V with page sizes 1, 16 and 256, pages shuffled (and a wider page table than needed),
 // decode (split-KV) and multi-row queries (row kernel), bitwise equal to the varlen form.
 TEST(CudaInferenceEmulated, PagedMatchesVarlenEveryPageSize) {

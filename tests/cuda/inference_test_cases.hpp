@@ -193,12 +193,21 @@ void decode_loop(Backend& backend, const Config& config, const Heads& heads, std
   std::vector<SequenceData<T>> data = {random_sequence<T>(heads, n, seed),
                                        random_sequence<T>(heads, n, seed + 10)};
   Errors errors;
+  std::vector<Expected> whole;
   for (const std::int64_t t : steps) {
     SCOPED_TRACE("decode step " + std::to_string(t));
-    std::vector<Expected> expected;
-    for (const auto& s : data) expected.push_back(expected_forward(config, heads, s, t + 1));
-    for (const auto& e : expected) errors.add_forward(e);
-    check_query_range<T>(backend, config, heads, data, t + 1, t, 1, errors, expected);
+    // Causal rows of the forward over t + 1 positions are those of the whole sequence's.
+    if (!config.causal || whole.empty()) {
+      std::vector<Expected> expected;
+      for (const auto& s : data) expected.push_back(expected_forward(config, heads, s, config.causal ? n : t + 1));
+      for (const auto& e : expected) errors.add_forward(e);
+      if (config.causal) whole = std::move(expected);
+      else {
+        check_query_range<T>(backend, config, heads, data, t + 1, t, 1, errors, expected);
+        continue;
+      }
+    }
+    check_query_range<T>(backend, config, heads, data, t + 1, t, 1, errors, whole);
   }
   errors.expect_within<T>();
 }
@@ -227,8 +236,13 @@ void chunked_prefill(Backend& backend, const Config& config, const Heads& heads,
 
 // ---- Forms 2 and 3: varlen and paged ----------------------------------------------------------
 
+// query_begins empty: each sequence's queries are its last query_counts[b] rows (null
+// Sequences::query_begins); otherwise they start at query_begins[b].
 struct Batch {
-  std::vector<std::int64_t> kv_lengths, query_counts;
+  std::vector<std::int64_t> kv_lengths, query_counts, query_begins = {};
+  std::int64_t begin(std::size_t b) const {
+    return query_begins.empty() ? kv_lengths[b] - query_counts[b] : query_begins[b];
+  }
 };
 
 template <class T>
@@ -244,8 +258,8 @@ std::vector<T> packed_queries(const std::vector<SequenceData<T>>& data, const Ba
   query_offsets.assign(1, 0);
   std::vector<T> q;
   for (std::size_t b = 0; b < data.size(); ++b) {
-    const std::int64_t count = batch.query_counts[b], kv = batch.kv_lengths[b];
-    for (std::int64_t i = kv - count; i < kv; ++i)
+    const std::int64_t count = batch.query_counts[b], first = batch.begin(b);
+    for (std::int64_t i = first; i < first + count; ++i)
       for (std::int64_t h = 0; h < heads.h; ++h)
         for (std::int64_t d = 0; d < heads.d; ++d) q.push_back(data[b].q.at(0, i, h, d));
     query_offsets.push_back(query_offsets.back() + count);
@@ -268,7 +282,7 @@ void check_packed(const Config& config, const Heads& heads, const std::vector<Se
     for (std::int64_t i = 0; i < count; ++i)
       for (std::int64_t h = 0; h < heads.h; ++h) {
         const std::int64_t row = query_offsets[b] + i;
-        errors.add_row(e, kv - count + i, h,
+        errors.add_row(e, batch.begin(b) + i, h,
                        &result.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
                        result.lse[static_cast<std::size_t>(h * total_q + row)], heads.d);
       }
@@ -300,6 +314,7 @@ PackedResult<T> run_varlen(Backend& backend, const Config& config, const Heads& 
   s.count = static_cast<std::int64_t>(data.size());
   s.query_offsets = query_offsets.data();
   s.kv_offsets = kv_offsets.data();
+  if (!batch.query_begins.empty()) s.query_begins = batch.query_begins.data();
   backend.varlen(config, HeadShape{heads.h, heads.hkv, heads.d}, s, q, k, v, result.out, result.lse);
   return result;
 }
@@ -351,6 +366,7 @@ PackedResult<T> run_paged(Backend& backend, const Config& config, const Heads& h
   s.count = static_cast<std::int64_t>(data.size());
   s.query_offsets = query_offsets.data();
   s.kv_lengths = batch.kv_lengths.data();
+  if (!batch.query_begins.empty()) s.query_begins = batch.query_begins.data();
   backend.paged(config, HeadShape{heads.h, heads.hkv, heads.d}, s, q, k, v, num_pages, page_size,
                 table, stride, result.out, result.lse);
   return result;
