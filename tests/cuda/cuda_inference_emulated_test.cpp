@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -367,6 +368,58 @@ TEST(CudaInferenceEmulated, DeterministicAcrossRuns) {
   }
 }
 
+// Strided views (padding after each head and each row, different for q, k/v and out) and a
+// null LSE give the same outputs, bitwise, as the contiguous run, on both paths.
+template <class T>
+void check_strided_and_null_lse(std::int64_t begin, std::int64_t count, std::uint64_t seed) {
+  const di::Heads heads{4, 2, 32};
+  const da::Config config = di::inference_config(R::modular, M::mean, true);
+  const da::Shape shape{2, 150, heads.h, heads.hkv, heads.d};
+  const da::Shape rows{2, count, heads.h, heads.hkv, heads.d};
+  const auto q = dt::random_tensor<T>(rows, heads.h, seed, 3, 5);
+  const auto k = dt::random_tensor<T>(shape, heads.hkv, seed + 1, 8, 0);
+  const auto v = dt::random_tensor<T>(shape, heads.hkv, seed + 2, 1, 7);
+  dt::Tensor<T> strided(rows, heads.h, 5, 2), dense(rows, heads.h), no_lse(rows, heads.h);
+  strided.fill(di::nan_value<T>());
+  dense.fill(di::nan_value<T>());
+  no_lse.fill(di::nan_value<T>());
+  std::vector<float> lse_strided(static_cast<std::size_t>(2 * heads.h * count)), lse_dense(lse_strided.size());
+  const da::QueryRange range{begin, count};
+  run_emulated<T>(dc::plan_query_range<T>(config, shape, range, {q.view(), k.view(), v.view()},
+                                          {strided.view(), lse_strided.data()}, 8));
+  // The same inputs copied contiguous.
+  dt::Tensor<T> qc(rows, heads.h), kc(shape, heads.hkv), vc(shape, heads.hkv);
+  for (std::int64_t b = 0; b < 2; ++b) {
+    for (std::int64_t x = 0; x < count; ++x)
+      for (std::int64_t h = 0; h < heads.h; ++h)
+        for (std::int64_t d = 0; d < heads.d; ++d) qc.at(b, x, h, d) = q.at(b, x, h, d);
+    for (std::int64_t x = 0; x < 150; ++x)
+      for (std::int64_t h = 0; h < heads.hkv; ++h)
+        for (std::int64_t d = 0; d < heads.d; ++d) {
+          kc.at(b, x, h, d) = k.at(b, x, h, d);
+          vc.at(b, x, h, d) = v.at(b, x, h, d);
+        }
+  }
+  const EmulatedRun run = run_emulated<T>(dc::plan_query_range<T>(
+      config, shape, range, {qc.view(), kc.view(), vc.view()}, {dense.view(), lse_dense.data()}, 8));
+  EXPECT_EQ(run.split, count == 1);
+  run_emulated<T>(dc::plan_query_range<T>(config, shape, range, {qc.view(), kc.view(), vc.view()},
+                                          {no_lse.view(), nullptr}, 8));
+  EXPECT_TRUE(dt::bitwise_equal(strided, dense));
+  EXPECT_TRUE(dt::bitwise_equal(no_lse, dense));
+  EXPECT_TRUE(dt::bitwise_equal(lse_strided, lse_dense));
+  // The output's padding is never written.
+  std::size_t touched = 0;
+  for (const T& value : strided.storage) touched += std::isnan(dt::to_double(value)) ? 0 : 1;
+  EXPECT_EQ(touched, static_cast<std::size_t>(2 * count * heads.h * heads.d));
+}
+
+TEST(CudaInferenceEmulated, StridedViewsAndNullLse) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  check_strided_and_null_lse<__half>(149, 1, 900);  // split-KV
+  check_strided_and_null_lse<float>(60, 30, 910);   // row kernel
+}
+
 // ---- The plan and its checks (no kernels run) -------------------------------------------------
 
 template <class F>
@@ -395,6 +448,29 @@ TEST(CudaInferencePlan, PiecesFollowTheBranches) {
   EXPECT_EQ(plan.params.piece_base[2], 11);
   EXPECT_EQ(plan.params.piece_branch(10), 1);
   EXPECT_EQ(plan.params.piece_branch(11), 2);
+}
+
+TEST(CudaInferencePlan, TooManyPiecesTakeTheRowKernel) {
+  // A dense branch over 2^25 keys: 2^17 pieces of 256 per row, past max_decode_pieces.
+  da::Config config = da::testing::make_config({std::int64_t{1} << 26}, {1}, true);
+  const std::int64_t n = std::int64_t{1} << 25;
+  const std::int64_t offsets[] = {0, 1}, kv[] = {0, n};
+  da::Sequences s;
+  s.count = 1;
+  s.query_offsets = offsets;
+  s.kv_offsets = kv;
+  // Addresses only compared, never dereferenced (no kernel runs).
+  const auto at = [](int i) {
+    return reinterpret_cast<float*>(std::uintptr_t{1} << 40 | (std::uintptr_t{1} << 36) * static_cast<unsigned>(i));
+  };
+  const da::Inputs<float> in{packed_view<const float>(at(0), 1, 32), packed_view<const float>(at(1), 1, 32),
+                             packed_view<const float>(at(2), 1, 32)};
+  const da::Outputs<float> o{packed_view(at(3), 1, 32), nullptr};
+  const dc::InferencePlan plan = dc::plan_varlen<float>(config, {1, 1, 32}, s, in, o);
+  EXPECT_FALSE(plan.split);
+  EXPECT_EQ(plan.partial_floats, 0u);
+  config.segment_lengths = {std::int64_t{1} << 20};  // 4096 pieces: split
+  EXPECT_TRUE(dc::plan_varlen<float>(config, {1, 1, 32}, s, in, o).split);
 }
 
 TEST(CudaInferencePlan, SequenceOfSkipsEmptySequences) {

@@ -44,6 +44,8 @@ namespace dilated_attention::cuda {
 
 // Keys per piece of the split-KV decode path: fixed, so results do not depend on the device.
 inline constexpr std::int64_t decode_piece_keys = 256;
+// The most split-KV pieces per (row, head); beyond, decode runs on the row kernel.
+inline constexpr std::int64_t max_decode_pieces = 1 << 16;
 // Warps per block of the inference kernels (one (row, head) or one piece per warp).
 inline constexpr int inference_warps = 4;
 
@@ -281,15 +283,20 @@ InferencePlan make_inference_plan(const Config& config, std::int64_t num_heads,
 
   plan.items = rows * num_heads;
   plan.shared_bytes = static_cast<std::size_t>(head_dim) * inference_warps * sizeof(float);
-  plan.split = split && most_queries <= 1;
   // Pieces per (row, head): each branch's block has at most ceil(min(w, longest) / r) keys.
-  p.piece_base[0] = 0;
+  // More than max_decode_pieces per row (a dense branch over more than 16M keys) would overflow
+  // the kernels' int piece index: such calls take the row kernel instead.
+  std::int64_t base[max_branches + 1] = {0};
   for (int i = 0; i < p.num_branches; ++i) {
     const std::int64_t w = p.branches[i].w, r = p.branches[i].r;
     const std::int64_t block_keys = (std::min(w, std::max<std::int64_t>(longest, 1)) + r - 1) / r;
-    p.piece_base[i + 1] = p.piece_base[i] + static_cast<int>(piece_count(block_keys, piece_keys));
+    base[i + 1] = base[i] + piece_count(block_keys, piece_keys);
   }
+  const bool few_pieces = base[p.num_branches] <= max_decode_pieces;
+  for (int i = 0; i <= p.num_branches; ++i)
+    p.piece_base[i] = few_pieces ? static_cast<int>(base[i]) : 0;
   p.pieces = p.piece_base[p.num_branches];
+  plan.split = split && most_queries <= 1 && few_pieces;
   if (plan.split) {
     plan.piece_blocks = detail::capped_blocks(plan.items * p.pieces);
     plan.partial_floats =
