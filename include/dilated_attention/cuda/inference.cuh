@@ -6,12 +6,12 @@
 // Memory: q, k, v, out, lse and the pages (paged.k, paged.v) are DEVICE pointers; the
 // descriptions' arrays -- Sequences' offsets, lengths and begins, the page table, the valid
 // lengths -- are HOST arrays. The call validates them on the host (std::invalid_argument naming
-// the member, before anything is enqueued), packs what the kernels need into one small table in a
-// pageable host buffer of its own, and then, on options.stream: cudaMallocAsync of the table (and
-// of the split-KV partials), cudaMemcpyAsync of the table, the kernel launches, cudaFreeAsync.
-// The host arrays need to stay valid only until the call returns. The call does not synchronise;
-// cudaMemcpyAsync from pageable memory returns once the driver has staged the bytes, which may
-// make the host wait for that copy (docs/cuda.md).
+// the member, before anything is enqueued), packs what the kernels need into one small table,
+// copies it into a pinned staging buffer of its own (inference_staging.hpp: reused once its last
+// upload is done), and then, on options.stream: cudaMallocAsync of the device table (and of the
+// split-KV partials), cudaMemcpyAsync of the table from the pinned buffer, the kernel launches,
+// cudaFreeAsync. The host arrays need to stay valid only until the call returns; the call does
+// not wait for the stream (docs/cuda.md "Inference forms").
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../arguments.hpp"
@@ -28,6 +29,7 @@
 #include "forward.cuh"
 #include "inference_kernel.cuh"
 #include "inference_plan.hpp"
+#include "inference_staging.hpp"
 #include "options.cuh"
 
 namespace dilated_attention::cuda {
@@ -73,15 +75,37 @@ void run_inference(InferencePlan plan, cudaStream_t stream) {
       plan.partial_floats / static_cast<std::size_t>(plan.params.head_dim + 1) * sizeof(float);
   const std::size_t total =
       round_up_256(table_bytes) + round_up_256(partial_o_bytes) + round_up_256(partial_lse_bytes);
+  // The table goes through a pinned staging buffer (inference_staging.hpp), so that the upload
+  // is asynchronous and the caller's arrays (and our vector) may go at once.
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  HostStaging& staging = HostStaging::instance();
+  int slot = -1;
+  void* const host = staging.acquire(table_bytes, device, slot);
+  std::memcpy(host, plan.table.values.data(), table_bytes);
   void* buffer = nullptr;
-  check(cudaMallocAsync(&buffer, total, stream), "cudaMallocAsync (inference table)");
+  const cudaError_t allocated = cudaMallocAsync(&buffer, total, stream);
+  if (allocated != cudaSuccess) {
+    staging.release_unused(slot);
+    check(allocated, "cudaMallocAsync (inference table)");
+  }
   auto* const bytes = static_cast<unsigned char*>(buffer);
   plan.params.table = reinterpret_cast<const std::int64_t*>(bytes);
   plan.params.partial_o = reinterpret_cast<float*>(bytes + round_up_256(table_bytes));
   plan.params.partial_lse = reinterpret_cast<float*>(bytes + round_up_256(table_bytes) +
                                                      round_up_256(partial_o_bytes));
-  cudaError_t status = cudaMemcpyAsync(buffer, plan.table.values.data(), table_bytes,
-                                       cudaMemcpyHostToDevice, stream);
+  cudaError_t status =
+      cudaMemcpyAsync(buffer, host, table_bytes, cudaMemcpyHostToDevice, stream);
+  if (status != cudaSuccess) {
+    staging.release_unused(slot);
+  } else {
+    try {
+      staging.release_after(slot, stream);
+    } catch (...) {
+      (void)cudaFreeAsync(buffer, stream);
+      throw;
+    }
+  }
   const InferenceKernels kernels = inference_kernels_for<T>(plan.params.head_dim);
   if (status == cudaSuccess) {
     const auto threads = static_cast<unsigned>(plan.threads);
@@ -100,7 +124,7 @@ void run_inference(InferencePlan plan, cudaStream_t stream) {
     }
   }
   const cudaError_t freed = cudaFreeAsync(buffer, stream);
-  check(status, "dilated attention inference kernel launch");
+  check(status, "dilated attention inference table upload or kernel launch");
   check(freed, "cudaFreeAsync (inference table)");
 }
 
