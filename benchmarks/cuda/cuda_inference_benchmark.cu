@@ -54,8 +54,9 @@ template <class T>
 struct DeviceTensor {
   T* data = nullptr;
   explicit DeviceTensor(std::int64_t n, std::uint64_t seed = 0) {
-    da::cuda::check(cudaMalloc(&data, static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T)),
-                    "cudaMalloc");
+    da::cuda::check(
+        cudaMalloc(&data, static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T)),
+        "cudaMalloc");
     if (seed != 0) {
       fill_random<<<1024, 256>>>(data, n, seed);
       da::cuda::check(cudaGetLastError(), "fill_random");
@@ -89,7 +90,8 @@ double time_calls(benchmark::State& state, Call&& call) {
   cudaEventDestroy(stop);
   cudaDeviceProp props{};
   int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess && cudaGetDeviceProperties(&props, device) == cudaSuccess)
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaGetDeviceProperties(&props, device) == cudaSuccess)
     state.SetLabel(props.name);
   return total / static_cast<double>(std::max<benchmark::IterationCount>(state.iterations(), 1));
 }
@@ -107,7 +109,8 @@ std::int64_t decode_keys(const da::Config& config, std::int64_t kv_len, std::int
   const da::Pattern pattern(config, da::Shape{1, kv_len, heads, heads, 128});
   std::int64_t keys = 0;
   for (std::int64_t h = 0; h < heads; ++h)
-    for (std::int64_t i = 0; i < pattern.num_branches(); ++i) keys += pattern.keys(i, h, kv_len - 1).count;
+    for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+      keys += pattern.keys(i, h, kv_len - 1).count;
   return keys;
 }
 
@@ -123,7 +126,8 @@ void report_decode(benchmark::State& state, double seconds, const da::Config& co
 
 // (a) args: batch, kv_len, kv_heads.
 void BM_DecodeStep(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty()) return state.SkipWithError(why.c_str());
+  if (const std::string why = why_no_device(); !why.empty())
+    return state.SkipWithError(why.c_str());
   const std::int64_t batch = state.range(0), kv = state.range(1), hkv = state.range(2);
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet();
@@ -149,11 +153,13 @@ BENCHMARK(BM_DecodeStep)
 
 // (b) args: batch, kv_len, page_size. Pages in a shuffled order, host page table.
 void BM_PagedDecodeStep(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty()) return state.SkipWithError(why.c_str());
+  if (const std::string why = why_no_device(); !why.empty())
+    return state.SkipWithError(why.c_str());
   const std::int64_t batch = state.range(0), kv = state.range(1), page_size = state.range(2);
   const std::int64_t h = 16, hkv = 4, d = 128;
   const da::Config config = longnet();
-  const std::int64_t per_sequence = (kv + page_size - 1) / page_size, num_pages = per_sequence * batch;
+  const std::int64_t per_sequence = (kv + page_size - 1) / page_size,
+                     num_pages = per_sequence * batch;
   DeviceTensor<Bf16> q(batch * h * d, 1), k(num_pages * page_size * hkv * d, 2),
       v(num_pages * page_size * hkv * d, 3), out(batch * h * d);
   DeviceTensor<float> lse(batch * h);
@@ -161,7 +167,8 @@ void BM_PagedDecodeStep(benchmark::State& state) {
   std::iota(table.begin(), table.end(), 0);
   std::mt19937_64 engine(7);
   std::shuffle(table.begin(), table.end(), engine);
-  std::vector<std::int64_t> query_offsets(static_cast<std::size_t>(batch + 1)), lengths(static_cast<std::size_t>(batch), kv);
+  std::vector<std::int64_t> query_offsets(static_cast<std::size_t>(batch + 1)),
+      lengths(static_cast<std::size_t>(batch), kv);
   std::iota(query_offsets.begin(), query_offsets.end(), 0);
   da::Sequences s;
   s.count = batch;
@@ -195,25 +202,29 @@ const std::vector<std::int64_t> varlen_lengths = {8192, 16384, 1000, 4096, 12000
 
 double varlen_flops(const da::Config& config, std::int64_t h, std::int64_t d) {
   double flops = 0.0;
-  for (const std::int64_t n : varlen_lengths) flops += da::Pattern(config, {1, n, h, h, d}).useful_flops();
+  for (const std::int64_t n : varlen_lengths)
+    flops += da::Pattern(config, {1, n, h, h, d}).useful_flops();
   return flops;
 }
 
 // (c) args: causal. Varlen prefill of varlen_lengths, H = Hkv = 16, D = 128, bf16.
 void BM_VarlenPrefill(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty()) return state.SkipWithError(why.c_str());
+  if (const std::string why = why_no_device(); !why.empty())
+    return state.SkipWithError(why.c_str());
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet(state.range(0) != 0);
   std::vector<std::int64_t> offsets = {0};
   for (const std::int64_t n : varlen_lengths) offsets.push_back(offsets.back() + n);
   const std::int64_t total = offsets.back();
-  DeviceTensor<Bf16> q(total * h * d, 1), k(total * h * d, 2), v(total * h * d, 3), out(total * h * d);
+  DeviceTensor<Bf16> q(total * h * d, 1), k(total * h * d, 2), v(total * h * d, 3),
+      out(total * h * d);
   DeviceTensor<float> lse(total * h);
   da::Sequences s;
   s.count = static_cast<std::int64_t>(varlen_lengths.size());
   s.query_offsets = offsets.data();
   s.kv_offsets = offsets.data();
-  const da::Inputs<Bf16> in{da::View<const Bf16>{q.data, 0, h * d, d}, da::View<const Bf16>{k.data, 0, h * d, d},
+  const da::Inputs<Bf16> in{da::View<const Bf16>{q.data, 0, h * d, d},
+                            da::View<const Bf16>{k.data, 0, h * d, d},
                             da::View<const Bf16>{v.data, 0, h * d, d}};
   const da::Outputs<Bf16> o{da::View<Bf16>{out.data, 0, h * d, d}, lse.data};
   const double seconds = time_calls(state, [&] {
@@ -223,34 +234,47 @@ void BM_VarlenPrefill(benchmark::State& state) {
   state.counters["useful_TFLOP/s"] = varlen_flops(config, h, d) / seconds * 1e-12;
   state.counters["tokens"] = static_cast<double>(total);
 }
-BENCHMARK(BM_VarlenPrefill)->ArgNames({"causal"})->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_VarlenPrefill)
+    ->ArgNames({"causal"})
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 // (c') the same tokens, one ordinary (tensor-core) forward per sequence.
 void BM_VarlenAsSeparateForwards(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty()) return state.SkipWithError(why.c_str());
+  if (const std::string why = why_no_device(); !why.empty())
+    return state.SkipWithError(why.c_str());
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet(state.range(0) != 0);
   std::int64_t total = 0;
   for (const std::int64_t n : varlen_lengths) total += n;
-  DeviceTensor<Bf16> q(total * h * d, 1), k(total * h * d, 2), v(total * h * d, 3), out(total * h * d);
+  DeviceTensor<Bf16> q(total * h * d, 1), k(total * h * d, 2), v(total * h * d, 3),
+      out(total * h * d);
   DeviceTensor<float> lse(total * h);
   const double seconds = time_calls(state, [&] {
     std::int64_t at = 0;
     for (const std::int64_t n : varlen_lengths) {
       const da::Shape shape{1, n, h, h, d};
       const std::int64_t offset = at * h * d;
-      da::cuda::forward<Bf16>(config, shape,
-                              {da::contiguous_view<const Bf16>(q.data + offset, shape, h),
-                               da::contiguous_view<const Bf16>(k.data + offset, shape, h),
-                               da::contiguous_view<const Bf16>(v.data + offset, shape, h)},
-                              {da::contiguous_view(out.data + offset, shape, h), lse.data + at * h});
+      da::cuda::forward<Bf16>(
+          config, shape,
+          {da::contiguous_view<const Bf16>(q.data + offset, shape, h),
+           da::contiguous_view<const Bf16>(k.data + offset, shape, h),
+           da::contiguous_view<const Bf16>(v.data + offset, shape, h)},
+          {da::contiguous_view(out.data + offset, shape, h), lse.data + at * h});
       at += n;
     }
   });
   state.counters["ms"] = seconds * 1e3;
   state.counters["useful_TFLOP/s"] = varlen_flops(config, h, d) / seconds * 1e-12;
 }
-BENCHMARK(BM_VarlenAsSeparateForwards)->ArgNames({"causal"})->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_VarlenAsSeparateForwards)
+    ->ArgNames({"causal"})
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

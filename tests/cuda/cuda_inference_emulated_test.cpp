@@ -38,10 +38,18 @@ struct Kernels {
 template <class T>
 Kernels<T> kernels_for(std::int64_t head_dim) {
   switch (head_dim) {
-    case 32: return {&dc::device::inference_row_kernel<T, 32>, &dc::device::decode_piece_kernel<T, 32>, &dc::device::decode_merge_kernel<T, 32>};
-    case 64: return {&dc::device::inference_row_kernel<T, 64>, &dc::device::decode_piece_kernel<T, 64>, &dc::device::decode_merge_kernel<T, 64>};
-    case 96: return {&dc::device::inference_row_kernel<T, 96>, &dc::device::decode_piece_kernel<T, 96>, &dc::device::decode_merge_kernel<T, 96>};
-    default: return {&dc::device::inference_row_kernel<T, 128>, &dc::device::decode_piece_kernel<T, 128>, &dc::device::decode_merge_kernel<T, 128>};
+    case 32:
+      return {&dc::device::inference_row_kernel<T, 32>, &dc::device::decode_piece_kernel<T, 32>,
+              &dc::device::decode_merge_kernel<T, 32>};
+    case 64:
+      return {&dc::device::inference_row_kernel<T, 64>, &dc::device::decode_piece_kernel<T, 64>,
+              &dc::device::decode_merge_kernel<T, 64>};
+    case 96:
+      return {&dc::device::inference_row_kernel<T, 96>, &dc::device::decode_piece_kernel<T, 96>,
+              &dc::device::decode_merge_kernel<T, 96>};
+    default:
+      return {&dc::device::inference_row_kernel<T, 128>, &dc::device::decode_piece_kernel<T, 128>,
+              &dc::device::decode_merge_kernel<T, 128>};
   }
 }
 
@@ -58,8 +66,9 @@ EmulatedRun run_emulated(dc::InferencePlan plan) {
   EmulatedRun run{plan.split, plan.params.pieces};
   if (plan.empty()) return run;
   const std::int64_t d = plan.params.head_dim;
-  std::vector<float> partial_o(plan.partial_floats / static_cast<std::size_t>(d + 1) * static_cast<std::size_t>(d),
-                               std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> partial_o(
+      plan.partial_floats / static_cast<std::size_t>(d + 1) * static_cast<std::size_t>(d),
+      std::numeric_limits<float>::quiet_NaN());
   std::vector<float> partial_lse(plan.partial_floats / static_cast<std::size_t>(d + 1),
                                  std::numeric_limits<float>::quiet_NaN());
   plan.params.table = plan.table.values.data();
@@ -96,7 +105,8 @@ struct EmulatedBackend {
   void query_range(const da::Config& config, const da::Shape& shape, const da::QueryRange& range,
                    const std::vector<T>& q, const std::vector<T>& k, const std::vector<T>& v,
                    std::vector<T>& out, std::vector<float>& lse) {
-    const da::Shape rows{shape.batch, range.count, shape.num_heads, shape.num_kv_heads, shape.head_dim};
+    const da::Shape rows{shape.batch, range.count, shape.num_heads, shape.num_kv_heads,
+                         shape.head_dim};
     const da::Inputs<T> in{da::contiguous_view(q, rows, shape.num_heads),
                            da::contiguous_view(k, shape, shape.num_kv_heads),
                            da::contiguous_view(v, shape, shape.num_kv_heads)};
@@ -129,8 +139,9 @@ struct EmulatedBackend {
     paged.page_table = table.data();
     paged.page_table_stride = table_stride;
     const da::Outputs<T> o{packed_view(out.data(), heads.num_heads, heads.head_dim), lse.data()};
-    last = run_emulated<T>(dc::plan_paged<T>(
-        config, heads, s, packed_view(q.data(), heads.num_heads, heads.head_dim), paged, o, piece_keys));
+    last = run_emulated<T>(dc::plan_paged<T>(config, heads, s,
+                                             packed_view(q.data(), heads.num_heads, heads.head_dim),
+                                             paged, o, piece_keys));
   }
   template <class T>
   void padded(const da::Config& config, const da::Shape& shape, const da::ValidLengths& lengths,
@@ -198,10 +209,10 @@ TEST(CudaInferenceEmulated, ChunkedPrefillUnevenChunks) {
   di::chunked_prefill<float>(backend, di::inference_config(R::modular, M::softmax, true), heads,
                              200, cuts, 400);
   EXPECT_FALSE(backend.last.split);
-  di::chunked_prefill<__half>(backend, di::inference_config(R::blocked, M::mean, false), heads,
-                              200, cuts, 410);
-  di::chunked_prefill<__nv_bfloat16>(backend, di::inference_config(R::partitioned, M::softmax, true),
-                                     {3, 3, 32}, 200, cuts, 420);
+  di::chunked_prefill<__half>(backend, di::inference_config(R::blocked, M::mean, false), heads, 200,
+                              cuts, 410);
+  di::chunked_prefill<__nv_bfloat16>(
+      backend, di::inference_config(R::partitioned, M::softmax, true), {3, 3, 32}, 200, cuts, 420);
 }
 
 // Varlen against each sequence alone: lengths 1, 37, 200, 143 (multiples of no segment) and an
@@ -233,8 +244,8 @@ TEST(CudaInferenceEmulated, VarlenMatchesEachSequenceAlone) {
       std::vector<di::Expected> expected = {di::expected_forward(config, heads, data[b], kv)};
       alone.add_forward(expected[0]);
       std::vector<float> out, lse;
-      di::check_query_range<float>(backend, config, heads, {data[b]}, kv, kv - count, count,
-                                   alone, expected, &out, &lse);
+      di::check_query_range<float>(backend, config, heads, {data[b]}, kv, kv - count, count, alone,
+                                   expected, &out, &lse);
       alone.expect_within<float>();
       // Bitwise where both took the same path (alone, count 1 is split-KV; packed, only when
       // every sequence has one query row).
@@ -242,10 +253,11 @@ TEST(CudaInferenceEmulated, VarlenMatchesEachSequenceAlone) {
       for (std::int64_t i = 0; i < count; ++i)
         for (std::int64_t h = 0; h < heads.h; ++h) {
           const std::int64_t row = offsets[b] + i;
-          EXPECT_EQ(std::memcmp(&packed.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
-                                &out[static_cast<std::size_t>((i * heads.h + h) * heads.d)],
-                                sizeof(float) * static_cast<std::size_t>(heads.d)),
-                    0)
+          EXPECT_EQ(
+              std::memcmp(&packed.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
+                          &out[static_cast<std::size_t>((i * heads.h + h) * heads.d)],
+                          sizeof(float) * static_cast<std::size_t>(heads.d)),
+              0)
               << "row " << i << " head " << h;
           EXPECT_EQ(packed.lse[static_cast<std::size_t>(h * total_q + row)],
                     lse[static_cast<std::size_t>(h * count + i)]);
@@ -299,7 +311,8 @@ TEST(CudaInferenceEmulated, PagedMatchesVarlenEveryPageSize) {
     const auto varlen = di::run_varlen<__half>(backend, config, heads, data, batch);
     for (const std::int64_t page_size : {1, 16, 256}) {
       SCOPED_TRACE("page size " + std::to_string(page_size));
-      const auto paged = di::run_paged<__half>(backend, config, heads, data, batch, page_size, seed + page_size);
+      const auto paged =
+          di::run_paged<__half>(backend, config, heads, data, batch, page_size, seed + page_size);
       EXPECT_EQ(backend.last.split, is_decode);
       di::check_packed<__half>(config, heads, data, batch, offsets, paged);
       EXPECT_TRUE(dt::bitwise_equal(paged.out, varlen.out));
@@ -329,8 +342,10 @@ TEST(CudaInferenceEmulated, PaddedMatchesVarlen) {
   for (std::size_t b = 0; b < lengths.size(); ++b)
     for (std::int64_t x = 0; x < n; ++x)
       for (std::int64_t h = 0; h < heads.h; ++h) {
-        const auto* got = &padded.out[static_cast<std::size_t>(((static_cast<std::int64_t>(b) * n + x) * heads.h + h) * heads.d)];
-        const float got_lse = padded.lse[static_cast<std::size_t>((static_cast<std::int64_t>(b) * heads.h + h) * n + x)];
+        const auto* got = &padded.out[static_cast<std::size_t>(
+            ((static_cast<std::int64_t>(b) * n + x) * heads.h + h) * heads.d)];
+        const float got_lse = padded.lse[static_cast<std::size_t>(
+            (static_cast<std::int64_t>(b) * heads.h + h) * n + x)];
         if (x < lengths[b]) {
           const std::int64_t row = offsets[b] + x;
           if (std::memcmp(got, &varlen.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
@@ -383,7 +398,8 @@ void check_strided_and_null_lse(std::int64_t begin, std::int64_t count, std::uin
   strided.fill(di::nan_value<T>());
   dense.fill(di::nan_value<T>());
   no_lse.fill(di::nan_value<T>());
-  std::vector<float> lse_strided(static_cast<std::size_t>(2 * heads.h * count)), lse_dense(lse_strided.size());
+  std::vector<float> lse_strided(static_cast<std::size_t>(2 * heads.h * count)),
+      lse_dense(lse_strided.size());
   const da::QueryRange range{begin, count};
   run_emulated<T>(dc::plan_query_range<T>(config, shape, range, {q.view(), k.view(), v.view()},
                                           {strided.view(), lse_strided.data()}, 8));
@@ -400,8 +416,9 @@ void check_strided_and_null_lse(std::int64_t begin, std::int64_t count, std::uin
           vc.at(b, x, h, d) = v.at(b, x, h, d);
         }
   }
-  const EmulatedRun run = run_emulated<T>(dc::plan_query_range<T>(
-      config, shape, range, {qc.view(), kc.view(), vc.view()}, {dense.view(), lse_dense.data()}, 8));
+  const EmulatedRun run = run_emulated<T>(
+      dc::plan_query_range<T>(config, shape, range, {qc.view(), kc.view(), vc.view()},
+                              {dense.view(), lse_dense.data()}, 8));
   EXPECT_EQ(run.split, count == 1);
   run_emulated<T>(dc::plan_query_range<T>(config, shape, range, {qc.view(), kc.view(), vc.view()},
                                           {no_lse.view(), nullptr}, 8));
@@ -461,9 +478,11 @@ TEST(CudaInferencePlan, TooManyPiecesTakeTheRowKernel) {
   s.kv_offsets = kv;
   // Addresses only compared, never dereferenced (no kernel runs).
   const auto at = [](int i) {
-    return reinterpret_cast<float*>(std::uintptr_t{1} << 40 | (std::uintptr_t{1} << 36) * static_cast<unsigned>(i));
+    return reinterpret_cast<float*>(std::uintptr_t{1} << 40 |
+                                    (std::uintptr_t{1} << 36) * static_cast<unsigned>(i));
   };
-  const da::Inputs<float> in{packed_view<const float>(at(0), 1, 32), packed_view<const float>(at(1), 1, 32),
+  const da::Inputs<float> in{packed_view<const float>(at(0), 1, 32),
+                             packed_view<const float>(at(1), 1, 32),
                              packed_view<const float>(at(2), 1, 32)};
   const da::Outputs<float> o{packed_view(at(3), 1, 32), nullptr};
   const dc::InferencePlan plan = dc::plan_varlen<float>(config, {1, 1, 32}, s, in, o);
@@ -509,8 +528,9 @@ TEST(CudaInferencePlan, BadSequencesNameTheMember) {
             std::string::npos);
   const std::int64_t lengths[] = {7, 5, 8};
   s.kv_lengths = lengths;
-  EXPECT_NE(message_of([&] { dc::plan_varlen<float>(config, heads, s, in, o); })
-                .find("sequences.kv_lengths is set with packed K/V"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_varlen<float>(config, heads, s, in, o);
+            }).find("sequences.kv_lengths is set with packed K/V"),
             std::string::npos);
 }
 
@@ -537,12 +557,14 @@ TEST(CudaInferencePlan, BadPageTableNamesTheEntry) {
   paged.page_table_stride = 3;
   const da::Outputs<float> o{packed_view(out.data(), 2, 32), lse.data()};
   const auto qv = packed_view<const float>(q.data(), 2, 32);
-  EXPECT_NE(message_of([&] { dc::plan_paged<float>(config, heads, s, qv, paged, o); })
-                .find("paged.page_table[4] = 99 (sequence 1, page 1) is not a page (num_pages = 64)"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_paged<float>(config, heads, s, qv, paged, o);
+            }).find("paged.page_table[4] = 99 (sequence 1, page 1) is not a page (num_pages = 64)"),
             std::string::npos);
   paged.page_table_stride = 2;
-  EXPECT_NE(message_of([&] { dc::plan_paged<float>(config, heads, s, qv, paged, o); })
-                .find("paged.page_table_stride = 2 is less than the 3 pages"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_paged<float>(config, heads, s, qv, paged, o);
+            }).find("paged.page_table_stride = 2 is less than the 3 pages"),
             std::string::npos);
 }
 
@@ -554,18 +576,21 @@ TEST(CudaInferencePlan, BadQueryRangeAndLengths) {
   const da::Inputs<float> in{da::contiguous_view(q, rows, 2), da::contiguous_view(k, shape, 1),
                              da::contiguous_view(v, shape, 1)};
   const da::Outputs<float> o{da::contiguous_view(out, rows, 2), lse.data()};
-  EXPECT_NE(message_of([&] { dc::plan_query_range<float>(config, shape, {7, 4}, in, o); })
-                .find("range.begin + range.count = 7 + 4 exceeds shape.seq_len = 10"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_query_range<float>(config, shape, {7, 4}, in, o);
+            }).find("range.begin + range.count = 7 + 4 exceeds shape.seq_len = 10"),
             std::string::npos);
   const da::Inputs<float> full{da::contiguous_view(q, shape, 2), da::contiguous_view(k, shape, 1),
                                da::contiguous_view(v, shape, 1)};
   const da::Outputs<float> full_out{da::contiguous_view(out, shape, 2), lse.data()};
   const std::int64_t lengths[] = {11};
-  EXPECT_NE(message_of([&] { dc::plan_padded<float>(config, shape, {lengths}, full, full_out); })
-                .find("lengths.lengths[0] = 11: must lie in [0, shape.seq_len = 10]"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_padded<float>(config, shape, {lengths}, full, full_out);
+            }).find("lengths.lengths[0] = 11: must lie in [0, shape.seq_len = 10]"),
             std::string::npos);
-  EXPECT_NE(message_of([&] { dc::plan_padded<float>(config, shape, {nullptr}, full, full_out); })
-                .find("lengths.lengths is null"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_padded<float>(config, shape, {nullptr}, full, full_out);
+            }).find("lengths.lengths is null"),
             std::string::npos);
 }
 

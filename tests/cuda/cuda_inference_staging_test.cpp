@@ -87,7 +87,8 @@ TEST(CudaInferenceStaging, CompletedBuffersAreReusedPerDeviceAndGrow) {
   EXPECT_NE(other, first) << "device 1 gets buffers of its own";
   staging.release_unused(b);
   int d = -1;
-  EXPECT_EQ(staging.acquire(HostStaging::min_bytes, 0, d), first) << "a free buffer of device 0 is reused";
+  EXPECT_EQ(staging.acquire(HostStaging::min_bytes, 0, d), first)
+      << "a free buffer of device 0 is reused";
   staging.release_unused(d);
   int e = -1;
   const int allocations = fake::host_allocations;

@@ -60,12 +60,14 @@ struct GpuBackend {
                    std::vector<T>& out, std::vector<float>& lse) {
     auto dq = upload(q), dk = upload(k), dv = upload(v), dout = upload(out);
     auto dlse = upload(lse);
-    const da::Shape rows{shape.batch, range.count, shape.num_heads, shape.num_kv_heads, shape.head_dim};
-    dc::forward<T>(config, shape, range,
-                   {da::contiguous_view(static_cast<const T*>(dq->data()), rows, shape.num_heads),
-                    da::contiguous_view(static_cast<const T*>(dk->data()), shape, shape.num_kv_heads),
-                    da::contiguous_view(static_cast<const T*>(dv->data()), shape, shape.num_kv_heads)},
-                   {da::contiguous_view(dout->data(), rows, shape.num_heads), dlse->data()}, options());
+    const da::Shape rows{shape.batch, range.count, shape.num_heads, shape.num_kv_heads,
+                         shape.head_dim};
+    dc::forward<T>(
+        config, shape, range,
+        {da::contiguous_view(static_cast<const T*>(dq->data()), rows, shape.num_heads),
+         da::contiguous_view(static_cast<const T*>(dk->data()), shape, shape.num_kv_heads),
+         da::contiguous_view(static_cast<const T*>(dv->data()), shape, shape.num_kv_heads)},
+        {da::contiguous_view(dout->data(), rows, shape.num_heads), dlse->data()}, options());
     finish(*dout, out, *dlse, lse);
   }
   template <class T>
@@ -99,9 +101,9 @@ struct GpuBackend {
     paged.head_stride = heads.head_dim;
     paged.page_table = table.data();  // host
     paged.page_table_stride = table_stride;
-    dc::forward<T>(config, heads, s, packed_view<const T>(dq->data(), heads.num_heads, heads.head_dim),
-                   paged, {packed_view(dout->data(), heads.num_heads, heads.head_dim), dlse->data()},
-                   options());
+    dc::forward<T>(
+        config, heads, s, packed_view<const T>(dq->data(), heads.num_heads, heads.head_dim), paged,
+        {packed_view(dout->data(), heads.num_heads, heads.head_dim), dlse->data()}, options());
     finish(*dout, out, *dlse, lse);
   }
   template <class T>
@@ -110,11 +112,12 @@ struct GpuBackend {
               std::vector<T>& out, std::vector<float>& lse) {
     auto dq = upload(q), dk = upload(k), dv = upload(v), dout = upload(out);
     auto dlse = upload(lse);
-    dc::forward<T>(config, shape, lengths,
-                   {da::contiguous_view(static_cast<const T*>(dq->data()), shape, shape.num_heads),
-                    da::contiguous_view(static_cast<const T*>(dk->data()), shape, shape.num_kv_heads),
-                    da::contiguous_view(static_cast<const T*>(dv->data()), shape, shape.num_kv_heads)},
-                   {da::contiguous_view(dout->data(), shape, shape.num_heads), dlse->data()}, options());
+    dc::forward<T>(
+        config, shape, lengths,
+        {da::contiguous_view(static_cast<const T*>(dq->data()), shape, shape.num_heads),
+         da::contiguous_view(static_cast<const T*>(dk->data()), shape, shape.num_kv_heads),
+         da::contiguous_view(static_cast<const T*>(dv->data()), shape, shape.num_kv_heads)},
+        {da::contiguous_view(dout->data(), shape, shape.num_heads), dlse->data()}, options());
     finish(*dout, out, *dlse, lse);
   }
 };
@@ -131,7 +134,8 @@ TEST(CudaInference, DecodeLoopEveryRuleAndMixing) {
       for (const bool causal : {true, false}) {
         const da::Config config = di::inference_config(rule, mixing, causal);
         SCOPED_TRACE(di::describe_config(config));
-        di::decode_loop<float>(backend, config, {6, 2, 32}, 200, {0, 1, 49, 50, 97, 149, 199}, seed);
+        di::decode_loop<float>(backend, config, {6, 2, 32}, 200, {0, 1, 49, 50, 97, 149, 199},
+                               seed);
         di::decode_loop<__half>(backend, config, {6, 2, 64}, 200, {0, 95, 199}, seed + 1);
         di::decode_loop<__nv_bfloat16>(backend, config, {6, 3, 128}, 200, {50, 150}, seed + 2);
         seed += 7;
@@ -143,10 +147,12 @@ TEST(CudaInference, ChunkedPrefillUnevenChunks) {
   GpuBackend backend;
   const std::vector<std::int64_t> cuts = {0, 37, 50, 51, 131, 200};
   const di::Heads heads{4, 2, 64};
-  di::chunked_prefill<float>(backend, di::inference_config(R::modular, M::softmax, true), heads, 200, cuts, 400);
-  di::chunked_prefill<__half>(backend, di::inference_config(R::blocked, M::mean, false), heads, 200, cuts, 410);
-  di::chunked_prefill<__nv_bfloat16>(backend, di::inference_config(R::partitioned, M::softmax, true),
-                                     {3, 3, 96}, 200, cuts, 420);
+  di::chunked_prefill<float>(backend, di::inference_config(R::modular, M::softmax, true), heads,
+                             200, cuts, 400);
+  di::chunked_prefill<__half>(backend, di::inference_config(R::blocked, M::mean, false), heads, 200,
+                              cuts, 410);
+  di::chunked_prefill<__nv_bfloat16>(
+      backend, di::inference_config(R::partitioned, M::softmax, true), {3, 3, 96}, 200, cuts, 420);
 }
 
 TEST(CudaInference, VarlenPagedPaddedAgree) {
@@ -169,23 +175,28 @@ TEST(CudaInference, VarlenPagedPaddedAgree) {
       EXPECT_TRUE(dt::bitwise_equal(paged.lse, varlen.lse));
     }
     if (!is_decode) {
-      const auto padded = di::run_padded<__half>(backend, config, heads, data, batch.kv_lengths, 200);
+      const auto padded =
+          di::run_padded<__half>(backend, config, heads, data, batch.kv_lengths, 200);
       const std::int64_t total_q = offsets.back();
       std::size_t mismatches = 0;
       for (std::size_t b = 0; b < data.size(); ++b)
         for (std::int64_t x = 0; x < 200; ++x)
           for (std::int64_t h = 0; h < heads.h; ++h) {
-            const auto at = static_cast<std::size_t>(((static_cast<std::int64_t>(b) * 200 + x) * heads.h + h) * heads.d);
-            const float got_lse = padded.lse[static_cast<std::size_t>((static_cast<std::int64_t>(b) * heads.h + h) * 200 + x)];
+            const auto at = static_cast<std::size_t>(
+                ((static_cast<std::int64_t>(b) * 200 + x) * heads.h + h) * heads.d);
+            const float got_lse = padded.lse[static_cast<std::size_t>(
+                (static_cast<std::int64_t>(b) * heads.h + h) * 200 + x)];
             if (x < batch.kv_lengths[b]) {
               const std::int64_t row = offsets[b] + x;
-              if (std::memcmp(&padded.out[at], &varlen.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
+              if (std::memcmp(&padded.out[at],
+                              &varlen.out[static_cast<std::size_t>((row * heads.h + h) * heads.d)],
                               sizeof(__half) * static_cast<std::size_t>(heads.d)) != 0 ||
                   got_lse != varlen.lse[static_cast<std::size_t>(h * total_q + row)])
                 ++mismatches;
             } else {
               for (std::int64_t d = 0; d < heads.d; ++d)
-                if (dt::to_double(padded.out[at + static_cast<std::size_t>(d)]) != 0.0) ++mismatches;
+                if (dt::to_double(padded.out[at + static_cast<std::size_t>(d)]) != 0.0)
+                  ++mismatches;
               if (!(got_lse == -std::numeric_limits<float>::infinity())) ++mismatches;
             }
           }
@@ -227,13 +238,16 @@ void expect_invalid(Call&& call, std::initializer_list<const char*> fragments) {
 // Distinct fake device addresses: only compared, never dereferenced.
 template <class T>
 T* fake(int i) {
-  return reinterpret_cast<T*>(std::uintptr_t{1} << 32 | (std::uintptr_t{1} << 28) * static_cast<unsigned>(i));
+  return reinterpret_cast<T*>(std::uintptr_t{1} << 32 |
+                              (std::uintptr_t{1} << 28) * static_cast<unsigned>(i));
 }
 
 TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
   const da::Config config = di::inference_config(R::modular, M::softmax, true);
   const da::HeadShape heads{4, 2, 64};
-  const auto pv = [&](int i, std::int64_t h) { return packed_view<const __half>(fake<__half>(i), h, 64); };
+  const auto pv = [&](int i, std::int64_t h) {
+    return packed_view<const __half>(fake<__half>(i), h, 64);
+  };
   const da::Outputs<__half> out{packed_view(fake<__half>(3), 4, 64), fake<float>(4)};
   const std::int64_t decreasing[] = {0, 7, 5};
   const std::int64_t kv[] = {0, 7, 12};
@@ -241,14 +255,20 @@ TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
   s.count = 2;
   s.query_offsets = decreasing;
   s.kv_offsets = kv;
-  expect_invalid([&] { dc::forward<__half>(config, heads, s, {pv(0, 4), pv(1, 2), pv(2, 2)}, out); },
-                 {"sequences.query_offsets[2] = 5 is less than sequences.query_offsets[1] = 7",
-                  "offsets must not decrease"});
+  expect_invalid(
+      [&] {
+        dc::forward<__half>(config, heads, s, {pv(0, 4), pv(1, 2), pv(2, 2)}, out);
+      },
+      {"sequences.query_offsets[2] = 5 is less than sequences.query_offsets[1] = 7",
+       "offsets must not decrease"});
   const std::int64_t offsets[] = {0, 1, 2};
   s.query_offsets = offsets;
   s.kv_offsets = nullptr;
-  expect_invalid([&] { dc::forward<__half>(config, heads, s, {pv(0, 4), pv(1, 2), pv(2, 2)}, out); },
-                 {"sequences.kv_offsets is null"});
+  expect_invalid(
+      [&] {
+        dc::forward<__half>(config, heads, s, {pv(0, 4), pv(1, 2), pv(2, 2)}, out);
+      },
+      {"sequences.kv_offsets is null"});
   // Paged: an entry past the pages.
   const std::int64_t lengths[] = {5, 40};
   s.kv_lengths = lengths;
@@ -271,30 +291,40 @@ TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
   // Query range past kv_len, unsupported head_dim.
   const da::Shape shape{1, 10, 4, 2, 64};
   const da::Shape rows{1, 2, 4, 2, 64};
-  const da::Inputs<__half> in{da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), rows, 4),
-                              da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), shape, 2),
-                              da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), shape, 2)};
+  const da::Inputs<__half> in{
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), rows, 4),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), shape, 2),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), shape, 2)};
   const da::Outputs<__half> rows_out{da::contiguous_view(fake<__half>(3), rows, 4), fake<float>(4)};
-  expect_invalid([&] { dc::forward<__half>(config, shape, da::QueryRange{9, 2}, in, rows_out); },
-                 {"range.begin + range.count = 9 + 2 exceeds shape.seq_len = 10"});
+  expect_invalid(
+      [&] {
+        dc::forward<__half>(config, shape, da::QueryRange{9, 2}, in, rows_out);
+      },
+      {"range.begin + range.count = 9 + 2 exceeds shape.seq_len = 10"});
   const da::Shape odd{1, 10, 4, 2, 48};
   const da::Shape odd_rows{1, 1, 4, 2, 48};
-  const da::Inputs<__half> odd_in{da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), odd_rows, 4),
-                                  da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), odd, 2),
-                                  da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), odd, 2)};
-  expect_invalid([&] {
-    dc::forward<__half>(config, odd, da::QueryRange{9, 1}, odd_in,
-                        {da::contiguous_view(fake<__half>(3), odd_rows, 4), fake<float>(4)});
-  }, {"shape.head_dim = 48", "supports head_dim in {32, 64, 96, 128}"});
+  const da::Inputs<__half> odd_in{
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), odd_rows, 4),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), odd, 2),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), odd, 2)};
+  expect_invalid(
+      [&] {
+        dc::forward<__half>(config, odd, da::QueryRange{9, 1}, odd_in,
+                            {da::contiguous_view(fake<__half>(3), odd_rows, 4), fake<float>(4)});
+      },
+      {"shape.head_dim = 48", "supports head_dim in {32, 64, 96, 128}"});
   // Padded: a length past N.
   const std::int64_t too_long[] = {11};
-  const da::Inputs<__half> full{da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), shape, 4),
-                                da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), shape, 2),
-                                da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), shape, 2)};
-  expect_invalid([&] {
-    dc::forward<__half>(config, shape, da::ValidLengths{too_long}, full,
-                        {da::contiguous_view(fake<__half>(3), shape, 4), fake<float>(4)});
-  }, {"lengths.lengths[0] = 11"});
+  const da::Inputs<__half> full{
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(0)), shape, 4),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(1)), shape, 2),
+      da::contiguous_view(static_cast<const __half*>(fake<__half>(2)), shape, 2)};
+  expect_invalid(
+      [&] {
+        dc::forward<__half>(config, shape, da::ValidLengths{too_long}, full,
+                            {da::contiguous_view(fake<__half>(3), shape, 4), fake<float>(4)});
+      },
+      {"lengths.lengths[0] = 11"});
 }
 
 }  // namespace

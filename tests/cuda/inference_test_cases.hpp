@@ -130,10 +130,10 @@ struct Errors {
   void expect_within() const {
     const double floor = std::is_same_v<T, float> ? 2e-5 : 1e-6;
     EXPECT_GT(rows, 0);
-    EXPECT_LE(out, std::max(2.0 * naive, floor)) << "output: kernel error " << out << ", naive " << naive
-                                                 << " over " << rows << " rows";
-    EXPECT_LE(lse, std::max(2.0 * naive_lse, floor)) << "lse: kernel error " << lse << ", naive "
-                                                     << naive_lse;
+    EXPECT_LE(out, std::max(2.0 * naive, floor))
+        << "output: kernel error " << out << ", naive " << naive << " over " << rows << " rows";
+    EXPECT_LE(lse, std::max(2.0 * naive_lse, floor))
+        << "lse: kernel error " << lse << ", naive " << naive_lse;
   }
 };
 
@@ -199,9 +199,11 @@ void decode_loop(Backend& backend, const Config& config, const Heads& heads, std
     // Causal rows of the forward over t + 1 positions are those of the whole sequence's.
     if (!config.causal || whole.empty()) {
       std::vector<Expected> expected;
-      for (const auto& s : data) expected.push_back(expected_forward(config, heads, s, config.causal ? n : t + 1));
+      for (const auto& s : data)
+        expected.push_back(expected_forward(config, heads, s, config.causal ? n : t + 1));
       for (const auto& e : expected) errors.add_forward(e);
-      if (config.causal) whole = std::move(expected);
+      if (config.causal)
+        whole = std::move(expected);
       else {
         check_query_range<T>(backend, config, heads, data, t + 1, t, 1, errors, expected);
         continue;
@@ -269,9 +271,9 @@ std::vector<T> packed_queries(const std::vector<SequenceData<T>>& data, const Ba
 }
 
 template <class T>
-void check_packed(const Config& config, const Heads& heads, const std::vector<SequenceData<T>>& data,
-                  const Batch& batch, const std::vector<std::int64_t>& query_offsets,
-                  const PackedResult<T>& result) {
+void check_packed(const Config& config, const Heads& heads,
+                  const std::vector<SequenceData<T>>& data, const Batch& batch,
+                  const std::vector<std::int64_t>& query_offsets, const PackedResult<T>& result) {
   Errors errors;
   const std::int64_t total_q = query_offsets.back();
   for (std::size_t b = 0; b < data.size(); ++b) {
@@ -307,15 +309,19 @@ PackedResult<T> run_varlen(Backend& backend, const Config& config, const Heads& 
   }
   if (k.empty()) k.resize(1), v.resize(1);
   const std::int64_t total_q = query_offsets.back();
-  PackedResult<T> result{std::vector<T>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h * heads.d), nan_value<T>()),
-                         std::vector<float>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h),
-                                            std::numeric_limits<float>::quiet_NaN())};
+  PackedResult<T> result{
+      std::vector<T>(
+          static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h * heads.d),
+          nan_value<T>()),
+      std::vector<float>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h),
+                         std::numeric_limits<float>::quiet_NaN())};
   Sequences s;
   s.count = static_cast<std::int64_t>(data.size());
   s.query_offsets = query_offsets.data();
   s.kv_offsets = kv_offsets.data();
   if (!batch.query_begins.empty()) s.query_begins = batch.query_begins.data();
-  backend.varlen(config, HeadShape{heads.h, heads.hkv, heads.d}, s, q, k, v, result.out, result.lse);
+  backend.varlen(config, HeadShape{heads.h, heads.hkv, heads.d}, s, q, k, v, result.out,
+                 result.lse);
   return result;
 }
 
@@ -340,9 +346,11 @@ PackedResult<T> run_paged(Backend& backend, const Config& config, const Heads& h
   std::mt19937_64 engine(seed);
   std::shuffle(order.begin(), order.end(), engine);
   const std::int64_t page_elems = page_size * heads.hkv * heads.d;
-  std::vector<T> k(static_cast<std::size_t>(num_pages * page_elems), nan_value<T>()), v(k.size(), nan_value<T>());
+  std::vector<T> k(static_cast<std::size_t>(num_pages * page_elems), nan_value<T>()),
+      v(k.size(), nan_value<T>());
   const std::int64_t stride = std::max<std::int64_t>(most, 1) + 2;  // a wider table than needed
-  std::vector<std::int32_t> table(static_cast<std::size_t>(stride * static_cast<std::int64_t>(data.size())), -7);
+  std::vector<std::int32_t> table(
+      static_cast<std::size_t>(stride * static_cast<std::int64_t>(data.size())), -7);
   std::size_t next = 0;
   for (std::size_t b = 0; b < data.size(); ++b) {
     const std::int64_t kv = batch.kv_lengths[b];
@@ -352,16 +360,20 @@ PackedResult<T> run_paged(Backend& backend, const Config& config, const Heads& h
       for (std::int64_t r = 0; r < page_size && j * page_size + r < kv; ++r)
         for (std::int64_t h = 0; h < heads.hkv; ++h)
           for (std::int64_t d = 0; d < heads.d; ++d) {
-            const auto at = static_cast<std::size_t>(page * page_elems + (r * heads.hkv + h) * heads.d + d);
+            const auto at =
+                static_cast<std::size_t>(page * page_elems + (r * heads.hkv + h) * heads.d + d);
             k[at] = data[b].k.at(0, j * page_size + r, h, d);
             v[at] = data[b].v.at(0, j * page_size + r, h, d);
           }
     }
   }
   const std::int64_t total_q = query_offsets.back();
-  PackedResult<T> result{std::vector<T>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h * heads.d), nan_value<T>()),
-                         std::vector<float>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h),
-                                            std::numeric_limits<float>::quiet_NaN())};
+  PackedResult<T> result{
+      std::vector<T>(
+          static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h * heads.d),
+          nan_value<T>()),
+      std::vector<float>(static_cast<std::size_t>(std::max<std::int64_t>(total_q, 1) * heads.h),
+                         std::numeric_limits<float>::quiet_NaN())};
   Sequences s;
   s.count = static_cast<std::int64_t>(data.size());
   s.query_offsets = query_offsets.data();
@@ -373,7 +385,8 @@ PackedResult<T> run_paged(Backend& backend, const Config& config, const Heads& h
 }
 
 template <class T>
-std::vector<SequenceData<T>> random_batch(const Heads& heads, const Batch& batch, std::uint64_t seed) {
+std::vector<SequenceData<T>> random_batch(const Heads& heads, const Batch& batch,
+                                          std::uint64_t seed) {
   std::vector<SequenceData<T>> data;
   for (std::size_t b = 0; b < batch.kv_lengths.size(); ++b)
     data.push_back(random_sequence<T>(heads, batch.kv_lengths[b], seed + 100 * b));
@@ -389,7 +402,8 @@ PackedResult<T> run_padded(Backend& backend, const Config& config, const Heads& 
   const auto batch = static_cast<std::int64_t>(data.size());
   const Shape shape{batch, n, heads.h, heads.hkv, heads.d};
   std::vector<T> q(static_cast<std::size_t>(batch * n * heads.h * heads.d), nan_value<T>());
-  std::vector<T> k(static_cast<std::size_t>(batch * n * heads.hkv * heads.d), nan_value<T>()), v(k.size(), nan_value<T>());
+  std::vector<T> k(static_cast<std::size_t>(batch * n * heads.hkv * heads.d), nan_value<T>()),
+      v(k.size(), nan_value<T>());
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t x = 0; x < lengths[static_cast<std::size_t>(b)]; ++x) {
       for (std::int64_t h = 0; h < heads.h; ++h)

@@ -92,10 +92,9 @@ void run_inference(InferencePlan plan, cudaStream_t stream) {
   auto* const bytes = static_cast<unsigned char*>(buffer);
   plan.params.table = reinterpret_cast<const std::int64_t*>(bytes);
   plan.params.partial_o = reinterpret_cast<float*>(bytes + round_up_256(table_bytes));
-  plan.params.partial_lse = reinterpret_cast<float*>(bytes + round_up_256(table_bytes) +
-                                                     round_up_256(partial_o_bytes));
-  cudaError_t status =
-      cudaMemcpyAsync(buffer, host, table_bytes, cudaMemcpyHostToDevice, stream);
+  plan.params.partial_lse =
+      reinterpret_cast<float*>(bytes + round_up_256(table_bytes) + round_up_256(partial_o_bytes));
+  cudaError_t status = cudaMemcpyAsync(buffer, host, table_bytes, cudaMemcpyHostToDevice, stream);
   if (status != cudaSuccess) {
     staging.release_unused(slot);
   } else {
@@ -110,8 +109,9 @@ void run_inference(InferencePlan plan, cudaStream_t stream) {
   if (status == cudaSuccess) {
     const auto threads = static_cast<unsigned>(plan.threads);
     if (plan.split) {
-      kernels.piece<<<static_cast<unsigned>(plan.piece_blocks), threads, plan.shared_bytes,
-                      stream>>>(plan.params);
+      kernels
+          .piece<<<static_cast<unsigned>(plan.piece_blocks), threads, plan.shared_bytes, stream>>>(
+              plan.params);
       status = cudaGetLastError();
       if (status == cudaSuccess) {
         kernels.merge<<<static_cast<unsigned>(plan.row_blocks), threads, 0, stream>>>(plan.params);
@@ -179,8 +179,7 @@ void forward(const Config& config, const Shape& shape, const ValidLengths& lengt
              const Outputs<T>& outputs, const Options& options = {}) {
   static_assert(is_supported_type_v<T>,
                 "dilated_attention::cuda::forward supports __half, __nv_bfloat16 and float");
-  detail::run_inference<T>(plan_padded<T>(config, shape, lengths, inputs, outputs),
-                           options.stream);
+  detail::run_inference<T>(plan_padded<T>(config, shape, lengths, inputs, outputs), options.stream);
 }
 
 }  // namespace dilated_attention::cuda

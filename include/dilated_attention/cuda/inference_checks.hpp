@@ -69,8 +69,9 @@ void check_query_range(const Config& config, const Shape& shape, const QueryRang
   if (range.begin < 0) reject("range.begin = ", range.begin, ": must be non-negative");
   if (range.count <= 0) reject("range.count = ", range.count, ": must be positive");
   if (range.begin > shape.seq_len - range.count)
-    reject("range.begin + range.count = ", range.begin, " + ", range.count, " exceeds shape.seq_len = ",
-           shape.seq_len, ": the query rows must lie among the kv_len positions");
+    reject("range.begin + range.count = ", range.begin, " + ", range.count,
+           " exceeds shape.seq_len = ", shape.seq_len,
+           ": the query rows must lie among the kv_len positions");
   const Shape rows{shape.batch, range.count, shape.num_heads, shape.num_kv_heads, shape.head_dim};
   dilated_attention::detail::check_view("q", q, rows, shape.num_heads, false);
   dilated_attention::detail::check_view("k", k, shape, shape.num_kv_heads, false);
@@ -95,15 +96,17 @@ inline std::int64_t check_sequences(const Sequences& s, bool paged) {
     if (s.kv_lengths == nullptr)
       reject("sequences.kv_lengths is null: with paged K/V it gives each sequence's length");
     if (s.kv_offsets != nullptr)
-      reject("sequences.kv_offsets is set with paged K/V: the keys' positions come from the "
-             "page table, the lengths from sequences.kv_lengths (set kv_offsets to null)");
+      reject(
+          "sequences.kv_offsets is set with paged K/V: the keys' positions come from the "
+          "page table, the lengths from sequences.kv_lengths (set kv_offsets to null)");
   } else {
     if (s.kv_offsets == nullptr)
       reject("sequences.kv_offsets is null: packed K/V need sequences.count + 1 = ", s.count + 1,
              " entries (cu_seqlens_k)");
     if (s.kv_lengths != nullptr)
-      reject("sequences.kv_lengths is set with packed K/V: the lengths come from "
-             "sequences.kv_offsets (set kv_lengths to null)");
+      reject(
+          "sequences.kv_lengths is set with packed K/V: the lengths come from "
+          "sequences.kv_offsets (set kv_lengths to null)");
   }
   if (s.query_offsets[0] != 0)
     reject("sequences.query_offsets[0] = ", s.query_offsets[0], ": must be 0");
@@ -151,12 +154,16 @@ void check_varlen(const Config& config, const HeadShape& heads, const Sequences&
   };
   // Views over no rows are never read: only their pointers must be there.
   if (total_q > 0) {
-    dilated_attention::detail::check_view("q", q, shape_of(total_q, heads.num_heads), heads.num_heads, false);
-    dilated_attention::detail::check_view("out", out, shape_of(total_q, heads.num_heads), heads.num_heads, true);
+    dilated_attention::detail::check_view("q", q, shape_of(total_q, heads.num_heads),
+                                          heads.num_heads, false);
+    dilated_attention::detail::check_view("out", out, shape_of(total_q, heads.num_heads),
+                                          heads.num_heads, true);
   }
   if (total_k > 0) {
-    dilated_attention::detail::check_view("k", k, shape_of(total_k, heads.num_kv_heads), heads.num_kv_heads, false);
-    dilated_attention::detail::check_view("v", v, shape_of(total_k, heads.num_kv_heads), heads.num_kv_heads, false);
+    dilated_attention::detail::check_view("k", k, shape_of(total_k, heads.num_kv_heads),
+                                          heads.num_kv_heads, false);
+    dilated_attention::detail::check_view("v", v, shape_of(total_k, heads.num_kv_heads),
+                                          heads.num_kv_heads, false);
   }
   if (total_q <= 0 || total_k <= 0) return;
   const dilated_attention::detail::ByteRange inputs[3] = {
@@ -195,14 +202,16 @@ void check_paged(const Config& config, const HeadShape& heads, const Sequences& 
   if (paged.page_stride < 0 || paged.row_stride < 0 || paged.head_stride < 0)
     reject("paged strides (page ", paged.page_stride, ", row ", paged.row_stride, ", head ",
            paged.head_stride, ") must be non-negative");
-  const double span = (static_cast<double>(paged.num_pages) * static_cast<double>(paged.page_stride) +
-                       static_cast<double>(paged.page_size) * static_cast<double>(paged.row_stride) +
-                       static_cast<double>(heads.num_kv_heads) * static_cast<double>(paged.head_stride)) *
-                      sizeof(T);
+  const double span =
+      (static_cast<double>(paged.num_pages) * static_cast<double>(paged.page_stride) +
+       static_cast<double>(paged.page_size) * static_cast<double>(paged.row_stride) +
+       static_cast<double>(heads.num_kv_heads) * static_cast<double>(paged.head_stride)) *
+      sizeof(T);
   if (span > 0x1p62)
     reject("paged strides (page ", paged.page_stride, ", row ", paged.row_stride, ", head ",
            paged.head_stride, ") span more than 2^62 bytes: they cannot be addressed");
-  if (paged.page_table == nullptr) reject("paged.page_table is null: each sequence needs its pages");
+  if (paged.page_table == nullptr)
+    reject("paged.page_table is null: each sequence needs its pages");
   const std::int64_t most_pages = (longest + paged.page_size - 1) / paged.page_size;
   if (paged.page_table_stride < most_pages)
     reject("paged.page_table_stride = ", paged.page_table_stride, " is less than the ", most_pages,
@@ -240,8 +249,8 @@ void check_padded(const Config& config, const Shape& shape, const ValidLengths& 
     reject("lengths.lengths is null: it needs shape.batch = ", shape.batch, " entries");
   for (std::int64_t b = 0; b < shape.batch; ++b)
     if (lengths.lengths[b] < 0 || lengths.lengths[b] > shape.seq_len)
-      reject("lengths.lengths[", b, "] = ", lengths.lengths[b], ": must lie in [0, shape.seq_len = ",
-             shape.seq_len, "]");
+      reject("lengths.lengths[", b, "] = ", lengths.lengths[b],
+             ": must lie in [0, shape.seq_len = ", shape.seq_len, "]");
 }
 
 }  // namespace dilated_attention::cuda::checks

@@ -35,8 +35,8 @@ __device__ __forceinline__ float inference_load(T value) {
 template <class T, int D>
 __device__ __forceinline__ void inference_attend(const InferenceParams& p, std::int64_t seq,
                                                  std::int64_t kv_head, const Progression& keys,
-                                                 const float* query, float& row_max,
-                                                 float& row_sum, float (&acc)[D / 32]) {
+                                                 const float* query, float& row_max, float& row_sum,
+                                                 float (&acc)[D / 32]) {
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
   const int lane = threadIdx.x % 32;

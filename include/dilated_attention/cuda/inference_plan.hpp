@@ -111,8 +111,10 @@ struct InferenceParams {
     std::int64_t lo = 0, hi = sequences;  // row_first(lo) <= row < row_first(hi)
     while (hi - lo > 1) {
       const std::int64_t mid = lo + (hi - lo) / 2;
-      if (row_first(mid) <= row) lo = mid;
-      else hi = mid;
+      if (row_first(mid) <= row)
+        lo = mid;
+      else
+        hi = mid;
     }
     return lo;
   }
@@ -161,7 +163,8 @@ DILATED_ATTENTION_HOST_DEVICE Progression piece_slice(const Progression& keys, s
   return keys.slice(chunk * piece_keys, chunk * piece_keys + piece_keys);
 }
 // How many pieces a branch's key set of `count` keys needs.
-DILATED_ATTENTION_HOST_DEVICE std::int64_t piece_count(std::int64_t count, std::int64_t piece_keys) {
+DILATED_ATTENTION_HOST_DEVICE std::int64_t piece_count(std::int64_t count,
+                                                       std::int64_t piece_keys) {
   return (count + piece_keys - 1) / piece_keys;
 }
 
@@ -187,12 +190,12 @@ struct InferenceTensors {
 struct InferencePlan {
   InferenceParams params;
   SequenceTable table;
-  bool split = false;            // split-KV decode (piece + merge kernels) or the row kernel
-  std::int64_t items = 0;        // (row, head) pairs
-  std::int64_t row_blocks = 0;   // grid of the row kernel, or of the merge kernel
-  std::int64_t piece_blocks = 0; // grid of the piece kernel
+  bool split = false;             // split-KV decode (piece + merge kernels) or the row kernel
+  std::int64_t items = 0;         // (row, head) pairs
+  std::int64_t row_blocks = 0;    // grid of the row kernel, or of the merge kernel
+  std::int64_t piece_blocks = 0;  // grid of the piece kernel
   int threads = 32 * inference_warps;
-  std::size_t shared_bytes = 0;  // dynamic shared memory of the row and piece kernels
+  std::size_t shared_bytes = 0;    // dynamic shared memory of the row and piece kernels
   std::size_t partial_floats = 0;  // o and lse partials of the split path
   bool empty() const { return items == 0; }
 };
@@ -223,9 +226,8 @@ template <class T>
 InferencePlan make_inference_plan(const Config& config, std::int64_t num_heads,
                                   std::int64_t num_kv_heads, std::int64_t head_dim,
                                   const std::vector<SequenceRecord>& sequences,
-                                  const std::vector<std::int64_t>& pages,
-                                  const InferenceTensors& t, bool split,
-                                  std::int64_t piece_keys = decode_piece_keys) {
+                                  const std::vector<std::int64_t>& pages, const InferenceTensors& t,
+                                  bool split, std::int64_t piece_keys = decode_piece_keys) {
   check_inference_limits(config, head_dim);
   const char* element = "every tensor element must be aligned to its type";
   check_alignment(t.q, alignof(T), "q.data", element);
@@ -233,7 +235,8 @@ InferencePlan make_inference_plan(const Config& config, std::int64_t num_heads,
   check_alignment(t.v, alignof(T), "v.data", element);
   check_alignment(t.out, alignof(T), "out.data", element);
   if (t.lse != nullptr) check_alignment(t.lse, alignof(float), "lse", "lse is an array of float");
-  if (piece_keys <= 0) dilated_attention::detail::reject("piece_keys = ", piece_keys, ": must be positive");
+  if (piece_keys <= 0)
+    dilated_attention::detail::reject("piece_keys = ", piece_keys, ": must be positive");
 
   InferencePlan plan{};
   const auto count = static_cast<std::int64_t>(sequences.size());
@@ -275,8 +278,8 @@ InferencePlan make_inference_plan(const Config& config, std::int64_t num_heads,
   p.causal = config.causal;
   p.paged = t.paged;
   p.page_size = t.page_size, p.page_stride = t.page_stride;
-  const double scale = config.scale == 0.0 ? 1.0 / std::sqrt(static_cast<double>(head_dim))
-                                           : config.scale;
+  const double scale =
+      config.scale == 0.0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : config.scale;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.table = nullptr;  // bound by the caller once the table is where the kernels read it
   p.piece_keys = piece_keys;
@@ -318,12 +321,25 @@ InferencePlan plan_query_range(const Config& config, const Shape& shape, const Q
   checks::check_query_range<T>(config, shape, range, in.q, in.k, in.v, out.out, out.lse);
   std::vector<SequenceRecord> sequences(static_cast<std::size_t>(shape.batch));
   for (auto& s : sequences) s = {range.count, range.count, 0, range.begin, shape.seq_len, 0};
-  InferenceTensors t{in.q.data, in.k.data, in.v.data, out.out.data, out.lse,
-                     in.q.batch_stride, in.q.seq_stride, in.q.head_stride,
-                     in.k.batch_stride, in.k.seq_stride, in.k.head_stride,
-                     in.v.batch_stride, in.v.seq_stride, in.v.head_stride,
-                     out.out.batch_stride, out.out.seq_stride, out.out.head_stride,
-                     shape.num_heads * range.count, range.count};
+  InferenceTensors t{in.q.data,
+                     in.k.data,
+                     in.v.data,
+                     out.out.data,
+                     out.lse,
+                     in.q.batch_stride,
+                     in.q.seq_stride,
+                     in.q.head_stride,
+                     in.k.batch_stride,
+                     in.k.seq_stride,
+                     in.k.head_stride,
+                     in.v.batch_stride,
+                     in.v.seq_stride,
+                     in.v.head_stride,
+                     out.out.batch_stride,
+                     out.out.seq_stride,
+                     out.out.head_stride,
+                     shape.num_heads * range.count,
+                     range.count};
   return make_inference_plan<T>(config, shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                 sequences, {}, t, range.count == 1, piece_keys);
 }
@@ -332,9 +348,9 @@ namespace detail {
 inline std::vector<SequenceRecord> packed_records(const Sequences& s) {
   std::vector<SequenceRecord> records(static_cast<std::size_t>(s.count));
   for (std::int64_t b = 0; b < s.count; ++b)
-    records[static_cast<std::size_t>(b)] = {s.query_count(b), s.query_count(b), s.query_offsets[b],
-                                            s.query_begin(b), s.kv_length(b),
-                                            s.kv_offsets != nullptr ? s.kv_offsets[b] : 0};
+    records[static_cast<std::size_t>(b)] = {
+        s.query_count(b), s.query_count(b), s.query_offsets[b],
+        s.query_begin(b), s.kv_length(b),   s.kv_offsets != nullptr ? s.kv_offsets[b] : 0};
   return records;
 }
 }  // namespace detail
@@ -346,12 +362,25 @@ InferencePlan plan_varlen(const Config& config, const HeadShape& heads, const Se
                           std::int64_t piece_keys = decode_piece_keys) {
   checks::check_varlen<T>(config, heads, s, in.q, in.k, in.v, out.out, out.lse);
   const std::vector<SequenceRecord> records = detail::packed_records(s);
-  InferenceTensors t{in.q.data, in.k.data, in.v.data, out.out.data, out.lse,
-                     0, in.q.seq_stride, in.q.head_stride,
-                     0, in.k.seq_stride, in.k.head_stride,
-                     0, in.v.seq_stride, in.v.head_stride,
-                     0, out.out.seq_stride, out.out.head_stride,
-                     0, s.total_queries()};
+  InferenceTensors t{in.q.data,
+                     in.k.data,
+                     in.v.data,
+                     out.out.data,
+                     out.lse,
+                     0,
+                     in.q.seq_stride,
+                     in.q.head_stride,
+                     0,
+                     in.k.seq_stride,
+                     in.k.head_stride,
+                     0,
+                     in.v.seq_stride,
+                     in.v.head_stride,
+                     0,
+                     out.out.seq_stride,
+                     out.out.head_stride,
+                     0,
+                     s.total_queries()};
   return make_inference_plan<T>(config, heads.num_heads, heads.num_kv_heads, heads.head_dim,
                                 records, {}, t, true, piece_keys);
 }
@@ -370,12 +399,28 @@ InferencePlan plan_paged(const Config& config, const HeadShape& heads, const Seq
     for (std::int64_t j = 0; j < used; ++j)
       pages.push_back(paged.page_table[b * paged.page_table_stride + j]);
   }
-  InferenceTensors t{q.data, paged.k, paged.v, out.out.data, out.lse,
-                     0, q.seq_stride, q.head_stride,
-                     0, paged.row_stride, paged.head_stride,
-                     0, paged.row_stride, paged.head_stride,
-                     0, out.out.seq_stride, out.out.head_stride,
-                     0, s.total_queries(), true, paged.page_size, paged.page_stride};
+  InferenceTensors t{q.data,
+                     paged.k,
+                     paged.v,
+                     out.out.data,
+                     out.lse,
+                     0,
+                     q.seq_stride,
+                     q.head_stride,
+                     0,
+                     paged.row_stride,
+                     paged.head_stride,
+                     0,
+                     paged.row_stride,
+                     paged.head_stride,
+                     0,
+                     out.out.seq_stride,
+                     out.out.head_stride,
+                     0,
+                     s.total_queries(),
+                     true,
+                     paged.page_size,
+                     paged.page_stride};
   return make_inference_plan<T>(config, heads.num_heads, heads.num_kv_heads, heads.head_dim,
                                 records, pages, t, true, piece_keys);
 }
@@ -387,14 +432,27 @@ InferencePlan plan_padded(const Config& config, const Shape& shape, const ValidL
   checks::check_padded<T>(config, shape, lengths, in.q, in.k, in.v, out.out, out.lse);
   std::vector<SequenceRecord> records(static_cast<std::size_t>(shape.batch));
   for (std::int64_t b = 0; b < shape.batch; ++b)
-    records[static_cast<std::size_t>(b)] = {shape.seq_len, lengths.lengths[b], 0, 0,
-                                            lengths.lengths[b], 0};
-  InferenceTensors t{in.q.data, in.k.data, in.v.data, out.out.data, out.lse,
-                     in.q.batch_stride, in.q.seq_stride, in.q.head_stride,
-                     in.k.batch_stride, in.k.seq_stride, in.k.head_stride,
-                     in.v.batch_stride, in.v.seq_stride, in.v.head_stride,
-                     out.out.batch_stride, out.out.seq_stride, out.out.head_stride,
-                     shape.num_heads * shape.seq_len, shape.seq_len};
+    records[static_cast<std::size_t>(b)] = {
+        shape.seq_len, lengths.lengths[b], 0, 0, lengths.lengths[b], 0};
+  InferenceTensors t{in.q.data,
+                     in.k.data,
+                     in.v.data,
+                     out.out.data,
+                     out.lse,
+                     in.q.batch_stride,
+                     in.q.seq_stride,
+                     in.q.head_stride,
+                     in.k.batch_stride,
+                     in.k.seq_stride,
+                     in.k.head_stride,
+                     in.v.batch_stride,
+                     in.v.seq_stride,
+                     in.v.head_stride,
+                     out.out.batch_stride,
+                     out.out.seq_stride,
+                     out.out.head_stride,
+                     shape.num_heads * shape.seq_len,
+                     shape.seq_len};
   return make_inference_plan<T>(config, shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                 records, {}, t, false);
 }
