@@ -322,6 +322,51 @@ TEST(CudaInferenceEmulated, PagedMatchesVarlenEveryPageSize) {
   }
 }
 
+// Pages shared between sequences (a common prefix, as a prefix cache gives): sequence 1 is the
+// first 100 positions of sequence 0 and its page-table row names sequence 0's first 7 pages
+// (the 7th only partly its own). Pages are laid out in reverse order.
+TEST(CudaInferenceEmulated, PagedSequencesSharePages) {
+  DILATED_ATTENTION_REQUIRE_FIBERS();
+  EmulatedBackend backend;
+  backend.piece_keys = 16;
+  const di::Heads heads{4, 2, 32};
+  const da::Config config = di::inference_config(R::modular, M::mean, true);
+  const auto whole = di::random_sequence<float>(heads, 200, 1200);
+  const std::vector<di::SequenceData<float>> data = {whole, whole};
+  for (const bool is_decode : {true, false}) {
+    const di::Batch batch =
+        is_decode ? di::Batch{{200, 100}, {1, 1}} : di::Batch{{200, 100}, {7, 100}};
+    std::vector<std::int64_t> offsets;
+    const std::vector<float> q = di::packed_queries(data, batch, heads, offsets);
+    const std::int64_t page_size = 16, num_pages = 13, row = heads.hkv * heads.d;
+    std::vector<float> k(static_cast<std::size_t>(num_pages * page_size * row)), v(k.size());
+    for (std::int64_t y = 0; y < 200; ++y)
+      for (std::int64_t h = 0; h < heads.hkv; ++h)
+        for (std::int64_t d = 0; d < heads.d; ++d) {
+          const std::int64_t page = 12 - y / page_size;
+          const auto at =
+              static_cast<std::size_t>((page * page_size + y % page_size) * row + h * heads.d + d);
+          k[at] = whole.k.at(0, y, h, d);
+          v[at] = whole.v.at(0, y, h, d);
+        }
+    std::vector<std::int32_t> table(2 * 13, -1);
+    for (int j = 0; j < 13; ++j) table[static_cast<std::size_t>(j)] = 12 - j;
+    for (int j = 0; j < 7; ++j) table[static_cast<std::size_t>(13 + j)] = 12 - j;
+    const std::int64_t total_q = offsets.back();
+    di::PackedResult<float> result{
+        std::vector<float>(static_cast<std::size_t>(total_q * heads.h * heads.d)),
+        std::vector<float>(static_cast<std::size_t>(total_q * heads.h))};
+    da::Sequences s;
+    s.count = 2;
+    s.query_offsets = offsets.data();
+    s.kv_lengths = batch.kv_lengths.data();
+    backend.paged(config, da::HeadShape{heads.h, heads.hkv, heads.d}, s, q, k, v, num_pages,
+                  page_size, table, 13, result.out, result.lse);
+    EXPECT_EQ(backend.last.split, is_decode);
+    di::check_packed<float>(config, heads, data, batch, offsets, result);
+  }
+}
+
 // Padded: rows past a length are O = 0, LSE = -inf; valid rows bitwise the varlen form's.
 TEST(CudaInferenceEmulated, PaddedMatchesVarlen) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
