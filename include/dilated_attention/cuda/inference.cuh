@@ -11,7 +11,8 @@
 // upload is done), and then, on options.stream: cudaMallocAsync of the device table (and of the
 // split-KV partials), cudaMemcpyAsync of the table from the pinned buffer, the kernel launches,
 // cudaFreeAsync. The host arrays need to stay valid only until the call returns; the call does
-// not wait for the stream (docs/cuda.md "Inference forms").
+// not wait for the stream (docs/cuda.md "Inference forms"). Not for CUDA graph capture: a
+// replayed upload would read a staging buffer that later calls reuse.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
