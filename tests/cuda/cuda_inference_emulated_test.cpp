@@ -1,7 +1,7 @@
 // The inference forms' kernels (cuda/inference_kernel.cuh) run on the host by the CUDA emulation
 // (tests/support/cuda_host_emulation.hpp: fibers for threads, warp collectives as barriers),
 // through the very plans that cuda::forward makes (cuda/inference_plan.hpp), against the fp64
-// reference over each sequence (inference_test_cases.hpp). What this does not run: the
+// reference over each sequence (cuda_inference_cases.hpp). What this does not run: the
 // stream-ordered upload of the table and the launches themselves (cuda/inference.cuh), which the
 // GPU test does (cuda_inference_test.cu).
 
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/inference_test_cases.hpp"
+#include "cuda/cuda_inference_cases.hpp"
 
 namespace {
 
@@ -95,7 +95,7 @@ da::View<T> packed_view(T* data, std::int64_t heads, std::int64_t d) {
   return da::View<T>{data, 0, heads * d, d};
 }
 
-// The Backend of inference_test_cases.hpp: each form's plan (validation included) run emulated.
+// The Backend of cuda_inference_cases.hpp: each form's plan (validation included) run emulated.
 // piece_keys: the split-KV piece size (small here, so that a branch's keys span several pieces).
 struct EmulatedBackend {
   std::int64_t piece_keys = dc::decode_piece_keys;

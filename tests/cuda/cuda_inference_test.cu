@@ -1,5 +1,5 @@
 // The inference forms of cuda::forward (cuda/inference.cuh) on a GPU: the cases of
-// inference_test_cases.hpp (the ones the host emulation runs) through the real entry points,
+// cuda_inference_cases.hpp (the ones the host emulation runs) through the real entry points,
 // with device buffers, the stream-ordered table upload and the real launches. The GPU cases skip
 // with "no CUDA device: ..." without a device; the bad-input cases run everywhere, since every
 // argument is validated on the host before any CUDA call.
@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/inference_test_cases.hpp"
+#include "cuda/cuda_inference_cases.hpp"
 #include "support/cuda_test_support.cuh"
 
 namespace {
@@ -35,7 +35,7 @@ da::View<T> packed_view(T* data, std::int64_t heads, std::int64_t d) {
   return da::View<T>{data, 0, heads * d, d};
 }
 
-// The Backend of inference_test_cases.hpp on the GPU: upload, cuda::forward on a stream of its
+// The Backend of cuda_inference_cases.hpp on the GPU: upload, cuda::forward on a stream of its
 // own, synchronise, download.
 struct GpuBackend {
   cudaStream_t stream = nullptr;
