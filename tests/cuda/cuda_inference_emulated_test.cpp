@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/cuda_inference_cases.hpp"
+#include "support/cuda_inference_cases.hpp"
 
 namespace {
 

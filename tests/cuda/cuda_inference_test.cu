@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/cuda_inference_cases.hpp"
+#include "support/cuda_inference_cases.hpp"
 #include "support/cuda_test_support.cuh"
 
 namespace {
