@@ -9,16 +9,21 @@
 //   window path  (a call with some sequence of more than one query row): units of (sequence,
 //                head, window of query rows), exactly the forward's work per row; every row is
 //                bitwise the row of the forward over its sequence (same blocks, same merge).
-//   decode path  (every sequence has at most one query row): the row's keys are cut into fixed
-//                pieces -- per block, decode_key_piece keys each, independent of the thread
-//                count -- whose partials are computed in parallel (units of (row, piece)) and
-//                merged by LSE in block and piece order. Bitwise identical for any thread count;
-//                bitwise the forward's row when no block of the row sees more than
-//                decode_key_piece keys (one piece per block: the forward's own computation),
-//                otherwise within rounding of it (docs/semantics.md "Inference forms").
-// Paged keys: a block's (or piece's) key and value rows are copied from their pages into the
-// thread's scratch, then attended as contiguous rows: the result is bitwise the same call on
-// contiguous K/V (the same values reach the same packing code).
+//   decode path  (every sequence has at most one query row): a one-row kernel (decode_piece)
+//                that streams each key and value row once from the caller's memory -- in place,
+//                or straight from its page -- without packing. The row's keys are cut into fixed
+//                pieces (per block, decode_key_piece keys each, independent of the thread
+//                count) whose partials are computed in parallel (units of (row, piece)) and
+//                merged by LSE in block and piece order. Bitwise identical for any thread count
+//                and between paged and contiguous K/V; within rounding of the forward's row (its
+//                own summation order: docs/semantics.md "Inference forms").
+// Paged keys on the window path: a block's key and value rows are copied from their pages into
+// the thread's scratch, then attended as contiguous rows, so the result is bitwise the same call
+// on contiguous K/V (the same values reach the same packing code).
+//
+// What a decode call allocates: with a DecodeWorkspace that has served a call of the same or
+// larger size, nothing on one thread (options.num_threads = 1); with more threads, only what
+// starting std::threads allocates (cpu::run_units). Without a workspace, the call builds one.
 
 #include <algorithm>
 #include <atomic>
@@ -113,6 +118,63 @@ inline std::int64_t pieces_of(const Progression& keys) {
   return (keys.count + decode_key_piece - 1) / decode_key_piece;
 }
 
+// One decode piece: the query row of head h against `keys` (at most decode_key_piece) of kv
+// head g, read in place (contiguous or from their pages, no copy), in two passes over the keys:
+// scores and their max, then the weights and O = sum_y p_y v_y / sum_y p_y. Fixed order; the
+// partial (o, lse) goes to o and lse.
+template <class T, class Acc>
+void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
+                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse) {
+  using Vector = Eigen::Matrix<Acc, Eigen::Dynamic, 1>;
+  using Row = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+  Eigen::Map<Vector> q(query, dim), out(o, dim);
+  q = Eigen::Map<const Row>(s.q + h * s.q_head, dim).template cast<Acc>();
+  auto row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
+    const std::int64_t at = s.pages == nullptr
+                                ? y * stride
+                                : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
+                                      (y % s.page_size) * stride;
+    return Eigen::Map<const Row>(base + at + g * head_stride, dim);
+  };
+  // The rows are strided (a dilated block, [.., Hkv, D] rows, pages): the hardware prefetcher
+  // does not follow them across pages, so each pass asks for its rows a few keys ahead.
+  constexpr std::int64_t ahead = 6;
+  const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
+  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t j) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (j >= keys.count) return;
+    const char* p = reinterpret_cast<const char*>(row(base, stride, head_stride, keys.at(j)).data());
+    for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+#else
+    (void)base, (void)stride, (void)head_stride, (void)j;
+#endif
+  };
+  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.k, s.k_seq, s.k_head, j);
+  Acc max = negative_infinity<Acc>();
+  for (std::int64_t j = 0; j < keys.count; ++j) {
+    prefetch(s.k, s.k_seq, s.k_head, j + ahead);
+    const Acc score = scale * row(s.k, s.k_seq, s.k_head, keys.at(j)).template cast<Acc>().dot(q);
+    scores[j] = score;
+    max = std::max(max, score);
+  }
+  out.setZero();
+  Acc sum = Acc(0);
+  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
+  for (std::int64_t j = 0; j < keys.count; ++j) {
+    prefetch(s.v, s.v_seq, s.v_head, j + ahead);
+    const Acc p = std::exp(scores[j] - max);
+    sum += p;
+    out += p * row(s.v, s.v_seq, s.v_head, keys.at(j)).template cast<Acc>();
+  }
+  if (keys.count == 0 || !(sum > Acc(0))) {
+    out.setZero();
+    lse = negative_infinity<Acc>();
+    return;
+  }
+  out *= Acc(1) / sum;
+  lse = max + std::log(sum);
+}
+
 // The most pieces one row can have: per branch, its longest block's (w / r rounded up).
 inline std::int64_t max_pieces_per_row(const Config& config) {
   std::int64_t pieces = 0;
@@ -144,12 +206,10 @@ class DecodeWorkspace {
 
  private:
   struct Slot {
-    Slot(std::int64_t dim, CpuIsa isa)
-        : attend(dim, isa, 1, decode_key_piece),
-          k(static_cast<std::size_t>(decode_key_piece * dim)),
-          v(static_cast<std::size_t>(decode_key_piece * dim)) {}
-    AttendWorkspace<Acc> attend;
-    std::vector<T> k, v;  // a piece's paged rows
+    Slot(std::int64_t dim, CpuIsa)
+        : scores(static_cast<std::size_t>(decode_key_piece)), query(static_cast<std::size_t>(dim)) {}
+    std::vector<Acc> scores;  // a piece's scores, then its weights
+    std::vector<Acc> query;   // the query row, widened
   };
 
   void prepare(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
@@ -236,11 +296,9 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         }
         piece -= pieces;
       }
-      const Progression query{s.query_begin, 1, 1};
-      const StridedRows<T> q_rows{s.q + h * s.q_head, 1, query};
-      const auto kv = s.key_rows(h / group, keys, dim, slot.k.data(), slot.v.data());
-      attend(slot.attend, q_rows, kv.first, kv.second, dim, scale, config.causal,
-             ws.partial_o_.data() + unit * dim, ws.partial_lse_.data() + unit);
+      detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(),
+                              slot.scores.data(), ws.partial_o_.data() + unit * dim,
+                              ws.partial_lse_[static_cast<std::size_t>(unit)]);
     }
   });
 
