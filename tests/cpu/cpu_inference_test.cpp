@@ -627,6 +627,43 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
     }
 }
 
+// --- The README's "Inference" snippet, verbatim between the markers -----------------------------
+
+TEST(CpuInferenceReadme, DecodeLoopExample) {
+  namespace da = dilated_attention;
+  // README: inference begin
+  da::Config config;
+  config.segment_lengths = {512, 1024, 2048};
+  config.dilation_rates = {1, 2, 4};
+  config.causal = true;
+  const std::int64_t H = 8, Hkv = 2, D = 64, max_len = 1100, prompt = 1000;
+  std::vector<float> k_cache(max_len * Hkv * D), v_cache(k_cache.size());  // [1, max_len, Hkv, D]
+  std::vector<float> q_prompt(prompt * H * D), out_prompt(q_prompt.size());
+  // ... fill q_prompt and rows [0, prompt) of the caches from the model ...
+
+  // Prefill: the prompt's rows at positions [0, prompt) against its first `prompt` keys.
+  const da::Shape prefill{1, prompt, H, Hkv, D};
+  const auto cache_k = da::View<const float>{k_cache.data(), 0, Hkv * D, D};
+  const auto cache_v = da::View<const float>{v_cache.data(), 0, Hkv * D, D};
+  da::forward<float>(config, prefill, da::QueryRange{0, prompt},
+                     {da::View<const float>{q_prompt.data(), 0, H * D, D}, cache_k, cache_v},
+                     {da::View<float>{out_prompt.data(), 0, H * D, D}});
+
+  // Decode: one row per step at position t against the t + 1 cached keys. The workspace is
+  // reused, so a one-thread step allocates nothing.
+  da::cpu::DecodeWorkspace<float> workspace;
+  std::vector<float> q_step(H * D), out_step(H * D);
+  for (std::int64_t t = prompt; t < max_len; ++t) {
+    // ... write row t of k_cache and v_cache and the query q_step of token t ...
+    da::forward<float>(config, da::Shape{1, t + 1, H, Hkv, D}, da::QueryRange{t, 1},
+                       {da::View<const float>{q_step.data(), 0, H * D, D}, cache_k, cache_v},
+                       {da::View<float>{out_step.data(), 0, H * D, D}}, da::CpuOptions{1},
+                       &workspace);
+  }
+  // README: inference end
+  EXPECT_TRUE(std::all_of(out_step.begin(), out_step.end(), [](float x) { return x == 0.0f; }));
+}
+
 // --- Bad input: each rejected, naming the member, before any write -------------------------------
 
 template <class Call>
