@@ -224,7 +224,7 @@ class DecodeWorkspace {
     const std::int64_t pieces = rows * detail::max_pieces_per_row(config);
     if (static_cast<std::int64_t>(partial_lse_.size()) < pieces) {
       partial_lse_.resize(static_cast<std::size_t>(pieces));
-      partial_o_.resize(static_cast<std::size_t>(pieces * dim_));
+      partial_o_.resize(static_cast<std::size_t>(pieces * dim_ + 16));
     }
     if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
       row_pieces_.resize(static_cast<std::size_t>(rows + 1));
@@ -240,6 +240,13 @@ class DecodeWorkspace {
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Acc> partial_o_, partial_lse_, row_o_;
   std::vector<std::int64_t> row_pieces_;  // prefix sums of the pieces of each row
+
+  // The partials from a 64-byte boundary on: a piece's output row then has the same alignment
+  // whatever the allocation (so Eigen's vectorised loops over it peel the same elements).
+  Acc* partial_o() {
+    const auto address = reinterpret_cast<std::uintptr_t>(partial_o_.data());
+    return partial_o_.data() + ((64 - address % 64) % 64) / sizeof(Acc);
+  }
   std::atomic<int> next_slot_{0};
 };
 
@@ -297,7 +304,7 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         piece -= pieces;
       }
       detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(),
-                              slot.scores.data(), ws.partial_o_.data() + unit * dim,
+                              slot.scores.data(), ws.partial_o() + unit * dim,
                               ws.partial_lse_[static_cast<std::size_t>(unit)]);
     }
   });
@@ -316,10 +323,10 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         const std::int64_t pieces =
             detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
         if (pieces == 0) continue;
-        Acc* block_o = ws.partial_o_.data() + unit * dim;
+        Acc* block_o = ws.partial_o() + unit * dim;
         Acc block_lse = ws.partial_lse_[static_cast<std::size_t>(unit)];
         for (std::int64_t p = 1; p < pieces; ++p)  // in place into the first piece's partial
-          detail::merge_partial_row(block_o, block_lse, ws.partial_o_.data() + (unit + p) * dim,
+          detail::merge_partial_row(block_o, block_lse, ws.partial_o() + (unit + p) * dim,
                                     ws.partial_lse_[static_cast<std::size_t>(unit + p)], dim,
                                     Mixing::softmax, Acc(1));
         detail::merge_partial_row(row_o, row_lse, block_o, block_lse, dim, config.mixing,
