@@ -158,13 +158,17 @@ void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, cons
     max = std::max(max, score);
   }
   out.setZero();
+  // The weights, by Eigen's vectorised exp over the whole piece (`scores` starts on a 64-byte
+  // boundary, so the same elements take the same path in every call), summed in order.
+  using Array = Eigen::Array<Acc, Eigen::Dynamic, 1>;
+  Eigen::Map<Array> weights(scores, keys.count);
+  weights = (weights - max).exp();
   Acc sum = Acc(0);
+  for (std::int64_t j = 0; j < keys.count; ++j) sum += scores[j];
   for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
   for (std::int64_t j = 0; j < keys.count; ++j) {
     prefetch(s.v, s.v_seq, s.v_head, j + ahead);
-    const Acc p = std::exp(scores[j] - max);
-    sum += p;
-    out += p * row(s.v, s.v_seq, s.v_head, keys.at(j)).template cast<Acc>();
+    out += scores[j] * row(s.v, s.v_seq, s.v_head, keys.at(j)).template cast<Acc>();
   }
   if (keys.count == 0 || !(sum > Acc(0))) {
     out.setZero();
@@ -207,9 +211,14 @@ class DecodeWorkspace {
  private:
   struct Slot {
     Slot(std::int64_t dim, CpuIsa)
-        : scores(static_cast<std::size_t>(decode_key_piece)), query(static_cast<std::size_t>(dim)) {}
-    std::vector<Acc> scores;  // a piece's scores, then its weights
-    std::vector<Acc> query;   // the query row, widened
+        : scores_storage(static_cast<std::size_t>(decode_key_piece + 16)),
+          query(static_cast<std::size_t>(dim)) {}
+    std::vector<Acc> scores_storage;  // a piece's scores, then its weights
+    std::vector<Acc> query;           // the query row, widened
+    Acc* scores() {  // from a 64-byte boundary on
+      const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
+      return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
+    }
   };
 
   void prepare(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
@@ -304,7 +313,7 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         piece -= pieces;
       }
       detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(),
-                              slot.scores.data(), ws.partial_o() + unit * dim,
+                              slot.scores(), ws.partial_o() + unit * dim,
                               ws.partial_lse_[static_cast<std::size_t>(unit)]);
     }
   });
