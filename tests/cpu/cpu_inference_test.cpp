@@ -467,6 +467,24 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
                          {view_of(q, total_q, H, D), view_of(batch.k, total_k, Hkv, D),
                           view_of(batch.v, total_k, Hkv, D)},
                          {view_of(expected, total_q, H, D), expected_lse.data()});
+      if (decode && page_size == 1) {
+        // A decode batch of different cache lengths: each row is its sequence's last row of the
+        // forward over that sequence alone, within rounding.
+        double worst = 0;
+        for (std::int64_t b = 0; b < B; ++b) {
+          const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+          auto part = [&](const std::vector<float>& all, std::int64_t heads) {
+            return std::vector<float>(all.begin() + o * heads * D, all.begin() + (o + n) * heads * D);
+          };
+          const Full alone = full_forward(config, Shape{1, n, H, Hkv, D}, part(batch.q, H),
+                                          part(batch.k, Hkv), part(batch.v, Hkv));
+          for (std::int64_t e = 0; e < H * D; ++e)
+            worst = std::max(worst, static_cast<double>(std::abs(
+                                        expected[static_cast<std::size_t>(b * H * D + e)] -
+                                        alone.out[static_cast<std::size_t>((n - 1) * H * D + e)])));
+        }
+        EXPECT_LT(worst, 2e-6);
+      }
       std::vector<float> out(q.size(), -7.0f), lse(expected_lse.size(), -7.0f);
       da::forward<float>(config, HeadShape{H, Hkv, D}, in_pages, view_of(q, total_q, H, D), paged,
                          {view_of(out, total_q, H, D), lse.data()}, CpuOptions{2});
