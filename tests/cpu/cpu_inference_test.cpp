@@ -645,6 +645,67 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
     }
 }
 
+// --- Other storage types: double, bfloat16, half ------------------------------------------------
+
+// A varlen batch in storage T: prefill rows bitwise the forward over each sequence alone, and a
+// decode step (the last row of every sequence) within T's rounding of those rows.
+template <class T>
+void check_storage_type(double tolerance) {
+  using L = da::lse_type_t<T>;
+  const std::int64_t H = 4, Hkv = 2, D = 16;
+  const Batch batch = random_batch(H, Hkv, D, 90);
+  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  auto convert = [](const std::vector<float>& from) {
+    std::vector<T> to(from.size());
+    for (std::size_t i = 0; i < from.size(); ++i) to[i] = static_cast<T>(from[i]);
+    return to;
+  };
+  const std::vector<T> q = convert(batch.q), k = convert(batch.k), v = convert(batch.v);
+  auto view = [&](const std::vector<T>& data, std::int64_t heads) {
+    return View<const T>{data.data(), 0, heads * D, D, static_cast<std::int64_t>(data.size())};
+  };
+  const Config config = make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::softmax);
+  const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
+  std::vector<T> out(q.size());
+  std::vector<L> lse(static_cast<std::size_t>(H * total));
+  da::forward<T>(config, HeadShape{H, Hkv, D}, sequences, {view(q, H), view(k, Hkv), view(v, Hkv)},
+                 {View<T>{out.data(), 0, H * D, D}, lse.data()});
+  std::vector<std::int64_t> q_offsets(1, 0);
+  for (std::int64_t b = 0; b < B; ++b) q_offsets.push_back(b + 1);
+  std::vector<T> q_last(static_cast<std::size_t>(B * H * D)), out_last(q_last.size());
+  for (std::int64_t b = 0; b < B; ++b)
+    std::copy_n(q.begin() + (batch.offsets[static_cast<std::size_t>(b + 1)] - 1) * H * D, H * D,
+                q_last.begin() + b * H * D);
+  da::forward<T>(config, HeadShape{H, Hkv, D}, Sequences{B, q_offsets.data(), batch.offsets.data(), nullptr, nullptr},
+                 {view(q_last, H), view(k, Hkv), view(v, Hkv)}, {View<T>{out_last.data(), 0, H * D, D}});
+  long mismatches = 0;
+  double worst = 0;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+    const Shape shape{1, n, H, Hkv, D};
+    std::vector<T> alone(static_cast<std::size_t>(n * H * D));
+    std::vector<L> alone_lse(static_cast<std::size_t>(H * n));
+    da::forward<T>(config, shape,
+                   {View<const T>{q.data() + o * H * D, 0, H * D, D}, View<const T>{k.data() + o * Hkv * D, 0, Hkv * D, D},
+                    View<const T>{v.data() + o * Hkv * D, 0, Hkv * D, D}},
+                   {View<T>{alone.data(), 0, H * D, D}, alone_lse.data()});
+    mismatches += std::memcmp(alone.data(), out.data() + o * H * D, alone.size() * sizeof(T)) != 0;
+    for (std::int64_t h = 0; h < H; ++h)
+      mismatches += std::memcmp(alone_lse.data() + h * n, lse.data() + h * total + o, static_cast<std::size_t>(n) * sizeof(L)) != 0;
+    for (std::int64_t e = 0; e < H * D; ++e)
+      worst = std::max(worst, std::abs(static_cast<double>(out_last[static_cast<std::size_t>(b * H * D + e)]) -
+                                       static_cast<double>(alone[static_cast<std::size_t>((n - 1) * H * D + e)])));
+  }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_LT(worst, tolerance);
+}
+
+TEST(CpuInferenceTypes, DoubleBfloat16Half) {
+  check_storage_type<double>(1e-12);
+  check_storage_type<Eigen::bfloat16>(2.0 / 256);  // two units of bfloat16 rounding at |O| <= 1
+  check_storage_type<Eigen::half>(2.0 / 2048);
+}
+
 // --- The README's "Inference" snippet, verbatim between the markers -----------------------------
 
 TEST(CpuInferenceReadme, DecodeLoopExample) {
