@@ -70,7 +70,8 @@ struct Mapping {
   T* data = nullptr;
   std::size_t bytes = 0;
   explicit Mapping(std::size_t count) : bytes(count * sizeof(T)) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
     data = static_cast<T*>(p);
   }
@@ -85,10 +86,13 @@ void fill(float* data, std::size_t begin, std::size_t end, std::uint64_t seed) {
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < workers; ++t)
     pool.emplace_back([=] {
-      const std::size_t b = begin + (end - begin) * t / workers, e = begin + (end - begin) * (t + 1) / workers;
+      const std::size_t b = begin + (end - begin) * t / workers,
+                        e = begin + (end - begin) * (t + 1) / workers;
       const std::uint64_t base = bench::splitmix64(seed);
       for (std::size_t i = b; i < e; ++i) {
-        const double unit = static_cast<double>(bench::splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) * 0x1p-53;
+        const double unit =
+            static_cast<double>(bench::splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
+            0x1p-53;
         data[i] = static_cast<float>((2.0 * unit - 1.0) * 1.7320508075688772);
       }
     });
@@ -123,7 +127,8 @@ void BM_StreamCopy(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   const double bytes = 2.0 * static_cast<double>(count * sizeof(float));  // read + write
-  state.counters["bytes_per_second"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["threads"] = workers;
 }
 
@@ -140,32 +145,41 @@ double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x)
         most = std::max(most, pattern.keys(i, h, x).count);
       keys += static_cast<double>(most);
     }
-  return keys * 2.0 * static_cast<double>(shape.head_dim * sizeof(float)) * static_cast<double>(shape.batch);
+  return keys * 2.0 * static_cast<double>(shape.head_dim * sizeof(float)) *
+         static_cast<double>(shape.batch);
 }
 
 void BM_Decode(benchmark::State& state) {
-  const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2), B = state.range(3);
+  const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
+                     B = state.range(3);
   const std::int64_t H = 8;
   const Config config = longnet();
   const Shape shape{B, kv_len, H, Hkv, D};
   const std::int64_t x = kv_len - 1;
-  const std::size_t row = static_cast<std::size_t>(Hkv * D), element = static_cast<std::size_t>(kv_len) * row;
+  const std::size_t row = static_cast<std::size_t>(Hkv * D),
+                    element = static_cast<std::size_t>(kv_len) * row;
   Mapping<float> k(static_cast<std::size_t>(B) * element), v(static_cast<std::size_t>(B) * element);
   const std::int64_t touched = std::min<std::int64_t>(kv_len, 32768);  // the last max(w) rows
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::size_t lo = static_cast<std::size_t>(b) * element + static_cast<std::size_t>(kv_len - touched) * row;
-    fill(k.data, lo, lo + static_cast<std::size_t>(touched) * row, 10 + static_cast<std::uint64_t>(b));
-    fill(v.data, lo, lo + static_cast<std::size_t>(touched) * row, 100 + static_cast<std::uint64_t>(b));
+    const std::size_t lo =
+        static_cast<std::size_t>(b) * element + static_cast<std::size_t>(kv_len - touched) * row;
+    fill(k.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         10 + static_cast<std::uint64_t>(b));
+    fill(v.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         100 + static_cast<std::uint64_t>(b));
   }
-  std::vector<float> q(static_cast<std::size_t>(B * H * D)), out(q.size()), lse(static_cast<std::size_t>(B * H));
+  std::vector<float> q(static_cast<std::size_t>(B * H * D)), out(q.size()),
+      lse(static_cast<std::size_t>(B * H));
   fill(q.data(), 0, q.size(), 3);
   const View<const float> qv{q.data(), H * D, H * D, D};
-  const View<const float> kv{k.data, kv_len * Hkv * D, Hkv * D, D}, vv{v.data, kv_len * Hkv * D, Hkv * D, D};
+  const View<const float> kv{k.data, kv_len * Hkv * D, Hkv * D, D},
+      vv{v.data, kv_len * Hkv * D, Hkv * D, D};
   const View<float> ov{out.data(), H * D, H * D, D};
   da::cpu::DecodeWorkspace<float> workspace;
   const da::CpuOptions options{threads()};
   auto step = [&] {
-    da::forward<float>(config, shape, da::QueryRange{x, 1}, {qv, kv, vv}, {ov, lse.data()}, options, &workspace);
+    da::forward<float>(config, shape, da::QueryRange{x, 1}, {qv, kv, vv}, {ov, lse.data()}, options,
+                       &workspace);
   };
   step();
   for (auto _ : state) {
@@ -178,16 +192,21 @@ void BM_Decode(benchmark::State& state) {
   double error = 0;
   for (std::int64_t b : {std::int64_t(0), B - 1})
     for (std::int64_t h = 0; h < H; ++h) {
-      const bench::RowResult expected = bench::reference_row<float>(pattern, shape, q_at_x, kv, vv, b, h, x);
+      const bench::RowResult expected =
+          bench::reference_row<float>(pattern, shape, q_at_x, kv, vv, b, h, x);
       for (std::int64_t d = 0; d < D; ++d)
-        error = std::max(error, std::abs(static_cast<double>(out[static_cast<std::size_t>((b * H + h) * D + d)]) -
-                                         expected.out[static_cast<std::size_t>(d)]));
+        error = std::max(
+            error,
+            std::abs(static_cast<double>(out[static_cast<std::size_t>((b * H + h) * D + d)]) -
+                     expected.out[static_cast<std::size_t>(d)]));
     }
   report_error(state, error);
   const double bytes = decode_kv_bytes(config, shape, x);
-  state.counters["tokens_per_second"] = benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["kv_bytes_per_step"] = bytes;
-  state.counters["kv_bytes_per_second"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
   state.counters["kv_len"] = static_cast<double>(kv_len);
   state.counters["worker_threads"] = threads();
@@ -218,17 +237,19 @@ PrefillData& prefill_data() {
   return data;
 }
 
-double sampled_rows_error(const Config& config, const Shape& shape, View<const float> q, View<const float> k,
-                          View<const float> v, const float* out, std::int64_t out_seq, std::int64_t x0,
-                          std::int64_t x1) {
+double sampled_rows_error(const Config& config, const Shape& shape, View<const float> q,
+                          View<const float> k, View<const float> v, const float* out,
+                          std::int64_t out_seq, std::int64_t x0, std::int64_t x1) {
   const da::Pattern pattern(config, shape);
   double error = 0;
   for (std::int64_t x : {x0, x0 + 1, (x0 + x1) / 2, x1 - 1})
     for (std::int64_t h : {std::int64_t(0), shape.num_heads - 1}) {
-      const bench::RowResult expected = bench::reference_row<float>(pattern, shape, q, k, v, 0, h, x);
+      const bench::RowResult expected =
+          bench::reference_row<float>(pattern, shape, q, k, v, 0, h, x);
       for (std::int64_t d = 0; d < shape.head_dim; ++d)
-        error = std::max(error, std::abs(static_cast<double>(out[(x - x0) * out_seq + h * shape.head_dim + d]) -
-                                         expected.out[static_cast<std::size_t>(d)]));
+        error = std::max(
+            error, std::abs(static_cast<double>(out[(x - x0) * out_seq + h * shape.head_dim + d]) -
+                            expected.out[static_cast<std::size_t>(d)]));
     }
   return error;
 }
@@ -241,16 +262,21 @@ void BM_PrefillChunk(benchmark::State& state) {
   const std::int64_t begin = P::N - P::chunk;
   const View<const float> q_all{data.q.data(), 0, P::H * P::D, P::D};
   const View<const float> q_rows{data.q.data() + begin * P::H * P::D, 0, P::H * P::D, P::D};
-  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D}, v{data.v.data(), 0, P::H * P::D, P::D};
-  std::vector<float> out(static_cast<std::size_t>(P::chunk * P::H * P::D)), lse(static_cast<std::size_t>(P::chunk * P::H));
+  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D},
+      v{data.v.data(), 0, P::H * P::D, P::D};
+  std::vector<float> out(static_cast<std::size_t>(P::chunk * P::H * P::D)),
+      lse(static_cast<std::size_t>(P::chunk * P::H));
   for (auto _ : state) {
     da::forward<float>(config, shape, da::QueryRange{begin, P::chunk}, {q_rows, k, v},
-                       {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()}, da::CpuOptions{threads()});
+                       {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()},
+                       da::CpuOptions{threads()});
     benchmark::DoNotOptimize(out.data());
   }
-  report_error(state, sampled_rows_error(config, shape, q_all, k, v, out.data(), P::H * P::D, begin, P::N));
+  report_error(
+      state, sampled_rows_error(config, shape, q_all, k, v, out.data(), P::H * P::D, begin, P::N));
   const double flops = useful_flops(config, shape, begin, P::N);
-  state.counters["useful_GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["useful_flops"] = flops;
   state.counters["worker_threads"] = threads();
 }
@@ -261,18 +287,21 @@ void BM_PrefillForward(benchmark::State& state) {
   const Config config = longnet();
   const Shape shape{1, P::N, P::H, P::H, P::D};
   const View<const float> q{data.q.data(), 0, P::H * P::D, P::D};
-  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D}, v{data.v.data(), 0, P::H * P::D, P::D};
+  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D},
+      v{data.v.data(), 0, P::H * P::D, P::D};
   std::vector<float> out(data.q.size()), lse(static_cast<std::size_t>(P::N * P::H));
   for (auto _ : state) {
-    da::forward<float>(config, shape, {q, k, v}, {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()},
+    da::forward<float>(config, shape, {q, k, v},
+                       {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()},
                        da::CpuOptions{threads()});
     benchmark::DoNotOptimize(out.data());
   }
   const std::int64_t begin = P::N - P::chunk;
-  report_error(state, sampled_rows_error(config, shape, q, k, v, out.data() + begin * P::H * P::D, P::H * P::D,
-                                         begin, P::N));
+  report_error(state, sampled_rows_error(config, shape, q, k, v, out.data() + begin * P::H * P::D,
+                                         P::H * P::D, begin, P::N));
   const double flops = da::Pattern(config, shape).useful_flops();
-  state.counters["useful_GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["useful_flops"] = flops;
   state.counters["worker_threads"] = threads();
 }
@@ -328,23 +357,28 @@ void BM_Varlen(benchmark::State& state) {
   const Config config = longnet();
   const std::int64_t row = V::H * V::D;
   std::vector<float> out(layout == 0 ? data.q.size() : data.pq.size());
-  std::vector<float> lse(static_cast<std::size_t>(V::H) * (layout == 0 ? static_cast<std::size_t>(data.total)
-                                                                      : static_cast<std::size_t>(V::B * data.max_len)));
+  std::vector<float> lse(static_cast<std::size_t>(V::H) *
+                         (layout == 0 ? static_cast<std::size_t>(data.total)
+                                      : static_cast<std::size_t>(V::B * data.max_len)));
   const da::Sequences sequences{V::B, data.offsets.data(), data.offsets.data(), nullptr, nullptr};
   const Shape padded{V::B, data.max_len, V::H, V::H, V::D};
   const std::int64_t bs = data.max_len * row;
   auto run = [&] {
     if (layout == 0) {
       da::forward<float>(config, da::HeadShape{V::H, V::H, V::D}, sequences,
-                         {View<const float>{data.q.data(), 0, row, V::D}, View<const float>{data.k.data(), 0, row, V::D},
+                         {View<const float>{data.q.data(), 0, row, V::D},
+                          View<const float>{data.k.data(), 0, row, V::D},
                           View<const float>{data.v.data(), 0, row, V::D}},
-                         {View<float>{out.data(), 0, row, V::D}, lse.data()}, da::CpuOptions{threads()});
+                         {View<float>{out.data(), 0, row, V::D}, lse.data()},
+                         da::CpuOptions{threads()});
     } else {
-      const da::Inputs<float> in{View<const float>{data.pq.data(), bs, row, V::D}, View<const float>{data.pk.data(), bs, row, V::D},
+      const da::Inputs<float> in{View<const float>{data.pq.data(), bs, row, V::D},
+                                 View<const float>{data.pk.data(), bs, row, V::D},
                                  View<const float>{data.pv.data(), bs, row, V::D}};
       const da::Outputs<float> outs{View<float>{out.data(), bs, row, V::D}, lse.data()};
       if (layout == 1)
-        da::forward<float>(config, padded, da::ValidLengths{data.lengths.data()}, in, outs, da::CpuOptions{threads()});
+        da::forward<float>(config, padded, da::ValidLengths{data.lengths.data()}, in, outs,
+                           da::CpuOptions{threads()});
       else
         da::forward<float>(config, padded, in, outs, da::CpuOptions{threads()});
     }
@@ -356,33 +390,55 @@ void BM_Varlen(benchmark::State& state) {
   // Check the last rows of the longest and the shortest sequence against the definition.
   double error = 0;
   for (std::int64_t b = 0; b < V::B; ++b) {
-    const std::int64_t n = data.lengths[static_cast<std::size_t>(b)], o = data.offsets[static_cast<std::size_t>(b)];
+    const std::int64_t n = data.lengths[static_cast<std::size_t>(b)],
+                       o = data.offsets[static_cast<std::size_t>(b)];
     if (n != data.max_len && b != 0) continue;
     const Shape one{1, n, V::H, V::H, V::D};
-    const View<const float> q{data.q.data() + o * row, 0, row, V::D}, k{data.k.data() + o * row, 0, row, V::D},
-        v{data.v.data() + o * row, 0, row, V::D};
+    const View<const float> q{data.q.data() + o * row, 0, row, V::D},
+        k{data.k.data() + o * row, 0, row, V::D}, v{data.v.data() + o * row, 0, row, V::D};
     const float* got = layout == 0 ? out.data() + o * row : out.data() + b * bs;
-    error = std::max(error, sampled_rows_error(config, one, q, k, v, got + (n - 2) * row, row, n - 2, n));
+    error = std::max(error,
+                     sampled_rows_error(config, one, q, k, v, got + (n - 2) * row, row, n - 2, n));
   }
   report_error(state, error);
-  state.counters["valid_tokens_per_second"] =
-      benchmark::Counter(static_cast<double>(data.total), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["valid_tokens_per_second"] = benchmark::Counter(
+      static_cast<double>(data.total), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["valid_tokens"] = static_cast<double>(data.total);
   state.counters["padded_tokens"] = static_cast<double>(V::B * data.max_len);
   state.counters["worker_threads"] = threads();
 }
 
 void register_benchmarks() {
-  benchmark::RegisterBenchmark("Stream/copy", BM_StreamCopy)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+  benchmark::RegisterBenchmark("Stream/copy", BM_StreamCopy)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
   auto* decode = benchmark::RegisterBenchmark("Decode", BM_Decode);
-  decode->ArgNames({"kv_len", "Hkv", "D", "batch"})->UseRealTime()->Unit(benchmark::kMicrosecond)->MinTime(0.3);
+  decode->ArgNames({"kv_len", "Hkv", "D", "batch"})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
   for (std::int64_t batch : {1, 16})
     for (std::int64_t D : {64, 128})
       for (std::int64_t Hkv : {8, 2})
-        for (std::int64_t kv_len : {16384, 65536, 262144, 1048576}) decode->Args({kv_len, Hkv, D, batch});
-  benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-  benchmark::RegisterBenchmark("Prefill/forward_64k", BM_PrefillForward)->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(1);
-  benchmark::RegisterBenchmark("Varlen", BM_Varlen)->ArgName("layout")->Arg(0)->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+        for (std::int64_t kv_len : {16384, 65536, 262144, 1048576})
+          decode->Args({kv_len, Hkv, D, batch});
+  benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+  benchmark::RegisterBenchmark("Prefill/forward_64k", BM_PrefillForward)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1);
+  benchmark::RegisterBenchmark("Varlen", BM_Varlen)
+      ->ArgName("layout")
+      ->Arg(0)
+      ->Arg(1)
+      ->Arg(2)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
 }
 
 // Runs Stream/copy first (alone) so that the decode runs can report their share of it.
@@ -415,7 +471,8 @@ int main(int argc, char** argv) {
 #if defined(NDEBUG)
   benchmark::AddCustomContext("assertions", "off (NDEBUG)");
 #else
-  benchmark::AddCustomContext("assertions", "on: not a release build, figures are not representative");
+  benchmark::AddCustomContext("assertions",
+                              "on: not a release build, figures are not representative");
 #endif
   register_benchmarks();
   benchmark::ConsoleReporter console;
@@ -423,7 +480,8 @@ int main(int argc, char** argv) {
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
   if (error_budget_exceeded) {
-    std::fprintf(stderr, "cpu_inference_benchmark: FAILED: a run's sampled-row error exceeded 1e-4\n");
+    std::fprintf(stderr,
+                 "cpu_inference_benchmark: FAILED: a run's sampled-row error exceeded 1e-4\n");
     return 1;
   }
   return 0;

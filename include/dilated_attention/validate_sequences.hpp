@@ -51,8 +51,7 @@ inline Shape packed_shape(const HeadShape& heads, std::int64_t rows) {
 }
 
 inline void check_query_range(const Shape& shape, const QueryRange& range) {
-  if (range.begin < 0)
-    reject("query_range.begin = ", range.begin, ": must be non-negative");
+  if (range.begin < 0) reject("query_range.begin = ", range.begin, ": must be non-negative");
   if (range.count <= 0)
     reject("query_range.count = ", range.count, ": at least one query row is required");
   if (range.begin > shape.seq_len - range.count)
@@ -76,16 +75,18 @@ inline std::int64_t check_sequences(const Sequences& s, bool paged) {
              ": offsets must not decrease");
   if (paged) {
     if (s.kv_offsets != nullptr)
-      reject("sequences.kv_offsets is not null: paged keys and values take sequences.kv_lengths "
-             "(the pages say where the rows are)");
+      reject(
+          "sequences.kv_offsets is not null: paged keys and values take sequences.kv_lengths "
+          "(the pages say where the rows are)");
     if (s.kv_lengths == nullptr)
       reject("sequences.kv_lengths is null: paged keys and values need each sequence's length");
   } else {
     if (s.kv_offsets == nullptr)
       reject("sequences.kv_offsets is null: packed keys and values need B + 1 row offsets");
     if (s.kv_lengths != nullptr)
-      reject("sequences.kv_lengths is not null: with packed keys and values the lengths come from "
-             "sequences.kv_offsets (set one of the two)");
+      reject(
+          "sequences.kv_lengths is not null: with packed keys and values the lengths come from "
+          "sequences.kv_offsets (set one of the two)");
     if (s.kv_offsets[0] != 0)
       reject("sequences.kv_offsets[0] = ", s.kv_offsets[0], ": the first offset must be 0");
     for (std::int64_t b = 0; b < s.count; ++b)
@@ -133,7 +134,8 @@ void validate_query_range(const Config& config, const Shape& shape, const QueryR
                                         {"k", detail::byte_range(k, shape, shape.num_kv_heads)},
                                         {"v", detail::byte_range(v, shape, shape.num_kv_heads)}};
   detail::NamedBytes outputs[2] = {{"out", detail::byte_range(out, rows, shape.num_heads)}, {}};
-  if (lse != nullptr) outputs[1] = detail::lse_bytes("lse", lse, shape.batch * shape.num_heads * range.count);
+  if (lse != nullptr)
+    outputs[1] = detail::lse_bytes("lse", lse, shape.batch * shape.num_heads * range.count);
   detail::check_disjoint(inputs, 3, outputs, lse != nullptr ? 2 : 1);
 }
 
@@ -154,14 +156,17 @@ void validate_query_range_backward(const Config& config, const Shape& shape,
   detail::check_view("v", v, shape, G, false);
   detail::check_view("out", out, rows, H, false);
   if (lse == nullptr)
-    detail::reject("lse is null: backward needs the [batch, num_heads, count] LSE that forward returned");
+    detail::reject(
+        "lse is null: backward needs the [batch, num_heads, count] LSE that forward returned");
   detail::check_view("d_out", d_out, rows, H, false);
   detail::check_view("d_q", d_q, rows, H, true);
   detail::check_view("d_k", d_k, shape, G, true);
   detail::check_view("d_v", d_v, shape, G, true);
   const detail::NamedBytes inputs[6] = {
-      {"q", detail::byte_range(q, rows, H)},         {"k", detail::byte_range(k, shape, G)},
-      {"v", detail::byte_range(v, shape, G)},        {"out", detail::byte_range(out, rows, H)},
+      {"q", detail::byte_range(q, rows, H)},
+      {"k", detail::byte_range(k, shape, G)},
+      {"v", detail::byte_range(v, shape, G)},
+      {"out", detail::byte_range(out, rows, H)},
       detail::lse_bytes("lse", lse, shape.batch * H * range.count),
       {"d_out", detail::byte_range(d_out, rows, H)}};
   const detail::NamedBytes outputs[3] = {{"d_q", detail::byte_range(d_q, rows, H)},
@@ -181,8 +186,8 @@ inline Shape check_heads(const Config& config, const HeadShape& heads, std::int6
 }
 
 template <class T>
-void check_packed(const char* name, const View<T>& view, const HeadShape& heads,
-                  std::int64_t rows, std::int64_t num_heads, bool is_output) {
+void check_packed(const char* name, const View<T>& view, const HeadShape& heads, std::int64_t rows,
+                  std::int64_t num_heads, bool is_output) {
   // A packed tensor has no batch dimension: [total, heads, D] as a view of batch 1.
   check_view(name, view, packed_shape(heads, rows), num_heads, is_output);
 }
@@ -230,14 +235,15 @@ void validate_sequences_backward(const Config& config, const HeadShape& heads,
   detail::check_packed("v", v, heads, total_k, G, false);
   detail::check_packed("out", out, heads, total_q, H, false);
   if (lse == nullptr)
-    detail::reject("lse is null: backward needs the [num_heads, total_q] LSE that forward returned");
+    detail::reject(
+        "lse is null: backward needs the [num_heads, total_q] LSE that forward returned");
   detail::check_packed("d_out", d_out, heads, total_q, H, false);
   detail::check_packed("d_q", d_q, heads, total_q, H, true);
   detail::check_packed("d_k", d_k, heads, total_k, G, true);
   detail::check_packed("d_v", d_v, heads, total_k, G, true);
   const detail::NamedBytes inputs[6] = {
-      {"q", detail::byte_range(q, qs, H)},     {"k", detail::byte_range(k, ks, G)},
-      {"v", detail::byte_range(v, ks, G)},     {"out", detail::byte_range(out, qs, H)},
+      {"q", detail::byte_range(q, qs, H)},        {"k", detail::byte_range(k, ks, G)},
+      {"v", detail::byte_range(v, ks, G)},        {"out", detail::byte_range(out, qs, H)},
       detail::lse_bytes("lse", lse, H * total_q), {"d_out", detail::byte_range(d_out, qs, H)}};
   const detail::NamedBytes outputs[3] = {{"d_q", detail::byte_range(d_q, qs, H)},
                                          {"d_k", detail::byte_range(d_k, ks, G)},
@@ -271,8 +277,8 @@ void validate_paged(const Config& config, const HeadShape& heads, const Sequence
   const std::int64_t pages_needed = (longest + paged.page_size - 1) / paged.page_size;
   if (sequences.count > 1 && paged.page_table_stride < pages_needed)
     reject("paged.page_table_stride = ", paged.page_table_stride, " is less than the ",
-           pages_needed, " pages of the longest sequence (", longest, " rows, paged.page_size = ",
-           paged.page_size, ")");
+           pages_needed, " pages of the longest sequence (", longest,
+           " rows, paged.page_size = ", paged.page_size, ")");
   for (std::int64_t b = 0; b < sequences.count; ++b) {
     const std::int64_t pages = (sequences.kv_length(b) + paged.page_size - 1) / paged.page_size;
     for (std::int64_t j = 0; j < pages; ++j) {
@@ -301,7 +307,8 @@ void validate_paged(const Config& config, const HeadShape& heads, const Sequence
       pages_bytes("paged.k", paged.k),
       pages_bytes("paged.v", paged.v),
       {"paged.page_table",
-       {table_lo, table_lo + static_cast<std::uintptr_t>(table_entries) * sizeof(std::int32_t) - 1}}};
+       {table_lo,
+        table_lo + static_cast<std::uintptr_t>(table_entries) * sizeof(std::int32_t) - 1}}};
   detail::NamedBytes outputs[2] = {{"out", detail::byte_range(out, qs, heads.num_heads)}, {}};
   if (lse != nullptr) outputs[1] = detail::lse_bytes("lse", lse, heads.num_heads * total_q);
   detail::check_disjoint(inputs, 4, outputs, lse != nullptr ? 2 : 1);

@@ -94,8 +94,9 @@ struct Full {
 };
 Full full_forward(const Config& config, const Shape& shape, const std::vector<float>& q,
                   const std::vector<float>& k, const std::vector<float>& v, int threads = 0) {
-  Full f{std::vector<float>(q.size()),
-         std::vector<float>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
+  Full f{
+      std::vector<float>(q.size()),
+      std::vector<float>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
   const std::int64_t n = shape.seq_len, dim = shape.head_dim;
   da::forward<float>(config, shape,
                      {view_of(q, n, shape.num_heads, dim), view_of(k, n, shape.num_kv_heads, dim),
@@ -122,7 +123,8 @@ TEST(CpuInferenceDecode, LoopReproducesTheCausalForward) {
       SCOPED_TRACE(name(config));
       const Full full = full_forward(config, shape, q, k, v);
       da::cpu::DecodeWorkspace<float> workspace;
-      std::vector<float> out(static_cast<std::size_t>(B * H * D)), lse(static_cast<std::size_t>(B * H));
+      std::vector<float> out(static_cast<std::size_t>(B * H * D)),
+          lse(static_cast<std::size_t>(B * H));
       std::vector<float> out3(out.size()), lse3(lse.size());
       long thread_mismatches = 0;
       double worst_out = 0, worst_lse = 0;
@@ -144,12 +146,14 @@ TEST(CpuInferenceDecode, LoopReproducesTheCausalForward) {
             if (std::isinf(expected_lse) || std::isinf(got_lse))
               worst_lse = std::max(worst_lse, expected_lse == got_lse ? 0.0 : 1e30);
             else
-              worst_lse = std::max(worst_lse, static_cast<double>(std::abs(got_lse - expected_lse)));
+              worst_lse =
+                  std::max(worst_lse, static_cast<double>(std::abs(got_lse - expected_lse)));
             for (std::int64_t d = 0; d < D; ++d)
               worst_out = std::max(
                   worst_out,
-                  static_cast<double>(std::abs(out[static_cast<std::size_t>((b * H + h) * D + d)] -
-                                               full.out[static_cast<std::size_t>(((b * N + t) * H + h) * D + d)])));
+                  static_cast<double>(
+                      std::abs(out[static_cast<std::size_t>((b * H + h) * D + d)] -
+                               full.out[static_cast<std::size_t>(((b * N + t) * H + h) * D + d)])));
           }
       }
       EXPECT_EQ(thread_mismatches, 0);
@@ -167,15 +171,16 @@ TEST(CpuInferenceDecode, LongBlocksSplitDeterministically) {
   const auto k = random_values(static_cast<std::size_t>(N * Hkv * D), 5);
   const auto v = random_values(static_cast<std::size_t>(N * Hkv * D), 6);
   for (bool causal : {true, false}) {
-    const Config config = make_config({2600, 512}, {1, 2}, causal, OffsetRule::modular, Mixing::softmax);
+    const Config config =
+        make_config({2600, 512}, {1, 2}, causal, OffsetRule::modular, Mixing::softmax);
     const Full full = full_forward(config, shape, q, k, v);
     std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end());
     std::vector<double> ref(qd.size()), ref_lse(static_cast<std::size_t>(H * N));
-    da::reference::forward<double>(
-        config, shape,
-        {View<const double>{qd.data(), N * H * D, H * D, D}, View<const double>{kd.data(), N * Hkv * D, Hkv * D, D},
-         View<const double>{vd.data(), N * Hkv * D, Hkv * D, D}},
-        {View<double>{ref.data(), N * H * D, H * D, D}, ref_lse.data()});
+    da::reference::forward<double>(config, shape,
+                                   {View<const double>{qd.data(), N * H * D, H * D, D},
+                                    View<const double>{kd.data(), N * Hkv * D, Hkv * D, D},
+                                    View<const double>{vd.data(), N * Hkv * D, Hkv * D, D}},
+                                   {View<double>{ref.data(), N * H * D, H * D, D}, ref_lse.data()});
     const std::int64_t t = causal ? N - 1 : 1234;
     std::vector<float> first;
     for (int threads : {1, 2, 5}) {
@@ -200,7 +205,8 @@ TEST(CpuInferenceDecode, LongBlocksSplitDeterministically) {
 // A decode step with a reserved workspace on one thread allocates nothing.
 TEST(CpuInferenceDecode, OneThreadStepAllocatesNothing) {
   const std::int64_t N = 3000, B = 3, H = 4, Hkv = 2, D = 32;
-  const Config config = make_config({512, 2048, 4096}, {1, 2, 4}, true, OffsetRule::modular, Mixing::softmax);
+  const Config config =
+      make_config({512, 2048, 4096}, {1, 2, 4}, true, OffsetRule::modular, Mixing::softmax);
   const auto q = random_values(static_cast<std::size_t>(B * H * D), 7);
   const auto k = random_values(static_cast<std::size_t>(B * N * Hkv * D), 8);
   const auto v = random_values(static_cast<std::size_t>(B * N * Hkv * D), 9);
@@ -258,8 +264,9 @@ TEST(CpuInferencePrefill, UnevenChunksAreTheForwardsRowsBitwise) {
                 mismatches += !same_bits(a, e);
                 worst = std::max(worst, a == e ? 0.0 : static_cast<double>(std::abs(a - e)));
                 for (std::int64_t d = 0; d < D; ++d) {
-                  const float o = out[static_cast<std::size_t>(((b * count + j) * H + h) * D + d)],
-                              f = full.out[static_cast<std::size_t>(((b * N + begin + j) * H + h) * D + d)];
+                  const float
+                      o = out[static_cast<std::size_t>(((b * count + j) * H + h) * D + d)],
+                      f = full.out[static_cast<std::size_t>(((b * N + begin + j) * H + h) * D + d)];
                   mismatches += !same_bits(o, f);
                   worst = std::max(worst, static_cast<double>(std::abs(o - f)));
                 }
@@ -295,7 +302,8 @@ Batch random_batch(std::int64_t H, std::int64_t Hkv, std::int64_t D, std::uint64
 TEST(CpuInferenceVarlen, EachSequenceIsItsOwnSequenceBitwise) {
   const std::int64_t H = 6, Hkv = 3, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 20);
-  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total = batch.offsets.back(),
+                     B = static_cast<std::int64_t>(batch.lengths.size());
   const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
   for (OffsetRule rule : rules)
     for (Mixing mixing : mixings)
@@ -312,7 +320,8 @@ TEST(CpuInferenceVarlen, EachSequenceIsItsOwnSequenceBitwise) {
           const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
                              o = batch.offsets[static_cast<std::size_t>(b)];
           auto part = [&](const std::vector<float>& all, std::int64_t heads) {
-            return std::vector<float>(all.begin() + o * heads * D, all.begin() + (o + n) * heads * D);
+            return std::vector<float>(all.begin() + o * heads * D,
+                                      all.begin() + (o + n) * heads * D);
           };
           const Full alone = full_forward(config, Shape{1, n, H, Hkv, D}, part(batch.q, H),
                                           part(batch.k, Hkv), part(batch.v, Hkv));
@@ -333,9 +342,11 @@ TEST(CpuInferenceVarlen, EachSequenceIsItsOwnSequenceBitwise) {
 TEST(CpuInferenceVarlen, MatchesTheReference) {
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 30);
-  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total = batch.offsets.back(),
+                     B = static_cast<std::int64_t>(batch.lengths.size());
   const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
-  const Config config = make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::softmax);
+  const Config config =
+      make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::softmax);
   std::vector<float> out(batch.q.size()), lse(static_cast<std::size_t>(H * total));
   da::forward<float>(config, HeadShape{H, Hkv, D}, sequences,
                      {view_of(batch.q, total, H, D), view_of(batch.k, total, Hkv, D),
@@ -343,7 +354,8 @@ TEST(CpuInferenceVarlen, MatchesTheReference) {
                      {view_of(out, total, H, D), lse.data()});
   double worst = 0.0;
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                       o = batch.offsets[static_cast<std::size_t>(b)];
     std::vector<double> qd(batch.q.begin() + o * H * D, batch.q.begin() + (o + n) * H * D),
         kd(batch.k.begin() + o * Hkv * D, batch.k.begin() + (o + n) * Hkv * D),
         vd(batch.v.begin() + o * Hkv * D, batch.v.begin() + (o + n) * Hkv * D), ref(qd.size());
@@ -364,21 +376,24 @@ TEST(CpuInferenceVarlen, MatchesTheReference) {
 TEST(CpuInferencePadded, EqualsVarlenAndIgnoresPadding) {
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 40);
-  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total = batch.offsets.back(),
+                     B = static_cast<std::int64_t>(batch.lengths.size());
   const std::int64_t N = *std::max_element(batch.lengths.begin(), batch.lengths.end()) + 3;
   const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> q(static_cast<std::size_t>(B * N * H * D), nan),
       k(static_cast<std::size_t>(B * N * Hkv * D), nan), v(k.size(), nan);
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                       o = batch.offsets[static_cast<std::size_t>(b)];
     std::copy_n(batch.q.begin() + o * H * D, n * H * D, q.begin() + b * N * H * D);
     std::copy_n(batch.k.begin() + o * Hkv * D, n * Hkv * D, k.begin() + b * N * Hkv * D);
     std::copy_n(batch.v.begin() + o * Hkv * D, n * Hkv * D, v.begin() + b * N * Hkv * D);
   }
   for (Mixing mixing : mixings)
     for (bool causal : {true, false}) {
-      const Config config = make_config({64, 100, 333}, {1, 2, 5}, causal, OffsetRule::blocked, mixing);
+      const Config config =
+          make_config({64, 100, 333}, {1, 2, 5}, causal, OffsetRule::blocked, mixing);
       SCOPED_TRACE(name(config));
       std::vector<float> packed(batch.q.size()), packed_lse(static_cast<std::size_t>(H * total));
       da::forward<float>(config, HeadShape{H, Hkv, D}, sequences,
@@ -391,14 +406,16 @@ TEST(CpuInferencePadded, EqualsVarlenAndIgnoresPadding) {
                          {view_of(out, N, H, D), lse.data()}, CpuOptions{3});
       long mismatches = 0;
       for (std::int64_t b = 0; b < B; ++b) {
-        const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+        const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                           o = batch.offsets[static_cast<std::size_t>(b)];
         for (std::int64_t x = 0; x < N; ++x)
           for (std::int64_t h = 0; h < H; ++h) {
             const float l = lse[static_cast<std::size_t>((b * H + h) * N + x)];
             if (x >= n) {
               mismatches += !(l == -std::numeric_limits<float>::infinity());
               for (std::int64_t d = 0; d < D; ++d)
-                mismatches += !same_bits(out[static_cast<std::size_t>(((b * N + x) * H + h) * D + d)], 0.0f);
+                mismatches +=
+                    !same_bits(out[static_cast<std::size_t>(((b * N + x) * H + h) * D + d)], 0.0f);
               continue;
             }
             mismatches += !same_bits(l, packed_lse[static_cast<std::size_t>(h * total + o + x)]);
@@ -419,7 +436,8 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 50);
   const std::int64_t B = static_cast<std::int64_t>(batch.lengths.size());
-  const Config config = make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::mean);
+  const Config config =
+      make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::mean);
   for (std::int64_t page_size : {1, 16, 256}) {
     SCOPED_TRACE("page_size " + std::to_string(page_size));
     std::int64_t max_pages = 0, num_pages = 0;
@@ -432,11 +450,13 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
     std::iota(order.begin(), order.end(), 0);
     std::shuffle(order.begin(), order.end(), std::mt19937(static_cast<unsigned>(page_size)));
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::vector<float> pk(static_cast<std::size_t>(num_pages * page_size * Hkv * D), nan), pv(pk.size(), nan);
+    std::vector<float> pk(static_cast<std::size_t>(num_pages * page_size * Hkv * D), nan),
+        pv(pk.size(), nan);
     std::vector<std::int32_t> table(static_cast<std::size_t>(B * max_pages), -1);
     std::size_t used = 0;
     for (std::int64_t b = 0; b < B; ++b) {
-      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                         o = batch.offsets[static_cast<std::size_t>(b)];
       for (std::int64_t j = 0; j * page_size < n; ++j)
         table[static_cast<std::size_t>(b * max_pages + j)] = order[used++];
       for (std::int64_t y = 0; y < n; ++y) {
@@ -446,8 +466,9 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
         std::copy_n(batch.v.begin() + (o + y) * Hkv * D, Hkv * D, pv.begin() + at);
       }
     }
-    const da::PagedKeyValues<float> paged{pk.data(), pv.data(), num_pages, page_size,
-                                          page_size * Hkv * D, Hkv * D, D, table.data(), max_pages};
+    const da::PagedKeyValues<float> paged{pk.data(), pv.data(),           num_pages,
+                                          page_size, page_size * Hkv * D, Hkv * D,
+                                          D,         table.data(),        max_pages};
     // Decode (one query per sequence, its last row) and prefill (every row).
     for (bool decode : {true, false}) {
       std::vector<std::int64_t> q_offsets(1, 0);
@@ -455,7 +476,8 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
       const std::int64_t total_q = q_offsets.back(), total_k = batch.offsets.back();
       std::vector<float> q(static_cast<std::size_t>(total_q * H * D));
       for (std::int64_t b = 0; b < B; ++b) {
-        const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+        const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                           o = batch.offsets[static_cast<std::size_t>(b)];
         const std::int64_t first = decode ? o + n - 1 : o;
         std::copy_n(batch.q.begin() + first * H * D, (decode ? 1 : n) * H * D,
                     q.begin() + q_offsets[static_cast<std::size_t>(b)] * H * D);
@@ -472,9 +494,11 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
         // forward over that sequence alone, within rounding.
         double worst = 0;
         for (std::int64_t b = 0; b < B; ++b) {
-          const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+          const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                             o = batch.offsets[static_cast<std::size_t>(b)];
           auto part = [&](const std::vector<float>& all, std::int64_t heads) {
-            return std::vector<float>(all.begin() + o * heads * D, all.begin() + (o + n) * heads * D);
+            return std::vector<float>(all.begin() + o * heads * D,
+                                      all.begin() + (o + n) * heads * D);
           };
           const Full alone = full_forward(config, Shape{1, n, H, Hkv, D}, part(batch.q, H),
                                           part(batch.k, Hkv), part(batch.v, Hkv));
@@ -489,7 +513,8 @@ TEST(CpuInferencePaged, EqualsContiguousForEveryPageSize) {
       da::forward<float>(config, HeadShape{H, Hkv, D}, in_pages, view_of(q, total_q, H, D), paged,
                          {view_of(out, total_q, H, D), lse.data()}, CpuOptions{2});
       EXPECT_EQ(0, std::memcmp(out.data(), expected.data(), out.size() * sizeof(float))) << decode;
-      EXPECT_EQ(0, std::memcmp(lse.data(), expected_lse.data(), lse.size() * sizeof(float))) << decode;
+      EXPECT_EQ(0, std::memcmp(lse.data(), expected_lse.data(), lse.size() * sizeof(float)))
+          << decode;
     }
   }
 }
@@ -505,9 +530,11 @@ Grads full_backward(const Config& config, const Shape& shape, const std::vector<
                     const std::vector<float>& k, const std::vector<float>& v,
                     const std::vector<float>& d_out) {
   const Full f = full_forward(config, shape, q, k, v);
-  const std::int64_t n = shape.seq_len, H = shape.num_heads, G = shape.num_kv_heads, D = shape.head_dim;
+  const std::int64_t n = shape.seq_len, H = shape.num_heads, G = shape.num_kv_heads,
+                     D = shape.head_dim;
   Grads g{std::vector<float>(q.size()), std::vector<float>(k.size()), std::vector<float>(v.size())};
-  da::backward<float>(config, shape, {view_of(q, n, H, D), view_of(k, n, G, D), view_of(v, n, G, D)},
+  da::backward<float>(config, shape,
+                      {view_of(q, n, H, D), view_of(k, n, G, D), view_of(v, n, G, D)},
                       {view_of(f.out, n, H, D), f.lse.data()}, view_of(d_out, n, H, D),
                       {view_of(g.d_q, n, H, D), view_of(g.d_k, n, G, D), view_of(g.d_v, n, G, D)});
   return g;
@@ -516,12 +543,14 @@ Grads full_backward(const Config& config, const Shape& shape, const std::vector<
 TEST(CpuInferenceBackward, VarlenIsEachSequencesBackwardAndPaddedEqualsIt) {
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 60);
-  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total = batch.offsets.back(),
+                     B = static_cast<std::int64_t>(batch.lengths.size());
   const std::int64_t N = 340;
   const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
   const auto d_out = random_values(batch.q.size(), 61);
   for (Mixing mixing : mixings) {
-    const Config config = make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::partitioned, mixing);
+    const Config config =
+        make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::partitioned, mixing);
     SCOPED_TRACE(name(config));
     const HeadShape heads{H, Hkv, D};
     std::vector<float> out(batch.q.size()), lse(static_cast<std::size_t>(H * total));
@@ -536,11 +565,12 @@ TEST(CpuInferenceBackward, VarlenIsEachSequencesBackwardAndPaddedEqualsIt) {
                          view_of(g.d_v, total, Hkv, D)});
     // Padded layout of the same data and gradients.
     const float nan = std::numeric_limits<float>::quiet_NaN();
-    std::vector<float> pq(static_cast<std::size_t>(B * N * H * D), nan), pk(static_cast<std::size_t>(B * N * Hkv * D), nan),
-        pv(pk.size(), nan), pdo(pq.size(), nan);
+    std::vector<float> pq(static_cast<std::size_t>(B * N * H * D), nan),
+        pk(static_cast<std::size_t>(B * N * Hkv * D), nan), pv(pk.size(), nan), pdo(pq.size(), nan);
     long mismatches = 0;
     for (std::int64_t b = 0; b < B; ++b) {
-      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                         o = batch.offsets[static_cast<std::size_t>(b)];
       auto part = [&](const std::vector<float>& all, std::int64_t heads_) {
         return std::vector<float>(all.begin() + o * heads_ * D, all.begin() + (o + n) * heads_ * D);
       };
@@ -557,25 +587,30 @@ TEST(CpuInferenceBackward, VarlenIsEachSequencesBackwardAndPaddedEqualsIt) {
     EXPECT_EQ(mismatches, 0);
     const Shape shape{B, N, H, Hkv, D};
     const da::ValidLengths valid{batch.lengths.data()};
-    const da::Inputs<float> pin{view_of(pq, N, H, D), view_of(pk, N, Hkv, D), view_of(pv, N, Hkv, D)};
+    const da::Inputs<float> pin{view_of(pq, N, H, D), view_of(pk, N, Hkv, D),
+                                view_of(pv, N, Hkv, D)};
     std::vector<float> pout(pq.size()), plse(static_cast<std::size_t>(B * H * N));
     da::forward<float>(config, shape, valid, pin, {view_of(pout, N, H, D), plse.data()});
     Grads p{std::vector<float>(pq.size(), -7.0f), std::vector<float>(pk.size(), -7.0f),
             std::vector<float>(pk.size(), -7.0f)};
-    da::backward<float>(config, shape, valid, pin, {view_of(pout, N, H, D), plse.data()},
-                        view_of(pdo, N, H, D),
-                        {view_of(p.d_q, N, H, D), view_of(p.d_k, N, Hkv, D), view_of(p.d_v, N, Hkv, D)});
+    da::backward<float>(
+        config, shape, valid, pin, {view_of(pout, N, H, D), plse.data()}, view_of(pdo, N, H, D),
+        {view_of(p.d_q, N, H, D), view_of(p.d_k, N, Hkv, D), view_of(p.d_v, N, Hkv, D)});
     for (std::int64_t b = 0; b < B; ++b) {
-      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+      const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                         o = batch.offsets[static_cast<std::size_t>(b)];
       for (std::int64_t x = 0; x < N; ++x) {
         for (std::int64_t e = 0; e < H * D; ++e)
-          mismatches += !same_bits(p.d_q[static_cast<std::size_t>((b * N + x) * H * D + e)],
-                                   x < n ? g.d_q[static_cast<std::size_t>((o + x) * H * D + e)] : 0.0f);
+          mismatches +=
+              !same_bits(p.d_q[static_cast<std::size_t>((b * N + x) * H * D + e)],
+                         x < n ? g.d_q[static_cast<std::size_t>((o + x) * H * D + e)] : 0.0f);
         for (std::int64_t e = 0; e < Hkv * D; ++e) {
-          mismatches += !same_bits(p.d_k[static_cast<std::size_t>((b * N + x) * Hkv * D + e)],
-                                   x < n ? g.d_k[static_cast<std::size_t>((o + x) * Hkv * D + e)] : 0.0f);
-          mismatches += !same_bits(p.d_v[static_cast<std::size_t>((b * N + x) * Hkv * D + e)],
-                                   x < n ? g.d_v[static_cast<std::size_t>((o + x) * Hkv * D + e)] : 0.0f);
+          mismatches +=
+              !same_bits(p.d_k[static_cast<std::size_t>((b * N + x) * Hkv * D + e)],
+                         x < n ? g.d_k[static_cast<std::size_t>((o + x) * Hkv * D + e)] : 0.0f);
+          mismatches +=
+              !same_bits(p.d_v[static_cast<std::size_t>((b * N + x) * Hkv * D + e)],
+                         x < n ? g.d_v[static_cast<std::size_t>((o + x) * Hkv * D + e)] : 0.0f);
         }
       }
     }
@@ -595,7 +630,8 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
   const std::int64_t chunks[] = {3, 150, 1, 246};
   for (bool causal : {true, false})
     for (Mixing mixing : mixings) {
-      const Config config = make_config({64, 100, 400}, {1, 3, 7}, causal, OffsetRule::modular, mixing);
+      const Config config =
+          make_config({64, 100, 400}, {1, 3, 7}, causal, OffsetRule::modular, mixing);
       SCOPED_TRACE(name(config));
       const Grads full = full_backward(config, shape, q, k, v, d_out);
       std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
@@ -604,11 +640,13 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
       const da::Inputs<double> din{View<const double>{qd.data(), 0, H * D, D},
                                    View<const double>{kd.data(), 0, Hkv * D, D},
                                    View<const double>{vd.data(), 0, Hkv * D, D}};
-      da::reference::forward<double>(config, shape, din, {View<double>{od.data(), 0, H * D, D}, ld.data()});
-      da::reference::backward<double>(config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
-                                      View<const double>{dod.data(), 0, H * D, D},
-                                      {View<double>{dqd.data(), 0, H * D, D}, View<double>{dkd.data(), 0, Hkv * D, D},
-                                       View<double>{dvd.data(), 0, Hkv * D, D}});
+      da::reference::forward<double>(config, shape, din,
+                                     {View<double>{od.data(), 0, H * D, D}, ld.data()});
+      da::reference::backward<double>(
+          config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
+          View<const double>{dod.data(), 0, H * D, D},
+          {View<double>{dqd.data(), 0, H * D, D}, View<double>{dkd.data(), 0, Hkv * D, D},
+           View<double>{dvd.data(), 0, Hkv * D, D}});
       std::vector<float> d_k_sum(k.size(), 0.0f), d_v_sum(k.size(), 0.0f);
       std::int64_t begin = 0;
       double worst_q = 0, worst_kv = 0, worst_ref = 0;
@@ -617,11 +655,13 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
         const View<const float> q_rows{q.data() + begin * H * D, 0, H * D, D, -1};
         const View<const float> do_rows{d_out.data() + begin * H * D, 0, H * D, D, -1};
         const da::Inputs<float> in{q_rows, view_of(k, N, Hkv, D), view_of(v, N, Hkv, D)};
-        std::vector<float> out(static_cast<std::size_t>(count * H * D)), lse(static_cast<std::size_t>(H * count));
+        std::vector<float> out(static_cast<std::size_t>(count * H * D)),
+            lse(static_cast<std::size_t>(H * count));
         da::forward<float>(config, shape, range, in, {view_of(out, count, H, D), lse.data()});
         std::vector<float> d_q(out.size(), -7.0f), d_k(k.size(), -7.0f), d_v(k.size(), -7.0f);
-        da::backward<float>(config, shape, range, in, {view_of(out, count, H, D), lse.data()}, do_rows,
-                            {view_of(d_q, count, H, D), view_of(d_k, N, Hkv, D), view_of(d_v, N, Hkv, D)});
+        da::backward<float>(
+            config, shape, range, in, {view_of(out, count, H, D), lse.data()}, do_rows,
+            {view_of(d_q, count, H, D), view_of(d_k, N, Hkv, D), view_of(d_v, N, Hkv, D)});
         for (std::size_t i = 0; i < d_q.size(); ++i) {
           const std::size_t at = static_cast<std::size_t>(begin * H * D) + i;
           worst_q = std::max(worst_q, static_cast<double>(std::abs(d_q[i] - full.d_q[at])));
@@ -654,7 +694,8 @@ void check_storage_type(double tolerance) {
   using L = da::lse_type_t<T>;
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 90);
-  const std::int64_t total = batch.offsets.back(), B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total = batch.offsets.back(),
+                     B = static_cast<std::int64_t>(batch.lengths.size());
   auto convert = [](const std::vector<float>& from) {
     std::vector<T> to(from.size());
     for (std::size_t i = 0; i < from.size(); ++i) to[i] = static_cast<T>(from[i]);
@@ -664,7 +705,8 @@ void check_storage_type(double tolerance) {
   auto view = [&](const std::vector<T>& data, std::int64_t heads) {
     return View<const T>{data.data(), 0, heads * D, D, static_cast<std::int64_t>(data.size())};
   };
-  const Config config = make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::softmax);
+  const Config config =
+      make_config({64, 100, 333}, {1, 2, 5}, true, OffsetRule::modular, Mixing::softmax);
   const Sequences sequences{B, batch.offsets.data(), batch.offsets.data(), nullptr, nullptr};
   std::vector<T> out(q.size());
   std::vector<L> lse(static_cast<std::size_t>(H * total));
@@ -676,25 +718,32 @@ void check_storage_type(double tolerance) {
   for (std::int64_t b = 0; b < B; ++b)
     std::copy_n(q.begin() + (batch.offsets[static_cast<std::size_t>(b + 1)] - 1) * H * D, H * D,
                 q_last.begin() + b * H * D);
-  da::forward<T>(config, HeadShape{H, Hkv, D}, Sequences{B, q_offsets.data(), batch.offsets.data(), nullptr, nullptr},
-                 {view(q_last, H), view(k, Hkv), view(v, Hkv)}, {View<T>{out_last.data(), 0, H * D, D}});
+  da::forward<T>(config, HeadShape{H, Hkv, D},
+                 Sequences{B, q_offsets.data(), batch.offsets.data(), nullptr, nullptr},
+                 {view(q_last, H), view(k, Hkv), view(v, Hkv)},
+                 {View<T>{out_last.data(), 0, H * D, D}});
   long mismatches = 0;
   double worst = 0;
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)], o = batch.offsets[static_cast<std::size_t>(b)];
+    const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                       o = batch.offsets[static_cast<std::size_t>(b)];
     const Shape shape{1, n, H, Hkv, D};
     std::vector<T> alone(static_cast<std::size_t>(n * H * D));
     std::vector<L> alone_lse(static_cast<std::size_t>(H * n));
     da::forward<T>(config, shape,
-                   {View<const T>{q.data() + o * H * D, 0, H * D, D}, View<const T>{k.data() + o * Hkv * D, 0, Hkv * D, D},
+                   {View<const T>{q.data() + o * H * D, 0, H * D, D},
+                    View<const T>{k.data() + o * Hkv * D, 0, Hkv * D, D},
                     View<const T>{v.data() + o * Hkv * D, 0, Hkv * D, D}},
                    {View<T>{alone.data(), 0, H * D, D}, alone_lse.data()});
     mismatches += std::memcmp(alone.data(), out.data() + o * H * D, alone.size() * sizeof(T)) != 0;
     for (std::int64_t h = 0; h < H; ++h)
-      mismatches += std::memcmp(alone_lse.data() + h * n, lse.data() + h * total + o, static_cast<std::size_t>(n) * sizeof(L)) != 0;
+      mismatches += std::memcmp(alone_lse.data() + h * n, lse.data() + h * total + o,
+                                static_cast<std::size_t>(n) * sizeof(L)) != 0;
     for (std::int64_t e = 0; e < H * D; ++e)
-      worst = std::max(worst, std::abs(static_cast<double>(out_last[static_cast<std::size_t>(b * H * D + e)]) -
-                                       static_cast<double>(alone[static_cast<std::size_t>((n - 1) * H * D + e)])));
+      worst = std::max(
+          worst,
+          std::abs(static_cast<double>(out_last[static_cast<std::size_t>(b * H * D + e)]) -
+                   static_cast<double>(alone[static_cast<std::size_t>((n - 1) * H * D + e)])));
   }
   EXPECT_EQ(mismatches, 0);
   EXPECT_LT(worst, tolerance);
@@ -710,6 +759,7 @@ TEST(CpuInferenceTypes, DoubleBfloat16Half) {
 
 TEST(CpuInferenceReadme, DecodeLoopExample) {
   namespace da = dilated_attention;
+  // clang-format off
   // README: inference begin
   da::Config config;
   config.segment_lengths = {512, 1024, 2048};
@@ -740,6 +790,7 @@ TEST(CpuInferenceReadme, DecodeLoopExample) {
                        &workspace);
   }
   // README: inference end
+  // clang-format on
   EXPECT_TRUE(std::all_of(out_step.begin(), out_step.end(), [](float x) { return x == 0.0f; }));
 }
 
@@ -780,7 +831,8 @@ TEST(CpuInferenceBadInput, EachIsRejectedBeforeAnyWrite) {
     da::forward<float>(config, shape, QueryRange{-1, 1}, in, outs);
   });
   expect_rejected("out overlaps q", out, [&] {
-    da::forward<float>(config, shape, QueryRange{0, 4}, {View<const float>{out.data(), N * H * D, H * D, D}, in.k, in.v}, outs);
+    da::forward<float>(config, shape, QueryRange{0, 4},
+                       {View<const float>{out.data(), N * H * D, H * D, D}, in.k, in.v}, outs);
   });
   expect_rejected("q reaches element", out, [&] {
     da::forward<float>(config, Shape{2, N, H, Hkv, D}, QueryRange{0, 4},
@@ -788,15 +840,17 @@ TEST(CpuInferenceBadInput, EachIsRejectedBeforeAnyWrite) {
   });
 
   // Varlen.
-  std::vector<std::int64_t> offsets = {0, 10, 30, 64}, bad = {0, 10, 7, 64}, nonzero = {1, 10, 30, 64};
+  std::vector<std::int64_t> offsets = {0, 10, 30, 64}, bad = {0, 10, 7, 64},
+                            nonzero = {1, 10, 30, 64};
   auto varlen = [&](const Sequences& s) {
     return [&, s] {
-      da::forward<float>(config, heads, s, {view_of(q, 128, H, D), view_of(k, 128, Hkv, D), view_of(v, 128, Hkv, D)},
+      da::forward<float>(config, heads, s,
+                         {view_of(q, 128, H, D), view_of(k, 128, Hkv, D), view_of(v, 128, Hkv, D)},
                          {view_of(out, 128, H, D), lse.data()});
     };
   };
-  expect_rejected("sequences.query_offsets[2] = 7 is less than sequences.query_offsets[1] = 10", out,
-                  varlen(Sequences{3, bad.data(), offsets.data(), nullptr, nullptr}));
+  expect_rejected("sequences.query_offsets[2] = 7 is less than sequences.query_offsets[1] = 10",
+                  out, varlen(Sequences{3, bad.data(), offsets.data(), nullptr, nullptr}));
   expect_rejected("sequences.kv_offsets[2] = 7 is less than", out,
                   varlen(Sequences{3, offsets.data(), bad.data(), nullptr, nullptr}));
   expect_rejected("sequences.query_offsets[0] = 1", out,
@@ -820,11 +874,19 @@ TEST(CpuInferenceBadInput, EachIsRejectedBeforeAnyWrite) {
   std::vector<float> pages(static_cast<std::size_t>(num_pages * page_size * Hkv * D), 0.5f);
   std::vector<std::int32_t> table = {0, 1, 2, 3, 4, 5, 99, 7};
   std::vector<std::int64_t> q_offsets = {0, 1, 2}, lengths = {64, 64};
-  const da::PagedKeyValues<float> paged{pages.data(), pages.data(), num_pages, page_size,
-                                        page_size * Hkv * D, Hkv * D, D, table.data(), 4};
+  const da::PagedKeyValues<float> paged{pages.data(),
+                                        pages.data(),
+                                        num_pages,
+                                        page_size,
+                                        page_size * Hkv * D,
+                                        Hkv * D,
+                                        D,
+                                        table.data(),
+                                        4};
   auto paged_call = [&](const da::PagedKeyValues<float>& p, const Sequences& s) {
     return [&, p, s] {
-      da::forward<float>(config, heads, s, view_of(q, 2, H, D), p, {view_of(out, 2, H, D), lse.data()});
+      da::forward<float>(config, heads, s, view_of(q, 2, H, D), p,
+                         {view_of(out, 2, H, D), lse.data()});
     };
   };
   const Sequences decode{2, q_offsets.data(), nullptr, lengths.data(), nullptr};
@@ -854,31 +916,33 @@ TEST(CpuInferenceBadInput, EachIsRejectedBeforeAnyWrite) {
   expect_rejected("valid_lengths.lengths[1] = -1", out, [&] {
     da::forward<float>(config, shape, da::ValidLengths{negative.data()}, in, outs);
   });
-  expect_rejected("valid_lengths.lengths is null", out, [&] {
-    da::forward<float>(config, shape, da::ValidLengths{nullptr}, in, outs);
-  });
+  expect_rejected("valid_lengths.lengths is null", out,
+                  [&] { da::forward<float>(config, shape, da::ValidLengths{nullptr}, in, outs); });
 
   // Backward: a missing LSE, gradients overlapping an input.
   std::vector<float> d_q(q.size()), d_k(k.size()), d_v(k.size());
-  const da::Gradients<float> grads{view_of(d_q, N, H, D), view_of(d_k, N, Hkv, D), view_of(d_v, N, Hkv, D)};
+  const da::Gradients<float> grads{view_of(d_q, N, H, D), view_of(d_k, N, Hkv, D),
+                                   view_of(d_v, N, Hkv, D)};
   expect_rejected("lse is null", d_q, [&] {
     da::backward<float>(config, shape, QueryRange{0, 4}, in, {view_of(out, N, H, D), nullptr},
                         view_of(q, N, H, D), grads);
   });
   expect_rejected("d_k overlaps k", d_q, [&] {
-    da::backward<float>(config, shape, QueryRange{0, 4}, in, {view_of(out, N, H, D), lse.data()},
-                        view_of(q, N, H, D),
-                        {grads.d_q, View<float>{const_cast<float*>(k.data()), N * Hkv * D, Hkv * D, D}, grads.d_v});
+    da::backward<float>(
+        config, shape, QueryRange{0, 4}, in, {view_of(out, N, H, D), lse.data()},
+        view_of(q, N, H, D),
+        {grads.d_q, View<float>{const_cast<float*>(k.data()), N * Hkv * D, Hkv * D, D}, grads.d_v});
   });
   expect_rejected("valid_lengths.lengths[0] = 70", d_q, [&] {
     da::backward<float>(config, shape, da::ValidLengths{valid.data()}, in,
                         {view_of(out, N, H, D), lse.data()}, view_of(q, N, H, D), grads);
   });
   expect_rejected("sequences.query_offsets[2] = 7", d_q, [&] {
-    da::backward<float>(config, heads, Sequences{3, bad.data(), offsets.data(), nullptr, nullptr},
-                        {view_of(q, 128, H, D), view_of(k, 128, Hkv, D), view_of(v, 128, Hkv, D)},
-                        {view_of(out, 128, H, D), lse.data()}, view_of(q, 128, H, D),
-                        {view_of(d_q, 128, H, D), view_of(d_k, 128, Hkv, D), view_of(d_v, 128, Hkv, D)});
+    da::backward<float>(
+        config, heads, Sequences{3, bad.data(), offsets.data(), nullptr, nullptr},
+        {view_of(q, 128, H, D), view_of(k, 128, Hkv, D), view_of(v, 128, Hkv, D)},
+        {view_of(out, 128, H, D), lse.data()}, view_of(q, 128, H, D),
+        {view_of(d_q, 128, H, D), view_of(d_k, 128, Hkv, D), view_of(d_v, 128, Hkv, D)});
   });
 }
 

@@ -143,10 +143,10 @@ void forward_rows(const Pattern& pattern, std::int64_t head, std::int64_t x0, st
            workspace.partial_o.data(), workspace.partial_lse.data());
     for (std::int64_t j = 0; j < queries.count; ++j) {
       const std::int64_t row = queries.at(j) - x0;
-      merge_partial_row(window_o.row(row).data(), workspace.window_lse[static_cast<std::size_t>(row)],
-                        workspace.partial_o.row(j).data(),
-                        workspace.partial_lse[static_cast<std::size_t>(j)], dim, config.mixing,
-                        branch_weight);
+      merge_partial_row(
+          window_o.row(row).data(), workspace.window_lse[static_cast<std::size_t>(row)],
+          workspace.partial_o.row(j).data(), workspace.partial_lse[static_cast<std::size_t>(j)],
+          dim, config.mixing, branch_weight);
     }
   });
 
@@ -169,18 +169,20 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
   const std::int64_t kv_head = pattern.kv_head(head);
   const T* k_head = k.data + batch * k.batch_stride + kv_head * k.head_stride;
   const T* v_head = v.data + batch * v.batch_stride + kv_head * v.head_stride;
-  const HeadRows<T> rows{q.data + batch * q.batch_stride + head * q.head_stride, q.seq_stride,
-                         out.data + batch * out.batch_stride + head * out.head_stride,
-                         out.seq_stride,
-                         lse != nullptr ? lse + (batch * shape.num_heads + head) * shape.seq_len
-                                        : nullptr,
-                         0};
-  forward_rows<T>(pattern, head, x0, x1, rows,
-                  [&](const Progression& keys) {
-                    return std::make_pair(strided_rows(k_head, k.seq_stride, keys),
-                                          strided_rows(v_head, v.seq_stride, keys));
-                  },
-                  workspace);
+  const HeadRows<T> rows{
+      q.data + batch * q.batch_stride + head * q.head_stride,
+      q.seq_stride,
+      out.data + batch * out.batch_stride + head * out.head_stride,
+      out.seq_stride,
+      lse != nullptr ? lse + (batch * shape.num_heads + head) * shape.seq_len : nullptr,
+      0};
+  forward_rows<T>(
+      pattern, head, x0, x1, rows,
+      [&](const Progression& keys) {
+        return std::make_pair(strided_rows(k_head, k.seq_stride, keys),
+                              strided_rows(v_head, v.seq_stride, keys));
+      },
+      workspace);
 }
 
 }  // namespace cpu::detail

@@ -79,8 +79,12 @@ struct SequenceRows {
   std::int64_t page_size = 1, page_stride = 0;
 
   HeadRows<T> head_rows(std::int64_t h) const {
-    return {q + h * q_head, q_seq, out + h * out_head, out_seq,
-            lse != nullptr ? lse + h * lse_head : nullptr, query_begin};
+    return {q + h * q_head,
+            q_seq,
+            out + h * out_head,
+            out_seq,
+            lse != nullptr ? lse + h * lse_head : nullptr,
+            query_begin};
   }
   // The K and V rows of `keys` for kv head g: in place, or copied from the pages into k_buffer
   // and v_buffer (keys.count * dim elements each).
@@ -92,8 +96,8 @@ struct SequenceRows {
               StridedRows<T>{v + g * v_head + keys.first * v_seq, keys.stride * v_seq, keys}};
     for (std::int64_t j = 0; j < keys.count; ++j) {
       const std::int64_t y = keys.at(j);
-      const std::int64_t at = static_cast<std::int64_t>(pages[y / page_size]) * page_stride +
-                              (y % page_size) * k_seq;
+      const std::int64_t at =
+          static_cast<std::int64_t>(pages[y / page_size]) * page_stride + (y % page_size) * k_seq;
       std::copy_n(k + at + g * k_head, dim, k_buffer + j * dim);
       std::copy_n(v + at + g * v_head, dim, v_buffer + j * dim);
     }
@@ -130,20 +134,22 @@ void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, cons
   Eigen::Map<Vector> q(query, dim), out(o, dim);
   q = Eigen::Map<const Row>(s.q + h * s.q_head, dim).template cast<Acc>();
   auto row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
-    const std::int64_t at = s.pages == nullptr
-                                ? y * stride
-                                : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
-                                      (y % s.page_size) * stride;
+    const std::int64_t at =
+        s.pages == nullptr ? y * stride
+                           : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
+                                 (y % s.page_size) * stride;
     return Eigen::Map<const Row>(base + at + g * head_stride, dim);
   };
   // The rows are strided (a dilated block, [.., Hkv, D] rows, pages): the hardware prefetcher
   // does not follow them across pages, so each pass asks for its rows a few keys ahead.
   constexpr std::int64_t ahead = 6;
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
-  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t j) {
+  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
+                      std::int64_t j) {
 #if defined(__GNUC__) || defined(__clang__)
     if (j >= keys.count) return;
-    const char* p = reinterpret_cast<const char*>(row(base, stride, head_stride, keys.at(j)).data());
+    const char* p =
+        reinterpret_cast<const char*>(row(base, stride, head_stride, keys.at(j)).data());
     for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
 #else
     (void)base, (void)stride, (void)head_stride, (void)j;
@@ -215,7 +221,7 @@ class DecodeWorkspace {
           query(static_cast<std::size_t>(dim)) {}
     std::vector<Acc> scores_storage;  // a piece's scores, then its weights
     std::vector<Acc> query;           // the query row, widened
-    Acc* scores() {  // from a 64-byte boundary on
+    Acc* scores() {                   // from a 64-byte boundary on
       const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
       return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
     }
@@ -237,7 +243,8 @@ class DecodeWorkspace {
     }
     if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
       row_pieces_.resize(static_cast<std::size_t>(rows + 1));
-    if (static_cast<std::int64_t>(row_o_.size()) < dim_) row_o_.resize(static_cast<std::size_t>(dim_));
+    if (static_cast<std::int64_t>(row_o_.size()) < dim_)
+      row_o_.resize(static_cast<std::size_t>(dim_));
   }
 
   template <class U, class Describe>
@@ -263,8 +270,7 @@ class DecodeWorkspace {
 // sequence b's SequenceRows). Rows are (sequence, head), units (row, piece).
 template <class T, class Describe>
 void detail_decode(const Config& config, const HeadShape& heads, std::int64_t count,
-                   const Describe& describe, int num_threads, CpuIsa isa,
-                   DecodeWorkspace<T>& ws) {
+                   const Describe& describe, int num_threads, CpuIsa isa, DecodeWorkspace<T>& ws) {
   using Acc = accumulator_t<T>;
   const std::int64_t H = heads.num_heads, dim = heads.head_dim;
   const std::int64_t group = heads.num_heads / heads.num_kv_heads;
@@ -283,8 +289,8 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
       std::int64_t pieces = 0;
       if (s.query_count == 1)
         for (std::int64_t i = 0; i < branches; ++i)
-          pieces += detail::pieces_of(
-              detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+          pieces +=
+              detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
       const std::size_t row = static_cast<std::size_t>(b * H + h);
       ws.row_pieces_[row + 1] = ws.row_pieces_[row] + pieces;
     }
@@ -296,8 +302,8 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
   run_units(units, num_threads, [&](const auto& next) {
     auto& slot = *ws.slots_[static_cast<std::size_t>(ws.next_slot_.fetch_add(1))];
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
-      const auto found = std::upper_bound(ws.row_pieces_.begin(),
-                                          ws.row_pieces_.begin() + rows + 1, unit);
+      const auto found =
+          std::upper_bound(ws.row_pieces_.begin(), ws.row_pieces_.begin() + rows + 1, unit);
       const std::int64_t row = (found - ws.row_pieces_.begin()) - 1;
       const std::int64_t b = row / H, h = row % H;
       const detail::SequenceRows<T> s = describe(b);
@@ -312,8 +318,8 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         }
         piece -= pieces;
       }
-      detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(),
-                              slot.scores(), ws.partial_o() + unit * dim,
+      detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(), slot.scores(),
+                              ws.partial_o() + unit * dim,
                               ws.partial_lse_[static_cast<std::size_t>(unit)]);
     }
   });
@@ -365,8 +371,8 @@ void window_path(const Config& config, const HeadShape& heads, std::int64_t coun
     const SequenceRows<T> s = describe(b);
     paged = paged || s.pages != nullptr;
     if (s.query_count > 0) {
-      patterns[static_cast<std::size_t>(b)] = std::make_unique<Pattern>(
-          config, Shape{1, s.kv_len, H, heads.num_kv_heads, dim});
+      patterns[static_cast<std::size_t>(b)] =
+          std::make_unique<Pattern>(config, Shape{1, s.kv_len, H, heads.num_kv_heads, dim});
       window = window_length(*patterns[static_cast<std::size_t>(b)]);
       max_keys = std::max(max_keys, longest_block(*patterns[static_cast<std::size_t>(b)]));
     }
@@ -391,19 +397,19 @@ void window_path(const Config& config, const HeadShape& heads, std::int64_t coun
       const std::int64_t h = local / windows, w = local % windows;
       const std::int64_t x0 = s.query_begin + w * window;
       const std::int64_t x1 = std::min(s.query_begin + s.query_count, x0 + window);
-      forward_rows<T>(*patterns[static_cast<std::size_t>(b)], h, x0, x1, s.head_rows(h),
-                      [&](const Progression& keys) {
-                        return s.key_rows(h / group, keys, dim, k_buffer.data(), v_buffer.data());
-                      },
-                      workspace);
+      forward_rows<T>(
+          *patterns[static_cast<std::size_t>(b)], h, x0, x1, s.head_rows(h),
+          [&](const Progression& keys) {
+            return s.key_rows(h / group, keys, dim, k_buffer.data(), v_buffer.data());
+          },
+          workspace);
     }
   });
 }
 
 template <class T, class Describe>
 void run_forms(const Config& config, const HeadShape& heads, std::int64_t count,
-               const Describe& describe, const CpuOptions& options,
-               DecodeWorkspace<T>* workspace) {
+               const Describe& describe, const CpuOptions& options, DecodeWorkspace<T>* workspace) {
   const int num_threads = resolve_num_threads(options);
   const CpuIsa isa = resolve_isa(options.isa);
   std::int64_t most_rows = 0;
@@ -422,10 +428,10 @@ void run_forms(const Config& config, const HeadShape& heads, std::int64_t count,
 
 template <class T>
 void check_type() {
-  static_assert(
-      std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, Eigen::bfloat16> ||
-          std::is_same_v<T, Eigen::half>,
-      "dilated_attention (CPU inference forms): T is float, double, Eigen::bfloat16 or Eigen::half");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                    std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>,
+                "dilated_attention (CPU inference forms): T is float, double, Eigen::bfloat16 or "
+                "Eigen::half");
 }
 
 }  // namespace detail
@@ -516,9 +522,9 @@ void forward(const Config& config, const HeadShape& heads, const Sequences& sequ
 // Bitwise the same call on contiguous K/V. Inference only: no backward.
 template <class T>
 void forward(const Config& config, const HeadShape& heads, const Sequences& sequences,
-             View<const detail::identity_t<T>> q, const PagedKeyValues<detail::identity_t<T>>& paged,
-             const Outputs<T>& outputs, const CpuOptions& options = {},
-             cpu::DecodeWorkspace<T>* workspace = nullptr) {
+             View<const detail::identity_t<T>> q,
+             const PagedKeyValues<detail::identity_t<T>>& paged, const Outputs<T>& outputs,
+             const CpuOptions& options = {}, cpu::DecodeWorkspace<T>* workspace = nullptr) {
   cpu::detail::check_type<T>();
   const View<T> out = outputs.out;
   validate_paged(config, heads, sequences, q, paged, out, outputs.lse);
@@ -663,8 +669,7 @@ void backward_range(const Config& config, const HeadShape& heads, std::int64_t k
     const std::vector<T>& df = d_out_full;
     backward<T>(config, shape, Inputs<T>{contiguous_view(qf, shape, H), k, v},
                 Outputs<const T>{contiguous_view(of, shape, H), lse.data()},
-                contiguous_view(df, shape, H),
-                Gradients<T>{full(d_q_full), d_k, d_v}, options);
+                contiguous_view(df, shape, H), Gradients<T>{full(d_q_full), d_k, d_v}, options);
     for (std::int64_t j = 0; j < count; ++j)
       for (std::int64_t h = 0; h < H; ++h)
         std::copy_n(d_q_full.data() + ((begin + j) * H + h) * dim, dim,
