@@ -165,7 +165,7 @@ TEST(CpuInferenceDecode, LoopReproducesTheCausalForward) {
 // Blocks of more than decode_key_piece keys: the row is merged from pieces -- within rounding of
 // the forward and of the fp64 reference, bitwise the same for every thread count.
 TEST(CpuInferenceDecode, LongBlocksSplitDeterministically) {
-  const std::int64_t N = 2600, H = 2, Hkv = 1, D = 16;
+  const std::int64_t N = 2600, H = 2, Hkv = 1, D = 64;  // D = 64: the fixed-size kernel
   const Shape shape{1, N, H, Hkv, D};
   const auto q = random_values(static_cast<std::size_t>(N * H * D), 4);
   const auto k = random_values(static_cast<std::size_t>(N * Hkv * D), 5);
@@ -204,7 +204,7 @@ TEST(CpuInferenceDecode, LongBlocksSplitDeterministically) {
 
 // A decode step with a reserved workspace on one thread allocates nothing.
 TEST(CpuInferenceDecode, OneThreadStepAllocatesNothing) {
-  const std::int64_t N = 3000, B = 3, H = 4, Hkv = 2, D = 32;
+  const std::int64_t N = 3000, B = 3, H = 4, Hkv = 2, D = 128;
   const Config config =
       make_config({512, 2048, 4096}, {1, 2, 4}, true, OffsetRule::modular, Mixing::softmax);
   const auto q = random_values(static_cast<std::size_t>(B * H * D), 7);

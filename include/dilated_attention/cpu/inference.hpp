@@ -128,9 +128,16 @@ inline std::int64_t pieces_of(const Progression& keys) {
 // partial (o, lse) goes to o and lse.
 template <class T, class Acc>
 void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
-                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse) {
-  using Vector = Eigen::Matrix<Acc, Eigen::Dynamic, 1>;
-  using Row = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse);
+
+// decode_piece with a head_dim known at compile time (64, 128) or not (Eigen::Dynamic): a fixed
+// size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row).
+template <int Dim, class T, class Acc>
+void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
+                       const Progression& keys, std::int64_t dim, Acc scale, Acc* query,
+                       Acc* scores, Acc* o, Acc& lse) {
+  using Vector = Eigen::Matrix<Acc, Dim, 1>;
+  using Row = Eigen::Matrix<T, Dim, 1>;
   Eigen::Map<Vector> q(query, dim), out(o, dim);
   q = Eigen::Map<const Row>(s.q + h * s.q_head, dim).template cast<Acc>();
   auto row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
@@ -183,6 +190,17 @@ void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, cons
   }
   out *= Acc(1) / sum;
   lse = max + std::log(sum);
+}
+
+template <class T, class Acc>
+void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
+                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse) {
+  switch (dim) {
+    case 64: return decode_piece_with<64>(s, h, g, keys, dim, scale, query, scores, o, lse);
+    case 128: return decode_piece_with<128>(s, h, g, keys, dim, scale, query, scores, o, lse);
+    default:
+      return decode_piece_with<Eigen::Dynamic>(s, h, g, keys, dim, scale, query, scores, o, lse);
+  }
 }
 
 // The most pieces one row can have: per branch, its longest block's (w / r rounded up).
