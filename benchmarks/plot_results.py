@@ -406,6 +406,57 @@ def plot_backward(summary, path):
     return True
 
 
+def summarise_inference(data):
+    """Decode rows of cpu_inference_benchmark: step time, tokens/s, K/V bytes per second and
+    their share of the STREAM-like copy measured in the same binary."""
+    stream = None
+    rows = []
+    for run in data.get("benchmarks", []):
+        if run.get("run_type") == "aggregate":
+            continue
+        name = run["name"]
+        if name.startswith("Stream/copy"):
+            stream = run.get("bytes_per_second")
+        elif name.startswith("Decode/"):
+            fields = dict(part.split(":", 1) for part in name.split("/")[1:] if ":" in part)
+            rows.append({
+                "kv_len": int(fields["kv_len"]), "kv_heads": int(fields["Hkv"]),
+                "head_dim": int(fields["D"]), "batch": int(fields["batch"]),
+                "step_us": seconds(run) * 1e6, "tokens_per_second": run.get("tokens_per_second"),
+                "kv_bytes_per_second": run.get("kv_bytes_per_second"),
+                "error": run.get("error_occurred", False), "max_err_out": run.get("max_err_out"),
+            })
+    for row in rows:
+        bw = row["kv_bytes_per_second"]
+        row["bandwidth_share"] = bw / stream if stream and bw else None
+    return {"stream_bytes_per_second": stream, "decode": rows}
+
+
+def print_inference_table(summary, out=sys.stdout, markdown=False):
+    stream = summary.get("stream_bytes_per_second")
+    print(f"decode steps (STREAM-like copy: {fmt(stream and stream / 1e9, '.1f')} GB/s)", file=out)
+    header = ["kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V GB/s", "of copy", "max err"]
+    lines = []
+    for row in sorted(summary["decode"], key=lambda r: (r["head_dim"], r["batch"], r["kv_heads"], r["kv_len"])):
+        share = row["bandwidth_share"]
+        lines.append([str(row["kv_len"]), str(row["kv_heads"]), str(row["head_dim"]), str(row["batch"]),
+                      "ERROR" if row["error"] else fmt(row["step_us"], ".0f"),
+                      fmt(row["tokens_per_second"], ".0f"),
+                      fmt(row["kv_bytes_per_second"] and row["kv_bytes_per_second"] / 1e9, ".2f"),
+                      fmt(share and 100 * share, ".0f") + ("%" if share else ""),
+                      fmt(row["max_err_out"], ".1e")])
+    if markdown:
+        print("| " + " | ".join(header) + " |", file=out)
+        print("|" + "---|" * len(header), file=out)
+        for line in lines:
+            print("| " + " | ".join(line) + " |", file=out)
+        return
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="?", default=None,
@@ -415,15 +466,16 @@ def main():
     parser.add_argument("--no-plot", action="store_true", help="print the table and write summary.json only")
     parser.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
     parser.add_argument("--backward", default=None, help="JSON written by cpu_backward_benchmark --benchmark_out")
+    parser.add_argument("--inference", default=None, help="JSON written by cpu_inference_benchmark --benchmark_out")
     args = parser.parse_args()
-    if args.results is None and args.backward is None:
-        parser.error("give the forward JSON, --backward JSON, or both")
+    if args.results is None and args.backward is None and args.inference is None:
+        parser.error("give the forward JSON, --backward JSON, --inference JSON, or several")
     summary = {"rows": []}
     if args.results is not None:
         with open(args.results) as f:
             data = json.load(f)
         summary = summarise(data)
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results or args.backward))
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results or args.backward or args.inference))
     os.makedirs(out_dir, exist_ok=True)
     if args.results is not None:
         print_table(summary)
@@ -438,6 +490,14 @@ def main():
         if args.markdown:
             print()
             print_backward_table(summary["backward"], markdown=True)
+            print()
+    if args.inference:
+        with open(args.inference) as f:
+            summary["inference"] = summarise_inference(json.load(f))
+        print_inference_table(summary["inference"])
+        if args.markdown:
+            print()
+            print_inference_table(summary["inference"], markdown=True)
             print()
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

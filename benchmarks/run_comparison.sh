@@ -51,6 +51,11 @@ Options (each also read from the environment variable in brackets):
   --backward-seq-lens LIST  sequence lengths of the backward run
                                                       [DA_BACKWARD_SEQ_LENS=16384,65536]
   --no-backward           skip the backward run       [DA_BACKWARD=1]
+  --no-decode             skip the decode run (cpu_inference_benchmark: a STREAM copy and
+                          decode steps of B=1 and 16, H=8, Hkv=8, D as given, LongNet
+                          branches w=2048..32768, causal, at kv_len 16k and 1M; its
+                          tokens/s and share of the copy's bandwidth go into the table)
+                                                      [DA_DECODE=1]
   --quick                 a smoke run: N=4096,16384 (backward too), dense at N=4096,
                           1 repetition (well under a minute of benchmarks after the build);
                           its folder ends in -quick
@@ -87,6 +92,7 @@ RESULTS="${DA_RESULTS:-results}"
 BUILD_DIR="${DA_BUILD_DIR:-build/release}"
 BACKWARD_SEQ_LENS="${DA_BACKWARD_SEQ_LENS:-16384,65536}"
 BACKWARD="${DA_BACKWARD:-1}"
+DECODE="${DA_DECODE:-1}"
 PROGRESS_SECONDS="${DA_PROGRESS_SECONDS:-15}"
 INSTALL=1
 QUICK=0
@@ -106,6 +112,7 @@ while [[ $# -gt 0 ]]; do
     --threads) export DILATED_ATTENTION_NUM_THREADS="$2"; shift 2 ;;
     --backward-seq-lens) BACKWARD_SEQ_LENS="$2"; shift 2 ;;
     --no-backward) BACKWARD=0; shift ;;
+    --no-decode) DECODE=0; shift ;;
     --quick) SEQ_LENS=4096,16384; BACKWARD_SEQ_LENS=4096,16384; DENSE_MAX=4096; REPETITIONS=1
              QUICK=1; shift ;;
     --results) RESULTS="$2"; shift 2 ;;
@@ -250,6 +257,10 @@ if [[ $BACKWARD -eq 1 ]]; then
   say "building cpu_backward_benchmark ($BUILD_DIR, -j$JOBS; about a minute the first time)"
   with_progress build cmake --build "$BUILD_DIR" --target cpu_backward_benchmark -j "$JOBS"
 fi
+if [[ $DECODE -eq 1 ]]; then
+  say "building cpu_inference_benchmark ($BUILD_DIR, -j$JOBS)"
+  with_progress build cmake --build "$BUILD_DIR" --target cpu_inference_benchmark -j "$JOBS"
+fi
 
 # ---- 3. Run, one progress line per benchmark ---------------------------------------------------
 RUN_DIR="$RESULTS/$(date -u +%Y-%m-%dT%H%M%SZ)"
@@ -282,8 +293,20 @@ if [[ $BACKWARD -eq 1 ]]; then
   BACKWARD_ARGS=(--backward "$BACKWARD_JSON")
 fi
 
+if [[ $DECODE -eq 1 ]]; then
+  DECODE_JSON="$RUN_DIR/cpu_inference_benchmark.json"
+  DECODE_DIMS="$(echo "$HEAD_DIMS" | tr ',' '|')"
+  say "running the decode steps (load before: $(uptime | sed 's/.*load average/load average/'))"
+  # Exit status 1: a sampled decode row disagrees with docs/semantics.md "The forward".
+  with_progress decode "$BUILD_DIR/benchmarks/cpu_inference_benchmark" \
+    --benchmark_filter="Stream|Decode/kv_len:(16384|1048576)/Hkv:8/D:($DECODE_DIMS)/" \
+    --benchmark_out="$DECODE_JSON" --benchmark_out_format=json
+  echo "    load after: $(uptime | sed 's/.*load average/load average/')"
+  BACKWARD_ARGS+=(--inference "$DECODE_JSON")
+fi
+
 # ---- 4. Table, summary JSON, plot --------------------------------------------------------------
 say "summary"
 "$PYTHON" -u benchmarks/plot_results.py "$JSON" --out-dir "$RUN_DIR" ${BACKWARD_ARGS[@]+"${BACKWARD_ARGS[@]}"}
-echo "raw Google Benchmark JSON: $JSON${BACKWARD_JSON:+, $BACKWARD_JSON}"
+echo "raw Google Benchmark JSON: $JSON${BACKWARD_JSON:+, $BACKWARD_JSON}${DECODE_JSON:+, $DECODE_JSON}"
 echo "run_comparison.sh: done in $(clock SECONDS-STARTED); results in $RUN_DIR/ (also $RESULTS/latest/)"

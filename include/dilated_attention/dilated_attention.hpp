@@ -15,3 +15,5 @@
 #include "cpu/attend_backward.hpp"
 #include "cpu/backward_units.hpp"
 #include "cpu/backward.hpp"
+#include "validate_sequences.hpp"
+#include "cpu/inference.hpp"

@@ -15,8 +15,10 @@
 // scratch stays independent of N and w.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -79,19 +81,52 @@ StridedRows<T> strided_rows(const T* head_base, std::int64_t seq_stride, const P
   return {head_base + rows.first * seq_stride, rows.stride * seq_stride, rows};
 }
 
+// Where one (sequence, head)'s query rows live: position x's query row is at
+// q + (x - origin) * q_stride, its output row at out + (x - origin) * out_stride, its LSE at
+// lse[x - origin] (lse may be null). The ordinary forward has origin 0; the inference forms
+// (inference.hpp) point these at a packed or offset batch, so no row is ever gathered.
 template <class T>
-void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t head, std::int64_t x0,
-                    std::int64_t x1, View<const T> q, View<const T> k, View<const T> v, View<T> out,
-                    lse_type_t<T>* lse, ForwardWorkspace<accumulator_t<T>>& workspace) {
+struct HeadRows {
+  const T* q;
+  std::int64_t q_stride;
+  T* out;
+  std::int64_t out_stride;
+  lse_type_t<T>* lse;
+  std::int64_t origin;
+};
+
+// Merges one partial (part_o, part_lse) into a row's running result, as the forward does for
+// every block: softmax mixing by LSE weights, mean mixing by the branch weight (the LSE then
+// only says whether the row attended anything). Explicit fma, so that the rounding is the same
+// wherever this is inlined and however the loop is vectorised: every path that merges the same
+// partials in the same order gets the same bits (decode, chunked prefill, varlen, padded).
+template <class Acc>
+inline void merge_partial_row(Acc* row_o, Acc& row_lse, const Acc* part_o, Acc part_lse,
+                              std::int64_t dim, Mixing mixing, Acc branch_weight) {
+  if (mixing == Mixing::softmax) {
+    const MergeWeights<Acc> weights = merge_weights(row_lse, part_lse);
+    for (std::int64_t d = 0; d < dim; ++d)
+      row_o[d] = std::fma(weights.a, row_o[d], weights.b * part_o[d]);
+    row_lse = weights.lse;
+  } else {
+    for (std::int64_t d = 0; d < dim; ++d) row_o[d] = std::fma(branch_weight, part_o[d], row_o[d]);
+    row_lse = log_add_exp(row_lse, part_lse);
+  }
+}
+
+// Rows [x0, x1) of one head: every block of the rows (pattern.for_each_block_in) attends its
+// keys -- key_source(keys) gives the K and V rows of a progression of key positions -- and the
+// partials merge into the rows in branch and segment order.
+template <class T, class KeySource>
+void forward_rows(const Pattern& pattern, std::int64_t head, std::int64_t x0, std::int64_t x1,
+                  const HeadRows<T>& rows, const KeySource& key_source,
+                  ForwardWorkspace<accumulator_t<T>>& workspace) {
   using Acc = accumulator_t<T>;
   const Config& config = pattern.config();
   const Shape& shape = pattern.shape();
-  const std::int64_t dim = shape.head_dim, length = x1 - x0, kv_head = pattern.kv_head(head);
+  const std::int64_t dim = shape.head_dim, length = x1 - x0;
   const Acc scale = static_cast<Acc>(resolved_scale(config, shape));
   const Acc branch_weight = Acc(1) / static_cast<Acc>(pattern.num_branches());  // mean mixing
-  const T* q_head = q.data + batch * q.batch_stride + head * q.head_stride;
-  const T* k_head = k.data + batch * k.batch_stride + kv_head * k.head_stride;
-  const T* v_head = v.data + batch * v.batch_stride + kv_head * v.head_stride;
 
   auto window_o = workspace.window_o.topRows(length);
   window_o.setZero();
@@ -101,37 +136,53 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
                                                const Progression& queries) {
     // A causal query sees the block up to itself; the last query of the tile bounds them all.
     const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
-    attend(workspace.attend, strided_rows(q_head, q.seq_stride, queries),
-           strided_rows(k_head, k.seq_stride, keys), strided_rows(v_head, v.seq_stride, keys),
-           dim, scale, config.causal, workspace.partial_o.data(), workspace.partial_lse.data());
-
+    const StridedRows<T> q_rows{rows.q + (queries.first - rows.origin) * rows.q_stride,
+                                queries.stride * rows.q_stride, queries};
+    const auto kv = key_source(keys);
+    attend(workspace.attend, q_rows, kv.first, kv.second, dim, scale, config.causal,
+           workspace.partial_o.data(), workspace.partial_lse.data());
     for (std::int64_t j = 0; j < queries.count; ++j) {
       const std::int64_t row = queries.at(j) - x0;
-      Acc& row_lse = workspace.window_lse[static_cast<std::size_t>(row)];
-      const Acc partial_lse = workspace.partial_lse[static_cast<std::size_t>(j)];
-      if (config.mixing == Mixing::softmax) {
-        const MergeWeights<Acc> weights = merge_weights(row_lse, partial_lse);
-        window_o.row(row) = weights.a * window_o.row(row) + weights.b * workspace.partial_o.row(j);
-        row_lse = weights.lse;
-      } else {
-        window_o.row(row) += branch_weight * workspace.partial_o.row(j);
-        row_lse = log_add_exp(row_lse, partial_lse);
-      }
+      merge_partial_row(
+          window_o.row(row).data(), workspace.window_lse[static_cast<std::size_t>(row)],
+          workspace.partial_o.row(j).data(), workspace.partial_lse[static_cast<std::size_t>(j)],
+          dim, config.mixing, branch_weight);
     }
   });
 
   for (std::int64_t x = x0; x < x1; ++x) {
-    T* destination =
-        out.data + batch * out.batch_stride + x * out.seq_stride + head * out.head_stride;
-    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(destination, dim) =
-        window_o.row(x - x0).template cast<T>();
+    T* destination = rows.out + (x - rows.origin) * rows.out_stride;
+    const Acc* source = window_o.row(x - x0).data();
+    for (std::int64_t d = 0; d < dim; ++d) destination[d] = static_cast<T>(source[d]);
   }
-  if (lse != nullptr) {
-    lse_type_t<T>* lse_row = lse + (batch * shape.num_heads + head) * shape.seq_len;
+  if (rows.lse != nullptr)
     for (std::int64_t x = x0; x < x1; ++x)
-      lse_row[x] =
+      rows.lse[x - rows.origin] =
           static_cast<lse_type_t<T>>(workspace.window_lse[static_cast<std::size_t>(x - x0)]);
-  }
+}
+
+template <class T>
+void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t head, std::int64_t x0,
+                    std::int64_t x1, View<const T> q, View<const T> k, View<const T> v, View<T> out,
+                    lse_type_t<T>* lse, ForwardWorkspace<accumulator_t<T>>& workspace) {
+  const Shape& shape = pattern.shape();
+  const std::int64_t kv_head = pattern.kv_head(head);
+  const T* k_head = k.data + batch * k.batch_stride + kv_head * k.head_stride;
+  const T* v_head = v.data + batch * v.batch_stride + kv_head * v.head_stride;
+  const HeadRows<T> rows{
+      q.data + batch * q.batch_stride + head * q.head_stride,
+      q.seq_stride,
+      out.data + batch * out.batch_stride + head * out.head_stride,
+      out.seq_stride,
+      lse != nullptr ? lse + (batch * shape.num_heads + head) * shape.seq_len : nullptr,
+      0};
+  forward_rows<T>(
+      pattern, head, x0, x1, rows,
+      [&](const Progression& keys) {
+        return std::make_pair(strided_rows(k_head, k.seq_stride, keys),
+                              strided_rows(v_head, v.seq_stride, keys));
+      },
+      workspace);
 }
 
 }  // namespace cpu::detail

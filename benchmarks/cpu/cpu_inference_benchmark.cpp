@@ -1,0 +1,488 @@
+// The inference forms on the CPU (docs/performance.md "Inference"): a decode step against caches of
+// 16k to 1M tokens, a 2k-row chunk of a chunked prefill against the forward, and a variable-length
+// batch against the padded layout. Google Benchmark; every timed output is checked against the
+// fp64 definition on sampled rows, and a run whose error exceeds 1e-4 is marked as an error (the
+// binary then exits 1), so a wrong kernel cannot report a figure.
+//
+//   Stream/copy      a STREAM-like copy (2 x bytes moved per second) on every core: the machine's
+//                    memory bandwidth, measured in the same binary as the decode steps.
+//   Decode/...       one decode step (QueryRange{kv_len - 1, 1}) with a reused DecodeWorkspace:
+//                    time, tokens/s (batch / step time), the K/V bytes the step must read (each
+//                    key/value row a query head of the step attends, once per kv head: the
+//                    unique bytes) and those bytes per second as a share of Stream/copy.
+//                    The caches are mapped with MAP_NORESERVE and only the rows a step reads are
+//                    written (the last max(w) positions of each element), so a 1M-token cache at
+//                    batch 16 costs its touched rows of memory, not 128 GiB; the layout and the
+//                    addresses the kernel reads are those of the full [B, kv_len, Hkv, D] cache.
+//   Prefill/...      rows [64k - 2k, 64k) of a causal 64k-token sequence (QueryRange) and the
+//                    forward over the whole 64k: useful GFLOP/s of each (exact pair counts).
+//   Varlen/...       a batch of 16 sequences whose lengths are drawn from a log-normal
+//                    distribution (median 1024, sigma 1, clipped to [16, 8192], seed 7) packed
+//                    (Sequences), padded with ValidLengths, and padded computed as a dense
+//                    [B, max_len] forward (what a caller without valid lengths pays): valid tokens/s.
+//
+// LongNet branches throughout: w = 2048, 4096, 8192, 16384, 32768 with r = 1, 2, 4, 8, 16.
+
+#include <dilated_attention/dilated_attention.hpp>
+
+#include <benchmark/benchmark.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu_benchmark_support.hpp"
+
+namespace {
+
+namespace da = dilated_attention;
+namespace bench = dilated_attention::bench;
+using da::Config;
+using da::Shape;
+using da::View;
+
+constexpr double kMaxError = 1e-4;
+bool error_budget_exceeded = false;
+double stream_bytes_per_second = 0.0;
+
+Config longnet(bool causal = true) {
+  Config config;
+  config.segment_lengths = {2048, 4096, 8192, 16384, 32768};
+  config.dilation_rates = {1, 2, 4, 8, 16};
+  config.causal = causal;
+  return config;
+}
+
+int threads() { return da::cpu::default_num_threads(); }
+
+// Anonymous memory that costs only the pages written.
+template <class T>
+struct Mapping {
+  T* data = nullptr;
+  std::size_t bytes = 0;
+  explicit Mapping(std::size_t count) : bytes(count * sizeof(T)) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
+    data = static_cast<T*>(p);
+  }
+  ~Mapping() { munmap(data, bytes); }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+};
+
+// Seeded values in [-sqrt(3), sqrt(3)) on elements [begin, end), on every core.
+void fill(float* data, std::size_t begin, std::size_t end, std::uint64_t seed) {
+  const unsigned workers = static_cast<unsigned>(threads());
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < workers; ++t)
+    pool.emplace_back([=] {
+      const std::size_t b = begin + (end - begin) * t / workers,
+                        e = begin + (end - begin) * (t + 1) / workers;
+      const std::uint64_t base = bench::splitmix64(seed);
+      for (std::size_t i = b; i < e; ++i) {
+        const double unit =
+            static_cast<double>(bench::splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
+            0x1p-53;
+        data[i] = static_cast<float>((2.0 * unit - 1.0) * 1.7320508075688772);
+      }
+    });
+  for (std::thread& thread : pool) thread.join();
+}
+
+void report_error(benchmark::State& state, double error) {
+  state.counters["max_err_out"] = error;
+  if (!(error <= kMaxError)) {
+    error_budget_exceeded = true;
+    state.SkipWithError(("sampled-row error " + std::to_string(error) + " exceeds 1e-4").c_str());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void BM_StreamCopy(benchmark::State& state) {
+  const std::size_t count = std::size_t(1) << 28;  // 1 GiB of float per array
+  std::vector<float> a(count), b(count);
+  fill(a.data(), 0, count, 1);
+  fill(b.data(), 0, count, 2);
+  const int workers = threads();
+  for (auto _ : state) {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < workers; ++t)
+      pool.emplace_back([&, t] {
+        const std::size_t begin = count * t / workers, end = count * (t + 1) / workers;
+        std::memcpy(b.data() + begin, a.data() + begin, (end - begin) * sizeof(float));
+      });
+    for (std::thread& thread : pool) thread.join();
+    benchmark::DoNotOptimize(b.data());
+    benchmark::ClobberMemory();
+  }
+  const double bytes = 2.0 * static_cast<double>(count * sizeof(float));  // read + write
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = workers;
+}
+
+// The unique K/V bytes a decode step at row x reads: per (element, kv head, branch), the keys
+// of the block any query head of the group attends (the heads that attend share one offset).
+double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x) {
+  const da::Pattern pattern(config, shape);
+  const std::int64_t group = shape.num_heads / shape.num_kv_heads;
+  double keys = 0;
+  for (std::int64_t g = 0; g < shape.num_kv_heads; ++g)
+    for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+      std::int64_t most = 0;
+      for (std::int64_t h = g * group; h < (g + 1) * group; ++h)
+        most = std::max(most, pattern.keys(i, h, x).count);
+      keys += static_cast<double>(most);
+    }
+  return keys * 2.0 * static_cast<double>(shape.head_dim * sizeof(float)) *
+         static_cast<double>(shape.batch);
+}
+
+void BM_Decode(benchmark::State& state) {
+  const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
+                     B = state.range(3);
+  const std::int64_t H = 8;
+  const Config config = longnet();
+  const Shape shape{B, kv_len, H, Hkv, D};
+  const std::int64_t x = kv_len - 1;
+  const std::size_t row = static_cast<std::size_t>(Hkv * D),
+                    element = static_cast<std::size_t>(kv_len) * row;
+  Mapping<float> k(static_cast<std::size_t>(B) * element), v(static_cast<std::size_t>(B) * element);
+  const std::int64_t touched = std::min<std::int64_t>(kv_len, 32768);  // the last max(w) rows
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::size_t lo =
+        static_cast<std::size_t>(b) * element + static_cast<std::size_t>(kv_len - touched) * row;
+    fill(k.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         10 + static_cast<std::uint64_t>(b));
+    fill(v.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         100 + static_cast<std::uint64_t>(b));
+  }
+  std::vector<float> q(static_cast<std::size_t>(B * H * D)), out(q.size()),
+      lse(static_cast<std::size_t>(B * H));
+  fill(q.data(), 0, q.size(), 3);
+  const View<const float> qv{q.data(), H * D, H * D, D};
+  const View<const float> kv{k.data, kv_len * Hkv * D, Hkv * D, D},
+      vv{v.data, kv_len * Hkv * D, Hkv * D, D};
+  const View<float> ov{out.data(), H * D, H * D, D};
+  da::cpu::DecodeWorkspace<float> workspace;
+  const da::CpuOptions options{threads()};
+  auto step = [&] {
+    da::forward<float>(config, shape, da::QueryRange{x, 1}, {qv, kv, vv}, {ov, lse.data()}, options,
+                       &workspace);
+  };
+  step();
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Check: every head of elements 0 and B - 1 against the fp64 definition (q read as row x).
+  const da::Pattern pattern(config, shape);
+  const View<const float> q_at_x{q.data(), H * D, 0, D};
+  double error = 0;
+  for (std::int64_t b : {std::int64_t(0), B - 1})
+    for (std::int64_t h = 0; h < H; ++h) {
+      const bench::RowResult expected =
+          bench::reference_row<float>(pattern, shape, q_at_x, kv, vv, b, h, x);
+      for (std::int64_t d = 0; d < D; ++d)
+        error = std::max(
+            error,
+            std::abs(static_cast<double>(out[static_cast<std::size_t>((b * H + h) * D + d)]) -
+                     expected.out[static_cast<std::size_t>(d)]));
+    }
+  report_error(state, error);
+  const double bytes = decode_kv_bytes(config, shape, x);
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_step"] = bytes;
+  state.counters["kv_bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
+  state.counters["kv_len"] = static_cast<double>(kv_len);
+  state.counters["worker_threads"] = threads();
+}
+
+// Useful flops of rows [x0, x1) (exact: the keys each (head, row, branch) attends).
+double useful_flops(const Config& config, const Shape& shape, std::int64_t x0, std::int64_t x1) {
+  const da::Pattern pattern(config, shape);
+  double pairs = 0;
+  for (std::int64_t h = 0; h < shape.num_heads; ++h)
+    for (std::int64_t x = x0; x < x1; ++x)
+      for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+        pairs += static_cast<double>(pattern.keys(i, h, x).count);
+  return 4.0 * static_cast<double>(shape.head_dim) * pairs * static_cast<double>(shape.batch);
+}
+
+struct PrefillData {
+  static constexpr std::int64_t N = 65536, H = 8, D = 64, chunk = 2048;
+  std::vector<float> q, k, v;
+  PrefillData() : q(static_cast<std::size_t>(N * H * D)), k(q.size()), v(q.size()) {
+    fill(q.data(), 0, q.size(), 20);
+    fill(k.data(), 0, k.size(), 21);
+    fill(v.data(), 0, v.size(), 22);
+  }
+};
+PrefillData& prefill_data() {
+  static PrefillData data;
+  return data;
+}
+
+double sampled_rows_error(const Config& config, const Shape& shape, View<const float> q,
+                          View<const float> k, View<const float> v, const float* out,
+                          std::int64_t out_seq, std::int64_t x0, std::int64_t x1) {
+  const da::Pattern pattern(config, shape);
+  double error = 0;
+  for (std::int64_t x : {x0, x0 + 1, (x0 + x1) / 2, x1 - 1})
+    for (std::int64_t h : {std::int64_t(0), shape.num_heads - 1}) {
+      const bench::RowResult expected =
+          bench::reference_row<float>(pattern, shape, q, k, v, 0, h, x);
+      for (std::int64_t d = 0; d < shape.head_dim; ++d)
+        error = std::max(
+            error, std::abs(static_cast<double>(out[(x - x0) * out_seq + h * shape.head_dim + d]) -
+                            expected.out[static_cast<std::size_t>(d)]));
+    }
+  return error;
+}
+
+void BM_PrefillChunk(benchmark::State& state) {
+  using P = PrefillData;
+  PrefillData& data = prefill_data();
+  const Config config = longnet();
+  const Shape shape{1, P::N, P::H, P::H, P::D};
+  const std::int64_t begin = P::N - P::chunk;
+  const View<const float> q_all{data.q.data(), 0, P::H * P::D, P::D};
+  const View<const float> q_rows{data.q.data() + begin * P::H * P::D, 0, P::H * P::D, P::D};
+  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D},
+      v{data.v.data(), 0, P::H * P::D, P::D};
+  std::vector<float> out(static_cast<std::size_t>(P::chunk * P::H * P::D)),
+      lse(static_cast<std::size_t>(P::chunk * P::H));
+  for (auto _ : state) {
+    da::forward<float>(config, shape, da::QueryRange{begin, P::chunk}, {q_rows, k, v},
+                       {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()},
+                       da::CpuOptions{threads()});
+    benchmark::DoNotOptimize(out.data());
+  }
+  report_error(
+      state, sampled_rows_error(config, shape, q_all, k, v, out.data(), P::H * P::D, begin, P::N));
+  const double flops = useful_flops(config, shape, begin, P::N);
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_flops"] = flops;
+  state.counters["worker_threads"] = threads();
+}
+
+void BM_PrefillForward(benchmark::State& state) {
+  using P = PrefillData;
+  PrefillData& data = prefill_data();
+  const Config config = longnet();
+  const Shape shape{1, P::N, P::H, P::H, P::D};
+  const View<const float> q{data.q.data(), 0, P::H * P::D, P::D};
+  const View<const float> k{data.k.data(), 0, P::H * P::D, P::D},
+      v{data.v.data(), 0, P::H * P::D, P::D};
+  std::vector<float> out(data.q.size()), lse(static_cast<std::size_t>(P::N * P::H));
+  for (auto _ : state) {
+    da::forward<float>(config, shape, {q, k, v},
+                       {View<float>{out.data(), 0, P::H * P::D, P::D}, lse.data()},
+                       da::CpuOptions{threads()});
+    benchmark::DoNotOptimize(out.data());
+  }
+  const std::int64_t begin = P::N - P::chunk;
+  report_error(state, sampled_rows_error(config, shape, q, k, v, out.data() + begin * P::H * P::D,
+                                         P::H * P::D, begin, P::N));
+  const double flops = da::Pattern(config, shape).useful_flops();
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_flops"] = flops;
+  state.counters["worker_threads"] = threads();
+}
+
+// --- Varlen against padded ---------------------------------------------------------------------
+
+struct VarlenData {
+  static constexpr std::int64_t B = 16, H = 8, D = 64;
+  std::vector<std::int64_t> lengths, offsets;
+  std::int64_t max_len = 0, total = 0;
+  std::vector<float> q, k, v, pq, pk, pv;  // packed, padded
+  VarlenData() {
+    std::mt19937_64 rng(7);
+    std::lognormal_distribution<double> draw(std::log(1024.0), 1.0);
+    offsets.push_back(0);
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto n = static_cast<std::int64_t>(std::clamp(std::round(draw(rng)), 16.0, 8192.0));
+      lengths.push_back(n);
+      offsets.push_back(offsets.back() + n);
+      max_len = std::max(max_len, n);
+    }
+    total = offsets.back();
+    const std::size_t row = static_cast<std::size_t>(H * D);
+    q.resize(static_cast<std::size_t>(total) * row);
+    k.resize(q.size());
+    v.resize(q.size());
+    fill(q.data(), 0, q.size(), 30);
+    fill(k.data(), 0, k.size(), 31);
+    fill(v.data(), 0, v.size(), 32);
+    pq.assign(static_cast<std::size_t>(B * max_len) * row, 0.0f);
+    pk.assign(pq.size(), 0.0f);
+    pv.assign(pq.size(), 0.0f);
+    for (std::int64_t b = 0; b < B; ++b) {
+      const std::size_t from = static_cast<std::size_t>(offsets[static_cast<std::size_t>(b)]) * row,
+                        to = static_cast<std::size_t>(b * max_len) * row,
+                        n = static_cast<std::size_t>(lengths[static_cast<std::size_t>(b)]) * row;
+      std::copy_n(q.begin() + from, n, pq.begin() + to);
+      std::copy_n(k.begin() + from, n, pk.begin() + to);
+      std::copy_n(v.begin() + from, n, pv.begin() + to);
+    }
+  }
+};
+VarlenData& varlen_data() {
+  static VarlenData data;
+  return data;
+}
+
+// 0: packed (Sequences), 1: padded with ValidLengths, 2: padded as a dense forward.
+void BM_Varlen(benchmark::State& state) {
+  using V = VarlenData;
+  VarlenData& data = varlen_data();
+  const int layout = static_cast<int>(state.range(0));
+  const Config config = longnet();
+  const std::int64_t row = V::H * V::D;
+  std::vector<float> out(layout == 0 ? data.q.size() : data.pq.size());
+  std::vector<float> lse(static_cast<std::size_t>(V::H) *
+                         (layout == 0 ? static_cast<std::size_t>(data.total)
+                                      : static_cast<std::size_t>(V::B * data.max_len)));
+  const da::Sequences sequences{V::B, data.offsets.data(), data.offsets.data(), nullptr, nullptr};
+  const Shape padded{V::B, data.max_len, V::H, V::H, V::D};
+  const std::int64_t bs = data.max_len * row;
+  auto run = [&] {
+    if (layout == 0) {
+      da::forward<float>(config, da::HeadShape{V::H, V::H, V::D}, sequences,
+                         {View<const float>{data.q.data(), 0, row, V::D},
+                          View<const float>{data.k.data(), 0, row, V::D},
+                          View<const float>{data.v.data(), 0, row, V::D}},
+                         {View<float>{out.data(), 0, row, V::D}, lse.data()},
+                         da::CpuOptions{threads()});
+    } else {
+      const da::Inputs<float> in{View<const float>{data.pq.data(), bs, row, V::D},
+                                 View<const float>{data.pk.data(), bs, row, V::D},
+                                 View<const float>{data.pv.data(), bs, row, V::D}};
+      const da::Outputs<float> outs{View<float>{out.data(), bs, row, V::D}, lse.data()};
+      if (layout == 1)
+        da::forward<float>(config, padded, da::ValidLengths{data.lengths.data()}, in, outs,
+                           da::CpuOptions{threads()});
+      else
+        da::forward<float>(config, padded, in, outs, da::CpuOptions{threads()});
+    }
+  };
+  for (auto _ : state) {
+    run();
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Check the last rows of the longest and the shortest sequence against the definition.
+  double error = 0;
+  for (std::int64_t b = 0; b < V::B; ++b) {
+    const std::int64_t n = data.lengths[static_cast<std::size_t>(b)],
+                       o = data.offsets[static_cast<std::size_t>(b)];
+    if (n != data.max_len && b != 0) continue;
+    const Shape one{1, n, V::H, V::H, V::D};
+    const View<const float> q{data.q.data() + o * row, 0, row, V::D},
+        k{data.k.data() + o * row, 0, row, V::D}, v{data.v.data() + o * row, 0, row, V::D};
+    const float* got = layout == 0 ? out.data() + o * row : out.data() + b * bs;
+    error = std::max(error,
+                     sampled_rows_error(config, one, q, k, v, got + (n - 2) * row, row, n - 2, n));
+  }
+  report_error(state, error);
+  state.counters["valid_tokens_per_second"] = benchmark::Counter(
+      static_cast<double>(data.total), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["valid_tokens"] = static_cast<double>(data.total);
+  state.counters["padded_tokens"] = static_cast<double>(V::B * data.max_len);
+  state.counters["worker_threads"] = threads();
+}
+
+void register_benchmarks() {
+  benchmark::RegisterBenchmark("Stream/copy", BM_StreamCopy)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+  auto* decode = benchmark::RegisterBenchmark("Decode", BM_Decode);
+  decode->ArgNames({"kv_len", "Hkv", "D", "batch"})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
+  for (std::int64_t batch : {1, 16})
+    for (std::int64_t D : {64, 128})
+      for (std::int64_t Hkv : {8, 2})
+        for (std::int64_t kv_len : {16384, 65536, 262144, 1048576})
+          decode->Args({kv_len, Hkv, D, batch});
+  benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+  benchmark::RegisterBenchmark("Prefill/forward_64k", BM_PrefillForward)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1);
+  benchmark::RegisterBenchmark("Varlen", BM_Varlen)
+      ->ArgName("layout")
+      ->Arg(0)
+      ->Arg(1)
+      ->Arg(2)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+}
+
+// Runs Stream/copy first (alone) so that the decode runs can report their share of it.
+class StreamFirst : public benchmark::BenchmarkReporter {
+ public:
+  explicit StreamFirst(benchmark::BenchmarkReporter* inner) : inner_(inner) {}
+  bool ReportContext(const Context& context) override { return inner_->ReportContext(context); }
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs)
+      if (run.benchmark_name().rfind("Stream/copy", 0) == 0) {
+        const auto it = run.counters.find("bytes_per_second");
+        if (it != run.counters.end()) stream_bytes_per_second = it->second.value;
+      }
+    inner_->ReportRuns(runs);
+  }
+  void Finalize() override { inner_->Finalize(); }
+
+ private:
+  benchmark::BenchmarkReporter* inner_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  benchmark::AddCustomContext("implementation", "dilated_attention inference forms (CPU)");
+  benchmark::AddCustomContext("config", "LongNet w = 2048..32768, r = 1..16, causal, H = 8");
+  benchmark::AddCustomContext("kernel_isa", to_string(da::cpu::resolve_isa(da::CpuIsa::automatic)));
+  benchmark::AddCustomContext("kernel_threads", std::to_string(threads()));
+#if defined(NDEBUG)
+  benchmark::AddCustomContext("assertions", "off (NDEBUG)");
+#else
+  benchmark::AddCustomContext("assertions",
+                              "on: not a release build, figures are not representative");
+#endif
+  register_benchmarks();
+  benchmark::ConsoleReporter console;
+  StreamFirst reporter(&console);
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  if (error_budget_exceeded) {
+    std::fprintf(stderr,
+                 "cpu_inference_benchmark: FAILED: a run's sampled-row error exceeded 1e-4\n");
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,804 @@
+#pragma once
+// The inference forms on the CPU (docs/semantics.md "Inference forms"): queries at an offset of
+// their sequence (decode, chunked prefill), a variable-length batch packed back to back, keys and
+// values in pages, and a padded batch with valid lengths. Each computes rows of the ordinary
+// forward over each sequence on its own, with the forward's own code (forward_rows) and row
+// pointers offset into the caller's memory: no query, output or contiguous key row is gathered.
+//
+// Two paths:
+//   window path  (a call with some sequence of more than one query row): units of (sequence,
+//                head, window of query rows), exactly the forward's work per row; every row is
+//                bitwise the row of the forward over its sequence (same blocks, same merge).
+//   decode path  (every sequence has at most one query row): a one-row kernel (decode_piece)
+//                that streams each key and value row once from the caller's memory -- in place,
+//                or straight from its page -- without packing. The row's keys are cut into fixed
+//                pieces (per block, decode_key_piece keys each, independent of the thread
+//                count) whose partials are computed in parallel (units of (row, piece)) and
+//                merged by LSE in block and piece order. Bitwise identical for any thread count
+//                and between paged and contiguous K/V; within rounding of the forward's row (its
+//                own summation order: docs/semantics.md "Inference forms").
+// Paged keys on the window path: a block's key and value rows are copied from their pages into
+// the thread's scratch, then attended as contiguous rows, so the result is bitwise the same call
+// on contiguous K/V (the same values reach the same packing code).
+//
+// What a decode call allocates: with a DecodeWorkspace that has served a call of the same or
+// larger size, nothing on one thread (options.num_threads = 1); with more threads, only what
+// starting std::threads allocates (cpu::run_units). Without a workspace, the call builds one.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../arguments.hpp"
+#include "../config.hpp"
+#include "../merge.hpp"
+#include "../pattern.hpp"
+#include "../sequences.hpp"
+#include "../validate_sequences.hpp"
+#include "attend.hpp"
+#include "backward.hpp"
+#include "forward.hpp"
+#include "threads.hpp"
+
+namespace dilated_attention {
+
+namespace cpu {
+
+// Keys of one decode piece: a block's visible keys are cut at multiples of this (= key_chunk,
+// the attend primitive's own key chunk, so a block of at most this many keys is one piece).
+inline constexpr std::int64_t decode_key_piece = key_chunk;
+
+template <class T>
+class DecodeWorkspace;
+
+namespace detail {
+
+// Where one sequence's rows live in one call. Query row j (position query_begin + j) of head h
+// is at q + j * q_seq + h * q_head; likewise out; its LSE at lse[h * lse_head + j]. Key row y of
+// kv head g is at k + y * k_seq + g * k_head (contiguous), or, when `pages` is set, at
+// k + pages[y / page_size] * page_stride + (y % page_size) * k_seq + g * k_head (v alike).
+template <class T>
+struct SequenceRows {
+  std::int64_t kv_len = 0, query_begin = 0, query_count = 0;
+  const T* q = nullptr;
+  std::int64_t q_seq = 0, q_head = 0;
+  T* out = nullptr;
+  std::int64_t out_seq = 0, out_head = 0;
+  lse_type_t<T>* lse = nullptr;
+  std::int64_t lse_head = 0;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  std::int64_t k_seq = 0, k_head = 0, v_seq = 0, v_head = 0;
+  const std::int32_t* pages = nullptr;
+  std::int64_t page_size = 1, page_stride = 0;
+
+  HeadRows<T> head_rows(std::int64_t h) const {
+    return {q + h * q_head,
+            q_seq,
+            out + h * out_head,
+            out_seq,
+            lse != nullptr ? lse + h * lse_head : nullptr,
+            query_begin};
+  }
+  // The K and V rows of `keys` for kv head g: in place, or copied from the pages into k_buffer
+  // and v_buffer (keys.count * dim elements each).
+  std::pair<StridedRows<T>, StridedRows<T>> key_rows(std::int64_t g, const Progression& keys,
+                                                     std::int64_t dim, T* k_buffer,
+                                                     T* v_buffer) const {
+    if (pages == nullptr)
+      return {StridedRows<T>{k + g * k_head + keys.first * k_seq, keys.stride * k_seq, keys},
+              StridedRows<T>{v + g * v_head + keys.first * v_seq, keys.stride * v_seq, keys}};
+    for (std::int64_t j = 0; j < keys.count; ++j) {
+      const std::int64_t y = keys.at(j);
+      const std::int64_t at =
+          static_cast<std::int64_t>(pages[y / page_size]) * page_stride + (y % page_size) * k_seq;
+      std::copy_n(k + at + g * k_head, dim, k_buffer + j * dim);
+      std::copy_n(v + at + g * v_head, dim, v_buffer + j * dim);
+    }
+    return {StridedRows<T>{k_buffer, dim, keys}, StridedRows<T>{v_buffer, dim, keys}};
+  }
+};
+
+// The keys query x of head h sees in branch i of a sequence of n positions (empty when the head
+// skips the branch or x is not selected): what for_each_block_in(h, x, x + 1) visits.
+inline Progression decode_keys(const Config& config, std::int64_t num_heads, std::int64_t i,
+                               std::int64_t h, std::int64_t x, std::int64_t n) {
+  const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
+  const BranchGeometry geometry{config.segment_lengths[static_cast<std::size_t>(i)],
+                                config.dilation_rates[static_cast<std::size_t>(i)], n};
+  const std::int64_t o = head_offset(config.offsets, i, branches, geometry.r, h, num_heads);
+  if (o < 0 || !geometry.selected(x, o)) return {x, 1, 0};
+  const Progression block = geometry.rows(geometry.segment_of(x), o);
+  return config.causal ? block.prefix(block.index_of(x) + 1) : block;
+}
+
+inline std::int64_t pieces_of(const Progression& keys) {
+  return (keys.count + decode_key_piece - 1) / decode_key_piece;
+}
+
+// One decode piece: the query row of head h against `keys` (at most decode_key_piece) of kv
+// head g, read in place (contiguous or from their pages, no copy), in two passes over the keys:
+// scores and their max, then the weights and O = sum_y p_y v_y / sum_y p_y. Fixed order; the
+// partial (o, lse) goes to o and lse.
+template <class T, class Acc>
+void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
+                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse);
+
+// decode_piece with a head_dim known at compile time (64, 128) or not (Eigen::Dynamic): a fixed
+// size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row).
+template <int Dim, class T, class Acc>
+void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
+                       const Progression& keys, std::int64_t dim, Acc scale, Acc* query,
+                       Acc* scores, Acc* o, Acc& lse) {
+  using Vector = Eigen::Matrix<Acc, Dim, 1>;
+  using Row = Eigen::Matrix<T, Dim, 1>;
+  Eigen::Map<Vector> q(query, dim), out(o, dim);
+  q = Eigen::Map<const Row>(s.q + h * s.q_head, dim).template cast<Acc>();
+  auto row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
+    const std::int64_t at =
+        s.pages == nullptr ? y * stride
+                           : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
+                                 (y % s.page_size) * stride;
+    return Eigen::Map<const Row>(base + at + g * head_stride, dim);
+  };
+  // The rows are strided (a dilated block, [.., Hkv, D] rows, pages): the hardware prefetcher
+  // does not follow them across pages, so each pass asks for its rows a few keys ahead.
+  constexpr std::int64_t ahead = 6;
+  const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
+  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
+                      std::int64_t j) {
+#if defined(__GNUC__) || defined(__clang__)
+    if (j >= keys.count) return;
+    const char* p =
+        reinterpret_cast<const char*>(row(base, stride, head_stride, keys.at(j)).data());
+    for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+#else
+    (void)base, (void)stride, (void)head_stride, (void)j;
+#endif
+  };
+  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.k, s.k_seq, s.k_head, j);
+  Acc max = negative_infinity<Acc>();
+  for (std::int64_t j = 0; j < keys.count; ++j) {
+    prefetch(s.k, s.k_seq, s.k_head, j + ahead);
+    const Acc score = scale * row(s.k, s.k_seq, s.k_head, keys.at(j)).template cast<Acc>().dot(q);
+    scores[j] = score;
+    max = std::max(max, score);
+  }
+  out.setZero();
+  // The weights, by Eigen's vectorised exp over the whole piece (`scores` starts on a 64-byte
+  // boundary, so the same elements take the same path in every call), summed in order.
+  using Array = Eigen::Array<Acc, Eigen::Dynamic, 1>;
+  Eigen::Map<Array> weights(scores, keys.count);
+  weights = (weights - max).exp();
+  Acc sum = Acc(0);
+  for (std::int64_t j = 0; j < keys.count; ++j) sum += scores[j];
+  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
+  for (std::int64_t j = 0; j < keys.count; ++j) {
+    prefetch(s.v, s.v_seq, s.v_head, j + ahead);
+    out += scores[j] * row(s.v, s.v_seq, s.v_head, keys.at(j)).template cast<Acc>();
+  }
+  if (keys.count == 0 || !(sum > Acc(0))) {
+    out.setZero();
+    lse = negative_infinity<Acc>();
+    return;
+  }
+  out *= Acc(1) / sum;
+  lse = max + std::log(sum);
+}
+
+template <class T, class Acc>
+void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
+                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse) {
+  switch (dim) {
+    case 64: return decode_piece_with<64>(s, h, g, keys, dim, scale, query, scores, o, lse);
+    case 128: return decode_piece_with<128>(s, h, g, keys, dim, scale, query, scores, o, lse);
+    default:
+      return decode_piece_with<Eigen::Dynamic>(s, h, g, keys, dim, scale, query, scores, o, lse);
+  }
+}
+
+// The most pieces one row can have: per branch, its longest block's (w / r rounded up).
+inline std::int64_t max_pieces_per_row(const Config& config) {
+  std::int64_t pieces = 0;
+  for (std::size_t i = 0; i < config.segment_lengths.size(); ++i) {
+    const std::int64_t w = config.segment_lengths[i], r = config.dilation_rates[i];
+    pieces += ((w + r - 1) / r + decode_key_piece - 1) / decode_key_piece;
+  }
+  return pieces;
+}
+
+}  // namespace detail
+
+// Reusable scratch of the decode path: per thread the attend primitive's packed operands and a
+// piece's worth of paged rows, and per call the pieces' partials. It grows to what a call needs
+// and is kept: once it has served a call, a call of the same or smaller batch, heads, head_dim,
+// config and thread count allocates nothing here (docs/semantics.md "Inference forms" says what
+// else a call allocates). Not shared by concurrent calls.
+template <class T>
+class DecodeWorkspace {
+ public:
+  using Acc = accumulator_t<T>;
+  DecodeWorkspace() = default;
+
+  // Sizes it for calls of up to `rows` (batch x heads) decode rows on `threads` threads.
+  void reserve(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
+               CpuIsa isa = CpuIsa::automatic) {
+    prepare(config, heads, rows, threads, resolve_isa(isa));
+  }
+
+ private:
+  struct Slot {
+    Slot(std::int64_t dim, CpuIsa)
+        : scores_storage(static_cast<std::size_t>(decode_key_piece + 16)),
+          query(static_cast<std::size_t>(dim)) {}
+    std::vector<Acc> scores_storage;  // a piece's scores, then its weights
+    std::vector<Acc> query;           // the query row, widened
+    Acc* scores() {                   // from a 64-byte boundary on
+      const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
+      return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
+    }
+  };
+
+  void prepare(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
+               CpuIsa isa) {
+    if (dim_ != heads.head_dim || isa_ != isa) {
+      slots_.clear();
+      dim_ = heads.head_dim;
+      isa_ = isa;
+    }
+    while (static_cast<int>(slots_.size()) < threads)
+      slots_.push_back(std::make_unique<Slot>(dim_, isa_));
+    const std::int64_t pieces = rows * detail::max_pieces_per_row(config);
+    if (static_cast<std::int64_t>(partial_lse_.size()) < pieces) {
+      partial_lse_.resize(static_cast<std::size_t>(pieces));
+      partial_o_.resize(static_cast<std::size_t>(pieces * dim_ + 16));
+    }
+    if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
+      row_pieces_.resize(static_cast<std::size_t>(rows + 1));
+    if (static_cast<std::int64_t>(row_o_.size()) < dim_)
+      row_o_.resize(static_cast<std::size_t>(dim_));
+  }
+
+  template <class U, class Describe>
+  friend void detail_decode(const Config&, const HeadShape&, std::int64_t, const Describe&, int,
+                            CpuIsa, DecodeWorkspace<U>&);
+
+  std::int64_t dim_ = 0;
+  CpuIsa isa_ = CpuIsa::automatic;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<Acc> partial_o_, partial_lse_, row_o_;
+  std::vector<std::int64_t> row_pieces_;  // prefix sums of the pieces of each row
+
+  // The partials from a 64-byte boundary on: a piece's output row then has the same alignment
+  // whatever the allocation (so Eigen's vectorised loops over it peel the same elements).
+  Acc* partial_o() {
+    const auto address = reinterpret_cast<std::uintptr_t>(partial_o_.data());
+    return partial_o_.data() + ((64 - address % 64) % 64) / sizeof(Acc);
+  }
+  std::atomic<int> next_slot_{0};
+};
+
+// The decode path over `count` sequences of at most one query row each (describe(b) gives
+// sequence b's SequenceRows). Rows are (sequence, head), units (row, piece).
+template <class T, class Describe>
+void detail_decode(const Config& config, const HeadShape& heads, std::int64_t count,
+                   const Describe& describe, int num_threads, CpuIsa isa, DecodeWorkspace<T>& ws) {
+  using Acc = accumulator_t<T>;
+  const std::int64_t H = heads.num_heads, dim = heads.head_dim;
+  const std::int64_t group = heads.num_heads / heads.num_kv_heads;
+  const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
+  const std::int64_t rows = count * H;
+  ws.prepare(config, heads, rows, num_threads, isa);
+  const Acc scale = static_cast<Acc>(
+      resolved_scale(config, Shape{1, 1, heads.num_heads, heads.num_kv_heads, dim}));
+  const Acc branch_weight = Acc(1) / static_cast<Acc>(branches);
+
+  // Pieces of each row, as prefix sums.
+  ws.row_pieces_[0] = 0;
+  for (std::int64_t b = 0; b < count; ++b) {
+    const detail::SequenceRows<T> s = describe(b);
+    for (std::int64_t h = 0; h < H; ++h) {
+      std::int64_t pieces = 0;
+      if (s.query_count == 1)
+        for (std::int64_t i = 0; i < branches; ++i)
+          pieces +=
+              detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+      const std::size_t row = static_cast<std::size_t>(b * H + h);
+      ws.row_pieces_[row + 1] = ws.row_pieces_[row] + pieces;
+    }
+  }
+  const std::int64_t units = ws.row_pieces_[static_cast<std::size_t>(rows)];
+
+  // Phase 1: every piece's partial, by whichever thread takes it; stored by piece index.
+  ws.next_slot_.store(0);
+  run_units(units, num_threads, [&](const auto& next) {
+    auto& slot = *ws.slots_[static_cast<std::size_t>(ws.next_slot_.fetch_add(1))];
+    for (std::int64_t unit = next(); unit >= 0; unit = next()) {
+      const auto found =
+          std::upper_bound(ws.row_pieces_.begin(), ws.row_pieces_.begin() + rows + 1, unit);
+      const std::int64_t row = (found - ws.row_pieces_.begin()) - 1;
+      const std::int64_t b = row / H, h = row % H;
+      const detail::SequenceRows<T> s = describe(b);
+      std::int64_t piece = unit - ws.row_pieces_[static_cast<std::size_t>(row)];
+      Progression keys{};
+      for (std::int64_t i = 0; i < branches; ++i) {
+        keys = detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
+        const std::int64_t pieces = detail::pieces_of(keys);
+        if (piece < pieces) {
+          keys = keys.slice(piece * decode_key_piece, (piece + 1) * decode_key_piece);
+          break;
+        }
+        piece -= pieces;
+      }
+      detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(), slot.scores(),
+                              ws.partial_o() + unit * dim,
+                              ws.partial_lse_[static_cast<std::size_t>(unit)]);
+    }
+  });
+
+  // Phase 2: per row, the pieces of each block merge by LSE (a block of one piece is that
+  // piece), then the blocks merge into the row exactly as the forward merges them.
+  Acc* const row_o = ws.row_o_.data();
+  for (std::int64_t b = 0; b < count; ++b) {
+    const detail::SequenceRows<T> s = describe(b);
+    if (s.query_count != 1) continue;
+    for (std::int64_t h = 0; h < H; ++h) {
+      std::int64_t unit = ws.row_pieces_[static_cast<std::size_t>(b * H + h)];
+      std::fill_n(row_o, dim, Acc(0));
+      Acc row_lse = negative_infinity<Acc>();
+      for (std::int64_t i = 0; i < branches; ++i) {
+        const std::int64_t pieces =
+            detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+        if (pieces == 0) continue;
+        Acc* block_o = ws.partial_o() + unit * dim;
+        Acc block_lse = ws.partial_lse_[static_cast<std::size_t>(unit)];
+        for (std::int64_t p = 1; p < pieces; ++p)  // in place into the first piece's partial
+          detail::merge_partial_row(block_o, block_lse, ws.partial_o() + (unit + p) * dim,
+                                    ws.partial_lse_[static_cast<std::size_t>(unit + p)], dim,
+                                    Mixing::softmax, Acc(1));
+        detail::merge_partial_row(row_o, row_lse, block_o, block_lse, dim, config.mixing,
+                                  branch_weight);
+        unit += pieces;
+      }
+      T* destination = s.out + h * s.out_head;
+      for (std::int64_t d = 0; d < dim; ++d) destination[d] = static_cast<T>(row_o[d]);
+      if (s.lse != nullptr) s.lse[h * s.lse_head] = static_cast<lse_type_t<T>>(row_lse);
+    }
+  }
+}
+
+namespace detail {
+
+// The window path over `count` sequences.
+template <class T, class Describe>
+void window_path(const Config& config, const HeadShape& heads, std::int64_t count,
+                 const Describe& describe, int num_threads, CpuIsa isa) {
+  const std::int64_t H = heads.num_heads, dim = heads.head_dim;
+  const std::int64_t group = heads.num_heads / heads.num_kv_heads;
+  std::vector<std::unique_ptr<Pattern>> patterns(static_cast<std::size_t>(count));
+  std::vector<std::int64_t> unit_begin(static_cast<std::size_t>(count + 1), 0);
+  std::int64_t window = 1, max_keys = 1;
+  bool paged = false;
+  for (std::int64_t b = 0; b < count; ++b) {
+    const SequenceRows<T> s = describe(b);
+    paged = paged || s.pages != nullptr;
+    if (s.query_count > 0) {
+      patterns[static_cast<std::size_t>(b)] =
+          std::make_unique<Pattern>(config, Shape{1, s.kv_len, H, heads.num_kv_heads, dim});
+      window = window_length(*patterns[static_cast<std::size_t>(b)]);
+      max_keys = std::max(max_keys, longest_block(*patterns[static_cast<std::size_t>(b)]));
+    }
+  }
+  for (std::int64_t b = 0; b < count; ++b) {
+    const std::int64_t rows = describe(b).query_count;
+    unit_begin[static_cast<std::size_t>(b + 1)] =
+        unit_begin[static_cast<std::size_t>(b)] + H * ((rows + window - 1) / window);
+  }
+  const std::int64_t units = unit_begin[static_cast<std::size_t>(count)];
+  const std::int64_t window_rows_max = window;
+  run_units(units, num_threads, [&](const auto& next) {
+    ForwardWorkspace<accumulator_t<T>> workspace(window_rows_max, dim, isa, max_keys);
+    std::vector<T> k_buffer(paged ? static_cast<std::size_t>(max_keys * dim) : 0),
+        v_buffer(paged ? static_cast<std::size_t>(max_keys * dim) : 0);
+    for (std::int64_t unit = next(); unit >= 0; unit = next()) {
+      const auto found = std::upper_bound(unit_begin.begin(), unit_begin.end(), unit);
+      const std::int64_t b = (found - unit_begin.begin()) - 1;
+      const SequenceRows<T> s = describe(b);
+      const std::int64_t local = unit - unit_begin[static_cast<std::size_t>(b)];
+      const std::int64_t windows = (s.query_count + window - 1) / window;
+      const std::int64_t h = local / windows, w = local % windows;
+      const std::int64_t x0 = s.query_begin + w * window;
+      const std::int64_t x1 = std::min(s.query_begin + s.query_count, x0 + window);
+      forward_rows<T>(
+          *patterns[static_cast<std::size_t>(b)], h, x0, x1, s.head_rows(h),
+          [&](const Progression& keys) {
+            return s.key_rows(h / group, keys, dim, k_buffer.data(), v_buffer.data());
+          },
+          workspace);
+    }
+  });
+}
+
+template <class T, class Describe>
+void run_forms(const Config& config, const HeadShape& heads, std::int64_t count,
+               const Describe& describe, const CpuOptions& options, DecodeWorkspace<T>* workspace) {
+  const int num_threads = resolve_num_threads(options);
+  const CpuIsa isa = resolve_isa(options.isa);
+  std::int64_t most_rows = 0;
+  for (std::int64_t b = 0; b < count; ++b) most_rows = std::max(most_rows, describe(b).query_count);
+  if (most_rows <= 1) {
+    if (workspace != nullptr) {
+      detail_decode<T>(config, heads, count, describe, num_threads, isa, *workspace);
+    } else {
+      DecodeWorkspace<T> local;
+      detail_decode<T>(config, heads, count, describe, num_threads, isa, local);
+    }
+    return;
+  }
+  window_path<T>(config, heads, count, describe, num_threads, isa);
+}
+
+template <class T>
+void check_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> ||
+                    std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>,
+                "dilated_attention (CPU inference forms): T is float, double, Eigen::bfloat16 or "
+                "Eigen::half");
+}
+
+}  // namespace detail
+}  // namespace cpu
+
+// 1. Queries at an offset (decode, chunked prefill): q and out hold range.count rows at positions
+// [range.begin, range.begin + range.count) of each batch element ([B, count, H, D]; lse, when not
+// null, [B, H, count]); k and v hold its first shape.seq_len (= kv_len) rows. Equal, row for row,
+// to the forward over kv_len positions (causal or not). `workspace` (optional) is the decode
+// path's reusable scratch.
+template <class T>
+void forward(const Config& config, const Shape& shape, const QueryRange& range,
+             const Inputs<detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
+             const CpuOptions& options = {}, cpu::DecodeWorkspace<T>* workspace = nullptr) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  validate_query_range(config, shape, range, q, k, v, out, outputs.lse);
+  cpu::resolve_num_threads(options);  // throws before any output is written
+  cpu::resolve_isa(options.isa);
+  const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
+  auto describe = [&](std::int64_t b) {
+    cpu::detail::SequenceRows<T> s;
+    s.kv_len = shape.seq_len;
+    s.query_begin = range.begin;
+    s.query_count = range.count;
+    s.q = q.data + b * q.batch_stride;
+    s.q_seq = q.seq_stride;
+    s.q_head = q.head_stride;
+    s.out = out.data + b * out.batch_stride;
+    s.out_seq = out.seq_stride;
+    s.out_head = out.head_stride;
+    s.lse = outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * range.count : nullptr;
+    s.lse_head = range.count;
+    s.k = k.data + b * k.batch_stride;
+    s.v = v.data + b * v.batch_stride;
+    s.k_seq = k.seq_stride;
+    s.k_head = k.head_stride;
+    s.v_seq = v.seq_stride;
+    s.v_head = v.head_stride;
+    return s;
+  };
+  cpu::detail::run_forms<T>(config, heads, shape.batch, describe, options, workspace);
+}
+
+// 2. Variable-length batch, packed: q and out [total_q, H, D] (views of batch 1), k and v
+// [total_k, Hkv, D]; sequence b's queries are rows [query_offsets[b], query_offsets[b + 1]), its
+// keys rows [kv_offsets[b], kv_offsets[b + 1]); lse (optional) [H, total_q]. Each sequence is its
+// own sequence (its segments start at its first key row).
+template <class T>
+void forward(const Config& config, const HeadShape& heads, const Sequences& sequences,
+             const Inputs<detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
+             const CpuOptions& options = {}, cpu::DecodeWorkspace<T>* workspace = nullptr) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  validate_sequences(config, heads, sequences, q, k, v, out, outputs.lse);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  const std::int64_t total_q = sequences.total_queries();
+  auto describe = [&](std::int64_t b) {
+    cpu::detail::SequenceRows<T> s;
+    s.kv_len = sequences.kv_length(b);
+    s.query_begin = sequences.query_begin(b);
+    s.query_count = sequences.query_count(b);
+    const std::int64_t q0 = sequences.query_offsets[b], k0 = sequences.kv_offsets[b];
+    s.q = q.data + q0 * q.seq_stride;
+    s.q_seq = q.seq_stride;
+    s.q_head = q.head_stride;
+    s.out = out.data + q0 * out.seq_stride;
+    s.out_seq = out.seq_stride;
+    s.out_head = out.head_stride;
+    s.lse = outputs.lse != nullptr ? outputs.lse + q0 : nullptr;
+    s.lse_head = total_q;
+    s.k = k.data + k0 * k.seq_stride;
+    s.v = v.data + k0 * v.seq_stride;
+    s.k_seq = k.seq_stride;
+    s.k_head = k.head_stride;
+    s.v_seq = v.seq_stride;
+    s.v_head = v.head_stride;
+    return s;
+  };
+  cpu::detail::run_forms<T>(config, heads, sequences.count, describe, options, workspace);
+}
+
+// 3. Paged keys and values: q and out packed as in 2; sequence b's keys are its
+// sequences.kv_lengths[b] positions in the pages of `paged` (sequences.kv_offsets is null).
+// Bitwise the same call on contiguous K/V. Inference only: no backward.
+template <class T>
+void forward(const Config& config, const HeadShape& heads, const Sequences& sequences,
+             View<const detail::identity_t<T>> q,
+             const PagedKeyValues<detail::identity_t<T>>& paged, const Outputs<T>& outputs,
+             const CpuOptions& options = {}, cpu::DecodeWorkspace<T>* workspace = nullptr) {
+  cpu::detail::check_type<T>();
+  const View<T> out = outputs.out;
+  validate_paged(config, heads, sequences, q, paged, out, outputs.lse);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  const std::int64_t total_q = sequences.total_queries();
+  auto describe = [&](std::int64_t b) {
+    cpu::detail::SequenceRows<T> s;
+    s.kv_len = sequences.kv_length(b);
+    s.query_begin = sequences.query_begin(b);
+    s.query_count = sequences.query_count(b);
+    const std::int64_t q0 = sequences.query_offsets[b];
+    s.q = q.data + q0 * q.seq_stride;
+    s.q_seq = q.seq_stride;
+    s.q_head = q.head_stride;
+    s.out = out.data + q0 * out.seq_stride;
+    s.out_seq = out.seq_stride;
+    s.out_head = out.head_stride;
+    s.lse = outputs.lse != nullptr ? outputs.lse + q0 : nullptr;
+    s.lse_head = total_q;
+    s.k = paged.k;
+    s.v = paged.v;
+    s.k_seq = s.v_seq = paged.row_stride;
+    s.k_head = s.v_head = paged.head_stride;
+    s.pages = paged.page_table + b * paged.page_table_stride;
+    s.page_size = paged.page_size;
+    s.page_stride = paged.page_stride;
+    return s;
+  };
+  cpu::detail::run_forms<T>(config, heads, sequences.count, describe, options, workspace);
+}
+
+// 4. Padded batch: the usual [B, N, H, D] tensors, valid.lengths[b] <= N rows of element b are
+// its sequence; rows at or past the length get O = 0 and LSE = -inf, and q, k, v are not read
+// there.
+template <class T>
+void forward(const Config& config, const Shape& shape, const ValidLengths& valid,
+             const Inputs<detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
+             const CpuOptions& options = {}) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  validate_valid_lengths(config, shape, valid, q, k, v, out, outputs.lse);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
+  for (std::int64_t b = 0; b < shape.batch; ++b)  // the rows past each length
+    for (std::int64_t x = valid.lengths[b]; x < shape.seq_len; ++x)
+      for (std::int64_t h = 0; h < shape.num_heads; ++h) {
+        std::fill_n(out.data + b * out.batch_stride + x * out.seq_stride + h * out.head_stride,
+                    shape.head_dim, T(0));
+        if (outputs.lse != nullptr)
+          outputs.lse[(b * shape.num_heads + h) * shape.seq_len + x] =
+              negative_infinity<lse_type_t<T>>();
+      }
+  auto describe = [&](std::int64_t b) {
+    cpu::detail::SequenceRows<T> s;
+    s.kv_len = valid.lengths[b];
+    s.query_begin = 0;
+    s.query_count = valid.lengths[b];
+    s.q = q.data + b * q.batch_stride;
+    s.q_seq = q.seq_stride;
+    s.q_head = q.head_stride;
+    s.out = out.data + b * out.batch_stride;
+    s.out_seq = out.seq_stride;
+    s.out_head = out.head_stride;
+    s.lse = outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * shape.seq_len : nullptr;
+    s.lse_head = shape.seq_len;
+    s.k = k.data + b * k.batch_stride;
+    s.v = v.data + b * v.batch_stride;
+    s.k_seq = k.seq_stride;
+    s.k_head = k.head_stride;
+    s.v_seq = v.seq_stride;
+    s.v_head = v.head_stride;
+    return s;
+  };
+  cpu::detail::run_forms<T>(config, heads, shape.batch, describe, options,
+                            static_cast<cpu::DecodeWorkspace<T>*>(nullptr));
+}
+
+namespace cpu::detail {
+
+template <class T>
+View<T> shifted(const View<T>& view, std::int64_t rows) {  // rows further on; extent unchecked
+  return View<T>{view.data + rows * view.seq_stride, view.batch_stride, view.seq_stride,
+                 view.head_stride, -1};
+}
+
+template <class T>
+View<T> element(const View<T>& view, std::int64_t b) {  // batch element b as a batch of one
+  return View<T>{view.data + b * view.batch_stride, view.batch_stride, view.seq_stride,
+                 view.head_stride, -1};
+}
+
+template <class T>
+void zero_view_rows(const View<T>& view, std::int64_t x0, std::int64_t x1, std::int64_t heads,
+                    std::int64_t dim) {
+  for (std::int64_t x = x0; x < x1; ++x)
+    for (std::int64_t h = 0; h < heads; ++h)
+      std::fill_n(view.data + x * view.seq_stride + h * view.head_stride, dim, T(0));
+}
+
+// The backward of rows [begin, begin + count) of one sequence of kv_len positions (batch of
+// one; views already validated, lse_at(h, j) the forward's LSE of query row j of head h): the
+// ordinary backward over the sequence's first n positions (n = begin + count when causal, whose
+// later rows these queries never see, else kv_len), fed the range's q, out, dO and LSE and, on
+// every other row, zero q, out and dO, whose gradient terms are exactly zero (dS = P (dO·v - D)
+// with dO = 0 and D = 0). d_q gets the range's rows; d_k, d_v all kv_len rows (zero past n).
+template <class T, class LseAt>
+void backward_range(const Config& config, const HeadShape& heads, std::int64_t kv_len,
+                    std::int64_t begin, std::int64_t count, View<const T> q, View<const T> k,
+                    View<const T> v, View<const T> out, const LseAt& lse_at, View<const T> d_out,
+                    View<T> d_q, View<T> d_k, View<T> d_v, const CpuOptions& options) {
+  using L = lse_type_t<T>;
+  const std::int64_t H = heads.num_heads, G = heads.num_kv_heads, dim = heads.head_dim;
+  const std::int64_t n = config.causal ? begin + count : kv_len;
+  const Shape shape{1, n, H, G, dim};
+  const bool whole = begin == 0 && count == n;
+  std::vector<L> lse(static_cast<std::size_t>(H * n), L(0));
+  for (std::int64_t h = 0; h < H; ++h)
+    for (std::int64_t j = 0; j < count; ++j)
+      lse[static_cast<std::size_t>(h * n + begin + j)] = lse_at(h, j);
+  if (whole) {
+    backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse.data()}, d_out,
+                Gradients<T>{d_q, d_k, d_v}, options);
+  } else {
+    const std::size_t elements = static_cast<std::size_t>(n * H * dim);
+    std::vector<T> q_full(elements, T(0)), out_full(elements, T(0)), d_out_full(elements, T(0)),
+        d_q_full(elements);
+    auto copy_in = [&](const View<const T>& from, std::vector<T>& to) {
+      for (std::int64_t j = 0; j < count; ++j)
+        for (std::int64_t h = 0; h < H; ++h)
+          std::copy_n(from.data + j * from.seq_stride + h * from.head_stride, dim,
+                      to.data() + ((begin + j) * H + h) * dim);
+    };
+    copy_in(q, q_full);
+    copy_in(out, out_full);
+    copy_in(d_out, d_out_full);
+    auto full = [&](std::vector<T>& data) { return contiguous_view(data, shape, H); };
+    const std::vector<T>& qf = q_full;
+    const std::vector<T>& of = out_full;
+    const std::vector<T>& df = d_out_full;
+    backward<T>(config, shape, Inputs<T>{contiguous_view(qf, shape, H), k, v},
+                Outputs<const T>{contiguous_view(of, shape, H), lse.data()},
+                contiguous_view(df, shape, H), Gradients<T>{full(d_q_full), d_k, d_v}, options);
+    for (std::int64_t j = 0; j < count; ++j)
+      for (std::int64_t h = 0; h < H; ++h)
+        std::copy_n(d_q_full.data() + ((begin + j) * H + h) * dim, dim,
+                    d_q.data + j * d_q.seq_stride + h * d_q.head_stride);
+  }
+  zero_view_rows(d_k, n, kv_len, G, dim);
+  zero_view_rows(d_v, n, kv_len, G, dim);
+}
+
+}  // namespace cpu::detail
+
+// Backward of 1 (chunked prefill, decode): the gradient of this call's rows. d_q [B, count, H,
+// D] of the range's rows; d_k, d_v [B, kv_len, Hkv, D] with respect to every K/V row, all
+// overwritten: the sum of d_k (d_v) over the chunks of a chunked prefill is the full sequence's.
+// forward_outputs are what forward returned for the range (lse [B, H, count], not null). Costs
+// the ordinary backward over the first begin + count positions (causal) or kv_len (not causal).
+template <class T>
+void backward(const Config& config, const Shape& shape, const QueryRange& range,
+              const Inputs<detail::identity_t<T>>& inputs,
+              const Outputs<const detail::identity_t<T>>& forward_outputs,
+              View<const detail::identity_t<T>> d_out, const Gradients<T>& gradients,
+              const CpuOptions& options = {}) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v, out = forward_outputs.out;
+  const lse_type_t<T>* const lse = forward_outputs.lse;
+  validate_query_range_backward(config, shape, range, q, k, v, out, lse, d_out, gradients.d_q,
+                                gradients.d_k, gradients.d_v);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  using cpu::detail::element;
+  const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    const lse_type_t<T>* lse_b = lse + b * shape.num_heads * range.count;
+    cpu::detail::backward_range<T>(
+        config, heads, shape.seq_len, range.begin, range.count, element(q, b), element(k, b),
+        element(v, b), element(out, b),
+        [&](std::int64_t h, std::int64_t j) { return lse_b[h * range.count + j]; },
+        element(d_out, b), element(gradients.d_q, b), element(gradients.d_k, b),
+        element(gradients.d_v, b), options);
+  }
+}
+
+// Backward of 2 (variable-length batch): packed d_out, d_q [total_q, H, D], d_k, d_v [total_k,
+// Hkv, D], overwritten; lse [H, total_q] as forward returned it. Each sequence's gradient is the
+// ordinary backward over that sequence alone (of its query rows, as in 1, when they are not the
+// whole sequence); rows of a sequence without queries get zero d_k, d_v.
+template <class T>
+void backward(const Config& config, const HeadShape& heads, const Sequences& sequences,
+              const Inputs<detail::identity_t<T>>& inputs,
+              const Outputs<const detail::identity_t<T>>& forward_outputs,
+              View<const detail::identity_t<T>> d_out, const Gradients<T>& gradients,
+              const CpuOptions& options = {}) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v, out = forward_outputs.out;
+  const lse_type_t<T>* const lse = forward_outputs.lse;
+  validate_sequences_backward(config, heads, sequences, q, k, v, out, lse, d_out, gradients.d_q,
+                              gradients.d_k, gradients.d_v);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  using cpu::detail::shifted;
+  const std::int64_t total_q = sequences.total_queries();
+  for (std::int64_t b = 0; b < sequences.count; ++b) {
+    const std::int64_t q0 = sequences.query_offsets[b], k0 = sequences.kv_offsets[b];
+    const std::int64_t length = sequences.kv_length(b), rows = sequences.query_count(b);
+    const View<T> d_k = shifted(gradients.d_k, k0), d_v = shifted(gradients.d_v, k0);
+    if (rows == 0) {
+      cpu::detail::zero_view_rows(d_k, 0, length, heads.num_kv_heads, heads.head_dim);
+      cpu::detail::zero_view_rows(d_v, 0, length, heads.num_kv_heads, heads.head_dim);
+      continue;
+    }
+    cpu::detail::backward_range<T>(
+        config, heads, length, sequences.query_begin(b), rows, shifted(q, q0), shifted(k, k0),
+        shifted(v, k0), shifted(out, q0),
+        [&](std::int64_t h, std::int64_t j) { return lse[h * total_q + q0 + j]; },
+        shifted(d_out, q0), shifted(gradients.d_q, q0), d_k, d_v, options);
+  }
+}
+
+// Backward of 4 (padded batch): d_q, d_k, d_v [B, N, ...] overwritten; rows at or past a length
+// are written 0. lse [B, H, N] as forward returned it.
+template <class T>
+void backward(const Config& config, const Shape& shape, const ValidLengths& valid,
+              const Inputs<detail::identity_t<T>>& inputs,
+              const Outputs<const detail::identity_t<T>>& forward_outputs,
+              View<const detail::identity_t<T>> d_out, const Gradients<T>& gradients,
+              const CpuOptions& options = {}) {
+  cpu::detail::check_type<T>();
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v, out = forward_outputs.out;
+  const lse_type_t<T>* const lse = forward_outputs.lse;
+  validate_valid_lengths_backward(config, shape, valid, q, k, v, out, lse, d_out, gradients.d_q,
+                                  gradients.d_k, gradients.d_v);
+  cpu::resolve_num_threads(options);
+  cpu::resolve_isa(options.isa);
+  using cpu::detail::element;
+  const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
+  const std::int64_t N = shape.seq_len, dim = shape.head_dim;
+  for (std::int64_t b = 0; b < shape.batch; ++b) {
+    const std::int64_t length = valid.lengths[b];
+    const View<T> d_q = element(gradients.d_q, b), d_k = element(gradients.d_k, b),
+                  d_v = element(gradients.d_v, b);
+    if (length > 0) {
+      const lse_type_t<T>* lse_b = lse + b * shape.num_heads * N;
+      cpu::detail::backward_range<T>(
+          config, heads, length, 0, length, element(q, b), element(k, b), element(v, b),
+          element(out, b), [&](std::int64_t h, std::int64_t j) { return lse_b[h * N + j]; },
+          element(d_out, b), d_q, d_k, d_v, options);
+    }
+    cpu::detail::zero_view_rows(d_q, length, N, shape.num_heads, dim);
+    cpu::detail::zero_view_rows(d_k, length, N, shape.num_kv_heads, dim);
+    cpu::detail::zero_view_rows(d_v, length, N, shape.num_kv_heads, dim);
+  }
+}
+
+}  // namespace dilated_attention

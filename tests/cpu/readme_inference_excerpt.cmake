@@ -1,0 +1,28 @@
+# The README's "Inference" snippet must be, line for line, the code between the markers of
+# CpuInferenceReadme.DecodeLoopExample (tests/cpu/cpu_inference_test.cpp), which compiles and runs
+# it; the test's lines are indented two spaces more. Run: cmake -DREADME=... -DTEST_SOURCE=... -P.
+file(READ "${README}" readme)
+string(FIND "${readme}" "### Inference" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "README has no ### Inference section")
+endif()
+string(SUBSTRING "${readme}" ${at} -1 readme)
+string(FIND "${readme}" "```cpp\n" begin)
+math(EXPR begin "${begin} + 7")
+string(SUBSTRING "${readme}" ${begin} -1 readme)
+string(FIND "${readme}" "```" end)
+string(SUBSTRING "${readme}" 0 ${end} snippet)
+
+file(READ "${TEST_SOURCE}" source)
+string(FIND "${source}" "// README: inference begin\n" begin)
+string(FIND "${source}" "  // README: inference end" end)
+math(EXPR begin "${begin} + 27")
+math(EXPR length "${end} - ${begin}")
+string(SUBSTRING "${source}" ${begin} ${length} excerpt)
+# (plain REPLACE: REGEX REPLACE re-anchors ^ after every match)
+string(SUBSTRING "${excerpt}" 2 -1 excerpt)
+string(REPLACE "\n  " "\n" excerpt "${excerpt}")
+if(NOT snippet STREQUAL excerpt)
+  message(FATAL_ERROR "README's Inference snippet differs from the tested excerpt:\n--- README\n${snippet}\n--- test\n${excerpt}")
+endif()
+message(STATUS "README's Inference snippet is the tested excerpt")
