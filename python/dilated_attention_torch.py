@@ -43,9 +43,9 @@ def load_ops(verbose=False, eigen_include="/usr/include/eigen3"):
     """Registers the operators (compiling them once per cache: TORCH_EXTENSIONS_DIR, else
     ~/.cache/torch_extensions) and returns torch.ops.dilated_attention."""
     if not ops_registered():
-        import torch.utils.cpp_extension
+        from torch.utils import cpp_extension
 
-        torch.utils.cpp_extension.load(
+        cpp_extension.load(
             name="dilated_attention_ops",
             sources=[os.path.join(_ROOT, "python", "dilated_attention_ops.cpp")],
             extra_include_paths=[os.path.join(_ROOT, "include"), eigen_include],
