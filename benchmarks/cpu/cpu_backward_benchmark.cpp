@@ -43,7 +43,7 @@ struct Options : bench::AttentionOptions {
 Options options;
 bool failed = false;
 
-const char* const kUsage = R"(cpu_backward_benchmark [--benchmark_* flags] [options]
+const char* const usage_text = R"(cpu_backward_benchmark [--benchmark_* flags] [options]
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N
@@ -103,9 +103,9 @@ const Problem& problem_for(std::int64_t n, std::int64_t dim) {
   bench::fill_uniform(p->k, options.seed * 3 + 1);
   bench::fill_uniform(p->v, options.seed * 3 + 2);
   bench::fill_uniform(p->d_out, options.seed * 3 + 3);
-  forward<float>(main_config(), p->shape, p->view(p->q, options.heads), p->view(p->k, kv_heads),
-                 p->view(p->v, kv_heads), contiguous_view<float>(p->out.data(), p->shape, options.heads),
-                 p->lse.data());
+  forward<float>(main_config(), p->shape,
+                 {p->view(p->q, options.heads), p->view(p->k, kv_heads), p->view(p->v, kv_heads)},
+                 {contiguous_view<float>(p->out.data(), p->shape, options.heads), p->lse.data()});
   cached = std::move(p);
   return *cached;
 }
@@ -272,8 +272,10 @@ void BM_Forward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
   const std::int64_t rss_at_reset = bench::reset_resident_peak();
   bench::heap::reset_peak();
   for (auto _ : state) {
-    forward<float>(config, s, p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
-                   p.view(p.v, s.num_kv_heads), contiguous_view<float>(out.data(), s, s.num_heads), lse.data());
+    forward<float>(config, s,
+                   {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
+                    p.view(p.v, s.num_kv_heads)},
+                   {contiguous_view<float>(out.data(), s, s.num_heads), lse.data()});
     benchmark::ClobberMemory();
   }
   const std::int64_t heap_peak = bench::heap::peak_since_reset();
@@ -289,11 +291,13 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
   const std::int64_t rss_at_reset = bench::reset_resident_peak();
   bench::heap::reset_peak();
   for (auto _ : state) {
-    backward<float>(config, s, p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
-                    p.view(p.v, s.num_kv_heads), p.view(p.out, s.num_heads), p.lse.data(),
-                    p.view(p.d_out, s.num_heads), contiguous_view<float>(dq.data(), s, s.num_heads),
-                    contiguous_view<float>(dk.data(), s, s.num_kv_heads),
-                    contiguous_view<float>(dv.data(), s, s.num_kv_heads));
+    backward<float>(config, s,
+                    {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
+                     p.view(p.v, s.num_kv_heads)}, {p.view(p.out, s.num_heads), p.lse.data()},
+                    p.view(p.d_out, s.num_heads),
+                    {contiguous_view<float>(dq.data(), s, s.num_heads),
+                     contiguous_view<float>(dk.data(), s, s.num_kv_heads),
+                     contiguous_view<float>(dv.data(), s, s.num_kv_heads)});
     benchmark::ClobberMemory();
   }
   const std::int64_t heap_peak = bench::heap::peak_since_reset();
@@ -309,7 +313,7 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
     const double worst = std::max({error.dq, error.dk, error.dv});
     if (!(worst <= options.tolerance)) {
       failed = true;
-      state.SkipWithError("gradient differs from docs/semantics.md "The gradient" on sampled rows");
+      state.SkipWithError("gradient differs from docs/semantics.md \"The gradient\" on sampled rows");
     }
   }
 }
@@ -318,7 +322,7 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
 
 int main(int argc, char** argv) {
   if (bench::wants_help(argc, argv)) {
-    std::fputs(kUsage, stdout);
+    std::fputs(usage_text, stdout);
     return 0;
   }
   benchmark::Initialize(&argc, argv);

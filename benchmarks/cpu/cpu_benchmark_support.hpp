@@ -39,9 +39,9 @@ template <class T>
 void timed_forward(const Config& config, const Shape& shape, View<const T> q, View<const T> k,
                    View<const T> v, View<T> out, lse_type_t<T>* lse) {
 #if DA_BENCH_TIMES_REFERENCE
-  reference::forward<T>(config, shape, q, k, v, out, lse);
+  reference::forward<T>(config, shape, {q, k, v}, {out, lse});
 #else
-  dilated_attention::forward<T>(config, shape, q, k, v, out, lse);
+  dilated_attention::forward<T>(config, shape, {q, k, v}, {out, lse});
 #endif
 }
 
@@ -239,20 +239,20 @@ inline std::int64_t resident_peak_bytes() {
   return hwm < 0 ? -1 : hwm * 1024;
 }
 
-constexpr double kMiB = 1024.0 * 1024.0;
+constexpr double mib = 1024.0 * 1024.0;
 
 // The memory counters of a run: its tensors, and when the probes could tell, the heap above them
 // (and tensors + heap) and the resident high-water delta. `State` is benchmark::State.
 template <class State>
 void memory_counters(State& state, double tensor_bytes, std::int64_t heap_peak, std::int64_t rss_at_reset,
                      std::int64_t rss_peak) {
-  state.counters["tensors_MiB"] = tensor_bytes / kMiB;
+  state.counters["tensors_MiB"] = tensor_bytes / mib;
   if (heap_peak >= 0) {
-    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / kMiB;
-    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / kMiB;
+    state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / mib;
+    state.counters["peak_MiB"] = (tensor_bytes + static_cast<double>(heap_peak)) / mib;
   }
   if (rss_at_reset >= 0 && rss_peak >= 0)
-    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / kMiB;
+    state.counters["rss_peak_delta_MiB"] = static_cast<double>(rss_peak - rss_at_reset) / mib;
 }
 
 // ---------------------------------------------------------------------------------------------

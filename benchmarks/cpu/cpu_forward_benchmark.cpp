@@ -75,7 +75,7 @@ bool error_budget_exceeded = false;
 
 Options options;
 
-const char* const kUsage = R"(cpu_forward_benchmark [--benchmark_* flags] [options]
+const char* const usage_text = R"(cpu_forward_benchmark [--benchmark_* flags] [options]
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N of the attention benchmarks
@@ -208,7 +208,7 @@ void BM_SgemmOpenBlas(benchmark::State& state, const std::string& name) {
 // Peak: 12 independent FMA chains of the widest vectors per thread (FMA latency 4 x 2 pipes
 // needs 8 in flight), iterated long enough to time. Target attributes, so the baseline build
 // measures the same peak as the native one.
-constexpr std::int64_t kFmaIterations = 1 << 24;
+constexpr std::int64_t fma_iterations = 1 << 24;
 
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) double fma_loop_avx2(std::int64_t iterations) {
@@ -251,8 +251,8 @@ void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, in
     std::vector<double> done(static_cast<std::size_t>(threads));
     run_on_threads(threads, [&](int t) {
 #if defined(__x86_64__)
-      done[static_cast<std::size_t>(t)] = isa == CpuIsa::avx512 ? fma_loop_avx512(kFmaIterations)
-                                                               : fma_loop_avx2(kFmaIterations);
+      done[static_cast<std::size_t>(t)] = isa == CpuIsa::avx512 ? fma_loop_avx512(fma_iterations)
+                                                               : fma_loop_avx2(fma_iterations);
 #else
       static_cast<void>(isa);
       done[static_cast<std::size_t>(t)] = 0.0;
@@ -371,7 +371,7 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
   state.counters["worker_threads"] = kernel_threads();
   state.counters["N"] = static_cast<double>(n);
   state.counters["D"] = static_cast<double>(dim);
-  state.counters["budget_MiB"] = tensor_bytes / bench::kMiB + 64.0;
+  state.counters["budget_MiB"] = tensor_bytes / bench::mib + 64.0;
   bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, rss_peak);
 
   if (options.sample_rows > 0) {
@@ -416,8 +416,8 @@ void check_sampled_oracle() {
         const auto qv = contiguous_view<const double>(q.data(), shape, 4);
         const auto kv = contiguous_view<const double>(k.data(), shape, 2);
         const auto vv = contiguous_view<const double>(v.data(), shape, 2);
-        reference::forward<double>(config, shape, qv, kv, vv,
-                                   contiguous_view<double>(out.data(), shape, 4), lse.data());
+        reference::forward<double>(config, shape, {qv, kv, vv},
+                                   {contiguous_view<double>(out.data(), shape, 4), lse.data()});
         const Pattern pattern(config, shape);
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t h = 0; h < shape.num_heads; ++h)
@@ -504,7 +504,7 @@ void register_benchmarks() {
 
 int main(int argc, char** argv) {
   if (bench::wants_help(argc, argv)) {
-    std::fputs(kUsage, stdout);
+    std::fputs(usage_text, stdout);
     std::puts("\nGoogle Benchmark flags:");
     benchmark::PrintDefaultHelp();
     return 0;

@@ -74,12 +74,13 @@ void run(benchmark::State& state, const da::Config& config, const da::Shape& sha
     return da::contiguous_view(static_cast<T*>(m.data), shape, heads);
   };
   const std::int64_t h = shape.num_heads, hkv = shape.num_kv_heads;
-  da::cuda::forward<T>(config, shape, in(q, h), in(k, hkv), in(v, hkv), grad(out, h),
-                       static_cast<float*>(lse.data), nullptr);
+  da::cuda::forward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)},
+                       {grad(out, h), static_cast<float*>(lse.data)});
   auto call = [&] {
-    da::cuda::backward<T>(config, shape, in(q, h), in(k, hkv), in(v, hkv), in(out, h),
-                          static_cast<const float*>(lse.data), in(d_out, h), grad(d_q, h),
-                          grad(d_k, hkv), grad(d_v, hkv), workspace.data, workspace_bytes, nullptr);
+    da::cuda::backward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)},
+                          {in(out, h), static_cast<const float*>(lse.data)}, in(d_out, h),
+                          {grad(d_q, h), grad(d_k, hkv), grad(d_v, hkv)},
+                          {nullptr, workspace.data, workspace_bytes});
   };
   call();  // warm-up
   da::cuda::check(cudaDeviceSynchronize(), "warm-up");

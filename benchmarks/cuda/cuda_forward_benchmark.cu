@@ -85,13 +85,13 @@ void run(benchmark::State& state, const da::Config& config, const da::Shape& sha
   da::cuda::check(cudaEventCreate(&start), "cudaEventCreate");
   da::cuda::check(cudaEventCreate(&stop), "cudaEventCreate");
   // Warm-up: module load and the shared-memory attribute stay out of the timings.
-  da::cuda::forward<T>(config, shape, qv, kv, vv, ov, lse.data, nullptr);
+  da::cuda::forward<T>(config, shape, {qv, kv, vv}, {ov, lse.data});
   da::cuda::check(cudaDeviceSynchronize(), "warm-up");
 
   double total_seconds = 0.0;
   for (auto _ : state) {
     da::cuda::check(cudaEventRecord(start), "cudaEventRecord");
-    da::cuda::forward<T>(config, shape, qv, kv, vv, ov, lse.data, nullptr);
+    da::cuda::forward<T>(config, shape, {qv, kv, vv}, {ov, lse.data});
     da::cuda::check(cudaEventRecord(stop), "cudaEventRecord");
     da::cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
     float ms = 0.f;

@@ -61,7 +61,7 @@ int run(const std::map<std::string, std::string>& args, const da::Config& config
   std::vector<float> times;
   for (int i = -1; i < repeats; ++i) {  // i = -1: warm-up
     da::cuda::check(cudaEventRecord(start), "cudaEventRecord");
-    da::cuda::forward<T>(config, shape, view(q), view(k), view(v), view(out), nullptr, nullptr);
+    da::cuda::forward<T>(config, shape, {view(q), view(k), view(v)}, {view(out)});
     da::cuda::check(cudaEventRecord(stop), "cudaEventRecord");
     da::cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
     float ms = 0.f;

@@ -41,13 +41,13 @@ int main(int argc, char** argv) {
     auto mutable_view = [&](std::vector<float>& t) { return contiguous_view<float>(t.data(), shape, shape.num_heads); };
 
     const auto forward_time = timed([&] {
-      forward<float>(config, shape, view(q), view(k), view(v), mutable_view(out), lse.data());
+      forward<float>(config, shape, {view(q), view(k), view(v)}, {mutable_view(out), lse.data()});
     });
     std::vector<std::pair<double, double>> times;
     for (int r = 0; r < run.repeats; ++r)
       times.push_back(timed([&] {
-        backward<float>(config, shape, view(q), view(k), view(v), view(out), lse.data(), view(d_out),
-                        mutable_view(dq), mutable_view(dk), mutable_view(dv));
+        backward<float>(config, shape, {view(q), view(k), view(v)}, {view(out), lse.data()},
+                        view(d_out), {mutable_view(dq), mutable_view(dk), mutable_view(dv)});
       }));
     if (!output.empty()) {
       write_floats(output + "/dq.f32", dq);

@@ -40,10 +40,11 @@ int main(int argc, char** argv) {
     std::vector<double> seconds, cpu_seconds;
     for (int r = 0; r < repeats; ++r) {
       const auto time = timed([&] {
-        forward<float>(config, shape, contiguous_view<const float>(q.data(), shape, shape.num_heads),
-                       contiguous_view<const float>(k.data(), shape, shape.num_heads),
-                       contiguous_view<const float>(v.data(), shape, shape.num_heads),
-                       contiguous_view<float>(out.data(), shape, shape.num_heads), lse.data());
+        forward<float>(config, shape,
+                       {contiguous_view<const float>(q.data(), shape, shape.num_heads),
+                        contiguous_view<const float>(k.data(), shape, shape.num_heads),
+                        contiguous_view<const float>(v.data(), shape, shape.num_heads)},
+                       {contiguous_view<float>(out.data(), shape, shape.num_heads), lse.data()});
       });
       seconds.push_back(time.first);
       cpu_seconds.push_back(time.second);

@@ -5,6 +5,7 @@
 
 #include "config.hpp"
 #include "arguments.hpp"
+#include "sequences.hpp"
 #include "pattern.hpp"
 #include "reference.hpp"
 #include "cuda/error.cuh"

@@ -5,6 +5,7 @@
 
 #include "config.hpp"
 #include "arguments.hpp"
+#include "sequences.hpp"
 #include "merge.hpp"
 #include "pattern.hpp"
 #include "reference.hpp"

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "arguments.hpp"
 #include "config.hpp"
 #include "merge.hpp"
 #include "pattern.hpp"
@@ -87,14 +88,17 @@ class RowScores {
 
 }  // namespace detail
 
-// Same parameters and meaning as dilated_attention::forward (docs/semantics.md "Entry points"). T is any floating type
-// that converts to and from double (float, double, half types); lse is optional.
+// Same groups and meaning as dilated_attention::forward (docs/semantics.md "Entry points"), but
+// no options: the oracle is single-threaded and has no kernels to choose. T is any floating type
+// that converts to and from double (float, double, half types); outputs.lse is optional.
+// Synchronous.
 template <class T>
 void forward(const Config& config, const Shape& shape,
-             View<const dilated_attention::detail::identity_t<T>> q,
-             View<const dilated_attention::detail::identity_t<T>> k,
-             View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
-             lse_type_t<T>* lse = nullptr) {
+             const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
+             const Outputs<T>& outputs) {
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  lse_type_t<T>* const lse = outputs.lse;
   validate(config, shape, q, k, v, out, lse);
   const Pattern pattern(config, shape);
   const double scale = resolved_scale(config, shape);
@@ -166,17 +170,17 @@ void forward(const Config& config, const Shape& shape,
 // time: the row's scores and its multiplicities are rebuilt exactly as forward builds them, and
 // every (query, key) pair adds its terms to dQ, dK, dV. `out` and `lse` are checked like every
 // other input but not read: the oracle recomputes O and LSE in double, so that its gradient is
-// exact even when the caller's copies were rounded to float. Same parameters as
-// dilated_attention::backward; T as for reference::forward.
+// exact even when the caller's copies were rounded to float. Same groups as
+// dilated_attention::backward, no options; T as for reference::forward. Synchronous.
 template <class T>
 void backward(const Config& config, const Shape& shape,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v,
-              View<const dilated_attention::detail::identity_t<T>> out,
-              const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
-              View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q,
-              View<T> d_k, View<T> d_v) {
+              const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
+              const Outputs<const dilated_attention::detail::identity_t<T>>& forward_outputs,
+              View<const dilated_attention::detail::identity_t<T>> d_out,
+              const Gradients<T>& gradients) {
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v, out = forward_outputs.out;
+  const lse_type_t<T>* const lse = forward_outputs.lse;
+  const View<T> d_q = gradients.d_q, d_k = gradients.d_k, d_v = gradients.d_v;
   validate_backward(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);
   const Pattern pattern(config, shape);
   const double scale = resolved_scale(config, shape);
@@ -286,6 +290,32 @@ void backward(const Config& config, const Shape& shape,
           dvy[d] = static_cast<T>(grad_v[at + d]);
         }
       }
+}
+
+// Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the calls above.
+template <class T>
+[[deprecated("use reference::forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]]
+void forward(const Config& config, const Shape& shape,
+             View<const dilated_attention::detail::identity_t<T>> q,
+             View<const dilated_attention::detail::identity_t<T>> k,
+             View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
+             lse_type_t<T>* lse = nullptr) {
+  reference::forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse});
+}
+
+template <class T>
+[[deprecated("use reference::backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, "
+             "{d_q, d_k, d_v}); removed in 0.2.0")]]
+void backward(const Config& config, const Shape& shape,
+              View<const dilated_attention::detail::identity_t<T>> q,
+              View<const dilated_attention::detail::identity_t<T>> k,
+              View<const dilated_attention::detail::identity_t<T>> v,
+              View<const dilated_attention::detail::identity_t<T>> out,
+              const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
+              View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q,
+              View<T> d_k, View<T> d_v) {
+  reference::backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
+                         Gradients<T>{d_q, d_k, d_v});
 }
 
 }  // namespace reference

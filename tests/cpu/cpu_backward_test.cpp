@@ -41,7 +41,7 @@ using dt::Tensor;
 using ::testing::HasSubstr;
 
 template <class T>
-const T kSentinel = T(7);
+const T sentinel_value = T(7);
 
 // Whether every storage element outside the tensor's logical extent still holds `value`.
 template <class T>
@@ -88,7 +88,7 @@ struct Problem {
     k.fill_random(seed + 1);
     v.fill_random(seed + 2);
     d_out.fill_random(seed + 3);
-    da::forward<T>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data(),
+    da::forward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
                    CpuOptions{2});
     copy_to_double(q, qd);
     copy_to_double(k, kd);
@@ -104,15 +104,16 @@ struct Gradients {
   Gradients(const Shape& s, std::int64_t pad)
       : d_q(s, s.num_heads, pad + 2, pad), d_k(s, s.num_kv_heads, pad, pad + 1),
         d_v(s, s.num_kv_heads, pad + 1, pad + 3) {
-    for (Tensor<T>* t : {&d_q, &d_k, &d_v}) t->fill(kSentinel<T>);
+    for (Tensor<T>* t : {&d_q, &d_k, &d_v}) t->fill(sentinel_value<T>);
   }
 };
 
 template <class T>
 Gradients<T> run_fast(const Problem<T>& p, const CpuOptions& options = {}) {
   Gradients<T> g(p.shape, p.pad);
-  da::backward<T>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(), p.out.view(),
-                  p.lse.data(), p.d_out.view(), g.d_q.view(), g.d_k.view(), g.d_v.view(), options);
+  da::backward<T>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
+                  {p.out.view(), p.lse.data()}, p.d_out.view(),
+                  {g.d_q.view(), g.d_k.view(), g.d_v.view()}, options);
   return g;
 }
 
@@ -120,9 +121,9 @@ template <class T>
 Gradients<double> run_reference(const Problem<T>& p) {
   Gradients<double> g(p.shape, 0);
   std::vector<double> lse(p.lse.begin(), p.lse.end());
-  da::reference::backward<double>(p.config, p.shape, p.qd.view(), p.kd.view(), p.vd.view(),
-                                  p.outd.view(), lse.data(), p.d_outd.view(), g.d_q.view(),
-                                  g.d_k.view(), g.d_v.view());
+  da::reference::backward<double>(p.config, p.shape, {p.qd.view(), p.kd.view(), p.vd.view()},
+                                  {p.outd.view(), lse.data()}, p.d_outd.view(),
+                                  {g.d_q.view(), g.d_k.view(), g.d_v.view()});
   return g;
 }
 
@@ -165,7 +166,7 @@ void expect_matches_reference(const Problem<T>& p, const CpuOptions& options = {
   const double tolerance = tolerance_for(T{}) * gradient_magnitude(want);
   for (int i = 0; i < 3; ++i) {
     EXPECT_LE(dt::max_abs_diff(*gots[i], *wants[i]), tolerance) << names[i];
-    EXPECT_TRUE(padding_holds(*gots[i], kSentinel<T>)) << names[i] << ": padding was written";
+    EXPECT_TRUE(padding_holds(*gots[i], sentinel_value<T>)) << names[i] << ": padding was written";
   }
 }
 
@@ -289,12 +290,12 @@ TEST(CpuBackward, BroadcastInputsWithZeroStrides) {
       d_out{d_out_data.data(), 0, 0, 4};
   const da::View<double> out = da::contiguous_view(out_data.data(), shape, 3);
   std::vector<double> lse(dt::lse_size(shape));
-  da::forward<double>(config, shape, q, kv, kv, out, lse.data());
+  da::forward<double>(config, shape, {q, kv, kv}, {out, lse.data()});
   Tensor<double> dq(shape, 3), dk(shape, 3), dv(shape, 3), rq(shape, 3), rk(shape, 3), rv(shape, 3);
-  da::backward<double>(config, shape, q, kv, kv, out, lse.data(), d_out, dq.view(), dk.view(),
-                       dv.view(), CpuOptions{2});
-  da::reference::backward<double>(config, shape, q, kv, kv, out, lse.data(), d_out, rq.view(),
-                                  rk.view(), rv.view());
+  da::backward<double>(config, shape, {q, kv, kv}, {out, lse.data()}, d_out,
+                       {dq.view(), dk.view(), dv.view()}, CpuOptions{2});
+  da::reference::backward<double>(config, shape, {q, kv, kv}, {out, lse.data()}, d_out,
+                                  {rq.view(), rk.view(), rv.view()});
   const double tolerance = 1e-10 * std::max({max_abs(rq), max_abs(rk), max_abs(rv)});
   EXPECT_LE(dt::max_abs_diff(dq, rq), tolerance);
   EXPECT_LE(dt::max_abs_diff(dk, rk), tolerance);
@@ -484,18 +485,19 @@ TEST(CpuBackward, UnsupportedForcedPathIsRejectedWithGradientsUntouched) {
   for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
     if (!da::cpu::isa_supported(isa)) {
       Gradients<float> g(p.shape, 0);
-      EXPECT_THROW(da::backward<float>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(),
-                                       p.out.view(), p.lse.data(), p.d_out.view(), g.d_q.view(),
-                                       g.d_k.view(), g.d_v.view(), CpuOptions{1, isa}),
+      EXPECT_THROW(da::backward<float>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
+                                       {p.out.view(), p.lse.data()}, p.d_out.view(),
+                                       {g.d_q.view(), g.d_k.view(), g.d_v.view()},
+                                       CpuOptions{1, isa}),
                    std::invalid_argument)
           << da::to_string(isa);
       for (const Tensor<float>* t : {&g.d_q, &g.d_k, &g.d_v})
-        for (float value : t->storage) ASSERT_EQ(value, kSentinel<float>);
+        for (float value : t->storage) ASSERT_EQ(value, sentinel_value<float>);
     }
   Gradients<float> g(p.shape, 0);
-  EXPECT_THROW(da::backward<float>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(),
-                                   p.out.view(), p.lse.data(), p.d_out.view(), g.d_q.view(),
-                                   g.d_k.view(), g.d_v.view(),
+  EXPECT_THROW(da::backward<float>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
+                                   {p.out.view(), p.lse.data()}, p.d_out.view(),
+                                   {g.d_q.view(), g.d_k.view(), g.d_v.view()},
                                    CpuOptions{1, static_cast<da::CpuIsa>(99)}),
                std::invalid_argument);
 }
@@ -534,12 +536,12 @@ TEST(CpuBackward, RunsOnAThreadWith128KiBStack) {
     Gradients<double> got_d(pd.shape, 0);
     Gradients<float> got_f(pf.shape, 0);
     run_with_stack(128 * 1024, [&] {
-      da::backward<double>(pd.config, pd.shape, pd.q.view(), pd.k.view(), pd.v.view(),
-                           pd.out.view(), pd.lse.data(), pd.d_out.view(), got_d.d_q.view(),
-                           got_d.d_k.view(), got_d.d_v.view(), CpuOptions{1});
-      da::backward<float>(pf.config, pf.shape, pf.q.view(), pf.k.view(), pf.v.view(),
-                          pf.out.view(), pf.lse.data(), pf.d_out.view(), got_f.d_q.view(),
-                          got_f.d_k.view(), got_f.d_v.view(), CpuOptions{1});
+      da::backward<double>(pd.config, pd.shape, {pd.q.view(), pd.k.view(), pd.v.view()},
+                           {pd.out.view(), pd.lse.data()}, pd.d_out.view(),
+                           {got_d.d_q.view(), got_d.d_k.view(), got_d.d_v.view()}, CpuOptions{1});
+      da::backward<float>(pf.config, pf.shape, {pf.q.view(), pf.k.view(), pf.v.view()},
+                          {pf.out.view(), pf.lse.data()}, pf.d_out.view(),
+                          {got_f.d_q.view(), got_f.d_k.view(), got_f.d_v.view()}, CpuOptions{1});
     });
     expect_bitwise_equal(want_d, got_d);
     expect_bitwise_equal(want_f, got_f);
@@ -548,9 +550,10 @@ TEST(CpuBackward, RunsOnAThreadWith128KiBStack) {
     const Gradients<Eigen::bfloat16> want_b = run_fast(pb, CpuOptions{1});
     Gradients<Eigen::bfloat16> got_b(pb.shape, 0);
     run_with_stack(128 * 1024, [&] {
-      da::backward<Eigen::bfloat16>(pb.config, pb.shape, pb.q.view(), pb.k.view(), pb.v.view(),
-                                    pb.out.view(), pb.lse.data(), pb.d_out.view(), got_b.d_q.view(),
-                                    got_b.d_k.view(), got_b.d_v.view(), CpuOptions{1});
+      da::backward<Eigen::bfloat16>(pb.config, pb.shape, {pb.q.view(), pb.k.view(), pb.v.view()},
+                                    {pb.out.view(), pb.lse.data()}, pb.d_out.view(),
+                                    {got_b.d_q.view(), got_b.d_k.view(), got_b.d_v.view()},
+                                    CpuOptions{1});
     });
     expect_bitwise_equal(want_b, got_b);
   }
@@ -575,16 +578,16 @@ struct Bad {
   CpuOptions options{2};
 
   Bad() {
-    da::forward<float>(config, shape, q, k, v, out_tensor.view(), lse_storage.data());
-    for (Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(kSentinel<float>);
+    da::forward<float>(config, shape, {q, k, v}, {out_tensor.view(), lse_storage.data()});
+    for (Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(sentinel_value<float>);
   }
   void backward() const {
-    da::backward<float>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v, options);
+    da::backward<float>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, options);
   }
   bool untouched() const {
     for (const Tensor<float>* t : {&dq_tensor, &dk_tensor, &dv_tensor})
       for (const float value : t->storage)
-        if (!(value == kSentinel<float>)) return false;
+        if (!(value == sentinel_value<float>)) return false;
     return true;
   }
 };

@@ -73,8 +73,8 @@ Result<T> run_fast(const Config& config, const Shape& shape, const Inputs<T>& in
               std::vector<da::lse_type_t<T>>(
                   static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len), 7)};
   r.out.fill(T(7));
-  da::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), r.out.view(),
-              with_lse ? r.lse.data() : nullptr, options);
+  da::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+              da::Outputs{r.out.view(), with_lse ? r.lse.data() : nullptr}, options);
   return r;
 }
 
@@ -83,8 +83,8 @@ Result<double> run_reference(const Config& config, const Shape& shape, const Inp
   Result<double> r{
       Tensor<double>(shape, shape.num_heads),
       std::vector<double>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
-  da::reference::forward(config, shape, in.qd.view(), in.kd.view(), in.vd.view(), r.out.view(),
-                         r.lse.data());
+  da::reference::forward(config, shape, {in.qd.view(), in.kd.view(), in.vd.view()},
+                         da::Outputs{r.out.view(), r.lse.data()});
   return r;
 }
 
@@ -357,8 +357,8 @@ TEST(CpuForward, BroadcastInputsWithZeroStrides) {
   const da::View<const double> q{q_data.data(), 0, 0, 4}, kv{kv_data.data(), 0, 0, 0};
   Tensor<double> got(shape, 3), want(shape, 3);
   std::vector<double> got_lse(300), want_lse(300);
-  da::forward(config, shape, q, kv, kv, got.view(), got_lse.data(), CpuOptions{2});
-  da::reference::forward(config, shape, q, kv, kv, want.view(), want_lse.data());
+  da::forward(config, shape, {q, kv, kv}, da::Outputs{got.view(), got_lse.data()}, CpuOptions{2});
+  da::reference::forward(config, shape, {q, kv, kv}, da::Outputs{want.view(), want_lse.data()});
   EXPECT_LE(max_abs_diff(got, want), 1e-12);
   EXPECT_LE(max_lse_diff(got_lse, want_lse), 1e-12);
 }
@@ -448,7 +448,8 @@ TEST(CpuForward, ThreadCountFromEnvironment) {
   Result<double> untouched{Tensor<double>(shape, 2), std::vector<double>(100, 7.0)};
   untouched.out.fill(7.0);
   EXPECT_THROW(
-      da::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), untouched.out.view()),
+      da::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                  da::Outputs{untouched.out.view()}),
       std::invalid_argument);
   for (double value : untouched.out.storage) ASSERT_EQ(value, 7.0);
   ::unsetenv("DILATED_ATTENTION_NUM_THREADS");
@@ -535,8 +536,9 @@ TEST(CpuForward, UnsupportedForcedPathIsRejectedWithOutputUntouched) {
   out.fill(7.0f);
   for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
     if (!da::cpu::isa_supported(isa)) {
-      EXPECT_THROW(da::forward<float>(make_config({8}, {2}), shape, in.q.view(), in.k.view(),
-                                      in.v.view(), out.view(), nullptr, CpuOptions{1, isa}),
+      EXPECT_THROW(da::forward<float>(make_config({8}, {2}), shape,
+                                      {in.q.view(), in.k.view(), in.v.view()}, {out.view()},
+                                      CpuOptions{1, isa}),
                    std::invalid_argument)
           << da::to_string(isa);
     }
@@ -587,16 +589,17 @@ TEST(CpuForward, RunsOnAThreadWithA128KiBStack) {
     for (int threads : {1, 2}) {
       Result<float> got{Tensor<float>(shape, 2), std::vector<float>(2 * 700)};
       run_with_stack(128 * 1024, [&] {
-        da::forward<float>(config, shape, in.q.view(), in.k.view(), in.v.view(), got.out.view(),
-                           got.lse.data(), CpuOptions{threads, isa});
+        da::forward<float>(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                           {got.out.view(), got.lse.data()}, CpuOptions{threads, isa});
       });
       EXPECT_LE(max_abs_diff(got.out, want.out), 1e-5);
     }
   }
   Result<double> got{Tensor<double>(in_double.q.shape, 2), std::vector<double>(2 * 300)};
   run_with_stack(128 * 1024, [&] {
-    da::forward<double>(config, in_double.q.shape, in_double.q.view(), in_double.k.view(),
-                        in_double.v.view(), got.out.view(), got.lse.data(), CpuOptions{1});
+    da::forward<double>(config, in_double.q.shape,
+                        {in_double.q.view(), in_double.k.view(), in_double.v.view()},
+                        {got.out.view(), got.lse.data()}, CpuOptions{1});
   });
   EXPECT_LE(max_abs_diff(got.out, run_reference(config, in_double.q.shape, in_double).out), 1e-10);
 }
@@ -611,7 +614,8 @@ TEST(CpuForward, RejectsBadInputWithOutputUntouched) {
   std::vector<float> lse(40, 7.0f);
   auto expect_rejected = [&](const Config& config, const Shape& s, da::View<float> o, float* l,
                              const CpuOptions& options) {
-    EXPECT_THROW(da::forward(config, s, in.q.view(), in.k.view(), in.v.view(), o, l, options),
+    EXPECT_THROW(da::forward(config, s, {in.q.view(), in.k.view(), in.v.view()}, da::Outputs{o, l},
+                             options),
                  std::invalid_argument);
     for (float value : out.storage) ASSERT_EQ(value, 7.0f);
     for (float value : lse) ASSERT_EQ(value, 7.0f);
@@ -624,7 +628,8 @@ TEST(CpuForward, RejectsBadInputWithOutputUntouched) {
   // Output aliasing an input.
   Inputs<float> alias(shape, 26);
   EXPECT_THROW(
-      da::forward(good, shape, alias.q.view(), alias.k.view(), alias.v.view(), alias.q.view()),
+      da::forward(good, shape, {alias.q.view(), alias.k.view(), alias.v.view()},
+                  da::Outputs{alias.q.view()}),
       std::invalid_argument);
   // LSE overlapping the output.
   expect_rejected(good, shape, out.view(), out.storage.data() + 4, {});

@@ -63,7 +63,7 @@ TEST(CheckedView, SpellingsAndConstConversion) {
   EXPECT_EQ(da::contiguous_view(const_buffer, shape, shape.num_heads).extent, 100);
 }
 
-constexpr double kSentinel = 4321.25;
+constexpr double sentinel = 4321.25;
 enum class Entry { reference, cpu };
 const char* name_of(Entry entry) { return entry == Entry::reference ? "reference" : "cpu"; }
 
@@ -89,13 +89,13 @@ struct Problem {
       highest[i] = (shape.batch - 1) * v.batch_stride + (shape.seq_len - 1) * v.seq_stride +
                    (heads - 1) * v.head_stride + shape.head_dim - 1;
       buffers[i].resize(static_cast<std::size_t>(highest[i] + 1 + std::max<std::int64_t>(slack[i], 0)));
-      for (T& x : buffers[i]) x = i == 3 ? T(kSentinel) : static_cast<T>(normal(rng));
+      for (T& x : buffers[i]) x = i == 3 ? T(sentinel) : static_cast<T>(normal(rng));
       // A too-short buffer is simulated by telling the view a smaller extent than the vector has,
       // so that nothing reads out of bounds even if the check failed.
       extents[i] = highest[i] + 1 + slack[i];
     }
     lse.assign(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len),
-               da::lse_type_t<T>(kSentinel));
+               da::lse_type_t<T>(sentinel));
   }
 
   da::View<T> view(int i) {
@@ -108,23 +108,23 @@ struct Problem {
   void forward(Entry entry) {
     const da::View<const T> q = view(0), k = view(1), v = view(2);
     if (entry == Entry::reference)
-      da::reference::forward<T>(config, shape, q, k, v, view(3), lse.data());
+      da::reference::forward<T>(config, shape, {q, k, v}, {view(3), lse.data()});
     else
-      da::forward<T>(config, shape, q, k, v, view(3), lse.data());
+      da::forward<T>(config, shape, {q, k, v}, {view(3), lse.data()});
   }
 
   bool outputs_untouched() const {
     for (const T x : buffers[3])
-      if (!(x == T(kSentinel))) return false;
+      if (!(x == T(sentinel))) return false;
     for (const auto x : lse)
-      if (!(x == da::lse_type_t<T>(kSentinel))) return false;
+      if (!(x == da::lse_type_t<T>(sentinel))) return false;
     return true;
   }
 
   std::int64_t extents[4] = {};
 };
 
-const char* const kNames[4] = {"q", "k", "v", "out"};
+const char* const tensor_names[4] = {"q", "k", "v", "out"};
 
 template <class T>
 void check_entry(Entry entry) {
@@ -142,7 +142,7 @@ void check_entry(Entry entry) {
   // One element short, then far too short, in each tensor in turn.
   for (const std::int64_t shortfall : {1, 40}) {
     for (int i = 0; i < 4; ++i) {
-      SCOPED_TRACE(std::string(kNames[i]) + " short by " + std::to_string(shortfall));
+      SCOPED_TRACE(std::string(tensor_names[i]) + " short by " + std::to_string(shortfall));
       std::int64_t slack[4] = {0, 0, 0, 0};
       slack[i] = -shortfall;
       Problem<T> p(slack);
@@ -150,10 +150,10 @@ void check_entry(Entry entry) {
         p.forward(entry);
         ADD_FAILURE() << "no exception was thrown";
       } catch (const std::invalid_argument& error) {
-        EXPECT_THAT(error.what(), HasSubstr(std::string(kNames[i]) + " reaches element " +
+        EXPECT_THAT(error.what(), HasSubstr(std::string(tensor_names[i]) + " reaches element " +
                                             std::to_string(p.highest[i])));
         EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(p.extents[i]) + " elements"));
-        EXPECT_THAT(error.what(), HasSubstr(std::string(kNames[i]) + ".extent"));
+        EXPECT_THAT(error.what(), HasSubstr(std::string(tensor_names[i]) + ".extent"));
       }
       EXPECT_TRUE(p.outputs_untouched()) << "an output was written before the error";
     }
@@ -197,30 +197,34 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
   const std::vector<double> q = random(q_size), k = random(kv_size), v = random(kv_size),
                             d_out = random(q_size);
   std::vector<double> out(q_size), lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-  da::reference::forward<double>(config, shape, da::contiguous_view(q, shape, shape.num_heads),
-                                 da::contiguous_view(k, shape, shape.num_kv_heads),
-                                 da::contiguous_view(v, shape, shape.num_kv_heads),
-                                 da::contiguous_view(out, shape, shape.num_heads), lse.data());
+  da::reference::forward<double>(config, shape,
+                                 {da::contiguous_view(q, shape, shape.num_heads),
+                                  da::contiguous_view(k, shape, shape.num_kv_heads),
+                                  da::contiguous_view(v, shape, shape.num_kv_heads)},
+                                 {da::contiguous_view(out, shape, shape.num_heads), lse.data()});
   const char* const names[7] = {"q", "k", "v", "out", "d_out", "d_q", "d_k"};
   for (int shortened = -1; shortened < 8; ++shortened) {
     const char* name = shortened < 0 ? "none" : shortened < 7 ? names[shortened] : "d_v";
     SCOPED_TRACE(std::string("short: ") + name);
-    std::vector<double> d_q(q_size, kSentinel), d_k(kv_size, kSentinel), d_v(kv_size, kSentinel);
+    std::vector<double> d_q(q_size, sentinel), d_k(kv_size, sentinel), d_v(kv_size, sentinel);
     auto view = [&](auto& buffer, std::int64_t heads, int index) {
       auto checked = da::contiguous_view(buffer, shape, heads);
       if (index == shortened) --checked.extent;
       return checked;
     };
     auto call = [&] {
-      da::reference::backward<double>(
-          config, shape, view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
-          view(v, shape.num_kv_heads, 2), view(out, shape.num_heads, 3), lse.data(),
-          view(d_out, shape.num_heads, 4), view(d_q, shape.num_heads, 5),
-          view(d_k, shape.num_kv_heads, 6), view(d_v, shape.num_kv_heads, 7));
+      da::reference::backward<double>(config, shape,
+                                      {view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
+                                       view(v, shape.num_kv_heads, 2)},
+                                      {view(out, shape.num_heads, 3), lse.data()},
+                                      view(d_out, shape.num_heads, 4),
+                                      {view(d_q, shape.num_heads, 5),
+                                       view(d_k, shape.num_kv_heads, 6),
+                                       view(d_v, shape.num_kv_heads, 7)});
     };
     if (shortened < 0) {
       ASSERT_NO_THROW(call());
-      EXPECT_NE(d_q[0], kSentinel);
+      EXPECT_NE(d_q[0], sentinel);
       continue;
     }
     const std::int64_t buffer = (shortened == 1 || shortened == 2 || shortened >= 6)
@@ -235,7 +239,7 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
       EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(buffer - 1) + " elements"));
     }
     for (const auto* gradient : {&d_q, &d_k, &d_v})
-      for (const double x : *gradient) ASSERT_EQ(x, kSentinel) << "a gradient was written";
+      for (const double x : *gradient) ASSERT_EQ(x, sentinel) << "a gradient was written";
   }
 }
 
@@ -249,24 +253,26 @@ TEST(CheckedView, ViewForAWiderHeadIsRejected) {
   const da::Shape wide{1, 32, 2, 2, 128};
   const std::size_t elements = 1 * 32 * 2 * 64;
   std::vector<float> q(elements, 0.5f), k(elements, 0.25f), v(elements, 1.0f),
-      out(elements, float(kSentinel));
+      out(elements, float(sentinel));
   try {
-    da::forward<float>(config, shape, da::contiguous_view(q, wide, wide.num_heads),
-                       da::contiguous_view(k, shape, shape.num_kv_heads),
-                       da::contiguous_view(v, shape, shape.num_kv_heads),
-                       da::contiguous_view(out, shape, shape.num_heads));
+    da::forward<float>(config, shape,
+                       {da::contiguous_view(q, wide, wide.num_heads),
+                        da::contiguous_view(k, shape, shape.num_kv_heads),
+                        da::contiguous_view(v, shape, shape.num_kv_heads)},
+                       {da::contiguous_view(out, shape, shape.num_heads)});
     ADD_FAILURE() << "no exception was thrown";
   } catch (const std::invalid_argument& error) {
     // Last element reached: row 31 at seq stride 256, head 1 at head stride 128, element 63.
     EXPECT_THAT(error.what(), HasSubstr("q reaches element " + std::to_string(31 * 256 + 128 + 63)));
     EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(elements) + " elements"));
   }
-  for (const float x : out) ASSERT_EQ(x, float(kSentinel));
+  for (const float x : out) ASSERT_EQ(x, float(sentinel));
   // The right view over the same buffer is accepted.
-  EXPECT_NO_THROW(da::forward<float>(config, shape, da::contiguous_view(q, shape, shape.num_heads),
-                                     da::contiguous_view(k, shape, shape.num_kv_heads),
-                                     da::contiguous_view(v, shape, shape.num_kv_heads),
-                                     da::contiguous_view(out, shape, shape.num_heads)));
+  EXPECT_NO_THROW(da::forward<float>(config, shape,
+                                     {da::contiguous_view(q, shape, shape.num_heads),
+                                      da::contiguous_view(k, shape, shape.num_kv_heads),
+                                      da::contiguous_view(v, shape, shape.num_kv_heads)},
+                                     {da::contiguous_view(out, shape, shape.num_heads)}));
 }
 
 }  // namespace

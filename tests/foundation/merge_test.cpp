@@ -21,8 +21,8 @@ using dilated_attention::MergeWeights;
 using dilated_attention::negative_infinity;
 using dilated_attention::OnlineSoftmax;
 
-constexpr int kDim = 5;
-const double kInf = std::numeric_limits<double>::infinity();
+constexpr int dim = 5;
+const double positive_infinity = std::numeric_limits<double>::infinity();
 
 // A set of keys: one score and one value row each. A multiset: a key may appear twice.
 struct Keys {
@@ -40,15 +40,15 @@ struct Keys {
 // A partial in accumulator type Acc.
 template <class Acc>
 struct Partial {
-  std::vector<Acc> o = std::vector<Acc>(kDim, Acc(0));
+  std::vector<Acc> o = std::vector<Acc>(dim, Acc(0));
   Acc lse = negative_infinity<Acc>();
 };
 
 // The direct fp64 softmax over a key multiset: lse = ln sum exp(s), o = sum softmax(s) v. Empty:
 // o = 0, lse = -inf.
 struct Direct {
-  std::vector<double> o = std::vector<double>(kDim, 0.0);
-  double lse = -kInf;
+  std::vector<double> o = std::vector<double>(dim, 0.0);
+  double lse = -positive_infinity;
 };
 Direct direct(const Keys& keys) {
   Direct result;
@@ -58,7 +58,7 @@ Direct direct(const Keys& keys) {
   for (double s : keys.scores) sum += std::exp(s - max);
   result.lse = max + std::log(sum);
   for (std::size_t i = 0; i < keys.scores.size(); ++i)
-    for (int d = 0; d < kDim; ++d)
+    for (int d = 0; d < dim; ++d)
       result.o[d] += std::exp(keys.scores[i] - result.lse) * keys.values[i][d];
   return result;
 }
@@ -66,7 +66,7 @@ Direct direct(const Keys& keys) {
 template <class Acc>
 Partial<Acc> to_partial(const Direct& d) {
   Partial<Acc> p;
-  for (int i = 0; i < kDim; ++i) p.o[i] = static_cast<Acc>(d.o[i]);
+  for (int i = 0; i < dim; ++i) p.o[i] = static_cast<Acc>(d.o[i]);
   p.lse = static_cast<Acc>(d.lse);
   return p;
 }
@@ -76,7 +76,7 @@ template <class Acc>
 Partial<Acc> merge(const Partial<Acc>& a, const Partial<Acc>& b) {
   const MergeWeights<Acc> w = merge_weights(a.lse, b.lse);
   Partial<Acc> result;
-  for (int i = 0; i < kDim; ++i) result.o[i] = w.a * a.o[i] + w.b * b.o[i];
+  for (int i = 0; i < dim; ++i) result.o[i] = w.a * a.o[i] + w.b * b.o[i];
   result.lse = w.lse;
   return result;
 }
@@ -85,7 +85,7 @@ Keys random_keys(std::mt19937_64& engine, int count, double centre, double sprea
   std::uniform_real_distribution<double> score(centre - spread, centre + spread), value(-2, 2);
   Keys keys;
   for (int i = 0; i < count; ++i) {
-    std::vector<double> v(kDim);
+    std::vector<double> v(dim);
     for (double& x : v) x = value(engine);
     keys.add(score(engine), v);
   }
@@ -109,7 +109,7 @@ class Merge : public ::testing::Test {
     } else {
       EXPECT_NEAR(static_cast<double>(actual.lse), expected.lse, tolerance(lse_scale));
     }
-    for (int d = 0; d < kDim; ++d) {
+    for (int d = 0; d < dim; ++d) {
       EXPECT_FALSE(std::isnan(static_cast<double>(actual.o[d])));
       EXPECT_NEAR(static_cast<double>(actual.o[d]), expected.o[d], 4 * tolerance(lse_scale))
           << "d = " << d;
@@ -222,7 +222,7 @@ TYPED_TEST(Merge, EmptyPartialIsTheIdentity) {
     const Partial<Acc> p = to_partial<Acc>(direct(random_keys(engine, 4, centre, 3.0)));
     for (const Partial<Acc>& merged : {merge(empty, p), merge(p, empty)}) {
       EXPECT_EQ(merged.lse, p.lse) << centre;  // exact: log1p(exp(-inf)) = 0
-      for (int d = 0; d < kDim; ++d) EXPECT_EQ(merged.o[d], p.o[d]) << centre;
+      for (int d = 0; d < dim; ++d) EXPECT_EQ(merged.o[d], p.o[d]) << centre;
     }
     const MergeWeights<Acc> left = merge_weights(empty.lse, p.lse),
                             right = merge_weights(p.lse, empty.lse);
@@ -244,7 +244,7 @@ TYPED_TEST(Merge, CommutativeExactlyAndAssociativeToRounding) {
                        c = to_partial<Acc>(direct(kc));
     const Partial<Acc> ab = merge(a, b), ba = merge(b, a);
     EXPECT_EQ(ab.lse, ba.lse);
-    for (int d = 0; d < kDim; ++d) EXPECT_EQ(ab.o[d], ba.o[d]);
+    for (int d = 0; d < dim; ++d) EXPECT_EQ(ab.o[d], ba.o[d]);
     const MergeWeights<Acc> wab = merge_weights(a.lse, b.lse), wba = merge_weights(b.lse, a.lse);
     EXPECT_EQ(wab.a, wba.b);
     EXPECT_EQ(wab.b, wba.a);
@@ -286,7 +286,7 @@ TYPED_TEST(Merge, LargeLseDoesNotOverflow) {
 template <class Acc>
 Partial<Acc> online(const Keys& keys, std::size_t tile) {
   OnlineSoftmax<Acc> state;
-  std::vector<Acc> accumulator(kDim, Acc(0));
+  std::vector<Acc> accumulator(dim, Acc(0));
   for (std::size_t start = 0; start < keys.scores.size(); start += tile) {
     const std::size_t end = std::min(keys.scores.size(), start + tile);
     Acc tile_max = negative_infinity<Acc>();
@@ -296,11 +296,11 @@ Partial<Acc> online(const Keys& keys, std::size_t tile) {
     for (std::size_t i = start; i < end; ++i) {
       const Acc p = std::exp(Acc(keys.scores[i]) - state.max);
       state.sum += p;
-      for (int d = 0; d < kDim; ++d) accumulator[d] += p * Acc(keys.values[i][d]);
+      for (int d = 0; d < dim; ++d) accumulator[d] += p * Acc(keys.values[i][d]);
     }
   }
   Partial<Acc> result;
-  for (int d = 0; d < kDim; ++d) result.o[d] = accumulator[d] * state.inverse_sum();
+  for (int d = 0; d < dim; ++d) result.o[d] = accumulator[d] * state.inverse_sum();
   result.lse = state.lse();
   return result;
 }

@@ -34,7 +34,8 @@ struct Gradients {
 double loss(const da::Config& config, const da::Shape& shape, const dt::Inputs<double>& in,
             const dt::Tensor<double>& d_out) {
   dt::Tensor<double> out(shape, shape.num_heads);
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out.view());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out.view()});
   double sum = 0.0;
   for (std::int64_t b = 0; b < shape.batch; ++b)
     for (std::int64_t x = 0; x < shape.seq_len; ++x)
@@ -85,16 +86,16 @@ void check_against_finite_differences(const da::Config& config, const da::Shape&
   const dt::Tensor<double> d_out = dt::random_tensor<double>(shape, shape.num_heads, seed + 7);
   dt::Tensor<double> out(shape, shape.num_heads);
   std::vector<double> lse(dt::lse_size(shape));
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out.view(),
-                         lse.data());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out.view(), lse.data()});
 
   Gradients analytic{dt::Tensor<double>(shape, shape.num_heads, 1),
                      dt::Tensor<double>(shape, shape.num_kv_heads, 2),
                      dt::Tensor<double>(shape, shape.num_kv_heads, 0, 3)};
   for (dt::Tensor<double>* t : {&analytic.q, &analytic.k, &analytic.v}) t->fill(-777.0);
-  da::reference::backward<double>(config, shape, in.q.view(), in.k.view(), in.v.view(),
-                                  out.view(), lse.data(), d_out.view(), analytic.q.view(),
-                                  analytic.k.view(), analytic.v.view());
+  da::reference::backward<double>(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                                  {out.view(), lse.data()}, d_out.view(),
+                                  {analytic.q.view(), analytic.k.view(), analytic.v.view()});
 
   const dt::Tensor<double> numeric_q = numerical_gradient(config, shape, in, in.q, d_out);
   const dt::Tensor<double> numeric_k = numerical_gradient(config, shape, in, in.k, d_out);
@@ -185,13 +186,13 @@ TEST(ReferenceBackwardEdges, EmptyRowsAndUnattendedKeysAreZero) {
   const dt::Tensor<double> d_out = dt::random_tensor<double>(shape, shape.num_heads, 9);
   dt::Tensor<double> out(shape, shape.num_heads);
   std::vector<double> lse(dt::lse_size(shape));
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out.view(),
-                         lse.data());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out.view(), lse.data()});
   dt::Tensor<double> dq(shape, 2), dk(shape, 2), dv(shape, 2);
   for (dt::Tensor<double>* t : {&dq, &dk, &dv}) t->fill(std::nan(""));
-  da::reference::backward<double>(config, shape, in.q.view(), in.k.view(), in.v.view(),
-                                  out.view(), lse.data(), d_out.view(), dq.view(), dk.view(),
-                                  dv.view());
+  da::reference::backward<double>(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                                  {out.view(), lse.data()}, d_out.view(),
+                                  {dq.view(), dk.view(), dv.view()});
   // Head 0 runs branch 0 with offset 0 (rate 4): rows 0 and 4 only. Head 1 runs branch 1 with
   // offset 1 (rate 2): rows 1, 3, 5, 7.
   for (std::int64_t x = 0; x < 8; ++x)
@@ -231,18 +232,19 @@ TEST(ReferenceBackwardEdges, FloatStorageIsTheDoubleGradientRounded) {
   }
   dt::Tensor<double> out(shape, 3), dq(shape, 3), dk(shape, 3), dv(shape, 3);
   std::vector<double> lse(dt::lse_size(shape));
-  da::reference::forward(config, shape, rounded.q.view(), rounded.k.view(), rounded.v.view(),
-                         out.view(), lse.data());
-  da::reference::backward<double>(config, shape, rounded.q.view(), rounded.k.view(),
-                                  rounded.v.view(), out.view(), lse.data(), d_out_rounded.view(),
-                                  dq.view(), dk.view(), dv.view());
+  da::reference::forward(config, shape, {rounded.q.view(), rounded.k.view(), rounded.v.view()},
+                         da::Outputs{out.view(), lse.data()});
+  da::reference::backward<double>(config, shape,
+                                  {rounded.q.view(), rounded.k.view(), rounded.v.view()},
+                                  {out.view(), lse.data()}, d_out_rounded.view(),
+                                  {dq.view(), dk.view(), dv.view()});
   dt::Tensor<float> out_f(shape, 3), dq_f(shape, 3), dk_f(shape, 3), dv_f(shape, 3);
   std::vector<float> lse_f(dt::lse_size(shape));
-  da::reference::forward(config, shape, in_f.q.view(), in_f.k.view(), in_f.v.view(),
-                         out_f.view(), lse_f.data());
-  da::reference::backward<float>(config, shape, in_f.q.view(), in_f.k.view(), in_f.v.view(),
-                                 out_f.view(), lse_f.data(), d_out_f.view(), dq_f.view(),
-                                 dk_f.view(), dv_f.view());
+  da::reference::forward(config, shape, {in_f.q.view(), in_f.k.view(), in_f.v.view()},
+                         da::Outputs{out_f.view(), lse_f.data()});
+  da::reference::backward<float>(config, shape, {in_f.q.view(), in_f.k.view(), in_f.v.view()},
+                                 {out_f.view(), lse_f.data()}, d_out_f.view(),
+                                 {dq_f.view(), dk_f.view(), dv_f.view()});
   for (std::size_t i = 0; i < dq.storage.size(); ++i) {
     EXPECT_EQ(dq_f.storage[i], static_cast<float>(dq.storage[i]));
     EXPECT_EQ(dk_f.storage[i], static_cast<float>(dk.storage[i]));
@@ -252,7 +254,7 @@ TEST(ReferenceBackwardEdges, FloatStorageIsTheDoubleGradientRounded) {
 
 // --- Bad input (docs/semantics.md "Inputs and bad input of the backward") -------------------------------------------------------
 
-constexpr double kSentinel = 4321.25;
+constexpr double sentinel_value = 4321.25;
 
 // A valid backward problem whose gradient outputs hold a sentinel; each test breaks one thing.
 struct BackwardProblem {
@@ -272,16 +274,17 @@ struct BackwardProblem {
   da::View<double> d_q = dq_tensor.view(), d_k = dk_tensor.view(), d_v = dv_tensor.view();
 
   BackwardProblem() {
-    da::reference::forward(config, shape, q, k, v, out_tensor.view(), lse_storage.data());
-    for (dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(kSentinel);
+    da::reference::forward(config, shape, {q, k, v},
+                           da::Outputs{out_tensor.view(), lse_storage.data()});
+    for (dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor}) t->fill(sentinel_value);
   }
   void backward() const {
-    da::reference::backward<double>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);
+    da::reference::backward<double>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v});
   }
   bool gradients_untouched() const {
     for (const dt::Tensor<double>* t : {&dq_tensor, &dk_tensor, &dv_tensor})
       for (const double value : t->storage)
-        if (!(value == kSentinel)) return false;
+        if (!(value == sentinel_value)) return false;
     return true;
   }
 };

@@ -25,7 +25,7 @@ namespace dt = dilated_attention::testing;
 
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double positive_infinity = std::numeric_limits<double>::infinity();
 
 template <class T>
 struct Tolerance;
@@ -55,8 +55,8 @@ Result<T> run(const da::Config& config, const da::Shape& shape, const dt::Inputs
   Result<T> result{dt::Tensor<T>(shape, shape.num_heads, out_pad, out_seq_pad),
                    std::vector<Lse<T>>(dt::lse_size(shape), std::numeric_limits<Lse<T>>::quiet_NaN())};
   result.out.fill(std::numeric_limits<T>::quiet_NaN());
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), result.out.view(),
-                         result.lse.data());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{result.out.view(), result.lse.data()});
   return result;
 }
 
@@ -74,7 +74,7 @@ void expect_bitwise_equal(const Result<T>& a, const Result<T>& b) {
 
 using dt::make_config;
 
-const da::OffsetRule kRules[] = {da::OffsetRule::modular, da::OffsetRule::blocked,
+const da::OffsetRule all_rules[] = {da::OffsetRule::modular, da::OffsetRule::blocked,
                                  da::OffsetRule::partitioned};
 
 double default_scale(const da::Shape& shape) { return 1.0 / std::sqrt(double(shape.head_dim)); }
@@ -95,7 +95,7 @@ TYPED_TEST(ReferenceOracles, OneCoveringBranchIsDenseAttention) {
   using T = TypeParam;
   const da::Shape shape{2, 37, 4, 2, 8};
   const auto in = dt::random_inputs<T>(shape, 11);
-  for (const da::OffsetRule rule : kRules)
+  for (const da::OffsetRule rule : all_rules)
     for (const bool causal : {false, true})
       for (const std::int64_t w : {shape.seq_len, shape.seq_len + 13}) {
         const da::Config config = make_config({w}, {1}, causal, rule);
@@ -133,7 +133,7 @@ TYPED_TEST(ReferenceOracles, OneBranchIsMaskedDenseAttention) {
   const auto in = dt::random_inputs<T>(shape, 13);
   const std::int64_t cases[][2] = {{9, 4}, {10, 3}, {5, 5}, {12, 1}, {41, 6}, {3, 2}};
   for (const auto& wr : cases)
-    for (const da::OffsetRule rule : kRules)
+    for (const da::OffsetRule rule : all_rules)
       for (const bool causal : {false, true}) {
         const std::int64_t w = wr[0], r = wr[1], heads = shape.num_heads;
         const da::Config config = make_config({w}, {r}, causal, rule);
@@ -159,7 +159,7 @@ TYPED_TEST(ReferenceOracles, OneBranchIsMaskedDenseAttention) {
           for (std::int64_t x = 0; x < shape.seq_len; ++x) {
             if (selected(h, x)) continue;
             ++empty_rows;
-            EXPECT_EQ(got.lse[static_cast<std::size_t>(h * shape.seq_len + x)], -kInf);
+            EXPECT_EQ(got.lse[static_cast<std::size_t>(h * shape.seq_len + x)], -positive_infinity);
             for (std::int64_t d = 0; d < shape.head_dim; ++d) EXPECT_EQ(got.out.at(0, x, h, d), T(0));
           }
         if (r > 1) {
@@ -193,20 +193,20 @@ TYPED_TEST(ReferenceOracles, SeveralBranchesMergeTheirPartials) {
         for (std::int64_t h = 0; h < shape.num_heads; ++h)
           for (std::int64_t x = 0; x < shape.seq_len; ++x) {
             const std::size_t at = static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x);
-            double lse = -kInf;
+            double lse = -positive_infinity;
             for (const auto& part : parts) {
               const double li = part.lse[at];
               const double hi = std::max(lse, li);
-              if (hi > -kInf) lse = hi + std::log(std::exp(lse - hi) + std::exp(li - hi));
+              if (hi > -positive_infinity) lse = hi + std::log(std::exp(lse - hi) + std::exp(li - hi));
             }
-            if (lse == -kInf) {
-              EXPECT_EQ(got.lse[at], -kInf);
+            if (lse == -positive_infinity) {
+              EXPECT_EQ(got.lse[at], -positive_infinity);
             } else {
               worst_lse = std::max(worst_lse, std::abs(lse - double(got.lse[at])));
             }
             for (std::int64_t d = 0; d < shape.head_dim; ++d) {
               double o = 0.0;
-              if (lse > -kInf)
+              if (lse > -positive_infinity)
                 for (const auto& part : parts)
                   o += std::exp(double(part.lse[at]) - lse) * double(part.out.at(b, x, h, d));
               worst_o = std::max(worst_o, std::abs(o - double(got.out.at(b, x, h, d))));
@@ -252,8 +252,8 @@ TYPED_TEST(ReferenceOracles, BranchListedTwice) {
           EXPECT_LE(dt::max_abs_diff(a.out, b.out), Tolerance<T>::value);
           double worst = 0.0;
           for (std::size_t j = 0; j < a.lse.size(); ++j) {
-            if (a.lse[j] == -kInf) {
-              EXPECT_EQ(b.lse[j], -kInf);
+            if (a.lse[j] == -positive_infinity) {
+              EXPECT_EQ(b.lse[j], -positive_infinity);
               continue;
             }
             worst = std::max(worst, std::abs(double(b.lse[j]) - double(a.lse[j]) - std::log(2.0)));
@@ -281,7 +281,7 @@ TYPED_TEST(ReferenceOracles, CausalRowsIgnoreTheFuture) {
   using T = TypeParam;
   const da::Shape shape{2, 45, 6, 2, 5};
   const auto in = dt::random_inputs<T>(shape, 16);
-  for (const da::OffsetRule rule : kRules)
+  for (const da::OffsetRule rule : all_rules)
     for (const da::Mixing mixing : {da::Mixing::softmax, da::Mixing::mean}) {
       const da::Config config = make_config({7, 16, 50}, {2, 5, 3}, true, rule, mixing);
       SCOPED_TRACE(dt::describe(config, shape));
@@ -339,7 +339,7 @@ TYPED_TEST(ReferenceOracles, AwkwardShapesMatchDenseOracle) {
       {{4, 6, 10, 25}, {3, 4, 6, 7}, {1, 59, 7, 7, 5}},
   };
   for (const Case& c : cases)
-    for (const da::OffsetRule rule : kRules)
+    for (const da::OffsetRule rule : all_rules)
       for (const bool causal : {false, true})
         for (const da::Mixing mixing : {da::Mixing::softmax, da::Mixing::mean}) {
           const da::Config config = make_config(c.w, c.r, causal, rule, mixing);
@@ -358,7 +358,7 @@ TYPED_TEST(ReferenceOracles, RandomProblemsMatchDenseOracle) {
   limits.max_batch = 2;
   limits.max_seq_len = 48;
   for (int trial = 0; trial < 24; ++trial) {
-    dt::Problem p = dt::random_problem(engine, kRules[trial % 3], trial % 2 == 1, limits);
+    dt::Problem p = dt::random_problem(engine, all_rules[trial % 3], trial % 2 == 1, limits);
     p.config.mixing = trial % 4 < 2 ? da::Mixing::softmax : da::Mixing::mean;
     SCOPED_TRACE(dt::describe(p));
     const auto in = dt::random_inputs<T>(p.shape, 1000 + static_cast<std::uint64_t>(trial));
@@ -403,7 +403,7 @@ TYPED_TEST(ReferenceOracles, GroupedQueryEqualsRepeatedHeads) {
             repeated.k.at(b, y, h, d) = in.k.at(b, y, h / group, d);
             repeated.v.at(b, y, h, d) = in.v.at(b, y, h / group, d);
           }
-    for (const da::OffsetRule rule : kRules) {
+    for (const da::OffsetRule rule : all_rules) {
       const da::Config config = make_config({6, 14}, {4, 3}, kv_heads == 2, rule);
       SCOPED_TRACE(dt::describe(config, gqa));
       expect_bitwise_equal(run(config, gqa, in), run(config, mha, repeated));
@@ -488,7 +488,7 @@ TYPED_TEST(ReferenceOracles, BroadcastInputsAreRead) {
   da::View<const T> k = shared.k.view(), v = shared.v.view();
   k.batch_stride = 0;
   v.batch_stride = 0;
-  da::reference::forward(config, shape, in.q.view(), k, v, out.view(), lse.data());
+  da::reference::forward(config, shape, {in.q.view(), k, v}, da::Outputs{out.view(), lse.data()});
   EXPECT_TRUE(dt::bitwise_equal(out, want.out));
   EXPECT_TRUE(dt::bitwise_equal(lse, want.lse));
 }
@@ -568,10 +568,12 @@ TYPED_TEST(ReferenceOracles, LseMayBeNull) {
   const da::Config config = make_config({4, 9}, {3, 2}, true, da::OffsetRule::partitioned);
   const Result<T> with = run(config, shape, in);
   dt::Tensor<T> out(shape, shape.num_heads);
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out.view());
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out.view()});
   EXPECT_TRUE(dt::bitwise_equal(out, with.out));
   dt::Tensor<T> out2(shape, shape.num_heads);
-  da::reference::forward(config, shape, in.q.view(), in.k.view(), in.v.view(), out2.view(), nullptr);
+  da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                         da::Outputs{out2.view()});
   EXPECT_TRUE(dt::bitwise_equal(out2, with.out));
 }
 

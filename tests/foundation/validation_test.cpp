@@ -22,7 +22,7 @@ using ::testing::HasSubstr;
 
 namespace {
 
-constexpr double kSentinel = 12345.5;
+constexpr double sentinel_value = 12345.5;
 
 da::Config valid_config() {
   da::Config config;
@@ -39,21 +39,21 @@ struct Problem {
   dt::Inputs<T> in = dt::random_inputs<T>(shape, 7);
   dt::Tensor<T> out_tensor{shape, shape.num_heads};
   std::vector<da::lse_type_t<T>> lse_storage =
-      std::vector<da::lse_type_t<T>>(dt::lse_size(shape), da::lse_type_t<T>(kSentinel));
+      std::vector<da::lse_type_t<T>>(dt::lse_size(shape), da::lse_type_t<T>(sentinel_value));
   // What forward() receives; tests edit these.
   da::View<const T> q = in.q.view(), k = in.k.view(), v = in.v.view();
   da::View<T> out = out_tensor.view();
   da::lse_type_t<T>* lse = lse_storage.data();
 
-  Problem() { out_tensor.fill(T(kSentinel)); }
+  Problem() { out_tensor.fill(T(sentinel_value)); }
 
-  void forward() const { da::reference::forward(config, shape, q, k, v, out, lse); }
+  void forward() const { da::reference::forward(config, shape, {q, k, v}, da::Outputs{out, lse}); }
 
   bool outputs_untouched() const {
     for (const T value : out_tensor.storage)
-      if (!(value == T(kSentinel))) return false;
+      if (!(value == T(sentinel_value))) return false;
     for (const auto value : lse_storage)
-      if (!(value == da::lse_type_t<T>(kSentinel))) return false;
+      if (!(value == da::lse_type_t<T>(sentinel_value))) return false;
     return true;
   }
 };
@@ -303,14 +303,14 @@ TEST(Validation, LseOverlapsOutOrAnInput) {
     const std::vector<double> before = p.out_tensor.storage;
     expect_rejected([&] { p.forward(); }, {"lse overlaps out"});
     EXPECT_EQ(p.out_tensor.storage, before);
-    for (const double value : p.lse_storage) EXPECT_EQ(value, kSentinel);
+    for (const double value : p.lse_storage) EXPECT_EQ(value, sentinel_value);
   }
   for (const char* name : {"q", "k", "v"}) {
     Problem<double> p;
     const std::string which = name;
     dt::Tensor<double>& input = which == "q" ? p.in.q : which == "k" ? p.in.k : p.in.v;
     // The LSE array ends on the input's first element.
-    std::vector<double> arena(dt::lse_size(p.shape) - 1 + input.storage.size(), kSentinel);
+    std::vector<double> arena(dt::lse_size(p.shape) - 1 + input.storage.size(), sentinel_value);
     std::copy(input.storage.begin(), input.storage.end(), arena.begin() + static_cast<std::ptrdiff_t>(dt::lse_size(p.shape) - 1));
     const da::View<const double> moved{arena.data() + dt::lse_size(p.shape) - 1, input.batch_stride,
                                        input.seq_stride, input.head_stride};
@@ -322,7 +322,7 @@ TEST(Validation, LseOverlapsOutOrAnInput) {
     SCOPED_TRACE(which);
     expect_rejected([&] { p.forward(); }, {"lse overlaps " + which});
     EXPECT_EQ(arena, before);
-    for (const double value : p.out_tensor.storage) EXPECT_EQ(value, kSentinel);
+    for (const double value : p.out_tensor.storage) EXPECT_EQ(value, sentinel_value);
   }
 }
 
@@ -334,7 +334,7 @@ TEST(Validation, FloatStorage) {
   Problem<float> overlap;
   overlap.lse = overlap.out_tensor.storage.data();
   expect_rejected([&] { overlap.forward(); }, {"lse overlaps out"});
-  for (const float value : overlap.out_tensor.storage) EXPECT_EQ(value, float(kSentinel));
+  for (const float value : overlap.out_tensor.storage) EXPECT_EQ(value, float(sentinel_value));
   Problem<float> rate;
   rate.config.dilation_rates = {7, 3};
   expect_rejected(rate, {"config.dilation_rates[0] = 7", "config.segment_lengths[0] = 6"});

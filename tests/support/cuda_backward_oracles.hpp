@@ -57,7 +57,8 @@ BackwardInputs<T> random_backward_inputs(const Shape& shape, std::int64_t pad,
   const Tensor<double> q = widen(in.q), k = widen(in.k), v = widen(in.v);
   Tensor<double> out(shape, shape.num_heads);
   std::vector<double> lse(lse_size(shape));
-  reference::forward<double>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data());
+  reference::forward<double>(config, shape, {q.view(), k.view(), v.view()},
+                             {out.view(), lse.data()});
   for (std::int64_t b = 0; b < shape.batch; ++b)
     for (std::int64_t x = 0; x < shape.seq_len; ++x)
       for (std::int64_t h = 0; h < shape.num_heads; ++h)
@@ -124,8 +125,8 @@ double check_backward_result(const Case& c, const BackwardInputs<T>& in,
                        d_out = widen(in.d_out);
   const std::vector<double> lse(in.lse.begin(), in.lse.end());
   Tensor<double> d_q(s, s.num_heads), d_k(s, s.num_kv_heads), d_v(s, s.num_kv_heads);
-  reference::backward<double>(c.config, s, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                              d_out.view(), d_q.view(), d_k.view(), d_v.view());
+  reference::backward<double>(c.config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
+                              d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
   const double tolerance = backward_tolerance<T>();
   double worst_ratio = 0.0;
   const char* names[3] = {"d_q", "d_k", "d_v"};

@@ -58,8 +58,8 @@ struct FakeBackward {
 };
 
 void call_backward(const da::Config& config, const FakeBackward& t) {
-  da::cuda::backward<T>(config, t.shape, t.q, t.k, t.v, t.out, t.lse, t.d_out, t.d_q, t.d_k, t.d_v,
-                        t.workspace, t.workspace_bytes, nullptr);
+  da::cuda::backward<T>(config, t.shape, {t.q, t.k, t.v}, {t.out, t.lse}, t.d_out,
+                        {t.d_q, t.d_k, t.d_v}, {nullptr, t.workspace, t.workspace_bytes});
 }
 
 TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
@@ -76,10 +76,18 @@ TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
     t.d_q.data = const_cast<T*>(t.q.data);
     expect_invalid([&] { call_backward(config, t); }, "d_q");
   }
+  {  // No workspace: the call would allocate one, but only after every check of its arguments.
+    FakeBackward t(shape, config);
+    t.workspace = nullptr;
+    t.workspace_bytes = 0;
+    t.lse = nullptr;
+    expect_invalid([&] { call_backward(config, t); }, "lse is null");
+  }
   {
     FakeBackward t(shape, config);
     t.workspace = nullptr;
-    expect_invalid([&] { call_backward(config, t); }, "workspace is null");
+    t.d_q.data = reinterpret_cast<T*>(reinterpret_cast<std::uintptr_t>(t.d_q.data) + 1);
+    expect_invalid([&] { call_backward(config, t); }, "d_q.data");
   }
   {
     FakeBackward t(shape, config);
@@ -147,11 +155,11 @@ dt::BackwardResult<T> run_backward_on_gpu(const dt::Case& c, const dt::BackwardI
   const std::size_t bytes = da::cuda::backward_workspace_size(c.config, c.shape);
   dt::DeviceBuffer<unsigned char> workspace(bytes);
   da::cuda::check(cudaMemset(workspace.data(), 0xFF, bytes), "cudaMemset");
-  da::cuda::backward<T>(c.config, c.shape, view(in.q, q->data()), view(in.k, k->data()),
-                        view(in.v, v->data()), view(in.out, out->data()), lse.data(),
-                        view(in.d_out, d_out->data()), view(result.d_q, d_q->data()),
-                        view(result.d_k, d_k->data()), view(result.d_v, d_v->data()),
-                        workspace.data(), bytes, stream);
+  da::cuda::backward<T>(c.config, c.shape,
+                        {view(in.q, q->data()), view(in.k, k->data()), view(in.v, v->data())},
+                        {view(in.out, out->data()), lse.data()}, view(in.d_out, d_out->data()),
+                        {view(result.d_q, d_q->data()), view(result.d_k, d_k->data()),
+                         view(result.d_v, d_v->data())}, {stream, workspace.data(), bytes});
   da::cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after backward");
   d_q->download(result.d_q.storage);
   d_k->download(result.d_k.storage);

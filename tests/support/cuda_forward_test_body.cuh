@@ -51,7 +51,7 @@ void expect_invalid(Call&& call, std::initializer_list<const char*> fragments) {
 }
 
 void call_forward(const da::Config& config, const dt::FakeTensors<T>& t) {
-  da::cuda::forward<T>(config, t.shape, t.q, t.k, t.v, t.out, t.lse, nullptr);
+  da::cuda::forward<T>(config, t.shape, {t.q, t.k, t.v}, {t.out, t.lse});
 }
 
 TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
@@ -133,8 +133,8 @@ TEST(DILATED_ATTENTION_SUITE(Yardstick), NaiveStorageTypeErrorIsSmallButNotZero)
   const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
   dt::Tensor<double> expected(c.shape, 3);
   std::vector<double> expected_lse(static_cast<std::size_t>(120 * 3));
-  da::reference::forward<double>(c.config, c.shape, q.view(), k.view(), v.view(),
-                                 expected.view(), expected_lse.data());
+  da::reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()},
+                                 {expected.view(), expected_lse.data()});
   dt::Tensor<T> naive(c.shape, 3);
   std::vector<double> naive_lse;
   dt::naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);
@@ -211,10 +211,11 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), StreamArgumentIsHonoured) {
   dq.upload(in.q.storage);
   dk.upload(in.k.storage);
   dv.upload(in.v.storage);
-  da::cuda::forward<T>(config, shape, da::contiguous_view<const T>(dq.data(), shape, 2),
-                       da::contiguous_view<const T>(dk.data(), shape, 2),
-                       da::contiguous_view<const T>(dv.data(), shape, 2),
-                       da::contiguous_view(dout.data(), shape, 2), nullptr, stream);
+  da::cuda::forward<T>(config, shape,
+                       {da::contiguous_view<const T>(dq.data(), shape, 2),
+                        da::contiguous_view<const T>(dk.data(), shape, 2),
+                        da::contiguous_view<const T>(dv.data(), shape, 2)},
+                       {da::contiguous_view(dout.data(), shape, 2)}, {stream});
   da::cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   da::cuda::check(cudaStreamDestroy(stream), "cudaStreamDestroy");
   std::vector<T> got;
@@ -235,7 +236,7 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), EarlierPendingErrorIsAttributedToTheCaller) {
   const auto out = da::contiguous_view(buffer.data() + 3 * 64 * 2 * 64, shape, 2);
   never_runs<<<1, 4096>>>();
   try {
-    da::cuda::forward<T>(config, shape, view, view, view, out, nullptr, nullptr);
+    da::cuda::forward<T>(config, shape, {view, view, view}, {out});
     ADD_FAILURE() << "the pending error went unnoticed";
   } catch (const std::runtime_error& error) {
     const std::string message = error.what();
@@ -244,7 +245,7 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), EarlierPendingErrorIsAttributedToTheCaller) {
   }
   // Still pending for the caller, and forward works once it is cleared.
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
-  EXPECT_NO_THROW(da::cuda::forward<T>(config, shape, view, view, view, out, nullptr, nullptr));
+  EXPECT_NO_THROW(da::cuda::forward<T>(config, shape, {view, view, view}, {out}));
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 

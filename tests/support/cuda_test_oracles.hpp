@@ -185,8 +185,8 @@ void check_result(const Case& c, const DeviceTestInputs<T>& in, const KernelResu
   const Tensor<double> q = widen(in.q), k = widen(in.k), v = widen(in.v);
   Tensor<double> expected(c.shape, c.shape.num_heads);
   std::vector<double> expected_lse(result.lse.size());
-  reference::forward<double>(c.config, c.shape, q.view(), k.view(), v.view(), expected.view(),
-                             expected_lse.data());
+  reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()},
+                             {expected.view(), expected_lse.data()});
 
   Tensor<T> naive(c.shape, c.shape.num_heads);
   std::vector<double> naive_lse;

@@ -78,9 +78,10 @@ KernelResult<T> run_on_gpu(const Config& config, const Shape& shape, const Tenso
   auto device_view = [](const Tensor<T>& host, T* data) {
     return View<T>{data, host.batch_stride, host.seq_stride, host.head_stride};
   };
-  cuda::forward<T>(config, shape, device_view(q, dq.data()), device_view(k, dk.data()),
-                   device_view(v, dv.data()), device_view(result.out, dout.data()), dlse.data(),
-                   nullptr);
+  cuda::forward<T>(config, shape,
+                   {device_view(q, dq.data()), device_view(k, dk.data()),
+                    device_view(v, dv.data())},
+                   {device_view(result.out, dout.data()), dlse.data()});
   cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after forward");
   dout.download(result.out.storage);
   dlse.download(result.lse);

@@ -16,9 +16,9 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // 12 rows where the target has 32 registers (AVX-512), 6 where it has 16.
 #if HWY_TARGET <= HWY_AVX3
-constexpr int kRows = 12;
+constexpr int tile_rows = 12;
 #else
-constexpr int kRows = 6;
+constexpr int tile_rows = 6;
 #endif
 
 void Multiply(const float* a, std::int64_t a_row, const float* b, std::int64_t depth, float* c,
@@ -26,23 +26,23 @@ void Multiply(const float* a, std::int64_t a_row, const float* b, std::int64_t d
   const hn::ScalableTag<float> d;
   const std::size_t lanes = hn::Lanes(d);
   using V = hn::Vec<decltype(d)>;
-  V sum0[kRows], sum1[kRows];
-  for (int i = 0; i < kRows; ++i) sum0[i] = sum1[i] = hn::Zero(d);
+  V sum0[tile_rows], sum1[tile_rows];
+  for (int i = 0; i < tile_rows; ++i) sum0[i] = sum1[i] = hn::Zero(d);
   for (std::int64_t p = 0; p < depth; ++p) {
     const V b0 = hn::LoadU(d, b + p * 2 * lanes), b1 = hn::LoadU(d, b + p * 2 * lanes + lanes);
-    for (int i = 0; i < kRows; ++i) {
+    for (int i = 0; i < tile_rows; ++i) {
       const V av = hn::Set(d, a[i * a_row + p]);
       sum0[i] = hn::MulAdd(av, b0, sum0[i]);
       sum1[i] = hn::MulAdd(av, b1, sum1[i]);
     }
   }
-  for (int i = 0; i < kRows; ++i) {
+  for (int i = 0; i < tile_rows; ++i) {
     hn::StoreU(sum0[i], d, c + i * c_row);
     hn::StoreU(sum1[i], d, c + i * c_row + lanes);
   }
 }
 
-int Rows() { return kRows; }
+int Rows() { return tile_rows; }
 int Cols() { return static_cast<int>(2 * hn::Lanes(hn::ScalableTag<float>())); }
 
 }  // namespace HWY_NAMESPACE

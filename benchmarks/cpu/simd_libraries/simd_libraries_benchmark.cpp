@@ -32,28 +32,28 @@ namespace {
 
 using Multiply = std::function<void(const float*, std::int64_t, const float*, std::int64_t, float*,
                                     std::int64_t)>;
-constexpr std::int64_t kTile = 48, kKeys = 512, kDim = 64;
+constexpr std::int64_t tile_keys = 48, key_count = 512, head_dim_fixed = 64;
 
 void BM_Products(benchmark::State& state, Multiply multiply, int rows, int cols) {
   std::mt19937 engine(1);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  std::vector<float> q(kTile * kDim), k(kKeys * kDim), v(kKeys * kDim), s(kTile * kKeys),
-      o(kTile * kDim);
+  std::vector<float> q(tile_keys * head_dim_fixed), k(key_count * head_dim_fixed), v(key_count * head_dim_fixed), s(tile_keys * key_count),
+      o(tile_keys * head_dim_fixed);
   for (std::vector<float>* x : {&q, &k, &v})
     for (float& e : *x) e = uniform(engine);
   for (auto _ : state) {
-    for (std::int64_t p = 0; p < kKeys / cols; ++p)  // S = Q Kᵀ, key panel p
-      for (std::int64_t r = 0; r < kTile / rows; ++r)
-        multiply(q.data() + r * rows * kDim, kDim, k.data() + p * kDim * cols, kDim,
-                 s.data() + r * rows * kKeys + p * cols, kKeys);
-    for (std::int64_t c = 0; c < kDim / cols; ++c)  // O = S V, column panel c
-      for (std::int64_t r = 0; r < kTile / rows; ++r)
-        multiply(s.data() + r * rows * kKeys, kKeys, v.data() + c * kKeys * cols, kKeys,
-                 o.data() + r * rows * kDim + c * cols, kDim);
+    for (std::int64_t p = 0; p < key_count / cols; ++p)  // S = Q Kᵀ, key panel p
+      for (std::int64_t r = 0; r < tile_keys / rows; ++r)
+        multiply(q.data() + r * rows * head_dim_fixed, head_dim_fixed, k.data() + p * head_dim_fixed * cols, head_dim_fixed,
+                 s.data() + r * rows * key_count + p * cols, key_count);
+    for (std::int64_t c = 0; c < head_dim_fixed / cols; ++c)  // O = S V, column panel c
+      for (std::int64_t r = 0; r < tile_keys / rows; ++r)
+        multiply(s.data() + r * rows * key_count, key_count, v.data() + c * key_count * cols, key_count,
+                 o.data() + r * rows * head_dim_fixed + c * cols, head_dim_fixed);
     benchmark::DoNotOptimize(o.data());
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOPs"] = benchmark::Counter(4.0 * kTile * kKeys * kDim * 1e-9,
+  state.counters["GFLOPs"] = benchmark::Counter(4.0 * tile_keys * key_count * head_dim_fixed * 1e-9,
                                                 benchmark::Counter::kIsIterationInvariantRate);
 }
 

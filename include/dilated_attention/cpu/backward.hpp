@@ -32,6 +32,7 @@
 
 #include <Eigen/Core>
 
+#include "../arguments.hpp"
 #include "../config.hpp"
 #include "../pattern.hpp"
 #include "attend_backward.hpp"
@@ -41,18 +42,16 @@
 
 namespace dilated_attention {
 
-// Fast CPU backward (docs/semantics.md "The gradient"). `out` and `lse` are what forward returned for the
-// same q, k, v and config; d_q, d_k, d_v are overwritten (with GQA, d_k and d_v sum over the
-// query heads of each group). T as for forward. Uses options.num_threads threads (0: the
-// DILATED_ATTENTION_NUM_THREADS environment variable, else every hardware thread). Raises
-// std::invalid_argument before touching any output on bad input. Results are bitwise identical
-// from run to run and for any thread count.
+// Fast CPU backward (docs/semantics.md "The gradient"). `forward_outputs` are what forward
+// returned (out and its lse, not null) for the same inputs and config; gradients.d_q, .d_k, .d_v
+// are overwritten (with GQA, d_k and d_v sum over the query heads of each group). T as for
+// forward; options as for forward. Synchronous. Raises std::invalid_argument before touching any
+// output on bad input. Results are bitwise identical from run to run and for any thread count.
 template <class T>
-void backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
-              View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
-              View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v,
-              const CpuOptions& options) {
+void backward(const Config& config, const Shape& shape, const Inputs<detail::identity_t<T>>& inputs,
+              const Outputs<const detail::identity_t<T>>& forward_outputs,
+              View<const detail::identity_t<T>> d_out, const Gradients<T>& gradients,
+              const CpuOptions& options = {}) {
   static_assert(
       std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, Eigen::bfloat16> ||
           std::is_same_v<T, Eigen::half>,
@@ -60,6 +59,9 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
   static_assert(std::is_same_v<lse_type_t<T>, cpu::accumulator_t<T>>,
                 "the LSE is stored in the accumulator type");
   using Acc = cpu::accumulator_t<T>;
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v, out = forward_outputs.out;
+  const lse_type_t<T>* const lse = forward_outputs.lse;
+  const View<T> d_q = gradients.d_q, d_k = gradients.d_k, d_v = gradients.d_v;
   validate_backward(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);
   const CpuIsa isa = cpu::resolve_isa(options.isa);  // once, before any thread starts
   const int num_threads = cpu::resolve_num_threads(options);
@@ -152,13 +154,28 @@ void backward(const Config& config, const Shape& shape, View<const detail::ident
   });
 }
 
-// The same with the default options.
+// Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the call above.
 template <class T>
+[[deprecated("use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, "
+             "options); removed in 0.2.0")]]
+void backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
+              View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
+              View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v,
+              const CpuOptions& options) {
+  backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
+              Gradients<T>{d_q, d_k, d_v}, options);
+}
+
+template <class T>
+[[deprecated("use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}); "
+             "removed in 0.2.0")]]
 void backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
               View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
               View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
               View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v) {
-  backward<T>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v, CpuOptions{});
+  backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
+              Gradients<T>{d_q, d_k, d_v}, CpuOptions{});
 }
 
 }  // namespace dilated_attention

@@ -21,6 +21,7 @@
 
 #include <Eigen/Core>
 
+#include "../arguments.hpp"
 #include "../config.hpp"
 #include "../merge.hpp"
 #include "../pattern.hpp"
@@ -135,23 +136,27 @@ void forward_window(const Pattern& pattern, std::int64_t batch, std::int64_t hea
 
 }  // namespace cpu::detail
 
-// Fast CPU kernel (docs/semantics.md "Entry points"). T is float, double, or Eigen::bfloat16 / Eigen::half (stored
-// narrow, accumulated in float); lse, when given, is [batch, num_heads, seq_len], contiguous,
-// of lse_type_t<T>. Uses options.num_threads threads (0: the DILATED_ATTENTION_NUM_THREADS
-// environment variable, else the CPUs this process may use) and the inner kernels of
-// options.isa (automatic: DILATED_ATTENTION_CPU_ISA, else the best this CPU runs).
-// Raises std::invalid_argument before touching the output on bad input. Results are bitwise
-// identical from run to run and for any thread count (for one CpuIsa; paths differ by rounding).
+// Fast CPU kernel (docs/semantics.md "Entry points"). T is float, double, or Eigen::bfloat16 /
+// Eigen::half (stored narrow, accumulated in float). Reads inputs.q, .k, .v; writes outputs.out
+// and, when outputs.lse is not null, the LSE ([batch, num_heads, seq_len], contiguous, of
+// lse_type_t<T>). Uses options.num_threads threads (0: the DILATED_ATTENTION_NUM_THREADS
+// environment variable, else the CPUs this process may use; negative: rejected) and the inner
+// kernels of options.isa (automatic: DILATED_ATTENTION_CPU_ISA, else the best this CPU runs).
+// Synchronous. Raises std::invalid_argument before touching the output on bad input. Results are
+// bitwise identical from run to run and for any thread count (for one CpuIsa; paths differ by
+// rounding).
 template <class T>
-void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
-             lse_type_t<T>* lse, const CpuOptions& options) {
+void forward(const Config& config, const Shape& shape, const Inputs<detail::identity_t<T>>& inputs,
+             const Outputs<T>& outputs, const CpuOptions& options = {}) {
   static_assert(
       std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, Eigen::bfloat16> ||
           std::is_same_v<T, Eigen::half>,
       "dilated_attention::forward (CPU): T is float, double, Eigen::bfloat16 or Eigen::half");
   static_assert(std::is_same_v<lse_type_t<T>, cpu::accumulator_t<T>>,
                 "the LSE is stored in the accumulator type");
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  lse_type_t<T>* const lse = outputs.lse;
   validate(config, shape, q, k, v, out, lse);
   const int num_threads = cpu::resolve_num_threads(options);
   const CpuIsa isa = cpu::resolve_isa(options.isa);  // throws before any output is written
@@ -175,12 +180,21 @@ void forward(const Config& config, const Shape& shape, View<const detail::identi
   });
 }
 
-// The same with the default options.
+// Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the call above.
 template <class T>
+[[deprecated("use forward<T>(config, shape, {q, k, v}, {out, lse}, options); removed in 0.2.0")]]
+void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
+             lse_type_t<T>* lse, const CpuOptions& options) {
+  forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);
+}
+
+template <class T>
+[[deprecated("use forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]]
 void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
              lse_type_t<T>* lse = nullptr) {
-  forward<T>(config, shape, q, k, v, out, lse, CpuOptions{});
+  forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, CpuOptions{});
 }
 
 }  // namespace dilated_attention

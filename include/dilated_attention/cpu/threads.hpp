@@ -138,7 +138,7 @@ inline int default_num_threads() {
 inline int resolve_num_threads(const CpuOptions& options) {
   if (options.num_threads < 0)
     throw std::invalid_argument(
-        "dilated_attention: CpuOptions.num_threads = " + std::to_string(options.num_threads) +
+        "dilated_attention: options.num_threads = " + std::to_string(options.num_threads) +
         ": must be positive, or 0 for the default");
   if (options.num_threads > 0) return options.num_threads;
   if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text) {

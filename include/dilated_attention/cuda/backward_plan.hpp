@@ -107,15 +107,15 @@ struct BackwardPlan {
   std::size_t dk_dv_shared_bytes;
 };
 
-// The plan of one backward call. Call after validate_backward() and check_backend_limits();
-// checks the workspace (size, alignment) and the alignment of every pointer. Touches no memory.
+// Checks the caller's workspace of one backward call: not null, at least
+// backward_workspace_size() bytes, 256-byte aligned, sharing no memory with any tensor of the
+// call. Touches no memory.
 template <class T>
-BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const View<const T>& q,
-                                const View<const T>& k, const View<const T>& v,
-                                const View<const T>& out, const float* lse,
-                                const View<const T>& d_out, const View<T>& d_q,
-                                const View<T>& d_k, const View<T>& d_v, void* workspace,
-                                std::size_t workspace_bytes, KernelKind dq_kind) {
+void check_backward_workspace(const Config& config, const Shape& shape, const View<const T>& q,
+                              const View<const T>& k, const View<const T>& v,
+                              const View<const T>& out, const float* lse,
+                              const View<const T>& d_out, const View<T>& d_q, const View<T>& d_k,
+                              const View<T>& d_v, void* workspace, std::size_t workspace_bytes) {
   const std::size_t needed = backward_workspace_size(config, shape);
   if (workspace == nullptr)
     dilated_attention::detail::reject("workspace is null: backward needs ", needed,
@@ -141,6 +141,16 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
         dd::reject("workspace overlaps ", names[i],
                    ": the workspace is written and must not share memory with any tensor");
   }
+}
+
+// The plan of one backward call without its workspace (params.delta and params.branch_lse null
+// until bind_backward_workspace). Call after validate_backward() and check_backend_limits();
+// checks the alignment of every pointer. Touches no memory.
+template <class T>
+BackwardPlan make_backward_plan_without_workspace(
+    const Config& config, const Shape& shape, const View<const T>& q, const View<const T>& k,
+    const View<const T>& v, const View<const T>& out, const float* lse, const View<const T>& d_out,
+    const View<T>& d_q, const View<T>& d_k, const View<T>& d_v, KernelKind dq_kind) {
   const char* element = "every tensor element must be aligned to its type";
   check_alignment(d_out.data, alignof(T), "d_out.data", element);
   check_alignment(d_q.data, alignof(T), "d_q.data", element);
@@ -167,10 +177,8 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
   p.dv_batch = d_v.batch_stride, p.dv_seq = d_v.seq_stride, p.dv_head = d_v.head_stride;
   p.rows = shape.batch * shape.num_heads * shape.seq_len;
   p.key_rows = shape.batch * shape.num_kv_heads * shape.seq_len;
-  p.delta = static_cast<float*>(workspace);
-  p.branch_lse = config.mixing == Mixing::mean
-                     ? reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + needed / 2)
-                     : nullptr;
+  p.delta = nullptr;  // bind_backward_workspace
+  p.branch_lse = nullptr;
   p.grad_out_scale =
       config.mixing == Mixing::mean ? 1.0f / static_cast<float>(config.segment_lengths.size())
                                     : 1.0f;
@@ -204,6 +212,34 @@ BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const 
     plan.dk_dv_threads = plan.threads;
     plan.dk_dv_shared_bytes = plan.shared_bytes;
   }
+  return plan;
+}
+
+// Points the plan's row statistics into `workspace` (backward_workspace_size() bytes, checked).
+inline void bind_backward_workspace(BackwardPlan& plan, const Config& config, const Shape& shape,
+                                    void* workspace) {
+  const std::size_t needed = backward_workspace_size(config, shape);
+  plan.params.delta = static_cast<float*>(workspace);
+  plan.params.branch_lse =
+      config.mixing == Mixing::mean
+          ? reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + needed / 2)
+          : nullptr;
+}
+
+// The plan of one backward call. Call after validate_backward() and check_backend_limits();
+// checks the workspace (size, alignment) and the alignment of every pointer. Touches no memory.
+template <class T>
+BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const View<const T>& q,
+                                const View<const T>& k, const View<const T>& v,
+                                const View<const T>& out, const float* lse,
+                                const View<const T>& d_out, const View<T>& d_q,
+                                const View<T>& d_k, const View<T>& d_v, void* workspace,
+                                std::size_t workspace_bytes, KernelKind dq_kind) {
+  check_backward_workspace<T>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v, workspace,
+                              workspace_bytes);
+  BackwardPlan plan = make_backward_plan_without_workspace<T>(config, shape, q, k, v, out, lse,
+                                                              d_out, d_q, d_k, d_v, dq_kind);
+  bind_backward_workspace(plan, config, shape, workspace);
   return plan;
 }
 

@@ -2,7 +2,7 @@
 // dilated_attention::cuda::forward: the host entry point of the GPU back end (docs/semantics.md "Entry points").
 // validate() first (it only does arithmetic on the pointers and strides, so device pointers are
 // fine), then the back end's own limits, then the launch plan, then one kernel launch on
-// `stream` (detail::launch, which also checks shared memory against the device's limit and that
+// options.stream (detail::launch, which also checks shared memory against the device's limit and that
 // no earlier CUDA error is pending). Nothing is allocated; the call is asynchronous like any launch on a stream.
 
 #include <cuda_bf16.h>
@@ -14,10 +14,12 @@
 #include <string>
 #include <type_traits>
 
+#include "../arguments.hpp"
 #include "../config.hpp"
 #include "error.cuh"
 #include "launch_checks.hpp"
 #include "launch_plan.hpp"
+#include "options.cuh"
 #include "simt_kernel.cuh"
 #include "tensor_core_kernel.cuh"
 
@@ -119,21 +121,38 @@ void launch(const Config& config, const Shape& shape, const LaunchPlan& plan,
 
 }  // namespace detail
 
-// docs/semantics.md "Entry points", GPU: q, k, v, out (and lse when not null: [batch, num_heads, seq_len] fp32,
-// contiguous) are device pointers. Bad arguments raise std::invalid_argument before any device
-// work; CUDA failures raise std::runtime_error with the CUDA error string. Asynchronous on
-// `stream`: synchronise before reading the results on the host.
+// docs/semantics.md "Entry points", GPU: inputs.q, .k, .v, outputs.out (and outputs.lse when not
+// null: [batch, num_heads, seq_len] float, contiguous) are device pointers. Bad arguments raise
+// std::invalid_argument before anything is enqueued; CUDA failures raise std::runtime_error with
+// the CUDA error string. Asynchronous: one launch on options.stream, no synchronisation, no
+// allocation (options.workspace is not used); the outputs are ready when the stream reaches it.
 template <class T>
+void forward(const Config& config, const Shape& shape,
+             const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
+             const Outputs<T>& outputs, const Options& options = {}) {
+  static_assert(is_supported_type_v<T>,
+                "dilated_attention::cuda::forward supports __half, __nv_bfloat16 and float");
+  static_assert(std::is_same_v<lse_type_t<T>, float>, "the CUDA LSE is float");
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  const View<T> out = outputs.out;
+  float* const lse = outputs.lse;
+  validate(config, shape, q, k, v, out, lse);
+  const LaunchPlan plan = make_launch_plan<T>(config, shape, q, k, v, out, lse, kernel_kind_v<T>);
+  detail::launch<T>(config, shape, plan, options.stream);
+}
+
+// Deprecated in 0.1.0, removed in 0.2.0: the positional spelling, forwarding to the call above.
+template <class T>
+[[deprecated("use cuda::forward<T>(config, shape, {q, k, v}, {out, lse}, {stream}); removed in "
+             "0.2.0")]]
 void forward(const Config& config, const Shape& shape,
              View<const dilated_attention::detail::identity_t<T>> q,
              View<const dilated_attention::detail::identity_t<T>> k,
              View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
              float* lse = nullptr, cudaStream_t stream = nullptr) {
-  static_assert(is_supported_type_v<T>,
-                "dilated_attention::cuda::forward supports __half, __nv_bfloat16 and float");
-  validate(config, shape, q, k, v, out, lse);
-  const LaunchPlan plan = make_launch_plan<T>(config, shape, q, k, v, out, lse, kernel_kind_v<T>);
-  detail::launch<T>(config, shape, plan, stream);
+  Options options;
+  options.stream = stream;
+  cuda::forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);
 }
 
 }  // namespace dilated_attention::cuda

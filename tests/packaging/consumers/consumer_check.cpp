@@ -48,10 +48,12 @@ Result run_reference(const da::Config& config, const da::Shape& shape, const std
                      const std::vector<double>& k, const std::vector<double>& v) {
   Result r{std::vector<double>(q.size()), std::vector<double>(static_cast<std::size_t>(
                                               shape.batch * shape.num_heads * shape.seq_len))};
-  da::reference::forward(config, shape, da::contiguous_view(q.data(), shape, shape.num_heads),
-                         da::contiguous_view(k.data(), shape, shape.num_kv_heads),
-                         da::contiguous_view(v.data(), shape, shape.num_kv_heads),
-                         da::contiguous_view(r.out.data(), shape, shape.num_heads), r.lse.data());
+  da::reference::forward(config, shape,
+                         {da::contiguous_view(q.data(), shape, shape.num_heads),
+                          da::contiguous_view(k.data(), shape, shape.num_kv_heads),
+                          da::contiguous_view(v.data(), shape, shape.num_kv_heads)},
+                         da::Outputs{da::contiguous_view(r.out.data(), shape, shape.num_heads),
+                                     r.lse.data()});
   return r;
 }
 
@@ -150,10 +152,11 @@ void check_cpu_kernel() {
 
   const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()), vf(v.begin(), v.end());
   std::vector<float> out(qf.size()), lse(expected.lse.size());
-  da::forward(config, shape, da::contiguous_view(qf.data(), shape, shape.num_heads),
-              da::contiguous_view(kf.data(), shape, shape.num_kv_heads),
-              da::contiguous_view(vf.data(), shape, shape.num_kv_heads),
-              da::contiguous_view(out.data(), shape, shape.num_heads), lse.data());
+  da::forward(config, shape,
+              {da::contiguous_view(qf.data(), shape, shape.num_heads),
+               da::contiguous_view(kf.data(), shape, shape.num_kv_heads),
+               da::contiguous_view(vf.data(), shape, shape.num_kv_heads)},
+              da::Outputs{da::contiguous_view(out.data(), shape, shape.num_heads), lse.data()});
   double worst = 0.0;
   for (std::size_t j = 0; j < out.size(); ++j)
     worst = std::max(worst, std::abs(static_cast<double>(out[j]) - expected.out[j]));

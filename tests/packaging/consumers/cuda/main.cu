@@ -42,10 +42,11 @@ int main() {
   std::vector<float> q(q_elements), k(kv_elements), v(kv_elements), expected(q_elements), out(q_elements);
   for (auto* t : {&q, &k, &v})
     for (float& x : *t) x = normal(engine);
-  da::reference::forward(config, shape, da::contiguous_view(q.data(), shape, shape.num_heads),
-                         da::contiguous_view(k.data(), shape, shape.num_kv_heads),
-                         da::contiguous_view(v.data(), shape, shape.num_kv_heads),
-                         da::contiguous_view(expected.data(), shape, shape.num_heads));
+  da::reference::forward(config, shape,
+                         {da::contiguous_view(q.data(), shape, shape.num_heads),
+                          da::contiguous_view(k.data(), shape, shape.num_kv_heads),
+                          da::contiguous_view(v.data(), shape, shape.num_kv_heads)},
+                         da::Outputs{da::contiguous_view(expected.data(), shape, shape.num_heads)});
 
   float *dq = nullptr, *dk = nullptr, *dv = nullptr, *dout = nullptr;
   CONSUMER_CHECK(cudaMalloc(&dq, q_elements * sizeof(float)));
@@ -55,10 +56,11 @@ int main() {
   CONSUMER_CHECK(cudaMemcpy(dq, q.data(), q_elements * sizeof(float), cudaMemcpyHostToDevice));
   CONSUMER_CHECK(cudaMemcpy(dk, k.data(), kv_elements * sizeof(float), cudaMemcpyHostToDevice));
   CONSUMER_CHECK(cudaMemcpy(dv, v.data(), kv_elements * sizeof(float), cudaMemcpyHostToDevice));
-  da::cuda::forward(config, shape, da::contiguous_view<const float>(dq, shape, shape.num_heads),
-                    da::contiguous_view<const float>(dk, shape, shape.num_kv_heads),
-                    da::contiguous_view<const float>(dv, shape, shape.num_kv_heads),
-                    da::contiguous_view(dout, shape, shape.num_heads), nullptr, cudaStream_t{});
+  da::cuda::forward(config, shape,
+                    {da::contiguous_view<const float>(dq, shape, shape.num_heads),
+                     da::contiguous_view<const float>(dk, shape, shape.num_kv_heads),
+                     da::contiguous_view<const float>(dv, shape, shape.num_kv_heads)},
+                    da::Outputs{da::contiguous_view(dout, shape, shape.num_heads)});
   CONSUMER_CHECK(cudaDeviceSynchronize());
   CONSUMER_CHECK(cudaMemcpy(out.data(), dout, q_elements * sizeof(float), cudaMemcpyDeviceToHost));
   for (float* p : {dq, dk, dv, dout}) cudaFree(p);
