@@ -163,8 +163,8 @@ View<const T> const_view_of(const at::Tensor& t) {
 }
 
 template <class T>
-auto* lse_pointer(const at::Tensor& lse) {
-  return static_cast<lse_type_t<T>*>(lse.data_ptr());
+lse_type_t<T>* lse_pointer(const at::Tensor& lse) {
+  return static_cast<lse_type_t<T>*>(const_cast<void*>(lse.const_data_ptr()));
 }
 
 inline at::ScalarType lse_dtype(at::ScalarType type) {
@@ -200,9 +200,9 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const
   dispatch_cpu(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     translating_errors([&] {
-      dilated_attention::forward<T>(config, shape, const_view_of<T>(q), const_view_of<T>(k),
-                                    const_view_of<T>(v), view_of<T>(out), lse_pointer<T>(lse),
-                                    options);
+      dilated_attention::forward<T>(
+          config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
+          Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
     });
   });
   return {out, lse};
@@ -268,10 +268,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   dispatch_cpu(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     translating_errors([&] {
-      dilated_attention::backward<T>(config, shape, const_view_of<T>(q), const_view_of<T>(k),
-                                     const_view_of<T>(v), const_view_of<T>(out),
-                                     lse_pointer<const T>(lse), const_view_of<T>(grad_out),
-                                     view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v), options);
+      dilated_attention::backward<T>(
+          config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
+          Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
+          Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
     });
   });
   return {d_q, d_k, d_v};
@@ -319,9 +319,11 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, cons
   dispatch_cuda(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     translating_errors([&] {
-      dilated_attention::cuda::forward<T>(config, shape, const_view_of<T>(q), const_view_of<T>(k),
-                                          const_view_of<T>(v), view_of<T>(out),
-                                          static_cast<float*>(lse.data_ptr()), stream);
+      cuda::Options options;
+      options.stream = stream;
+      dilated_attention::cuda::forward<T>(
+          config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
+          Outputs<T>{view_of<T>(out), static_cast<float*>(lse.data_ptr())}, options);
     });
   });
   return {out, lse};
@@ -348,11 +350,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   dispatch_cuda(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     translating_errors([&] {
+      cuda::Options options;
+      options.stream = stream;
+      options.workspace = workspace.data_ptr();
+      options.workspace_bytes = bytes;
       dilated_attention::cuda::backward<T>(
-          config, shape, const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v),
-          const_view_of<T>(out), static_cast<const float*>(lse.data_ptr()),
-          const_view_of<T>(grad_out), view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v),
-          workspace.data_ptr(), bytes, stream);
+          config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
+          Outputs<const T>{const_view_of<T>(out), static_cast<const float*>(lse.data_ptr())},
+          const_view_of<T>(grad_out),
+          Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
     });
   });
   return {d_q, d_k, d_v};

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace da = dilated_attention;
@@ -55,12 +56,14 @@ void run(const std::string& dir, const da::Config& config, const da::Shape& shap
   std::vector<T> out(q_count), d_q(q_count), d_k(kv_count), d_v(kv_count);
   std::vector<da::lse_type_t<T>> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
   const auto H = shape.num_heads, Hkv = shape.num_kv_heads;
-  da::forward<T>(config, shape, da::contiguous_view(q, shape, H), da::contiguous_view(k, shape, Hkv),
-                 da::contiguous_view(v, shape, Hkv), da::contiguous_view(out, shape, H), lse.data());
-  da::backward<T>(config, shape, da::contiguous_view(q, shape, H), da::contiguous_view(k, shape, Hkv),
-                  da::contiguous_view(v, shape, Hkv), da::contiguous_view(std::as_const(out), shape, H),
-                  lse.data(), da::contiguous_view(d_out, shape, H), da::contiguous_view(d_q, shape, H),
-                  da::contiguous_view(d_k, shape, Hkv), da::contiguous_view(d_v, shape, Hkv));
+  const da::Inputs<T> inputs{da::contiguous_view(q, shape, H), da::contiguous_view(k, shape, Hkv),
+                             da::contiguous_view(v, shape, Hkv)};
+  da::forward<T>(config, shape, inputs, {da::contiguous_view(out, shape, H), lse.data()});
+  da::backward<T>(config, shape, inputs,
+                  {da::contiguous_view(std::as_const(out), shape, H), lse.data()},
+                  da::contiguous_view(d_out, shape, H),
+                  {da::contiguous_view(d_q, shape, H), da::contiguous_view(d_k, shape, Hkv),
+                   da::contiguous_view(d_v, shape, Hkv)});
   write(dir + "/out.bin", out);
   write(dir + "/lse.bin", lse);
   write(dir + "/d_q.bin", d_q);
