@@ -39,17 +39,39 @@ def ops_registered():
         return False
 
 
-def load_ops(verbose=False, eigen_include="/usr/include/eigen3"):
+def load_ops(verbose=False, eigen_include="/usr/include/eigen3", cuda=None):
     """Registers the operators (compiling them once per cache: TORCH_EXTENSIONS_DIR, else
-    ~/.cache/torch_extensions) and returns torch.ops.dilated_attention."""
-    if not ops_registered():
-        from torch.utils import cpp_extension
+    ~/.cache/torch_extensions) and returns torch.ops.dilated_attention.
 
+    cuda=None compiles the CUDA kernels too when torch.cuda.is_available(): the one-line source
+    as a .cu file, through nvcc (CUDA_HOME; TORCH_CUDA_ARCH_LIST picks the architectures). The
+    -U flags undo cpp_extension's default -D__CUDA_NO_HALF_OPERATORS__ and friends, which the
+    library's __half / __nv_bfloat16 code needs. That path is compiled, not yet run on a GPU."""
+    if ops_registered():
+        return torch.ops.dilated_attention
+    from torch.utils import cpp_extension
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
         cpp_extension.load(
             name="dilated_attention_ops",
             sources=[os.path.join(_ROOT, "python", "dilated_attention_ops.cpp")],
             extra_include_paths=[os.path.join(_ROOT, "include"), eigen_include],
-            extra_cflags=["-O3"],
+            extra_cflags=["-O3", "-DNDEBUG"],
+            is_python_module=False,
+            verbose=verbose,
+        )
+    else:
+        cpp_extension.load(
+            name="dilated_attention_ops_cuda",
+            sources=[os.path.join(_ROOT, "python", "dilated_attention_ops_cuda.cu")],
+            extra_include_paths=[os.path.join(_ROOT, "include"), eigen_include],
+            extra_cflags=["-O3", "-DNDEBUG"],
+            extra_cuda_cflags=["-O3", "-DNDEBUG", "--expt-relaxed-constexpr",
+                               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                               "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                               "-U__CUDA_NO_HALF2_OPERATORS__"],
             is_python_module=False,
             verbose=verbose,
         )

@@ -17,7 +17,10 @@ import dilated_attention_torch  # noqa: E402
 
 
 def ops():
-    return dilated_attention_torch.load_ops()
+    """The CPU build (what docs/torch.md's first block loads, so the cache is shared), or the
+    CUDA build with DILATED_ATTENTION_TORCH_CUDA=1 (a GPU machine's check)."""
+    cuda = os.environ.get("DILATED_ATTENTION_TORCH_CUDA") == "1"
+    return dilated_attention_torch.load_ops(cuda=cuda)
 
 
 RULES = ("modular", "blocked", "partitioned")
