@@ -95,10 +95,16 @@ inline int resolve_threads(std::int64_t num_threads) {
   return num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
 }
 
+#if defined(DILATED_ATTENTION_TORCH_CUDA)
+inline constexpr const char* supported_devices = "cpu and cuda";
+#else
+inline constexpr const char* supported_devices =
+    "cpu (this build has no CUDA: compile the registration with nvcc for cuda)";
+#endif
+
 inline bool supported_dtype(const at::Tensor& t) {
   const auto type = t.scalar_type();
-  if (t.is_cuda())
-    return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+  if (t.is_cuda()) return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
   return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
 }
 
@@ -111,16 +117,10 @@ inline void check_tensor(const char* name, const at::Tensor& t, const at::Tensor
   TORCH_CHECK_VALUE(t.device() == q.device(), "dilated_attention: ", name, " is on ", t.device(),
                     " but q is on ", q.device(), ": all tensors must be on one device");
   TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "dilated_attention: ", name, " has dtype ",
-                    t.scalar_type(), " but q has ", q.scalar_type(), ": all tensors need one dtype");
-  TORCH_CHECK_VALUE(
-      t.is_cpu() || t.is_cuda() || t.is_meta(), "dilated_attention: ", name, " is on ",
-      t.device(), ": supported devices are cpu",
-#if defined(DILATED_ATTENTION_TORCH_CUDA)
-      " and cuda"
-#else
-      " (this build has no CUDA: compile the registration with nvcc for cuda)"
-#endif
-  );
+                    t.scalar_type(), " but q has ", q.scalar_type(),
+                    ": all tensors need one dtype");
+  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda() || t.is_meta(), "dilated_attention: ", name,
+                    " is on ", t.device(), ": supported devices are ", supported_devices);
   TORCH_CHECK_VALUE(t.is_meta() || supported_dtype(t), "dilated_attention: ", name, " has dtype ",
                     t.scalar_type(), " on ", t.device(),
                     ": supported are float32, float64, bfloat16, float16 on cpu and float32, "
@@ -179,7 +179,8 @@ void dispatch_cpu(at::ScalarType type, F&& f) {
     case at::kDouble: f(double{}); return;
     case at::kBFloat16: f(Eigen::bfloat16{}); return;
     case at::kHalf: f(Eigen::half{}); return;
-    default: TORCH_CHECK_VALUE(false, "dilated_attention: dtype ", type, " is not supported on cpu");
+    default:
+      TORCH_CHECK_VALUE(false, "dilated_attention: dtype ", type, " is not supported on cpu");
   }
 }
 
@@ -193,8 +194,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const
   const Shape shape = shape_of(q, k, v);
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
-  at::Tensor out = at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim},
-                             q.options());
+  at::Tensor out =
+      at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim}, q.options());
   at::Tensor lse = at::empty({shape.batch, shape.num_heads, shape.seq_len},
                              q.options().dtype(lse_dtype(q.scalar_type())));
   dispatch_cpu(q.scalar_type(), [&](auto tag) {
@@ -229,14 +230,18 @@ inline void check_backward(const at::Tensor& grad_out, const at::Tensor& q, cons
   check_inputs(q, k, v);
   check_tensor("out", out, q);
   check_tensor("grad_out", grad_out, q);
-  TORCH_CHECK_VALUE(lse.defined() && lse.dim() == 3, "dilated_attention: lse must have 3 "
+  TORCH_CHECK_VALUE(lse.defined() && lse.dim() == 3,
+                    "dilated_attention: lse must have 3 "
                     "dimensions, [batch, heads, seq]");
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(q.scalar_type()), "dilated_attention: lse has "
-                    "dtype ", lse.scalar_type(), ": expected ", lse_dtype(q.scalar_type()),
-                    " for ", q.scalar_type(), " inputs (what forward returns)");
+  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(q.scalar_type()),
+                    "dilated_attention: lse has "
+                    "dtype ",
+                    lse.scalar_type(), ": expected ", lse_dtype(q.scalar_type()), " for ",
+                    q.scalar_type(), " inputs (what forward returns)");
   TORCH_CHECK_VALUE(lse.device() == q.device(), "dilated_attention: lse is on ", lse.device(),
                     " but q is on ", q.device());
-  TORCH_CHECK_VALUE(lse.is_contiguous(), "dilated_attention: lse must be contiguous, [batch, "
+  TORCH_CHECK_VALUE(lse.is_contiguous(),
+                    "dilated_attention: lse must be contiguous, [batch, "
                     "heads, seq] (what forward returns)");
 }
 
@@ -247,10 +252,10 @@ inline void check_backward_shapes(const Shape& shape, const at::Tensor& grad_out
                     " but q has ", q.sizes());
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "dilated_attention: grad_out has shape ",
                     grad_out.sizes(), " but q has ", q.sizes());
-  TORCH_CHECK_VALUE(lse.size(0) == shape.batch && lse.size(1) == shape.num_heads &&
-                        lse.size(2) == shape.seq_len,
-                    "dilated_attention: lse has shape ", lse.sizes(), ": expected [",
-                    shape.batch, ", ", shape.num_heads, ", ", shape.seq_len, "]");
+  TORCH_CHECK_VALUE(
+      lse.size(0) == shape.batch && lse.size(1) == shape.num_heads && lse.size(2) == shape.seq_len,
+      "dilated_attention: lse has shape ", lse.sizes(), ": expected [", shape.batch, ", ",
+      shape.num_heads, ", ", shape.seq_len, "]");
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -283,7 +288,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_meta(
   check_backward(grad_out, q, k, v, out, lse);
   make_config(op);
   resolve_threads(num_threads);
-  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+  return {at::empty_symint(q.sym_sizes(), q.options()),
+          at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
 }
 
@@ -311,10 +317,10 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, cons
   const Config config = make_config(op);
   const Shape shape = shape_of(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim},
-                             q.options());
-  at::Tensor lse = at::empty({shape.batch, shape.num_heads, shape.seq_len},
-                             q.options().dtype(at::kFloat));
+  at::Tensor out =
+      at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim}, q.options());
+  at::Tensor lse =
+      at::empty({shape.batch, shape.num_heads, shape.seq_len}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
   dispatch_cuda(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -38,13 +38,10 @@ inline OpConfig op_config(c10::IntArrayRef segment_lengths, c10::IntArrayRef dil
 
 // The kernels in the schema's argument order, for each device.
 template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& q, const at::Tensor& k,
-                                                  const at::Tensor& v,
-                                                  c10::IntArrayRef segment_lengths,
-                                                  c10::IntArrayRef dilation_rates, bool causal,
-                                                  c10::string_view offsets, c10::string_view mixing,
-                                                  std::optional<double> scale,
-                                                  std::int64_t num_threads) {
+std::tuple<at::Tensor, at::Tensor> forward_kernel(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
+    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
+    std::optional<double> scale, std::int64_t num_threads) {
   return Forward(q, k, v,
                  op_config(segment_lengths, dilation_rates, causal, offsets, mixing, scale),
                  num_threads);
@@ -54,18 +51,17 @@ template <auto Backward>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets,
-    c10::string_view mixing, std::optional<double> scale, std::int64_t num_threads) {
+    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
+    std::optional<double> scale, std::int64_t num_threads) {
   return Backward(grad_out, q, k, v, out, lse,
                   op_config(segment_lengths, dilation_rates, causal, offsets, mixing, scale),
                   num_threads);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> call_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    c10::IntArrayRef segment_lengths, c10::IntArrayRef dilation_rates, bool causal,
-    c10::string_view offsets, c10::string_view mixing, std::optional<double> scale,
-    std::int64_t num_threads) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
+    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
+    std::optional<double> scale, std::int64_t num_threads) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dilated_attention::forward", "")
                              .typed<decltype(forward_kernel<forward_cpu>)>();
@@ -76,8 +72,8 @@ inline std::tuple<at::Tensor, at::Tensor> call_forward(
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets,
-    c10::string_view mixing, std::optional<double> scale, std::int64_t num_threads) {
+    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
+    std::optional<double> scale, std::int64_t num_threads) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dilated_attention::backward", "")
                              .typed<decltype(backward_kernel<backward_cpu>)>();
@@ -112,8 +108,7 @@ class Function : public torch::autograd::Function<Function> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3],
-                     &lse = saved[4];
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
     at::Tensor grad_out = grads[0];
     if (!grad_out.defined()) grad_out = at::zeros_like(out);
     if (grad_out.stride(3) != 1 && grad_out.size(3) != 1) grad_out = grad_out.contiguous();
@@ -127,16 +122,15 @@ class Function : public torch::autograd::Function<Function> {
         call_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates,
                       ctx->saved_data["causal"].toBool(), offsets, mixing, scale,
                       ctx->saved_data["num_threads"].toInt());
-    return {d_q, d_k, d_v, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+    return {d_q,          d_k,          d_v,          at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 inline std::tuple<at::Tensor, at::Tensor> forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    c10::IntArrayRef segment_lengths, c10::IntArrayRef dilation_rates, bool causal,
-    c10::string_view offsets, c10::string_view mixing, std::optional<double> scale,
-    std::int64_t num_threads) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
+    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
+    std::optional<double> scale, std::int64_t num_threads) {
   auto result = Function::apply(q, k, v, segment_lengths, dilation_rates, causal, offsets, mixing,
                                 scale, num_threads);
   return {result[0], result[1]};

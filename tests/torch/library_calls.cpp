@@ -34,7 +34,8 @@ template <class T>
 std::vector<T> read(const std::string& path, std::size_t count) {
   std::vector<T> data(count);
   std::ifstream file(path, std::ios::binary);
-  if (!file.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(count * sizeof(T))))
+  if (!file.read(reinterpret_cast<char*>(data.data()),
+                 static_cast<std::streamsize>(count * sizeof(T))))
     throw std::runtime_error("cannot read " + path);
   return data;
 }
@@ -49,12 +50,15 @@ void write(const std::string& path, const std::vector<T>& data) {
 
 template <class T>
 void run(const std::string& dir, const da::Config& config, const da::Shape& shape) {
-  const auto q_count = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
-  const auto kv_count = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_kv_heads * shape.head_dim);
+  const auto q_count =
+      static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
+  const auto kv_count =
+      static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_kv_heads * shape.head_dim);
   const auto q = read<T>(dir + "/q.bin", q_count), k = read<T>(dir + "/k.bin", kv_count),
              v = read<T>(dir + "/v.bin", kv_count), d_out = read<T>(dir + "/d_out.bin", q_count);
   std::vector<T> out(q_count), d_q(q_count), d_k(kv_count), d_v(kv_count);
-  std::vector<da::lse_type_t<T>> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+  std::vector<da::lse_type_t<T>> lse(
+      static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
   const auto H = shape.num_heads, Hkv = shape.num_kv_heads;
   const da::Inputs<T> inputs{da::contiguous_view(q, shape, H), da::contiguous_view(k, shape, Hkv),
                              da::contiguous_view(v, shape, Hkv)};
@@ -84,13 +88,16 @@ int main(int argc, char** argv) {
     config.dilation_rates = parse_list(argv[9]);
     config.causal = std::string(argv[10]) == "1";
     const std::string rule = argv[11], mixing = argv[12];
-    config.offsets = rule == "modular" ? da::OffsetRule::modular
+    config.offsets = rule == "modular"   ? da::OffsetRule::modular
                      : rule == "blocked" ? da::OffsetRule::blocked
                                          : da::OffsetRule::partitioned;
     config.mixing = mixing == "mean" ? da::Mixing::mean : da::Mixing::softmax;
-    if (type == "float") run<float>(dir, config, shape);
-    else if (type == "double") run<double>(dir, config, shape);
-    else throw std::invalid_argument("type must be float or double");
+    if (type == "float")
+      run<float>(dir, config, shape);
+    else if (type == "double")
+      run<double>(dir, config, shape);
+    else
+      throw std::invalid_argument("type must be float or double");
   } catch (const std::exception& error) {
     std::fprintf(stderr, "torch_library_calls: %s\n", error.what());
     return 1;
