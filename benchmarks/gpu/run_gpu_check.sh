@@ -131,7 +131,9 @@ targets=(cuda_launch_plan_test cuda_emulated_kernel_test cuda_emulated_backward_
          cuda_backward_half_test cuda_backward_bfloat16_test cuda_backward_float_test
          ring_cuda_emulated_test ring_cuda_forward_test
          ring_cuda_backward_emulated_test ring_cuda_backward_test
-         cuda_forward_benchmark cuda_backward_benchmark cuda_forward_from_files)
+         cuda_inference_emulated_test cuda_inference_test
+         cuda_forward_benchmark cuda_backward_benchmark cuda_forward_from_files
+         cuda_inference_benchmark)
 step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
      -DCMAKE_CUDA_ARCHITECTURES="$arch" -DDILATED_ATTENTION_ENABLE_MPI=OFF \
      -DDILATED_ATTENTION_ENABLE_NCCL=OFF -DDILATED_ATTENTION_INSTALL=OFF \
@@ -178,6 +180,10 @@ small='*Gpu.MatchesReferenceEveryCaseHeadDim64*:*Gpu.MatchesReferenceOtherHeadDi
 gpu_step memcheck 90 sanitize memcheck "$small:*Gpu.StreamArgumentIsHonoured*"
 gpu_step racecheck 120 sanitize racecheck '*Gpu.MatchesReferenceEveryCaseHeadDim64*'
 gpu_step synccheck 60 sanitize synccheck '*Gpu.MatchesReferenceEveryCaseHeadDim64*'
+# The inference forms (decode split-KV, varlen, paged, padded): their GPU test once more under
+# memcheck (ctest above ran it plain), every case but the longest.
+gpu_step inference_memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$tests/cuda_inference_test" --gtest_filter='CudaInference.*:-*DecodeLoopEveryRuleAndMixing*'
 if ((built == 0)); then
   # Needs no GPU: the SASS of the built test binaries (bf16 and fp16 kernels).
   sass() {
@@ -199,6 +205,8 @@ gpu_step benchmark 150 "$build/benchmarks/cuda_forward_benchmark" --benchmark_mi
     --benchmark_out="$work/cuda_bench.json" --benchmark_out_format=json
 gpu_step backward_benchmark 60 "$build/benchmarks/cuda_backward_benchmark" --benchmark_min_time=0.1 \
     --benchmark_out="$work/cuda_backward_bench.json" --benchmark_out_format=json
+gpu_step inference_benchmark 45 "$build/benchmarks/cuda_inference_benchmark" --benchmark_min_time=0.05 \
+    --benchmark_out="$work/cuda_inference_bench.json" --benchmark_out_format=json
 have_torch() { "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; }
 if [[ -z "$no_gpu" ]] && ! have_torch 2>/dev/null; then torch_missing="no python with torch+CUDA ($python)"; fi
 if [[ -n "${torch_missing:-}" ]]; then
@@ -229,6 +237,19 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
         print(f"{b['name']:<50} {b.get('useful_TFLOP/s', 0):8.1f} {b.get('ms', 0):9.3f}")
 PY
   done
+  if [[ -s "$work/cuda_inference_bench.json" ]]; then
+    echo; echo "== cuda_inference_bench (decode: us, kv_GB/s; varlen: ms, useful TFLOP/s)"
+    "$python" - "$work/cuda_inference_bench.json" <<'PY' || true
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    if "error_occurred" in b:
+        print(f"{b['name']:<50} error: {b.get('error_message', '')}")
+    elif "kv_GB/s" in b:
+        print(f"{b['name']:<50} {b.get('us', 0):9.1f} us {b.get('kv_GB/s', 0):8.1f} GB/s")
+    else:
+        print(f"{b['name']:<50} {b.get('ms', 0):9.3f} ms {b.get('useful_TFLOP/s', 0):8.1f} TFLOP/s")
+PY
+  fi
   echo
   echo "total $((SECONDS - start))s of a ${budget}s budget; overall: $([[ $status == 0 ]] && echo PASS || echo FAIL)"
 } | tee -a "$summary"

@@ -42,7 +42,7 @@ struct RankCost {
   double received = 0, received_messages = 0;       // K/V rows received, their messages
 };
 
-constexpr std::int64_t kHeads = 12, kDim = 64, kElement = 2, kGradientElement = 4;
+constexpr std::int64_t model_heads = 12, head_dim_of_model = 64, element_bytes = 2, gradient_element_bytes = 4;
 
 RankCost rank_cost(const da::Config& config, const da::Shape& shape, std::int64_t num_ranks, std::int64_t rank,
                    ring::Layout layout) {
@@ -62,15 +62,15 @@ RankCost rank_cost(const da::Config& config, const da::Shape& shape, std::int64_
         const ring::StepPlan plan =
             ring::make_step_plan({shape.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout});
         for (const da::Progression& unit : plan.send_rows)
-          cost.bytes += static_cast<double>(2 * unit.count * heads * kDim * kElement);
+          cost.bytes += static_cast<double>(2 * unit.count * heads * head_dim_of_model * element_bytes);
         if (plan.sends()) sends_to[static_cast<std::size_t>(plan.send_peer)] = true;
         for (const da::Progression& unit : plan.recv_rows)
-          cost.received += static_cast<double>(2 * unit.count * heads * kDim * kElement);
+          cost.received += static_cast<double>(2 * unit.count * heads * head_dim_of_model * element_bytes);
         if (plan.receives()) receives_from[static_cast<std::size_t>(plan.recv_peer)] = true;
         for (const ring::BlockPair& block : plan.blocks) {
           const double q = static_cast<double>(block.queries.count), k = static_cast<double>(block.keys.count);
           const double pairs = config.causal && block.queries == block.keys ? q * (q + 1) / 2 : q * k;
-          cost.flops += pairs * static_cast<double>(heads) * 4.0 * kDim;
+          cost.flops += pairs * static_cast<double>(heads) * 4.0 * head_dim_of_model;
         }
       }
     }
@@ -87,12 +87,12 @@ int main(int argc, char** argv) {
   da::Config config;
   config.segment_lengths = {2048, 4096, 8192, 16384, 32768};
   config.dilation_rates = {1, 2, 4, 6, 12};
-  const da::Shape shape{1, std::int64_t{1} << 20, kHeads, kHeads, kDim};
+  const da::Shape shape{1, std::int64_t{1} << 20, model_heads, model_heads, head_dim_of_model};
   const Network networks[] = {{"100 Gb/s (12.5 GB/s, 5 us)", 5e-6, 12.5e9},
                               {"NVLink-class (450 GB/s, 3 us)", 3e-6, 450e9}};
   const double flops_per_second = 400e12;
 
-  const double gradient_ratio = static_cast<double>(kGradientElement) / static_cast<double>(kElement);
+  const double gradient_ratio = static_cast<double>(gradient_element_bytes) / static_cast<double>(element_bytes);
   for (const bool backward : {false, true})
   for (const bool causal : {false, true}) {
     config.causal = causal;
@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
       const std::int64_t length = shape.seq_len / num_ranks;
       // Whole-shard ring: every other shard's K and V passes through every rank once (backward:
       // with its dK and dV, in a second message per step).
-      double whole_bytes = static_cast<double>((num_ranks - 1) * 2 * length * kHeads * kDim * kElement);
+      double whole_bytes = static_cast<double>((num_ranks - 1) * 2 * length * model_heads * head_dim_of_model * element_bytes);
       double whole_messages = static_cast<double>(num_ranks - 1);
       if (backward) {
         whole_bytes *= 1 + gradient_ratio;
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
       double gather_bytes = 0, gather_messages = 0;
       for (std::size_t i = 0; i < config.segment_lengths.size(); ++i) {
         const std::int64_t group = std::max<std::int64_t>(1, std::min(config.segment_lengths[i], shape.seq_len) / length);
-        gather_bytes += static_cast<double>((group - 1) * 2 * kHeads * kDim * kElement) *
+        gather_bytes += static_cast<double>((group - 1) * 2 * model_heads * head_dim_of_model * element_bytes) *
                         static_cast<double>(length) / static_cast<double>(config.dilation_rates[i]);
         gather_messages += static_cast<double>(group - 1);
       }

@@ -66,10 +66,7 @@ int main(int argc, char** argv) {
     for (int repeat = 0; repeat < repeats; ++repeat) {
       MPI_Barrier(MPI_COMM_WORLD);
       const double start = MPI_Wtime();
-      stats = da::ring::forward<float>(config, global, transport, da::contiguous_view<const float>(q.data(), local, heads),
-                                       da::contiguous_view<const float>(k.data(), local, heads),
-                                       da::contiguous_view<const float>(v.data(), local, heads),
-                                       da::contiguous_view(out.data(), local, heads), lse.data(), ring_options);
+      stats = da::ring::forward<float>(config, global, transport, {da::contiguous_view<const float>(q.data(), local, heads), da::contiguous_view<const float>(k.data(), local, heads), da::contiguous_view<const float>(v.data(), local, heads)}, {da::contiguous_view(out.data(), local, heads), lse.data()}, ring_options);
       const double mine = MPI_Wtime() - start;
       double slowest = 0.0;
       MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -127,13 +124,7 @@ int main(int argc, char** argv) {
       for (int repeat = 0; repeat < repeats; ++repeat) {
         MPI_Barrier(MPI_COMM_WORLD);
         const double start = MPI_Wtime();
-        backward_stats = da::ring::backward<float>(
-            config, global, transport, da::contiguous_view<const float>(q.data(), local, heads),
-            da::contiguous_view<const float>(k.data(), local, heads),
-            da::contiguous_view<const float>(v.data(), local, heads),
-            da::contiguous_view<const float>(out.data(), local, heads), lse.data(),
-            da::contiguous_view<const float>(d_out.data(), local, heads), da::contiguous_view(d_q.data(), local, heads),
-            da::contiguous_view(d_k.data(), local, heads), da::contiguous_view(d_v.data(), local, heads), ring_options);
+        backward_stats = da::ring::backward<float>(config, global, transport, {da::contiguous_view<const float>(q.data(), local, heads), da::contiguous_view<const float>(k.data(), local, heads), da::contiguous_view<const float>(v.data(), local, heads)}, {da::contiguous_view<const float>(out.data(), local, heads), lse.data()}, da::contiguous_view<const float>(d_out.data(), local, heads), {da::contiguous_view(d_q.data(), local, heads), da::contiguous_view(d_k.data(), local, heads), da::contiguous_view(d_v.data(), local, heads)}, ring_options);
         const double mine = MPI_Wtime() - start;
         double slowest = 0.0;
         MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -172,10 +163,7 @@ int main(int argc, char** argv) {
         double single_best = 1e300;
         for (int repeat = 0; repeat < repeats; ++repeat) {
           const double start = MPI_Wtime();
-          da::forward<float>(config, global, da::contiguous_view<const float>(q.data(), global, heads),
-                             da::contiguous_view<const float>(k.data(), global, heads),
-                             da::contiguous_view<const float>(v.data(), global, heads),
-                             da::contiguous_view(out.data(), global, heads), lse.data(), options);
+          da::forward<float>(config, global, {da::contiguous_view<const float>(q.data(), global, heads), da::contiguous_view<const float>(k.data(), global, heads), da::contiguous_view<const float>(v.data(), global, heads)}, {da::contiguous_view(out.data(), global, heads), lse.data()}, options);
           single_best = std::min(single_best, MPI_Wtime() - start);
         }
         std::printf("single-process dilated_attention::forward, %d thread(s), best of %d: %.3f s\n", threads,
@@ -186,13 +174,7 @@ int main(int argc, char** argv) {
         double backward_best = 1e300;
         for (int repeat = 0; repeat < repeats; ++repeat) {
           const double start = MPI_Wtime();
-          da::backward<float>(config, global, da::contiguous_view<const float>(q.data(), global, heads),
-                              da::contiguous_view<const float>(k.data(), global, heads),
-                              da::contiguous_view<const float>(v.data(), global, heads),
-                              da::contiguous_view<const float>(out.data(), global, heads), lse.data(),
-                              da::contiguous_view<const float>(d_out.data(), global, heads),
-                              da::contiguous_view(d_q.data(), global, heads), da::contiguous_view(d_k.data(), global, heads),
-                              da::contiguous_view(d_v.data(), global, heads), options);
+          da::backward<float>(config, global, {da::contiguous_view<const float>(q.data(), global, heads), da::contiguous_view<const float>(k.data(), global, heads), da::contiguous_view<const float>(v.data(), global, heads)}, {da::contiguous_view<const float>(out.data(), global, heads), lse.data()}, da::contiguous_view<const float>(d_out.data(), global, heads), {da::contiguous_view(d_q.data(), global, heads), da::contiguous_view(d_k.data(), global, heads), da::contiguous_view(d_v.data(), global, heads)}, options);
           backward_best = std::min(backward_best, MPI_Wtime() - start);
         }
         std::printf("single-process dilated_attention::backward, %d thread(s), best of %d: %.3f s\n", threads,

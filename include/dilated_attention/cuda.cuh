@@ -11,4 +11,5 @@
 #include "cuda/error.cuh"
 #include "cuda/backward.cuh"
 #include "cuda/forward.cuh"
+#include "cuda/inference.cuh"
 #include "cuda/launch_plan.hpp"

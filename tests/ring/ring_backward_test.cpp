@@ -56,19 +56,17 @@ struct Problem {
     v.fill_random(seed + 2);
     d_out.fill_random(seed + 3);
     lse.assign(static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len), 0);
-    da::forward<T>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data());
+    da::forward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()});
     d_q = Tensor<T>(s, s.num_heads);
     d_k = Tensor<T>(s, s.num_kv_heads);
     d_v = Tensor<T>(s, s.num_kv_heads);
-    da::backward<T>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data(), d_out.view(),
-                    d_q.view(), d_k.view(), d_v.view());
+    da::backward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
     if constexpr (std::is_same_v<T, double>) {
       if (!with_reference) return;
       ref_q = Tensor<double>(s, s.num_heads);
       ref_k = Tensor<double>(s, s.num_kv_heads);
       ref_v = Tensor<double>(s, s.num_kv_heads);
-      da::reference::backward<double>(config, shape, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                                      d_out.view(), ref_q.view(), ref_k.view(), ref_v.view());
+      da::reference::backward<double>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {ref_q.view(), ref_k.view(), ref_v.view()});
     }
   }
 
@@ -215,7 +213,7 @@ TEST(RingBackward, FloatStorageIsBitwiseReproducibleForAnyThreadCount) {
       SCOPED_TRACE(std::string(da::to_string(mixing)) + " P = " + std::to_string(num_ranks));
       da::ring::Options options;
       const auto one = problem.ring(num_ranks, options);
-      options.num_threads = 3;
+      options.device.num_threads = 3;
       const auto three = problem.ring(num_ranks, options);
       const auto again = problem.ring(num_ranks, options);
       options.post_early = false;
@@ -275,7 +273,7 @@ TEST(RingBackward, EqualsCpuBackwardOnALongerSequence) {
   da::Config config = da::testing::make_config({128, 256, 512}, {1, 2, 4});
   const Problem<float> problem(config, da::Shape{1, 512, 4, 4, 32}, 41);
   da::ring::Options options;
-  options.num_threads = 2;
+  options.device.num_threads = 2;
   const auto run = problem.ring(4, options);
   double scale = 1;
   for (const Tensor<float>* t : {&problem.d_q, &problem.d_k, &problem.d_v})

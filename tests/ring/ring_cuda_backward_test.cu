@@ -28,6 +28,16 @@ namespace da = dilated_attention;
 namespace ring = dilated_attention::ring;
 namespace dt = dilated_attention::testing;
 
+bool use_deprecated_spelling = false;  // DeprecatedSpellingEqualsTheGroupedCall
+
+// The CUDA ring's options: the common settings of `options` and the rank's stream.
+inline ring::cuda::Options device_options(const ring::Options& options, cudaStream_t stream) {
+  ring::cuda::Options device;
+  static_cast<ring::CommonOptions&>(device) = options;
+  device.device.stream = stream;
+  return device;
+}
+
 template <class T>
 da::View<T> on_device(const dt::Tensor<T>& host, T* data) {
   return {data, host.batch_stride, host.seq_stride, host.head_stride};
@@ -52,11 +62,26 @@ void rank_backward(const dt::GradientProblem<T>& p, const ring::Options& options
   d_k.upload(local.d_k.storage);
   d_v.upload(local.d_v.storage);
   da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");
-  ring::cuda::backward<T>(p.c.config, p.c.shape, transport, on_device(in.q, q.data()), on_device(in.k, k.data()),
-                          on_device(in.v, v.data()), on_device(in.out, out.data()), d_lse.data(),
-                          on_device(in.d_out, d_out.data()), on_device(local.d_q, d_q.data()),
-                          on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()), options,
-                          static_cast<cudaStream_t>(stream));
+  if (use_deprecated_spelling) {  // the 0.1 spelling: ring::Options, then the stream
+#pragma nv_diag_suppress 1444
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    ring::cuda::backward<T>(p.c.config, p.c.shape, transport, on_device(in.q, q.data()), on_device(in.k, k.data()),
+                            on_device(in.v, v.data()), on_device(in.out, out.data()), d_lse.data(),
+                            on_device(in.d_out, d_out.data()), on_device(local.d_q, d_q.data()),
+                            on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()), options,
+                            static_cast<cudaStream_t>(stream));
+#pragma GCC diagnostic pop
+#pragma nv_diag_default 1444
+  } else {
+    ring::cuda::backward<T>(p.c.config, p.c.shape, transport,
+                            {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())},
+                            {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()),
+                            {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()),
+                             on_device(local.d_v, d_v.data())},
+                            device_options(options, static_cast<cudaStream_t>(stream)));
+  }
+  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
   d_q.download(local.d_q.storage);
   d_k.download(local.d_k.storage);
   d_v.download(local.d_v.storage);
@@ -201,11 +226,8 @@ TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             da::Config config = c.config;
             config.causal = scenario == 2 && rank == 1;
             try {
-              ring::cuda::backward<float>(config, c.shape, faulty, on_device(in.q, q.data()), on_device(in.k, k.data()),
-                                          on_device(in.v, v.data()), on_device(in.out, out.data()), d_lse.data(),
-                                          on_device(in.d_out, d_out.data()), on_device(local.d_q, d_q.data()),
-                                          on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()),
-                                          options, static_cast<cudaStream_t>(stream));
+              ring::cuda::backward<float>(config, c.shape, faulty, {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())}, {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()), {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data())}, device_options(options, static_cast<cudaStream_t>(stream)));
+              da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
               outcome[rank] = "returned";
             } catch (const ring::PeerFailure& e) {
               outcome[rank] = "PeerFailure from " + std::to_string(e.failed_rank());
@@ -248,10 +270,7 @@ TEST(RingCudaBackward, RejectsBadInputBeforeAnyDeviceWork) {
         };
         const da::View<const float> q = fake.q, k = fake.k, v = fake.v, out = fake.out;
         const da::View<const float> d_out = da::contiguous_view(at(5), local, local.num_heads);
-        ring::cuda::backward<float>(config, shape, transport, q, k, v, out, null_lse ? nullptr : fake.lse, d_out,
-                                    da::contiguous_view(at(6), local, local.num_heads),
-                                    da::contiguous_view(at(7), local, local.num_kv_heads),
-                                    da::contiguous_view(at(8), local, local.num_kv_heads));
+        ring::cuda::backward<float>(config, shape, transport, {q, k, v}, {out, null_lse ? nullptr : fake.lse}, d_out, {da::contiguous_view(at(6), local, local.num_heads), da::contiguous_view(at(7), local, local.num_kv_heads), da::contiguous_view(at(8), local, local.num_kv_heads)});
       });
       ADD_FAILURE() << "accepted; expected a refusal naming " << fragment;
     } catch (const std::invalid_argument& e) {
@@ -261,6 +280,18 @@ TEST(RingCudaBackward, RejectsBadInputBeforeAnyDeviceWork) {
   expect_refused(da::Shape{1, 32, 2, 2, 40}, "head_dim", false);
   expect_refused(da::Shape{1, 32, 2, 2, 64}, "lse", true);
   expect_refused(da::Shape{1, 31, 2, 2, 64}, "num_ranks", false);
+}
+
+// The deprecated positional spelling (ring::Options, a trailing stream; it still synchronises)
+// gives bitwise what the grouped call gives.
+TEST(RingCudaBackward, DeprecatedSpellingEqualsTheGroupedCall) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const dt::GradientProblem<float> p(dt::ring_sweep_cases(64)[22], 321);
+  const auto grouped = run_gpu_ring<float>(p, 3);
+  use_deprecated_spelling = true;
+  const auto positional = run_gpu_ring<float>(p, 3);
+  use_deprecated_spelling = false;
+  EXPECT_TRUE(dt::bitwise_equal(grouped, positional));
 }
 
 }  // namespace

@@ -28,6 +28,16 @@ namespace da = dilated_attention;
 namespace ring = dilated_attention::ring;
 namespace dt = dilated_attention::testing;
 
+bool use_deprecated_spelling = false;  // DeprecatedSpellingEqualsTheGroupedCall
+
+// The CUDA ring's options: the common settings of `options` and the rank's stream.
+inline ring::cuda::Options device_options(const ring::Options& options, cudaStream_t stream) {
+  ring::cuda::Options device;
+  static_cast<ring::CommonOptions&>(device) = options;
+  device.device.stream = stream;
+  return device;
+}
+
 template <class T>
 da::View<T> on_device(const dt::Tensor<T>& host, T* data) {
   return {data, host.batch_stride, host.seq_stride, host.head_stride};
@@ -47,9 +57,22 @@ void rank_forward(const dt::Case& c, const ring::Options& options, ring::Transpo
   dout.upload(out.storage);  // the poison: every element must be written, padding never
   dlse.upload(lse);
   da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");  // pageable copies: make sure they landed
-  ring::cuda::forward<T>(c.config, c.shape, transport, on_device(q, dq.data()), on_device(k, dk.data()),
-                         on_device(v, dv.data()), on_device(out, dout.data()), dlse.data(), options,
-                         static_cast<cudaStream_t>(stream));
+  if (use_deprecated_spelling) {  // the 0.1 spelling: ring::Options, then the stream
+#pragma nv_diag_suppress 1444
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    ring::cuda::forward<T>(c.config, c.shape, transport, on_device(q, dq.data()), on_device(k, dk.data()),
+                           on_device(v, dv.data()), on_device(out, dout.data()), dlse.data(), options,
+                           static_cast<cudaStream_t>(stream));
+#pragma GCC diagnostic pop
+#pragma nv_diag_default 1444
+  } else {
+    ring::cuda::forward<T>(c.config, c.shape, transport,
+                           {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())},
+                           {on_device(out, dout.data()), dlse.data()},
+                           device_options(options, static_cast<cudaStream_t>(stream)));
+  }
+  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
   dout.download(out.storage);
   dlse.download(lse);
 }
@@ -84,7 +107,7 @@ void check_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, const dt::
   if (!std::is_same_v<T, float>) {
     const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
     dt::Tensor<double> expected(c.shape, c.shape.num_heads);
-    da::reference::forward<double>(c.config, c.shape, q.view(), k.view(), v.view(), expected.view());
+    da::reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()}, {expected.view()});
     dt::Tensor<T> naive(c.shape, c.shape.num_heads);
     std::vector<double> naive_lse;
     dt::naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);
@@ -217,9 +240,8 @@ TEST(RingCudaForward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
           da::Config config = c.config;
           config.causal = scenario == 2 && p == 1;
           try {
-            ring::cuda::forward<float>(config, c.shape, faulty, on_device(q, dq.data()), on_device(k, dk.data()),
-                                       on_device(v, dv.data()), on_device(out, dout.data()), nullptr, options,
-                                       static_cast<cudaStream_t>(stream));
+            ring::cuda::forward<float>(config, c.shape, faulty, {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())}, {on_device(out, dout.data()), nullptr}, device_options(options, static_cast<cudaStream_t>(stream)));
+            da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
             outcome[static_cast<std::size_t>(p)] = "returned";
           } catch (const ring::PeerFailure& e) {
             outcome[static_cast<std::size_t>(p)] = "PeerFailure from " + std::to_string(e.failed_rank());
@@ -256,7 +278,7 @@ TEST(RingCudaForward, RejectsBadInputBeforeAnyDeviceWork) {
         local.seq_len /= 2;
         dt::FakeTensors<float> fake(local);
         tamper(fake);
-        ring::cuda::forward<float>(config, shape, transport, fake.q, fake.k, fake.v, fake.out, fake.lse);
+        ring::cuda::forward<float>(config, shape, transport, {fake.q, fake.k, fake.v}, {fake.out, fake.lse});
       });
       ADD_FAILURE() << "accepted; expected a refusal naming " << fragment;
     } catch (const std::invalid_argument& e) {
@@ -269,6 +291,19 @@ TEST(RingCudaForward, RejectsBadInputBeforeAnyDeviceWork) {
                  [](auto& f) { f.q.data = reinterpret_cast<float*>(reinterpret_cast<char*>(f.q.data) + 2); },
                  "q.data");
   expect_refused(da::Shape{1, 31, 2, 2, 64}, [](auto&) {}, "num_ranks");
+}
+
+// The deprecated positional spelling (ring::Options, a trailing stream; it still synchronises)
+// gives bitwise what the grouped call gives.
+TEST(RingCudaForward, DeprecatedSpellingEqualsTheGroupedCall) {
+  DILATED_ATTENTION_REQUIRE_DEVICE();
+  const dt::Case c = dt::ring_sweep_cases(64)[22];
+  const auto in = dt::random_device_test_inputs<float>(c.shape, c.pad, c.seq_pad, 123);
+  const auto grouped = run_gpu_ring<float>(c, in, 3);
+  use_deprecated_spelling = true;
+  const auto positional = run_gpu_ring<float>(c, in, 3);
+  use_deprecated_spelling = false;
+  EXPECT_TRUE(dt::bitwise_equal(grouped, positional));
 }
 
 }  // namespace

@@ -52,7 +52,7 @@ TEST(RingDriver, PostsEveryExchangeBeforeComputingNearestFirst) {
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
-  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view()});
   std::vector<std::vector<std::string>> logs(4);
   ring::PatternCache cache;
   ring::run_in_process(4, [&](ring::Transport& inner) {
@@ -85,7 +85,7 @@ TEST(RingDriver, OneStepAheadWhenNotPostingEarly) {
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
-  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view()});
   std::vector<std::vector<std::string>> logs(4);
   ring::PatternCache cache;
   ring::run_in_process(4, [&](ring::Transport& inner) {

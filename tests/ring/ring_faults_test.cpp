@@ -35,7 +35,7 @@ void expect_every_rank_raises_then_recovers(int num_ranks, Fault fault, int faul
   ring::run_in_process(num_ranks, [&](ring::Transport& transport) {
     const auto p = static_cast<std::size_t>(transport.rank());
     ring::Options options;
-    options.num_threads = 2;
+    options.device.num_threads = 2;
     failed[p] = da::testing::run_fault_call(problem(), transport, fault, faulty, options, call);
     after[p] = da::testing::run_fault_call(problem(), transport, Fault::none, faulty, {}, call);
   });

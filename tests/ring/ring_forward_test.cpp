@@ -58,8 +58,7 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
   k.fill_random(23);
   v.fill_random(37);
   std::vector<double> expected_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(),
-                                 expected_lse.data());
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
   const da::Pattern pattern(config, shape);
 
   for (int num_ranks = 1; num_ranks <= 4; ++num_ranks) {
@@ -146,7 +145,7 @@ TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
         config.mixing = mixing;
         config.causal = causal;
         std::vector<double> expected_lse(static_cast<std::size_t>(4 * 1680));  // heads x N
-        da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+        da::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
         for (int num_ranks = 1; num_ranks <= 8; ++num_ranks) {
           SCOPED_TRACE(std::string(da::to_string(rule)) + " " + da::to_string(mixing) + (causal ? " causal" : "") +
                        " P = " + std::to_string(num_ranks));
@@ -171,7 +170,7 @@ TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
   k.fill_random(82);
   v.fill_random(83);
   std::vector<double> expected_lse(static_cast<std::size_t>(4 * 560));
-  da::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+  da::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
   for (int num_ranks : {5, 7, 8}) {
     SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
     const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
@@ -198,8 +197,7 @@ TEST(RingForward, FloatStorageAndThreadCountInvariance) {
   k.fill_random(6);
   v.fill_random(7);
   std::vector<float> expected_lse(static_cast<std::size_t>(6 * 96));
-  da::reference::forward<float>(config, shape, q.view(), k.view(), v.view(), expected.view(),
-                                expected_lse.data());
+  da::reference::forward<float>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
   for (int num_ranks : {2, 3, 4}) {
     SCOPED_TRACE("P = " + std::to_string(num_ranks));
     const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 1);
@@ -231,6 +229,27 @@ TEST(RingForward, BadInstructionSetVariableRaises) {
   EXPECT_NO_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2));
 }
 
+// options.device.num_threads means what CpuOptions::num_threads means on one device: 0 is the
+// default (the environment variable, else the CPUs this process may use) and gives the same
+// bits as one thread; a negative count is refused on that rank, naming the ring's field.
+TEST(RingForward, DeviceThreadCountHasTheSingleDeviceMeaning) {
+  const da::Config config = da::testing::make_config({8, 16}, {1, 2});
+  const da::Shape shape{1, 32, 2, 2, 8};
+  Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2);
+  q.fill_random(1);
+  k.fill_random(2);
+  v.fill_random(3);
+  const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 1);
+  const auto automatic = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 0);
+  EXPECT_EQ(one.out.storage, automatic.out.storage);
+  try {
+    da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, -1);
+    ADD_FAILURE() << "options.device.num_threads = -1 was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("options.device.num_threads"), std::string::npos) << e.what();
+  }
+}
+
 // The ring can fail: a corrupted received row changes the answer (guards against a test that
 // compares the reference with itself).
 TEST(RingForward, CorruptedTransferIsDetected) {
@@ -257,14 +276,11 @@ TEST(RingForward, CorruptedTransferIsDetected) {
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
-  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view()});
   da::ring::run_in_process(2, [&](da::ring::Transport& inner) {
     Corrupting transport(inner);
     const std::int64_t begin = transport.rank() * 12;
-    da::ring::forward<double>(config, shape, transport, da::testing::shard_view(q.view(), begin),
-                              da::testing::shard_view(k.view(), begin),
-                              da::testing::shard_view(v.view(), begin),
-                              da::testing::shard_view(out.view(), begin));
+    da::ring::forward<double>(config, shape, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(out.view(), begin)});
   });
   EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
 }
@@ -287,7 +303,7 @@ TEST(RingForward, EqualsCpuForwardOnALongerSequence) {
   for (const bool causal : {false, true}) {
     config.causal = causal;
     std::vector<float> expected_lse(static_cast<std::size_t>(4 * 384));
-    da::forward<float>(config, shape, q.view(), k.view(), v.view(), expected.view(), expected_lse.data());
+    da::forward<float>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
     for (int num_ranks : {1, 2, 3, 4}) {
       SCOPED_TRACE("P = " + std::to_string(num_ranks) + (causal ? " causal" : ""));
       const auto run = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks);

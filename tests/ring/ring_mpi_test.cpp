@@ -55,9 +55,8 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   Tensor<double> single(s, s.num_heads), reference(s, s.num_heads), ring(s, s.num_heads);
   const std::size_t lse_size = static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len);
   std::vector<double> single_lse(lse_size), reference_lse(lse_size);
-  da::forward<double>(config, s, q.view(), k.view(), v.view(), single.view(), single_lse.data());
-  da::reference::forward<double>(config, s, q.view(), k.view(), v.view(), reference.view(),
-                                 reference_lse.data());
+  da::forward<double>(config, s, {q.view(), k.view(), v.view()}, {single.view(), single_lse.data()});
+  da::reference::forward<double>(config, s, {q.view(), k.view(), v.view()}, {reference.view(), reference_lse.data()});
 
   const std::int64_t length = s.seq_len / transport.size();
   const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
@@ -67,15 +66,12 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
   da::ring::Stats stats;
   if (c.layout == da::ring::Layout::contiguous) {
     const std::int64_t begin = transport.rank() * length;
-    stats = da::ring::forward<double>(config, s, transport, da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin),
-                                      da::testing::shard_view(v.view(), begin), da::testing::shard_view(ring.view(), begin), ring_lse.data(),
-                                      options);
+    stats = da::ring::forward<double>(config, s, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(ring.view(), begin), ring_lse.data()}, options);
   } else {
     const Tensor<double> lq = da::testing::gather_rows(q, chunks, length), lk = da::testing::gather_rows(k, chunks, length),
                          lv = da::testing::gather_rows(v, chunks, length);
     Tensor<double> lo = da::testing::gather_rows(ring, chunks, length);
-    stats = da::ring::forward<double>(config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(),
-                                      ring_lse.data(), options);
+    stats = da::ring::forward<double>(config, s, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), ring_lse.data()}, options);
     da::testing::scatter_rows(lo, chunks, ring);
   }
 
@@ -124,13 +120,11 @@ int check_backward(const Case& c, da::ring::MpiTransport& transport) {
   v.fill_random(33);
   d_out.fill_random(44);
   std::vector<double> lse(static_cast<std::size_t>(s.batch * s.num_heads * s.seq_len));
-  da::forward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data());
+  da::forward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()});
   Tensor<double> single[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
   Tensor<double> reference[3] = {{s, s.num_heads}, {s, s.num_kv_heads}, {s, s.num_kv_heads}};
-  da::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(), d_out.view(),
-                       single[0].view(), single[1].view(), single[2].view());
-  da::reference::backward<double>(config, s, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                                  d_out.view(), reference[0].view(), reference[1].view(), reference[2].view());
+  da::backward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {single[0].view(), single[1].view(), single[2].view()});
+  da::reference::backward<double>(config, s, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {reference[0].view(), reference[1].view(), reference[2].view()});
 
   const std::int64_t length = s.seq_len / transport.size();
   const auto chunks = da::ring::rank_chunks(c.layout, s.seq_len, transport.size(), transport.rank());
@@ -143,9 +137,7 @@ int check_backward(const Case& c, da::ring::MpiTransport& transport) {
   Tensor<double> grads[3] = {{local, s.num_heads}, {local, s.num_kv_heads}, {local, s.num_kv_heads}};
   da::ring::Options options;
   options.layout = c.layout;
-  const da::ring::Stats stats = da::ring::backward<double>(
-      config, s, transport, lq.view(), lk.view(), lv.view(), lo.view(), local_lse.data(), ld.view(),
-      grads[0].view(), grads[1].view(), grads[2].view(), options);
+  const da::ring::Stats stats = da::ring::backward<double>(config, s, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, ld.view(), {grads[0].view(), grads[1].view(), grads[2].view()}, options);
 
   double worst = 0.0, worst_reference = 0.0;
   for (int n = 0; n < 3; ++n)

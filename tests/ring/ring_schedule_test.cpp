@@ -224,7 +224,7 @@ TEST(RingSchedule, ForwardValidatesBeforeWriting) {
   std::vector<std::string> messages(4);
   EXPECT_THROW(da::ring::run_in_process(4, [&](da::ring::Transport& transport) {
                  try {
-                   da::ring::forward<double>(config, shape, transport, q.view(), k.view(), v.view(), out.view());
+                   da::ring::forward<double>(config, shape, transport, {q.view(), k.view(), v.view()}, {out.view()});
                  } catch (const std::invalid_argument& e) {
                    messages[static_cast<std::size_t>(transport.rank())] = e.what();
                    throw;
@@ -241,14 +241,14 @@ TEST(RingSchedule, ForwardValidatesBeforeWriting) {
   out8.fill(5.0);
   EXPECT_THROW(da::ring::run_in_process(2, [&](da::ring::Transport& transport) {
                  da::View<const double> null_q{nullptr, 0, 0, 0};
-                 da::ring::forward<double>(config, even, transport, null_q, k8.view(), v8.view(), out8.view());
+                 da::ring::forward<double>(config, even, transport, {null_q, k8.view(), v8.view()}, {out8.view()});
                }),
                std::invalid_argument);
   // A config error names the config field.
   da::Config bad = config;
   bad.dilation_rates = {9};
   EXPECT_THROW(da::ring::run_in_process(2, [&](da::ring::Transport& transport) {
-                 da::ring::forward<double>(bad, even, transport, q8.view(), k8.view(), v8.view(), out8.view());
+                 da::ring::forward<double>(bad, even, transport, {q8.view(), k8.view(), v8.view()}, {out8.view()});
                }),
                std::invalid_argument);
   for (const double value : out.storage) EXPECT_EQ(value, 5.0);

@@ -80,7 +80,7 @@ TEST(RingInProcessTransport, ConcurrentRingForward) {
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
-  da::reference::forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view());
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view()});
   ring::PatternCache cache;
   const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, 4, &cache, 2);
   EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);

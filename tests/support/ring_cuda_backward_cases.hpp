@@ -44,7 +44,7 @@ struct GradientProblem {
     d_out = narrow(random_tensor<double>(s, s.num_heads, seed + 3, c.pad, c.seq_pad), wd);
     Tensor<double> exact(s, s.num_heads, c.pad, c.seq_pad);
     std::vector<double> wide_lse(lse_size(s));
-    reference::forward<double>(c.config, s, wq.view(), wk.view(), wv.view(), exact.view(), wide_lse.data());
+    reference::forward<double>(c.config, s, {wq.view(), wk.view(), wv.view()}, {exact.view(), wide_lse.data()});
     out = narrow(exact, wo);
     lse.resize(wide_lse.size());
     for (std::size_t e = 0; e < lse.size(); ++e) {
@@ -54,8 +54,7 @@ struct GradientProblem {
     ref_q = Tensor<double>(s, s.num_heads);
     ref_k = Tensor<double>(s, s.num_kv_heads);
     ref_v = Tensor<double>(s, s.num_kv_heads);
-    reference::backward<double>(c.config, s, wq.view(), wk.view(), wv.view(), wo.view(), wide_lse.data(),
-                                wd.view(), ref_q.view(), ref_k.view(), ref_v.view());
+    reference::backward<double>(c.config, s, {wq.view(), wk.view(), wv.view()}, {wo.view(), wide_lse.data()}, wd.view(), {ref_q.view(), ref_k.view(), ref_v.view()});
     for (const Tensor<double>* g : {&ref_q, &ref_k, &ref_v})
       for (const double value : g->storage) scale = std::max(scale, std::abs(value));
   }

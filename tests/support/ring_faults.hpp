@@ -145,14 +145,13 @@ struct FaultProblem {
     k.fill_random(6);
     v.fill_random(7);
     lse.resize(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-    forward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), lse.data());
+    forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()});
     d_out = Tensor<double>(shape, shape.num_heads);
     d_out.fill_random(8);
     d_q = Tensor<double>(shape, shape.num_heads);
     d_k = Tensor<double>(shape, shape.num_kv_heads);
     d_v = Tensor<double>(shape, shape.num_kv_heads);
-    backward<double>(config, shape, q.view(), k.view(), v.view(), expected.view(), lse.data(),
-                     d_out.view(), d_q.view(), d_k.view(), d_v.view());
+    backward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
   }
 };
 
@@ -200,13 +199,10 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   const auto start = std::chrono::steady_clock::now();
   try {
     if (call == Call::forward) {
-      ring::forward<double>(config, shape, wrapped, q, shard(problem.k.view()), shard(problem.v.view()),
-                            shard(out.view()), nullptr, options);
+      ring::forward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(out.view()), nullptr}, options);
       error(out, problem.expected);
     } else {
-      ring::backward<double>(config, shape, wrapped, q, shard(problem.k.view()), shard(problem.v.view()),
-                             shard(problem.expected.view()), lse_data, shard(problem.d_out.view()),
-                             shard(d_q.view()), shard(d_k.view()), shard(d_v.view()), options);
+      ring::backward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(problem.expected.view()), lse_data}, shard(problem.d_out.view()), {shard(d_q.view()), shard(d_k.view()), shard(d_v.view())}, options);
       error(d_q, problem.d_q);
       error(d_k, problem.d_k);
       error(d_v, problem.d_v);

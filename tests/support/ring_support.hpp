@@ -69,19 +69,16 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
     std::vector<lse_type_t<T>> local_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
     ring::Options options;
     options.cache = cache;
-    options.num_threads = threads;
+    options.device.num_threads = threads;
     options.layout = layout;
     if (layout == ring::Layout::contiguous) {
       const std::int64_t begin = p * length;
-      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(
-          config, shape, transport, shard_view(q.view(), begin), shard_view(k.view(), begin),
-          shard_view(v.view(), begin), shard_view(run.out.view(), begin), local_lse.data(), options);
+      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(config, shape, transport, {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)}, {shard_view(run.out.view(), begin), local_lse.data()}, options);
     } else {
       const Tensor<T> lq = gather_rows(q, chunks, length), lk = gather_rows(k, chunks, length),
                       lv = gather_rows(v, chunks, length);
       Tensor<T> lo = gather_rows(run.out, chunks, length);
-      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(
-          config, shape, transport, lq.view(), lk.view(), lv.view(), lo.view(), local_lse.data(), options);
+      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, options);
       for (const ring::Chunk& chunk : chunks)
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
@@ -134,19 +131,14 @@ RingGradients<T> run_ring_backward_in_process(const Config& config, const Shape&
     ring::Stats& stats = run.stats[static_cast<std::size_t>(p)];
     if (options.layout == ring::Layout::contiguous) {
       const std::int64_t begin = p * length;
-      stats = ring::backward<T>(config, shape, transport, shard_view(q.view(), begin),
-                                shard_view(k.view(), begin), shard_view(v.view(), begin),
-                                shard_view(out.view(), begin), local_lse.data(),
-                                shard_view(d_out.view(), begin), shard_view(run.d_q.view(), begin),
-                                shard_view(run.d_k.view(), begin), shard_view(run.d_v.view(), begin), options);
+      stats = ring::backward<T>(config, shape, transport, {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)}, {shard_view(out.view(), begin), local_lse.data()}, shard_view(d_out.view(), begin), {shard_view(run.d_q.view(), begin), shard_view(run.d_k.view(), begin), shard_view(run.d_v.view(), begin)}, options);
     } else {
       const Tensor<T> lq = gather_rows(q, chunks, length), lk = gather_rows(k, chunks, length),
                       lv = gather_rows(v, chunks, length), lo = gather_rows(out, chunks, length),
                       ld = gather_rows(d_out, chunks, length);
       Tensor<T> gq = gather_rows(run.d_q, chunks, length), gk = gather_rows(run.d_k, chunks, length),
                 gv = gather_rows(run.d_v, chunks, length);
-      stats = ring::backward<T>(config, shape, transport, lq.view(), lk.view(), lv.view(), lo.view(),
-                                local_lse.data(), ld.view(), gq.view(), gk.view(), gv.view(), options);
+      stats = ring::backward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, ld.view(), {gq.view(), gk.view(), gv.view()}, options);
       scatter_rows(gq, chunks, run.d_q);
       scatter_rows(gk, chunks, run.d_k);
       scatter_rows(gv, chunks, run.d_v);

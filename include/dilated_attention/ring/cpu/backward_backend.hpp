@@ -42,8 +42,8 @@ class CpuBackwardBackend : public CpuShard<T> {
   CpuBackwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q,
                      View<const T> k, View<const T> v, View<const T> out, const Acc* lse,
                      View<const T> d_out, Acc scale, bool causal, std::int64_t branches, bool mean,
-                     int threads)
-      : Base(local, std::move(chunks), q, k, v, threads), out_(out), d_out_(d_out), lse_(lse),
+                     int threads, CpuIsa isa = CpuIsa::automatic)
+      : Base(local, std::move(chunks), q, k, v, threads, isa), out_(out), d_out_(d_out), lse_(lse),
         scale_(scale), weight_(mean ? Acc(1) / static_cast<Acc>(branches) : Acc(1)),
         causal_(causal), mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),

@@ -4,8 +4,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
+#include <vector>
 
+#include "../../arguments.hpp"
 #include "../../config.hpp"
+#include "../../cpu/kernels/isa.hpp"
+#include "../driver/call.hpp"
 #include "forward_backend.hpp"
 #include "../driver/agreement.hpp"
 #include "../driver/forward.hpp"
@@ -17,11 +22,12 @@
 
 namespace dilated_attention::ring {
 
-// Ring forward on the CPU (docs/semantics.md "Entry points"). `shape` is the GLOBAL shape (seq_len = N); q, k,
-// v, out are views over this rank's N / P rows, in the order options.layout gives them
-// (rank_chunks in ring/driver/layout.hpp: the contiguous shard, or zigzag chunks p and 2P-1-p); lse,
-// when given, is [batch, num_heads, N / P] contiguous, same row order. Rank and P come from the
-// transport.
+// Ring forward on the CPU (docs/semantics.md "Entry points"). `shape` is the GLOBAL shape (seq_len = N);
+// inputs.q, k, v and outputs.out are views over this rank's N / P rows, in the order
+// options.layout gives them (rank_chunks in ring/driver/layout.hpp: the contiguous shard, or
+// zigzag chunks p and 2P-1-p); outputs.lse, when given, is [batch, num_heads, N / P] contiguous
+// of lse_type_t<T>, same row order. Rank and P come from the transport. This rank computes with
+// options.device (CpuOptions; one thread by default, see ring::Options).
 //
 // Every rank must call it with the same config, shape, T and options.layout: the ranks check
 // that first (ring/driver/agreement.hpp), before any K/V row moves. A rank with bad input throws
@@ -32,30 +38,37 @@ namespace dilated_attention::ring {
 // call. A transfer that does not complete within options.timeout throws TransferTimeout.
 template <class T>
 Stats forward(const Config& config, const Shape& shape, Transport& transport,
+              const Inputs<dilated_attention::detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
+              const Options& options = {}) {
+  int threads = 1;
+  return run_ring_call<CallOperation::forward>(
+      config, shape, transport, options,
+      describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout), CallOperation::forward),
+      [&](const Shape& local) {
+        validate(config, local, inputs.q, inputs.k, inputs.v, outputs.out, outputs.lse);
+        threads = detail::resolve_ring_threads(options);
+        (void)cpu::resolve_isa(options.device.isa);  // a bad ISA is this rank's refusal
+      },
+      [&](const Shape& local, std::vector<Chunk> chunks) {
+        const std::int64_t accumulators =
+            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
+        return std::make_unique<CpuForwardBackend<T>>(
+            local, std::move(chunks), inputs.q, inputs.k, inputs.v,
+            static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)), config.causal, accumulators,
+            threads, options.device.isa);
+      },
+      [&](CpuForwardBackend<T>& backend) { backend.finish(outputs.out, outputs.lse); });
+}
+
+// The positional spelling of 0.1.
+template <class T>
+[[deprecated("use ring::forward(config, shape, transport, {q, k, v}, {out, lse}, options); removed in 0.2.0")]]
+Stats forward(const Config& config, const Shape& shape, Transport& transport,
               View<const dilated_attention::detail::identity_t<T>> q,
               View<const dilated_attention::detail::identity_t<T>> k,
               View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
               lse_type_t<T>* lse = nullptr, const Options& options = {}) {
-  Shape local = shape;
-  const auto validate_local = [&] {
-    local = validate_ring_call(config, shape, transport, options);
-    validate(config, local, q, k, v, out, lse);
-  };
-  Stats stats;
-  std::unique_ptr<CpuForwardBackend<T>> backend;
-  run_agreed_call(
-      transport, options.timeout, describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout)), validate_local,
-      [&] {
-        const std::int64_t accumulators =
-            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
-        backend = std::make_unique<CpuForwardBackend<T>>(
-            local, rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()), q, k, v, static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)),
-            config.causal, accumulators, options.num_threads);
-        PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
-        stats = run_ring_forward(config, shape, transport, *backend, cache, options);
-      },
-      [&] { backend->finish(out, lse); });
-  return stats;
+  return forward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);
 }
 
 }  // namespace dilated_attention::ring

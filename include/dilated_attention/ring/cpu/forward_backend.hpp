@@ -34,12 +34,14 @@ class CpuForwardBackend : public CpuShard<T> {
   // (contiguous layout), or `chunks`: which global rows the views hold (ring/driver/layout.hpp);
   // accumulators: 1 for softmax mixing, G for mean mixing (one per branch).
   CpuForwardBackend(const Shape& local, std::int64_t shard_begin, View<const T> q, View<const T> k,
-             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads)
+             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
+             CpuIsa isa = CpuIsa::automatic)
       : CpuForwardBackend(local, std::vector<Chunk>{{shard_begin, shard_begin + local.seq_len, 0}}, q, k, v,
-                   scale, causal, accumulators, threads) {}
+                   scale, causal, accumulators, threads, isa) {}
   CpuForwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
-             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads)
-      : Base(local, std::move(chunks), q, k, v, threads), scale_(scale), causal_(causal),
+             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
+             CpuIsa isa = CpuIsa::automatic)
+      : Base(local, std::move(chunks), q, k, v, threads, isa), scale_(scale), causal_(causal),
         accumulators_(accumulators),
         acc_o_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
                                         local.seq_len * local.head_dim),

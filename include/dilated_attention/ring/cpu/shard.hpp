@@ -28,10 +28,12 @@ class CpuShard {
   using Buffer = std::vector<T>;
 
   // local: the shard's shape (seq_len = N / P); chunks: which global rows the views hold
-  // (ring/driver/layout.hpp).
+  // (ring/driver/layout.hpp); threads: resolved (positive); isa: CpuOptions::isa (automatic:
+  // DILATED_ATTENTION_CPU_ISA, else the best this CPU runs).
   CpuShard(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
-           View<const T> v, int threads)
-      : shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), threads_(std::max(1, threads)) {}
+           View<const T> v, int threads, CpuIsa isa = CpuIsa::automatic)
+      : shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), threads_(std::max(1, threads)),
+        isa_(isa) {}
 
   Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }
   static void* bytes(Buffer& buffer) { return buffer.data(); }
@@ -61,7 +63,7 @@ class CpuShard {
   // thread's scratch.
   template <class MakeWorkspace, class Body>
   void run_units(std::int64_t count, MakeWorkspace&& make_workspace, Body&& body) const {
-    const CpuIsa isa = cpu::resolve_isa(CpuIsa::automatic);
+    const CpuIsa isa = cpu::resolve_isa(isa_);
     std::exception_ptr error;
     std::mutex error_mutex;
     std::atomic<bool> failed{false};
@@ -108,6 +110,7 @@ class CpuShard {
   std::vector<Chunk> chunks_;
   View<const T> q_, k_, v_;
   int threads_;
+  CpuIsa isa_;
 };
 
 }  // namespace dilated_attention::ring

@@ -55,14 +55,14 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
         d_out_(d_out), scale_(static_cast<float>(scale)),
         weight_(mean ? 1.f / static_cast<float>(branches) : 1.f), causal_(causal), mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),
-        delta_(static_cast<std::size_t>((mean ? branches : 1) * rows_)),
-        d_q_(static_cast<std::size_t>(rows_ * local.head_dim)),
-        d_k_(static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim)),
-        d_v_(d_k_.size()) {
+        delta_(device, static_cast<std::size_t>((mean ? branches : 1) * rows_)),
+        d_q_(device, static_cast<std::size_t>(rows_ * local.head_dim)),
+        d_k_(device, static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim)),
+        d_v_(device, d_k_.size()) {
     for (DeviceArray<float, Device>* a : {&delta_, &d_q_, &d_k_, &d_v_})
       device_.zero(a->data(), a->size() * sizeof(float));
     if (mean) {
-      branch_lse_ = DeviceArray<float, Device>(static_cast<std::size_t>(branches * rows_));
+      branch_lse_ = DeviceArray<float, Device>(device, static_cast<std::size_t>(branches * rows_));
       const auto count = static_cast<std::int64_t>(branch_lse_.size());
       device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::block_threads, 0,
                      device::FillParams{branch_lse_.data(), count, negative_infinity<float>()});
@@ -71,18 +71,18 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
       lse_ = const_cast<float*>(lse);  // read only: only the mean statistics write lse_
     }
   }
-  // Kernels may still read the accumulators and the item arrays: wait for the stream first.
-  ~CudaBackwardBackend() { this->drain(); }
+  // No wait for the stream: every DeviceArray is released stream-ordered (ring/cuda/shard.cuh),
+  // after the kernels enqueued before it (finish() included).
 
   // A partial buffer the blocks accumulate into: zeroed on the stream.
   GradientBuffer make_gradient_buffer(std::size_t elements) const {
-    GradientBuffer buffer(elements);
+    GradientBuffer buffer(device_, elements);
     device_.zero(buffer.data(), std::max<std::size_t>(elements, 1) * sizeof(float));
     return buffer;
   }
   // A buffer a transfer writes (returned partials): not zeroed, so that no stream operation
   // races the transport's copy into it.
-  GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(elements); }
+  GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(device_, elements); }
   static void* gradient_bytes(GradientBuffer& buffer) { return buffer.data(); }
   static std::size_t gradient_element_size() { return sizeof(float); }
 
@@ -92,12 +92,12 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   void for_each_kv_head(std::int64_t first, std::int64_t last, Body&& body) {
     Workspace workspace;
     statistics_items_.clear();
-    gradient_items_.clear();
+    backward_items_.clear();
     for (std::int64_t pair = first; pair < last; ++pair)
       body(pair / shape_.num_kv_heads, pair % shape_.num_kv_heads, workspace);
     if (!statistics_items_.empty()) launch_query_side(statistics_items_, true);
-    if (!gradient_items_.empty()) {
-      launch_query_side(gradient_items_, false);
+    if (!backward_items_.empty()) {
+      launch_query_side(backward_items_, false);
       launch_key_side();
     }
   }
@@ -121,7 +121,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   void gradient(Workspace&, std::int64_t i, std::int64_t b, std::int64_t h, std::int64_t g,
                 const Progression& queries, const Progression& keys, const Buffer* received,
                 std::size_t element_offset, GradientBuffer* partials) {
-    gradient_items_.push_back(item(mean_ ? i : 0, b, h, g, queries, keys, received, element_offset,
+    backward_items_.push_back(item(mean_ ? i : 0, b, h, g, queries, keys, received, element_offset,
                                    received != nullptr ? partials->data() + element_offset : nullptr));
   }
 
@@ -153,7 +153,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   }
 
  private:
-  device::GradientItem item(std::int64_t set, std::int64_t b, std::int64_t h, std::int64_t g,
+  device::BackwardItem item(std::int64_t set, std::int64_t b, std::int64_t h, std::int64_t g,
                             const Progression& queries, const Progression& keys, const Buffer* received,
                             std::size_t element_offset, float* partial) const {
     return {set, b, h, g, queries, local_of(queries.first), keys,
@@ -179,33 +179,33 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     group_begin_.push_back(static_cast<std::int64_t>(items.size()));
     return used;
   }
-  device::GradientParams params(const device::GradientItem* items, const std::int64_t* groups) const {
+  device::RingBackwardParams params(const device::BackwardItem* items, const std::int64_t* groups) const {
     return {items, groups, q_.data, k_.data, v_.data, d_out_.data, strides(q_), strides(k_), strides(v_),
             strides(d_out_), lse_, delta_.data(), d_q_.data(), d_k_.data(), d_v_.data(), shape_.batch,
             shape_.num_heads, shape_.num_kv_heads, shape_.seq_len, tiles(), scale_, weight_, causal_};
   }
   // Statistics or dQ: groups (batch, query head).
-  void launch_query_side(const std::vector<device::GradientItem>& items, bool statistics) {
+  void launch_query_side(const std::vector<device::BackwardItem>& items, bool statistics) {
     const std::int64_t groups = shape_.batch * shape_.num_heads;
-    const auto by_head = [&](const device::GradientItem& it) { return it.batch * shape_.num_heads + it.head; };
+    const auto by_head = [&](const device::BackwardItem& it) { return it.batch * shape_.num_heads + it.head; };
     const std::int64_t used = group_items(items, groups, by_head, sorted_);
     stage(sorted_, query_items_device_);
     stage(group_begin_, query_groups_device_);
-    const device::GradientParams p = params(query_items_device_.data(), query_groups_device_.data());
+    const device::RingBackwardParams p = params(query_items_device_.data(), query_groups_device_.data());
     if (statistics) dispatch<true, false>(p, used * tiles());
     else dispatch<false, false>(p, used * tiles());
   }
   // dK and dV: groups (batch, kv head).
   void launch_key_side() {
     const std::int64_t groups = shape_.batch * shape_.num_kv_heads;
-    const auto by_pair = [&](const device::GradientItem& it) { return it.batch * shape_.num_kv_heads + it.kv_head; };
-    const std::int64_t used = group_items(gradient_items_, groups, by_pair, sorted_);
+    const auto by_pair = [&](const device::BackwardItem& it) { return it.batch * shape_.num_kv_heads + it.kv_head; };
+    const std::int64_t used = group_items(backward_items_, groups, by_pair, sorted_);
     stage(sorted_, key_items_device_);
     stage(group_begin_, key_groups_device_);
     dispatch<false, true>(params(key_items_device_.data(), key_groups_device_.data()), used * tiles());
   }
   template <bool Statistics, bool Keys>
-  void dispatch(const device::GradientParams& p, std::int64_t blocks) {
+  void dispatch(const device::RingBackwardParams& p, std::int64_t blocks) {
     const std::size_t shared = static_cast<std::size_t>(device::block_warps * 2 * shape_.head_dim) * sizeof(float);
     switch (shape_.head_dim) {
       case 32: launch_one<Statistics, Keys, 32>(p, blocks, shared); break;
@@ -215,7 +215,7 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     }
   }
   template <bool Statistics, bool Keys, int D>
-  void launch_one(const device::GradientParams& p, std::int64_t blocks, std::size_t shared) {
+  void launch_one(const device::RingBackwardParams& p, std::int64_t blocks, std::size_t shared) {
     if constexpr (Keys) device_.launch(&device::ring_key_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
     else if constexpr (Statistics) device_.launch(&device::ring_statistics_kernel<T, D>, blocks, device::block_threads, shared, p);
     else device_.launch(&device::ring_query_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
@@ -245,10 +245,10 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   float* lse_ = nullptr;
   DeviceArray<float, Device> branch_lse_, delta_;  // row statistics: [set][b][h][x]
   DeviceArray<float, Device> d_q_, d_k_, d_v_;     // fp32 gradient accumulators
-  std::vector<device::GradientItem> statistics_items_, gradient_items_, sorted_;
+  std::vector<device::BackwardItem> statistics_items_, backward_items_, sorted_;
   std::vector<device::ReturnedItem> returned_items_;
   std::vector<std::int64_t> group_begin_;
-  DeviceArray<device::GradientItem, Device> query_items_device_, key_items_device_;
+  DeviceArray<device::BackwardItem, Device> query_items_device_, key_items_device_;
   DeviceArray<device::ReturnedItem, Device> returned_device_;
   DeviceArray<std::int64_t, Device> query_groups_device_, key_groups_device_, returned_groups_device_;
 };

@@ -33,7 +33,7 @@
 namespace dilated_attention::ring::device {
 
 // One block of a step: query rows of one head against the keys of one (branch, segment, offset).
-struct GradientItem {
+struct BackwardItem {
   std::int64_t set, batch, head, kv_head;  // set: the branch's row statistics (mean), else 0
   Progression queries;     // global positions (the causal cut compares these)
   std::int64_t query_row;  // local row of queries.first; query j sits at query_row + j * stride
@@ -43,8 +43,8 @@ struct GradientItem {
   float* partial;          // received keys: their dK rows then dV rows (fp32), in the partials
 };
 
-struct GradientParams {
-  const GradientItem* items;
+struct RingBackwardParams {
+  const BackwardItem* items;
   const std::int64_t* group_begin;  // items of (non-empty) group g: [group_begin[g], group_begin[g + 1])
   const void *q, *k, *v, *d_out;
   Strides q_strides, k_strides, v_strides, d_out_strides;
@@ -57,7 +57,7 @@ struct GradientParams {
   bool causal;
 };
 
-namespace gradient_detail {
+namespace backward_detail {
 
 template <class T>
 __device__ __forceinline__ const T* row_of(const void* base, const Strides& s, std::int64_t b,
@@ -74,17 +74,17 @@ __device__ __forceinline__ float dot(const float* shared_row, const T* row, int 
 }
 
 // The statistics of one (set, batch, head, local row): its index in lse / delta.
-__device__ __forceinline__ std::int64_t statistic(const GradientParams& p, const GradientItem& item,
+__device__ __forceinline__ std::int64_t statistic(const RingBackwardParams& p, const BackwardItem& item,
                                                   std::int64_t row) {
   return ((item.set * p.batch + item.batch) * p.heads + item.head) * p.rows + row;
 }
 
-}  // namespace gradient_detail
+}  // namespace backward_detail
 
 // `Statistics` = true: ring_statistics_kernel; false: ring_query_gradient_kernel. Both walk a
 // query row's keys in chunks of 32 (lane j: key j of the chunk); q and dO rows in shared memory.
 template <class T, int D, bool Statistics>
-__device__ void query_side(const GradientParams& p) {
+__device__ void query_side(const RingBackwardParams& p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
@@ -93,7 +93,7 @@ __device__ void query_side(const GradientParams& p) {
   using dilated_attention::cuda::device::warp_online_softmax_step;
   using dilated_attention::cuda::device::warp_sum;
   using dilated_attention::cuda::device::WarpSoftmaxStep;
-  using gradient_detail::dot;
+  using backward_detail::dot;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -104,7 +104,7 @@ __device__ void query_side(const GradientParams& p) {
   const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
-    const GradientItem item = p.items[index];
+    const BackwardItem item = p.items[index];
     const Progression local{item.query_row, item.queries.stride, item.queries.count};
     const Progression mine = local.within(row_lo, row_hi);
     const T* const k_base = static_cast<const T*>(p.k) + item.batch * p.k_strides.batch +
@@ -115,13 +115,13 @@ __device__ void query_side(const GradientParams& p) {
     for (std::int64_t m = warp; m < mine.count; m += block_warps) {
       const std::int64_t row = mine.at(m);
       const std::int64_t x = item.queries.at(local.index_of(row));
-      const std::int64_t at = gradient_detail::statistic(p, item, row);
+      const std::int64_t at = backward_detail::statistic(p, item, row);
       const float row_lse = Statistics ? 0.f : p.lse[at];
       const float row_delta = Statistics ? 0.f : p.delta[at];
       std::int64_t limit = p.causal ? item.keys.count_up_to(x) : item.keys.count;
       if (!Statistics && row_lse == -inf) limit = 0;  // an empty row: nothing flows back
-      const T* const q_row = gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
-      const T* const g_row = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
+      const T* const q_row = backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
+      const T* const g_row = backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
       __syncwarp();  // the previous row is no longer read
       for (int d = lane; d < D; d += 32) {
         query[d] = to_float(q_row[d]);
@@ -182,24 +182,24 @@ __device__ void query_side(const GradientParams& p) {
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_statistics_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_statistics_kernel(const RingBackwardParams p) {
   query_side<T, D, true>(p);
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_query_gradient_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_query_gradient_kernel(const RingBackwardParams p) {
   query_side<T, D, false>(p);
 }
 
 // dK and dV of a step's blocks: one warp per key row, its k and v rows in shared memory; the
 // visible queries in chunks of 32 (lane i: query i of the chunk).
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const GradientParams p) {
+__global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const RingBackwardParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
   using dilated_attention::cuda::device::to_float;
-  using gradient_detail::dot;
+  using backward_detail::dot;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
   const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
-    const GradientItem item = p.items[index];
+    const BackwardItem item = p.items[index];
     const T* const packed = static_cast<const T*>(item.received);
     // Destination rows: local key rows, or row j of the received piece.
     const Progression destination = packed != nullptr ? Progression{0, 1, item.keys.count}
@@ -220,9 +220,9 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
       const std::int64_t j = destination.index_of(mine.at(m));
       const std::int64_t y = item.keys.at(j);
       const T* const k_row = packed != nullptr ? packed + j * D
-                                               : gradient_detail::row_of<T>(p.k, p.k_strides, item.batch, mine.at(m), item.kv_head);
+                                               : backward_detail::row_of<T>(p.k, p.k_strides, item.batch, mine.at(m), item.kv_head);
       const T* const v_row = packed != nullptr ? packed + (item.keys.count + j) * D
-                                               : gradient_detail::row_of<T>(p.v, p.v_strides, item.batch, mine.at(m), item.kv_head);
+                                               : backward_detail::row_of<T>(p.v, p.v_strides, item.batch, mine.at(m), item.kv_head);
       __syncwarp();
       for (int d = lane; d < D; d += 32) {
         key[d] = to_float(k_row[d]);
@@ -238,11 +238,11 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
         float prob = 0.f, d_score = 0.f;
         if (i < item.queries.count) {
           const std::int64_t row = item.query_row + i * item.queries.stride;
-          const std::int64_t at = gradient_detail::statistic(p, item, row);
+          const std::int64_t at = backward_detail::statistic(p, item, row);
           const float row_lse = p.lse[at];
           if (row_lse != -inf) {
-            const float score = dot(key, gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head), D);
-            const float d_prob = dot(value, gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head), D);
+            const float score = dot(key, backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head), D);
+            const float d_prob = dot(value, backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head), D);
             prob = expf(score * p.scale - row_lse);
             d_score = p.scale * prob * (p.weight * d_prob - p.delta[at]);
           }
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
           const float p_i = __shfl_sync(0xffffffffu, prob, ii);
           const float ds_i = __shfl_sync(0xffffffffu, d_score, ii);
           const std::int64_t row = item.query_row + (chunk + ii) * item.queries.stride;
-          const T* const q_row = gradient_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
-          const T* const g_row = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
+          const T* const q_row = backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
+          const T* const g_row = backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
 #pragma unroll
           for (int e = 0; e < per_lane; ++e) {
             acc_k[e] = fmaf(ds_i, to_float(q_row[lane + 32 * e]), acc_k[e]);

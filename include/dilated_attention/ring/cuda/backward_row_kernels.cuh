@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(block_threads) ring_delta_kernel(const DeltaPa
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < count;
        r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t x = r % p.rows, h = (r / p.rows) % p.heads, b = r / (p.rows * p.heads);
-    const T* const o = gradient_detail::row_of<T>(p.out, p.out_strides, b, x, h);
-    const T* const g = gradient_detail::row_of<T>(p.d_out, p.d_out_strides, b, x, h);
+    const T* const o = backward_detail::row_of<T>(p.out, p.out_strides, b, x, h);
+    const T* const g = backward_detail::row_of<T>(p.d_out, p.d_out_strides, b, x, h);
     float sum = 0.f;
     for (std::int64_t d = 0; d < p.head_dim; ++d) sum = fmaf(to_float(g[d]), to_float(o[d]), sum);
     p.delta[r] = sum;

@@ -9,8 +9,9 @@
 //   sends are posted) and the end of for_each_head() (one step's blocks) upload them and launch
 //   one kernel each (ring/cuda/forward_kernels.cuh). So a step costs two uploads and two launches
 //   and the host never waits for the device inside the call: the driver orders transfers on the
-//   stream (Transport::order_sends_after, enqueue_wait), and buffers a kernel may still read are
-//   retired, not freed, until the destructor has synchronised the stream.
+//   stream (Transport::order_sends_after, enqueue_wait), buffers a kernel may still read are
+//   retired until the back end goes, and every buffer is released stream-ordered (DeviceArray):
+//   no destructor waits for the device.
 // - Accumulators are fp32 (o, lse) per slot (1 for softmax mixing, G for mean), initialised to
 //   (0, -inf), the identity of merge.hpp's guarded merge; finish() mixes and casts.
 // Determinism: the items of one (batch, head) are applied in the driver's order by one thread
@@ -18,7 +19,8 @@
 //
 // The Device policy keeps this header free of runtime calls, so the host emulation
 // (tests/ring/ring_cuda_emulated_test.cpp) runs this very back end with its kernels on the CPU. It
-// provides: static void* allocate(std::size_t), static void release(void*) noexcept;
+// provides: void* allocate(std::size_t) const and void release(void*) const noexcept, ordered on
+// its stream (release: the memory stays valid for the work enqueued before it, cudaFreeAsync);
 // upload(device, host, bytes) and zero(device, bytes), asynchronous on its stream (host data
 // staged before return); launch(kernel, blocks, threads, shared_bytes, params); synchronize()
 // (throws on a device error); queue() (the stream, as void*). ring/cuda/stream_device.cuh is the
@@ -34,12 +36,15 @@
 #include <utility>
 #include <vector>
 
+#include "../../arguments.hpp"
 #include "../../config.hpp"
 #include "../../cuda/launch_checks.hpp"
 #include "../../cuda/launch_plan.hpp"
 #include "../../merge.hpp"
 #include "../../pattern.hpp"
 #include "../driver/agreement.hpp"
+#include "../driver/call.hpp"
+#include "../driver/options.hpp"
 #include "forward_kernels.cuh"
 #include "shard.cuh"
 #include "../driver/forward.hpp"
@@ -64,15 +69,15 @@ class CudaForwardBackend : public CudaShard<T, Device> {
       : Base(device, local, std::move(chunks), q, k, v),
         scale_log2_(static_cast<float>(scale * 1.4426950408889634)), causal_(causal),
         accumulators_(accumulators),
-        acc_o_(static_cast<std::size_t>(accumulators * rows_per_slot() * local.head_dim)),
-        acc_lse_(static_cast<std::size_t>(accumulators * rows_per_slot())) {
+        acc_o_(device, static_cast<std::size_t>(accumulators * rows_per_slot() * local.head_dim)),
+        acc_lse_(device, static_cast<std::size_t>(accumulators * rows_per_slot())) {
     device_.zero(acc_o_.data(), acc_o_.size() * sizeof(float));
     const auto count = static_cast<std::int64_t>(acc_lse_.size());
     device_.launch(&device::ring_fill_kernel<float>, grid_for(count), device::block_threads, 0,
                    device::FillParams{acc_lse_.data(), count, negative_infinity<float>()});
   }
-  // Kernels may still read the accumulators and the item arrays: wait for the stream first.
-  ~CudaForwardBackend() { this->drain(); }
+  // No wait for the stream: every DeviceArray is released stream-ordered (ring/cuda/shard.cuh),
+  // after the kernels enqueued before it (finish() included).
 
   // body(b, h, workspace) for every (batch, query head) on the calling thread: it records the
   // step's blocks, which then run as one launch.
@@ -171,48 +176,38 @@ CallRecord describe_device_call(const Config& config, const Shape& shape, Layout
 
 }  // namespace detail
 
-// The ring forward on a device (ring/cuda/forward.cuh instantiates it with the CUDA stream): the
-// same protocol as ring::forward (ring/driver/agreement.hpp), then the driver with CudaForwardBackend. The
-// body ends with a synchronisation of the stream, so that a device fault is this rank's failure
-// before the ranks agree on the verdict; finish() is enqueued only when every rank succeeded, and
-// the call returns once the stream has written O and LSE (one host synchronisation per call, none
-// per step).
+// The ring forward on a device (ring/cuda/forward.cuh instantiates it with the CUDA stream):
+// run_ring_call (ring/driver/call.hpp) with the device checks and CudaForwardBackend. The body
+// ends with one synchronisation of the stream, so that a device fault is this rank's failure
+// before the ranks agree on the verdict; finish() is enqueued only when every rank succeeded and
+// NOT waited for: the call returns with O and LSE written once the stream reaches that point
+// (one host synchronisation per call, none per step, none after the commit).
 template <class T, class Device>
 Stats forward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
-                        View<const T> q, View<const T> k, View<const T> v, View<T> out, float* lse,
-                        const Options& options) {
-  Shape local = shape;
-  const auto validate_local = [&] {
-    local = validate_ring_call(config, shape, transport, options);
-    validate(config, local, q, k, v, out, lse);
-    dilated_attention::cuda::check_backend_limits(config, local);
-    const char* element = "every tensor element must be aligned to its type";
-    dilated_attention::cuda::check_alignment(q.data, alignof(T), "q.data", element);
-    dilated_attention::cuda::check_alignment(k.data, alignof(T), "k.data", element);
-    dilated_attention::cuda::check_alignment(v.data, alignof(T), "v.data", element);
-    dilated_attention::cuda::check_alignment(out.data, alignof(T), "out.data", element);
-    if (lse != nullptr)
-      dilated_attention::cuda::check_alignment(lse, alignof(float), "lse", "lse is an array of float");
-  };
-  const CallRecord record =
-      detail::describe_device_call<T>(config, shape, options.layout, CallOperation::forward);
-  Stats stats;
-  std::unique_ptr<CudaForwardBackend<T, Device>> backend;
-  run_agreed_call(
-      transport, options.timeout, record, validate_local,
-      [&] {
+                        const Inputs<T>& inputs, const Outputs<T>& outputs, const CommonOptions& options) {
+  const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
+  return run_ring_call<CallOperation::forward>(
+      config, shape, transport, options,
+      detail::describe_device_call<T>(config, shape, options.layout, CallOperation::forward),
+      [&](const Shape& local) {
+        validate(config, local, q, k, v, outputs.out, outputs.lse);
+        dilated_attention::cuda::check_backend_limits(config, local);
+        const char* element = "every tensor element must be aligned to its type";
+        dilated_attention::cuda::check_alignment(q.data, alignof(T), "q.data", element);
+        dilated_attention::cuda::check_alignment(k.data, alignof(T), "k.data", element);
+        dilated_attention::cuda::check_alignment(v.data, alignof(T), "v.data", element);
+        dilated_attention::cuda::check_alignment(outputs.out.data, alignof(T), "out.data", element);
+        if (outputs.lse != nullptr)
+          dilated_attention::cuda::check_alignment(outputs.lse, alignof(float), "lse", "lse is an array of float");
+      },
+      [&](const Shape& local, std::vector<Chunk> chunks) {
         const std::int64_t accumulators =
             config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
-        backend = std::make_unique<CudaForwardBackend<T, Device>>(
-            device, local, rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()),
-            q, k, v, resolved_scale(config, shape), config.causal, accumulators);
-        PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
-        stats = run_ring_forward(config, shape, transport, *backend, cache, options);
-        backend->synchronize();
+        return std::make_unique<CudaForwardBackend<T, Device>>(device, local, std::move(chunks), q, k, v,
+                                                               resolved_scale(config, shape), config.causal,
+                                                               accumulators);
       },
-      [&] { backend->finish(out, lse); });
-  backend->synchronize();  // the output is written; a fault of finish() surfaces here
-  return stats;
+      [&](CudaForwardBackend<T, Device>& backend) { backend.finish(outputs.out, outputs.lse); });
 }
 
 }  // namespace dilated_attention::ring

@@ -22,19 +22,26 @@
 
 namespace dilated_attention::ring {
 
-// `count` elements of device memory, owned.
+// `count` elements of device memory, owned. Allocated and released through the Device policy on
+// its stream: the release is STREAM-ORDERED (cudaFreeAsync), i.e. the memory stays valid for
+// every operation enqueued on the stream before the release, and nothing after the release may
+// touch it. So a DeviceArray may go out of scope while kernels that read it are still queued,
+// and no destructor waits for the device (a ring::cuda call returns with its finish() queued).
 template <class T, class Device>
 class DeviceArray {
  public:
   DeviceArray() = default;
-  explicit DeviceArray(std::size_t count)
-      : data_(static_cast<T*>(Device::allocate(std::max<std::size_t>(count, 1) * sizeof(T)))),
+  DeviceArray(const Device& device, std::size_t count)
+      : device_(device),
+        data_(static_cast<T*>(device_.allocate(std::max<std::size_t>(count, 1) * sizeof(T)))),
         count_(count) {}
   DeviceArray(DeviceArray&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+      : device_(other.device_), data_(std::exchange(other.data_, nullptr)),
+        count_(std::exchange(other.count_, 0)) {}
   DeviceArray& operator=(DeviceArray&& other) noexcept {
     if (this != &other) {
       reset();
+      device_ = other.device_;
       data_ = std::exchange(other.data_, nullptr);
       count_ = std::exchange(other.count_, 0);
     }
@@ -48,10 +55,11 @@ class DeviceArray {
 
  private:
   void reset() noexcept {
-    if (data_ != nullptr) Device::release(data_);
+    if (data_ != nullptr) device_.release(data_);
     data_ = nullptr;
     count_ = 0;
   }
+  Device device_{};
   T* data_ = nullptr;
   std::size_t count_ = 0;
 };
@@ -71,14 +79,16 @@ class CudaShard {
       : device_(device), shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v) {}
   CudaShard(const CudaShard&) = delete;
   CudaShard& operator=(const CudaShard&) = delete;
-  ~CudaShard() { drain(); }
+  // No drain: the members and the retired buffers are released stream-ordered (DeviceArray).
+  ~CudaShard() = default;
 
-  Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }
+  Buffer make_buffer(std::size_t elements) const { return Buffer(device_, elements); }
   static void* bytes(Buffer& buffer) { return buffer.data(); }
   static std::size_t element_size() { return sizeof(T); }
   void* queue() const { return device_.queue(); }
   void synchronize() const { device_.synchronize(); }
-  // A buffer a kernel or a transfer on the stream may still read: freed after the stream is done.
+  // A buffer a kernel or a transfer on the stream may still read: kept until the back end goes,
+  // then released stream-ordered (after everything enqueued so far).
   template <class U>
   void retire(std::shared_ptr<U> buffer) {
     if (buffer) retired_.push_back(std::move(buffer));
@@ -102,15 +112,6 @@ class CudaShard {
   }
 
  protected:
-  // Waits for the stream, quietly: kernels may still read retired buffers and the back end's
-  // arrays. Each back end calls it in its own destructor, before its members go; a device error
-  // was reported (or will be) by the call itself.
-  void drain() noexcept {
-    try {
-      device_.synchronize();
-    } catch (...) {
-    }
-  }
   static std::int64_t grid_for(std::int64_t elements) {
     const std::int64_t blocks = (elements + device::block_threads - 1) / device::block_threads;
     return std::max<std::int64_t>(1, std::min<std::int64_t>(blocks, std::int64_t{1} << 20));
@@ -126,7 +127,7 @@ class CudaShard {
     if (host.size() > on_device.size()) {
       if (on_device.data() != nullptr)
         retired_.push_back(std::make_shared<DeviceArray<Item, Device>>(std::move(on_device)));
-      on_device = DeviceArray<Item, Device>(std::max(host.size(), 2 * on_device.size()));
+      on_device = DeviceArray<Item, Device>(device_, std::max(host.size(), 2 * on_device.size()));
     }
     device_.upload(on_device.data(), host.data(), host.size() * sizeof(Item));
   }
@@ -140,7 +141,7 @@ class CudaShard {
  private:
   std::vector<device::PackItem> pack_items_;
   DeviceArray<device::PackItem, Device> pack_device_;
-  std::vector<std::shared_ptr<void>> retired_;  // freed after the destructors' drain()
+  std::vector<std::shared_ptr<void>> retired_;  // released (stream-ordered) with the back end
 };
 
 }  // namespace dilated_attention::ring

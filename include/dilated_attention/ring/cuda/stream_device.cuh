@@ -1,7 +1,8 @@
 #pragma once
-// The Device policy of ring/cuda/forward_backend.cuh on a real GPU: cudaMalloc / cudaFree per buffer (no
-// pool), asynchronous uploads, memsets and launches on one stream, errors as std::runtime_error
-// (cuda/error.cuh).
+// The Device policy of ring/cuda/forward_backend.cuh on a real GPU: every operation ordered on the
+// call's stream -- cudaMallocAsync / cudaFreeAsync per buffer (the device's default memory pool;
+// a release never waits for the device, the memory stays valid for the work enqueued before it),
+// asynchronous uploads, memsets and launches -- errors as std::runtime_error (cuda/error.cuh).
 
 #include <cuda_runtime.h>
 
@@ -15,12 +16,14 @@ namespace dilated_attention::ring {
 struct CudaStreamDevice {
   cudaStream_t stream = nullptr;
 
-  static void* allocate(std::size_t bytes) {
+  void* allocate(std::size_t bytes) const {
     void* data = nullptr;
-    dilated_attention::cuda::check(cudaMalloc(&data, bytes), "cudaMalloc (ring buffer)");
+    dilated_attention::cuda::check(cudaMallocAsync(&data, bytes, stream), "cudaMallocAsync (ring buffer)");
     return data;
   }
-  static void release(void* data) noexcept { cudaFree(data); }
+  // Stream-ordered: freed once the stream reaches this point (a back end goes with its finish()
+  // still queued). An error here would be a stale one of the stream; the call reports those.
+  void release(void* data) const noexcept { static_cast<void>(cudaFreeAsync(data, stream)); }
 
   // Host data is pageable: cudaMemcpyAsync stages it before returning, so the caller may reuse it.
   void upload(void* device, const void* host, std::size_t bytes) const {

@@ -50,7 +50,7 @@ namespace dilated_attention::ring {
 // Runs the ring backward on an existing back end. Call only after validation (ring::backward).
 template <class Backend>
 Stats run_ring_backward(const Config& config, const Shape& global, Transport& transport,
-                        Backend& backend, PatternCache& cache, const Options& options = {}) {
+                        Backend& backend, PatternCache& cache, const CommonOptions& options = {}) {
   using Buffer = typename Backend::Buffer;
   using GradientBuffer = typename Backend::GradientBuffer;
   const detail::CallSchedule schedule(config, global, transport.size(), transport.rank(), cache,
@@ -186,8 +186,12 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
       else
         step.partial_recv = partials.add(backend.make_gradient_buffer(step.exchange.send_elements));
     }
-    if constexpr (stream_ordered) {  // the partials are sent after the kernels that wrote them
-      if (step.exchange.receiving() && !transport.order_sends_after(backend.queue())) backend.synchronize();
+    if constexpr (stream_ordered) {  // the partials are sent after the kernels that wrote them,
+      // received after their buffer's stream-ordered allocation
+      if (step.exchange.receiving() || step.exchange.sending()) {
+        const bool ordered = transport.order_sends_after(backend.queue());
+        if (step.exchange.receiving() && !ordered) backend.synchronize();
+      }
     }
     transport.begin_group();
     if (step.exchange.sending())

@@ -265,9 +265,14 @@ void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
   }
   if (step.receiving()) step.recv = transfers.add(backend.make_buffer(step.recv_elements));
   if constexpr (is_stream_ordered<Backend>::value) {
-    // The step's packing kernels run now; its send reads the buffer only after them.
+    // The step's packing kernels run now; its send reads the buffer only after them, and its
+    // receive writes its buffer only after the buffer's stream-ordered allocation (a
+    // cudaMallocAsync may hand out memory that work queued earlier on the stream still reads).
     backend.flush_packs();
-    if (step.sending() && !transport.order_sends_after(backend.queue())) backend.synchronize();
+    if (step.sending() || step.receiving()) {
+      const bool ordered = transport.order_sends_after(backend.queue());
+      if (step.sending() && !ordered) backend.synchronize();
+    }
   }
   transport.begin_group();
   if (step.receiving())

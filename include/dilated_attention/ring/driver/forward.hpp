@@ -42,7 +42,7 @@ namespace dilated_attention::ring {
 // owns every tensor buffer. Call only after validation (ring::forward does it).
 template <class Backend>
 Stats run_ring_forward(const Config& config, const Shape& global, Transport& transport, Backend& backend,
-               PatternCache& cache, const Options& options = {}) {
+               PatternCache& cache, const CommonOptions& options = {}) {
   using Buffer = typename Backend::Buffer;
   const detail::CallSchedule schedule(config, global, transport.size(), transport.rank(), cache,
                                       options.layout);

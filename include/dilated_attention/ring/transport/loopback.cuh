@@ -5,9 +5,10 @@
 //
 // A transfer is a Link matched by (receiver, sender, call's tag, sequence number), as the
 // in-process transport matches messages. post_send records an event (`ready`) on the sender's
-// stream (the one order_sends_after named: the packing kernels are before it); whichever side
-// posts second enqueues, on the receiver's copy stream, cudaStreamWaitEvent(ready), a
-// cudaMemcpyAsync device to device, and an event `copied`. enqueue_wait(ticket, stream) blocks the
+// stream (the one order_sends_after named: the packing kernels are before it), post_recv one
+// (`posted`) on the receiver's (its buffer's stream-ordered allocation is before it); whichever
+// side posts second enqueues, on the receiver's copy stream, cudaStreamWaitEvent(ready) and
+// (posted), a cudaMemcpyAsync device to device, and an event `copied`. enqueue_wait(ticket, stream) blocks the
 // host only until both sides posted, then makes `stream` wait for `copied`; wait(ticket) also
 // waits (polling, to the deadline) until `copied` completed on the device. So the copy runs on
 // its own stream while the ranks compute, and no rank synchronises with the device per step.
@@ -54,9 +55,13 @@ class LoopbackWorld {
     std::size_t send_bytes = 0, recv_bytes = 0;
     bool sent = false, received = false, matched = false;
     std::string error;
-    cudaEvent_t ready = nullptr, copied = nullptr;
+    // ready: the sender's stream at the send (the packing before it); posted: the receiver's
+    // stream at the receive (the buffer's stream-ordered allocation before it: a cudaMallocAsync
+    // may hand out memory that work still queued on that stream reads until its cudaFreeAsync).
+    cudaEvent_t ready = nullptr, posted = nullptr, copied = nullptr;
     ~Link() {
       if (ready != nullptr) cudaEventDestroy(ready);
+      if (posted != nullptr) cudaEventDestroy(posted);
       if (copied != nullptr) cudaEventDestroy(copied);
     }
   };
@@ -85,14 +90,12 @@ class LoopbackWorld {
 
   // One side of a transfer; the copy is enqueued when the other side is there too.
   std::shared_ptr<Link> post(const Key& key, bool send, const void* source, void* destination,
-                             std::size_t bytes, cudaStream_t sender_stream) {
-    cudaEvent_t ready = nullptr;
-    if (send) {
-      dilated_attention::cuda::check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
-      const cudaError_t status = cudaEventRecord(ready, sender_stream);
-      if (status != cudaSuccess) cudaEventDestroy(ready);
-      dilated_attention::cuda::check(status, "cudaEventRecord (loopback send)");
-    }
+                             std::size_t bytes, cudaStream_t poster_stream) {
+    cudaEvent_t ready = nullptr;  // either side's: the copy waits for both
+    dilated_attention::cuda::check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+    const cudaError_t status = cudaEventRecord(ready, poster_stream);
+    if (status != cudaSuccess) cudaEventDestroy(ready);
+    dilated_attention::cuda::check(status, send ? "cudaEventRecord (loopback send)" : "cudaEventRecord (loopback receive)");
     std::shared_ptr<Link> link;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -105,7 +108,7 @@ class LoopbackWorld {
       if (send) {
         link->source = source, link->send_bytes = bytes, link->ready = ready, link->sent = true;
       } else {
-        link->destination = destination, link->recv_bytes = bytes, link->received = true;
+        link->destination = destination, link->recv_bytes = bytes, link->posted = ready, link->received = true;
       }
       if (link->sent && link->received) {
         links_.erase(key);
@@ -171,6 +174,7 @@ class LoopbackWorld {
     const cudaStream_t stream = copy_streams_[static_cast<std::size_t>(std::get<0>(link.key))];
     cudaError_t status = cudaEventCreateWithFlags(&link.copied, cudaEventDisableTiming);
     if (status == cudaSuccess) status = cudaStreamWaitEvent(stream, link.ready, 0);
+    if (status == cudaSuccess) status = cudaStreamWaitEvent(stream, link.posted, 0);
     if (status == cudaSuccess && link.send_bytes != 0)
       status = cudaMemcpyAsync(link.destination, link.source, link.send_bytes, cudaMemcpyDeviceToDevice, stream);
     if (status == cudaSuccess) status = cudaEventRecord(link.copied, stream);

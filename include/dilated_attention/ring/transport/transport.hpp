@@ -26,8 +26,9 @@
 //   so that a step's send and receive cannot wait on each other; other transports ignore it.
 // - Device streams (for a back end whose buffers are device memory, ring/cuda/forward_backend.cuh):
 //   `queue` is a cudaStream_t, opaque here so that this header needs no CUDA. order_sends_after
-//   (queue): sends posted from now on read their buffers only after the work already enqueued on
-//   `queue` (the packing kernels). enqueue_wait(ticket, queue): work enqueued on `queue` from now on
+//   (queue): transfers posted from now on touch their buffers only after the work already
+//   enqueued on `queue` -- a send reads after the packing kernels, a receive writes after its
+//   buffer's stream-ordered allocation (cudaMallocAsync on `queue`). enqueue_wait(ticket, queue): work enqueued on `queue` from now on
 //   runs after the transfer completed, without the host waiting for the device (it may wait for
 //   the peer to post); the ticket stays open, wait() or abandon() still completes it. Both return
 //   false when the transport cannot order transfers on a device stream (host transports): the
