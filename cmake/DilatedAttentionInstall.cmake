@@ -10,6 +10,8 @@
 #   find_package(DilatedAttention 0.1 CONFIG REQUIRED)                    -> DilatedAttention::dilated_attention
 #   find_package(DilatedAttention 0.1 CONFIG REQUIRED COMPONENTS CUDA)    -> also DilatedAttention::cuda
 #   find_package(DilatedAttention CONFIG OPTIONAL_COMPONENTS MPI NCCL)    -> DilatedAttention_MPI_FOUND, ...
+#   find_package(Torch) + find_package(DilatedAttention CONFIG REQUIRED COMPONENTS Torch)
+#                                                                         -> DilatedAttention::torch
 
 include(CMakePackageConfigHelpers)
 
@@ -19,13 +21,15 @@ mark_as_advanced(DILATED_ATTENTION_CMAKE_DIR)
 
 
 # component name in find_package -> target, export set
-set(_dilated_attention_components CUDA MPI NCCL)
+set(_dilated_attention_components CUDA MPI NCCL Torch)
 set(_dilated_attention_CUDA_target dilated_attention_cuda)
 set(_dilated_attention_CUDA_export DilatedAttentionCudaTargets)
 set(_dilated_attention_MPI_target dilated_attention_mpi)
 set(_dilated_attention_MPI_export DilatedAttentionMpiTargets)
 set(_dilated_attention_NCCL_target dilated_attention_nccl)
 set(_dilated_attention_NCCL_export DilatedAttentionNcclTargets)
+set(_dilated_attention_Torch_target dilated_attention_torch)
+set(_dilated_attention_Torch_export DilatedAttentionTorchTargets)
 
 # The build tree behaves like an install prefix too: DilatedAttention_DIR=<build dir> works.
 set(_dilated_attention_build_dir "${PROJECT_BINARY_DIR}")

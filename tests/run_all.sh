@@ -2,6 +2,9 @@
 # The full test suite, as CI runs it (.ci/run):
 #   debug   Debug build, every CTest test (CUDA code compiled when nvcc is found; GPU tests skip
 #           without a GPU)                                          ~2 min on 2 idle cores
+#           and the PyTorch operator tests (label torch, tests/torch): before this phase
+#           tests/torch/ensure_torch.sh installs torch + numpy from PyPI into the git-ignored
+#           .venv-torch/ when missing (~3 GB download, once)      +4-6 min on 2 cores
 #   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test        ~5 min
 #   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~1 min
 #   format  the C++/CUDA lines changed since .clang-format was added follow it
@@ -10,7 +13,9 @@
 # Usage: bash tests/run_all.sh [--fresh] [debug] [asan] [tsan] [format]   (default: all four phases)
 #        bash tests/run_all.sh -h | --help                            (this text)
 #   --fresh   reconfigure each phase from scratch (cmake --workflow --fresh)
-# Environment: JOBS (default: nproc) build and test parallelism; PROGRESS_SECONDS (default 15).
+# Environment: JOBS (default: nproc) build and test parallelism; PROGRESS_SECONDS (default 15);
+#   DILATED_ATTENTION_SKIP_TORCH=1 neither installs PyTorch nor runs the torch tests.
+# The asan and tsan phases never run the torch tests (a sanitizer build cannot load PyTorch).
 #
 # Progress: each phase prints its configure output, one [done/total] line per finished build
 # step, one line per finished test, and its wall time; whenever nothing is printed for
@@ -163,6 +168,19 @@ for phase in "${phases[@]}"; do
     echo "==== format: tests/check_format.sh (changed lines against .clang-format) ===="
     command=(bash tests/check_format.sh)
   else
+    if [[ "${phase}" == debug ]]; then
+      if [[ "${DILATED_ATTENTION_SKIP_TORCH:-0}" == 1 ]]; then
+        echo "==== torch tests: skipped (DILATED_ATTENTION_SKIP_TORCH=1, read by tests/torch/CMakeLists.txt) ===="
+      else
+        echo "==== torch tests: their Python (tests/torch/ensure_torch.sh) ===="
+        if with_progress "ensure_torch" bash tests/torch/ensure_torch.sh; then
+          :
+        else
+          echo "run_all.sh: could not set up PyTorch for the torch tests (above); they will not be registered" >&2
+          failed=1
+        fi
+      fi
+    fi
     echo "==== ${phase}: cmake --workflow --preset ${phase} ${fresh[*]:-} (jobs ${jobs}):" \
          "configure, build, test ===="
     command=(cmake --workflow --preset "${phase}" "${fresh[@]}")

@@ -1,0 +1,1 @@
+#include <dilated_attention/torch_registration.hpp>
