@@ -63,6 +63,6 @@ case "${output}" in
 esac
 echo "${output}"
 echo "check_format.sh: the lines above are not formatted as .clang-format says (base ${base});" \
-     "fix with: git clang-format ${base}" >&2
+     "fix with: git clang-format --extensions ${extensions} ${base}" >&2
 [[ ${status} -ne 0 ]] || status=1
 exit 1

@@ -34,8 +34,8 @@ namespace bench = dilated_attention::bench;
 
 struct Options : bench::AttentionOptions {
   int repetitions = 1;
-  int sample_rows = 8;     // query rows per (batch, head) whose dQ is checked (plus boundaries)
-  int key_rows = 4;        // key rows per (batch, kv head) whose dK, dV are checked (plus boundaries)
+  int sample_rows = 8;  // query rows per (batch, head) whose dQ is checked (plus boundaries)
+  int key_rows = 4;     // key rows per (batch, kv head) whose dK, dV are checked (plus boundaries)
   double tolerance = 1e-3;  // largest relative gradient error accepted
   std::uint64_t seed = 20261122;
 };
@@ -57,19 +57,27 @@ Options (defaults are the LongNet config of docs/performance.md):
 
 // Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
 bool parse_option(const std::string& key, const std::string& value) {
-  if (key == "causal") options.causal = value == "true" || value == "1";
-  else if (key == "repetitions") options.repetitions = std::stoi(value);
-  else if (key == "sample_rows") options.sample_rows = std::stoi(value);
-  else if (key == "key_rows") options.key_rows = std::stoi(value);
-  else if (key == "tolerance") options.tolerance = std::stod(value);
-  else if (key == "seed") options.seed = std::stoull(value);
-  else return false;
+  if (key == "causal")
+    options.causal = value == "true" || value == "1";
+  else if (key == "repetitions")
+    options.repetitions = std::stoi(value);
+  else if (key == "sample_rows")
+    options.sample_rows = std::stoi(value);
+  else if (key == "key_rows")
+    options.key_rows = std::stoi(value);
+  else if (key == "tolerance")
+    options.tolerance = std::stod(value);
+  else if (key == "seed")
+    options.seed = std::stoull(value);
+  else
+    return false;
   return true;
 }
 
 int kernel_threads() {
   if (const char* text = std::getenv("DILATED_ATTENTION_NUM_THREADS"); text != nullptr && *text)
-    if (const long value = std::strtol(text, nullptr, 10); value > 0) return static_cast<int>(value);
+    if (const long value = std::strtol(text, nullptr, 10); value > 0)
+      return static_cast<int>(value);
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
@@ -140,7 +148,8 @@ RowStats branch_stats(const Pattern& pattern, const Problem& p, std::int64_t b, 
   std::vector<double> scores(static_cast<std::size_t>(keys.count));
   double max = -INFINITY;
   for (std::int64_t j = 0; j < keys.count; ++j) {
-    scores[static_cast<std::size_t>(j)] = scale * dot(qx, row_of(p.k, s, s.num_kv_heads, b, keys.at(j), kvh), s.head_dim);
+    scores[static_cast<std::size_t>(j)] =
+        scale * dot(qx, row_of(p.k, s, s.num_kv_heads, b, keys.at(j), kvh), s.head_dim);
     max = std::max(max, scores[static_cast<std::size_t>(j)]);
   }
   double sum = 0.0, weighted = 0.0;
@@ -158,8 +167,10 @@ RowStats branch_stats(const Pattern& pattern, const Problem& p, std::int64_t b, 
 // cpu_forward_benchmark.
 RowStats union_stats(const Problem& p, std::int64_t b, std::int64_t h, std::int64_t x) {
   const Shape& s = p.shape;
-  return {static_cast<double>(p.lse[static_cast<std::size_t>((b * s.num_heads + h) * s.seq_len + x)]),
-          dot(row_of(p.d_out, s, s.num_heads, b, x, h), row_of(p.out, s, s.num_heads, b, x, h), s.head_dim)};
+  return {
+      static_cast<double>(p.lse[static_cast<std::size_t>((b * s.num_heads + h) * s.seq_len + x)]),
+      dot(row_of(p.d_out, s, s.num_heads, b, x, h), row_of(p.out, s, s.num_heads, b, x, h),
+          s.head_dim)};
 }
 
 RowStats stats_of(const Pattern& pattern, const Problem& p, std::int64_t b, std::int64_t h,
@@ -176,11 +187,15 @@ PairTerms pair_terms(const Pattern& pattern, const Problem& p, std::int64_t b, s
                      std::int64_t x, std::int64_t y, const RowStats& stats) {
   const Shape& s = p.shape;
   const double scale = resolved_scale(pattern.config(), s);
-  const double weight = pattern.config().mixing == Mixing::mean ? 1.0 / static_cast<double>(pattern.num_branches()) : 1.0;
+  const double weight = pattern.config().mixing == Mixing::mean
+                            ? 1.0 / static_cast<double>(pattern.num_branches())
+                            : 1.0;
   const std::int64_t kvh = pattern.kv_head(h);
-  const double score = scale * dot(row_of(p.q, s, s.num_heads, b, x, h), row_of(p.k, s, s.num_kv_heads, b, y, kvh), s.head_dim);
+  const double score = scale * dot(row_of(p.q, s, s.num_heads, b, x, h),
+                                   row_of(p.k, s, s.num_kv_heads, b, y, kvh), s.head_dim);
   const double prob = std::exp(score - stats.lse);
-  const double dp = weight * dot(row_of(p.d_out, s, s.num_heads, b, x, h), row_of(p.v, s, s.num_kv_heads, b, y, kvh), s.head_dim);
+  const double dp = weight * dot(row_of(p.d_out, s, s.num_heads, b, x, h),
+                                 row_of(p.v, s, s.num_kv_heads, b, y, kvh), s.head_dim);
   return {prob, prob * (dp - stats.delta)};
 }
 
@@ -198,15 +213,18 @@ GradientError gradient_error(const Problem& p, const std::vector<float>& dq,
   double worst[3] = {0, 0, 0}, largest[3] = {0, 0, 0};
   auto compare = [&](int which, const float* got, const std::vector<double>& want) {
     for (std::int64_t d = 0; d < dim; ++d) {
-      worst[which] = std::max(worst[which], std::abs(static_cast<double>(got[d]) - want[static_cast<std::size_t>(d)]));
+      worst[which] = std::max(
+          worst[which], std::abs(static_cast<double>(got[d]) - want[static_cast<std::size_t>(d)]));
       largest[which] = std::max(largest[which], std::abs(want[static_cast<std::size_t>(d)]));
     }
   };
-  std::vector<double> gq(static_cast<std::size_t>(dim)), gk(static_cast<std::size_t>(dim)), gv(static_cast<std::size_t>(dim));
+  std::vector<double> gq(static_cast<std::size_t>(dim)), gk(static_cast<std::size_t>(dim)),
+      gv(static_cast<std::size_t>(dim));
   for (std::int64_t b = 0; b < s.batch; ++b) {
     for (std::int64_t h = 0; h < s.num_heads; ++h)
-      for (std::int64_t x : bench::sample_rows(config, s.seq_len, options.sample_rows,
-                                               options.seed + static_cast<std::uint64_t>(b * s.num_heads + h))) {
+      for (std::int64_t x :
+           bench::sample_rows(config, s.seq_len, options.sample_rows,
+                              options.seed + static_cast<std::uint64_t>(b * s.num_heads + h))) {
         std::fill(gq.begin(), gq.end(), 0.0);
         for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
           const Progression keys = pattern.keys(i, h, x);
@@ -215,14 +233,16 @@ GradientError gradient_error(const Problem& p, const std::vector<float>& dq,
           for (std::int64_t j = 0; j < keys.count; ++j) {
             const PairTerms t = pair_terms(pattern, p, b, h, x, keys.at(j), stats);
             const float* ky = row_of(p.k, s, s.num_kv_heads, b, keys.at(j), pattern.kv_head(h));
-            for (std::int64_t d = 0; d < dim; ++d) gq[static_cast<std::size_t>(d)] += scale * t.ds * ky[d];
+            for (std::int64_t d = 0; d < dim; ++d)
+              gq[static_cast<std::size_t>(d)] += scale * t.ds * ky[d];
           }
         }
         compare(0, row_of(dq, s, s.num_heads, b, x, h), gq);
       }
     for (std::int64_t g = 0; g < s.num_kv_heads; ++g)
-      for (std::int64_t y : bench::sample_rows(config, s.seq_len, options.key_rows,
-                                               options.seed + 7777 + static_cast<std::uint64_t>(b * s.num_kv_heads + g))) {
+      for (std::int64_t y : bench::sample_rows(
+               config, s.seq_len, options.key_rows,
+               options.seed + 7777 + static_cast<std::uint64_t>(b * s.num_kv_heads + g))) {
         std::fill(gk.begin(), gk.end(), 0.0);
         std::fill(gv.begin(), gv.end(), 0.0);
         for (std::int64_t h = g * group; h < (g + 1) * group; ++h)
@@ -231,11 +251,14 @@ GradientError gradient_error(const Problem& p, const std::vector<float>& dq,
             const BranchGeometry geometry = pattern.branch(i);
             if (offset < 0 || !geometry.selected(y, offset)) continue;
             const Progression block = geometry.rows(geometry.segment_of(y), offset);
-            const double weight = config.mixing == Mixing::mean ? 1.0 / static_cast<double>(pattern.num_branches()) : 1.0;
+            const double weight = config.mixing == Mixing::mean
+                                      ? 1.0 / static_cast<double>(pattern.num_branches())
+                                      : 1.0;
             for (std::int64_t j = 0; j < block.count; ++j) {
               const std::int64_t x = block.at(j);
               if (config.causal && x < y) continue;
-              const PairTerms t = pair_terms(pattern, p, b, h, x, y, stats_of(pattern, p, b, h, i, x));
+              const PairTerms t =
+                  pair_terms(pattern, p, b, h, x, y, stats_of(pattern, p, b, h, i, x));
               const float* qx = row_of(p.q, s, s.num_heads, b, x, h);
               const float* gx = row_of(p.d_out, s, s.num_heads, b, x, h);
               for (std::int64_t d = 0; d < dim; ++d) {
@@ -256,12 +279,14 @@ GradientError gradient_error(const Problem& p, const std::vector<float>& dq,
 
 void common_counters(benchmark::State& state, const Problem& p, double flops, double tensor_bytes,
                      std::int64_t heap_peak, std::int64_t rss_at_reset) {
-  state.counters["useful_GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["useful_flops"] = flops;
   state.counters["worker_threads"] = kernel_threads();
   state.counters["N"] = static_cast<double>(p.shape.seq_len);
   state.counters["D"] = static_cast<double>(p.shape.head_dim);
-  bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, bench::resident_peak_bytes());
+  bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset,
+                         bench::resident_peak_bytes());
 }
 
 void BM_Forward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
@@ -272,14 +297,15 @@ void BM_Forward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
   const std::int64_t rss_at_reset = bench::reset_resident_peak();
   bench::heap::reset_peak();
   for (auto _ : state) {
-    forward<float>(config, s,
-                   {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
-                    p.view(p.v, s.num_kv_heads)},
-                   {contiguous_view<float>(out.data(), s, s.num_heads), lse.data()});
+    forward<float>(
+        config, s,
+        {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads), p.view(p.v, s.num_kv_heads)},
+        {contiguous_view<float>(out.data(), s, s.num_heads), lse.data()});
     benchmark::ClobberMemory();
   }
   const std::int64_t heap_peak = bench::heap::peak_since_reset();
-  const double bytes = static_cast<double>((p.q.size() + p.k.size() + p.v.size() + out.size() + lse.size()) * sizeof(float));
+  const double bytes = static_cast<double>(
+      (p.q.size() + p.k.size() + p.v.size() + out.size() + lse.size()) * sizeof(float));
   common_counters(state, p, Pattern(config, s).useful_flops(), bytes, heap_peak, rss_at_reset);
 }
 
@@ -291,20 +317,22 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
   const std::int64_t rss_at_reset = bench::reset_resident_peak();
   bench::heap::reset_peak();
   for (auto _ : state) {
-    backward<float>(config, s,
-                    {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads),
-                     p.view(p.v, s.num_kv_heads)}, {p.view(p.out, s.num_heads), p.lse.data()},
-                    p.view(p.d_out, s.num_heads),
-                    {contiguous_view<float>(dq.data(), s, s.num_heads),
-                     contiguous_view<float>(dk.data(), s, s.num_kv_heads),
-                     contiguous_view<float>(dv.data(), s, s.num_kv_heads)});
+    backward<float>(
+        config, s,
+        {p.view(p.q, s.num_heads), p.view(p.k, s.num_kv_heads), p.view(p.v, s.num_kv_heads)},
+        {p.view(p.out, s.num_heads), p.lse.data()}, p.view(p.d_out, s.num_heads),
+        {contiguous_view<float>(dq.data(), s, s.num_heads),
+         contiguous_view<float>(dk.data(), s, s.num_kv_heads),
+         contiguous_view<float>(dv.data(), s, s.num_kv_heads)});
     benchmark::ClobberMemory();
   }
   const std::int64_t heap_peak = bench::heap::peak_since_reset();
-  const double bytes = static_cast<double>((p.q.size() + p.k.size() + p.v.size() + p.out.size() +
-                                            p.lse.size() + p.d_out.size() + dq.size() + dk.size() + dv.size()) *
-                                           sizeof(float));
-  common_counters(state, p, 2.5 * Pattern(config, s).useful_flops(), bytes, heap_peak, rss_at_reset);
+  const double bytes =
+      static_cast<double>((p.q.size() + p.k.size() + p.v.size() + p.out.size() + p.lse.size() +
+                           p.d_out.size() + dq.size() + dk.size() + dv.size()) *
+                          sizeof(float));
+  common_counters(state, p, 2.5 * Pattern(config, s).useful_flops(), bytes, heap_peak,
+                  rss_at_reset);
   if (options.sample_rows > 0) {
     const GradientError error = gradient_error(p, dq, dk, dv);
     state.counters["max_rel_err_dq"] = error.dq;
@@ -313,7 +341,8 @@ void BM_Backward(benchmark::State& state, std::int64_t n, std::int64_t dim) {
     const double worst = std::max({error.dq, error.dk, error.dv});
     if (!(worst <= options.tolerance)) {
       failed = true;
-      state.SkipWithError("gradient differs from docs/semantics.md \"The gradient\" on sampled rows");
+      state.SkipWithError(
+          "gradient differs from docs/semantics.md \"The gradient\" on sampled rows");
     }
   }
 }
@@ -326,12 +355,14 @@ int main(int argc, char** argv) {
     return 0;
   }
   benchmark::Initialize(&argc, argv);
-  if (const int status = bench::parse_command_line(argc, argv, "cpu_backward_benchmark", parse_option, options))
+  if (const int status =
+          bench::parse_command_line(argc, argv, "cpu_backward_benchmark", parse_option, options))
     return status;
   benchmark::AddCustomContext("implementation", "dilated_attention::forward / backward");
   benchmark::AddCustomContext("config", options.describe());
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
-  benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
+  benchmark::AddCustomContext("heap_counter",
+                              bench::heap::available() ? "malloc interposition" : "unavailable");
 #if defined(__VERSION__)
   benchmark::AddCustomContext("compiler", __VERSION__);
 #endif
@@ -339,11 +370,17 @@ int main(int argc, char** argv) {
     for (std::int64_t n : options.seq_lens) {
       const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
       benchmark::RegisterBenchmark(("forward" + suffix).c_str(), BM_Forward, n, dim)
-          ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
-          ->Repetitions(options.repetitions)->Iterations(1);
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MeasureProcessCPUTime()
+          ->Repetitions(options.repetitions)
+          ->Iterations(1);
       benchmark::RegisterBenchmark(("backward" + suffix).c_str(), BM_Backward, n, dim)
-          ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
-          ->Repetitions(options.repetitions)->Iterations(1);
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MeasureProcessCPUTime()
+          ->Repetitions(options.repetitions)
+          ->Iterations(1);
     }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -61,20 +61,21 @@ inline std::vector<std::int64_t> parse_list(const std::string& text) {
 
 inline std::string join(const std::vector<std::int64_t>& values) {
   std::string text;
-  for (std::size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
+  for (std::size_t i = 0; i < values.size(); ++i)
+    text += (i ? "," : "") + std::to_string(values[i]);
   return text;
 }
 
 // Their lines of --help, spliced into each benchmark's usage text (a macro, so that the text
 // stays one string literal).
-#define DA_BENCH_ATTENTION_USAGE \
-  "  --head_dims=64                head dims D (e.g. 64,128)\n" \
-  "  --batch=1 --heads=8           batch B and query heads H\n" \
+#define DA_BENCH_ATTENTION_USAGE                                                         \
+  "  --head_dims=64                head dims D (e.g. 64,128)\n"                          \
+  "  --batch=1 --heads=8           batch B and query heads H\n"                          \
   "  --kv_heads=H                  key/value heads (grouped-query attention when < H)\n" \
-  "  --segments=2048,4096,8192     segment lengths w_i\n" \
-  "  --dilations=1,2,4             dilation rates r_i\n" \
-  "  --causal=false                causal masking\n" \
-  "  --offsets=modular             modular | blocked | partitioned\n" \
+  "  --segments=2048,4096,8192     segment lengths w_i\n"                                \
+  "  --dilations=1,2,4             dilation rates r_i\n"                                 \
+  "  --causal=false                causal masking\n"                                     \
+  "  --offsets=modular             modular | blocked | partitioned\n"                    \
   "  --mixing=softmax              softmax | mean\n"
 
 struct AttentionOptions {
@@ -101,32 +102,48 @@ struct AttentionOptions {
 
   // The "config" context line of the JSON.
   std::string describe() const {
-    return "B=" + std::to_string(batch) + " H=" + std::to_string(heads) + " Hkv=" +
-           std::to_string(resolved_kv_heads()) + " w=" + join(segments) + " r=" + join(dilations) +
-           " causal=" + (causal ? "true" : "false") + " offsets=" + to_string(offsets) +
-           " mixing=" + to_string(mixing) + " dtype=float";
+    return "B=" + std::to_string(batch) + " H=" + std::to_string(heads) +
+           " Hkv=" + std::to_string(resolved_kv_heads()) + " w=" + join(segments) +
+           " r=" + join(dilations) + " causal=" + (causal ? "true" : "false") +
+           " offsets=" + to_string(offsets) + " mixing=" + to_string(mixing) + " dtype=float";
   }
 };
 
 // Returns false when `key` is not one of the shared options (--causal included: see above).
-inline bool parse_attention_option(AttentionOptions& options, const std::string& key, const std::string& value) {
-  if (key == "seq_lens") options.seq_lens = parse_list(value);
-  else if (key == "head_dims") options.head_dims = parse_list(value);
-  else if (key == "batch") options.batch = std::stoll(value);
-  else if (key == "heads") options.heads = std::stoll(value);
-  else if (key == "kv_heads") options.kv_heads = std::stoll(value);
-  else if (key == "segments") options.segments = parse_list(value);
-  else if (key == "dilations") options.dilations = parse_list(value);
+inline bool parse_attention_option(AttentionOptions& options, const std::string& key,
+                                   const std::string& value) {
+  if (key == "seq_lens")
+    options.seq_lens = parse_list(value);
+  else if (key == "head_dims")
+    options.head_dims = parse_list(value);
+  else if (key == "batch")
+    options.batch = std::stoll(value);
+  else if (key == "heads")
+    options.heads = std::stoll(value);
+  else if (key == "kv_heads")
+    options.kv_heads = std::stoll(value);
+  else if (key == "segments")
+    options.segments = parse_list(value);
+  else if (key == "dilations")
+    options.dilations = parse_list(value);
   else if (key == "offsets") {
-    if (value == "modular") options.offsets = OffsetRule::modular;
-    else if (value == "blocked") options.offsets = OffsetRule::blocked;
-    else if (value == "partitioned") options.offsets = OffsetRule::partitioned;
-    else throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
+    if (value == "modular")
+      options.offsets = OffsetRule::modular;
+    else if (value == "blocked")
+      options.offsets = OffsetRule::blocked;
+    else if (value == "partitioned")
+      options.offsets = OffsetRule::partitioned;
+    else
+      throw std::invalid_argument("--offsets must be modular, blocked or partitioned");
   } else if (key == "mixing") {
-    if (value == "softmax") options.mixing = Mixing::softmax;
-    else if (value == "mean") options.mixing = Mixing::mean;
-    else throw std::invalid_argument("--mixing must be softmax or mean");
-  } else return false;
+    if (value == "softmax")
+      options.mixing = Mixing::softmax;
+    else if (value == "mean")
+      options.mixing = Mixing::mean;
+    else
+      throw std::invalid_argument("--mixing must be softmax or mean");
+  } else
+    return false;
   return true;
 }
 
@@ -159,7 +176,8 @@ int parse_command_line(int argc, char** argv, const char* program, const ParseOp
     }
     for (std::int64_t dim : options.head_dims)
       for (std::int64_t n : options.seq_lens)
-        validate(options.config(), Shape{options.batch, n, options.heads, options.resolved_kv_heads(), dim});
+        validate(options.config(),
+                 Shape{options.batch, n, options.heads, options.resolved_kv_heads(), dim});
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s: %s\n", program, error.what());
     return 2;
@@ -188,8 +206,9 @@ void fill_uniform(std::vector<T>& data, std::uint64_t seed) {
       const std::size_t begin = n * t / workers, end = n * (t + 1) / workers;
       const std::uint64_t base = splitmix64(seed);
       for (std::size_t i = begin; i < end; ++i) {
-        const double unit = static_cast<double>(splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
-                            0x1p-53;  // [0, 1)
+        const double unit =
+            static_cast<double>(splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
+            0x1p-53;  // [0, 1)
         data[i] = static_cast<T>((2.0 * unit - 1.0) * 1.7320508075688772);
       }
     });
@@ -244,8 +263,8 @@ constexpr double mib = 1024.0 * 1024.0;
 // The memory counters of a run: its tensors, and when the probes could tell, the heap above them
 // (and tensors + heap) and the resident high-water delta. `State` is benchmark::State.
 template <class State>
-void memory_counters(State& state, double tensor_bytes, std::int64_t heap_peak, std::int64_t rss_at_reset,
-                     std::int64_t rss_peak) {
+void memory_counters(State& state, double tensor_bytes, std::int64_t heap_peak,
+                     std::int64_t rss_at_reset, std::int64_t rss_peak) {
   state.counters["tensors_MiB"] = tensor_bytes / mib;
   if (heap_peak >= 0) {
     state.counters["heap_peak_MiB"] = static_cast<double>(heap_peak) / mib;
@@ -280,7 +299,8 @@ RowResult reference_row(const Pattern& pattern, const Shape& shape, View<const T
   auto score = [&](std::int64_t y) {
     double sum = 0.0;
     const T* ky = k_head + y * k.seq_stride;
-    for (std::int64_t d = 0; d < dim; ++d) sum += static_cast<double>(qx[d]) * static_cast<double>(ky[d]);
+    for (std::int64_t d = 0; d < dim; ++d)
+      sum += static_cast<double>(qx[d]) * static_cast<double>(ky[d]);
     return scale * sum;
   };
 
@@ -339,10 +359,12 @@ inline std::vector<std::int64_t> sample_rows(const Config& config, std::int64_t 
   for (std::int64_t w : config.segment_lengths)
     for (std::int64_t x : {w - 1, w, w + 1, ((n - 1) / w) * w}) rows.push_back(x);
   for (int i = 0; i < count; ++i)
-    rows.push_back(static_cast<std::int64_t>(splitmix64(seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i)) %
-                                             static_cast<std::uint64_t>(n)));
-  rows.erase(std::remove_if(rows.begin(), rows.end(), [n](std::int64_t x) { return x < 0 || x >= n; }),
-             rows.end());
+    rows.push_back(static_cast<std::int64_t>(
+        splitmix64(seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i)) %
+        static_cast<std::uint64_t>(n)));
+  rows.erase(
+      std::remove_if(rows.begin(), rows.end(), [n](std::int64_t x) { return x < 0 || x >= n; }),
+      rows.end());
   std::sort(rows.begin(), rows.end());
   rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
   return rows;
@@ -363,15 +385,17 @@ SampledError sampled_error(const Config& config, const Shape& shape, View<const 
   SampledError error;
   for (std::int64_t b = 0; b < shape.batch; ++b)
     for (std::int64_t h = 0; h < shape.num_heads; ++h)
-      for (std::int64_t x : sample_rows(config, shape.seq_len, rows_per_head,
-                                        seed + static_cast<std::uint64_t>(b * shape.num_heads + h))) {
+      for (std::int64_t x :
+           sample_rows(config, shape.seq_len, rows_per_head,
+                       seed + static_cast<std::uint64_t>(b * shape.num_heads + h))) {
         const RowResult expected = reference_row<T>(pattern, shape, q, k, v, b, h, x);
         const T* got = out.data + b * out.batch_stride + x * out.seq_stride + h * out.head_stride;
         for (std::int64_t d = 0; d < shape.head_dim; ++d)
           error.out = std::max(error.out, std::abs(static_cast<double>(got[d]) -
                                                    expected.out[static_cast<std::size_t>(d)]));
         if (lse != nullptr) {
-          const double got_lse = static_cast<double>(lse[(b * shape.num_heads + h) * shape.seq_len + x]);
+          const double got_lse =
+              static_cast<double>(lse[(b * shape.num_heads + h) * shape.seq_len + x]);
           if (std::isinf(expected.lse) || std::isinf(got_lse)) {
             if (got_lse != expected.lse) error.lse_mismatch_infinite = true;
           } else {

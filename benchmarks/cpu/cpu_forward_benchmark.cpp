@@ -75,11 +75,13 @@ bool error_budget_exceeded = false;
 
 Options options;
 
-const char* const usage_text = R"(cpu_forward_benchmark [--benchmark_* flags] [options]
+const char* const usage_text =
+    R"(cpu_forward_benchmark [--benchmark_* flags] [options]
 
 Options (defaults are the LongNet config of docs/performance.md):
   --seq_lens=16384,65536        sequence lengths N of the attention benchmarks
-)" DA_BENCH_ATTENTION_USAGE R"(  --dense_max_seq_len=16384     dense attention (w = N, r = 1) only for N up to this (it is O(N^2));
+)" DA_BENCH_ATTENTION_USAGE
+    R"(  --dense_max_seq_len=16384     dense attention (w = N, r = 1) only for N up to this (it is O(N^2));
                                 0 skips dense
   --dilated=true                false skips the dilated benchmarks
   --sgemm_size=2048             M = N = K of the reference SGEMM; 0 skips the SGEMMs
@@ -106,20 +108,34 @@ bool parse_bool(const std::string& text) {
 
 // Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
 bool parse_option(const std::string& key, const std::string& value) {
-  if (key == "causal") options.causal = parse_bool(value);
-  else if (key == "dense_max_seq_len") options.dense_max_seq_len = std::stoll(value);
-  else if (key == "dilated") options.dilated = parse_bool(value);
-  else if (key == "sgemm_size") options.sgemm_size = std::stoll(value);
-  else if (key == "sgemm_threads") options.sgemm_threads = std::stoi(value);
-  else if (key == "repetitions") options.repetitions = std::stoi(value);
-  else if (key == "dense_repetitions") options.dense_repetitions = std::stoi(value);
-  else if (key == "repeat_max_seq_len") options.repeat_max_seq_len = std::stoll(value);
-  else if (key == "sample_rows") options.sample_rows = std::stoi(value);
-  else if (key == "seed") options.seed = std::stoull(value);
-  else if (key == "isa") options.isa = value;
-  else if (key == "fma_peak") options.fma_peak = parse_bool(value);
-  else if (key == "max_error") options.max_error = std::stod(value);
-  else return false;
+  if (key == "causal")
+    options.causal = parse_bool(value);
+  else if (key == "dense_max_seq_len")
+    options.dense_max_seq_len = std::stoll(value);
+  else if (key == "dilated")
+    options.dilated = parse_bool(value);
+  else if (key == "sgemm_size")
+    options.sgemm_size = std::stoll(value);
+  else if (key == "sgemm_threads")
+    options.sgemm_threads = std::stoi(value);
+  else if (key == "repetitions")
+    options.repetitions = std::stoi(value);
+  else if (key == "dense_repetitions")
+    options.dense_repetitions = std::stoi(value);
+  else if (key == "repeat_max_seq_len")
+    options.repeat_max_seq_len = std::stoll(value);
+  else if (key == "sample_rows")
+    options.sample_rows = std::stoi(value);
+  else if (key == "seed")
+    options.seed = std::stoull(value);
+  else if (key == "isa")
+    options.isa = value;
+  else if (key == "fma_peak")
+    options.fma_peak = parse_bool(value);
+  else if (key == "max_error")
+    options.max_error = std::stod(value);
+  else
+    return false;
   return true;
 }
 
@@ -169,8 +185,10 @@ void BM_Sgemm(benchmark::State& state, const std::string& name) {
     benchmark::ClobberMemory();
   }
   Eigen::setNbThreads(eigen_threads);
-  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double flops =
+      2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["worker_threads"] = threads;
 }
 
@@ -198,8 +216,10 @@ void BM_SgemmOpenBlas(benchmark::State& state, const std::string& name) {
   const float want = a.row(7).dot(b.col(n - 3)), got = c(7, n - 3);
   if (std::abs(want - got) > 1e-3f * (1.0f + std::abs(want)))
     state.SkipWithError("OpenBLAS result differs from Eigen's");
-  const double flops = 2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
-  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  const double flops =
+      2.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(n);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["worker_threads"] = threads;
 }
 #endif
@@ -251,8 +271,8 @@ void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, in
     std::vector<double> done(static_cast<std::size_t>(threads));
     run_on_threads(threads, [&](int t) {
 #if defined(__x86_64__)
-      done[static_cast<std::size_t>(t)] = isa == CpuIsa::avx512 ? fma_loop_avx512(fma_iterations)
-                                                               : fma_loop_avx2(fma_iterations);
+      done[static_cast<std::size_t>(t)] =
+          isa == CpuIsa::avx512 ? fma_loop_avx512(fma_iterations) : fma_loop_avx2(fma_iterations);
 #else
       static_cast<void>(isa);
       done[static_cast<std::size_t>(t)] = 0.0;
@@ -261,7 +281,8 @@ void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, in
     flops = 0.0;
     for (double f : done) flops += f;
   }
-  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["worker_threads"] = threads;
 }
 
@@ -296,7 +317,8 @@ void BM_SgemmAttentionShaped(benchmark::State& state, const std::string& name, E
   Eigen::setNbThreads(eigen_threads);
   const double flops = 4.0 * static_cast<double>(rows) * static_cast<double>(rows) *
                        static_cast<double>(dim) * threads;
-  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["worker_threads"] = threads;
 }
 
@@ -386,7 +408,8 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
       char message[160];
       std::snprintf(message, sizeof message,
                     "sampled-row error against fp64 above %g: O %g, LSE %g%s", options.max_error,
-                    error.out, error.lse, error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
+                    error.out, error.lse,
+                    error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
       state.SkipWithError(message);
     }
   }
@@ -397,7 +420,8 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
 void check_sampled_oracle() {
   double worst = 0.0;
   for (const Mixing mixing : {Mixing::softmax, Mixing::mean})
-    for (const OffsetRule rule : {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
+    for (const OffsetRule rule :
+         {OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned})
       for (const bool causal : {false, true}) {
         const Shape shape{2, 301, 4, 2, 8};
         Config config;
@@ -406,10 +430,12 @@ void check_sampled_oracle() {
         config.causal = causal;
         config.offsets = rule;
         config.mixing = mixing;
-        const auto size = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
+        const auto size = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads *
+                                                   shape.head_dim);
         const auto kv_size = size / 2;
         std::vector<double> q(size), k(kv_size), v(kv_size), out(size);
-        std::vector<double> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+        std::vector<double> lse(
+            static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
         bench::fill_uniform(q, 1);
         bench::fill_uniform(k, 2);
         bench::fill_uniform(v, 3);
@@ -422,21 +448,28 @@ void check_sampled_oracle() {
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t h = 0; h < shape.num_heads; ++h)
             for (std::int64_t x = 0; x < shape.seq_len; ++x) {
-              const bench::RowResult row = bench::reference_row<double>(pattern, shape, qv, kv, vv, b, h, x);
-              const double ref_lse = lse[static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x)];
+              const bench::RowResult row =
+                  bench::reference_row<double>(pattern, shape, qv, kv, vv, b, h, x);
+              const double ref_lse =
+                  lse[static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x)];
               if (std::isinf(ref_lse) || std::isinf(row.lse)) {
                 if (ref_lse != row.lse) worst = INFINITY;
               } else {
                 worst = std::max(worst, std::abs(ref_lse - row.lse));
               }
               for (std::int64_t d = 0; d < shape.head_dim; ++d)
-                worst = std::max(worst, std::abs(row.out[static_cast<std::size_t>(d)] -
-                                                 out[static_cast<std::size_t>(((b * shape.seq_len + x) * 4 + h) * 8 + d)]));
+                worst = std::max(
+                    worst,
+                    std::abs(
+                        row.out[static_cast<std::size_t>(d)] -
+                        out[static_cast<std::size_t>(((b * shape.seq_len + x) * 4 + h) * 8 + d)]));
             }
       }
   if (!(worst < 1e-12)) {
-    std::fprintf(stderr, "cpu_forward_benchmark: the sampled-row oracle disagrees with reference::forward "
-                         "by %g; refusing to report errors against it\n", worst);
+    std::fprintf(stderr,
+                 "cpu_forward_benchmark: the sampled-row oracle disagrees with reference::forward "
+                 "by %g; refusing to report errors against it\n",
+                 worst);
     std::exit(3);
   }
 }
@@ -448,9 +481,12 @@ void register_benchmarks() {
     for (const CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
       if (!dilated_attention::cpu::isa_supported(isa)) continue;
       for (const int t : {1, threads}) {
-        const std::string name = std::string("fma_peak/") + to_string(isa) + "/threads:" + std::to_string(t);
+        const std::string name =
+            std::string("fma_peak/") + to_string(isa) + "/threads:" + std::to_string(t);
         benchmark::RegisterBenchmark(name.c_str(), BM_FmaPeak, name, isa, t)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->MeasureProcessCPUTime()
             ->Repetitions(options.repetitions);
         if (threads == 1) break;
       }
@@ -458,14 +494,20 @@ void register_benchmarks() {
 #endif
   if (options.sgemm_size > 0) {
     const std::string n = std::to_string(options.sgemm_size);
-    const std::string name = "sgemm/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
+    const std::string name =
+        "sgemm/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(name.c_str(), BM_Sgemm, name)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MeasureProcessCPUTime()
         ->Repetitions(options.repetitions);
 #if defined(DA_BENCH_OPENBLAS)
-    const std::string blas_name = "sgemm_openblas/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
+    const std::string blas_name =
+        "sgemm_openblas/M:" + n + "/N:" + n + "/K:" + n + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(blas_name.c_str(), BM_SgemmOpenBlas, blas_name)
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MeasureProcessCPUTime()
         ->Repetitions(options.repetitions);
 #endif
     // The kernel's block length is w / r; the most common one in the config stands for it.
@@ -477,11 +519,14 @@ void register_benchmarks() {
     for (const auto& [length, count] : lengths)
       if (count > best) rows = length, best = count;
     for (std::int64_t dim : options.head_dims) {
-      const std::string shaped_name = "sgemm_attention_shaped/rows:" + std::to_string(rows) + "/D:" +
-                               std::to_string(dim) + "/threads:" + std::to_string(threads);
+      const std::string shaped_name = "sgemm_attention_shaped/rows:" + std::to_string(rows) +
+                                      "/D:" + std::to_string(dim) +
+                                      "/threads:" + std::to_string(threads);
       benchmark::RegisterBenchmark(shaped_name.c_str(), BM_SgemmAttentionShaped, shaped_name,
                                    static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(dim))
-          ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MeasureProcessCPUTime()
           ->Repetitions(options.repetitions);
     }
   }
@@ -489,16 +534,21 @@ void register_benchmarks() {
     for (std::int64_t n : options.seq_lens) {
       const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
       if (n <= options.dense_max_seq_len)
-        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), BM_Attention, "dense" + suffix, true, n, dim)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), BM_Attention, "dense" + suffix,
+                                     true, n, dim)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->MeasureProcessCPUTime()
             ->Repetitions(options.dense_repetitions);
       if (options.dilated)
-        benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), BM_Attention, "dilated" + suffix, false, n, dim)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()->MeasureProcessCPUTime()
+        benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), BM_Attention, "dilated" + suffix,
+                                     false, n, dim)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->MeasureProcessCPUTime()
             ->Repetitions(n <= options.repeat_max_seq_len ? options.repetitions : 1);
     }
 }
-
 
 }  // namespace
 
@@ -510,7 +560,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   benchmark::Initialize(&argc, argv);
-  if (const int status = bench::parse_command_line(argc, argv, "cpu_forward_benchmark", parse_option, options))
+  if (const int status =
+          bench::parse_command_line(argc, argv, "cpu_forward_benchmark", parse_option, options))
     return status;
   check_sampled_oracle();
   if (!options.isa.empty()) ::setenv("DILATED_ATTENTION_CPU_ISA", options.isa.c_str(), 1);
@@ -538,7 +589,8 @@ int main(int argc, char** argv) {
 #else
   benchmark::AddCustomContext("build_flags", "baseline (no -march)");
 #endif
-  benchmark::AddCustomContext("heap_counter", bench::heap::available() ? "malloc interposition" : "unavailable");
+  benchmark::AddCustomContext("heap_counter",
+                              bench::heap::available() ? "malloc interposition" : "unavailable");
   benchmark::AddCustomContext("eigen_version", std::to_string(EIGEN_WORLD_VERSION) + "." +
                                                    std::to_string(EIGEN_MAJOR_VERSION) + "." +
                                                    std::to_string(EIGEN_MINOR_VERSION));
@@ -548,14 +600,17 @@ int main(int argc, char** argv) {
 #if defined(NDEBUG)
   benchmark::AddCustomContext("assertions", "off (NDEBUG)");
 #else
-  benchmark::AddCustomContext("assertions", "on: not a release build, figures are not representative");
+  benchmark::AddCustomContext("assertions",
+                              "on: not a release build, figures are not representative");
 #endif
   register_benchmarks();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   if (error_budget_exceeded) {
-    std::fprintf(stderr, "cpu_forward_benchmark: FAILED: a run's sampled-row error against fp64 "
-                         "exceeded %g (marked as an error in the output)\n", options.max_error);
+    std::fprintf(stderr,
+                 "cpu_forward_benchmark: FAILED: a run's sampled-row error against fp64 "
+                 "exceeded %g (marked as an error in the output)\n",
+                 options.max_error);
     return 1;
   }
   return 0;

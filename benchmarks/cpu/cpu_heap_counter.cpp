@@ -13,7 +13,8 @@
 #include <cstdint>
 
 #if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
 #define DA_BENCH_SANITIZED 1
 #endif
 #endif
@@ -45,8 +46,7 @@ void note_allocated(void* p) {
   const auto size = static_cast<std::int64_t>(malloc_usable_size(p));
   const std::int64_t now = live_bytes.fetch_add(size, std::memory_order_relaxed) + size;
   std::int64_t peak = peak_bytes.load(std::memory_order_relaxed);
-  while (now > peak && !peak_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-  }
+  while (now > peak && !peak_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {}
 }
 
 void note_freed(void* p) {
@@ -118,7 +118,8 @@ void reset_peak() {
   peak_bytes.store(now, std::memory_order_relaxed);
 }
 std::int64_t peak_since_reset() {
-  return peak_bytes.load(std::memory_order_relaxed) - baseline_bytes.load(std::memory_order_relaxed);
+  return peak_bytes.load(std::memory_order_relaxed) -
+         baseline_bytes.load(std::memory_order_relaxed);
 }
 #else
 bool available() { return false; }

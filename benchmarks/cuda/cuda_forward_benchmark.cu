@@ -110,7 +110,8 @@ void run(benchmark::State& state, const da::Config& config, const da::Shape& sha
   state.counters["D"] = static_cast<double>(shape.head_dim);
   cudaDeviceProp props{};
   int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess && cudaGetDeviceProperties(&props, device) == cudaSuccess)
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaGetDeviceProperties(&props, device) == cudaSuccess)
     state.SetLabel(props.name);
 }
 
@@ -143,7 +144,12 @@ void BM_LongNet(benchmark::State& state) {
   config.causal = state.range(0) != 0;
   run<Bf16>(state, config, {1, 65536, 16, 16, 128});
 }
-BENCHMARK(BM_LongNet)->ArgNames({"causal"})->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LongNet)
+    ->ArgNames({"causal"})
+    ->Arg(0)
+    ->Arg(1)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 
 // (b') each LongNet branch alone, to see where the time goes (alone, a branch of rate r runs
 // with windows of stride R = r: full query tiles; see docs/cuda.md).

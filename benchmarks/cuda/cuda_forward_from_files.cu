@@ -36,17 +36,17 @@ T* upload(const std::vector<float>& host) {
   for (std::size_t i = 0; i < host.size(); ++i) converted[i] = T(host[i]);
   T* device = nullptr;
   da::cuda::check(cudaMalloc(&device, converted.size() * sizeof(T)), "cudaMalloc");
-  da::cuda::check(cudaMemcpy(device, converted.data(), converted.size() * sizeof(T),
-                             cudaMemcpyHostToDevice),
-                  "cudaMemcpy");
+  da::cuda::check(
+      cudaMemcpy(device, converted.data(), converted.size() * sizeof(T), cudaMemcpyHostToDevice),
+      "cudaMemcpy");
   return device;
 }
 
 template <class T>
 int run(const std::map<std::string, std::string>& args, const da::Config& config,
         const da::Shape& shape) {
-  const auto count = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads *
-                                              shape.head_dim);
+  const auto count =
+      static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
   const std::string input = args.at("input");
   T* q = upload<T>(read_floats(input + "/q.f32", count));
   T* k = upload<T>(read_floats(input + "/k.f32", count));
@@ -80,9 +80,10 @@ int run(const std::map<std::string, std::string>& args, const da::Config& config
   std::sort(sorted.begin(), sorted.end());
   cudaDeviceProp props{};
   da::cuda::check(cudaGetDeviceProperties(&props, 0), "cudaGetDeviceProperties");
-  std::printf("{\"implementation\": \"dilated_attention::cuda::forward\", \"device\": \"%s\", "
-              "\"median_ms\": %.6f, \"useful_flops\": %.6e, \"times_ms\": [",
-              props.name, sorted[sorted.size() / 2], da::Pattern(config, shape).useful_flops());
+  std::printf(
+      "{\"implementation\": \"dilated_attention::cuda::forward\", \"device\": \"%s\", "
+      "\"median_ms\": %.6f, \"useful_flops\": %.6e, \"times_ms\": [",
+      props.name, sorted[sorted.size() / 2], da::Pattern(config, shape).useful_flops());
   for (std::size_t i = 0; i < times.size(); ++i) std::printf("%s%.6f", i ? ", " : "", times[i]);
   std::printf("]}\n");
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(out);
@@ -110,7 +111,7 @@ int main(int argc, char** argv) {
                      : offsets == "blocked"   ? da::OffsetRule::blocked
                                               : da::OffsetRule::modular;
     config.mixing = args.count("mixing") && args.at("mixing") == "mean" ? da::Mixing::mean
-                                                                         : da::Mixing::softmax;
+                                                                        : da::Mixing::softmax;
     const std::int64_t heads = std::stoll(args.at("heads"));
     const da::Shape shape{std::stoll(args.at("batch")), std::stoll(args.at("seq_len")), heads,
                           heads, std::stoll(args.at("head_dim"))};

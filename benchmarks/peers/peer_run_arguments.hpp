@@ -36,28 +36,41 @@ inline PeerRun parse_peer_run(int argc, char** argv, int default_repeats) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     const std::size_t eq = arg.find('=');
-    if (arg.rfind("--", 0) != 0 || eq == std::string::npos) throw std::invalid_argument("unknown argument " + arg);
+    if (arg.rfind("--", 0) != 0 || eq == std::string::npos)
+      throw std::invalid_argument("unknown argument " + arg);
     const std::string key = arg.substr(2, eq - 2), value = arg.substr(eq + 1);
-    if (key == "input") run.input = value;
-    else if (key == "output") run.output = value;
-    else if (key == "batch") run.shape.batch = std::stoll(value);
-    else if (key == "seq_len") run.shape.seq_len = std::stoll(value);
-    else if (key == "heads") run.shape.num_heads = run.shape.num_kv_heads = std::stoll(value);
-    else if (key == "head_dim") run.shape.head_dim = std::stoll(value);
-    else if (key == "segments") run.config.segment_lengths = parse_list(value);
-    else if (key == "dilations") run.config.dilation_rates = parse_list(value);
-    else if (key == "causal") run.config.causal = value == "true" || value == "1";
-    else if (key == "repeats") run.repeats = std::max(1, std::stoi(value));
+    if (key == "input")
+      run.input = value;
+    else if (key == "output")
+      run.output = value;
+    else if (key == "batch")
+      run.shape.batch = std::stoll(value);
+    else if (key == "seq_len")
+      run.shape.seq_len = std::stoll(value);
+    else if (key == "heads")
+      run.shape.num_heads = run.shape.num_kv_heads = std::stoll(value);
+    else if (key == "head_dim")
+      run.shape.head_dim = std::stoll(value);
+    else if (key == "segments")
+      run.config.segment_lengths = parse_list(value);
+    else if (key == "dilations")
+      run.config.dilation_rates = parse_list(value);
+    else if (key == "causal")
+      run.config.causal = value == "true" || value == "1";
+    else if (key == "repeats")
+      run.repeats = std::max(1, std::stoi(value));
     else if (key == "offsets") {
-      run.config.offsets = value == "modular" ? OffsetRule::modular
+      run.config.offsets = value == "modular"   ? OffsetRule::modular
                            : value == "blocked" ? OffsetRule::blocked
-                           : value == "partitioned" ? OffsetRule::partitioned
-                           : throw std::invalid_argument("bad --offsets " + value);
+                           : value == "partitioned"
+                               ? OffsetRule::partitioned
+                               : throw std::invalid_argument("bad --offsets " + value);
     } else if (key == "mixing") {
       run.config.mixing = value == "softmax" ? Mixing::softmax
-                          : value == "mean" ? Mixing::mean
-                          : throw std::invalid_argument("bad --mixing " + value);
-    } else throw std::invalid_argument("unknown argument " + arg);
+                          : value == "mean"  ? Mixing::mean
+                                             : throw std::invalid_argument("bad --mixing " + value);
+    } else
+      throw std::invalid_argument("unknown argument " + arg);
   }
   validate(run.config, run.shape);
   return run;

@@ -26,16 +26,19 @@ inline std::vector<float> read_floats(const std::string& path, std::size_t count
   std::ifstream file(path, std::ios::binary);
   if (!file) throw std::runtime_error("cannot open " + path);
   std::vector<float> data(count);
-  file.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(count * sizeof(float)));
+  file.read(reinterpret_cast<char*>(data.data()),
+            static_cast<std::streamsize>(count * sizeof(float)));
   if (file.gcount() != static_cast<std::streamsize>(count * sizeof(float)) || file.peek() != EOF)
-    throw std::runtime_error(path + " does not hold exactly " + std::to_string(count) + " float32 values");
+    throw std::runtime_error(path + " does not hold exactly " + std::to_string(count) +
+                             " float32 values");
   return data;
 }
 
 // All of `data` as raw float32, or an exception that names the file.
 inline void write_floats(const std::string& path, const std::vector<float>& data) {
   std::ofstream file(path, std::ios::binary);
-  file.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(float)));
+  file.write(reinterpret_cast<const char*>(data.data()),
+             static_cast<std::streamsize>(data.size() * sizeof(float)));
   if (!file) throw std::runtime_error("cannot write " + path);
 }
 

@@ -66,7 +66,12 @@ int main(int argc, char** argv) {
     for (int repeat = 0; repeat < repeats; ++repeat) {
       MPI_Barrier(MPI_COMM_WORLD);
       const double start = MPI_Wtime();
-      stats = da::ring::forward<float>(config, global, transport, {da::contiguous_view<const float>(q.data(), local, heads), da::contiguous_view<const float>(k.data(), local, heads), da::contiguous_view<const float>(v.data(), local, heads)}, {da::contiguous_view(out.data(), local, heads), lse.data()}, ring_options);
+      stats = da::ring::forward<float>(config, global, transport,
+                                       {da::contiguous_view<const float>(q.data(), local, heads),
+                                        da::contiguous_view<const float>(k.data(), local, heads),
+                                        da::contiguous_view<const float>(v.data(), local, heads)},
+                                       {da::contiguous_view(out.data(), local, heads), lse.data()},
+                                       ring_options);
       const double mine = MPI_Wtime() - start;
       double slowest = 0.0;
       MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -78,9 +83,11 @@ int main(int argc, char** argv) {
     // branch and per peer sharing a segment (a later one when causal), 2 (K and V) x H x L / r
     // rows of D floats; a ring of whole shards sends 2 x H x L x D floats to each of P - 1 peers.
     if (rank == 0)
-      std::printf("P=%d N=%lld H=%lld D=%lld causal=%d branches=%zu overlap=%d best of %d: %.3f s\n", num_ranks,
-                  static_cast<long long>(n), static_cast<long long>(heads), static_cast<long long>(dim),
-                  causal ? 1 : 0, config.segment_lengths.size(), overlap ? 1 : 0, repeats, best);
+      std::printf(
+          "P=%d N=%lld H=%lld D=%lld causal=%d branches=%zu overlap=%d best of %d: %.3f s\n",
+          num_ranks, static_cast<long long>(n), static_cast<long long>(heads),
+          static_cast<long long>(dim), causal ? 1 : 0, config.segment_lengths.size(),
+          overlap ? 1 : 0, repeats, best);
     for (int p = 0; p < num_ranks; ++p) {
       MPI_Barrier(MPI_COMM_WORLD);
       if (p == rank)
@@ -97,34 +104,51 @@ int main(int argc, char** argv) {
         const std::int64_t per_segment = std::max<std::int64_t>(w / length, 1);
         const std::int64_t first = (rank / per_segment) * per_segment;
         const std::int64_t peers = causal ? first + per_segment - 1 - rank : per_segment - 1;
-        const long long analytical = static_cast<long long>(peers * 2 * heads * (length / r) * dim * 4);
-        const long long whole = static_cast<long long>((num_ranks - 1) * 2 * heads * length * dim * 4);
+        const long long analytical =
+            static_cast<long long>(peers * 2 * heads * (length / r) * dim * 4);
+        const long long whole =
+            static_cast<long long>((num_ranks - 1) * 2 * heads * length * dim * 4);
         const long long sent = static_cast<long long>(stats.bytes_sent_per_branch[i]);
-        std::printf("  rank %d branch (w=%lld, r=%lld): sent %lld B, analytical %lld B, whole-shard ring %lld B%s\n",
-                    rank, static_cast<long long>(w), static_cast<long long>(r), sent, analytical, whole,
-                    sent == analytical ? "" : "  <-- differs");
+        std::printf(
+            "  rank %d branch (w=%lld, r=%lld): sent %lld B, analytical %lld B, whole-shard ring "
+            "%lld B%s\n",
+            rank, static_cast<long long>(w), static_cast<long long>(r), sent, analytical, whole,
+            sent == analytical ? "" : "  <-- differs");
         total += sent;
         analytical_total += analytical;
         whole_total += whole;
       }
-      std::printf("  rank %d total: sent %lld B (%.2f MiB), analytical %lld B, whole-shard ring %lld B (%.2f MiB); "
-                  "received %lld B; sends %lld posted %lld skipped\n",
-                  rank, total, total / 1048576.0, analytical_total, whole_total, whole_total / 1048576.0,
-                  static_cast<long long>(stats.bytes_received), static_cast<long long>(stats.sends_posted),
-                  static_cast<long long>(stats.sends_skipped));
+      std::printf(
+          "  rank %d total: sent %lld B (%.2f MiB), analytical %lld B, whole-shard ring %lld B "
+          "(%.2f MiB); "
+          "received %lld B; sends %lld posted %lld skipped\n",
+          rank, total, total / 1048576.0, analytical_total, whole_total, whole_total / 1048576.0,
+          static_cast<long long>(stats.bytes_received), static_cast<long long>(stats.sends_posted),
+          static_cast<long long>(stats.sends_skipped));
       std::fflush(stdout);
     }
 
     // The ring backward of the same problem, from the last forward's O and LSE.
     {
-      std::vector<float> d_out(shard_elements), d_q(shard_elements), d_k(shard_elements), d_v(shard_elements);
+      std::vector<float> d_out(shard_elements), d_q(shard_elements), d_k(shard_elements),
+          d_v(shard_elements);
       for (float& x : d_out) x = normal(engine);
       da::ring::Stats backward_stats, best_backward_stats;
       double best_backward = 1e300;
       for (int repeat = 0; repeat < repeats; ++repeat) {
         MPI_Barrier(MPI_COMM_WORLD);
         const double start = MPI_Wtime();
-        backward_stats = da::ring::backward<float>(config, global, transport, {da::contiguous_view<const float>(q.data(), local, heads), da::contiguous_view<const float>(k.data(), local, heads), da::contiguous_view<const float>(v.data(), local, heads)}, {da::contiguous_view<const float>(out.data(), local, heads), lse.data()}, da::contiguous_view<const float>(d_out.data(), local, heads), {da::contiguous_view(d_q.data(), local, heads), da::contiguous_view(d_k.data(), local, heads), da::contiguous_view(d_v.data(), local, heads)}, ring_options);
+        backward_stats = da::ring::backward<float>(
+            config, global, transport,
+            {da::contiguous_view<const float>(q.data(), local, heads),
+             da::contiguous_view<const float>(k.data(), local, heads),
+             da::contiguous_view<const float>(v.data(), local, heads)},
+            {da::contiguous_view<const float>(out.data(), local, heads), lse.data()},
+            da::contiguous_view<const float>(d_out.data(), local, heads),
+            {da::contiguous_view(d_q.data(), local, heads),
+             da::contiguous_view(d_k.data(), local, heads),
+             da::contiguous_view(d_v.data(), local, heads)},
+            ring_options);
         const double mine = MPI_Wtime() - start;
         double slowest = 0.0;
         MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
@@ -132,19 +156,22 @@ int main(int argc, char** argv) {
         best_backward = std::min(best_backward, slowest);
       }
       if (rank == 0)
-        std::printf("backward P=%d best of %d: %.3f s (%.2fx the forward)\n", num_ranks, repeats, best_backward,
-                    best_backward / best);
+        std::printf("backward P=%d best of %d: %.3f s (%.2fx the forward)\n", num_ranks, repeats,
+                    best_backward, best_backward / best);
       for (int p = 0; p < num_ranks; ++p) {
         MPI_Barrier(MPI_COMM_WORLD);
         if (p == rank)
-          std::printf("  rank %d backward: blocked in waits %.3f s, progress calls %lld, K/V out %lld B, "
-                      "dK/dV partials back %lld B (%s the K/V out), partials sent %lld B\n",
-                      rank, best_backward_stats.wait_seconds,
-                      static_cast<long long>(best_backward_stats.progress_calls),
-                      static_cast<long long>(backward_stats.bytes_sent),
-                      static_cast<long long>(backward_stats.gradient_bytes_received),
-                      backward_stats.gradient_bytes_received == backward_stats.bytes_sent ? "equal to" : "DIFFERENT FROM",
-                      static_cast<long long>(backward_stats.gradient_bytes_sent));
+          std::printf(
+              "  rank %d backward: blocked in waits %.3f s, progress calls %lld, K/V out %lld B, "
+              "dK/dV partials back %lld B (%s the K/V out), partials sent %lld B\n",
+              rank, best_backward_stats.wait_seconds,
+              static_cast<long long>(best_backward_stats.progress_calls),
+              static_cast<long long>(backward_stats.bytes_sent),
+              static_cast<long long>(backward_stats.gradient_bytes_received),
+              backward_stats.gradient_bytes_received == backward_stats.bytes_sent
+                  ? "equal to"
+                  : "DIFFERENT FROM",
+              static_cast<long long>(backward_stats.gradient_bytes_sent));
         std::fflush(stdout);
       }
       // A figure of a wrong run is no figure: the partials back must be exactly the rows sent
@@ -163,28 +190,44 @@ int main(int argc, char** argv) {
         double single_best = 1e300;
         for (int repeat = 0; repeat < repeats; ++repeat) {
           const double start = MPI_Wtime();
-          da::forward<float>(config, global, {da::contiguous_view<const float>(q.data(), global, heads), da::contiguous_view<const float>(k.data(), global, heads), da::contiguous_view<const float>(v.data(), global, heads)}, {da::contiguous_view(out.data(), global, heads), lse.data()}, options);
+          da::forward<float>(config, global,
+                             {da::contiguous_view<const float>(q.data(), global, heads),
+                              da::contiguous_view<const float>(k.data(), global, heads),
+                              da::contiguous_view<const float>(v.data(), global, heads)},
+                             {da::contiguous_view(out.data(), global, heads), lse.data()}, options);
           single_best = std::min(single_best, MPI_Wtime() - start);
         }
-        std::printf("single-process dilated_attention::forward, %d thread(s), best of %d: %.3f s\n", threads,
-                    repeats, single_best);
+        std::printf("single-process dilated_attention::forward, %d thread(s), best of %d: %.3f s\n",
+                    threads, repeats, single_best);
         std::vector<float> d_out(out.size()), d_q(out.size()), d_k(out.size()), d_v(out.size());
         std::mt19937 gradient_engine(99);
         for (float& x : d_out) x = normal(gradient_engine);
         double backward_best = 1e300;
         for (int repeat = 0; repeat < repeats; ++repeat) {
           const double start = MPI_Wtime();
-          da::backward<float>(config, global, {da::contiguous_view<const float>(q.data(), global, heads), da::contiguous_view<const float>(k.data(), global, heads), da::contiguous_view<const float>(v.data(), global, heads)}, {da::contiguous_view<const float>(out.data(), global, heads), lse.data()}, da::contiguous_view<const float>(d_out.data(), global, heads), {da::contiguous_view(d_q.data(), global, heads), da::contiguous_view(d_k.data(), global, heads), da::contiguous_view(d_v.data(), global, heads)}, options);
+          da::backward<float>(
+              config, global,
+              {da::contiguous_view<const float>(q.data(), global, heads),
+               da::contiguous_view<const float>(k.data(), global, heads),
+               da::contiguous_view<const float>(v.data(), global, heads)},
+              {da::contiguous_view<const float>(out.data(), global, heads), lse.data()},
+              da::contiguous_view<const float>(d_out.data(), global, heads),
+              {da::contiguous_view(d_q.data(), global, heads),
+               da::contiguous_view(d_k.data(), global, heads),
+               da::contiguous_view(d_v.data(), global, heads)},
+              options);
           backward_best = std::min(backward_best, MPI_Wtime() - start);
         }
-        std::printf("single-process dilated_attention::backward, %d thread(s), best of %d: %.3f s\n", threads,
-                    repeats, backward_best);
+        std::printf(
+            "single-process dilated_attention::backward, %d thread(s), best of %d: %.3f s\n",
+            threads, repeats, backward_best);
       }
     }
   }
   int any_wrong = 0;
   MPI_Allreduce(&wrong, &any_wrong, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (any_wrong != 0) std::fprintf(stderr, "ring_benchmark: a rank saw a wrong result (see above)\n");
+  if (any_wrong != 0)
+    std::fprintf(stderr, "ring_benchmark: a rank saw a wrong result (see above)\n");
   MPI_Finalize();
   return any_wrong == 0 ? 0 : 1;
 }

@@ -303,7 +303,6 @@ void validate(const Config& config, const Shape& shape, const View<const T>& q,
   }
 }
 
-
 // Everything backward receives (docs/semantics.md "Inputs and bad input of the backward"): the forward's rules for q, k, v, then
 // `out`, `lse` and `d_out` as further inputs, and d_q, d_k, d_v as outputs that must not share
 // memory with any input or with each other. Raises std::invalid_argument before any gradient is

@@ -294,26 +294,28 @@ void backward(const Config& config, const Shape& shape,
 
 // Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the calls above.
 template <class T>
-[[deprecated("use reference::forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]]
-void forward(const Config& config, const Shape& shape,
-             View<const dilated_attention::detail::identity_t<T>> q,
-             View<const dilated_attention::detail::identity_t<T>> k,
-             View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
-             lse_type_t<T>* lse = nullptr) {
+[[deprecated(
+    "use reference::forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]] void
+forward(const Config& config, const Shape& shape,
+        View<const dilated_attention::detail::identity_t<T>> q,
+        View<const dilated_attention::detail::identity_t<T>> k,
+        View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
+        lse_type_t<T>* lse = nullptr) {
   reference::forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse});
 }
 
 template <class T>
-[[deprecated("use reference::backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, "
-             "{d_q, d_k, d_v}); removed in 0.2.0")]]
-void backward(const Config& config, const Shape& shape,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v,
-              View<const dilated_attention::detail::identity_t<T>> out,
-              const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
-              View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q,
-              View<T> d_k, View<T> d_v) {
+[[deprecated(
+    "use reference::backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, "
+    "{d_q, d_k, d_v}); removed in 0.2.0")]] void
+backward(const Config& config, const Shape& shape,
+         View<const dilated_attention::detail::identity_t<T>> q,
+         View<const dilated_attention::detail::identity_t<T>> k,
+         View<const dilated_attention::detail::identity_t<T>> v,
+         View<const dilated_attention::detail::identity_t<T>> out,
+         const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
+         View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
+         View<T> d_v) {
   reference::backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
                          Gradients<T>{d_q, d_k, d_v});
 }

@@ -270,7 +270,8 @@ TEST_P(CpuKernels, MultiplyMatchesTheDefinitionWithBothStridesAndAccumulate) {
     for (const std::int64_t depth : {1, 7, 64, 257}) {
       // A as rows (stride 3 * depth between rows) and as a transpose (rows adjacent).
       for (const bool transposed : {false, true}) {
-        const std::int64_t a_row = transposed ? 1 : 3 * depth, a_depth = transposed ? K::rows + 2 : 1;
+        const std::int64_t a_row = transposed ? 1 : 3 * depth,
+                           a_depth = transposed ? K::rows + 2 : 1;
         std::vector<float> a(static_cast<std::size_t>(K::rows * 3 * depth + depth * (K::rows + 2)));
         std::vector<float> b(static_cast<std::size_t>(depth * K::cols));
         std::vector<float> c(static_cast<std::size_t>(K::rows * (K::cols + 5)));
@@ -289,8 +290,9 @@ TEST_P(CpuKernels, MultiplyMatchesTheDefinitionWithBothStridesAndAccumulate) {
               } else {
                 double want = accumulate ? before[at] : 0.0;
                 for (std::int64_t p = 0; p < depth; ++p)
-                  want += static_cast<double>(a[static_cast<std::size_t>(i * a_row + p * a_depth)]) *
-                          b[static_cast<std::size_t>(p * K::cols + j)];
+                  want +=
+                      static_cast<double>(a[static_cast<std::size_t>(i * a_row + p * a_depth)]) *
+                      b[static_cast<std::size_t>(p * K::cols + j)];
                 ASSERT_NEAR(c[at], want, 1e-6 * static_cast<double>(depth + 1))
                     << "depth " << depth << " transposed " << transposed << " (" << i << ", " << j
                     << ")";
@@ -307,7 +309,8 @@ TEST_P(CpuKernels, ExponentialIsAccurateOverTheSoftmaxRange) {
     using K = decltype(kernel_set);
     for (const std::int64_t n : {1, 5, 8, 17, 31, 1003}) {
       std::vector<float> p(static_cast<std::size_t>(n));
-      for (std::int64_t i = 0; i < n; ++i) p[static_cast<std::size_t>(i)] = -100.0f * static_cast<float>(i) / 1000.0f;
+      for (std::int64_t i = 0; i < n; ++i)
+        p[static_cast<std::size_t>(i)] = -100.0f * static_cast<float>(i) / 1000.0f;
       const std::vector<float> x = p;
       const float sum = K::exp_shifted_sum(p.data(), n, 1.0f, 0.0f);
       double want_sum = 0.0;

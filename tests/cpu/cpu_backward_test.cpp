@@ -102,7 +102,8 @@ template <class T>
 struct Gradients {
   Tensor<T> d_q, d_k, d_v;
   Gradients(const Shape& s, std::int64_t pad)
-      : d_q(s, s.num_heads, pad + 2, pad), d_k(s, s.num_kv_heads, pad, pad + 1),
+      : d_q(s, s.num_heads, pad + 2, pad),
+        d_k(s, s.num_kv_heads, pad, pad + 1),
         d_v(s, s.num_kv_heads, pad + 1, pad + 3) {
     for (Tensor<T>* t : {&d_q, &d_k, &d_v}) t->fill(sentinel_value<T>);
   }
@@ -213,7 +214,8 @@ TEST(CpuBackward, PartitionedWithHeadsNotAMultipleOfBranches) {
 TEST(CpuBackward, SegmentsAtLeastTheSequence) {
   for (Mixing mixing : {Mixing::softmax, Mixing::mean})
     for (bool causal : {false, true}) {
-      const Config config = make_config({100, 300, 900}, {1, 2, 3}, causal, OffsetRule::modular, mixing);
+      const Config config =
+          make_config({100, 300, 900}, {1, 2, 3}, causal, OffsetRule::modular, mixing);
       expect_matches_reference<double>(config, Shape{1, 300, 3, 3, 8}, 18);
       expect_matches_reference<float>(config, Shape{2, 300, 3, 1, 8}, 19, 1);
     }
@@ -223,8 +225,8 @@ TEST(CpuBackward, LongBlocksCrossManyTiles) {
   // Blocks of several query and key tiles in both passes, and windows that cut blocks.
   for (bool causal : {false, true}) {
     expect_matches_reference<double>(make_config({600}, {1}, causal), Shape{1, 560, 1, 1, 8}, 20);
-    expect_matches_reference<float>(make_config({1000, 300}, {2, 1}, causal), Shape{1, 620, 2, 1, 5},
-                                    21);
+    expect_matches_reference<float>(make_config({1000, 300}, {2, 1}, causal),
+                                    Shape{1, 620, 2, 1, 5}, 21);
   }
 }
 
@@ -269,10 +271,10 @@ TEST(CpuBackward, RandomProblems) {
           p.config.mixing = mixing;
           if (round == 2) p.config.scale = 0.4;
           const CpuOptions options{1 + cases % 3};
-          expect_matches_reference<double>(p.config, p.shape, 100 + static_cast<std::uint64_t>(cases),
-                                           cases % 2, options);
-          expect_matches_reference<float>(p.config, p.shape, 200 + static_cast<std::uint64_t>(cases),
-                                          cases % 3, options);
+          expect_matches_reference<double>(
+              p.config, p.shape, 100 + static_cast<std::uint64_t>(cases), cases % 2, options);
+          expect_matches_reference<float>(
+              p.config, p.shape, 200 + static_cast<std::uint64_t>(cases), cases % 3, options);
           ++cases;
         }
 }
@@ -360,17 +362,19 @@ TEST(CpuAttendGrad, AllThreeGradientsInOneCallEqualTheReference) {
       return da::cpu::StridedRows<double>{t.storage.data(), t.seq_stride, all};
     };
     da::cpu::AttendBackwardWorkspace<double> workspace(7);
-    da::cpu::attend_backward(workspace, rows(p.q), rows(p.k), rows(p.v), rows(p.d_out), p.lse.data(),
-                         delta.data(), 7, 1.0 / std::sqrt(7.0), 1.0, causal,
-                         da::cpu::GradientRows<double>{dq.data(), 7},
-                         da::cpu::GradientRows<double>{dk.data(), 8},
-                         da::cpu::GradientRows<double>{dv.data(), 9});
+    da::cpu::attend_backward(
+        workspace, rows(p.q), rows(p.k), rows(p.v), rows(p.d_out), p.lse.data(), delta.data(), 7,
+        1.0 / std::sqrt(7.0), 1.0, causal, da::cpu::GradientRows<double>{dq.data(), 7},
+        da::cpu::GradientRows<double>{dk.data(), 8}, da::cpu::GradientRows<double>{dv.data(), 9});
     double worst = 0.0;
     for (std::int64_t x = 0; x < 300; ++x)
       for (std::int64_t d = 0; d < 7; ++d) {
-        worst = std::max(worst, std::abs(dq[static_cast<std::size_t>(x * 7 + d)] - want.d_q.at(0, x, 0, d)));
-        worst = std::max(worst, std::abs(dk[static_cast<std::size_t>(x * 8 + d)] - want.d_k.at(0, x, 0, d)));
-        worst = std::max(worst, std::abs(dv[static_cast<std::size_t>(x * 9 + d)] - want.d_v.at(0, x, 0, d)));
+        worst = std::max(
+            worst, std::abs(dq[static_cast<std::size_t>(x * 7 + d)] - want.d_q.at(0, x, 0, d)));
+        worst = std::max(
+            worst, std::abs(dk[static_cast<std::size_t>(x * 8 + d)] - want.d_k.at(0, x, 0, d)));
+        worst = std::max(
+            worst, std::abs(dv[static_cast<std::size_t>(x * 9 + d)] - want.d_v.at(0, x, 0, d)));
       }
     EXPECT_LE(worst, 1e-11);
     EXPECT_EQ(dk[7], 0.0);  // between rows: untouched
@@ -390,7 +394,8 @@ TEST(CpuBackward, BitwiseIdenticalForAnyThreadCount) {
   // Several windows per head and blocks of several tiles, so threads really share the work.
   for (Mixing mixing : {Mixing::softmax, Mixing::mean})
     for (bool causal : {false, true}) {
-      const Config config = make_config({64, 300, 600}, {1, 2, 4}, causal, OffsetRule::modular, mixing);
+      const Config config =
+          make_config({64, 300, 600}, {1, 2, 4}, causal, OffsetRule::modular, mixing);
       const Problem<float> p(config, Shape{2, 600, 4, 2, 8}, 35, 1);
       const Gradients<float> one = run_fast(p, CpuOptions{1});
       for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(p, CpuOptions{threads}));
@@ -425,8 +430,8 @@ TEST_P(CpuBackwardIsa, AwkwardShapesMatchReference) {
   // Head widths that are no multiple of any register tile (40, 72), padded and strided views, N
   // a multiple of no w, r dividing no w, every offset rule, both mixings, causal or not.
   da::testing::for_each_awkward_case([&](const Config& config, std::int64_t dim, int cases) {
-    expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases,
-                                    1 + cases % 3, options(1 + cases % 2));
+    expect_matches_reference<float>(config, Shape{1, 333, 5, 5, dim}, 300 + cases, 1 + cases % 3,
+                                    options(1 + cases % 2));
     expect_matches_reference<double>(config, Shape{1, 150, 3, 3, dim}, 320 + cases, cases % 2,
                                      options(2));
   });
@@ -446,8 +451,8 @@ TEST_P(CpuBackwardIsa, LongBlocksWideHeadsAndNarrowStorage) {
 }
 
 TEST_P(CpuBackwardIsa, BitwiseIdenticalForAnyThreadCount) {
-  const Config config = make_config({64, 300, 700}, {1, 2, 4}, true, OffsetRule::modular,
-                                    Mixing::mean);
+  const Config config =
+      make_config({64, 300, 700}, {1, 2, 4}, true, OffsetRule::modular, Mixing::mean);
   const Problem<float> p(config, Shape{2, 700, 2, 1, 40}, 344, 1);
   const Gradients<float> one = run_fast(p, options(1));
   for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(p, options(threads)));
@@ -482,14 +487,15 @@ TEST(CpuBackward, PathsAgreeToRounding) {
 
 TEST(CpuBackward, UnsupportedForcedPathIsRejectedWithGradientsUntouched) {
   const Problem<float> p(make_config({8}, {2}), Shape{1, 20, 2, 2, 4}, 348);
-  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
+  for (da::CpuIsa isa :
+       {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
     if (!da::cpu::isa_supported(isa)) {
       Gradients<float> g(p.shape, 0);
-      EXPECT_THROW(da::backward<float>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
-                                       {p.out.view(), p.lse.data()}, p.d_out.view(),
-                                       {g.d_q.view(), g.d_k.view(), g.d_v.view()},
-                                       CpuOptions{1, isa}),
-                   std::invalid_argument)
+      EXPECT_THROW(
+          da::backward<float>(p.config, p.shape, {p.q.view(), p.k.view(), p.v.view()},
+                              {p.out.view(), p.lse.data()}, p.d_out.view(),
+                              {g.d_q.view(), g.d_k.view(), g.d_v.view()}, CpuOptions{1, isa}),
+          std::invalid_argument)
           << da::to_string(isa);
       for (const Tensor<float>* t : {&g.d_q, &g.d_k, &g.d_v})
         for (float value : t->storage) ASSERT_EQ(value, sentinel_value<float>);
@@ -663,7 +669,7 @@ TEST(CpuBackwardRejects, UnknownEnumerators) {
 
 TEST(CpuBackwardRejects, NonPositiveShapeFields) {
   for (std::int64_t Shape::*member : {&Shape::batch, &Shape::seq_len, &Shape::num_heads,
-                                     &Shape::num_kv_heads, &Shape::head_dim}) {
+                                      &Shape::num_kv_heads, &Shape::head_dim}) {
     Bad p;
     p.shape.*member = 0;
     expect_rejected(p, {"must be positive"});

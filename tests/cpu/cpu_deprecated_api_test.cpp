@@ -29,8 +29,8 @@ template <class T>
 struct Problem {
   da::Config config = dt::make_config({16, 32}, {1, 2}, /*causal=*/true);
   da::Shape shape{2, 48, 4, 2, 16};
-  dt::Tensor<T> q{shape, shape.num_heads, 1}, k{shape, shape.num_kv_heads}, v{shape, shape.num_kv_heads},
-      d_out{shape, shape.num_heads};
+  dt::Tensor<T> q{shape, shape.num_heads, 1}, k{shape, shape.num_kv_heads},
+      v{shape, shape.num_kv_heads}, d_out{shape, shape.num_heads};
   std::vector<da::lse_type_t<T>> lse = std::vector<da::lse_type_t<T>>(
       static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
 
@@ -76,8 +76,8 @@ void check_cpu() {
   da::forward<T>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(), old_default.out.view(),
                  old_default.lse.data());
   const da::Outputs<const T> forward_outputs{fresh.out.view(), fresh.lse.data()};
-  da::backward<T>(p.config, p.shape, p.inputs(), forward_outputs, p.d_out.view(),
-                  fresh.gradients(), options);
+  da::backward<T>(p.config, p.shape, p.inputs(), forward_outputs, p.d_out.view(), fresh.gradients(),
+                  options);
   da::backward<T>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(), fresh.out.view(),
                   fresh.lse.data(), p.d_out.view(), old.d_q.view(), old.d_k.view(), old.d_v.view(),
                   options);
@@ -126,8 +126,9 @@ TEST(CpuDeprecatedApi, StillRejectsBadInput) {
   EXPECT_THROW(da::forward<float>(p.config, p.shape, p.q.view(), p.k.view(), p.v.view(),
                                   r.out.view(), r.lse.data(), da::CpuOptions{-1}),
                std::invalid_argument);
-  EXPECT_THROW(da::forward<float>(p.config, p.shape, p.inputs(), {r.out.view()}, da::CpuOptions{-1}),
-               std::invalid_argument);
+  EXPECT_THROW(
+      da::forward<float>(p.config, p.shape, p.inputs(), {r.out.view()}, da::CpuOptions{-1}),
+      std::invalid_argument);
 }
 
 }  // namespace

@@ -447,10 +447,9 @@ TEST(CpuForward, ThreadCountFromEnvironment) {
   ::setenv("DILATED_ATTENTION_NUM_THREADS", "three", 1);
   Result<double> untouched{Tensor<double>(shape, 2), std::vector<double>(100, 7.0)};
   untouched.out.fill(7.0);
-  EXPECT_THROW(
-      da::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
-                  da::Outputs{untouched.out.view()}),
-      std::invalid_argument);
+  EXPECT_THROW(da::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
+                           da::Outputs{untouched.out.view()}),
+               std::invalid_argument);
   for (double value : untouched.out.storage) ASSERT_EQ(value, 7.0);
   ::unsetenv("DILATED_ATTENTION_NUM_THREADS");
   EXPECT_GE(da::cpu::resolve_num_threads(CpuOptions{}), 1);
@@ -478,8 +477,8 @@ TEST_P(CpuForwardIsa, TinyBlocksAndDilationsLongerThanTheBlock) {
   for (bool causal : {false, true}) {
     expect_matches_reference<float>(make_config({3, 5, 10}, {1, 2, 2}, causal),
                                     Shape{2, 37, 4, 2, 24}, 80, 1, options());
-    expect_matches_reference<float>(make_config({40}, {16}, causal), Shape{1, 45, 16, 16, 8}, 81,
-                                    0, options(3));
+    expect_matches_reference<float>(make_config({40}, {16}, causal), Shape{1, 45, 16, 16, 8}, 81, 0,
+                                    options(3));
     expect_matches_reference<double>(make_config({40, 6}, {16, 5}, causal, OffsetRule::blocked),
                                      Shape{1, 45, 8, 4, 5}, 82, 2, options(2));
   }
@@ -500,7 +499,8 @@ TEST_P(CpuForwardIsa, BitwiseIdenticalForAnyThreadCount) {
   const Config config = make_config({64, 300, 700}, {1, 2, 4}, true);
   const Inputs<float> in(shape, 86);
   const Result<float> one = run_fast(config, shape, in, options(1));
-  for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(config, shape, in, options(threads)));
+  for (int threads : {2, 3, 7})
+    expect_bitwise_equal(one, run_fast(config, shape, in, options(threads)));
 }
 
 TEST_P(CpuForwardIsa, EnvironmentVariableSelectsThePath) {
@@ -508,8 +508,8 @@ TEST_P(CpuForwardIsa, EnvironmentVariableSelectsThePath) {
   const Config config = make_config({64, 128}, {1, 2});
   const Inputs<float> in(shape, 87);
   const Result<float> forced = run_fast(config, shape, in, options(2));
-  const Result<float> from_environment =
-      da::testing::with_isa_variable(GetParam(), [&] { return run_fast(config, shape, in, CpuOptions{2}); });
+  const Result<float> from_environment = da::testing::with_isa_variable(
+      GetParam(), [&] { return run_fast(config, shape, in, CpuOptions{2}); });
   expect_bitwise_equal(forced, from_environment);
 }
 
@@ -534,12 +534,13 @@ TEST(CpuForward, UnsupportedForcedPathIsRejectedWithOutputUntouched) {
   const Inputs<float> in(shape, 89);
   Tensor<float> out(shape, 2);
   out.fill(7.0f);
-  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
+  for (da::CpuIsa isa :
+       {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon})
     if (!da::cpu::isa_supported(isa)) {
-      EXPECT_THROW(da::forward<float>(make_config({8}, {2}), shape,
-                                      {in.q.view(), in.k.view(), in.v.view()}, {out.view()},
-                                      CpuOptions{1, isa}),
-                   std::invalid_argument)
+      EXPECT_THROW(
+          da::forward<float>(make_config({8}, {2}), shape, {in.q.view(), in.k.view(), in.v.view()},
+                             {out.view()}, CpuOptions{1, isa}),
+          std::invalid_argument)
           << da::to_string(isa);
     }
   for (float value : out.storage) ASSERT_EQ(value, 7.0f);
@@ -558,17 +559,18 @@ void run_with_stack(std::size_t bytes, const std::function<void()>& body) {
     std::exception_ptr error;
   } call{&body, nullptr};
   pthread_t thread;
-  ASSERT_EQ(pthread_create(&thread, &attributes,
-                           [](void* argument) -> void* {
-                             auto* c = static_cast<Call*>(argument);
-                             try {
-                               (*c->body)();
-                             } catch (...) {
-                               c->error = std::current_exception();
-                             }
-                             return nullptr;
-                           },
-                           &call),
+  ASSERT_EQ(pthread_create(
+                &thread, &attributes,
+                [](void* argument) -> void* {
+                  auto* c = static_cast<Call*>(argument);
+                  try {
+                    (*c->body)();
+                  } catch (...) {
+                    c->error = std::current_exception();
+                  }
+                  return nullptr;
+                },
+                &call),
             0);
   ASSERT_EQ(pthread_join(thread, nullptr), 0);
   pthread_attr_destroy(&attributes);
@@ -583,7 +585,8 @@ TEST(CpuForward, RunsOnAThreadWithA128KiBStack) {
   const Inputs<float> in(shape, 90);
   const Inputs<double> in_double(Shape{1, 300, 2, 2, 128}, 91);
   const Result<double> want = run_reference(config, shape, in);
-  for (da::CpuIsa isa : {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon}) {
+  for (da::CpuIsa isa :
+       {da::CpuIsa::generic, da::CpuIsa::avx2, da::CpuIsa::avx512, da::CpuIsa::neon}) {
     if (!da::cpu::isa_supported(isa)) continue;
     SCOPED_TRACE(da::to_string(isa));
     for (int threads : {1, 2}) {
@@ -614,9 +617,9 @@ TEST(CpuForward, RejectsBadInputWithOutputUntouched) {
   std::vector<float> lse(40, 7.0f);
   auto expect_rejected = [&](const Config& config, const Shape& s, da::View<float> o, float* l,
                              const CpuOptions& options) {
-    EXPECT_THROW(da::forward(config, s, {in.q.view(), in.k.view(), in.v.view()}, da::Outputs{o, l},
-                             options),
-                 std::invalid_argument);
+    EXPECT_THROW(
+        da::forward(config, s, {in.q.view(), in.k.view(), in.v.view()}, da::Outputs{o, l}, options),
+        std::invalid_argument);
     for (float value : out.storage) ASSERT_EQ(value, 7.0f);
     for (float value : lse) ASSERT_EQ(value, 7.0f);
   };
@@ -627,10 +630,9 @@ TEST(CpuForward, RejectsBadInputWithOutputUntouched) {
   expect_rejected(good, shape, out.view(), lse.data(), CpuOptions{-2});
   // Output aliasing an input.
   Inputs<float> alias(shape, 26);
-  EXPECT_THROW(
-      da::forward(good, shape, {alias.q.view(), alias.k.view(), alias.v.view()},
-                  da::Outputs{alias.q.view()}),
-      std::invalid_argument);
+  EXPECT_THROW(da::forward(good, shape, {alias.q.view(), alias.k.view(), alias.v.view()},
+                           da::Outputs{alias.q.view()}),
+               std::invalid_argument);
   // LSE overlapping the output.
   expect_rejected(good, shape, out.view(), out.storage.data() + 4, {});
 }

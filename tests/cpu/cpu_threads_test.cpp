@@ -45,8 +45,7 @@ TEST(CpuThreads, WorkersRunConcurrently) {
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
       const int now = ++in_flight;
       int seen = most.load();
-      while (now > seen && !most.compare_exchange_weak(seen, now)) {
-      }
+      while (now > seen && !most.compare_exchange_weak(seen, now)) {}
       const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
       while (most.load() < 2 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));

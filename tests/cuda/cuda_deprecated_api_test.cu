@@ -31,7 +31,9 @@ TEST(CudaDeprecatedApi, OldBackwardStillRejectsANullWorkspace) {
   const da::Shape s{1, 64, 2, 2, 64};
   const std::uintptr_t span = 1u << 24;
   auto at = [&](int i) { return reinterpret_cast<float*>(std::uintptr_t{1} << 32 | (span * i)); };
-  auto in = [&](int i, std::int64_t heads) { return da::contiguous_view<const float>(at(i), s, heads); };
+  auto in = [&](int i, std::int64_t heads) {
+    return da::contiguous_view<const float>(at(i), s, heads);
+  };
   auto grad = [&](int i, std::int64_t heads) { return da::contiguous_view(at(i), s, heads); };
   try {
     da::cuda::backward<float>(config, s, in(0, 2), in(1, 2), in(2, 2), in(3, 2), at(4), in(5, 2),
@@ -109,13 +111,16 @@ TEST(CudaDeprecatedApi, OldSpellingsMatchTheGroupedCallsBitwise) {
     dt::DeviceBuffer<float> d_q, d_k, d_v;
   };
   const std::size_t kv = kv_elems;
-  Grads g_old{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv), dt::DeviceBuffer<float>(kv)};
-  Grads g_new{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv), dt::DeviceBuffer<float>(kv)};
-  Grads g_own{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv), dt::DeviceBuffer<float>(kv)};
+  Grads g_old{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv),
+              dt::DeviceBuffer<float>(kv)};
+  Grads g_new{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv),
+              dt::DeviceBuffer<float>(kv)};
+  Grads g_own{dt::DeviceBuffer<float>(q_elems), dt::DeviceBuffer<float>(kv),
+              dt::DeviceBuffer<float>(kv)};
   const da::Outputs<const float> forward_outputs{cq(out_new, 4), lse_new.data()};
-  da::cuda::backward<float>(config, s, cq(q, 4), cq(k, 2), cq(v, 2), cq(out_new, 4),
-                            lse_new.data(), cq(d_out, 4), mq(g_old.d_q, 4), mq(g_old.d_k, 2),
-                            mq(g_old.d_v, 2), workspace.data(), bytes, stream);
+  da::cuda::backward<float>(config, s, cq(q, 4), cq(k, 2), cq(v, 2), cq(out_new, 4), lse_new.data(),
+                            cq(d_out, 4), mq(g_old.d_q, 4), mq(g_old.d_k, 2), mq(g_old.d_v, 2),
+                            workspace.data(), bytes, stream);
   da::cuda::backward<float>(config, s, inputs, forward_outputs, cq(d_out, 4),
                             {mq(g_new.d_q, 4), mq(g_new.d_k, 2), mq(g_new.d_v, 2)},
                             {stream, workspace.data(), bytes});

@@ -36,8 +36,8 @@ struct Kernels {
 template <class T, int D>
 Kernels kernels() {
   if constexpr (std::is_same_v<T, float>)
-    return {&dc::device::backward_row_statistics_kernel<T, D>, &dc::device::backward_dq_kernel<T, D>,
-            &dc::device::backward_dk_dv_kernel<T, D>};
+    return {&dc::device::backward_row_statistics_kernel<T, D>,
+            &dc::device::backward_dq_kernel<T, D>, &dc::device::backward_dk_dv_kernel<T, D>};
   else
     return {&dc::device::backward_row_statistics_kernel<T, D>,
             &dc::device::tensor_core_backward_dq_kernel<T, D>,
@@ -70,8 +70,8 @@ template <class T>
 dt::BackwardResult<T> run_emulated(const dt::Case& c, const dt::BackwardInputs<T>& in,
                                    bool plant = false) {
   dt::BackwardResult<T> result = dt::poisoned_gradients<T>(c.shape, c.pad, c.seq_pad);
-  const da::View<const T> q = in.q.view(), k = in.k.view(), v = in.v.view(),
-                          out = in.out.view(), d_out = in.d_out.view();
+  const da::View<const T> q = in.q.view(), k = in.k.view(), v = in.v.view(), out = in.out.view(),
+                          d_out = in.d_out.view();
   const da::View<T> d_q = result.d_q.view(), d_k = result.d_k.view(), d_v = result.d_v.view();
   da::validate_backward(c.config, c.shape, q, k, v, out, in.lse.data(), d_out, d_q, d_k, d_v);
   dc::check_backend_limits(c.config, c.shape);
@@ -79,9 +79,9 @@ dt::BackwardResult<T> run_emulated(const dt::Case& c, const dt::BackwardInputs<T
   Workspace workspace(bytes);
   const dc::KernelKind kind =
       std::is_same_v<T, float> ? dc::KernelKind::simt : dc::KernelKind::tensor_core;
-  const dc::BackwardPlan plan = dc::make_backward_plan<T>(c.config, c.shape, q, k, v, out,
-                                                          in.lse.data(), d_out, d_q, d_k, d_v,
-                                                          workspace.data, bytes, kind);
+  const dc::BackwardPlan plan =
+      dc::make_backward_plan<T>(c.config, c.shape, q, k, v, out, in.lse.data(), d_out, d_q, d_k,
+                                d_v, workspace.data, bytes, kind);
   EXPECT_LE(plan.shared_bytes, sizeof(dc::device::backward_rows));
   const Kernels kernel = kernels_for<T>(c.shape.head_dim);
   auto* shared = reinterpret_cast<unsigned char*>(dc::device::backward_rows);
@@ -137,7 +137,7 @@ TEST(CudaEmulatedBackward, Bfloat16EveryCase) {
 }
 TEST(CudaEmulatedBackward, OtherHeadDimsEveryType) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
-  check_cases<float>(32, 3, 4, 400);            // three branches, mean, GQA
+  check_cases<float>(32, 3, 4, 400);  // three branches, mean, GQA
   check_cases<__half>(96, 1, 4, 500);
   check_cases<__nv_bfloat16>(128, 2, 4, 600);
   check_cases<__half>(128, 0, 5, 700);

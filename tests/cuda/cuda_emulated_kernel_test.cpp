@@ -31,10 +31,18 @@ template <class T>
 Kernel kernel_for(std::int64_t head_dim) {
   constexpr bool simt = std::is_same_v<T, float>;
   switch (head_dim) {
-    case 32: return simt ? Kernel{&dc::device::simt_forward_kernel<float, 32>} : Kernel{&dc::device::tensor_core_forward_kernel<T, 32>};
-    case 64: return simt ? Kernel{&dc::device::simt_forward_kernel<float, 64>} : Kernel{&dc::device::tensor_core_forward_kernel<T, 64>};
-    case 96: return simt ? Kernel{&dc::device::simt_forward_kernel<float, 96>} : Kernel{&dc::device::tensor_core_forward_kernel<T, 96>};
-    default: return simt ? Kernel{&dc::device::simt_forward_kernel<float, 128>} : Kernel{&dc::device::tensor_core_forward_kernel<T, 128>};
+    case 32:
+      return simt ? Kernel{&dc::device::simt_forward_kernel<float, 32>}
+                  : Kernel{&dc::device::tensor_core_forward_kernel<T, 32>};
+    case 64:
+      return simt ? Kernel{&dc::device::simt_forward_kernel<float, 64>}
+                  : Kernel{&dc::device::tensor_core_forward_kernel<T, 64>};
+    case 96:
+      return simt ? Kernel{&dc::device::simt_forward_kernel<float, 96>}
+                  : Kernel{&dc::device::tensor_core_forward_kernel<T, 96>};
+    default:
+      return simt ? Kernel{&dc::device::simt_forward_kernel<float, 128>}
+                  : Kernel{&dc::device::tensor_core_forward_kernel<T, 128>};
   }
 }
 
@@ -76,8 +84,7 @@ std::vector<dt::Case> emulated_cases(std::int64_t head_dim) {
   const std::vector<dt::Case> all = dt::correctness_cases(head_dim);
   std::vector<dt::Case> chosen;
   for (const dt::Case& c : all) {
-    const std::int64_t blocks =
-        (c.shape.seq_len + 63) / 64 * c.shape.num_heads * c.shape.batch;
+    const std::int64_t blocks = (c.shape.seq_len + 63) / 64 * c.shape.num_heads * c.shape.batch;
     if (blocks <= 24) chosen.push_back(c);
   }
   return chosen;
@@ -94,10 +101,10 @@ TEST(CudaEmulatedKernel, CaseSelectionCoversTheRules) {
   const auto cases = emulated_cases(64);
   std::string names;
   for (const auto& c : cases) names += c.name + "; ";
-  for (const char* needed : {"dense causal", "several key tiles", "several segments per window",
-                             "three branches causal", "blocked mean", "partitioned mean",
-                             "GQA 6:2", "odd padding", "aligned padding", "strided windows R = 2",
-                             "strided windows R = 4"})
+  for (const char* needed :
+       {"dense causal", "several key tiles", "several segments per window", "three branches causal",
+        "blocked mean", "partitioned mean", "GQA 6:2", "odd padding", "aligned padding",
+        "strided windows R = 2", "strided windows R = 4"})
     EXPECT_NE(names.find(needed), std::string::npos) << needed << " not emulated: " << names;
 }
 

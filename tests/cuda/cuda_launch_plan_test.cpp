@@ -38,25 +38,30 @@ std::vector<PlanCase> plan_cases() {
     cases.push_back({make_config({48}, {1}, causal, R::modular), {1, 150, 2, 1, 64}});
     cases.push_back({make_config({40}, {3}, causal, R::modular), {1, 130, 4, 4, 64}});
     cases.push_back({make_config({5, 13}, {2, 3}, causal, R::modular), {1, 90, 3, 3, 32}});
-    cases.push_back({make_config({20, 50, 120}, {1, 3, 7}, causal, R::modular), {2, 200, 5, 5, 96}});
+    cases.push_back(
+        {make_config({20, 50, 120}, {1, 3, 7}, causal, R::modular), {2, 200, 5, 5, 96}});
     cases.push_back({make_config({16, 64}, {2, 4}, causal, R::blocked), {1, 160, 5, 5, 64}});
-    cases.push_back({make_config({32, 64, 128}, {1, 2, 4}, causal, R::partitioned), {1, 150, 5, 5, 128}});
-    cases.push_back({make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, causal,
-                               R::modular),
-                     {1, 700, 12, 12, 64}});
+    cases.push_back(
+        {make_config({32, 64, 128}, {1, 2, 4}, causal, R::partitioned), {1, 150, 5, 5, 128}});
+    cases.push_back(
+        {make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, causal, R::modular),
+         {1, 700, 12, 12, 64}});
     cases.push_back({make_config({7}, {7}, causal, R::blocked), {1, 1, 3, 3, 64}});
     cases.push_back({make_config({64, 64}, {2, 2}, causal, R::modular), {1, 129, 2, 2, 64}});
     // Strided windows (R > 1): lcm of the rates 2, 4 and 6.
     cases.push_back({make_config({256, 512}, {1, 2}, causal, R::modular), {1, 1000, 2, 2, 64}});
     cases.push_back({make_config({256, 512}, {2, 4}, causal, R::blocked), {1, 700, 3, 3, 64}});
-    cases.push_back({make_config({768, 1536}, {2, 3}, causal, R::partitioned), {2, 2000, 3, 3, 64}});
+    cases.push_back(
+        {make_config({768, 1536}, {2, 3}, causal, R::partitioned), {2, 2000, 3, 3, 64}});
   }
   return cases;
 }
 
 // The plan of a case on fake, distinct addresses (the plan only records pointers).
 dc::LaunchPlan plan_for(const da::Config& config, const da::Shape& shape) {
-  auto at = [](int i) { return reinterpret_cast<float*>(std::uintptr_t{1} << 40 | std::uintptr_t(i) << 36); };
+  auto at = [](int i) {
+    return reinterpret_cast<float*>(std::uintptr_t{1} << 40 | std::uintptr_t(i) << 36);
+  };
   return dc::make_launch_plan<float>(
       config, shape, da::contiguous_view<const float>(at(0), shape, shape.num_heads),
       da::contiguous_view<const float>(at(1), shape, shape.num_kv_heads),
@@ -66,8 +71,7 @@ dc::LaunchPlan plan_for(const da::Config& config, const da::Shape& shape) {
 
 // The work of one (head, branch) over all stride-R windows, as the backward kernels enumerate it.
 template <class Visit>
-void for_each_work(const dc::ForwardParams& params, std::int64_t head, int branch,
-                   Visit&& visit) {
+void for_each_work(const dc::ForwardParams& params, std::int64_t head, int branch, Visit&& visit) {
   const da::BranchGeometry geometry = params.branch(branch);
   const std::int64_t offset = params.offset(branch, head);
   if (offset < 0) return;
@@ -85,8 +89,9 @@ void for_each_work(const dc::ForwardParams& params, std::int64_t head, int branc
 TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
   for (const PlanCase& c : plan_cases()) {
     const da::Pattern pattern(c.config, c.shape);
-    SCOPED_TRACE("N " + std::to_string(c.shape.seq_len) + " H " + std::to_string(c.shape.num_heads) +
-                 " G " + std::to_string(pattern.num_branches()) + (c.config.causal ? " causal" : ""));
+    SCOPED_TRACE("N " + std::to_string(c.shape.seq_len) + " H " +
+                 std::to_string(c.shape.num_heads) + " G " +
+                 std::to_string(pattern.num_branches()) + (c.config.causal ? " causal" : ""));
     // (branch, head, segment, x) from the pattern's blocks ...
     std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected, seen;
     for (const da::Block& block : pattern.blocks())
@@ -106,25 +111,26 @@ TEST(CudaLaunchPlan, WorkCoversEachBlockQueryOnceWithExactlyItsKeys) {
     EXPECT_EQ(std::count(owners.begin(), owners.end(), 1), c.shape.seq_len);
     for (std::int64_t h = 0; h < c.shape.num_heads; ++h)
       for (int i = 0; i < static_cast<int>(pattern.num_branches()); ++i)
-        for_each_work(plan.params, h, i,
-                      [&](std::int64_t, const da::Progression& rows, std::int64_t s,
-                          std::int64_t offset, const dc::SegmentWork& work) {
-                        EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
-                        std::int64_t widest = 0;
-                        for (std::int64_t q = 0; q < work.queries.count; ++q) {
-                          const std::int64_t x = work.queries.at(q);
-                          EXPECT_TRUE(rows.contains(x)) << "query " << x << " outside its window";
-                          EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
-                          const std::int64_t limit = dc::key_limit(work.keys, x, c.config.causal);
-                          EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
-                          EXPECT_LE(limit, work.key_count);
-                          widest = std::max(widest, limit);
-                          pairs += limit;
-                        }
-                        // Streamed keys are exactly those some query attends: no empty tile.
-                        EXPECT_EQ(work.key_count, widest);
-                        EXPECT_EQ(work.tiles(), (widest + dc::key_stage_rows - 1) / dc::key_stage_rows);
-                      });
+        for_each_work(
+            plan.params, h, i,
+            [&](std::int64_t, const da::Progression& rows, std::int64_t s, std::int64_t offset,
+                const dc::SegmentWork& work) {
+              EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
+              std::int64_t widest = 0;
+              for (std::int64_t q = 0; q < work.queries.count; ++q) {
+                const std::int64_t x = work.queries.at(q);
+                EXPECT_TRUE(rows.contains(x)) << "query " << x << " outside its window";
+                EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
+                const std::int64_t limit = dc::key_limit(work.keys, x, c.config.causal);
+                EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
+                EXPECT_LE(limit, work.key_count);
+                widest = std::max(widest, limit);
+                pairs += limit;
+              }
+              // Streamed keys are exactly those some query attends: no empty tile.
+              EXPECT_EQ(work.key_count, widest);
+              EXPECT_EQ(work.tiles(), (widest + dc::key_stage_rows - 1) / dc::key_stage_rows);
+            });
     EXPECT_EQ(seen, expected);
     EXPECT_EQ(pairs * c.shape.batch, pattern.attended_pairs());
   }
@@ -183,7 +189,8 @@ TEST(CudaLaunchPlan, QueryWindowsCoverEachPositionOnceWithinTheGrid) {
   // The bound holds for every length and stride, not only the cases'.
   for (std::int64_t r : {1, 2, 3, 4, 6, 8, 12, 24, 60, 64})
     for (std::int64_t n = 1; n < 3000; n += 7) {
-      const std::int64_t chunks = ((n + r - 1) / r + dc::block_window_rows - 1) / dc::block_window_rows;
+      const std::int64_t chunks =
+          ((n + r - 1) / r + dc::block_window_rows - 1) / dc::block_window_rows;
       EXPECT_LE(dc::query_window_count(n, r), r * chunks) << "N " << n << " R " << r;
     }
 }
@@ -191,8 +198,9 @@ TEST(CudaLaunchPlan, QueryWindowsCoverEachPositionOnceWithinTheGrid) {
 TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
   for (const PlanCase& c : plan_cases()) {
     const da::Pattern pattern(c.config, c.shape);
-    SCOPED_TRACE("N " + std::to_string(c.shape.seq_len) + " H " + std::to_string(c.shape.num_heads) +
-                 " G " + std::to_string(pattern.num_branches()) + (c.config.causal ? " causal" : ""));
+    SCOPED_TRACE("N " + std::to_string(c.shape.seq_len) + " H " +
+                 std::to_string(c.shape.num_heads) + " G " +
+                 std::to_string(pattern.num_branches()) + (c.config.causal ? " causal" : ""));
     std::set<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected, seen;
     for (const da::Block& block : pattern.blocks())
       for (std::int64_t hi = 0; hi < block.heads.count; ++hi)
@@ -203,51 +211,54 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
     std::int64_t pairs = 0;
     for (std::int64_t h = 0; h < c.shape.num_heads; ++h)
       for (int i = 0; i < static_cast<int>(pattern.num_branches()); ++i)
-        for_each_query_work(plan.params, h, i, [&](const dc::QueryWindow& window, std::int64_t s,
-                                                   std::int64_t offset, const dc::QueryWork& work) {
-          EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
-          std::int64_t widest = 0;
-          for (int n = 0; n < work.queries; ++n) {
-            const int row = dc::nth_set_bit(work.rows, n);
-            ASSERT_LT(row, window.count);
-            if (n > 0) {
-              EXPECT_LT(dc::nth_set_bit(work.rows, n - 1), row);
-            }
-            const std::int64_t x = window.position(row);
-            EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
-            const std::int64_t limit = dc::key_limit(work.keys, x, causal);
-            EXPECT_GT(limit, 0);
-            EXPECT_EQ(dc::selected_key_limit(work.keys, x, causal), limit);
-            EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
-            // A warp streams up to its slice's limit: never less than any of its rows needs.
-            EXPECT_LE(limit, dc::slice_key_limit(work, window, n / dc::slice_rows, causal));
-            widest = std::max(widest, limit);
-            pairs += limit;
-          }
-          for (int slice = 0; slice < work.slices(); ++slice) {
-            const std::int64_t slice_limit = dc::slice_key_limit(work, window, slice, causal);
-            EXPECT_LE(slice_limit, work.key_count);
-            // The limit is attained by a row of the slice (no key step beyond it).
-            const int last = std::min(work.queries, (slice + 1) * dc::slice_rows) - 1;
-            EXPECT_EQ(slice_limit,
-                      dc::key_limit(work.keys, window.position(dc::nth_set_bit(work.rows, last)), causal));
-          }
-          EXPECT_EQ(dc::slice_key_limit(work, window, work.slices(), causal), 0);
-          EXPECT_EQ(work.key_count, widest);  // no empty tile
-          // With R = lcm of the rates a branch selects whole residue classes of the window, so
-          // every slice but a window's cut-off end is full.
-          if (window.count == dc::block_window_rows) {
-            bool lcm = true;
-            for (int b = 0; b < static_cast<int>(pattern.num_branches()); ++b)
-              lcm = lcm && plan.params.row_stride % pattern.branch(b).r == 0;
-            const da::BranchGeometry g = pattern.branch(i);
-            const bool inside = g.segment_of(window.position(0)) ==
-                                g.segment_of(window.position(window.count - 1));
-            if (lcm && plan.params.row_stride > 1 && inside) {
-              EXPECT_EQ(work.queries % dc::slice_rows, 0) << "R " << plan.params.row_stride;
-            }
-          }
-        });
+        for_each_query_work(
+            plan.params, h, i,
+            [&](const dc::QueryWindow& window, std::int64_t s, std::int64_t offset,
+                const dc::QueryWork& work) {
+              EXPECT_EQ(work.keys, pattern.branch(i).rows(s, offset));
+              std::int64_t widest = 0;
+              for (int n = 0; n < work.queries; ++n) {
+                const int row = dc::nth_set_bit(work.rows, n);
+                ASSERT_LT(row, window.count);
+                if (n > 0) {
+                  EXPECT_LT(dc::nth_set_bit(work.rows, n - 1), row);
+                }
+                const std::int64_t x = window.position(row);
+                EXPECT_TRUE(seen.insert({i, h, s, x}).second) << "query " << x << " twice";
+                const std::int64_t limit = dc::key_limit(work.keys, x, causal);
+                EXPECT_GT(limit, 0);
+                EXPECT_EQ(dc::selected_key_limit(work.keys, x, causal), limit);
+                EXPECT_EQ(work.keys.prefix(limit), pattern.keys(i, h, x)) << "x " << x;
+                // A warp streams up to its slice's limit: never less than any of its rows needs.
+                EXPECT_LE(limit, dc::slice_key_limit(work, window, n / dc::slice_rows, causal));
+                widest = std::max(widest, limit);
+                pairs += limit;
+              }
+              for (int slice = 0; slice < work.slices(); ++slice) {
+                const std::int64_t slice_limit = dc::slice_key_limit(work, window, slice, causal);
+                EXPECT_LE(slice_limit, work.key_count);
+                // The limit is attained by a row of the slice (no key step beyond it).
+                const int last = std::min(work.queries, (slice + 1) * dc::slice_rows) - 1;
+                EXPECT_EQ(slice_limit,
+                          dc::key_limit(work.keys,
+                                        window.position(dc::nth_set_bit(work.rows, last)), causal));
+              }
+              EXPECT_EQ(dc::slice_key_limit(work, window, work.slices(), causal), 0);
+              EXPECT_EQ(work.key_count, widest);  // no empty tile
+              // With R = lcm of the rates a branch selects whole residue classes of the window, so
+              // every slice but a window's cut-off end is full.
+              if (window.count == dc::block_window_rows) {
+                bool lcm = true;
+                for (int b = 0; b < static_cast<int>(pattern.num_branches()); ++b)
+                  lcm = lcm && plan.params.row_stride % pattern.branch(b).r == 0;
+                const da::BranchGeometry g = pattern.branch(i);
+                const bool inside = g.segment_of(window.position(0)) ==
+                                    g.segment_of(window.position(window.count - 1));
+                if (lcm && plan.params.row_stride > 1 && inside) {
+                  EXPECT_EQ(work.queries % dc::slice_rows, 0) << "R " << plan.params.row_stride;
+                }
+              }
+            });
     EXPECT_EQ(seen, expected);
     EXPECT_EQ(pairs * c.shape.batch, pattern.attended_pairs());
   }
@@ -256,7 +267,8 @@ TEST(CudaLaunchPlan, QueryWorkCoversEachBlockQueryOnceInFullSlices) {
 TEST(CudaLaunchPlan, PackedRowsAndSliceKeySteps) {
   EXPECT_EQ(dc::popcount64(0), 0);
   EXPECT_EQ(dc::popcount64(~std::uint64_t{0}), 64);
-  const std::uint64_t mask = (std::uint64_t{1} << 3) | (std::uint64_t{1} << 40) | (std::uint64_t{1} << 63);
+  const std::uint64_t mask =
+      (std::uint64_t{1} << 3) | (std::uint64_t{1} << 40) | (std::uint64_t{1} << 63);
   EXPECT_EQ(dc::nth_set_bit(mask, 0), 3);
   EXPECT_EQ(dc::nth_set_bit(mask, 1), 40);
   EXPECT_EQ(dc::nth_set_bit(mask, 2), 63);
@@ -312,7 +324,8 @@ TEST(CudaLaunchPlan, PackedRowsAndSliceKeySteps) {
 
 TEST(CudaLaunchPlan, WindowStrideIsTheLcmOfTheRatesWhenAWindowFitsASegment) {
   using R = da::OffsetRule;
-  EXPECT_EQ(dc::choose_row_stride(make_config({2048, 4096, 8192}, {1, 2, 4}, false, R::modular)), 4);
+  EXPECT_EQ(dc::choose_row_stride(make_config({2048, 4096, 8192}, {1, 2, 4}, false, R::modular)),
+            4);
   EXPECT_EQ(dc::choose_row_stride(
                 make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, false, R::modular)),
             12);
@@ -328,13 +341,14 @@ TEST(CudaLaunchPlan, WindowStrideIsTheLcmOfTheRatesWhenAWindowFitsASegment) {
   ASSERT_EQ(plan.params.row_stride, 4);
   for (std::int64_t h = 0; h < shape.num_heads; ++h)
     for (int i = 0; i < 2; ++i)
-      for_each_work(plan.params, h, i,
-                    [&](std::int64_t, const da::Progression& rows, std::int64_t s, std::int64_t,
-                        const dc::SegmentWork& work) {
-                      const da::BranchGeometry g = plan.params.branch(i);
-                      EXPECT_EQ(work.queries,
-                                rows.within(g.segment_begin(s), g.segment_begin(s) + g.segment_length(s)));
-                    });
+      for_each_work(
+          plan.params, h, i,
+          [&](std::int64_t, const da::Progression& rows, std::int64_t s, std::int64_t,
+              const dc::SegmentWork& work) {
+            const da::BranchGeometry g = plan.params.branch(i);
+            EXPECT_EQ(work.queries,
+                      rows.within(g.segment_begin(s), g.segment_begin(s) + g.segment_length(s)));
+          });
 }
 
 TEST(CudaLaunchPlan, RowsOutsideABlockAttendNothing) {
@@ -357,8 +371,8 @@ TEST(CudaLaunchPlan, GridMapsOneBlockToEachWorkUnit) {
   const auto v = da::contiguous_view<const float>(base + 2 * size, shape, 5);
   const auto out = da::contiguous_view(base + 3 * size, shape, 5);
   const da::Config config = make_config({64}, {1}, false, da::OffsetRule::modular);
-  const dc::LaunchPlan plan =
-      dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  const dc::LaunchPlan plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr,
+                                                          dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.params.row_stride, 1);
   EXPECT_EQ(plan.params.windows, 4);
   EXPECT_EQ(plan.blocks, 4 * 5 * 3);
@@ -386,10 +400,11 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   const auto k = da::contiguous_view<const float>(base + 100000, shape, 3);
   const auto v = da::contiguous_view<const float>(base + 200000, shape, 3);
   const auto out = da::contiguous_view(base + 300000, shape, 6);
-  da::Config config = make_config({32, 64}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean);
+  da::Config config =
+      make_config({32, 64}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean);
   config.scale = 0.25;
-  dc::LaunchPlan plan =
-      dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  dc::LaunchPlan plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr,
+                                                    dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.params.num_branches, 2);
   EXPECT_EQ(plan.params.branches[1].w, 64);
   EXPECT_EQ(plan.params.branches[1].r, 2);
@@ -406,10 +421,12 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5 + 64 * 130 * 4});
   EXPECT_LE(plan.shared_bytes, std::size_t{163 * 1024});
   config.mixing = da::Mixing::softmax;
-  plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr,
+                                     dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.shared_bytes, std::size_t{136 * 2 * 64 * 5 + 64 * 130 * 4});
   // The backward's dQ kernel keeps the layout without records.
-  EXPECT_EQ(dc::detail::tensor_core_shared_bytes(128, da::Mixing::softmax), std::size_t{136 * 2 * 64 * 5});
+  EXPECT_EQ(dc::detail::tensor_core_shared_bytes(128, da::Mixing::softmax),
+            std::size_t{136 * 2 * 64 * 5});
   EXPECT_TRUE(plan.params.o_vector);
 
   // 16-byte transfers are decided per tensor: a head stride that is not a multiple of 16 bytes
@@ -418,14 +435,16 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   odd.head_stride = 129;
   odd.seq_stride = 6 * 129;
   odd.batch_stride = 100 * 6 * 129;
-  plan = dc::make_launch_plan<float>(config, shape, q, k, v, odd, nullptr, dc::KernelKind::tensor_core);
+  plan = dc::make_launch_plan<float>(config, shape, q, k, v, odd, nullptr,
+                                     dc::KernelKind::tensor_core);
   EXPECT_TRUE(plan.params.q_vector && plan.params.k_vector && plan.params.v_vector);
   EXPECT_FALSE(plan.params.o_vector);
   auto odd_k = k;
   odd_k.head_stride = 129;
   odd_k.seq_stride = 3 * 129;
   odd_k.batch_stride = 100 * 3 * 129;
-  plan = dc::make_launch_plan<float>(config, shape, q, odd_k, v, out, nullptr, dc::KernelKind::tensor_core);
+  plan = dc::make_launch_plan<float>(config, shape, q, odd_k, v, out, nullptr,
+                                     dc::KernelKind::tensor_core);
   EXPECT_TRUE(plan.params.q_vector);
   EXPECT_FALSE(plan.params.k_vector);
   EXPECT_TRUE(plan.params.v_vector);
@@ -433,7 +452,8 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   // single kv head with an odd head stride, keeps 16-byte transfers.
   auto odd_batch = v;
   odd_batch.batch_stride = 12345;
-  plan = dc::make_launch_plan<float>(config, shape, q, k, odd_batch, out, nullptr, dc::KernelKind::tensor_core);
+  plan = dc::make_launch_plan<float>(config, shape, q, k, odd_batch, out, nullptr,
+                                     dc::KernelKind::tensor_core);
   EXPECT_TRUE(plan.params.v_vector);
   const da::Shape one_kv_head{1, 100, 6, 1, 128};
   auto single = da::contiguous_view<const float>(base + 200000, one_kv_head, 1);
@@ -443,7 +463,8 @@ TEST(CudaLaunchPlan, ParametersCarryTheConfigAndLayout) {
   EXPECT_TRUE(plan.params.k_vector && plan.params.v_vector);
   auto shifted = q;
   shifted.data = q.data + 1;  // 4 bytes off 16
-  plan = dc::make_launch_plan<float>(config, shape, shifted, k, v, out, nullptr, dc::KernelKind::tensor_core);
+  plan = dc::make_launch_plan<float>(config, shape, shifted, k, v, out, nullptr,
+                                     dc::KernelKind::tensor_core);
   EXPECT_FALSE(plan.params.q_vector);
 
   plan = dc::make_launch_plan<float>(config, shape, q, k, v, out, nullptr, dc::KernelKind::simt);
@@ -459,14 +480,16 @@ TEST(CudaLaunchPlan, BackendLimitsAreInvalidArguments) {
       ADD_FAILURE() << "head_dim " << head_dim << " accepted";
     } catch (const std::invalid_argument& error) {
       const std::string message = error.what();
-      EXPECT_NE(message.find("head_dim = " + std::to_string(head_dim)), std::string::npos) << message;
+      EXPECT_NE(message.find("head_dim = " + std::to_string(head_dim)), std::string::npos)
+          << message;
       EXPECT_NE(message.find("{32, 64, 96, 128}"), std::string::npos) << message;
     }
   }
   for (std::int64_t head_dim : {32, 64, 96, 128})
     EXPECT_NO_THROW(dc::check_backend_limits(config, {1, 64, 2, 2, head_dim}));
-  const da::Config many = make_config(std::vector<std::int64_t>(17, 8), std::vector<std::int64_t>(17, 1),
-                                    false, da::OffsetRule::modular);
+  const da::Config many =
+      make_config(std::vector<std::int64_t>(17, 8), std::vector<std::int64_t>(17, 1), false,
+                  da::OffsetRule::modular);
   EXPECT_THROW(dc::check_backend_limits(many, {1, 64, 20, 20, 64}), std::invalid_argument);
   EXPECT_THROW(dc::check_backend_limits(config, {1, std::int64_t{1} << 31, 1, 1, 64}),
                std::invalid_argument);
@@ -480,21 +503,24 @@ TEST(CudaLaunchChecks, SharedMemoryBeyondTheDeviceLimitIsAnInvalidArgument) {
   std::vector<float> buffer(1 << 16);
   const auto view = da::contiguous_view<const float>(buffer.data(), shape, 2);
   const auto out = da::contiguous_view(buffer.data() + 30000, shape, 2);
-  const dc::LaunchPlan plan =
-      dc::make_launch_plan<float>(mean, shape, view, view, view, out, nullptr, dc::KernelKind::tensor_core);
+  const dc::LaunchPlan plan = dc::make_launch_plan<float>(mean, shape, view, view, view, out,
+                                                          nullptr, dc::KernelKind::tensor_core);
   EXPECT_EQ(plan.shared_bytes, std::size_t{117 * 1024 + 512});
   // sm_86 / sm_89 allow 99 KiB per block, A100 163 KiB, H100/H200 227 KiB.
   try {
-    dc::check_shared_memory(plan.shared_bytes, 99 * 1024, mean, shape, "dilated_attention::cuda::forward");
+    dc::check_shared_memory(plan.shared_bytes, 99 * 1024, mean, shape,
+                            "dilated_attention::cuda::forward");
     ADD_FAILURE() << "117.5 KiB accepted on a 99 KiB device";
   } catch (const std::invalid_argument& error) {
     const std::string message = error.what();
-    for (const char* fragment : {"head_dim = 128", "mixing = mean", "120320 bytes", "at most 101376"})
+    for (const char* fragment :
+         {"head_dim = 128", "mixing = mean", "120320 bytes", "at most 101376"})
       EXPECT_NE(message.find(fragment), std::string::npos) << message;
   }
   EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 163 * 1024, mean, shape, "forward"));
   EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, 227 * 1024, mean, shape, "forward"));
-  EXPECT_NO_THROW(dc::check_shared_memory(plan.shared_bytes, plan.shared_bytes, mean, shape, "forward"));
+  EXPECT_NO_THROW(
+      dc::check_shared_memory(plan.shared_bytes, plan.shared_bytes, mean, shape, "forward"));
 }
 
 TEST(CudaLaunchChecks, MisalignedPointersAreInvalidArguments) {
@@ -519,14 +545,31 @@ TEST(CudaLaunchChecks, MisalignedPointersAreInvalidArguments) {
   };
   auto bad_q = good;
   bad_q.data = shifted(good.data);
-  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, bad_q, good, good, out, lse, dc::KernelKind::simt); }, "q.data");
+  expect_rejected(
+      [&] {
+        dc::make_launch_plan<float>(config, shape, bad_q, good, good, out, lse,
+                                    dc::KernelKind::simt);
+      },
+      "q.data");
   auto bad_out = out;
   bad_out.data = const_cast<float*>(shifted(out.data));
-  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, bad_out, lse, dc::KernelKind::simt); }, "out.data");
+  expect_rejected(
+      [&] {
+        dc::make_launch_plan<float>(config, shape, good, good, good, bad_out, lse,
+                                    dc::KernelKind::simt);
+      },
+      "out.data");
   float* bad_lse = const_cast<float*>(shifted(lse));
-  expect_rejected([&] { dc::make_launch_plan<float>(config, shape, good, good, good, out, bad_lse, dc::KernelKind::simt); }, "lse");
-  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, lse, dc::KernelKind::simt));
-  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, nullptr, dc::KernelKind::simt));
+  expect_rejected(
+      [&] {
+        dc::make_launch_plan<float>(config, shape, good, good, good, out, bad_lse,
+                                    dc::KernelKind::simt);
+      },
+      "lse");
+  EXPECT_NO_THROW(
+      dc::make_launch_plan<float>(config, shape, good, good, good, out, lse, dc::KernelKind::simt));
+  EXPECT_NO_THROW(dc::make_launch_plan<float>(config, shape, good, good, good, out, nullptr,
+                                              dc::KernelKind::simt));
 }
 
 TEST(CudaLaunchChecks, SharedMemoryGrantsAskOncePerDeviceAndLargerSize) {
@@ -540,7 +583,8 @@ TEST(CudaLaunchChecks, SharedMemoryGrantsAskOncePerDeviceAndLargerSize) {
   EXPECT_FALSE(grants.covers(1, 85 * 1024));   // per device
   grants.record(0, 61 * 1024);                 // never shrinks
   EXPECT_TRUE(grants.covers(0, 85 * 1024));
-  EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::max_devices, 85 * 1024));  // untracked: always ask
+  EXPECT_FALSE(
+      grants.covers(dc::SharedMemoryGrants::max_devices, 85 * 1024));  // untracked: always ask
   grants.record(dc::SharedMemoryGrants::max_devices, 85 * 1024);
   EXPECT_FALSE(grants.covers(dc::SharedMemoryGrants::max_devices, 85 * 1024));
 }
@@ -557,21 +601,22 @@ double tensor_work_over_useful(const da::Config& config, const da::Shape& shape)
   std::vector<float> buffer(16);
   const auto view = da::View<const float>{buffer.data(), 0, 0, 0};
   const auto out = da::View<float>{buffer.data() + 8, 0, 0, 0};
-  const dc::ForwardParams p =
-      dc::make_launch_plan<float>(config, shape, view, view, view, out, nullptr,
-                                  dc::KernelKind::tensor_core)
-          .params;
+  const dc::ForwardParams p = dc::make_launch_plan<float>(config, shape, view, view, view, out,
+                                                          nullptr, dc::KernelKind::tensor_core)
+                                  .params;
   double work = 0.0;
   for (std::int64_t head = 0; head < shape.num_heads; ++head)
     for (int i = 0; i < p.num_branches; ++i)
-      for_each_query_work(p, head, i, [&](const dc::QueryWindow& window, std::int64_t,
-                                          std::int64_t, const dc::QueryWork& unit) {
-        for (int slice = 0; slice < dc::block_warps; ++slice) {
-          const std::int64_t limit = dc::slice_key_limit(unit, window, slice, p.causal);
-          for (std::int64_t tile = 0; tile < unit.tiles(); ++tile)
-            work += double(dc::slice_rows) * dc::slice_tile_keys(limit, tile);
-        }
-      });
+      for_each_query_work(p, head, i,
+                          [&](const dc::QueryWindow& window, std::int64_t, std::int64_t,
+                              const dc::QueryWork& unit) {
+                            for (int slice = 0; slice < dc::block_warps; ++slice) {
+                              const std::int64_t limit =
+                                  dc::slice_key_limit(unit, window, slice, p.causal);
+                              for (std::int64_t tile = 0; tile < unit.tiles(); ++tile)
+                                work += double(dc::slice_rows) * dc::slice_tile_keys(limit, tile);
+                            }
+                          });
   return work * double(shape.batch) / double(da::Pattern(config, shape).attended_pairs());
 }
 
@@ -587,7 +632,8 @@ TEST(CudaLaunchPlan, TensorWorkOverUsefulWorkOfLongNetConfigs) {
     double ceiling;
   };
   const std::vector<Row> rows = {
-      {"paper r = 1,2,4,6,12", make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}), 1.05},
+      {"paper r = 1,2,4,6,12", make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}),
+       1.05},
       {"paper r = 1,2,4,6,12 causal",
        make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, true), 1.05},
       {"LongNet r = 1,2,4", make_config({2048, 4096, 8192}, {1, 2, 4}), 1.05},

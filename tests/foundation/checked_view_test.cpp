@@ -29,8 +29,8 @@ namespace {
 template <class V, class = void>
 struct accepts_vector : std::false_type {};
 template <class V>
-struct accepts_vector<V, std::void_t<decltype(da::contiguous_view(std::declval<V>(),
-                                                                   da::Shape{}, 1))>>
+struct accepts_vector<V,
+                      std::void_t<decltype(da::contiguous_view(std::declval<V>(), da::Shape{}, 1))>>
     : std::true_type {};
 static_assert(accepts_vector<std::vector<float>&>::value);
 static_assert(accepts_vector<const std::vector<float>&>::value);
@@ -88,7 +88,8 @@ struct Problem {
       const da::View<T> v = view(i);
       highest[i] = (shape.batch - 1) * v.batch_stride + (shape.seq_len - 1) * v.seq_stride +
                    (heads - 1) * v.head_stride + shape.head_dim - 1;
-      buffers[i].resize(static_cast<std::size_t>(highest[i] + 1 + std::max<std::int64_t>(slack[i], 0)));
+      buffers[i].resize(
+          static_cast<std::size_t>(highest[i] + 1 + std::max<std::int64_t>(slack[i], 0)));
       for (T& x : buffers[i]) x = i == 3 ? T(sentinel) : static_cast<T>(normal(rng));
       // A too-short buffer is simulated by telling the view a smaller extent than the vector has,
       // so that nothing reads out of bounds even if the check failed.
@@ -175,7 +176,9 @@ void check_entry(Entry entry) {
   EXPECT_TRUE(negative.outputs_untouched());
 }
 
-TEST(CheckedView, ReferenceRejectsShortBuffersBeforeWriting) { check_entry<double>(Entry::reference); }
+TEST(CheckedView, ReferenceRejectsShortBuffersBeforeWriting) {
+  check_entry<double>(Entry::reference);
+}
 TEST(CheckedView, CpuFloatRejectsShortBuffersBeforeWriting) { check_entry<float>(Entry::cpu); }
 TEST(CheckedView, CpuDoubleRejectsShortBuffersBeforeWriting) { check_entry<double>(Entry::cpu); }
 
@@ -196,7 +199,8 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
   };
   const std::vector<double> q = random(q_size), k = random(kv_size), v = random(kv_size),
                             d_out = random(q_size);
-  std::vector<double> out(q_size), lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+  std::vector<double> out(q_size),
+      lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
   da::reference::forward<double>(config, shape,
                                  {da::contiguous_view(q, shape, shape.num_heads),
                                   da::contiguous_view(k, shape, shape.num_kv_heads),
@@ -213,14 +217,13 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
       return checked;
     };
     auto call = [&] {
-      da::reference::backward<double>(config, shape,
-                                      {view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
-                                       view(v, shape.num_kv_heads, 2)},
-                                      {view(out, shape.num_heads, 3), lse.data()},
-                                      view(d_out, shape.num_heads, 4),
-                                      {view(d_q, shape.num_heads, 5),
-                                       view(d_k, shape.num_kv_heads, 6),
-                                       view(d_v, shape.num_kv_heads, 7)});
+      da::reference::backward<double>(
+          config, shape,
+          {view(q, shape.num_heads, 0), view(k, shape.num_kv_heads, 1),
+           view(v, shape.num_kv_heads, 2)},
+          {view(out, shape.num_heads, 3), lse.data()}, view(d_out, shape.num_heads, 4),
+          {view(d_q, shape.num_heads, 5), view(d_k, shape.num_kv_heads, 6),
+           view(d_v, shape.num_kv_heads, 7)});
     };
     if (shortened < 0) {
       ASSERT_NO_THROW(call());
@@ -234,8 +237,8 @@ TEST(CheckedView, ReferenceBackwardRejectsShortBuffersBeforeWriting) {
       call();
       ADD_FAILURE() << "no exception was thrown";
     } catch (const std::invalid_argument& error) {
-      EXPECT_THAT(error.what(), HasSubstr(std::string(name) + " reaches element " +
-                                          std::to_string(buffer - 1)));
+      EXPECT_THAT(error.what(),
+                  HasSubstr(std::string(name) + " reaches element " + std::to_string(buffer - 1)));
       EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(buffer - 1) + " elements"));
     }
     for (const auto* gradient : {&d_q, &d_k, &d_v})
@@ -263,7 +266,8 @@ TEST(CheckedView, ViewForAWiderHeadIsRejected) {
     ADD_FAILURE() << "no exception was thrown";
   } catch (const std::invalid_argument& error) {
     // Last element reached: row 31 at seq stride 256, head 1 at head stride 128, element 63.
-    EXPECT_THAT(error.what(), HasSubstr("q reaches element " + std::to_string(31 * 256 + 128 + 63)));
+    EXPECT_THAT(error.what(),
+                HasSubstr("q reaches element " + std::to_string(31 * 256 + 128 + 63)));
     EXPECT_THAT(error.what(), HasSubstr("holds " + std::to_string(elements) + " elements"));
   }
   for (const float x : out) ASSERT_EQ(x, float(sentinel));

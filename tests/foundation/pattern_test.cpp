@@ -33,23 +33,30 @@ TEST(Progression, HelpersMatchBruteForce) {
     for (std::int64_t stride = 1; stride <= 5; ++stride)
       for (std::int64_t count = 0; count <= 7; ++count) {
         const da::Progression p{first, stride, count};
-        SCOPED_TRACE(::testing::Message() << "first " << first << " stride " << stride << " count " << count);
+        SCOPED_TRACE(::testing::Message()
+                     << "first " << first << " stride " << stride << " count " << count);
         std::vector<std::int64_t> all;
         for (std::int64_t j = 0; j < count; ++j) all.push_back(first + j * stride);
         ASSERT_EQ(elements(p), all);
         EXPECT_EQ(p.empty(), count == 0);
-        if (count > 0) { EXPECT_EQ(p.last(), all.back()); }
+        if (count > 0) {
+          EXPECT_EQ(p.last(), all.back());
+        }
 
         for (std::int64_t x = first - 8; x <= first + stride * count + 8; ++x) {
           const auto it = std::find(all.begin(), all.end(), x);
           EXPECT_EQ(p.contains(x), it != all.end()) << "x = " << x;
-          if (it != all.end()) { EXPECT_EQ(p.index_of(x), it - all.begin()) << "x = " << x; }
-          const auto up_to = std::count_if(all.begin(), all.end(), [&](std::int64_t e) { return e <= x; });
+          if (it != all.end()) {
+            EXPECT_EQ(p.index_of(x), it - all.begin()) << "x = " << x;
+          }
+          const auto up_to =
+              std::count_if(all.begin(), all.end(), [&](std::int64_t e) { return e <= x; });
           EXPECT_EQ(p.count_up_to(x), up_to) << "x = " << x;
         }
         for (std::int64_t n = -2; n <= count + 2; ++n) {
           const std::int64_t kept = std::clamp<std::int64_t>(n, 0, count);
-          EXPECT_EQ(elements(p.prefix(n)), std::vector<std::int64_t>(all.begin(), all.begin() + kept))
+          EXPECT_EQ(elements(p.prefix(n)),
+                    std::vector<std::int64_t>(all.begin(), all.begin() + kept))
               << "n = " << n;
         }
         for (std::int64_t begin = -2; begin <= count + 2; ++begin)
@@ -66,7 +73,9 @@ TEST(Progression, HelpersMatchBruteForce) {
               if (e >= lo && e < hi) want.push_back(e);
             const da::Progression got = p.within(lo, hi);
             EXPECT_EQ(elements(got), want) << "within " << lo << ", " << hi;
-            if (got.count > 1) { EXPECT_EQ(got.stride, stride); }
+            if (got.count > 1) {
+              EXPECT_EQ(got.stride, stride);
+            }
           }
       }
 }
@@ -130,7 +139,8 @@ TEST(Offsets, PartitionRangesFollowSpec) {
       std::int64_t begin = 0;
       for (std::int64_t g = 0; g < groups; ++g) {
         const std::int64_t size = heads / groups + (g < heads % groups ? 1 : 0);
-        ASSERT_EQ(da::partition_begin(g, heads, groups), begin) << heads << " " << groups << " " << g;
+        ASSERT_EQ(da::partition_begin(g, heads, groups), begin)
+            << heads << " " << groups << " " << g;
         for (std::int64_t h = begin; h < begin + size; ++h)
           ASSERT_EQ(da::partition_of(h, heads, groups), g) << heads << " " << groups << " " << h;
         begin += size;
@@ -201,13 +211,15 @@ void check_against_brute_force(const dt::Problem& problem) {
   for (std::int64_t i = 0; i < branches; ++i) {
     const std::int64_t r = config.dilation_rates[static_cast<std::size_t>(i)];
     for (std::int64_t h = 0; h < heads; ++h)
-      ASSERT_EQ(pattern.offset(i, h), dt::oracle_offset(config, heads, static_cast<std::size_t>(i), h))
+      ASSERT_EQ(pattern.offset(i, h),
+                dt::oracle_offset(config, heads, static_cast<std::size_t>(i), h))
           << "branch " << i << " head " << h;
     for (std::int64_t o = 0; o < r; ++o) {
       std::vector<std::int64_t> want;
       for (std::int64_t h = 0; h < heads; ++h)
         if (pattern.offset(i, h) == o) want.push_back(h);
-      ASSERT_EQ(elements(pattern.heads_with_offset(i, o)), want) << "branch " << i << " offset " << o;
+      ASSERT_EQ(elements(pattern.heads_with_offset(i, o)), want)
+          << "branch " << i << " offset " << o;
     }
   }
 
@@ -219,13 +231,15 @@ void check_against_brute_force(const dt::Problem& problem) {
       for (std::int64_t i = 0; i < branches; ++i) {
         std::vector<std::int64_t> want;
         for (std::int64_t y = 0; y < n; ++y)
-          if (dt::oracle_attends(config, heads, static_cast<std::size_t>(i), h, x, y)) want.push_back(y);
+          if (dt::oracle_attends(config, heads, static_cast<std::size_t>(i), h, x, y))
+            want.push_back(y);
         const da::Progression keys = pattern.keys(i, h, x);
         ASSERT_EQ(elements(keys), want) << "branch " << i << " head " << h << " query " << x;
       }
       for (std::int64_t y = 0; y < n; ++y) {
         const int c = counts[static_cast<std::size_t>(x * n + y)];
-        ASSERT_EQ(pattern.multiplicity(h, x, y), c) << "head " << h << " query " << x << " key " << y;
+        ASSERT_EQ(pattern.multiplicity(h, x, y), c)
+            << "head " << h << " query " << x << " key " << y;
         pairs += c;
       }
     }
@@ -254,7 +268,9 @@ void check_against_brute_force(const dt::Problem& problem) {
     ASSERT_LT(block.offset, r);
     const std::int64_t seg_begin = block.segment * w, seg_end = std::min(seg_begin + w, n);
     ASSERT_EQ(block.rows.first - seg_begin, block.offset);
-    if (block.rows.count > 1) { ASSERT_EQ(block.rows.stride, r); }
+    if (block.rows.count > 1) {
+      ASSERT_EQ(block.rows.stride, r);
+    }
     ASSERT_GE(block.rows.first, seg_begin);
     ASSERT_LT(block.rows.last(), seg_end);  // never straddles a segment
     for (std::int64_t h : elements(block.heads)) {
@@ -279,8 +295,8 @@ void check_against_brute_force(const dt::Problem& problem) {
 
   // Work: one pair per (batch, head, query, key, branch) with key in K_i(query, head).
   EXPECT_EQ(pattern.attended_pairs(), pairs * shape.batch);
-  EXPECT_EQ(pattern.useful_flops(), 4.0 * static_cast<double>(shape.head_dim) *
-                                        static_cast<double>(pairs * shape.batch));
+  EXPECT_EQ(pattern.useful_flops(),
+            4.0 * static_cast<double>(shape.head_dim) * static_cast<double>(pairs * shape.batch));
 
   // Geometry of each branch.
   for (std::int64_t i = 0; i < branches; ++i) {
@@ -328,8 +344,8 @@ TEST_P(PatternProperty, MatchesBruteForceOnCorners) {
   check_against_brute_force(problem({1, 3}, {1, 3}, {2, 10, 5, 5, 3}));
   check_against_brute_force(problem({8, 8}, {7, 7}, {1, 17, 4, 2, 1}));
   check_against_brute_force(problem({5, 9, 4}, {5, 2, 3}, {1, 23, 7, 7, 2}));
-  check_against_brute_force(problem({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12},
-                                    {1, 40, 12, 12, 8}));
+  check_against_brute_force(
+      problem({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}, {1, 40, 12, 12, 8}));
   check_against_brute_force(problem({16, 32, 64}, {1, 2, 4}, {1, 70, 12, 3, 1}));
 }
 
@@ -339,12 +355,12 @@ std::string rule_and_causality_name(
          (std::get<1>(param.param) ? "Causal" : "Full");
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllRules, PatternProperty,
-    ::testing::Combine(::testing::Values(da::OffsetRule::modular, da::OffsetRule::blocked,
-                                         da::OffsetRule::partitioned),
-                       ::testing::Bool()),
-    rule_and_causality_name);
+INSTANTIATE_TEST_SUITE_P(AllRules, PatternProperty,
+                         ::testing::Combine(::testing::Values(da::OffsetRule::modular,
+                                                              da::OffsetRule::blocked,
+                                                              da::OffsetRule::partitioned),
+                                            ::testing::Bool()),
+                         rule_and_causality_name);
 
 TEST(Pattern, ConstructorValidates) {
   da::Config config;
@@ -359,7 +375,8 @@ TEST(Pattern, ConstructorValidates) {
 // head takes part in and that have rows in the window, in branch then segment order, with those
 // rows.
 TEST(Pattern, ForEachBlockInMatchesBlocks) {
-  for (const da::OffsetRule rule : {da::OffsetRule::modular, da::OffsetRule::blocked, da::OffsetRule::partitioned}) {
+  for (const da::OffsetRule rule :
+       {da::OffsetRule::modular, da::OffsetRule::blocked, da::OffsetRule::partitioned}) {
     da::Config config;
     config.segment_lengths = {4, 10, 24};
     config.dilation_rates = {1, 2, 3};
@@ -370,18 +387,21 @@ TEST(Pattern, ForEachBlockInMatchesBlocks) {
       for (std::int64_t lo = 0; lo < shape.seq_len; lo += 3)
         for (const std::int64_t hi : {lo + 1, lo + 7, shape.seq_len}) {
           if (hi > shape.seq_len) continue;
-          std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected, got;
+          std::vector<std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t>> expected,
+              got;
           for (const da::Block& block : pattern.blocks()) {
             const da::Progression inside = block.rows.within(lo, hi);
             if (block.heads.contains(h) && !inside.empty())
               expected.emplace_back(block.branch, block.rows.first, inside.first, inside.count);
           }
-          pattern.for_each_block_in(h, lo, hi, [&](std::int64_t i, const da::Progression& block,
-                                                   const da::Progression& inside) {
-            EXPECT_EQ(block.within(lo, hi), inside);
-            got.emplace_back(i, block.first, inside.first, inside.count);
-          });
-          EXPECT_EQ(got, expected) << da::to_string(rule) << " head " << h << " [" << lo << ", " << hi << ")";
+          pattern.for_each_block_in(
+              h, lo, hi,
+              [&](std::int64_t i, const da::Progression& block, const da::Progression& inside) {
+                EXPECT_EQ(block.within(lo, hi), inside);
+                got.emplace_back(i, block.first, inside.first, inside.count);
+              });
+          EXPECT_EQ(got, expected)
+              << da::to_string(rule) << " head " << h << " [" << lo << ", " << hi << ")";
         }
   }
 }

@@ -234,10 +234,9 @@ TEST(ReferenceBackwardEdges, FloatStorageIsTheDoubleGradientRounded) {
   std::vector<double> lse(dt::lse_size(shape));
   da::reference::forward(config, shape, {rounded.q.view(), rounded.k.view(), rounded.v.view()},
                          da::Outputs{out.view(), lse.data()});
-  da::reference::backward<double>(config, shape,
-                                  {rounded.q.view(), rounded.k.view(), rounded.v.view()},
-                                  {out.view(), lse.data()}, d_out_rounded.view(),
-                                  {dq.view(), dk.view(), dv.view()});
+  da::reference::backward<double>(
+      config, shape, {rounded.q.view(), rounded.k.view(), rounded.v.view()},
+      {out.view(), lse.data()}, d_out_rounded.view(), {dq.view(), dk.view(), dv.view()});
   dt::Tensor<float> out_f(shape, 3), dq_f(shape, 3), dk_f(shape, 3), dv_f(shape, 3);
   std::vector<float> lse_f(dt::lse_size(shape));
   da::reference::forward(config, shape, {in_f.q.view(), in_f.k.view(), in_f.v.view()},

@@ -52,8 +52,9 @@ struct Result {
 template <class T>
 Result<T> run(const da::Config& config, const da::Shape& shape, const dt::Inputs<T>& in,
               std::int64_t out_pad = 0, std::int64_t out_seq_pad = 0) {
-  Result<T> result{dt::Tensor<T>(shape, shape.num_heads, out_pad, out_seq_pad),
-                   std::vector<Lse<T>>(dt::lse_size(shape), std::numeric_limits<Lse<T>>::quiet_NaN())};
+  Result<T> result{
+      dt::Tensor<T>(shape, shape.num_heads, out_pad, out_seq_pad),
+      std::vector<Lse<T>>(dt::lse_size(shape), std::numeric_limits<Lse<T>>::quiet_NaN())};
   result.out.fill(std::numeric_limits<T>::quiet_NaN());
   da::reference::forward(config, shape, {in.q.view(), in.k.view(), in.v.view()},
                          da::Outputs{result.out.view(), result.lse.data()});
@@ -75,7 +76,7 @@ void expect_bitwise_equal(const Result<T>& a, const Result<T>& b) {
 using dt::make_config;
 
 const da::OffsetRule all_rules[] = {da::OffsetRule::modular, da::OffsetRule::blocked,
-                                 da::OffsetRule::partitioned};
+                                    da::OffsetRule::partitioned};
 
 double default_scale(const da::Shape& shape) { return 1.0 / std::sqrt(double(shape.head_dim)); }
 
@@ -117,10 +118,11 @@ TYPED_TEST(ReferenceOracles, RateOneIsBlockDiagonal) {
     for (const std::int64_t w : {1, 7, 10, 29}) {
       const da::Config config = make_config({w}, {1}, causal);
       SCOPED_TRACE(dt::describe(config, shape));
-      const auto want = dt::weighted_attention(
-          shape, default_scale(shape), in.q, in.k, in.v, [&](std::int64_t, std::int64_t x, std::int64_t y) {
-            return x / w == y / w && (!causal || y <= x) ? 1 : 0;
-          });
+      const auto want =
+          dt::weighted_attention(shape, default_scale(shape), in.q, in.k, in.v,
+                                 [&](std::int64_t, std::int64_t x, std::int64_t y) {
+                                   return x / w == y / w && (!causal || y <= x) ? 1 : 0;
+                                 });
       expect_matches(run(config, shape, in), want);
     }
 }
@@ -147,10 +149,14 @@ TYPED_TEST(ReferenceOracles, OneBranchIsMaskedDenseAttention) {
             default: return std::int64_t{0};
           }
         };
-        const auto selected = [&](std::int64_t h, std::int64_t x) { return (x % w) % r == offset(h); };
+        const auto selected = [&](std::int64_t h, std::int64_t x) {
+          return (x % w) % r == offset(h);
+        };
         const auto want = dt::weighted_attention(
-            shape, default_scale(shape), in.q, in.k, in.v, [&](std::int64_t h, std::int64_t x, std::int64_t y) {
-              return x / w == y / w && selected(h, x) && selected(h, y) && (!causal || y <= x) ? 1 : 0;
+            shape, default_scale(shape), in.q, in.k, in.v,
+            [&](std::int64_t h, std::int64_t x, std::int64_t y) {
+              return x / w == y / w && selected(h, x) && selected(h, y) && (!causal || y <= x) ? 1
+                                                                                               : 0;
             });
         const Result<T> got = run(config, shape, in);
         expect_matches(got, want);
@@ -160,7 +166,8 @@ TYPED_TEST(ReferenceOracles, OneBranchIsMaskedDenseAttention) {
             if (selected(h, x)) continue;
             ++empty_rows;
             EXPECT_EQ(got.lse[static_cast<std::size_t>(h * shape.seq_len + x)], -positive_infinity);
-            for (std::int64_t d = 0; d < shape.head_dim; ++d) EXPECT_EQ(got.out.at(0, x, h, d), T(0));
+            for (std::int64_t d = 0; d < shape.head_dim; ++d)
+              EXPECT_EQ(got.out.at(0, x, h, d), T(0));
           }
         if (r > 1) {
           EXPECT_GT(empty_rows, 0);
@@ -185,19 +192,21 @@ TYPED_TEST(ReferenceOracles, SeveralBranchesMergeTheirPartials) {
       // Merge the single-branch results by hand, in double.
       std::vector<Result<T>> parts;
       for (std::size_t i = 0; i < config.segment_lengths.size(); ++i)
-        parts.push_back(run(make_config({config.segment_lengths[i]}, {config.dilation_rates[i]},
-                                        causal, rule),
-                            shape, in));
+        parts.push_back(
+            run(make_config({config.segment_lengths[i]}, {config.dilation_rates[i]}, causal, rule),
+                shape, in));
       double worst_o = 0.0, worst_lse = 0.0;
       for (std::int64_t b = 0; b < shape.batch; ++b)
         for (std::int64_t h = 0; h < shape.num_heads; ++h)
           for (std::int64_t x = 0; x < shape.seq_len; ++x) {
-            const std::size_t at = static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x);
+            const std::size_t at =
+                static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x);
             double lse = -positive_infinity;
             for (const auto& part : parts) {
               const double li = part.lse[at];
               const double hi = std::max(lse, li);
-              if (hi > -positive_infinity) lse = hi + std::log(std::exp(lse - hi) + std::exp(li - hi));
+              if (hi > -positive_infinity)
+                lse = hi + std::log(std::exp(lse - hi) + std::exp(li - hi));
             }
             if (lse == -positive_infinity) {
               EXPECT_EQ(got.lse[at], -positive_infinity);
@@ -225,11 +234,13 @@ TYPED_TEST(ReferenceOracles, SeveralBranchesMergeTheirPartials) {
           for (std::int64_t h = 0; h < shape.num_heads; ++h)
             for (std::int64_t d = 0; d < shape.head_dim; ++d) {
               double o = 0.0;
-              for (const auto& part : parts) o += double(part.out.at(b, x, h, d)) / double(parts.size());
+              for (const auto& part : parts)
+                o += double(part.out.at(b, x, h, d)) / double(parts.size());
               worst_mean = std::max(worst_mean, std::abs(o - double(averaged.out.at(b, x, h, d))));
             }
       EXPECT_LE(worst_mean, 4 * Tolerance<T>::value);
-      EXPECT_TRUE(dt::bitwise_equal(averaged.lse, got.lse)) << "mean mixing reports the softmax LSE";
+      EXPECT_TRUE(dt::bitwise_equal(averaged.lse, got.lse))
+          << "mean mixing reports the softmax LSE";
     }
 }
 
@@ -247,7 +258,8 @@ TYPED_TEST(ReferenceOracles, BranchListedTwice) {
         const da::Config single = make_config({9}, {3}, causal, rule, mixing);
         const da::Config single_twice = make_config({9, 9}, {3, 3}, causal, rule, mixing);
         SCOPED_TRACE(dt::describe(twice, shape));
-        for (const auto& [a_config, b_config] : {std::make_pair(once, twice), std::make_pair(single, single_twice)}) {
+        for (const auto& [a_config, b_config] :
+             {std::make_pair(once, twice), std::make_pair(single, single_twice)}) {
           const Result<T> a = run(a_config, shape, in), b = run(b_config, shape, in);
           EXPECT_LE(dt::max_abs_diff(a.out, b.out), Tolerance<T>::value);
           double worst = 0.0;
@@ -296,21 +308,27 @@ TYPED_TEST(ReferenceOracles, CausalRowsIgnoreTheFuture) {
                 changed.v.at(b, y, h, d) = T(-2) * changed.v.at(b, y, h, d) + T(5);
               }
         const Result<T> after = run(config, shape, changed);
-        const Result<T> shorter = run(config, {shape.batch, cut, shape.num_heads, shape.num_kv_heads, shape.head_dim},
-                                      dt::Inputs<T>{first_rows(in.q, cut), first_rows(in.k, cut), first_rows(in.v, cut)});
+        const Result<T> shorter =
+            run(config, {shape.batch, cut, shape.num_heads, shape.num_kv_heads, shape.head_dim},
+                dt::Inputs<T>{first_rows(in.q, cut), first_rows(in.k, cut), first_rows(in.v, cut)});
         bool changed_some_later_row = false;
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t h = 0; h < shape.num_heads; ++h)
             for (std::int64_t x = 0; x < shape.seq_len; ++x) {
-              const std::size_t at = static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x);
-              const bool same = std::memcmp(&base.out.at(b, x, h, 0), &after.out.at(b, x, h, 0),
-                                            sizeof(T) * static_cast<std::size_t>(shape.head_dim)) == 0 &&
-                                std::memcmp(&base.lse[at], &after.lse[at], sizeof(Lse<T>)) == 0;
+              const std::size_t at =
+                  static_cast<std::size_t>((b * shape.num_heads + h) * shape.seq_len + x);
+              const bool same =
+                  std::memcmp(&base.out.at(b, x, h, 0), &after.out.at(b, x, h, 0),
+                              sizeof(T) * static_cast<std::size_t>(shape.head_dim)) == 0 &&
+                  std::memcmp(&base.lse[at], &after.lse[at], sizeof(Lse<T>)) == 0;
               if (x < cut) {
-                EXPECT_TRUE(same) << "cut " << cut << " batch " << b << " head " << h << " row " << x;
-                const std::size_t short_at = static_cast<std::size_t>((b * shape.num_heads + h) * cut + x);
+                EXPECT_TRUE(same) << "cut " << cut << " batch " << b << " head " << h << " row "
+                                  << x;
+                const std::size_t short_at =
+                    static_cast<std::size_t>((b * shape.num_heads + h) * cut + x);
                 EXPECT_EQ(std::memcmp(&base.out.at(b, x, h, 0), &shorter.out.at(b, x, h, 0),
-                                      sizeof(T) * static_cast<std::size_t>(shape.head_dim)), 0);
+                                      sizeof(T) * static_cast<std::size_t>(shape.head_dim)),
+                          0);
                 EXPECT_EQ(std::memcmp(&base.lse[at], &shorter.lse[short_at], sizeof(Lse<T>)), 0);
               } else {
                 changed_some_later_row |= !same;
@@ -332,10 +350,8 @@ TYPED_TEST(ReferenceOracles, AwkwardShapesMatchDenseOracle) {
     da::Shape shape;
   };
   const Case cases[] = {
-      {{8, 12, 30}, {3, 5, 7}, {1, 67, 7, 7, 6}},
-      {{5, 9}, {2, 4}, {2, 43, 5, 1, 4}},
-      {{16, 32, 64}, {1, 3, 5}, {1, 100, 9, 3, 8}},
-      {{7}, {6}, {1, 50, 11, 11, 3}},
+      {{8, 12, 30}, {3, 5, 7}, {1, 67, 7, 7, 6}},       {{5, 9}, {2, 4}, {2, 43, 5, 1, 4}},
+      {{16, 32, 64}, {1, 3, 5}, {1, 100, 9, 3, 8}},     {{7}, {6}, {1, 50, 11, 11, 3}},
       {{4, 6, 10, 25}, {3, 4, 6, 7}, {1, 59, 7, 7, 5}},
   };
   for (const Case& c : cases)
@@ -345,7 +361,8 @@ TYPED_TEST(ReferenceOracles, AwkwardShapesMatchDenseOracle) {
           const da::Config config = make_config(c.w, c.r, causal, rule, mixing);
           SCOPED_TRACE(dt::describe(config, c.shape));
           const auto in = dt::random_inputs<T>(c.shape, 17);
-          expect_matches(run(config, c.shape, in), dt::dense_oracle(config, c.shape, in.q, in.k, in.v));
+          expect_matches(run(config, c.shape, in),
+                         dt::dense_oracle(config, c.shape, in.q, in.k, in.v));
         }
 }
 
@@ -362,7 +379,8 @@ TYPED_TEST(ReferenceOracles, RandomProblemsMatchDenseOracle) {
     p.config.mixing = trial % 4 < 2 ? da::Mixing::softmax : da::Mixing::mean;
     SCOPED_TRACE(dt::describe(p));
     const auto in = dt::random_inputs<T>(p.shape, 1000 + static_cast<std::uint64_t>(trial));
-    expect_matches(run(p.config, p.shape, in), dt::dense_oracle(p.config, p.shape, in.q, in.k, in.v));
+    expect_matches(run(p.config, p.shape, in),
+                   dt::dense_oracle(p.config, p.shape, in.q, in.k, in.v));
   }
 }
 
@@ -375,13 +393,14 @@ TYPED_TEST(ReferenceOracles, PaperConfigMatchesDenseOracle) {
   const std::vector<std::int64_t> rates = {1, 2, 4, 6, 12};
   const da::Shape shape{1, 777, 12, 12, 8};
   const auto in = dt::random_inputs<T>(shape, 19);
-  const da::Config paper = make_config({2048, 4096, 8192, 16384, 32768}, rates,
-                                       std::is_same_v<T, double>);
+  const da::Config paper =
+      make_config({2048, 4096, 8192, 16384, 32768}, rates, std::is_same_v<T, double>);
   {
     SCOPED_TRACE(dt::describe(paper, shape));
     expect_matches(run(paper, shape, in), dt::dense_oracle(paper, shape, in.q, in.k, in.v));
   }
-  const da::Config scaled = make_config({128, 256, 512, 1024, 2048}, rates, std::is_same_v<T, float>);
+  const da::Config scaled =
+      make_config({128, 256, 512, 1024, 2048}, rates, std::is_same_v<T, float>);
   SCOPED_TRACE(dt::describe(scaled, shape));
   expect_matches(run(scaled, shape, in), dt::dense_oracle(scaled, shape, in.q, in.k, in.v));
 }
@@ -409,8 +428,9 @@ TYPED_TEST(ReferenceOracles, GroupedQueryEqualsRepeatedHeads) {
       expect_bitwise_equal(run(config, gqa, in), run(config, mha, repeated));
       expect_matches(run(config, gqa, in), dt::dense_oracle(config, gqa, in.q, in.k, in.v));
       // The oracle takes mutable views too.
-      expect_matches(run(config, mha, repeated),
-                     dt::dense_oracle(config, mha, repeated.q.view(), repeated.k.view(), repeated.v.view()));
+      expect_matches(
+          run(config, mha, repeated),
+          dt::dense_oracle(config, mha, repeated.q.view(), repeated.k.view(), repeated.v.view()));
     }
   }
 }
@@ -421,8 +441,8 @@ TYPED_TEST(ReferenceOracles, PartitionedMeanPresetMatchesDenseOracle) {
   const da::Shape shape{2, 48, 8, 8, 4};
   const auto in = dt::random_inputs<T>(shape, 21);
   for (const bool causal : {false, true}) {
-    const da::Config config = make_config({8, 16, 24}, {1, 2, 4}, causal, da::OffsetRule::partitioned,
-                                          da::Mixing::mean);
+    const da::Config config =
+        make_config({8, 16, 24}, {1, 2, 4}, causal, da::OffsetRule::partitioned, da::Mixing::mean);
     SCOPED_TRACE(dt::describe(config, shape));
     const Result<T> got = run(config, shape, in);
     expect_matches(got, dt::dense_oracle(config, shape, in.q, in.k, in.v));
@@ -463,7 +483,8 @@ TYPED_TEST(ReferenceOracles, NonContiguousViews) {
     // Every padding element of the output still holds the NaN it was filled with.
     std::size_t untouched = 0, logical = 0;
     for (const T value : got.out.storage) untouched += std::isnan(value) ? 1 : 0;
-    logical = static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
+    logical =
+        static_cast<std::size_t>(shape.batch * shape.seq_len * shape.num_heads * shape.head_dim);
     EXPECT_EQ(untouched, got.out.storage.size() - logical);
   }
 }
@@ -513,7 +534,8 @@ TYPED_TEST(ReferenceOracles, BatchesAreIndependent) {
     const Result<T> alone = run(config, one, dt::Inputs<T>{slice(in.q), slice(in.k), slice(in.v)});
     for (std::int64_t x = 0; x < one.seq_len; ++x)
       for (std::int64_t h = 0; h < 3; ++h) {
-        EXPECT_EQ(std::memcmp(&alone.out.at(0, x, h, 0), &all.out.at(b, x, h, 0), sizeof(T) * 4), 0);
+        EXPECT_EQ(std::memcmp(&alone.out.at(0, x, h, 0), &all.out.at(b, x, h, 0), sizeof(T) * 4),
+                  0);
         EXPECT_EQ(alone.lse[static_cast<std::size_t>(h * 26 + x)],
                   all.lse[static_cast<std::size_t>((b * 3 + h) * 26 + x)]);
       }
@@ -532,11 +554,13 @@ TYPED_TEST(ReferenceOracles, CustomScale) {
     const Result<T> got = run(config, shape, in);
     expect_matches(got, dt::dense_oracle(config, shape, in.q, in.k, in.v));
     config.scale = 0.0;
-    EXPECT_GT(dt::max_abs_diff(got.out, run(config, shape, in).out), 1e-3) << "the scale was ignored";
+    EXPECT_GT(dt::max_abs_diff(got.out, run(config, shape, in).out), 1e-3)
+        << "the scale was ignored";
   }
   da::Config explicit_default = make_config({10, 31}, {3, 2});
   explicit_default.scale = 1.0 / 3.0;  // = 1/sqrt(9)
-  expect_bitwise_equal(run(explicit_default, shape, in), run(make_config({10, 31}, {3, 2}), shape, in));
+  expect_bitwise_equal(run(explicit_default, shape, in),
+                       run(make_config({10, 31}, {3, 2}), shape, in));
 }
 
 // Large scores must not overflow: the softmax is taken relative to the row maximum.
@@ -556,7 +580,8 @@ TYPED_TEST(ReferenceOracles, LargeScoresStayFinite) {
   EXPECT_LE(dt::max_abs_diff(got.out, want.out), Tolerance<T>::value);
   // LSE is of the size of the scores here: compare relative to it.
   for (std::size_t j = 0; j < want.lse.size(); ++j)
-    EXPECT_NEAR(double(got.lse[j]), want.lse[j], Tolerance<T>::value * std::max(1.0, std::abs(want.lse[j])));
+    EXPECT_NEAR(double(got.lse[j]), want.lse[j],
+                Tolerance<T>::value * std::max(1.0, std::abs(want.lse[j])));
 }
 
 // The LSE pointer is optional; leaving it out changes nothing else.
@@ -584,7 +609,8 @@ TYPED_TEST(ReferenceOracles, MeanOfOneBranchIsSoftmax) {
   const auto in = dt::random_inputs<T>(shape, 29);
   for (const bool causal : {false, true}) {
     const Result<T> softmax = run(make_config({10}, {3}, causal), shape, in);
-    const Result<T> mean = run(make_config({10}, {3}, causal, da::OffsetRule::modular, da::Mixing::mean), shape, in);
+    const Result<T> mean =
+        run(make_config({10}, {3}, causal, da::OffsetRule::modular, da::Mixing::mean), shape, in);
     EXPECT_LE(dt::max_abs_diff(softmax.out, mean.out), Tolerance<T>::value);
     EXPECT_TRUE(dt::bitwise_equal(softmax.lse, mean.lse));
   }

@@ -163,7 +163,8 @@ TEST(Validation, NonPositiveShapeFields) {
       Problem<double> p;
       p.shape.*field.member = value;
       SCOPED_TRACE(field.name);
-      expect_rejected(p, {std::string("shape.") + field.name + " = " + std::to_string(value), "positive"});
+      expect_rejected(
+          p, {std::string("shape.") + field.name + " = " + std::to_string(value), "positive"});
     }
 }
 
@@ -272,12 +273,13 @@ TEST(Validation, OutputOverlapsAnInput) {
     const std::string which = name;
     const std::int64_t in_size = p.shape.batch * p.shape.seq_len * p.shape.head_dim *
                                  (which == "q" ? p.shape.num_heads : p.shape.num_kv_heads);
-    const std::int64_t out_size = p.shape.batch * p.shape.seq_len * p.shape.num_heads * p.shape.head_dim;
+    const std::int64_t out_size =
+        p.shape.batch * p.shape.seq_len * p.shape.num_heads * p.shape.head_dim;
     std::vector<double> arena(static_cast<std::size_t>(in_size + out_size), 1.0);
     double* input = arena.data();
     double* output = arena.data() + in_size - 1;  // one element in common
-    const da::View<const double> in_view =
-        da::contiguous_view<const double>(input, p.shape, which == "q" ? p.shape.num_heads : p.shape.num_kv_heads);
+    const da::View<const double> in_view = da::contiguous_view<const double>(
+        input, p.shape, which == "q" ? p.shape.num_heads : p.shape.num_kv_heads);
     if (which == "q") p.q = in_view;
     if (which == "k") p.k = in_view;
     if (which == "v") p.v = in_view;
@@ -286,7 +288,6 @@ TEST(Validation, OutputOverlapsAnInput) {
     SCOPED_TRACE(which);
     expect_rejected(p, {"out overlaps " + which, "share memory"});
     EXPECT_EQ(arena, before) << "the arena was written";
-
   }
   // The output written over the input it reads, exactly.
   Problem<double> same;
@@ -311,7 +312,8 @@ TEST(Validation, LseOverlapsOutOrAnInput) {
     dt::Tensor<double>& input = which == "q" ? p.in.q : which == "k" ? p.in.k : p.in.v;
     // The LSE array ends on the input's first element.
     std::vector<double> arena(dt::lse_size(p.shape) - 1 + input.storage.size(), sentinel_value);
-    std::copy(input.storage.begin(), input.storage.end(), arena.begin() + static_cast<std::ptrdiff_t>(dt::lse_size(p.shape) - 1));
+    std::copy(input.storage.begin(), input.storage.end(),
+              arena.begin() + static_cast<std::ptrdiff_t>(dt::lse_size(p.shape) - 1));
     const da::View<const double> moved{arena.data() + dt::lse_size(p.shape) - 1, input.batch_stride,
                                        input.seq_stride, input.head_stride};
     if (which == "q") p.q = moved;

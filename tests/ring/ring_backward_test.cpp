@@ -28,7 +28,8 @@ double max_abs(const Tensor<double>& t) {
   for (std::int64_t b = 0; b < t.shape.batch; ++b)
     for (std::int64_t x = 0; x < t.shape.seq_len; ++x)
       for (std::int64_t h = 0; h < t.heads; ++h)
-        for (std::int64_t d = 0; d < t.shape.head_dim; ++d) worst = std::max(worst, std::abs(t.at(b, x, h, d)));
+        for (std::int64_t d = 0; d < t.shape.head_dim; ++d)
+          worst = std::max(worst, std::abs(t.at(b, x, h, d)));
   return worst;
 }
 
@@ -40,8 +41,8 @@ struct Problem {
   da::Shape shape;
   Tensor<T> q, k, v, out, d_out;
   std::vector<da::lse_type_t<T>> lse;
-  Tensor<T> d_q, d_k, d_v;                      // dilated_attention::backward<T>
-  Tensor<double> ref_q, ref_k, ref_v;           // reference::backward<double> (double inputs only)
+  Tensor<T> d_q, d_k, d_v;             // dilated_attention::backward<T>
+  Tensor<double> ref_q, ref_k, ref_v;  // reference::backward<double> (double inputs only)
 
   // with_reference = false: only the fast single-device backward is the oracle (for larger N).
   Problem(const da::Config& c, const da::Shape& s, std::uint64_t seed, bool with_reference = true)
@@ -60,19 +61,22 @@ struct Problem {
     d_q = Tensor<T>(s, s.num_heads);
     d_k = Tensor<T>(s, s.num_kv_heads);
     d_v = Tensor<T>(s, s.num_kv_heads);
-    da::backward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
+    da::backward<T>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
+                    d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
     if constexpr (std::is_same_v<T, double>) {
       if (!with_reference) return;
       ref_q = Tensor<double>(s, s.num_heads);
       ref_k = Tensor<double>(s, s.num_kv_heads);
       ref_v = Tensor<double>(s, s.num_kv_heads);
-      da::reference::backward<double>(config, shape, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, d_out.view(), {ref_q.view(), ref_k.view(), ref_v.view()});
+      da::reference::backward<double>(config, shape, {q.view(), k.view(), v.view()},
+                                      {out.view(), lse.data()}, d_out.view(),
+                                      {ref_q.view(), ref_k.view(), ref_v.view()});
     }
   }
 
   da::testing::RingGradients<T> ring(int num_ranks, da::ring::Options options = {}) const {
-    return da::testing::run_ring_backward_in_process<T>(config, shape, q, k, v, out, lse, d_out, num_ranks,
-                                                        options);
+    return da::testing::run_ring_backward_in_process<T>(config, shape, q, k, v, out, lse, d_out,
+                                                        num_ranks, options);
   }
 
   // Largest difference to the single-device and reference gradients, relative to the largest
@@ -97,7 +101,8 @@ class RingBackward : public ::testing::TestWithParam<Param> {};
 
 TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
   const auto [set, rule, mixing, causal, gqa] = GetParam();
-  const da::testing::RingBranches& branches = da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
+  const da::testing::RingBranches& branches =
+      da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
   da::Config config;
   config.segment_lengths = branches.w;
   config.dilation_rates = branches.r;
@@ -127,14 +132,17 @@ TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
                   needed[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)]);
         rows_out += needed[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)];
       }
-      for (int q = 0; q < num_ranks; ++q) peers += talks[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] ? 1 : 0;
+      for (int q = 0; q < num_ranks; ++q)
+        peers += talks[static_cast<std::size_t>(p)][static_cast<std::size_t>(q)] ? 1 : 0;
       EXPECT_EQ(stats.bytes_sent, rows_out);
       EXPECT_EQ(stats.gradient_bytes_received, rows_out);  // every row sent comes back, once
       EXPECT_EQ(stats.gradient_bytes_sent, stats.bytes_received);
       EXPECT_EQ(stats.gradient_recvs, peers);
       EXPECT_EQ(stats.gradient_sends, stats.recvs_posted);
-      EXPECT_EQ(run.transport_bytes[static_cast<std::size_t>(p)], stats.bytes_sent + stats.gradient_bytes_sent);
-      EXPECT_EQ(run.transport_sends[static_cast<std::size_t>(p)], stats.sends_posted + stats.gradient_sends);
+      EXPECT_EQ(run.transport_bytes[static_cast<std::size_t>(p)],
+                stats.bytes_sent + stats.gradient_bytes_sent);
+      EXPECT_EQ(run.transport_sends[static_cast<std::size_t>(p)],
+                stats.sends_posted + stats.gradient_sends);
       all_sent += stats.gradient_bytes_sent;
       all_returned += stats.gradient_bytes_received;
     }
@@ -149,7 +157,8 @@ TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Sweep, RingBackward, da::testing::ring_sweep_values(), da::testing::ring_sweep_name);
+INSTANTIATE_TEST_SUITE_P(Sweep, RingBackward, da::testing::ring_sweep_values(),
+                         da::testing::ring_sweep_name);
 
 // Zigzag at every P = 1..8 (N = 1680 = lcm(2, 4, ..., 16)), LongNet-like branches below, across
 // and beyond the chunks: each rule and mixing once, causal and not, GQA.
@@ -245,7 +254,8 @@ void expect_rounded_float_result() {
     for (std::int64_t b = 0; b < t.shape.batch; ++b)
       for (std::int64_t x = 0; x < t.shape.seq_len; ++x)
         for (std::int64_t h = 0; h < t.heads; ++h)
-          for (std::int64_t d = 0; d < t.shape.head_dim; ++d) w.at(b, x, h, d) = static_cast<float>(t.at(b, x, h, d));
+          for (std::int64_t d = 0; d < t.shape.head_dim; ++d)
+            w.at(b, x, h, d) = static_cast<float>(t.at(b, x, h, d));
     return w;
   };
   const Tensor<float> q = widen(narrow.q), k = widen(narrow.k), v = widen(narrow.v),
@@ -253,18 +263,21 @@ void expect_rounded_float_result() {
   for (int num_ranks : {2, 3}) {
     SCOPED_TRACE("P = " + std::to_string(num_ranks));
     const auto got = narrow.ring(num_ranks);
-    const auto wide = da::testing::run_ring_backward_in_process<float>(config, shape, q, k, v, out, narrow.lse,
-                                                                       d_out, num_ranks);
+    const auto wide = da::testing::run_ring_backward_in_process<float>(
+        config, shape, q, k, v, out, narrow.lse, d_out, num_ranks);
     for (const auto& [g, w] : {std::pair{&got.d_q, &wide.d_q}, std::pair{&got.d_k, &wide.d_k},
                                std::pair{&got.d_v, &wide.d_v}})
       for (std::int64_t x = 0; x < shape.seq_len; ++x)
         for (std::int64_t h = 0; h < g->heads; ++h)
           for (std::int64_t d = 0; d < shape.head_dim; ++d)
-            ASSERT_EQ(static_cast<float>(g->at(0, x, h, d)), static_cast<float>(static_cast<Narrow>(w->at(0, x, h, d))))
+            ASSERT_EQ(static_cast<float>(g->at(0, x, h, d)),
+                      static_cast<float>(static_cast<Narrow>(w->at(0, x, h, d))))
                 << "x " << x << " h " << h << " d " << d;
   }
 }
-TEST(RingBackward, BFloat16IsTheFloatResultRoundedOnce) { expect_rounded_float_result<Eigen::bfloat16>(); }
+TEST(RingBackward, BFloat16IsTheFloatResultRoundedOnce) {
+  expect_rounded_float_result<Eigen::bfloat16>();
+}
 TEST(RingBackward, HalfIsTheFloatResultRoundedOnce) { expect_rounded_float_result<Eigen::half>(); }
 
 // Longer sequence, LongNet-like branches and several threads on 4 ranks: the fast single-device

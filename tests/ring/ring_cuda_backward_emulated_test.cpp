@@ -28,7 +28,7 @@
 
 #include <cuda_runtime.h>
 
-#include "support/fake_cuda_runtime.hpp"    // the runtime calls of the loopback transport, on the host
+#include "support/fake_cuda_runtime.hpp"  // the runtime calls of the loopback transport, on the host
 #include "support/cuda_host_emulation.hpp"  // before the kernels: it defines the CUDA names they use
 
 #include <dilated_attention/ring/cuda/backward_call.cuh>
@@ -56,7 +56,8 @@ enum class Path { host_ordered, stream_ordered, loopback };
 // stream-ordered driver path) or the loopback transport.
 template <class T>
 dt::RingGradientResult<T> run_ring_forward(const dt::GradientProblem<T>& p, int num_ranks,
-                                   ring::Layout layout = ring::Layout::contiguous, Path path = Path::host_ordered) {
+                                           ring::Layout layout = ring::Layout::contiguous,
+                                           Path path = Path::host_ordered) {
   ring::Options options;
   options.layout = layout;
   const auto run_ranks = [&](int ranks, auto body) {
@@ -70,16 +71,21 @@ dt::RingGradientResult<T> run_ring_forward(const dt::GradientProblem<T>& p, int 
   };
   return dt::run_ring_backward_case<T>(
       p, num_ranks, layout, run_ranks,
-      [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in, const std::vector<float>& lse,
-          dt::RingGradientResult<T>& local) {
+      [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in,
+          const std::vector<float>& lse, dt::RingGradientResult<T>& local) {
         dt::StreamOrderedAdapter ordered(transport);
-        ring::Transport& used = path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
-        const ring::Stats stats = ring::backward_on_device<T>(EmulatedDevice{stream}, p.c.config, p.c.shape, used, {in.q.view(), in.k.view(), in.v.view()}, {in.out.view(), lse.data()}, in.d_out.view(), {local.d_q.view(), local.d_k.view(), local.d_v.view()}, options);
-        if (path == Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
+        ring::Transport& used =
+            path == Path::stream_ordered ? static_cast<ring::Transport&>(ordered) : transport;
+        const ring::Stats stats = ring::backward_on_device<T>(
+            EmulatedDevice{stream}, p.c.config, p.c.shape, used,
+            {in.q.view(), in.k.view(), in.v.view()}, {in.out.view(), lse.data()}, in.d_out.view(),
+            {local.d_q.view(), local.d_k.view(), local.d_v.view()}, options);
+        if (path ==
+            Path::stream_ordered) {  // K/V and partial sends ordered; every receive on the stream
           // once per exchange that moves anything (K/V out, partials back)
           EXPECT_GE(ordered.orderings, stats.sends_posted + stats.gradient_sends);
-          EXPECT_LE(ordered.orderings, stats.sends_posted + stats.recvs_posted + stats.gradient_sends +
-                                           stats.gradient_recvs);
+          EXPECT_LE(ordered.orderings, stats.sends_posted + stats.recvs_posted +
+                                           stats.gradient_sends + stats.gradient_recvs);
           EXPECT_EQ(ordered.stream_waits, stats.recvs_posted + stats.gradient_recvs);
         }
       });
@@ -93,8 +99,9 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const da::Shape local{1, 16, 2, 1, 64};
   const std::vector<ring::Chunk> chunks = {{16, 32, 0}};  // rank 1 of 2, N = 32
-  const auto q = dt::random_tensor<float>(local, 2, 11, 0, 2), k = dt::random_tensor<float>(local, 1, 12),
-             v = dt::random_tensor<float>(local, 1, 13), out = dt::random_tensor<float>(local, 2, 14, 1),
+  const auto q = dt::random_tensor<float>(local, 2, 11, 0, 2),
+             k = dt::random_tensor<float>(local, 1, 12), v = dt::random_tensor<float>(local, 1, 13),
+             out = dt::random_tensor<float>(local, 2, 14, 1),
              d_out = dt::random_tensor<float>(local, 2, 15);
   std::vector<float> lse(32);
   for (std::size_t e = 0; e < lse.size(); ++e) lse[e] = 2.f + 0.1f * static_cast<float>(e % 5);
@@ -102,10 +109,12 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
     for (const bool mean : {false, true}) {
       SCOPED_TRACE(std::string(causal ? "causal" : "full") + (mean ? " mean" : " softmax"));
       const std::int64_t branches = 3;
-      ring::CpuBackwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), out.view(), lse.data(),
-                                          d_out.view(), 0.3f, causal, branches, mean, 1);
-      EmulatedBackwardBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), out.view(),
-                                         lse.data(), d_out.view(), 0.3, causal, branches, mean);
+      ring::CpuBackwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), out.view(),
+                                          lse.data(), d_out.view(), 0.3f, causal, branches, mean,
+                                          1);
+      EmulatedBackwardBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(),
+                                         v.view(), out.view(), lse.data(), d_out.view(), 0.3,
+                                         causal, branches, mean);
       const da::Progression sent{16, 3, 5};  // "received" rows: each side packs its own
       auto cpu_message = cpu.make_buffer(2 * 5 * 64);
       auto gpu_message = gpu.make_buffer(2 * 5 * 64);
@@ -123,16 +132,17 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
           {0, 0, {16, 1, 16}, {16, 1, 16}, false},  // dense local block
           {2, 0, {17, 2, 8}, {16, 3, 5}, true},     // received keys, same rows again
           {0, 1, {16, 2, 4}, {25, 2, 4}, false},    // causal: row 16 sees no key
-          {1, 1, {16, 4, 4}, {16, 3, 5}, true},
-          {2, 1, {18, 2, 7}, {16, 1, 16}, false},
+          {1, 1, {16, 4, 4}, {16, 3, 5}, true},    {2, 1, {18, 2, 7}, {16, 1, 16}, false},
       };
       ring::CpuBackwardBackend<float>::Workspace cpu_ws(64, da::CpuIsa::automatic);
       const auto each_block = [&](auto&& visit) {
-        gpu.for_each_kv_head(0, 1, [&](std::int64_t b, std::int64_t g, EmulatedBackwardBackend<float>::Workspace& ws) {
-          for (std::int64_t h = 0; h < 2; ++h)
-            for (const Block& block : blocks)
-              if (block.head == h) visit(ws, block, b, g);
-        });
+        gpu.for_each_kv_head(
+            0, 1,
+            [&](std::int64_t b, std::int64_t g, EmulatedBackwardBackend<float>::Workspace& ws) {
+              for (std::int64_t h = 0; h < 2; ++h)
+                for (const Block& block : blocks)
+                  if (block.head == h) visit(ws, block, b, g);
+            });
       };
       if (mean) {
         each_block([&](auto& ws, const Block& block, std::int64_t b, std::int64_t g) {
@@ -154,7 +164,8 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
       // The partials, bitwise-independent of the cast, against the CPU's.
       double partial_error = 0, partial_scale = 1;
       for (std::size_t e = 0; e < cpu_partials.size(); ++e) {
-        partial_error = std::max(partial_error, double(std::abs(gpu_partials.data()[e] - cpu_partials[e])));
+        partial_error =
+            std::max(partial_error, double(std::abs(gpu_partials.data()[e] - cpu_partials[e])));
         partial_scale = std::max(partial_scale, double(std::abs(cpu_partials[e])));
       }
       EXPECT_LE(partial_error, 2e-5 * partial_scale);
@@ -164,7 +175,8 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
       gpu.flush_returned();
       dt::Tensor<float> cpu_q(local, 2), cpu_k(local, 1), cpu_v(local, 1);
       dt::Tensor<float> gpu_q(local, 2, 1), gpu_k(local, 1, 0, 3), gpu_v(local, 1);
-      for (dt::Tensor<float>* t : {&gpu_q, &gpu_k, &gpu_v}) t->fill(std::numeric_limits<float>::quiet_NaN());
+      for (dt::Tensor<float>* t : {&gpu_q, &gpu_k, &gpu_v})
+        t->fill(std::numeric_limits<float>::quiet_NaN());
       cpu.finish(cpu_q.view(), cpu_k.view(), cpu_v.view());
       gpu.finish(gpu_q.view(), gpu_k.view(), gpu_v.view());
       double scale = 1;
@@ -173,7 +185,7 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
       EXPECT_LE(dt::max_abs_diff(gpu_q, cpu_q), 2e-5 * scale);
       EXPECT_LE(dt::max_abs_diff(gpu_k, cpu_k), 2e-5 * scale);
       EXPECT_LE(dt::max_abs_diff(gpu_v, cpu_v), 2e-5 * scale);
-      EXPECT_GT(scale, 1.5);  // the blocks produced gradients
+      EXPECT_GT(scale, 1.5);                 // the blocks produced gradients
       for (std::int64_t x = 0; x < 16; ++x)  // padding stays NaN
         EXPECT_TRUE(std::isnan(gpu_q.at(0, x, 1, 64)));
     }
@@ -199,7 +211,8 @@ TEST(RingCudaBackwardEmulated, FloatEqualsReference) {
     const auto zigzag = run_ring_forward(p, ranks, ring::Layout::zigzag);
     dt::check_gradients(p, zigzag);
     if (n % 4 != 0) continue;
-    EXPECT_TRUE(dt::bitwise_equal(zigzag, run_ring_forward(p, ranks, ring::Layout::zigzag, Path::stream_ordered)));
+    EXPECT_TRUE(dt::bitwise_equal(
+        zigzag, run_ring_forward(p, ranks, ring::Layout::zigzag, Path::stream_ordered)));
     EXPECT_TRUE(dt::bitwise_equal(zigzag, run_ring_forward(p, ranks, ring::Layout::zigzag)));
   }
 }
@@ -214,7 +227,8 @@ TEST(RingCudaBackwardEmulated, HalfAndBfloat16) {
     const dt::GradientProblem<__half> half(cases[i], 800 + i);
     dt::check_gradients(half, run_ring_forward(half, 2 + static_cast<int>(i % 3)));
     const dt::GradientProblem<__nv_bfloat16> bf16(cases[i], 900 + i);
-    dt::check_gradients(bf16, run_ring_forward(bf16, 4 - static_cast<int>(i % 3), ring::Layout::zigzag));
+    dt::check_gradients(bf16,
+                        run_ring_forward(bf16, 4 - static_cast<int>(i % 3), ring::Layout::zigzag));
   }
 }
 
@@ -259,11 +273,15 @@ TEST(RingCudaBackwardEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExa
         [&](ring::Transport& transport, void* stream, const dt::RankTensors<float>& in,
             const std::vector<float>& lse, dt::RingGradientResult<float>& local) {
           const auto rank = static_cast<std::size_t>(transport.rank());
-          dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+          dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1,
+                                     scenario == 1 && rank == 2);
           da::Config config = c.config;
           config.causal = scenario == 2 && rank == 1;
           const auto call = [&](ring::Transport& used, const da::Config& cfg) {
-            ring::backward_on_device<float>(EmulatedDevice{stream}, cfg, c.shape, used, {in.q.view(), in.k.view(), in.v.view()}, {in.out.view(), lse.data()}, in.d_out.view(), {local.d_q.view(), local.d_k.view(), local.d_v.view()}, {});
+            ring::backward_on_device<float>(
+                EmulatedDevice{stream}, cfg, c.shape, used, {in.q.view(), in.k.view(), in.v.view()},
+                {in.out.view(), lse.data()}, in.d_out.view(),
+                {local.d_q.view(), local.d_k.view(), local.d_v.view()}, {});
           };
           try {
             call(faulty, config);
@@ -278,12 +296,15 @@ TEST(RingCudaBackwardEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExa
           call(transport, c.config);  // the consistent call, on the same transport
         });
     const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
-    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
-                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    const char* own = scenario == 0   ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv"
+                                      : "config.causal";
     for (std::size_t rank = 0; rank < 3; ++rank) {
       SCOPED_TRACE("rank " + std::to_string(rank));
-      if (rank == faulty_rank) EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
-      else EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
+      if (rank == faulty_rank)
+        EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
+      else
+        EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
       EXPECT_EQ(written[rank], 0u) << "a failed call wrote gradients";
     }
     dt::check_gradients(p, result);
@@ -308,15 +329,23 @@ TEST(RingCudaBackwardEmulated, ValidationAndAgreement) {
   const da::Config config = dt::make_config({8}, {2});
   for (const std::int64_t dim : {40, 32}) {
     const da::Shape shape{1, 16, 2, 2, dim};
-    dt::Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), d_out(shape, 2), d_q(shape, 2),
-        d_k(shape, 2), d_v(shape, 2);
+    dt::Tensor<float> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), d_out(shape, 2),
+        d_q(shape, 2), d_k(shape, 2), d_v(shape, 2);
     std::vector<float> lse(32, 0.f);
     std::vector<std::string> messages(2);
     ring::run_in_process(2, [&](ring::Transport& transport) {
       const std::int64_t begin = transport.rank() * 8;
-      const float* rank_lse = dim == 32 && transport.rank() == 1 ? nullptr : lse.data() + transport.rank() * 16;
+      const float* rank_lse =
+          dim == 32 && transport.rank() == 1 ? nullptr : lse.data() + transport.rank() * 16;
       try {
-        ring::backward_on_device<float>(EmulatedDevice{}, config, shape, transport, {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin), dt::shard_view(v.view(), begin)}, {dt::shard_view(out.view(), begin), rank_lse}, dt::shard_view(d_out.view(), begin), {dt::shard_view(d_q.view(), begin), dt::shard_view(d_k.view(), begin), dt::shard_view(d_v.view(), begin)}, {});
+        ring::backward_on_device<float>(
+            EmulatedDevice{}, config, shape, transport,
+            {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin),
+             dt::shard_view(v.view(), begin)},
+            {dt::shard_view(out.view(), begin), rank_lse}, dt::shard_view(d_out.view(), begin),
+            {dt::shard_view(d_q.view(), begin), dt::shard_view(d_k.view(), begin),
+             dt::shard_view(d_v.view(), begin)},
+            {});
       } catch (const std::exception& e) {
         messages[static_cast<std::size_t>(transport.rank())] = e.what();
       }

@@ -45,9 +45,9 @@ da::View<T> on_device(const dt::Tensor<T>& host, T* data) {
 
 // One rank: its local tensors to the device, the ring backward on its stream, the gradients back.
 template <class T>
-void rank_backward(const dt::GradientProblem<T>& p, const ring::Options& options, ring::Transport& transport,
-                   void* stream, const dt::RankTensors<T>& in, const std::vector<float>& lse,
-                   dt::RingGradientResult<T>& local) {
+void rank_backward(const dt::GradientProblem<T>& p, const ring::Options& options,
+                   ring::Transport& transport, void* stream, const dt::RankTensors<T>& in,
+                   const std::vector<float>& lse, dt::RingGradientResult<T>& local) {
   dt::DeviceBuffer<T> q(in.q.storage.size()), k(in.k.storage.size()), v(in.v.storage.size()),
       out(in.out.storage.size()), d_out(in.d_out.storage.size()), d_q(local.d_q.storage.size()),
       d_k(local.d_k.storage.size()), d_v(local.d_v.storage.size());
@@ -66,22 +66,25 @@ void rank_backward(const dt::GradientProblem<T>& p, const ring::Options& options
 #pragma nv_diag_suppress 1444
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    ring::cuda::backward<T>(p.c.config, p.c.shape, transport, on_device(in.q, q.data()), on_device(in.k, k.data()),
-                            on_device(in.v, v.data()), on_device(in.out, out.data()), d_lse.data(),
+    ring::cuda::backward<T>(p.c.config, p.c.shape, transport, on_device(in.q, q.data()),
+                            on_device(in.k, k.data()), on_device(in.v, v.data()),
+                            on_device(in.out, out.data()), d_lse.data(),
                             on_device(in.d_out, d_out.data()), on_device(local.d_q, d_q.data()),
-                            on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()), options,
-                            static_cast<cudaStream_t>(stream));
+                            on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data()),
+                            options, static_cast<cudaStream_t>(stream));
 #pragma GCC diagnostic pop
 #pragma nv_diag_default 1444
   } else {
-    ring::cuda::backward<T>(p.c.config, p.c.shape, transport,
-                            {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())},
-                            {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()),
-                            {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()),
-                             on_device(local.d_v, d_v.data())},
-                            device_options(options, static_cast<cudaStream_t>(stream)));
+    ring::cuda::backward<T>(
+        p.c.config, p.c.shape, transport,
+        {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())},
+        {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()),
+        {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()),
+         on_device(local.d_v, d_v.data())},
+        device_options(options, static_cast<cudaStream_t>(stream)));
   }
-  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
+  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+                  "ring call");  // asynchronous: wait before reading
   d_q.download(local.d_q.storage);
   d_k.download(local.d_k.storage);
   d_v.download(local.d_v.storage);
@@ -100,8 +103,10 @@ dt::RingGradientResult<T> run_gpu_ring(const dt::GradientProblem<T>& p, int num_
           body(transport, static_cast<void*>(stream));
         });
       },
-      [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in, const std::vector<float>& lse,
-          dt::RingGradientResult<T>& local) { rank_backward<T>(p, options, transport, stream, in, lse, local); });
+      [&](ring::Transport& transport, void* stream, const dt::RankTensors<T>& in,
+          const std::vector<float>& lse, dt::RingGradientResult<T>& local) {
+        rank_backward<T>(p, options, transport, stream, in, lse, local);
+      });
 }
 
 template <class T>
@@ -117,7 +122,8 @@ void sweep(std::int64_t head_dim, std::uint64_t seed) {
       SCOPED_TRACE("zigzag P = " + std::to_string(ranks));
       dt::check_gradients(p, run_gpu_ring<T>(p, ranks, ring::Layout::zigzag));
     }
-    EXPECT_TRUE(dt::bitwise_equal(run_gpu_ring<T>(p, 3), run_gpu_ring<T>(p, 3))) << "not bitwise equal at P = 3";
+    EXPECT_TRUE(dt::bitwise_equal(run_gpu_ring<T>(p, 3), run_gpu_ring<T>(p, 3)))
+        << "not bitwise equal at P = 3";
   }
 }
 
@@ -166,7 +172,8 @@ void longer_cases(std::int64_t head_dim, std::uint64_t seed, std::size_t start, 
       SCOPED_TRACE(dt::describe(p.c) + " P = " + std::to_string(ranks));
       const auto first = run_gpu_ring<T>(p, ranks);
       dt::check_gradients(p, first);
-      EXPECT_TRUE(dt::bitwise_equal(first, run_gpu_ring<T>(p, ranks))) << "not bitwise equal run to run";
+      EXPECT_TRUE(dt::bitwise_equal(first, run_gpu_ring<T>(p, ranks)))
+          << "not bitwise equal run to run";
     }
   }
 }
@@ -209,9 +216,10 @@ TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             const std::vector<float>& lse, dt::RingGradientResult<float>& local) {
           const auto rank = static_cast<std::size_t>(transport.rank());
           {
-            dt::DeviceBuffer<float> q(in.q.storage.size()), k(in.k.storage.size()), v(in.v.storage.size()),
-                out(in.out.storage.size()), d_out(in.d_out.storage.size()), d_q(local.d_q.storage.size()),
-                d_k(local.d_k.storage.size()), d_v(local.d_v.storage.size()), d_lse(lse.size());
+            dt::DeviceBuffer<float> q(in.q.storage.size()), k(in.k.storage.size()),
+                v(in.v.storage.size()), out(in.out.storage.size()), d_out(in.d_out.storage.size()),
+                d_q(local.d_q.storage.size()), d_k(local.d_k.storage.size()),
+                d_v(local.d_v.storage.size()), d_lse(lse.size());
             q.upload(in.q.storage);
             k.upload(in.k.storage);
             v.upload(in.v.storage);
@@ -222,12 +230,20 @@ TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             d_k.upload(local.d_k.storage);
             d_v.upload(local.d_v.storage);
             da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");
-            dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1, scenario == 1 && rank == 2);
+            dt::FaultyTransport faulty(transport, scenario == 0 && rank == 1,
+                                       scenario == 1 && rank == 2);
             da::Config config = c.config;
             config.causal = scenario == 2 && rank == 1;
             try {
-              ring::cuda::backward<float>(config, c.shape, faulty, {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())}, {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()), {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()), on_device(local.d_v, d_v.data())}, device_options(options, static_cast<cudaStream_t>(stream)));
-              da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
+              ring::cuda::backward<float>(
+                  config, c.shape, faulty,
+                  {on_device(in.q, q.data()), on_device(in.k, k.data()), on_device(in.v, v.data())},
+                  {on_device(in.out, out.data()), d_lse.data()}, on_device(in.d_out, d_out.data()),
+                  {on_device(local.d_q, d_q.data()), on_device(local.d_k, d_k.data()),
+                   on_device(local.d_v, d_v.data())},
+                  device_options(options, static_cast<cudaStream_t>(stream)));
+              da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+                              "ring call");  // asynchronous: wait before reading
               outcome[rank] = "returned";
             } catch (const ring::PeerFailure& e) {
               outcome[rank] = "PeerFailure from " + std::to_string(e.failed_rank());
@@ -240,15 +256,19 @@ TEST(RingCudaBackward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
               for (const float value : after) written[rank] += std::isnan(value) ? 0 : 1;
             }
           }
-          rank_backward<float>(p, options, transport, stream, in, lse, local);  // the consistent call
+          rank_backward<float>(p, options, transport, stream, in, lse,
+                               local);  // the consistent call
         });
     const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
-    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
-                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    const char* own = scenario == 0   ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv"
+                                      : "config.causal";
     for (std::size_t rank = 0; rank < 3; ++rank) {
       SCOPED_TRACE("rank " + std::to_string(rank));
-      if (rank == faulty_rank) EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
-      else EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
+      if (rank == faulty_rank)
+        EXPECT_NE(outcome[rank].find(own), std::string::npos) << outcome[rank];
+      else
+        EXPECT_EQ(outcome[rank], "PeerFailure from " + std::to_string(faulty_rank));
       EXPECT_EQ(written[rank], 0u) << "a failed call wrote gradients";
     }
     dt::check_gradients(p, result);
@@ -270,7 +290,11 @@ TEST(RingCudaBackward, RejectsBadInputBeforeAnyDeviceWork) {
         };
         const da::View<const float> q = fake.q, k = fake.k, v = fake.v, out = fake.out;
         const da::View<const float> d_out = da::contiguous_view(at(5), local, local.num_heads);
-        ring::cuda::backward<float>(config, shape, transport, {q, k, v}, {out, null_lse ? nullptr : fake.lse}, d_out, {da::contiguous_view(at(6), local, local.num_heads), da::contiguous_view(at(7), local, local.num_kv_heads), da::contiguous_view(at(8), local, local.num_kv_heads)});
+        ring::cuda::backward<float>(config, shape, transport, {q, k, v},
+                                    {out, null_lse ? nullptr : fake.lse}, d_out,
+                                    {da::contiguous_view(at(6), local, local.num_heads),
+                                     da::contiguous_view(at(7), local, local.num_kv_heads),
+                                     da::contiguous_view(at(8), local, local.num_kv_heads)});
       });
       ADD_FAILURE() << "accepted; expected a refusal naming " << fragment;
     } catch (const std::invalid_argument& e) {

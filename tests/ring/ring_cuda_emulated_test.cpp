@@ -23,7 +23,7 @@
 
 #include <cuda_runtime.h>
 
-#include "support/fake_cuda_runtime.hpp"    // the runtime calls of the loopback transport, on the host
+#include "support/fake_cuda_runtime.hpp"  // the runtime calls of the loopback transport, on the host
 #include "support/cuda_host_emulation.hpp"  // before the kernels: it defines the CUDA names they use
 
 #include <dilated_attention/ring/cuda/forward_backend.cuh>
@@ -45,8 +45,8 @@ template <class T>
 using EmulatedBackend = ring::CudaForwardBackend<T, EmulatedDevice>;
 
 template <class T>
-dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, int num_ranks,
-                                      ring::Layout layout = ring::Layout::contiguous,
+dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in,
+                                      int num_ranks, ring::Layout layout = ring::Layout::contiguous,
                                       bool stream_ordered = false) {
   ring::Options options;
   options.layout = layout;
@@ -58,8 +58,11 @@ dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInp
       [&](ring::Transport& inner, void*, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
           const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
         dt::StreamOrderedAdapter ordered(inner);
-        ring::Transport& transport = stream_ordered ? static_cast<ring::Transport&>(ordered) : inner;
-        const ring::Stats stats = ring::forward_on_device<T>(EmulatedDevice{}, c.config, c.shape, transport, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, options);
+        ring::Transport& transport =
+            stream_ordered ? static_cast<ring::Transport&>(ordered) : inner;
+        const ring::Stats stats = ring::forward_on_device<T>(
+            EmulatedDevice{}, c.config, c.shape, transport, {q.view(), k.view(), v.view()},
+            {out.view(), lse.data()}, options);
         if (stream_ordered) {  // every send ordered after its packing, every receive on the stream
           // once per step that moves anything: every send, and every receive-only step
           EXPECT_GE(ordered.orderings, stats.sends_posted);
@@ -70,7 +73,8 @@ dt::KernelResult<T> run_emulated_ring(const dt::Case& c, const dt::DeviceTestInp
 }
 
 template <class T>
-dt::KernelResult<T> run_loopback_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, int num_ranks,
+dt::KernelResult<T> run_loopback_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in,
+                                      int num_ranks,
                                       ring::Layout layout = ring::Layout::contiguous) {
   ring::Options options;
   options.layout = layout;
@@ -83,7 +87,9 @@ dt::KernelResult<T> run_loopback_ring(const dt::Case& c, const dt::DeviceTestInp
       },
       [&](ring::Transport& transport, void* stream, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
           const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
-        ring::forward_on_device<T>(EmulatedDevice{stream}, c.config, c.shape, transport, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, options);
+        ring::forward_on_device<T>(EmulatedDevice{stream}, c.config, c.shape, transport,
+                                   {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
+                                   options);
       });
 }
 
@@ -100,11 +106,13 @@ void expect_clean_fake_runtime() {
 TEST(RingCudaEmulated, PackEqualsCpuBackend) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const da::Shape local{2, 12, 4, 2, 32};
-  const auto k = dt::random_tensor<float>(local, 2, 1, 1, 3), v = dt::random_tensor<float>(local, 2, 2, 1, 3);
+  const auto k = dt::random_tensor<float>(local, 2, 1, 1, 3),
+             v = dt::random_tensor<float>(local, 2, 2, 1, 3);
   const auto q = dt::random_tensor<float>(local, 4, 3);
   const std::vector<ring::Chunk> chunks = {{6, 12, 0}, {30, 36, 6}};  // zigzag rank 1 of 3, N = 36
   ring::CpuForwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), 1.f, false, 1, 1);
-  EmulatedBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), 1.0, false, 1);
+  EmulatedBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), 1.0,
+                             false, 1);
   const std::vector<da::Progression> pieces = {{6, 2, 3}, {31, 3, 2}, {11, 1, 1}, {30, 1, 6}};
   std::size_t elements = 0;
   for (const auto& rows : pieces) elements += static_cast<std::size_t>(2 * rows.count * 32);
@@ -112,7 +120,8 @@ TEST(RingCudaEmulated, PackEqualsCpuBackend) {
   auto packed = gpu.make_buffer(elements);
   std::size_t at = 0;
   for (std::size_t i = 0; i < pieces.size(); ++i) {
-    const std::int64_t b = static_cast<std::int64_t>(i % 2), g = static_cast<std::int64_t>(i / 2 % 2);
+    const std::int64_t b = static_cast<std::int64_t>(i % 2),
+                       g = static_cast<std::int64_t>(i / 2 % 2);
     cpu.pack(expected, at, b, g, pieces[i]);
     gpu.pack(packed, at, b, g, pieces[i]);
     at += static_cast<std::size_t>(2 * pieces[i].count * 32);
@@ -128,14 +137,16 @@ TEST(RingCudaEmulated, PackEqualsCpuBackend) {
 TEST(RingCudaEmulated, BlockAttendMergeAndFinishEqualCpuBackend) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const da::Shape local{1, 16, 2, 1, 64};
-  const auto q = dt::random_tensor<float>(local, 2, 11, 0, 2), k = dt::random_tensor<float>(local, 1, 12),
-             v = dt::random_tensor<float>(local, 1, 13);
+  const auto q = dt::random_tensor<float>(local, 2, 11, 0, 2),
+             k = dt::random_tensor<float>(local, 1, 12), v = dt::random_tensor<float>(local, 1, 13);
   const std::vector<ring::Chunk> chunks = {{16, 32, 0}};  // rank 1 of 2, N = 32
   for (const bool causal : {false, true})
     for (const std::int64_t slots : {1, 3}) {
       SCOPED_TRACE(std::string(causal ? "causal" : "full") + " slots " + std::to_string(slots));
-      ring::CpuForwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), 0.3f, causal, slots, 1);
-      EmulatedBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), 0.3, causal, slots);
+      ring::CpuForwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), 0.3f, causal,
+                                         slots, 1);
+      EmulatedBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(), v.view(), 0.3,
+                                 causal, slots);
       // "Received" rows: the CPU packs host rows, the emulated device packs its own.
       const da::Progression sent{16, 3, 5};
       auto cpu_message = cpu.make_buffer(2 * 5 * 64);
@@ -149,9 +160,9 @@ TEST(RingCudaEmulated, BlockAttendMergeAndFinishEqualCpuBackend) {
         bool received;
       };
       const std::vector<Block> blocks = {
-          {0, 0, {16, 1, 16}, {16, 1, 16}, false},          // dense local block
-          {slots - 1, 0, {17, 2, 8}, {16, 3, 5}, true},     // received keys, same rows again
-          {0, 1, {16, 2, 4}, {25, 2, 4}, false},            // causal: row 16 sees no key
+          {0, 0, {16, 1, 16}, {16, 1, 16}, false},       // dense local block
+          {slots - 1, 0, {17, 2, 8}, {16, 3, 5}, true},  // received keys, same rows again
+          {0, 1, {16, 2, 4}, {25, 2, 4}, false},         // causal: row 16 sees no key
           {slots - 1, 1, {16, 4, 4}, {16, 3, 5}, true},
       };
       ring::CpuForwardBackend<float>::Workspace cpu_ws(64, da::CpuIsa::automatic);
@@ -169,10 +180,12 @@ TEST(RingCudaEmulated, BlockAttendMergeAndFinishEqualCpuBackend) {
       std::vector<float> cpu_lse(32), gpu_lse(32, std::numeric_limits<float>::quiet_NaN());
       cpu.finish(cpu_out.view(), cpu_lse.data());
       gpu.finish(gpu_out.view(), gpu_lse.data());
-      EXPECT_LE(dt::max_abs_diff(gpu_out, cpu_out), 5e-6);  // float rounding: exp2f vs the CPU's exp
+      EXPECT_LE(dt::max_abs_diff(gpu_out, cpu_out),
+                5e-6);  // float rounding: exp2f vs the CPU's exp
       EXPECT_LE(dt::max_lse_diff(gpu_lse, cpu_lse), 5e-6);
       std::size_t untouched_rows = 0;  // rows no block selects: O = 0, LSE = -inf
-      for (std::size_t i = 0; i < gpu_lse.size(); ++i) untouched_rows += std::isinf(gpu_lse[i]) ? 1 : 0;
+      for (std::size_t i = 0; i < gpu_lse.size(); ++i)
+        untouched_rows += std::isinf(gpu_lse[i]) ? 1 : 0;
       EXPECT_GT(untouched_rows, 0u);
       for (std::int64_t x = 0; x < 16; ++x)  // the padding stays NaN
         EXPECT_TRUE(std::isnan(gpu_out.at(0, x, 1, 64)));
@@ -197,7 +210,8 @@ TEST(RingCudaEmulated, RingFloatEqualsReferenceForEveryP) {
       SCOPED_TRACE("zigzag P = " + std::to_string(p));
       const auto plain = run_emulated_ring<float>(c, in, p, ring::Layout::zigzag);
       dt::check_result(c, in, plain);
-      EXPECT_TRUE(dt::bitwise_equal(plain, run_emulated_ring<float>(c, in, p, ring::Layout::zigzag, true)));
+      EXPECT_TRUE(
+          dt::bitwise_equal(plain, run_emulated_ring<float>(c, in, p, ring::Layout::zigzag, true)));
     }
   }
 }
@@ -211,9 +225,12 @@ TEST(RingCudaEmulated, RingHalfAndBfloat16WithinTheStorageBound) {
     const dt::Case& c = cases[i];
     SCOPED_TRACE(dt::describe(c));
     const auto half_in = dt::random_device_test_inputs<__half>(c.shape, c.pad, c.seq_pad, 200 + i);
-    dt::check_result(c, half_in, run_emulated_ring<__half>(c, half_in, 2 + static_cast<int>(i % 3)));
-    const auto bf16_in = dt::random_device_test_inputs<__nv_bfloat16>(c.shape, c.pad, c.seq_pad, 300 + i);
-    dt::check_result(c, bf16_in, run_emulated_ring<__nv_bfloat16>(c, bf16_in, 4 - static_cast<int>(i % 3)));
+    dt::check_result(c, half_in,
+                     run_emulated_ring<__half>(c, half_in, 2 + static_cast<int>(i % 3)));
+    const auto bf16_in =
+        dt::random_device_test_inputs<__nv_bfloat16>(c.shape, c.pad, c.seq_pad, 300 + i);
+    dt::check_result(c, bf16_in,
+                     run_emulated_ring<__nv_bfloat16>(c, bf16_in, 4 - static_cast<int>(i % 3)));
   }
 }
 
@@ -257,14 +274,17 @@ TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             body(transport, static_cast<void*>(stream));
           });
         },
-        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q, const dt::Tensor<float>& k,
-            const dt::Tensor<float>& v, dt::Tensor<float>& out, std::vector<float>& lse) {
+        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q,
+            const dt::Tensor<float>& k, const dt::Tensor<float>& v, dt::Tensor<float>& out,
+            std::vector<float>& lse) {
           const auto p = static_cast<std::size_t>(transport.rank());
           dt::FaultyTransport faulty(transport, scenario == 0 && p == 1, scenario == 1 && p == 2);
           da::Config config = c.config;
           config.causal = scenario == 2 && p == 1;
           try {
-            ring::forward_on_device<float>(EmulatedDevice{stream}, config, c.shape, faulty, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, {});
+            ring::forward_on_device<float>(EmulatedDevice{stream}, config, c.shape, faulty,
+                                           {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
+                                           {});
             outcome[p] = "returned";
           } catch (const ring::PeerFailure& e) {
             outcome[p] = "PeerFailure from " + std::to_string(e.failed_rank());
@@ -272,11 +292,14 @@ TEST(RingCudaEmulated, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             outcome[p] = e.what();
           }
           for (const float value : out.storage) written[p] += std::isnan(value) ? 0 : 1;
-          ring::forward_on_device<float>(EmulatedDevice{stream}, c.config, c.shape, transport, {q.view(), k.view(), v.view()}, {out.view(), lse.data()}, {});
+          ring::forward_on_device<float>(EmulatedDevice{stream}, c.config, c.shape, transport,
+                                         {q.view(), k.view(), v.view()}, {out.view(), lse.data()},
+                                         {});
         });
     const std::size_t faulty_rank = scenario == 1 ? 2 : 1;
-    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
-                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    const char* own = scenario == 0   ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv"
+                                      : "config.causal";
     for (std::size_t p = 0; p < 3; ++p) {
       SCOPED_TRACE("rank " + std::to_string(p));
       if (p == faulty_rank) {
@@ -315,8 +338,8 @@ TEST(RingCudaEmulated, LoopbackTransportContract) {
     };
     // 1. Sizes differ: 16 bytes sent, 8 expected.
     t.begin_call(std::chrono::seconds(10));
-    ring::Transport::Ticket ticket =
-        me == 0 ? t.post_send(other, 0, buffer.data(), 16) : t.post_recv(other, 0, buffer.data(), 8);
+    ring::Transport::Ticket ticket = me == 0 ? t.post_send(other, 0, buffer.data(), 16)
+                                             : t.post_recv(other, 0, buffer.data(), 8);
     attempt([&] { t.wait(ticket); });
     t.abandon(ticket, nullptr);
     t.end_call();
@@ -343,7 +366,8 @@ TEST(RingCudaEmulated, LoopbackTransportContract) {
     t.end_call();
     // 4. A clean exchange.
     t.begin_call(std::chrono::seconds(10));
-    ticket = me == 0 ? t.post_send(other, 0, buffer.data(), 16) : t.post_recv(other, 0, buffer.data(), 16);
+    ticket = me == 0 ? t.post_send(other, 0, buffer.data(), 16)
+                     : t.post_recv(other, 0, buffer.data(), 16);
     attempt([&] { t.wait(ticket); });
     log += std::to_string(buffer[0]) + ";";
     t.end_call();
@@ -358,7 +382,8 @@ TEST(RingCudaEmulated, RingOtherHeadDims) {
   DILATED_ATTENTION_REQUIRE_FIBERS();
   const dt::Case c96 = dt::ring_sweep_cases(96)[19], c128 = dt::ring_sweep_cases(128)[27];
   SCOPED_TRACE(dt::describe(c96) + " / " + dt::describe(c128));
-  const auto in96 = dt::random_device_test_inputs<__nv_bfloat16>(c96.shape, c96.pad, c96.seq_pad, 600);
+  const auto in96 =
+      dt::random_device_test_inputs<__nv_bfloat16>(c96.shape, c96.pad, c96.seq_pad, 600);
   dt::check_result(c96, in96, run_emulated_ring<__nv_bfloat16>(c96, in96, 3));
   const auto in128 = dt::random_device_test_inputs<float>(c128.shape, c128.pad, c128.seq_pad, 601);
   dt::check_result(c128, in128, run_emulated_ring<float>(c128, in128, 2));
@@ -375,7 +400,11 @@ TEST(RingCudaEmulated, ValidationAndAgreement) {
   try {
     ring::run_in_process(2, [&](ring::Transport& transport) {
       const std::int64_t begin = transport.rank() * 8;
-      ring::forward_on_device<float>(EmulatedDevice{}, config, bad, transport, {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin), dt::shard_view(v.view(), begin)}, {dt::shard_view(out.view(), begin), nullptr}, {});
+      ring::forward_on_device<float>(
+          EmulatedDevice{}, config, bad, transport,
+          {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin),
+           dt::shard_view(v.view(), begin)},
+          {dt::shard_view(out.view(), begin), nullptr}, {});
     });
     ADD_FAILURE() << "head_dim 40 was accepted";
   } catch (const std::invalid_argument& e) {
@@ -390,9 +419,17 @@ TEST(RingCudaEmulated, ValidationAndAgreement) {
     const std::int64_t begin = transport.rank() * 8;
     try {
       if (transport.rank() == 0)
-        ring::forward_on_device<__half>(EmulatedDevice{}, config, shape, transport, {dt::shard_view(hq.view(), begin), dt::shard_view(hk.view(), begin), dt::shard_view(hv.view(), begin)}, {dt::shard_view(hout.view(), begin), nullptr}, {});
+        ring::forward_on_device<__half>(
+            EmulatedDevice{}, config, shape, transport,
+            {dt::shard_view(hq.view(), begin), dt::shard_view(hk.view(), begin),
+             dt::shard_view(hv.view(), begin)},
+            {dt::shard_view(hout.view(), begin), nullptr}, {});
       else
-        ring::forward_on_device<__nv_bfloat16>(EmulatedDevice{}, config, shape, transport, {dt::shard_view(bq.view(), begin), dt::shard_view(bk.view(), begin), dt::shard_view(bv.view(), begin)}, {dt::shard_view(bout.view(), begin), nullptr}, {});
+        ring::forward_on_device<__nv_bfloat16>(
+            EmulatedDevice{}, config, shape, transport,
+            {dt::shard_view(bq.view(), begin), dt::shard_view(bk.view(), begin),
+             dt::shard_view(bv.view(), begin)},
+            {dt::shard_view(bout.view(), begin), nullptr}, {});
     } catch (const std::exception& e) {
       messages[static_cast<std::size_t>(transport.rank())] = e.what();
     }
@@ -429,17 +466,21 @@ TEST(RingCudaEmulated, CallReturnsWithoutWaitingAndReleasesStreamOrdered) {
   ring::run_in_process(2, [&](ring::Transport& transport) {
     const int p = transport.rank();
     const std::int64_t begin = p * 16;
-    ring::forward_on_device<float>(EmulatedDevice{&streams[p]}, config, shape, transport,
-                                   {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin),
-                                    dt::shard_view(v.view(), begin)},
-                                   {dt::shard_view(out.view(), begin)}, ring::CommonOptions{});
+    ring::forward_on_device<float>(
+        EmulatedDevice{&streams[p]}, config, shape, transport,
+        {dt::shard_view(q.view(), begin), dt::shard_view(k.view(), begin),
+         dt::shard_view(v.view(), begin)},
+        {dt::shard_view(out.view(), begin)}, ring::CommonOptions{});
     pending[p] = EmulatedDevice::pending_releases(&streams[p]);
     EmulatedDevice{&streams[p]}.synchronize();  // the caller's wait for its outputs
   });
-  EXPECT_EQ(EmulatedDevice::synchronizations() - before, 2 + 2);  // one per call and rank, then ours
+  EXPECT_EQ(EmulatedDevice::synchronizations() - before,
+            2 + 2);  // one per call and rank, then ours
   EXPECT_GT(pending[0], 0u) << "the back end's buffers were freed before the stream drained";
   EXPECT_GT(pending[1], 0u);
-  EXPECT_EQ(EmulatedDevice::pending_releases(&streams[0]) + EmulatedDevice::pending_releases(&streams[1]), 0u);
+  EXPECT_EQ(
+      EmulatedDevice::pending_releases(&streams[0]) + EmulatedDevice::pending_releases(&streams[1]),
+      0u);
   EXPECT_LT(da::testing::max_abs_diff(out, expected), 2e-6);
 }
 

@@ -46,8 +46,8 @@ da::View<T> on_device(const dt::Tensor<T>& host, T* data) {
 // One rank: its local tensors to the device, the ring forward on its stream, O and LSE back.
 template <class T>
 void rank_forward(const dt::Case& c, const ring::Options& options, ring::Transport& transport,
-                  void* stream, const dt::Tensor<T>& q, const dt::Tensor<T>& k, const dt::Tensor<T>& v,
-                  dt::Tensor<T>& out, std::vector<float>& lse) {
+                  void* stream, const dt::Tensor<T>& q, const dt::Tensor<T>& k,
+                  const dt::Tensor<T>& v, dt::Tensor<T>& out, std::vector<float>& lse) {
   dt::DeviceBuffer<T> dq(q.storage.size()), dk(k.storage.size()), dv(v.storage.size()),
       dout(out.storage.size());
   dt::DeviceBuffer<float> dlse(lse.size());
@@ -56,30 +56,34 @@ void rank_forward(const dt::Case& c, const ring::Options& options, ring::Transpo
   dv.upload(v.storage);
   dout.upload(out.storage);  // the poison: every element must be written, padding never
   dlse.upload(lse);
-  da::cuda::check(cudaStreamSynchronize(nullptr), "uploads");  // pageable copies: make sure they landed
+  da::cuda::check(cudaStreamSynchronize(nullptr),
+                  "uploads");     // pageable copies: make sure they landed
   if (use_deprecated_spelling) {  // the 0.1 spelling: ring::Options, then the stream
 #pragma nv_diag_suppress 1444
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    ring::cuda::forward<T>(c.config, c.shape, transport, on_device(q, dq.data()), on_device(k, dk.data()),
-                           on_device(v, dv.data()), on_device(out, dout.data()), dlse.data(), options,
+    ring::cuda::forward<T>(c.config, c.shape, transport, on_device(q, dq.data()),
+                           on_device(k, dk.data()), on_device(v, dv.data()),
+                           on_device(out, dout.data()), dlse.data(), options,
                            static_cast<cudaStream_t>(stream));
 #pragma GCC diagnostic pop
 #pragma nv_diag_default 1444
   } else {
-    ring::cuda::forward<T>(c.config, c.shape, transport,
-                           {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())},
-                           {on_device(out, dout.data()), dlse.data()},
-                           device_options(options, static_cast<cudaStream_t>(stream)));
+    ring::cuda::forward<T>(
+        c.config, c.shape, transport,
+        {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())},
+        {on_device(out, dout.data()), dlse.data()},
+        device_options(options, static_cast<cudaStream_t>(stream)));
   }
-  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
+  da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+                  "ring call");  // asynchronous: wait before reading
   dout.download(out.storage);
   dlse.download(lse);
 }
 
 template <class T>
-dt::KernelResult<T> run_gpu_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, int num_ranks,
-                                 ring::Layout layout = ring::Layout::contiguous) {
+dt::KernelResult<T> run_gpu_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in,
+                                 int num_ranks, ring::Layout layout = ring::Layout::contiguous) {
   ring::Options options;
   options.layout = layout;
   options.timeout = std::chrono::seconds(60);
@@ -100,20 +104,22 @@ dt::KernelResult<T> run_gpu_ring(const dt::Case& c, const dt::DeviceTestInputs<T
 // single-GPU kernel on the same inputs: float within 2e-5; 16-bit within twice the bound, since
 // both are within the bound of the reference.
 template <class T>
-void check_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in, const dt::KernelResult<T>& ring_result,
-                const dt::KernelResult<T>& single) {
+void check_ring(const dt::Case& c, const dt::DeviceTestInputs<T>& in,
+                const dt::KernelResult<T>& ring_result, const dt::KernelResult<T>& single) {
   dt::check_result(c, in, ring_result);
   double bound = 2e-5;
   if (!std::is_same_v<T, float>) {
     const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
     dt::Tensor<double> expected(c.shape, c.shape.num_heads);
-    da::reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()}, {expected.view()});
+    da::reference::forward<double>(c.config, c.shape, {q.view(), k.view(), v.view()},
+                                   {expected.view()});
     dt::Tensor<T> naive(c.shape, c.shape.num_heads);
     std::vector<double> naive_lse;
     dt::naive_in_storage_type(c.config, c.shape, in.q, in.k, in.v, naive, naive_lse);
     bound = 2.0 * std::max(2.0 * dt::max_abs_diff(naive, expected), 1e-6);
   }
-  EXPECT_LE(dt::max_abs_diff(ring_result.out, single.out), bound) << "ring vs single-GPU cuda::forward";
+  EXPECT_LE(dt::max_abs_diff(ring_result.out, single.out), bound)
+      << "ring vs single-GPU cuda::forward";
 }
 
 template <class T>
@@ -143,7 +149,8 @@ TEST(RingCudaForward, SmallCasesEveryType) {
   const auto run = [](auto tag, std::int64_t head_dim, std::uint64_t seed) {
     using T = decltype(tag);
     const std::vector<dt::Case> cases = dt::ring_sweep_cases(head_dim);
-    for (const std::size_t i : {19u, 22u, 27u, 32u}) {  // not_multiple / whole_and_beyond / repeated_branch
+    for (const std::size_t i :
+         {19u, 22u, 27u, 32u}) {  // not_multiple / whole_and_beyond / repeated_branch
       const dt::Case& c = cases[i];
       SCOPED_TRACE(dt::describe(c));
       const auto in = dt::random_device_test_inputs<T>(c.shape, c.pad, c.seq_pad, seed + i);
@@ -185,7 +192,8 @@ void longer_cases(std::int64_t head_dim, std::uint64_t seed, std::size_t start, 
       SCOPED_TRACE(dt::describe(c) + " P = " + std::to_string(p));
       const auto first = run_gpu_ring<T>(c, in, p);
       check_ring(c, in, first, single);
-      EXPECT_TRUE(dt::bitwise_equal(first, run_gpu_ring<T>(c, in, p))) << "not bitwise equal run to run";
+      EXPECT_TRUE(dt::bitwise_equal(first, run_gpu_ring<T>(c, in, p)))
+          << "not bitwise equal run to run";
     }
   }
 }
@@ -226,8 +234,9 @@ TEST(RingCudaForward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
             body(transport, static_cast<void*>(stream));
           });
         },
-        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q, const dt::Tensor<float>& k,
-            const dt::Tensor<float>& v, dt::Tensor<float>& out, std::vector<float>& lse) {
+        [&](ring::Transport& transport, void* stream, const dt::Tensor<float>& q,
+            const dt::Tensor<float>& k, const dt::Tensor<float>& v, dt::Tensor<float>& out,
+            std::vector<float>& lse) {
           const int p = transport.rank();
           dt::DeviceBuffer<float> dq(q.storage.size()), dk(k.storage.size()), dv(v.storage.size()),
               dout(out.storage.size());
@@ -240,27 +249,38 @@ TEST(RingCudaForward, LoopbackFaultsRaiseOnEveryRankAndTheNextCallIsExact) {
           da::Config config = c.config;
           config.causal = scenario == 2 && p == 1;
           try {
-            ring::cuda::forward<float>(config, c.shape, faulty, {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())}, {on_device(out, dout.data()), nullptr}, device_options(options, static_cast<cudaStream_t>(stream)));
-            da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)), "ring call");  // asynchronous: wait before reading
+            ring::cuda::forward<float>(
+                config, c.shape, faulty,
+                {on_device(q, dq.data()), on_device(k, dk.data()), on_device(v, dv.data())},
+                {on_device(out, dout.data()), nullptr},
+                device_options(options, static_cast<cudaStream_t>(stream)));
+            da::cuda::check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)),
+                            "ring call");  // asynchronous: wait before reading
             outcome[static_cast<std::size_t>(p)] = "returned";
           } catch (const ring::PeerFailure& e) {
-            outcome[static_cast<std::size_t>(p)] = "PeerFailure from " + std::to_string(e.failed_rank());
+            outcome[static_cast<std::size_t>(p)] =
+                "PeerFailure from " + std::to_string(e.failed_rank());
           } catch (const std::exception& e) {
             outcome[static_cast<std::size_t>(p)] = e.what();
           }
           std::vector<float> after;
           dout.download(after);
-          for (const float value : after) written[static_cast<std::size_t>(p)] += std::isnan(value) ? 0 : 1;
+          for (const float value : after)
+            written[static_cast<std::size_t>(p)] += std::isnan(value) ? 0 : 1;
           // The consistent call, on the same transport.
           rank_forward<float>(c, options, transport, stream, q, k, v, out, lse);
         });
     const int faulty_rank = scenario == 1 ? 2 : 1;
-    const char* own = scenario == 0 ? "injected failure in enqueue_wait"
-                      : scenario == 1 ? "injected failure in post_recv" : "config.causal";
+    const char* own = scenario == 0   ? "injected failure in enqueue_wait"
+                      : scenario == 1 ? "injected failure in post_recv"
+                                      : "config.causal";
     for (int p = 0; p < 3; ++p) {
       SCOPED_TRACE("rank " + std::to_string(p));
-      if (p == faulty_rank) EXPECT_NE(outcome[static_cast<std::size_t>(p)].find(own), std::string::npos) << outcome[p];
-      else EXPECT_EQ(outcome[static_cast<std::size_t>(p)], "PeerFailure from " + std::to_string(faulty_rank));
+      if (p == faulty_rank)
+        EXPECT_NE(outcome[static_cast<std::size_t>(p)].find(own), std::string::npos) << outcome[p];
+      else
+        EXPECT_EQ(outcome[static_cast<std::size_t>(p)],
+                  "PeerFailure from " + std::to_string(faulty_rank));
       EXPECT_EQ(written[static_cast<std::size_t>(p)], 0u) << "a failed call wrote output";
     }
     dt::check_result(c, in, result);
@@ -278,19 +298,24 @@ TEST(RingCudaForward, RejectsBadInputBeforeAnyDeviceWork) {
         local.seq_len /= 2;
         dt::FakeTensors<float> fake(local);
         tamper(fake);
-        ring::cuda::forward<float>(config, shape, transport, {fake.q, fake.k, fake.v}, {fake.out, fake.lse});
+        ring::cuda::forward<float>(config, shape, transport, {fake.q, fake.k, fake.v},
+                                   {fake.out, fake.lse});
       });
       ADD_FAILURE() << "accepted; expected a refusal naming " << fragment;
     } catch (const std::invalid_argument& e) {
       EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
     }
   };
-  expect_refused(da::Shape{1, 32, 2, 2, 40}, [](auto&) {}, "head_dim");
-  expect_refused(da::Shape{1, 32, 2, 2, 64}, [](auto& f) { f.k.data = nullptr; }, "k.data is null");
-  expect_refused(da::Shape{1, 32, 2, 2, 64},
-                 [](auto& f) { f.q.data = reinterpret_cast<float*>(reinterpret_cast<char*>(f.q.data) + 2); },
-                 "q.data");
-  expect_refused(da::Shape{1, 31, 2, 2, 64}, [](auto&) {}, "num_ranks");
+  expect_refused(
+      da::Shape{1, 32, 2, 2, 40}, [](auto&) {}, "head_dim");
+  expect_refused(
+      da::Shape{1, 32, 2, 2, 64}, [](auto& f) { f.k.data = nullptr; }, "k.data is null");
+  expect_refused(
+      da::Shape{1, 32, 2, 2, 64},
+      [](auto& f) { f.q.data = reinterpret_cast<float*>(reinterpret_cast<char*>(f.q.data) + 2); },
+      "q.data");
+  expect_refused(
+      da::Shape{1, 31, 2, 2, 64}, [](auto&) {}, "num_ranks");
 }
 
 // The deprecated positional spelling (ring::Options, a trailing stream; it still synchronises)

@@ -20,8 +20,8 @@ namespace {
 
 namespace da = dilated_attention;
 namespace ring = dilated_attention::ring;
-using da::testing::Tensor;
 using da::testing::shard_view;
+using da::testing::Tensor;
 
 struct Problem {
   da::Config config;
@@ -47,7 +47,8 @@ struct Results {
 Results run(const Problem& p, bool old_spelling) {
   constexpr int ranks = 3;
   const da::Shape& s = p.shape;
-  Results r{Tensor<double>(s, 4), Tensor<double>(s, 4), Tensor<double>(s, 2), Tensor<double>(s, 2), {}};
+  Results r{
+      Tensor<double>(s, 4), Tensor<double>(s, 4), Tensor<double>(s, 2), Tensor<double>(s, 2), {}};
   const std::int64_t local = s.seq_len / ranks;
   r.lse.assign(static_cast<std::size_t>(ranks * s.batch * s.num_heads * local), 0.0);
   ring::Options options;
@@ -55,7 +56,8 @@ Results run(const Problem& p, bool old_spelling) {
   ring::run_in_process(ranks, [&](ring::Transport& transport) {
     const std::int64_t begin = transport.rank() * local;
     // Contiguous shards of the global tensors; each rank's LSE in its own block.
-    const auto q = shard_view(p.q.view(), begin), k = shard_view(p.k.view(), begin), v = shard_view(p.v.view(), begin);
+    const auto q = shard_view(p.q.view(), begin), k = shard_view(p.k.view(), begin),
+               v = shard_view(p.v.view(), begin);
     const auto out = shard_view(r.out.view(), begin);
     const auto d_out = shard_view(p.d_out.view(), begin);
     const auto d_q = shard_view(r.d_q.view(), begin), d_k = shard_view(r.d_k.view(), begin),
@@ -63,10 +65,12 @@ Results run(const Problem& p, bool old_spelling) {
     double* lse = r.lse.data() + transport.rank() * s.batch * s.num_heads * local;
     if (old_spelling) {
       ring::forward<double>(p.config, s, transport, q, k, v, out, lse, options);
-      ring::backward<double>(p.config, s, transport, q, k, v, out, lse, d_out, d_q, d_k, d_v, options);
+      ring::backward<double>(p.config, s, transport, q, k, v, out, lse, d_out, d_q, d_k, d_v,
+                             options);
     } else {
       ring::forward<double>(p.config, s, transport, {q, k, v}, {out, lse}, options);
-      ring::backward<double>(p.config, s, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, options);
+      ring::backward<double>(p.config, s, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v},
+                             options);
     }
   });
   return r;

@@ -33,7 +33,8 @@ class LoggingBackend : public ring::CpuForwardBackend<double> {
 // A transport logging each posted receive with its step (the distance back to the sender).
 class LoggingTransport final : public ring::TransportAdapter {
  public:
-  LoggingTransport(ring::Transport& inner, std::vector<std::string>& log) : TransportAdapter(inner), log_(log) {}
+  LoggingTransport(ring::Transport& inner, std::vector<std::string>& log)
+      : TransportAdapter(inner), log_(log) {}
   Ticket post_recv(int peer, int tag, void* data, std::size_t bytes) override {
     log_.push_back("post " + std::to_string((rank() - peer + size()) % size()));
     return TransportAdapter::post_recv(peer, tag, data, bytes);
@@ -48,7 +49,8 @@ TEST(RingDriver, PostsEveryExchangeBeforeComputingNearestFirst) {
   config.segment_lengths = {24};
   config.dilation_rates = {2};
   const da::Shape shape{1, 24, 2, 2, 4};
-  da::testing::Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), expected(shape, 2);
+  da::testing::Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2),
+      expected(shape, 2);
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
@@ -69,19 +71,19 @@ TEST(RingDriver, PostsEveryExchangeBeforeComputingNearestFirst) {
     backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
   });
   // Distances 1 and 3 (= -1) first, then 2; the local step, then the steps in that order.
-  const std::vector<std::string> expected_log = {"post 1", "post 3", "post 2", "compute",
+  const std::vector<std::string> expected_log = {"post 1",  "post 3",  "post 2", "compute",
                                                  "compute", "compute", "compute"};
   for (const auto& log : logs) EXPECT_EQ(log, expected_log);
   EXPECT_LE(da::testing::max_abs_diff(out, expected), 1e-12);  // scale 0.5 = 1/sqrt(4)
 }
-
 
 TEST(RingDriver, OneStepAheadWhenNotPostingEarly) {
   da::Config config;
   config.segment_lengths = {24};
   config.dilation_rates = {2};
   const da::Shape shape{1, 24, 2, 2, 4};
-  da::testing::Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2), expected(shape, 2);
+  da::testing::Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2),
+      expected(shape, 2);
   q.fill_random(1);
   k.fill_random(2);
   v.fill_random(3);
@@ -100,7 +102,8 @@ TEST(RingDriver, OneStepAheadWhenNotPostingEarly) {
     ring::Options options;
     options.post_early = false;
     options.drive_progress = false;
-    const ring::Stats stats = ring::run_ring_forward(config, shape, transport, backend, cache, options);
+    const ring::Stats stats =
+        ring::run_ring_forward(config, shape, transport, backend, cache, options);
     EXPECT_EQ(stats.progress_calls, 0);
     backend.finish(da::testing::shard_view(out.view(), begin), nullptr);
   });

@@ -30,9 +30,11 @@ std::int64_t offsets_per_kv_head(const da::Pattern& pattern, std::int64_t i) {
   for (std::int64_t g = 0; g < pattern.shape().num_kv_heads; ++g) {
     std::vector<std::int64_t> offsets;
     for (std::int64_t h = 0; h < pattern.shape().num_heads; ++h)
-      if (pattern.kv_head(h) == g && pattern.offset(i, h) >= 0) offsets.push_back(pattern.offset(i, h));
+      if (pattern.kv_head(h) == g && pattern.offset(i, h) >= 0)
+        offsets.push_back(pattern.offset(i, h));
     std::sort(offsets.begin(), offsets.end());
-    most = std::max<std::int64_t>(most, std::unique(offsets.begin(), offsets.end()) - offsets.begin());
+    most =
+        std::max<std::int64_t>(most, std::unique(offsets.begin(), offsets.end()) - offsets.begin());
   }
   return most;
 }
@@ -43,7 +45,8 @@ class RingForward : public ::testing::TestWithParam<Param> {};
 
 TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
   const auto [set, rule, mixing, causal, gqa] = GetParam();
-  const da::testing::RingBranches& branches = da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
+  const da::testing::RingBranches& branches =
+      da::testing::ring_branch_sets()[static_cast<std::size_t>(set)];
   da::Config config;
   config.segment_lengths = branches.w;
   config.dilation_rates = branches.r;
@@ -57,8 +60,10 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
   q.fill_random(11 + static_cast<std::uint64_t>(set));
   k.fill_random(23);
   v.fill_random(37);
-  std::vector<double> expected_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
-  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
+  std::vector<double> expected_lse(
+      static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len));
+  da::reference::forward<double>(config, shape, {q.view(), k.view(), v.view()},
+                                 {expected.view(), expected_lse.data()});
   const da::Pattern pattern(config, shape);
 
   for (int num_ranks = 1; num_ranks <= 4; ++num_ranks) {
@@ -76,7 +81,8 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
       std::int64_t total = 0, peers = 0;
       for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
         const std::int64_t sent = stats.bytes_sent_per_branch[static_cast<std::size_t>(i)];
-        EXPECT_EQ(sent, needed[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)]) << "branch " << i;
+        EXPECT_EQ(sent, needed[static_cast<std::size_t>(p)][static_cast<std::size_t>(i)])
+            << "branch " << i;
         total += sent;
         // At most 1/r of a ring of whole shards for this branch (per offset a kv head's readers
         // use), rounding each peer's rows up.
@@ -84,17 +90,19 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
         const std::int64_t whole_rows_per_peer = length;
         const std::int64_t bound = (num_ranks - 1) * shape.batch * shape.num_kv_heads * 2 *
                                    shape.head_dim * static_cast<std::int64_t>(sizeof(double)) *
-                                   ((whole_rows_per_peer + r - 1) / r) * offsets_per_kv_head(pattern, i);
+                                   ((whole_rows_per_peer + r - 1) / r) *
+                                   offsets_per_kv_head(pattern, i);
         EXPECT_LE(sent, bound) << "branch " << i;
         if (!gqa) {
-          const std::int64_t whole = (num_ranks - 1) * shape.batch * length * shape.num_kv_heads * 2 *
-                                     shape.head_dim * static_cast<std::int64_t>(sizeof(double));
+          const std::int64_t whole = (num_ranks - 1) * shape.batch * length * shape.num_kv_heads *
+                                     2 * shape.head_dim * static_cast<std::int64_t>(sizeof(double));
           const std::int64_t rounding = (num_ranks - 1) * shape.batch * shape.num_kv_heads * 2 *
                                         shape.head_dim * static_cast<std::int64_t>(sizeof(double));
           EXPECT_LE(sent * r, whole + r * rounding) << "branch " << i;
         }
       }
-      for (int q2 = 0; q2 < num_ranks; ++q2) peers += talks[static_cast<std::size_t>(p)][static_cast<std::size_t>(q2)] ? 1 : 0;
+      for (int q2 = 0; q2 < num_ranks; ++q2)
+        peers += talks[static_cast<std::size_t>(p)][static_cast<std::size_t>(q2)] ? 1 : 0;
       EXPECT_EQ(stats.bytes_sent, total);
       EXPECT_EQ(run.transport_bytes[static_cast<std::size_t>(p)], total);
       // Skipped steps make no transport call: one send per peer that needs rows, no more.
@@ -109,8 +117,8 @@ TEST_P(RingForward, EqualsSingleDeviceAndSendsOnlyNeededRows) {
   // The zigzag layout (chunks p and 2P-1-p of 2P): the same result, for every P with 2P | 24.
   for (int num_ranks : {1, 2, 3, 4, 6}) {
     SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
-    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
-                                                              da::ring::Layout::zigzag);
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks,
+                                                              nullptr, 1, da::ring::Layout::zigzag);
     EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
     EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
   }
@@ -135,25 +143,26 @@ TEST(RingForward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {
   for (const Combo& combo : {Combo{da::OffsetRule::modular, da::Mixing::softmax, true},
                              Combo{da::OffsetRule::blocked, da::Mixing::mean, true},
                              Combo{da::OffsetRule::partitioned, da::Mixing::softmax, false}}) {
-        const da::OffsetRule rule = combo.rule;
-        const da::Mixing mixing = combo.mixing;
-        const bool causal = combo.causal;
-        da::Config config;
-        config.segment_lengths = {60, 280, 1680};
-        config.dilation_rates = {1, 2, 4};
-        config.offsets = rule;
-        config.mixing = mixing;
-        config.causal = causal;
-        std::vector<double> expected_lse(static_cast<std::size_t>(4 * 1680));  // heads x N
-        da::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
-        for (int num_ranks = 1; num_ranks <= 8; ++num_ranks) {
-          SCOPED_TRACE(std::string(da::to_string(rule)) + " " + da::to_string(mixing) + (causal ? " causal" : "") +
-                       " P = " + std::to_string(num_ranks));
-          const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
-                                                                    da::ring::Layout::zigzag);
-          EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
-          EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
-        }
+    const da::OffsetRule rule = combo.rule;
+    const da::Mixing mixing = combo.mixing;
+    const bool causal = combo.causal;
+    da::Config config;
+    config.segment_lengths = {60, 280, 1680};
+    config.dilation_rates = {1, 2, 4};
+    config.offsets = rule;
+    config.mixing = mixing;
+    config.causal = causal;
+    std::vector<double> expected_lse(static_cast<std::size_t>(4 * 1680));  // heads x N
+    da::forward<double>(config, shape, {q.view(), k.view(), v.view()},
+                        {expected.view(), expected_lse.data()});
+    for (int num_ranks = 1; num_ranks <= 8; ++num_ranks) {
+      SCOPED_TRACE(std::string(da::to_string(rule)) + " " + da::to_string(mixing) +
+                   (causal ? " causal" : "") + " P = " + std::to_string(num_ranks));
+      const auto run = da::testing::run_ring_in_process<double>(
+          config, shape, q, k, v, num_ranks, nullptr, 1, da::ring::Layout::zigzag);
+      EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
+      EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
+    }
   }
 }
 
@@ -165,16 +174,18 @@ TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
   const auto [rule, mixing, causal, gqa] = GetParam();
   const da::Config config = da::testing::ring_zigzag_config(rule, mixing, causal);
   const da::Shape shape{1, 560, 4, gqa ? 2 : 4, 4};
-  Tensor<double> q(shape, 4), k(shape, shape.num_kv_heads), v(shape, shape.num_kv_heads), expected(shape, 4);
+  Tensor<double> q(shape, 4), k(shape, shape.num_kv_heads), v(shape, shape.num_kv_heads),
+      expected(shape, 4);
   q.fill_random(81);
   k.fill_random(82);
   v.fill_random(83);
   std::vector<double> expected_lse(static_cast<std::size_t>(4 * 560));
-  da::forward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
+  da::forward<double>(config, shape, {q.view(), k.view(), v.view()},
+                      {expected.view(), expected_lse.data()});
   for (int num_ranks : {5, 7, 8}) {
     SCOPED_TRACE("zigzag P = " + std::to_string(num_ranks));
-    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks, nullptr, 1,
-                                                              da::ring::Layout::zigzag);
+    const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, num_ranks,
+                                                              nullptr, 1, da::ring::Layout::zigzag);
     EXPECT_LE(da::testing::max_abs_diff(run.out, expected), 1e-12);
     EXPECT_LE(da::testing::max_lse_diff(run.lse, expected_lse), 1e-12);
   }
@@ -182,7 +193,8 @@ TEST_P(RingForwardZigzag, EqualsSingleDeviceAtP5P7P8) {
 
 INSTANTIATE_TEST_SUITE_P(EveryCombination, RingForwardZigzag, da::testing::ring_combo_values());
 
-INSTANTIATE_TEST_SUITE_P(Sweep, RingForward, da::testing::ring_sweep_values(), da::testing::ring_sweep_name);
+INSTANTIATE_TEST_SUITE_P(Sweep, RingForward, da::testing::ring_sweep_values(),
+                         da::testing::ring_sweep_name);
 
 // Float storage, a longer sequence and several compute threads: still the reference, and
 // bitwise the same for any thread count (docs/semantics.md "Guarantees" (item 11)).
@@ -197,11 +209,14 @@ TEST(RingForward, FloatStorageAndThreadCountInvariance) {
   k.fill_random(6);
   v.fill_random(7);
   std::vector<float> expected_lse(static_cast<std::size_t>(6 * 96));
-  da::reference::forward<float>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
+  da::reference::forward<float>(config, shape, {q.view(), k.view(), v.view()},
+                                {expected.view(), expected_lse.data()});
   for (int num_ranks : {2, 3, 4}) {
     SCOPED_TRACE("P = " + std::to_string(num_ranks));
-    const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 1);
-    const auto three = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 3);
+    const auto one =
+        da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 1);
+    const auto three =
+        da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks, nullptr, 3);
     EXPECT_LE(da::testing::max_abs_diff(one.out, expected), 2e-5);
     EXPECT_LE(da::testing::max_lse_diff(one.lse, expected_lse), 2e-5);
     EXPECT_EQ(one.out.storage, three.out.storage);
@@ -223,8 +238,10 @@ TEST(RingForward, BadInstructionSetVariableRaises) {
   ::setenv("DILATED_ATTENTION_CPU_ISA", "no-such-isa", 1);
   EXPECT_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2),
                std::exception);
-  if (saved) ::setenv("DILATED_ATTENTION_CPU_ISA", restore.c_str(), 1);
-  else ::unsetenv("DILATED_ATTENTION_CPU_ISA");
+  if (saved)
+    ::setenv("DILATED_ATTENTION_CPU_ISA", restore.c_str(), 1);
+  else
+    ::unsetenv("DILATED_ATTENTION_CPU_ISA");
   // The same ranks work again once the variable is sane.
   EXPECT_NO_THROW(da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 2));
 }
@@ -240,13 +257,15 @@ TEST(RingForward, DeviceThreadCountHasTheSingleDeviceMeaning) {
   k.fill_random(2);
   v.fill_random(3);
   const auto one = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 1);
-  const auto automatic = da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 0);
+  const auto automatic =
+      da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, 0);
   EXPECT_EQ(one.out.storage, automatic.out.storage);
   try {
     da::testing::run_ring_in_process<float>(config, shape, q, k, v, 2, nullptr, -1);
     ADD_FAILURE() << "options.device.num_threads = -1 was accepted";
   } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("options.device.num_threads"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("options.device.num_threads"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -280,7 +299,11 @@ TEST(RingForward, CorruptedTransferIsDetected) {
   da::ring::run_in_process(2, [&](da::ring::Transport& inner) {
     Corrupting transport(inner);
     const std::int64_t begin = transport.rank() * 12;
-    da::ring::forward<double>(config, shape, transport, {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin), da::testing::shard_view(v.view(), begin)}, {da::testing::shard_view(out.view(), begin)});
+    da::ring::forward<double>(
+        config, shape, transport,
+        {da::testing::shard_view(q.view(), begin), da::testing::shard_view(k.view(), begin),
+         da::testing::shard_view(v.view(), begin)},
+        {da::testing::shard_view(out.view(), begin)});
   });
   EXPECT_GT(da::testing::max_abs_diff(out, expected), 1e-6);
 }
@@ -303,7 +326,8 @@ TEST(RingForward, EqualsCpuForwardOnALongerSequence) {
   for (const bool causal : {false, true}) {
     config.causal = causal;
     std::vector<float> expected_lse(static_cast<std::size_t>(4 * 384));
-    da::forward<float>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), expected_lse.data()});
+    da::forward<float>(config, shape, {q.view(), k.view(), v.view()},
+                       {expected.view(), expected_lse.data()});
     for (int num_ranks : {1, 2, 3, 4}) {
       SCOPED_TRACE("P = " + std::to_string(num_ranks) + (causal ? " causal" : ""));
       const auto run = da::testing::run_ring_in_process<float>(config, shape, q, k, v, num_ranks);

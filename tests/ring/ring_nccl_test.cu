@@ -28,7 +28,8 @@ int device_count() {
 }
 
 TEST(RingNcclTransport, SelfExchangeAtOneRank) {
-  if (device_count() == 0) GTEST_SKIP() << "no CUDA device: the NCCL transport is compile-checked only";
+  if (device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: the NCCL transport is compile-checked only";
   ncclComm_t comm;
   int device = 0;
   ASSERT_EQ(ncclCommInitAll(&comm, 1, &device), ncclSuccess);
@@ -43,7 +44,8 @@ TEST(RingNcclTransport, SelfExchangeAtOneRank) {
     int *send = nullptr, *recv = nullptr;
     ASSERT_EQ(cudaMalloc(&send, host.size() * sizeof(int)), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&recv, host.size() * sizeof(int)), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(send, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(send, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice),
+              cudaSuccess);
     ring::Transport& t = transport;
     t.begin_group();
     const auto r = t.post_recv(0, 1, recv, host.size() * sizeof(int));
@@ -52,7 +54,8 @@ TEST(RingNcclTransport, SelfExchangeAtOneRank) {
     t.wait(r);
     t.wait(s);
     std::vector<int> back(host.size());
-    ASSERT_EQ(cudaMemcpy(back.data(), recv, back.size() * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(back.data(), recv, back.size() * sizeof(int), cudaMemcpyDeviceToHost),
+              cudaSuccess);
     EXPECT_EQ(back, host);
     cudaFree(send);
     cudaFree(recv);

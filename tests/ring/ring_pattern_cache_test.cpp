@@ -17,10 +17,12 @@ namespace {
 
 bool same_plan(const ring::StepPlan& a, const ring::StepPlan& b) {
   if (a.send_peer != b.send_peer || a.recv_peer != b.recv_peer || a.send_rows != b.send_rows ||
-      a.recv_rows != b.recv_rows || a.block_unit != b.block_unit || a.blocks.size() != b.blocks.size())
+      a.recv_rows != b.recv_rows || a.block_unit != b.block_unit ||
+      a.blocks.size() != b.blocks.size())
     return false;
   for (std::size_t j = 0; j < a.blocks.size(); ++j)
-    if (a.blocks[j].queries != b.blocks[j].queries || a.blocks[j].keys != b.blocks[j].keys) return false;
+    if (a.blocks[j].queries != b.blocks[j].queries || a.blocks[j].keys != b.blocks[j].keys)
+      return false;
   return true;
 }
 
@@ -66,8 +68,8 @@ TEST(RingPatternCache, BoundedByLeastRecentlyUsedEviction) {
   EXPECT_EQ(cache.counters().entries, 3u);
   EXPECT_EQ(cache.counters().evictions, 1);
   EXPECT_FALSE(cache.contains({24, 4, 0, 24, 1, 0, false, 0}));  // the oldest went first
-  cache.plan({24, 4, 0, 24, 1, 0, false, 1});                  // touch step 1: now most recent
-  cache.plan({24, 4, 1, 24, 1, 0, false, 0});                  // evicts step 2, not step 1
+  cache.plan({24, 4, 0, 24, 1, 0, false, 1});                    // touch step 1: now most recent
+  cache.plan({24, 4, 1, 24, 1, 0, false, 0});                    // evicts step 2, not step 1
   EXPECT_TRUE(cache.contains({24, 4, 0, 24, 1, 0, false, 1}));
   EXPECT_FALSE(cache.contains({24, 4, 0, 24, 1, 0, false, 2}));
   // An evicted plan stays valid for whoever holds it.
@@ -124,8 +126,8 @@ TEST(RingPatternCache, SecondForwardIsAllHitsAtP1024) {
     EXPECT_EQ(second.misses, first.misses);
     EXPECT_EQ(second.hits, first.misses);
     EXPECT_EQ(second.evictions, 0);
-    std::printf("causal=%d: %lld plans for %zu ranks (%lld per rank); second pass %lld hits\n", causal ? 1 : 0,
-                static_cast<long long>(first.misses), ranks.size(),
+    std::printf("causal=%d: %lld plans for %zu ranks (%lld per rank); second pass %lld hits\n",
+                causal ? 1 : 0, static_cast<long long>(first.misses), ranks.size(),
                 static_cast<long long>(first.misses) / static_cast<long long>(ranks.size()),
                 static_cast<long long>(second.hits - first.hits));
   }
@@ -144,14 +146,16 @@ TEST(RingPatternCache, ConcurrentUseBuildsEachKeyOnce) {
       for (int round = 0; round < rounds; ++round)
         for (std::size_t j = 0; j < keys.size(); ++j) {
           const auto& key = keys[(j + static_cast<std::size_t>(id)) % keys.size()];
-          if (!same_plan(*cache.plan(key), ring::make_step_plan(key))) ++mismatches[static_cast<std::size_t>(id)];
+          if (!same_plan(*cache.plan(key), ring::make_step_plan(key)))
+            ++mismatches[static_cast<std::size_t>(id)];
         }
     });
   for (auto& thread : pool) thread.join();
   for (const int m : mismatches) EXPECT_EQ(m, 0);
   const auto counters = cache.counters();
   EXPECT_EQ(counters.misses, static_cast<std::int64_t>(keys.size()));
-  EXPECT_EQ(counters.hits + counters.misses, threads * rounds * static_cast<std::int64_t>(keys.size()));
+  EXPECT_EQ(counters.hits + counters.misses,
+            threads * rounds * static_cast<std::int64_t>(keys.size()));
 }
 
 }  // namespace

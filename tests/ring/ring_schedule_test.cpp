@@ -24,9 +24,11 @@ TEST(RingSchedule, SenderAndReceiverAgreeOnEveryStep) {
           for (std::int64_t o = 0; o < r; ++o)
             for (std::int64_t t = 1; t < num_ranks; ++t)
               for (std::int64_t p = 0; p < num_ranks; ++p) {
-                const ring::StepPlan sender = ring::make_step_plan({24, num_ranks, p, w, r, o, causal, t});
+                const ring::StepPlan sender =
+                    ring::make_step_plan({24, num_ranks, p, w, r, o, causal, t});
                 const std::int64_t dest = (p + t) % num_ranks;
-                const ring::StepPlan receiver = ring::make_step_plan({24, num_ranks, dest, w, r, o, causal, t});
+                const ring::StepPlan receiver =
+                    ring::make_step_plan({24, num_ranks, dest, w, r, o, causal, t});
                 ASSERT_EQ(sender.sends(), receiver.receives());
                 if (!sender.sends()) continue;
                 EXPECT_EQ(sender.send_peer, dest);
@@ -55,19 +57,22 @@ TEST(RingSchedule, BlocksCoverEveryAttendedPairOnceInBothLayouts) {
               if (layout == ring::Layout::zigzag && 24 % (2 * num_ranks) != 0) continue;
               const da::BranchGeometry g{w, r, 24};
               for (std::int64_t p = 0; p < num_ranks; ++p) {
-                SCOPED_TRACE(std::string(ring::to_string(layout)) + " P=" + std::to_string(num_ranks) +
-                             " w=" + std::to_string(w) + " r=" + std::to_string(r) + " o=" + std::to_string(o) +
+                SCOPED_TRACE(std::string(ring::to_string(layout)) +
+                             " P=" + std::to_string(num_ranks) + " w=" + std::to_string(w) +
+                             " r=" + std::to_string(r) + " o=" + std::to_string(o) +
                              " p=" + std::to_string(p) + (causal ? " causal" : ""));
                 const auto mine = ring::rank_chunks(layout, 24, num_ranks, p);
                 std::vector<std::vector<int>> seen(24, std::vector<int>(24, 0));
                 for (std::int64_t t = 0; t < num_ranks; ++t) {
-                  const ring::StepPlan plan = ring::make_step_plan({24, num_ranks, p, w, r, o, causal, t, layout});
+                  const ring::StepPlan plan =
+                      ring::make_step_plan({24, num_ranks, p, w, r, o, causal, t, layout});
                   EXPECT_EQ(ring::step_has_work({24, num_ranks, p, w, r, o, causal, t, layout}) ||
                                 (!plan.sends() && !plan.receives() && plan.blocks.empty()),
                             true);
                   if (t > 0) {
                     const std::int64_t dest = (p + t) % num_ranks;
-                    const ring::StepPlan receiver = ring::make_step_plan({24, num_ranks, dest, w, r, o, causal, t, layout});
+                    const ring::StepPlan receiver =
+                        ring::make_step_plan({24, num_ranks, dest, w, r, o, causal, t, layout});
                     EXPECT_EQ(plan.send_rows, receiver.recv_rows);
                     ASSERT_EQ(plan.block_unit.size(), plan.blocks.size());
                     for (std::size_t j = 0; j < plan.blocks.size(); ++j)
@@ -77,16 +82,19 @@ TEST(RingSchedule, BlocksCoverEveryAttendedPairOnceInBothLayouts) {
                     for (std::int64_t a = 0; a < block.queries.count; ++a)
                       for (std::int64_t b = 0; b < block.keys.count; ++b) {
                         const std::int64_t x = block.queries.at(a), y = block.keys.at(b);
-                        if (!causal || y <= x) ++seen[static_cast<std::size_t>(x)][static_cast<std::size_t>(y)];
+                        if (!causal || y <= x)
+                          ++seen[static_cast<std::size_t>(x)][static_cast<std::size_t>(y)];
                       }
                 }
                 for (std::int64_t x = 0; x < 24; ++x) {
                   bool held = false;
                   for (const ring::Chunk& c : mine) held = held || c.contains(x);
                   for (std::int64_t y = 0; y < 24; ++y) {
-                    const bool attended = held && g.segment_of(x) == g.segment_of(y) && g.selected(x, o) &&
-                                          g.selected(y, o) && (!causal || y <= x);
-                    ASSERT_EQ(seen[static_cast<std::size_t>(x)][static_cast<std::size_t>(y)], attended ? 1 : 0)
+                    const bool attended = held && g.segment_of(x) == g.segment_of(y) &&
+                                          g.selected(x, o) && g.selected(y, o) &&
+                                          (!causal || y <= x);
+                    ASSERT_EQ(seen[static_cast<std::size_t>(x)][static_cast<std::size_t>(y)],
+                              attended ? 1 : 0)
                         << "x=" << x << " y=" << y;
                   }
                 }
@@ -106,11 +114,13 @@ TEST(RingSchedule, LocalStepCoversTheShard) {
             std::vector<int> seen(24, 0);
             for (const ring::BlockPair& block : plan.blocks) {
               EXPECT_EQ(block.queries, block.keys);
-              for (std::int64_t j = 0; j < block.queries.count; ++j) ++seen[static_cast<std::size_t>(block.queries.at(j))];
+              for (std::int64_t j = 0; j < block.queries.count; ++j)
+                ++seen[static_cast<std::size_t>(block.queries.at(j))];
             }
             const ring::Shard shard = ring::shard_of(24, num_ranks, p);
             for (std::int64_t x = 0; x < 24; ++x)
-              EXPECT_EQ(seen[static_cast<std::size_t>(x)], x >= shard.begin && x < shard.end && g.selected(x, o) ? 1 : 0);
+              EXPECT_EQ(seen[static_cast<std::size_t>(x)],
+                        x >= shard.begin && x < shard.end && g.selected(x, o) ? 1 : 0);
             EXPECT_FALSE(plan.sends());
             EXPECT_FALSE(plan.receives());
           }
@@ -128,7 +138,8 @@ TEST(RingSchedule, LocalBranchesNeverCommunicate) {
   config.segment_lengths = {2, 3, 6};
   config.dilation_rates = {1, 2, 3};
   const da::Shape shape{1, 24, 3, 3, 4};
-  const auto q = random_tensor(shape, 3, 1), k = random_tensor(shape, 3, 2), v = random_tensor(shape, 3, 3);
+  const auto q = random_tensor(shape, 3, 1), k = random_tensor(shape, 3, 2),
+             v = random_tensor(shape, 3, 3);
   for (const bool causal : {false, true}) {
     config.causal = causal;
     const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, 4);
@@ -149,7 +160,8 @@ TEST(RingSchedule, CausalRingSendsOnlyForward) {
   config.segment_lengths = {24};
   config.dilation_rates = {2};
   const da::Shape shape{1, 24, 2, 2, 4};
-  const auto q = random_tensor(shape, 2, 1), k = random_tensor(shape, 2, 2), v = random_tensor(shape, 2, 3);
+  const auto q = random_tensor(shape, 2, 1), k = random_tensor(shape, 2, 2),
+             v = random_tensor(shape, 2, 3);
   for (const bool causal : {false, true}) {
     config.causal = causal;
     const auto run = da::testing::run_ring_in_process<double>(config, shape, q, k, v, 4);
@@ -174,7 +186,8 @@ TEST(RingSchedule, SubRingsOfASegment) {
   config.segment_lengths = {12};
   config.dilation_rates = {1};
   const da::Shape shape{1, 24, 1, 1, 4};
-  const auto q = random_tensor(shape, 1, 1), k = random_tensor(shape, 1, 2), v = random_tensor(shape, 1, 3);
+  const auto q = random_tensor(shape, 1, 1), k = random_tensor(shape, 1, 2),
+             v = random_tensor(shape, 1, 3);
   for (std::int64_t p = 0; p < 4; ++p)
     for (std::int64_t t = 1; t < 4; ++t) {
       const ring::StepPlan plan = ring::make_step_plan({24, 4, p, 12, 1, 0, false, t});
@@ -199,13 +212,24 @@ TEST(RingSchedule, RejectsBadPartitions) {
     }
     return std::string("no exception");
   };
-  EXPECT_NE(message_of([] { ring::validate_partition(24, 5, 0); }).find("num_ranks = 5"), std::string::npos);
-  EXPECT_NE(message_of([] { ring::validate_partition(24, 0, 0); }).find("num_ranks = 0"), std::string::npos);
-  EXPECT_NE(message_of([] { ring::validate_partition(24, 4, 4); }).find("rank = 4"), std::string::npos);
-  EXPECT_NE(message_of([] { ring::validate_partition(24, 4, -1); }).find("rank = -1"), std::string::npos);
-  EXPECT_NE(message_of([] { ring::make_step_plan({24, 4, 0, 6, 2, 2, false, 1}); }).find("offset = 2"), std::string::npos);
-  EXPECT_NE(message_of([] { ring::make_step_plan({24, 4, 0, 6, 2, 0, false, 4}); }).find("step = 4"), std::string::npos);
-  EXPECT_NE(message_of([] { da::ring::InProcessWorld world(0); }).find("num_ranks = 0"), std::string::npos);
+  EXPECT_NE(message_of([] { ring::validate_partition(24, 5, 0); }).find("num_ranks = 5"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ring::validate_partition(24, 0, 0); }).find("num_ranks = 0"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ring::validate_partition(24, 4, 4); }).find("rank = 4"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { ring::validate_partition(24, 4, -1); }).find("rank = -1"),
+            std::string::npos);
+  EXPECT_NE(message_of([] {
+              ring::make_step_plan({24, 4, 0, 6, 2, 2, false, 1});
+            }).find("offset = 2"),
+            std::string::npos);
+  EXPECT_NE(message_of([] {
+              ring::make_step_plan({24, 4, 0, 6, 2, 0, false, 4});
+            }).find("step = 4"),
+            std::string::npos);
+  EXPECT_NE(message_of([] { da::ring::InProcessWorld world(0); }).find("num_ranks = 0"),
+            std::string::npos);
   EXPECT_NE(message_of([] {
               da::ring::InProcessWorld world(2);
               da::ring::InProcessTransport transport(world, 2);
@@ -222,14 +246,17 @@ TEST(RingSchedule, ForwardValidatesBeforeWriting) {
   Tensor<double> q(shape, 2), k(shape, 2), v(shape, 2), out(shape, 2);
   out.fill(5.0);
   std::vector<std::string> messages(4);
-  EXPECT_THROW(da::ring::run_in_process(4, [&](da::ring::Transport& transport) {
-                 try {
-                   da::ring::forward<double>(config, shape, transport, {q.view(), k.view(), v.view()}, {out.view()});
-                 } catch (const std::invalid_argument& e) {
-                   messages[static_cast<std::size_t>(transport.rank())] = e.what();
-                   throw;
-                 }
-               }),
+  EXPECT_THROW(da::ring::run_in_process(
+                   4,
+                   [&](da::ring::Transport& transport) {
+                     try {
+                       da::ring::forward<double>(config, shape, transport,
+                                                 {q.view(), k.view(), v.view()}, {out.view()});
+                     } catch (const std::invalid_argument& e) {
+                       messages[static_cast<std::size_t>(transport.rank())] = e.what();
+                       throw;
+                     }
+                   }),
                std::invalid_argument);
   for (const std::string& message : messages) {
     EXPECT_NE(message.find("shape.seq_len = 10"), std::string::npos) << message;
@@ -239,17 +266,23 @@ TEST(RingSchedule, ForwardValidatesBeforeWriting) {
   const da::Shape even{1, 8, 2, 2, 4};
   Tensor<double> q8(even, 2), k8(even, 2), v8(even, 2), out8(even, 2);
   out8.fill(5.0);
-  EXPECT_THROW(da::ring::run_in_process(2, [&](da::ring::Transport& transport) {
-                 da::View<const double> null_q{nullptr, 0, 0, 0};
-                 da::ring::forward<double>(config, even, transport, {null_q, k8.view(), v8.view()}, {out8.view()});
-               }),
+  EXPECT_THROW(da::ring::run_in_process(2,
+                                        [&](da::ring::Transport& transport) {
+                                          da::View<const double> null_q{nullptr, 0, 0, 0};
+                                          da::ring::forward<double>(config, even, transport,
+                                                                    {null_q, k8.view(), v8.view()},
+                                                                    {out8.view()});
+                                        }),
                std::invalid_argument);
   // A config error names the config field.
   da::Config bad = config;
   bad.dilation_rates = {9};
-  EXPECT_THROW(da::ring::run_in_process(2, [&](da::ring::Transport& transport) {
-                 da::ring::forward<double>(bad, even, transport, {q8.view(), k8.view(), v8.view()}, {out8.view()});
-               }),
+  EXPECT_THROW(da::ring::run_in_process(2,
+                                        [&](da::ring::Transport& transport) {
+                                          da::ring::forward<double>(
+                                              bad, even, transport,
+                                              {q8.view(), k8.view(), v8.view()}, {out8.view()});
+                                        }),
                std::invalid_argument);
   for (const double value : out.storage) EXPECT_EQ(value, 5.0);
   for (const double value : out8.storage) EXPECT_EQ(value, 5.0);
@@ -263,8 +296,8 @@ namespace {
 // times the query heads using that offset, summed over branches, offsets and steps. Causal
 // blocks on one chunk count the lower triangle; blocks across chunks are all before-the-query
 // (the schedule never pairs a query chunk with a later key chunk).
-double rank_work(const da::Config& config, const da::Shape& shape, std::int64_t num_ranks, std::int64_t rank,
-                 ring::Layout layout) {
+double rank_work(const da::Config& config, const da::Shape& shape, std::int64_t num_ranks,
+                 std::int64_t rank, ring::Layout layout) {
   const da::Pattern pattern(config, shape);
   const auto mine = ring::rank_chunks(layout, shape.seq_len, num_ranks, rank);
   const std::int64_t chunk = mine.front().length();
@@ -289,10 +322,11 @@ double rank_work(const da::Config& config, const da::Shape& shape, std::int64_t 
       const std::int64_t heads = pattern.heads_with_offset(i, o).count;
       if (heads == 0) continue;
       for (const std::int64_t t : steps) {
-        const ring::StepPlan plan =
-            ring::make_step_plan({shape.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout});
+        const ring::StepPlan plan = ring::make_step_plan(
+            {shape.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout});
         for (const ring::BlockPair& block : plan.blocks) {
-          const double q = static_cast<double>(block.queries.count), k = static_cast<double>(block.keys.count);
+          const double q = static_cast<double>(block.queries.count),
+                       k = static_cast<double>(block.keys.count);
           work += static_cast<double>(heads) *
                   (config.causal && block.queries == block.keys ? q * (q + 1) / 2 : q * k);
         }

@@ -34,16 +34,20 @@ TEST(RingInProcessTransport, DeliversInOrderPerPeerAndTag) {
   });
   for (int me = 0; me < 3; ++me) {
     const int prev = (me + 2) % 3;
-    EXPECT_EQ(received[static_cast<std::size_t>(me)], (std::vector<int>{prev, 1, prev, 2, prev, 3, 3, 3}));
+    EXPECT_EQ(received[static_cast<std::size_t>(me)],
+              (std::vector<int>{prev, 1, prev, 2, prev, 3, 3, 3}));
   }
 }
 
 TEST(RingInProcessTransport, SizeMismatchIsAnErrorNotATruncation) {
-  EXPECT_THROW(ring::run_in_process(2, [](ring::Transport& t) {
-                 std::vector<char> buffer(16);
-                 if (t.rank() == 0) t.wait(t.post_send(1, 0, buffer.data(), 16));
-                 else t.wait(t.post_recv(0, 0, buffer.data(), 8));
-               }),
+  EXPECT_THROW(ring::run_in_process(2,
+                                    [](ring::Transport& t) {
+                                      std::vector<char> buffer(16);
+                                      if (t.rank() == 0)
+                                        t.wait(t.post_send(1, 0, buffer.data(), 16));
+                                      else
+                                        t.wait(t.post_recv(0, 0, buffer.data(), 8));
+                                    }),
                std::runtime_error);
 }
 

@@ -41,9 +41,8 @@ struct BackwardInputs {
 };
 
 template <class T>
-BackwardInputs<T> random_backward_inputs(const Shape& shape, std::int64_t pad,
-                                         std::int64_t seq_pad, const Config& config,
-                                         std::uint64_t seed) {
+BackwardInputs<T> random_backward_inputs(const Shape& shape, std::int64_t pad, std::int64_t seq_pad,
+                                         const Config& config, std::uint64_t seed) {
   BackwardInputs<T> in{Tensor<T>(shape, shape.num_heads, pad, seq_pad),
                        Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad),
                        Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad),
@@ -141,8 +140,10 @@ double check_backward_result(const Case& c, const BackwardInputs<T>& in,
     const double error = max_abs_diff(*got[i], *expected[i]);
     EXPECT_LE(error, bound) << names[i] << ": error " << error << ", bound " << bound
                             << " (largest reference element " << max_abs(*expected[i]) << ")";
-    if (bound > 0) worst_ratio = std::max(worst_ratio, error / bound);
-    else if (error > 0) worst_ratio = std::numeric_limits<double>::infinity();
+    if (bound > 0)
+      worst_ratio = std::max(worst_ratio, error / bound);
+    else if (error > 0)
+      worst_ratio = std::numeric_limits<double>::infinity();
     EXPECT_EQ(touched_padding(*got[i]), 0u) << names[i] << ": the kernel wrote into padding";
   }
   return worst_ratio;
@@ -161,13 +162,20 @@ inline std::vector<Case> backward_cases(std::int64_t head_dim) {
       {"dense", make_config({64}, {1}), shape(1, 40, 2, 2)},
       {"dense causal, several segments", make_config({24}, {1}, true), shape(2, 50, 2, 1)},
       {"dilated r not dividing w, causal", make_config({20}, {3}, true), shape(1, 45, 3, 3)},
-      {"three branches softmax causal", make_config({8, 16, 32}, {1, 2, 4}, true), shape(1, 48, 4, 4)},
-      {"overlapping branches (multiplicity)", make_config({16, 16, 32}, {1, 2, 2}), shape(1, 40, 2, 2)},
-      {"modular mean", make_config({12, 30}, {1, 3}, false, R::modular, M::mean), shape(1, 45, 3, 3)},
-      {"blocked mean causal", make_config({16, 32}, {2, 4}, true, R::blocked, M::mean), shape(1, 40, 5, 5)},
-      {"partitioned mean", make_config({8, 16, 32}, {1, 2, 4}, false, R::partitioned, M::mean), shape(1, 40, 4, 4)},
-      {"partitioned softmax causal (empty rows)", make_config({16, 32}, {2, 4}, true, R::partitioned), shape(1, 40, 3, 3)},
-      {"GQA 4:2 mean causal", make_config({16, 32}, {1, 2}, true, R::modular, M::mean), shape(1, 36, 4, 2)},
+      {"three branches softmax causal", make_config({8, 16, 32}, {1, 2, 4}, true),
+       shape(1, 48, 4, 4)},
+      {"overlapping branches (multiplicity)", make_config({16, 16, 32}, {1, 2, 2}),
+       shape(1, 40, 2, 2)},
+      {"modular mean", make_config({12, 30}, {1, 3}, false, R::modular, M::mean),
+       shape(1, 45, 3, 3)},
+      {"blocked mean causal", make_config({16, 32}, {2, 4}, true, R::blocked, M::mean),
+       shape(1, 40, 5, 5)},
+      {"partitioned mean", make_config({8, 16, 32}, {1, 2, 4}, false, R::partitioned, M::mean),
+       shape(1, 40, 4, 4)},
+      {"partitioned softmax causal (empty rows)",
+       make_config({16, 32}, {2, 4}, true, R::partitioned), shape(1, 40, 3, 3)},
+      {"GQA 4:2 mean causal", make_config({16, 32}, {1, 2}, true, R::modular, M::mean),
+       shape(1, 36, 4, 2)},
       {"GQA 6:2 softmax", make_config({16, 48}, {2, 3}), shape(1, 30, 6, 2)},
       {"single position", make_config({4, 8}, {1, 2}, true), shape(2, 1, 2, 1)},
   };
@@ -175,7 +183,8 @@ inline std::vector<Case> backward_cases(std::int64_t head_dim) {
   cases.push_back(padded);
   // The tensor-core dQ kernel's windows: several key tiles per block, and windows of stride
   // R = 2 (launch_plan.hpp's choose_row_stride) spanning two segments, causal, GQA, mean.
-  cases.push_back({"several key tiles, mean causal", make_config({150, 300}, {1, 2}, true, R::blocked, M::mean),
+  cases.push_back({"several key tiles, mean causal",
+                   make_config({150, 300}, {1, 2}, true, R::blocked, M::mean),
                    shape(1, 300, 2, 2)});
   cases.push_back({"strided windows R = 2, causal GQA", make_config({128, 256}, {1, 2}, true),
                    shape(1, 300, 4, 2)});

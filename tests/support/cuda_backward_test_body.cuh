@@ -63,8 +63,8 @@ void call_backward(const da::Config& config, const FakeBackward& t) {
 }
 
 TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
-  const da::Config config = dt::make_config({32, 64}, {1, 2}, true, da::OffsetRule::modular,
-                                            da::Mixing::mean);
+  const da::Config config =
+      dt::make_config({32, 64}, {1, 2}, true, da::OffsetRule::modular, da::Mixing::mean);
   const da::Shape shape{2, 100, 4, 2, 64};
   {
     FakeBackward t(shape, config);
@@ -118,7 +118,7 @@ TEST(DILATED_ATTENTION_SUITE(Arguments), WorkspaceSizeFollowsTheMixing) {
   const auto softmax = dt::make_config({32, 64, 96}, {1, 2, 3});
   auto mean = softmax;
   mean.mixing = da::Mixing::mean;
-  EXPECT_EQ(da::cuda::backward_workspace_size(softmax, shape), 3328u);  // 800 floats, to 256 B
+  EXPECT_EQ(da::cuda::backward_workspace_size(softmax, shape), 3328u);   // 800 floats, to 256 B
   EXPECT_EQ(da::cuda::backward_workspace_size(mean, shape), 2 * 9728u);  // 3 x 800 floats, twice
 }
 
@@ -155,11 +155,11 @@ dt::BackwardResult<T> run_backward_on_gpu(const dt::Case& c, const dt::BackwardI
   const std::size_t bytes = da::cuda::backward_workspace_size(c.config, c.shape);
   dt::DeviceBuffer<unsigned char> workspace(bytes);
   da::cuda::check(cudaMemset(workspace.data(), 0xFF, bytes), "cudaMemset");
-  da::cuda::backward<T>(c.config, c.shape,
-                        {view(in.q, q->data()), view(in.k, k->data()), view(in.v, v->data())},
-                        {view(in.out, out->data()), lse.data()}, view(in.d_out, d_out->data()),
-                        {view(result.d_q, d_q->data()), view(result.d_k, d_k->data()),
-                         view(result.d_v, d_v->data())}, {stream, workspace.data(), bytes});
+  da::cuda::backward<T>(
+      c.config, c.shape, {view(in.q, q->data()), view(in.k, k->data()), view(in.v, v->data())},
+      {view(in.out, out->data()), lse.data()}, view(in.d_out, d_out->data()),
+      {view(result.d_q, d_q->data()), view(result.d_k, d_k->data()), view(result.d_v, d_v->data())},
+      {stream, workspace.data(), bytes});
   da::cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after backward");
   d_q->download(result.d_q.storage);
   d_k->download(result.d_k.storage);
@@ -190,7 +190,8 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), MatchesReferenceEveryCaseOtherHeadDims) {
 
 TEST(DILATED_ATTENTION_SUITE(Gpu), LargerShapeAndNonDefaultStream) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
-  const dt::Case c{"longer", dt::make_config({128, 256, 512}, {1, 2, 4}, true), {1, 700, 4, 2, 128}};
+  const dt::Case c{
+      "longer", dt::make_config({128, 256, 512}, {1, 2, 4}, true), {1, 700, 4, 2, 128}};
   const auto in = dt::random_backward_inputs<T>(c.shape, 0, 0, c.config, 300);
   cudaStream_t stream;
   da::cuda::check(cudaStreamCreate(&stream), "cudaStreamCreate");

@@ -63,8 +63,11 @@ TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
   }
   {
     dt::FakeTensors<T> t(small_shape());
-    expect_invalid([&] { call_forward(dt::make_config({32, 64}, {1, 65}), t); },
-                   {"dilation_rates[1] = 65"});
+    expect_invalid(
+        [&] {
+          call_forward(dt::make_config({32, 64}, {1, 65}), t);
+        },
+        {"dilation_rates[1] = 65"});
     expect_invalid([&] { call_forward(dt::make_config({32, 64}, {1}), t); }, {"dilation_rates"});
     da::Config negative = good;
     negative.scale = -1.0;
@@ -77,7 +80,9 @@ TEST(DILATED_ATTENTION_SUITE(Arguments), RejectsBadInputBeforeAnyDeviceWork) {
   {
     dt::FakeTensors<T> t({1, 64, 1, 1, 64});
     expect_invalid(
-        [&] { call_forward(dt::make_config({32, 64}, {1, 2}, false, da::OffsetRule::partitioned), t); },
+        [&] {
+          call_forward(dt::make_config({32, 64}, {1, 2}, false, da::OffsetRule::partitioned), t);
+        },
         {"partitioned"});
   }
   {
@@ -126,9 +131,10 @@ TEST(DILATED_ATTENTION_SUITE(Errors), CudaFailureBecomesRuntimeError) {
 // close to the fp64 reference but not exact, so "at most twice its error" is a real bound that
 // an O(1) kernel bug cannot meet. Runs without a device.
 TEST(DILATED_ATTENTION_SUITE(Yardstick), NaiveStorageTypeErrorIsSmallButNotZero) {
-  const dt::Case c{"yardstick", dt::make_config({40, 96}, {1, 3}, true, da::OffsetRule::modular,
-                                                da::Mixing::mean),
-                   {1, 120, 3, 3, 64}};
+  const dt::Case c{
+      "yardstick",
+      dt::make_config({40, 96}, {1, 3}, true, da::OffsetRule::modular, da::Mixing::mean),
+      {1, 120, 3, 3, 64}};
   const auto in = dt::random_device_test_inputs<T>(c.shape, 0, 0, 7);
   const dt::Tensor<double> q = dt::widen(in.q), k = dt::widen(in.k), v = dt::widen(in.v);
   dt::Tensor<double> expected(c.shape, 3);
@@ -191,8 +197,8 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), CausalPrefixDoesNotDependOnLaterRows) {
       {"causal prefix", dt::make_config({48, 96, 400}, {1, 2, 3}, true), {1, 300, 3, 3, 64}}, 130,
       500);
   dt::check_causal_prefix<T>(
-      {"causal prefix mean", dt::make_config({48, 96}, {1, 2}, true, da::OffsetRule::blocked,
-                                             da::Mixing::mean),
+      {"causal prefix mean",
+       dt::make_config({48, 96}, {1, 2}, true, da::OffsetRule::blocked, da::Mixing::mean),
        {2, 257, 4, 2, 128}},
       64, 501);
 }
@@ -253,9 +259,10 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), SharedMemoryLimitOfThisDeviceIsChecked) {
   DILATED_ATTENTION_REQUIRE_DEVICE();
   // head_dim 128 needs 117.5 KiB of shared memory (16-bit kernel, either mixing): runs where the
   // device allows it, else std::invalid_argument naming the limit -- never a launch failure.
-  const dt::Case c{"head_dim 128, mean", dt::make_config({64, 128}, {1, 2}, false,
-                                                         da::OffsetRule::modular, da::Mixing::mean),
-                   {1, 200, 2, 2, 128}};
+  const dt::Case c{
+      "head_dim 128, mean",
+      dt::make_config({64, 128}, {1, 2}, false, da::OffsetRule::modular, da::Mixing::mean),
+      {1, 200, 2, 2, 128}};
   if (device_fits_forward(128)) {
     dt::check_against_reference<T>(c, 700);
     dt::check_against_reference<T>(c, 701);  // second call: the granted attribute is reused
@@ -265,4 +272,3 @@ TEST(DILATED_ATTENTION_SUITE(Gpu), SharedMemoryLimitOfThisDeviceIsChecked) {
 }
 
 }  // namespace
-

@@ -116,7 +116,10 @@ class Block {
   static constexpr std::size_t stack_bytes = 256 * 1024;
 
   Block(unsigned threads, Dim3 block_idx, Dim3 grid_dim)
-      : threads_(threads), block_idx_(block_idx), grid_dim_(grid_dim), fibers_(threads),
+      : threads_(threads),
+        block_idx_(block_idx),
+        grid_dim_(grid_dim),
+        fibers_(threads),
         warp_barriers_((threads + 31) / 32) {
     slots_[0].resize(threads);
     slots_[1].resize(threads);
@@ -165,8 +168,9 @@ class Block {
         swapcontext(&scheduler_, &fiber.context);
       }
       if (running && !progressed) {
-        std::fprintf(stderr, "emulation: every live thread waits at a barrier that can never "
-                             "complete (a collective not reached by all threads)\n");
+        std::fprintf(stderr,
+                     "emulation: every live thread waits at a barrier that can never "
+                     "complete (a collective not reached by all threads)\n");
         std::abort();
       }
     }
@@ -222,7 +226,8 @@ class Block {
   V read(unsigned lane) const {
     V value;
     const unsigned set = fibers_[running_].slot_set;
-    std::memcpy(static_cast<void*>(&value), slots_[set][(running_ / 32) * 32 + lane].data(), sizeof(V));
+    std::memcpy(static_cast<void*>(&value), slots_[set][(running_ / 32) * 32 + lane].data(),
+                sizeof(V));
     return value;
   }
 
@@ -311,7 +316,8 @@ V __shfl_sync(unsigned, V value, int source_lane) {
 template <class V>
 V __shfl_xor_sync(unsigned, V value, int lane_mask) {
   emulation::Block& block = emulation::Block::current();
-  return __shfl_sync(0xffffffffu, value, static_cast<int>(block.lane() ^ static_cast<unsigned>(lane_mask)));
+  return __shfl_sync(0xffffffffu, value,
+                     static_cast<int>(block.lane() ^ static_cast<unsigned>(lane_mask)));
 }
 
 inline unsigned __ballot_sync(unsigned, int predicate) {
@@ -350,7 +356,8 @@ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) {
   block.exchange(row);
   const unsigned lane = block.lane();
   for (unsigned i = 0; i < 4; ++i) {
-    const auto* address = static_cast<const unsigned char*>(block.read<const void*>(8 * i + lane / 4));
+    const auto* address =
+        static_cast<const unsigned char*>(block.read<const void*>(8 * i + lane / 4));
     const std::uint32_t lo = emulated::bits16(address + 2 * (2 * (lane % 4)));
     const std::uint32_t hi = emulated::bits16(address + 2 * (2 * (lane % 4) + 1));
     r[i] = lo | (hi << 16);
@@ -362,8 +369,10 @@ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) {
   block.exchange(row);
   const unsigned lane = block.lane();
   for (unsigned i = 0; i < 4; ++i) {
-    const auto* row0 = static_cast<const unsigned char*>(block.read<const void*>(8 * i + 2 * (lane % 4)));
-    const auto* row1 = static_cast<const unsigned char*>(block.read<const void*>(8 * i + 2 * (lane % 4) + 1));
+    const auto* row0 =
+        static_cast<const unsigned char*>(block.read<const void*>(8 * i + 2 * (lane % 4)));
+    const auto* row1 =
+        static_cast<const unsigned char*>(block.read<const void*>(8 * i + 2 * (lane % 4) + 1));
     const std::uint32_t lo = emulated::bits16(row0 + 2 * (lane / 4));
     const std::uint32_t hi = emulated::bits16(row1 + 2 * (lane / 4));
     r[i] = lo | (hi << 16);

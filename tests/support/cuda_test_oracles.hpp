@@ -138,18 +138,17 @@ inline std::string describe(const Case& c) {
   return text;
 }
 
-
 template <class T>
 struct DeviceTestInputs {
   Tensor<T> q, k, v;
 };
 
 template <class T>
-DeviceTestInputs<T> random_device_test_inputs(const Shape& shape, std::int64_t pad, std::int64_t seq_pad,
-                        std::uint64_t seed) {
+DeviceTestInputs<T> random_device_test_inputs(const Shape& shape, std::int64_t pad,
+                                              std::int64_t seq_pad, std::uint64_t seed) {
   DeviceTestInputs<T> in{Tensor<T>(shape, shape.num_heads, pad, seq_pad),
-               Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad),
-               Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad)};
+                         Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad),
+                         Tensor<T>(shape, shape.num_kv_heads, pad, seq_pad)};
   in.q.fill_random(seed);
   in.k.fill_random(seed + 1);
   in.v.fill_random(seed + 2);
@@ -240,7 +239,8 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
       {"one dilated branch causal", make_config({100}, {3}, true), shape(1, 230, 3, 3)},
       {"several key tiles per block", make_config({512}, {2}), shape(1, 700, 2, 2)},
       {"several segments per window", make_config({5, 13}, {2, 3}, true), shape(1, 90, 3, 3)},
-      {"three branches modular softmax", make_config({20, 50, 120}, {1, 3, 7}), shape(1, 200, 5, 5)},
+      {"three branches modular softmax", make_config({20, 50, 120}, {1, 3, 7}),
+       shape(1, 200, 5, 5)},
       {"three branches causal", make_config({20, 50, 120}, {1, 3, 7}, true), shape(1, 200, 5, 5)},
       {"blocked softmax", make_config({16, 64}, {2, 4}, false, R::blocked), shape(1, 160, 5, 5)},
       {"blocked mean causal", make_config({16, 64}, {2, 4}, true, R::blocked, M::mean),
@@ -250,13 +250,14 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
       {"partitioned mean (dilated-attention-pytorch)",
        make_config({32, 64, 128}, {1, 2, 4}, false, R::partitioned, M::mean), shape(2, 128, 5, 5)},
       {"partitioned softmax causal",
-       make_config({32, 64, 128}, {1, 2, 4}, true, R::partitioned, M::softmax), shape(1, 150, 4, 4)},
+       make_config({32, 64, 128}, {1, 2, 4}, true, R::partitioned, M::softmax),
+       shape(1, 150, 4, 4)},
       {"GQA 6:2", make_config({64, 128}, {1, 2}, true), shape(1, 140, 6, 2)},
       {"GQA 6:3 blocked mean", make_config({64, 128}, {2, 2}, false, R::blocked, M::mean),
        shape(1, 140, 6, 3)},
       {"branch listed twice", make_config({64, 64}, {2, 2}), shape(1, 100, 2, 2)},
-      {"paper config (scaled N)",
-       make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}), shape(1, 260, 12, 12)},
+      {"paper config (scaled N)", make_config({2048, 4096, 8192, 16384, 32768}, {1, 2, 4, 6, 12}),
+       shape(1, 260, 12, 12)},
       {"single position", make_config({4, 8}, {1, 2}, true), shape(2, 1, 2, 1)},
       {"r = w", make_config({7}, {7}), shape(1, 50, 8, 8)},
   };
@@ -271,7 +272,8 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
   cases.push_back({"strided windows R = 2, causal GQA", make_config({128, 256}, {1, 2}, true),
                    shape(1, 300, 4, 2)});
   cases.push_back({"strided windows R = 4, blocked mean",
-                   make_config({256, 512}, {2, 4}, false, R::blocked, M::mean), shape(1, 400, 3, 3)});
+                   make_config({256, 512}, {2, 4}, false, R::blocked, M::mean),
+                   shape(1, 400, 3, 3)});
   // Query windows of K residues mod R (cuda/query_window.hpp), each (branch, segment) packing its
   // rows into 16-row slices: R = 12 (K = 4, the paper's rates), R = 6 (K = 2), R = 3 (K = 1);
   // windows straddling segments, several tiles, rows that move between packings.
@@ -279,12 +281,13 @@ inline std::vector<Case> correctness_cases(std::int64_t head_dim) {
                    make_config({768, 1536, 3072, 6144, 12288}, {1, 2, 4, 6, 12}, true),
                    shape(1, 800, 3, 3)});
   cases.push_back({"packed slices R = 12 blocked mean GQA 4:2",
-                   make_config({768, 1536}, {4, 12}, false, R::blocked, M::mean), shape(1, 1000, 4, 2)});
+                   make_config({768, 1536}, {4, 12}, false, R::blocked, M::mean),
+                   shape(1, 1000, 4, 2)});
   cases.push_back({"packed slices R = 6 partitioned causal",
                    make_config({384, 768}, {2, 3}, true, R::partitioned), shape(1, 700, 4, 4)});
   cases.push_back({"packed slices R = 3 modular mean causal, odd padding",
-                   make_config({192, 384}, {1, 3}, true, R::modular, M::mean), shape(2, 450, 2, 2), 1,
-                   3});
+                   make_config({192, 384}, {1, 3}, true, R::modular, M::mean), shape(2, 450, 2, 2),
+                   1, 3});
   return cases;
 }
 

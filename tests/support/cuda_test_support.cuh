@@ -29,9 +29,9 @@ inline std::string why_no_device() {
   return {};
 }
 
-#define DILATED_ATTENTION_REQUIRE_DEVICE()                                    \
-  do {                                                                        \
-    const std::string why = ::dilated_attention::testing::why_no_device();    \
+#define DILATED_ATTENTION_REQUIRE_DEVICE()                                      \
+  do {                                                                          \
+    const std::string why = ::dilated_attention::testing::why_no_device();      \
     if (!why.empty()) GTEST_SKIP() << why << " (this GPU test needs a device)"; \
   } while (0)
 
@@ -64,8 +64,8 @@ class DeviceBuffer {
 // NaN first, so an element the kernel forgets to write cannot pass.
 template <class T>
 KernelResult<T> run_on_gpu(const Config& config, const Shape& shape, const Tensor<T>& q,
-                        const Tensor<T>& k, const Tensor<T>& v, std::int64_t pad,
-                        std::int64_t seq_pad) {
+                           const Tensor<T>& k, const Tensor<T>& v, std::int64_t pad,
+                           std::int64_t seq_pad) {
   DeviceBuffer<T> dq(q.storage.size()), dk(k.storage.size()), dv(v.storage.size());
   dq.upload(q.storage);
   dk.upload(k.storage);
@@ -78,10 +78,10 @@ KernelResult<T> run_on_gpu(const Config& config, const Shape& shape, const Tenso
   auto device_view = [](const Tensor<T>& host, T* data) {
     return View<T>{data, host.batch_stride, host.seq_stride, host.head_stride};
   };
-  cuda::forward<T>(config, shape,
-                   {device_view(q, dq.data()), device_view(k, dk.data()),
-                    device_view(v, dv.data())},
-                   {device_view(result.out, dout.data()), dlse.data()});
+  cuda::forward<T>(
+      config, shape,
+      {device_view(q, dq.data()), device_view(k, dk.data()), device_view(v, dv.data())},
+      {device_view(result.out, dout.data()), dlse.data()});
   cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize after forward");
   dout.download(result.out.storage);
   dlse.download(result.lse);
@@ -122,10 +122,12 @@ void check_causal_prefix(const Case& c, std::int64_t prefix, std::uint64_t seed)
     for (std::int64_t b = 0; b < short_shape.batch; ++b)
       for (std::int64_t x = 0; x < prefix; ++x)
         for (std::int64_t h = 0; h < t.heads; ++h)
-          for (std::int64_t d = 0; d < short_shape.head_dim; ++d) head.at(b, x, h, d) = t.at(b, x, h, d);
+          for (std::int64_t d = 0; d < short_shape.head_dim; ++d)
+            head.at(b, x, h, d) = t.at(b, x, h, d);
     return head;
   };
-  const KernelResult<T> part = run_on_gpu(c.config, short_shape, cut(in.q), cut(in.k), cut(in.v), 0, 0);
+  const KernelResult<T> part =
+      run_on_gpu(c.config, short_shape, cut(in.q), cut(in.k), cut(in.v), 0, 0);
   std::size_t differing = 0;
   for (std::int64_t b = 0; b < short_shape.batch; ++b)
     for (std::int64_t x = 0; x < prefix; ++x)

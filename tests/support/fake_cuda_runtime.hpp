@@ -66,8 +66,8 @@ cudaError_t CUDARTAPI cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsig
   if (!fake_cuda::event(event)->recorded) ++fake_cuda::waits_on_unrecorded_events;
   return cudaSuccess;
 }
-cudaError_t CUDARTAPI cudaMemcpyAsync(void* destination, const void* source, size_t bytes, cudaMemcpyKind,
-                                      cudaStream_t) {
+cudaError_t CUDARTAPI cudaMemcpyAsync(void* destination, const void* source, size_t bytes,
+                                      cudaMemcpyKind, cudaStream_t) {
   std::memcpy(destination, source, bytes);
   return cudaSuccess;
 }

@@ -14,12 +14,12 @@ struct RingBranches {
 };
 inline const std::vector<RingBranches>& ring_branch_sets() {
   static const std::vector<RingBranches> sets = {
-      {"below_shard", {4}, {1}},                    // w < L for every P: all local
-      {"equal_shard_p4", {6}, {2}},                 // w == L at P = 4
-      {"equal_shard_p3_p2", {8, 12}, {2, 3}},       // w == L at P = 3 and P = 2
-      {"not_multiple", {10, 16}, {2, 4}},           // w straddles shard boundaries
+      {"below_shard", {4}, {1}},                     // w < L for every P: all local
+      {"equal_shard_p4", {6}, {2}},                  // w == L at P = 4
+      {"equal_shard_p3_p2", {8, 12}, {2, 3}},        // w == L at P = 3 and P = 2
+      {"not_multiple", {10, 16}, {2, 4}},            // w straddles shard boundaries
       {"whole_and_beyond", {24, 5, 48}, {3, 1, 2}},  // w == N, w short, w > N
-      {"repeated_branch", {9, 9}, {3, 3}},          // r does not divide w; a branch twice
+      {"repeated_branch", {9, 9}, {3, 3}},           // r does not divide w; a branch twice
   };
   return sets;
 }

@@ -44,7 +44,8 @@ struct GradientProblem {
     d_out = narrow(random_tensor<double>(s, s.num_heads, seed + 3, c.pad, c.seq_pad), wd);
     Tensor<double> exact(s, s.num_heads, c.pad, c.seq_pad);
     std::vector<double> wide_lse(lse_size(s));
-    reference::forward<double>(c.config, s, {wq.view(), wk.view(), wv.view()}, {exact.view(), wide_lse.data()});
+    reference::forward<double>(c.config, s, {wq.view(), wk.view(), wv.view()},
+                               {exact.view(), wide_lse.data()});
     out = narrow(exact, wo);
     lse.resize(wide_lse.size());
     for (std::size_t e = 0; e < lse.size(); ++e) {
@@ -54,7 +55,9 @@ struct GradientProblem {
     ref_q = Tensor<double>(s, s.num_heads);
     ref_k = Tensor<double>(s, s.num_kv_heads);
     ref_v = Tensor<double>(s, s.num_kv_heads);
-    reference::backward<double>(c.config, s, {wq.view(), wk.view(), wv.view()}, {wo.view(), wide_lse.data()}, wd.view(), {ref_q.view(), ref_k.view(), ref_v.view()});
+    reference::backward<double>(c.config, s, {wq.view(), wk.view(), wv.view()},
+                                {wo.view(), wide_lse.data()}, wd.view(),
+                                {ref_q.view(), ref_k.view(), ref_v.view()});
     for (const Tensor<double>* g : {&ref_q, &ref_k, &ref_v})
       for (const double value : g->storage) scale = std::max(scale, std::abs(value));
   }
@@ -87,9 +90,12 @@ bool bitwise_equal(const RingGradientResult<T>& a, const RingGradientResult<T>& 
 // its own, then one rounding to T (2^-11 for half, 2^-8 for bfloat16, relative).
 template <class T>
 double gradient_tolerance() {
-  if constexpr (std::is_same_v<T, float>) return 2e-5;
-  else if constexpr (std::is_same_v<T, __half>) return 2e-3;
-  else return 1.6e-2;
+  if constexpr (std::is_same_v<T, float>)
+    return 2e-5;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 2e-3;
+  else
+    return 1.6e-2;
 }
 
 template <class T>
@@ -111,11 +117,14 @@ struct RankTensors {
 // rank's backward on host tensors (dense local gradients, NaN beforehand: every element must be
 // written). Returns the gradients gathered into global tensors.
 template <class T, class RunRanks, class RankBackward>
-RingGradientResult<T> run_ring_backward_case(const GradientProblem<T>& p, int num_ranks, ring::Layout layout,
-                                             RunRanks&& run_ranks, RankBackward&& rank_backward) {
+RingGradientResult<T> run_ring_backward_case(const GradientProblem<T>& p, int num_ranks,
+                                             ring::Layout layout, RunRanks&& run_ranks,
+                                             RankBackward&& rank_backward) {
   const Shape& s = p.c.shape;
-  RingGradientResult<T> run{Tensor<T>(s, s.num_heads), Tensor<T>(s, s.num_kv_heads), Tensor<T>(s, s.num_kv_heads)};
-  for (Tensor<T>* g : {&run.d_q, &run.d_k, &run.d_v}) g->fill(T(std::numeric_limits<float>::quiet_NaN()));
+  RingGradientResult<T> run{Tensor<T>(s, s.num_heads), Tensor<T>(s, s.num_kv_heads),
+                            Tensor<T>(s, s.num_kv_heads)};
+  for (Tensor<T>* g : {&run.d_q, &run.d_k, &run.d_v})
+    g->fill(T(std::numeric_limits<float>::quiet_NaN()));
   const std::int64_t length = s.seq_len / num_ranks;
   run_ranks(num_ranks, [&](ring::Transport& transport, void* stream) {
     const auto chunks = ring::rank_chunks(layout, s.seq_len, num_ranks, transport.rank());
@@ -123,7 +132,8 @@ RingGradientResult<T> run_ring_backward_case(const GradientProblem<T>& p, int nu
                             local_rows(p.v, chunks, length), local_rows(p.out, chunks, length),
                             local_rows(p.d_out, chunks, length)};
     const std::vector<float> lse = gather_lse(p.lse, s, chunks, length);
-    RingGradientResult<T> local{local_rows(run.d_q, chunks, length), local_rows(run.d_k, chunks, length),
+    RingGradientResult<T> local{local_rows(run.d_q, chunks, length),
+                                local_rows(run.d_k, chunks, length),
                                 local_rows(run.d_v, chunks, length)};
     rank_backward(transport, stream, in, lse, local);
     scatter_rows(local.d_q, chunks, run.d_q);  // disjoint rows per rank: no lock needed

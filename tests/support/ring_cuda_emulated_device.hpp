@@ -35,9 +35,9 @@ inline std::mutex& emulated_launch_mutex() {
 // back end's buffers sit here, released but not freed, until the caller's next synchronize().
 struct EmulatedMemory {
   std::mutex mutex;
-  std::map<void*, std::size_t> live;                        // allocation -> bytes
-  std::vector<std::pair<const void*, void*>> released;      // (stream, allocation), not yet freed
-  std::int64_t synchronizations = 0;                        // EmulatedDevice::synchronize() calls
+  std::map<void*, std::size_t> live;                    // allocation -> bytes
+  std::vector<std::pair<const void*, void*>> released;  // (stream, allocation), not yet freed
+  std::int64_t synchronizations = 0;                    // EmulatedDevice::synchronize() calls
 };
 inline EmulatedMemory& emulated_memory() {
   static EmulatedMemory memory;  // reachable to the end: never a leak
@@ -57,14 +57,17 @@ struct EmulatedDevice {
     const std::lock_guard<std::mutex> lock(memory.mutex);
     const auto found = memory.live.find(data);
     if (found == memory.live.end()) {
-      ADD_FAILURE() << "release of memory the emulated device did not allocate (or a double release)";
+      ADD_FAILURE()
+          << "release of memory the emulated device did not allocate (or a double release)";
       return;
     }
     std::memset(data, 0xFF, found->second);
     memory.live.erase(found);
     memory.released.emplace_back(stream, data);
   }
-  void upload(void* device, const void* host, std::size_t bytes) const { std::memcpy(device, host, bytes); }
+  void upload(void* device, const void* host, std::size_t bytes) const {
+    std::memcpy(device, host, bytes);
+  }
   void zero(void* device, std::size_t bytes) const { std::memset(device, 0, bytes); }
   template <class Params>
   void launch(void (*kernel)(Params), std::int64_t blocks, int threads, std::size_t shared_bytes,

@@ -22,8 +22,17 @@
 namespace dilated_attention::testing {
 
 enum class Fault {
-  none, causal, segments, head_dim, null_q, null_lse, other_operation, throw_mid_forward,
-  throw_at_first_post, throw_in_progress, throw_returning_gradients
+  none,
+  causal,
+  segments,
+  head_dim,
+  null_q,
+  null_lse,
+  other_operation,
+  throw_mid_forward,
+  throw_at_first_post,
+  throw_in_progress,
+  throw_returning_gradients
 };
 
 // Which ring call the scenario makes.
@@ -69,7 +78,10 @@ class ThrowingTransport final : public ring::TransportAdapter {
  public:
   ThrowingTransport(ring::Transport& inner, bool in_wait, bool in_post, bool in_progress,
                     bool in_gradient_send = false)
-      : TransportAdapter(inner), in_wait_(in_wait), in_post_(in_post), in_progress_(in_progress),
+      : TransportAdapter(inner),
+        in_wait_(in_wait),
+        in_post_(in_post),
+        in_progress_(in_progress),
         in_gradient_send_(in_gradient_send) {}
   Ticket post_send(int peer, int tag, const void* data, std::size_t bytes) override {
     if (in_gradient_send_ && tag == 1) {
@@ -151,13 +163,15 @@ struct FaultProblem {
     d_q = Tensor<double>(shape, shape.num_heads);
     d_k = Tensor<double>(shape, shape.num_kv_heads);
     d_v = Tensor<double>(shape, shape.num_kv_heads);
-    backward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()}, d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
+    backward<double>(config, shape, {q.view(), k.view(), v.view()}, {expected.view(), lse.data()},
+                     d_out.view(), {d_q.view(), d_k.view(), d_v.view()});
   }
 };
 
 // One ring call (`call`) on `transport`; rank `faulty` carries `fault`.
 inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& transport, Fault fault,
-                              int faulty, const ring::Options& options = {}, Call call = Call::forward) {
+                              int faulty, const ring::Options& options = {},
+                              Call call = Call::forward) {
   const int me = transport.rank();
   const bool mine = fault != Fault::none && me == faulty;
   Config config = problem.config;
@@ -165,15 +179,17 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   if (mine && fault == Fault::causal) config.causal = !config.causal;
   if (mine && fault == Fault::segments) config.segment_lengths = {6, 12};
   if (mine && fault == Fault::head_dim) shape.head_dim = 4;
-  if (mine && fault == Fault::other_operation) call = call == Call::forward ? Call::backward : Call::forward;
+  if (mine && fault == Fault::other_operation)
+    call = call == Call::forward ? Call::backward : Call::forward;
   const std::int64_t length = shape.seq_len / transport.size(), begin = me * length;
   const auto shard = [&](auto view) {
     return decltype(view){view.data + begin * view.seq_stride, view.batch_stride, view.seq_stride,
                           view.head_stride};
   };
   // The outputs start at 7 everywhere: a failed call must leave them so.
-  Tensor<double> out(problem.shape, problem.shape.num_heads), d_q(problem.shape, problem.shape.num_heads),
-      d_k(problem.shape, problem.shape.num_kv_heads), d_v(problem.shape, problem.shape.num_kv_heads);
+  Tensor<double> out(problem.shape, problem.shape.num_heads),
+      d_q(problem.shape, problem.shape.num_heads), d_k(problem.shape, problem.shape.num_kv_heads),
+      d_v(problem.shape, problem.shape.num_kv_heads);
   for (Tensor<double>* t : {&out, &d_q, &d_k, &d_v}) t->fill(7.0);
   View<const double> q = shard(problem.q.view());
   if (mine && fault == Fault::null_q) q.data = nullptr;
@@ -184,7 +200,8 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
           problem.lse[static_cast<std::size_t>(bh * problem.shape.seq_len + begin + x)];
   const double* lse_data = mine && fault == Fault::null_lse ? nullptr : lse.data();
   ThrowingTransport wrapped(transport, mine && fault == Fault::throw_mid_forward,
-                            mine && fault == Fault::throw_at_first_post, mine && fault == Fault::throw_in_progress,
+                            mine && fault == Fault::throw_at_first_post,
+                            mine && fault == Fault::throw_in_progress,
                             mine && fault == Fault::throw_returning_gradients);
   Outcome outcome;
   // The largest difference over this rank's rows of `got` against `want`.
@@ -199,10 +216,15 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   const auto start = std::chrono::steady_clock::now();
   try {
     if (call == Call::forward) {
-      ring::forward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(out.view()), nullptr}, options);
+      ring::forward<double>(config, shape, wrapped,
+                            {q, shard(problem.k.view()), shard(problem.v.view())},
+                            {shard(out.view()), nullptr}, options);
       error(out, problem.expected);
     } else {
-      ring::backward<double>(config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())}, {shard(problem.expected.view()), lse_data}, shard(problem.d_out.view()), {shard(d_q.view()), shard(d_k.view()), shard(d_v.view())}, options);
+      ring::backward<double>(
+          config, shape, wrapped, {q, shard(problem.k.view()), shard(problem.v.view())},
+          {shard(problem.expected.view()), lse_data}, shard(problem.d_out.view()),
+          {shard(d_q.view()), shard(d_k.view()), shard(d_v.view())}, options);
       error(d_q, problem.d_q);
       error(d_k, problem.d_k);
       error(d_v, problem.d_v);
@@ -221,7 +243,8 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
   outcome.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (outcome.kind != Outcome::ok)
     for (const Tensor<double>* t : {&out, &d_q, &d_k, &d_v})
-      if (std::any_of(t->storage.begin(), t->storage.end(), [](double value) { return value != 7.0; })) {
+      if (std::any_of(t->storage.begin(), t->storage.end(),
+                      [](double value) { return value != 7.0; })) {
         outcome.message += " [output was written]";
         outcome.kind = Outcome::other;
         break;
@@ -231,7 +254,9 @@ inline Outcome run_fault_call(const FaultProblem& problem, ring::Transport& tran
 
 // "" when the outcome is what rank `me` must see for `fault` on rank `faulty`; else why not.
 inline std::string judge(const Outcome& outcome, Fault fault, int faulty, int me) {
-  const auto has = [&](const std::string& text) { return outcome.message.find(text) != std::string::npos; };
+  const auto has = [&](const std::string& text) {
+    return outcome.message.find(text) != std::string::npos;
+  };
   // A hang would last options.timeout (5 minutes); a call here takes well under a second alone,
   // up to ~10 s on an oversubscribed machine.
   if (outcome.seconds > 30) return "took " + std::to_string(outcome.seconds) + " s";
@@ -242,12 +267,14 @@ inline std::string judge(const Outcome& outcome, Fault fault, int faulty, int me
   if (me == faulty) {
     if (fault == Fault::throw_mid_forward || fault == Fault::throw_at_first_post ||
         fault == Fault::throw_in_progress || fault == Fault::throw_returning_gradients)
-      return outcome.kind == Outcome::other && has("injected") ? "" : "expected the injected error, got " +
-                 std::string(kind_name(outcome.kind)) + ": " + outcome.message;
+      return outcome.kind == Outcome::other && has("injected")
+                 ? ""
+                 : "expected the injected error, got " + std::string(kind_name(outcome.kind)) +
+                       ": " + outcome.message;
     return outcome.kind == Outcome::invalid_argument && has(fault_parameter(fault))
                ? ""
-               : "expected invalid_argument naming " + std::string(fault_parameter(fault)) + ", got " +
-                     kind_name(outcome.kind) + ": " + outcome.message;
+               : "expected invalid_argument naming " + std::string(fault_parameter(fault)) +
+                     ", got " + kind_name(outcome.kind) + ": " + outcome.message;
   }
   if (outcome.kind != Outcome::peer_failure || outcome.failed_rank != faulty ||
       !has("rank " + std::to_string(faulty)))

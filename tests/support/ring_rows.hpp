@@ -22,7 +22,8 @@ View<T> shard_view(View<T> global, std::int64_t begin) {
 
 // A rank's rows of a global tensor, copied in `chunks` order into a dense local tensor.
 template <class T>
-Tensor<T> gather_rows(const Tensor<T>& global, const std::vector<ring::Chunk>& chunks, std::int64_t length) {
+Tensor<T> gather_rows(const Tensor<T>& global, const std::vector<ring::Chunk>& chunks,
+                      std::int64_t length) {
   Shape local = global.shape;
   local.seq_len = length;
   Tensor<T> result(local, global.heads);
@@ -50,7 +51,8 @@ std::vector<L> gather_lse(const std::vector<L>& global, const Shape& shape,
 
 // Writes a rank's local tensor back into its rows of the global one (logical elements only).
 template <class T>
-void scatter_rows(const Tensor<T>& local, const std::vector<ring::Chunk>& chunks, Tensor<T>& global) {
+void scatter_rows(const Tensor<T>& local, const std::vector<ring::Chunk>& chunks,
+                  Tensor<T>& global) {
   for (const ring::Chunk& chunk : chunks)
     for (std::int64_t b = 0; b < global.shape.batch; ++b)
       for (std::int64_t x = chunk.begin; x < chunk.end; ++x)

@@ -41,8 +41,8 @@ class CountingTransport final : public ring::TransportAdapter {
 template <class T>
 struct RingRun {
   Tensor<T> out;
-  std::vector<lse_type_t<T>> lse;            // [batch, heads, N]
-  std::vector<ring::Stats> stats;            // per rank
+  std::vector<lse_type_t<T>> lse;                                               // [batch, heads, N]
+  std::vector<ring::Stats> stats;                                               // per rank
   std::vector<std::int64_t> transport_sends, transport_recvs, transport_bytes;  // per rank
 };
 
@@ -66,19 +66,25 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
     CountingTransport transport(inner);
     const int p = transport.rank();
     const auto chunks = ring::rank_chunks(layout, shape.seq_len, num_ranks, p);
-    std::vector<lse_type_t<T>> local_lse(static_cast<std::size_t>(shape.batch * shape.num_heads * length));
+    std::vector<lse_type_t<T>> local_lse(
+        static_cast<std::size_t>(shape.batch * shape.num_heads * length));
     ring::Options options;
     options.cache = cache;
     options.device.num_threads = threads;
     options.layout = layout;
     if (layout == ring::Layout::contiguous) {
       const std::int64_t begin = p * length;
-      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(config, shape, transport, {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)}, {shard_view(run.out.view(), begin), local_lse.data()}, options);
+      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(
+          config, shape, transport,
+          {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)},
+          {shard_view(run.out.view(), begin), local_lse.data()}, options);
     } else {
       const Tensor<T> lq = gather_rows(q, chunks, length), lk = gather_rows(k, chunks, length),
                       lv = gather_rows(v, chunks, length);
       Tensor<T> lo = gather_rows(run.out, chunks, length);
-      run.stats[static_cast<std::size_t>(p)] = ring::forward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, options);
+      run.stats[static_cast<std::size_t>(p)] =
+          ring::forward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()},
+                           {lo.view(), local_lse.data()}, options);
       for (const ring::Chunk& chunk : chunks)
         for (std::int64_t b = 0; b < shape.batch; ++b)
           for (std::int64_t x = chunk.begin; x < chunk.end; ++x)
@@ -101,7 +107,7 @@ RingRun<T> run_ring_in_process(const Config& config, const Shape& shape, const T
 template <class T>
 struct RingGradients {
   Tensor<T> d_q, d_k, d_v;
-  std::vector<ring::Stats> stats;                        // per rank
+  std::vector<ring::Stats> stats;                              // per rank
   std::vector<std::int64_t> transport_sends, transport_bytes;  // per rank, K/V and gradients
 };
 
@@ -110,8 +116,9 @@ struct RingGradients {
 // Every gradient element starts at 7, so a row the ring does not write shows.
 template <class T>
 RingGradients<T> run_ring_backward_in_process(const Config& config, const Shape& shape,
-                                              const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v,
-                                              const Tensor<T>& out, const std::vector<lse_type_t<T>>& lse,
+                                              const Tensor<T>& q, const Tensor<T>& k,
+                                              const Tensor<T>& v, const Tensor<T>& out,
+                                              const std::vector<lse_type_t<T>>& lse,
                                               const Tensor<T>& d_out, int num_ranks,
                                               ring::Options options = {}) {
   RingGradients<T> run;
@@ -131,14 +138,23 @@ RingGradients<T> run_ring_backward_in_process(const Config& config, const Shape&
     ring::Stats& stats = run.stats[static_cast<std::size_t>(p)];
     if (options.layout == ring::Layout::contiguous) {
       const std::int64_t begin = p * length;
-      stats = ring::backward<T>(config, shape, transport, {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)}, {shard_view(out.view(), begin), local_lse.data()}, shard_view(d_out.view(), begin), {shard_view(run.d_q.view(), begin), shard_view(run.d_k.view(), begin), shard_view(run.d_v.view(), begin)}, options);
+      stats = ring::backward<T>(
+          config, shape, transport,
+          {shard_view(q.view(), begin), shard_view(k.view(), begin), shard_view(v.view(), begin)},
+          {shard_view(out.view(), begin), local_lse.data()}, shard_view(d_out.view(), begin),
+          {shard_view(run.d_q.view(), begin), shard_view(run.d_k.view(), begin),
+           shard_view(run.d_v.view(), begin)},
+          options);
     } else {
       const Tensor<T> lq = gather_rows(q, chunks, length), lk = gather_rows(k, chunks, length),
                       lv = gather_rows(v, chunks, length), lo = gather_rows(out, chunks, length),
                       ld = gather_rows(d_out, chunks, length);
-      Tensor<T> gq = gather_rows(run.d_q, chunks, length), gk = gather_rows(run.d_k, chunks, length),
+      Tensor<T> gq = gather_rows(run.d_q, chunks, length),
+                gk = gather_rows(run.d_k, chunks, length),
                 gv = gather_rows(run.d_v, chunks, length);
-      stats = ring::backward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()}, {lo.view(), local_lse.data()}, ld.view(), {gq.view(), gk.view(), gv.view()}, options);
+      stats = ring::backward<T>(config, shape, transport, {lq.view(), lk.view(), lv.view()},
+                                {lo.view(), local_lse.data()}, ld.view(),
+                                {gq.view(), gk.view(), gv.view()}, options);
       scatter_rows(gq, chunks, run.d_q);
       scatter_rows(gk, chunks, run.d_k);
       scatter_rows(gv, chunks, run.d_v);
@@ -159,8 +175,10 @@ inline std::vector<std::vector<std::int64_t>> needed_bytes(const Pattern& patter
   const Shape& s = pattern.shape();
   const std::int64_t length = s.seq_len / num_ranks;
   std::vector<std::vector<std::int64_t>> bytes(
-      static_cast<std::size_t>(num_ranks), std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
-  talks->assign(static_cast<std::size_t>(num_ranks), std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
+      static_cast<std::size_t>(num_ranks),
+      std::vector<std::int64_t>(static_cast<std::size_t>(pattern.num_branches()), 0));
+  talks->assign(static_cast<std::size_t>(num_ranks),
+                std::vector<bool>(static_cast<std::size_t>(num_ranks), false));
   for (int p = 0; p < num_ranks; ++p)
     for (int q = 0; q < num_ranks; ++q) {
       if (q == p) continue;
@@ -184,22 +202,26 @@ inline std::vector<std::vector<std::int64_t>> needed_bytes(const Pattern& patter
 }
 
 // The sweep's parameters and their test names.
-using RingSweepParam = std::tuple<int /*branch set*/, OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
+using RingSweepParam =
+    std::tuple<int /*branch set*/, OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
 inline std::string ring_sweep_name(const ::testing::TestParamInfo<RingSweepParam>& info) {
   const auto [set, rule, mixing, causal, gqa] = info.param;
-  return std::string(ring_branch_sets()[static_cast<std::size_t>(set)].name) + "_" + to_string(rule) + "_" +
-         to_string(mixing) + (causal ? "_causal" : "_full") + (gqa ? "_gqa" : "_mha");
+  return std::string(ring_branch_sets()[static_cast<std::size_t>(set)].name) + "_" +
+         to_string(rule) + "_" + to_string(mixing) + (causal ? "_causal" : "_full") +
+         (gqa ? "_gqa" : "_mha");
 }
 inline auto ring_sweep_values() {
-  return ::testing::Combine(::testing::Range(0, 6),
-                            ::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
-                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+  return ::testing::Combine(
+      ::testing::Range(0, 6),
+      ::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+      ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
 }
 // Every (rule, mixing, causal, gqa): the zigzag tests at P = 5, 7, 8.
 using RingComboParam = std::tuple<OffsetRule, Mixing, bool /*causal*/, bool /*gqa*/>;
 inline auto ring_combo_values() {
-  return ::testing::Combine(::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
-                            ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
+  return ::testing::Combine(
+      ::testing::Values(OffsetRule::modular, OffsetRule::blocked, OffsetRule::partitioned),
+      ::testing::Values(Mixing::softmax, Mixing::mean), ::testing::Bool(), ::testing::Bool());
 }
 // The config the zigzag tests at P = 5, 7, 8 use (N = 560 = lcm(10, 14, 16)).
 inline Config ring_zigzag_config(OffsetRule rule, Mixing mixing, bool causal) {

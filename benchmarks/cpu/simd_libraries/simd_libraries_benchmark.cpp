@@ -37,19 +37,20 @@ constexpr std::int64_t tile_keys = 48, key_count = 512, head_dim_fixed = 64;
 void BM_Products(benchmark::State& state, Multiply multiply, int rows, int cols) {
   std::mt19937 engine(1);
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  std::vector<float> q(tile_keys * head_dim_fixed), k(key_count * head_dim_fixed), v(key_count * head_dim_fixed), s(tile_keys * key_count),
-      o(tile_keys * head_dim_fixed);
+  std::vector<float> q(tile_keys * head_dim_fixed), k(key_count * head_dim_fixed),
+      v(key_count * head_dim_fixed), s(tile_keys * key_count), o(tile_keys * head_dim_fixed);
   for (std::vector<float>* x : {&q, &k, &v})
     for (float& e : *x) e = uniform(engine);
   for (auto _ : state) {
     for (std::int64_t p = 0; p < key_count / cols; ++p)  // S = Q Kᵀ, key panel p
       for (std::int64_t r = 0; r < tile_keys / rows; ++r)
-        multiply(q.data() + r * rows * head_dim_fixed, head_dim_fixed, k.data() + p * head_dim_fixed * cols, head_dim_fixed,
+        multiply(q.data() + r * rows * head_dim_fixed, head_dim_fixed,
+                 k.data() + p * head_dim_fixed * cols, head_dim_fixed,
                  s.data() + r * rows * key_count + p * cols, key_count);
     for (std::int64_t c = 0; c < head_dim_fixed / cols; ++c)  // O = S V, column panel c
       for (std::int64_t r = 0; r < tile_keys / rows; ++r)
-        multiply(s.data() + r * rows * key_count, key_count, v.data() + c * key_count * cols, key_count,
-                 o.data() + r * rows * head_dim_fixed + c * cols, head_dim_fixed);
+        multiply(s.data() + r * rows * key_count, key_count, v.data() + c * key_count * cols,
+                 key_count, o.data() + r * rows * head_dim_fixed + c * cols, head_dim_fixed);
     benchmark::DoNotOptimize(o.data());
     benchmark::ClobberMemory();
   }
@@ -76,9 +77,9 @@ int main(int argc, char** argv) {
   register_ours<dilated_attention::cpu::kernels::Avx2>();
   benchmark::RegisterBenchmark("highway/dynamic", BM_Products, simd_libraries::highway_multiply,
                                simd_libraries::highway_rows(), simd_libraries::highway_cols());
-  benchmark::RegisterBenchmark((std::string("xsimd/native:") + simd_libraries::xsimd_arch()).c_str(),
-                               BM_Products, simd_libraries::xsimd_multiply,
-                               simd_libraries::xsimd_rows(), simd_libraries::xsimd_cols());
+  benchmark::RegisterBenchmark(
+      (std::string("xsimd/native:") + simd_libraries::xsimd_arch()).c_str(), BM_Products,
+      simd_libraries::xsimd_multiply, simd_libraries::xsimd_rows(), simd_libraries::xsimd_cols());
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

@@ -59,7 +59,7 @@ inline std::int64_t backward_tile_rows(int kernel_rows, int kernel_cols) {
 // Keys packed at once: whole tiles, as many as keep the chunk's five panels (K twice, V, the dK
 // and dV sums, chunk x padded_dim each) within about half of a 1 MiB L2 cache.
 inline std::int64_t backward_chunk_rows(std::int64_t tile_rows, std::int64_t padded_dim,
-                                    std::size_t element_size) {
+                                        std::size_t element_size) {
   const std::int64_t per_row = 5 * padded_dim * static_cast<std::int64_t>(element_size);
   return std::max<std::int64_t>(1, 512 * 1024 / per_row / tile_rows) * tile_rows;
 }
@@ -89,7 +89,8 @@ class AttendBackwardWorkspace {
   explicit AttendBackwardWorkspace(std::int64_t head_dim, CpuIsa isa = CpuIsa::automatic)
       : head_dim_(head_dim), isa_(resolve_isa(isa)) {
     if (head_dim <= 0)
-      throw std::invalid_argument("dilated_attention::cpu::attend_backward: head_dim must be positive");
+      throw std::invalid_argument(
+          "dilated_attention::cpu::attend_backward: head_dim must be positive");
     int cols = 0;
     kernels::with_kernels<Acc>(isa_, [&](auto k) {
       using K = decltype(k);
@@ -99,10 +100,12 @@ class AttendBackwardWorkspace {
     padded_dim_ = kernels::round_up(head_dim, cols);
     chunk_rows_ = detail::backward_chunk_rows(tile_rows_, padded_dim_, sizeof(Acc));
     const std::int64_t t = tile_rows_, c = chunk_rows_;
-    for (auto* buffer : {&q_rows_, &d_out_rows_}) *buffer = kernels::AlignedBuffer<Acc>(t * head_dim);
+    for (auto* buffer : {&q_rows_, &d_out_rows_})
+      *buffer = kernels::AlignedBuffer<Acc>(t * head_dim);
     for (auto* buffer : {&q_columns_, &d_out_columns_, &d_q_tile_})
       *buffer = kernels::AlignedBuffer<Acc>(t * padded_dim_);
-    for (auto* buffer : {&k_panels_, &v_panels_}) *buffer = kernels::AlignedBuffer<Acc>(c * head_dim);
+    for (auto* buffer : {&k_panels_, &v_panels_})
+      *buffer = kernels::AlignedBuffer<Acc>(c * head_dim);
     for (auto* buffer : {&k_columns_, &d_k_chunk_, &d_v_chunk_})
       *buffer = kernels::AlignedBuffer<Acc>(c * padded_dim_);
     probabilities_ = kernels::AlignedBuffer<Acc>(t * t);
@@ -114,16 +117,16 @@ class AttendBackwardWorkspace {
   }
 
   std::int64_t head_dim() const { return head_dim_; }
-  CpuIsa isa() const { return isa_; }                  // the kernels this workspace runs
-  std::int64_t tile_rows() const { return tile_rows_; }  // rows of a query or key tile
+  CpuIsa isa() const { return isa_; }                      // the kernels this workspace runs
+  std::int64_t tile_rows() const { return tile_rows_; }    // rows of a query or key tile
   std::int64_t chunk_rows() const { return chunk_rows_; }  // keys packed at once (whole tiles)
 
  private:
   template <class K, class T, class A>
   friend void attend_backward_with(AttendBackwardWorkspace<A>&, const StridedRows<T>&,
-                               const StridedRows<T>&, const StridedRows<T>&,
-                               const StridedRows<T>&, const A*, const A*, A, A, bool,
-                               GradientRows<A>, GradientRows<A>, GradientRows<A>);
+                                   const StridedRows<T>&, const StridedRows<T>&,
+                                   const StridedRows<T>&, const A*, const A*, A, A, bool,
+                                   GradientRows<A>, GradientRows<A>, GradientRows<A>);
   template <class K, class T, class A>
   friend void attend_statistics_with(AttendBackwardWorkspace<A>&, const StridedRows<T>&,
                                      const StridedRows<T>&, const StridedRows<T>&,
@@ -175,10 +178,10 @@ class AttendBackwardWorkspace {
 // attend_backward() with kernel set K (the workspace's).
 template <class K, class T, class Acc>
 void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>& q,
-                      const StridedRows<T>& k, const StridedRows<T>& v,
-                      const StridedRows<T>& d_out, const Acc* lse, const Acc* delta, Acc scale,
-                      Acc weight, bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
-                      GradientRows<Acc> d_v) {
+                          const StridedRows<T>& k, const StridedRows<T>& v,
+                          const StridedRows<T>& d_out, const Acc* lse, const Acc* delta, Acc scale,
+                          Acc weight, bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
+                          GradientRows<Acc> d_v) {
   static_assert(std::is_same_v<typename K::value_type, Acc>, "kernel set of another type");
   using kernels::round_up;
   constexpr int mr = K::rows, nr = K::cols;
@@ -239,7 +242,8 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
 
         for (std::int64_t j = 0; j < bqm; ++j) {
           const auto row = static_cast<std::size_t>(j);
-          const std::int64_t n = j < bq ? std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk) : 0;
+          const std::int64_t n =
+              j < bq ? std::clamp<std::int64_t>(ws.visible_[row] - k0, 0, bk) : 0;
           Acc* p_row = p + j * t;
           Acc* ds_row = ds + j * t;
           // P = exp(scale * S - LSE) on the visible keys; dS = scale * P ∘ (weight * dP - D).
@@ -264,8 +268,8 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
                           d_v_chunk + to, padded_dim, true);
             // Product 4: dK += dSᵀ Q.
             if (d_k.data != nullptr)
-              K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq,
-                          d_k_chunk + to, padded_dim, true);
+              K::multiply(ds + s * mr, 1, t, ws.q_columns_.data() + c * bq * nr, bq, d_k_chunk + to,
+                          padded_dim, true);
           }
         // Product 5: dQ += dS K, summed over the chunk's key tiles in d_q_tile (the first key
         // tile writes every element of it, so it needs no zeroing).
@@ -297,20 +301,22 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
 // summation order depends only on the row counts and workspace.isa().
 template <class T, class Acc>
 void attend_backward(AttendBackwardWorkspace<Acc>& workspace, const StridedRows<T>& q,
-                 const StridedRows<T>& k, const StridedRows<T>& v, const StridedRows<T>& d_out,
-                 const Acc* lse, const Acc* delta, std::int64_t head_dim, Acc scale, Acc weight,
-                 bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
-                 GradientRows<Acc> d_v) {
-  static_assert(std::is_same_v<Acc, accumulator_t<T>>, "attend_backward: Acc must be accumulator_t<T>");
+                     const StridedRows<T>& k, const StridedRows<T>& v, const StridedRows<T>& d_out,
+                     const Acc* lse, const Acc* delta, std::int64_t head_dim, Acc scale, Acc weight,
+                     bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
+                     GradientRows<Acc> d_v) {
+  static_assert(std::is_same_v<Acc, accumulator_t<T>>,
+                "attend_backward: Acc must be accumulator_t<T>");
   if (head_dim != workspace.head_dim())
     throw std::invalid_argument(
         "dilated_attention::cpu::attend_backward: head_dim differs from the workspace's");
   if (k.positions.count != v.positions.count || q.positions.count != d_out.positions.count)
     throw std::invalid_argument(
-        "dilated_attention::cpu::attend_backward: k and v (or q and d_out) have different row counts");
+        "dilated_attention::cpu::attend_backward: k and v (or q and d_out) have different row "
+        "counts");
   kernels::with_kernels<Acc>(workspace.isa(), [&](auto kernel_set) {
     attend_backward_with<decltype(kernel_set)>(workspace, q, k, v, d_out, lse, delta, scale, weight,
-                                           causal, d_q, d_k, d_v);
+                                               causal, d_q, d_k, d_v);
   });
 }
 

@@ -156,24 +156,26 @@ void backward(const Config& config, const Shape& shape, const Inputs<detail::ide
 
 // Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the call above.
 template <class T>
-[[deprecated("use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, "
-             "options); removed in 0.2.0")]]
-void backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
-              View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
-              View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v,
-              const CpuOptions& options) {
+[[deprecated(
+    "use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, "
+    "options); removed in 0.2.0")]] void
+backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+         View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
+         View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
+         View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v,
+         const CpuOptions& options) {
   backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
               Gradients<T>{d_q, d_k, d_v}, options);
 }
 
 template <class T>
-[[deprecated("use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}); "
-             "removed in 0.2.0")]]
-void backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-              View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
-              View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
-              View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v) {
+[[deprecated(
+    "use backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}); "
+    "removed in 0.2.0")]] void
+backward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+         View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v,
+         View<const detail::identity_t<T>> out, const lse_type_t<detail::identity_t<T>>* lse,
+         View<const detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k, View<T> d_v) {
   backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
               Gradients<T>{d_q, d_k, d_v}, CpuOptions{});
 }

@@ -156,11 +156,12 @@ void key_window(const Pattern& pattern, std::int64_t b, std::int64_t kv_head, st
           config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
       const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
       attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                  rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
-                  stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
-                  dim, scale, weight, config.causal, GradientRows<Acc>{},
-                  GradientRows<Acc>{workspace.first.data() + row * dim, stride},
-                  GradientRows<Acc>{workspace.second.data() + row * dim, stride});
+                      rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                      stats.lse + stats.offset(set, b, h),
+                      stats.delta.data() + stats.offset(set, b, h), dim, scale, weight,
+                      config.causal, GradientRows<Acc>{},
+                      GradientRows<Acc>{workspace.first.data() + row * dim, stride},
+                      GradientRows<Acc>{workspace.second.data() + row * dim, stride});
     });
   store_rows<T>(workspace.first, d_k, b, kv_head, y0, y1, dim);
   store_rows<T>(workspace.second, d_v, b, kv_head, y0, y1, dim);
@@ -186,11 +187,11 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
     const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
     const std::int64_t row = queries.first - x0;
     attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
-                stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
-                dim, scale, weight, config.causal,
-                GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
-                GradientRows<Acc>{}, GradientRows<Acc>{});
+                    rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                    stats.lse + stats.offset(set, b, h),
+                    stats.delta.data() + stats.offset(set, b, h), dim, scale, weight, config.causal,
+                    GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
+                    GradientRows<Acc>{}, GradientRows<Acc>{});
   });
   store_rows<T>(workspace.first, d_q, b, h, x0, x1, dim);
 }
@@ -223,10 +224,10 @@ void block_unit(const Pattern& pattern, const Block& block, std::int64_t b, std:
     const std::int64_t h = heads.at(j);
     const std::int64_t set = mean ? block.branch : 0;
     attend_backward(workspace, rows_of(q, b, h, rows), rows_of(k, b, kv_head, rows),
-                rows_of(v, b, kv_head, rows), rows_of(d_out, b, h, rows),
-                stats.lse + stats.offset(set, b, h), stats.delta.data() + stats.offset(set, b, h),
-                dim, scale, weight, config.causal, gradient(d_q, h), gradient(d_k, kv_head),
-                gradient(d_v, kv_head));
+                    rows_of(v, b, kv_head, rows), rows_of(d_out, b, h, rows),
+                    stats.lse + stats.offset(set, b, h),
+                    stats.delta.data() + stats.offset(set, b, h), dim, scale, weight, config.causal,
+                    gradient(d_q, h), gradient(d_k, kv_head), gradient(d_v, kv_head));
   }
 }
 

@@ -233,18 +233,19 @@ void forward(const Config& config, const Shape& shape, const Inputs<detail::iden
 
 // Deprecated in 0.1.0, removed in 0.2.0: the positional spellings, forwarding to the call above.
 template <class T>
-[[deprecated("use forward<T>(config, shape, {q, k, v}, {out, lse}, options); removed in 0.2.0")]]
-void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
-             lse_type_t<T>* lse, const CpuOptions& options) {
+[[deprecated(
+    "use forward<T>(config, shape, {q, k, v}, {out, lse}, options); removed in 0.2.0")]] void
+forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+        View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
+        lse_type_t<T>* lse, const CpuOptions& options) {
   forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);
 }
 
 template <class T>
-[[deprecated("use forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]]
-void forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
-             View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
-             lse_type_t<T>* lse = nullptr) {
+[[deprecated("use forward<T>(config, shape, {q, k, v}, {out, lse}); removed in 0.2.0")]] void
+forward(const Config& config, const Shape& shape, View<const detail::identity_t<T>> q,
+        View<const detail::identity_t<T>> k, View<const detail::identity_t<T>> v, View<T> out,
+        lse_type_t<T>* lse = nullptr) {
   forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, CpuOptions{});
 }
 

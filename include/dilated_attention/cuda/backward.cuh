@@ -125,9 +125,8 @@ void backward(const Config& config, const Shape& shape,
   if (options.workspace != nullptr)
     check_backward_workspace<T>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v,
                                 options.workspace, options.workspace_bytes);
-  BackwardPlan plan = make_backward_plan_without_workspace<T>(config, shape, q, k, v, out, lse,
-                                                              d_out, d_q, d_k, d_v,
-                                                              kernel_kind_v<T>);
+  BackwardPlan plan = make_backward_plan_without_workspace<T>(
+      config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v, kernel_kind_v<T>);
   detail::prepare_backward_launch<T>(config, shape, plan);  // the last check that can reject
   if (options.workspace != nullptr) {
     bind_backward_workspace(plan, config, shape, options.workspace);
@@ -149,16 +148,16 @@ void backward(const Config& config, const Shape& shape,
 
 // Deprecated in 0.1.0, removed in 0.2.0: the positional spelling, forwarding to the call above.
 template <class T>
-[[deprecated("use cuda::backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, "
-             "{d_q, d_k, d_v}, {stream, workspace, workspace_bytes}); removed in 0.2.0")]]
-void backward(const Config& config, const Shape& shape,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v,
-              View<const dilated_attention::detail::identity_t<T>> out, const float* lse,
-              View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q,
-              View<T> d_k, View<T> d_v, void* workspace, std::size_t workspace_bytes,
-              cudaStream_t stream = nullptr) {
+[[deprecated(
+    "use cuda::backward<T>(config, shape, {q, k, v}, {out, lse}, d_out, "
+    "{d_q, d_k, d_v}, {stream, workspace, workspace_bytes}); removed in 0.2.0")]] void
+backward(const Config& config, const Shape& shape,
+         View<const dilated_attention::detail::identity_t<T>> q,
+         View<const dilated_attention::detail::identity_t<T>> k,
+         View<const dilated_attention::detail::identity_t<T>> v,
+         View<const dilated_attention::detail::identity_t<T>> out, const float* lse,
+         View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
+         View<T> d_v, void* workspace, std::size_t workspace_bytes, cudaStream_t stream = nullptr) {
   // The old spelling never allocated: a null workspace is still rejected.
   if (workspace == nullptr) {
     validate_backward(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v);

@@ -49,7 +49,8 @@ __device__ __forceinline__ RowStatistics row_statistics(const BackwardParams& p,
 // Kernel 1: D = dO . O per row (softmax), or per branch LSE_i and D_i = (dO / G) . O_i with O_i
 // recomputed by an online softmax over the branch's keys (mean).
 template <class T, int D>
-__global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statistics_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(backward_block_threads, 4)
+    backward_row_statistics_kernel(const BackwardParams p) {
   constexpr int per_lane = D / 32;
   constexpr float ln2 = 0.693147180559945309f;
   const float inf = __int_as_float(0x7f800000);
@@ -58,8 +59,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statis
   float* const query = backward_rows + warp * 2 * D;
   float* const grad_out = query + D;
   const ForwardParams& f = p.f;
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp; row < p.rows;
-       row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp;
+       row < p.rows; row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t x = row % f.seq_len, head = (row / f.seq_len) % f.heads;
     const std::int64_t batch = row / (f.seq_len * f.heads);
     const T* const do_row = static_cast<const T*>(p.d_out) + batch * p.do_batch + x * p.do_seq + head * p.do_head;
@@ -90,7 +91,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statis
         const std::int64_t j = chunk + lane;
         const bool valid = j < keys.count;
         const std::int64_t y = valid ? keys.at(j) : 0;
-        const float score = valid ? dot_row<T, D>(query, k_base + y * f.k_seq) * f.scale_log2 : -inf;
+        const float score =
+            valid ? dot_row<T, D>(query, k_base + y * f.k_seq) * f.scale_log2 : -inf;
         const float prob = warp_online_softmax_step(row_max, row_sum, acc, score, valid);
         const std::int64_t here = keys.count - chunk < 32 ? keys.count - chunk : 32;
         for (int jj = 0; jj < here; ++jj) {
@@ -98,14 +100,16 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statis
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const v_row = v_base + y_j * f.v_seq;
 #pragma unroll
-          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e)
+            acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       // D_i = (dO / G) . O_i with O_i = acc / sum; an unselected row has no terms (D_i = 0).
       float partial = 0.f;
       const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
-      for (int e = 0; e < per_lane; ++e) partial = fmaf(grad_out[lane + 32 * e], acc[e] * inverse, partial);
+      for (int e = 0; e < per_lane; ++e)
+        partial = fmaf(grad_out[lane + 32 * e], acc[e] * inverse, partial);
       const float delta = warp_sum(partial);
       if (lane == 0) {
         p.delta[i * p.rows + row] = delta;
@@ -118,7 +122,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_row_statis
 // Kernel 2: dQ(x) = scale * sum over branches and keys y of dS(x, y) k_y, with
 // dS = P (dO . v_y - D), P = exp(s - LSE).
 template <class T, int D>
-__global__ void __launch_bounds__(backward_block_threads, 4) backward_dq_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(backward_block_threads, 4)
+    backward_dq_kernel(const BackwardParams p) {
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
@@ -126,8 +131,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_dq_kernel(
   float* const query = backward_rows + warp * 2 * D;
   float* const grad_out = query + D;
   const ForwardParams& f = p.f;
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp; row < p.rows;
-       row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp;
+       row < p.rows; row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t x = row % f.seq_len, head = (row / f.seq_len) % f.heads;
     const std::int64_t batch = row / (f.seq_len * f.heads);
     const std::int64_t kv_head = f.kv_head(head);
@@ -161,7 +166,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_dq_kernel(
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const k_row = k_base + y_j * f.k_seq;
 #pragma unroll
-          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(ds_j, to_float(k_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e)
+            acc[e] = fmaf(ds_j, to_float(k_row[lane + 32 * e]), acc[e]);
         }
       }
     }
@@ -175,7 +181,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_dq_kernel(
 // of y's GQA group, every branch, and the queries x of y's block in that branch (x >= y when
 // causal) -- in that fixed order.
 template <class T, int D>
-__global__ void __launch_bounds__(backward_block_threads, 4) backward_dk_dv_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(backward_block_threads, 4)
+    backward_dk_dv_kernel(const BackwardParams p) {
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
   extern __shared__ float backward_rows[];
@@ -185,7 +192,8 @@ __global__ void __launch_bounds__(backward_block_threads, 4) backward_dk_dv_kern
   const ForwardParams& f = p.f;
   const std::int64_t group = f.heads / f.kv_heads;
   for (std::int64_t key_row = static_cast<std::int64_t>(blockIdx.x) * backward_block_warps + warp;
-       key_row < p.key_rows; key_row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
+       key_row < p.key_rows;
+       key_row += static_cast<std::int64_t>(gridDim.x) * backward_block_warps) {
     const std::int64_t y = key_row % f.seq_len, kv_head = (key_row / f.seq_len) % f.kv_heads;
     const std::int64_t batch = key_row / (f.seq_len * f.kv_heads);
     __syncwarp();

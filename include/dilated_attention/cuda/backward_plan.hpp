@@ -147,10 +147,12 @@ void check_backward_workspace(const Config& config, const Shape& shape, const Vi
 // until bind_backward_workspace). Call after validate_backward() and check_backend_limits();
 // checks the alignment of every pointer. Touches no memory.
 template <class T>
-BackwardPlan make_backward_plan_without_workspace(
-    const Config& config, const Shape& shape, const View<const T>& q, const View<const T>& k,
-    const View<const T>& v, const View<const T>& out, const float* lse, const View<const T>& d_out,
-    const View<T>& d_q, const View<T>& d_k, const View<T>& d_v, KernelKind dq_kind) {
+BackwardPlan make_backward_plan_without_workspace(const Config& config, const Shape& shape,
+                                                  const View<const T>& q, const View<const T>& k,
+                                                  const View<const T>& v, const View<const T>& out,
+                                                  const float* lse, const View<const T>& d_out,
+                                                  const View<T>& d_q, const View<T>& d_k,
+                                                  const View<T>& d_v, KernelKind dq_kind) {
   const char* element = "every tensor element must be aligned to its type";
   check_alignment(d_out.data, alignof(T), "d_out.data", element);
   check_alignment(d_q.data, alignof(T), "d_q.data", element);
@@ -201,8 +203,8 @@ BackwardPlan make_backward_plan_without_workspace(
     plan.dk_dv_blocks = p.f.windows * shape.num_kv_heads * shape.batch;
     plan.dk_dv_threads = block_threads;
     plan.dk_dv_shared_bytes =
-        static_cast<std::size_t>((2 * block_window_rows + 4 * backward_query_stage_rows) * (shape.head_dim + 8) *
-                                 2) +
+        static_cast<std::size_t>((2 * block_window_rows + 4 * backward_query_stage_rows) *
+                                 (shape.head_dim + 8) * 2) +
         4 * backward_query_stage_rows * sizeof(float);
   } else {
     plan.dq_blocks = plan.query_blocks;
@@ -232,9 +234,9 @@ template <class T>
 BackwardPlan make_backward_plan(const Config& config, const Shape& shape, const View<const T>& q,
                                 const View<const T>& k, const View<const T>& v,
                                 const View<const T>& out, const float* lse,
-                                const View<const T>& d_out, const View<T>& d_q,
-                                const View<T>& d_k, const View<T>& d_v, void* workspace,
-                                std::size_t workspace_bytes, KernelKind dq_kind) {
+                                const View<const T>& d_out, const View<T>& d_q, const View<T>& d_k,
+                                const View<T>& d_v, void* workspace, std::size_t workspace_bytes,
+                                KernelKind dq_kind) {
   check_backward_workspace<T>(config, shape, q, k, v, out, lse, d_out, d_q, d_k, d_v, workspace,
                               workspace_bytes);
   BackwardPlan plan = make_backward_plan_without_workspace<T>(config, shape, q, k, v, out, lse,

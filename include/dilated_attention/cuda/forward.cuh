@@ -143,13 +143,14 @@ void forward(const Config& config, const Shape& shape,
 
 // Deprecated in 0.1.0, removed in 0.2.0: the positional spelling, forwarding to the call above.
 template <class T>
-[[deprecated("use cuda::forward<T>(config, shape, {q, k, v}, {out, lse}, {stream}); removed in "
-             "0.2.0")]]
-void forward(const Config& config, const Shape& shape,
-             View<const dilated_attention::detail::identity_t<T>> q,
-             View<const dilated_attention::detail::identity_t<T>> k,
-             View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
-             float* lse = nullptr, cudaStream_t stream = nullptr) {
+[[deprecated(
+    "use cuda::forward<T>(config, shape, {q, k, v}, {out, lse}, {stream}); removed in "
+    "0.2.0")]] void
+forward(const Config& config, const Shape& shape,
+        View<const dilated_attention::detail::identity_t<T>> q,
+        View<const dilated_attention::detail::identity_t<T>> k,
+        View<const dilated_attention::detail::identity_t<T>> v, View<T> out, float* lse = nullptr,
+        cudaStream_t stream = nullptr) {
   Options options;
   options.stream = stream;
   cuda::forward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);

@@ -124,7 +124,7 @@ struct ForwardParams {
   float scale;         // softmax scale
   float scale_log2;    // scale * log2(e): scores are exponentiated with exp2
   std::int64_t row_stride;  // R: a window holds positions residue + R * j
-  std::int64_t chunks;      // windows per residue class: ceil(ceil(seq_len / R) / block_window_rows)
+  std::int64_t chunks;  // windows per residue class: ceil(ceil(seq_len / R) / block_window_rows)
   std::int64_t windows;     // R * chunks per (batch, head)
 
   DILATED_ATTENTION_HOST_DEVICE BranchGeometry branch(int i) const {
@@ -243,14 +243,17 @@ inline void check_backend_limits(const Config& config, const Shape& shape) {
                                       " branches: the CUDA back end supports at most ",
                                       max_branches);
   // R * ceil(ceil(N/R) / 64) <= ceil(N/64) + R windows per head, and R <= 64.
-  const std::int64_t windows = (shape.seq_len + block_window_rows - 1) / block_window_rows + block_window_rows;
+  const std::int64_t windows =
+      (shape.seq_len + block_window_rows - 1) / block_window_rows + block_window_rows;
   const double blocks = static_cast<double>(windows) * static_cast<double>(shape.num_heads) *
                         static_cast<double>(shape.batch);
   if (shape.seq_len > (std::int64_t{1} << 31) - 1 || blocks > 2147483647.0)
     dilated_attention::detail::reject(
         "shape [batch ", shape.batch, ", seq_len ", shape.seq_len, ", heads ", shape.num_heads,
-        "] needs ", blocks, " thread blocks: the CUDA back end supports seq_len < 2^31 and at "
-        "most 2^31 - 1 blocks of ", block_window_rows, " rows");
+        "] needs ", blocks,
+        " thread blocks: the CUDA back end supports seq_len < 2^31 and at "
+        "most 2^31 - 1 blocks of ",
+        block_window_rows, " rows");
 }
 
 // The plan of one forward call. Call after validate(); raises std::invalid_argument for the
@@ -298,7 +301,8 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.row_stride = choose_row_stride(config);
-  p.chunks = ((shape.seq_len + p.row_stride - 1) / p.row_stride + block_window_rows - 1) / block_window_rows;
+  p.chunks = ((shape.seq_len + p.row_stride - 1) / p.row_stride + block_window_rows - 1) /
+             block_window_rows;
   p.windows = p.row_stride * p.chunks;
 
   plan.kind = kind;
@@ -311,7 +315,8 @@ LaunchPlan make_launch_plan(const Config& config, const Shape& shape, const View
   } else {
     const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
     // The SIMT kernel strides over rows, so its grid may be capped below the 2^31 - 1 limit.
-    const std::int64_t wanted = (rows + detail::simt_rows_per_block - 1) / detail::simt_rows_per_block;
+    const std::int64_t wanted =
+        (rows + detail::simt_rows_per_block - 1) / detail::simt_rows_per_block;
     plan.blocks = wanted < (std::int64_t{1} << 30) ? wanted : (std::int64_t{1} << 30);
     plan.threads = 32 * detail::simt_rows_per_block;
     plan.shared_bytes = detail::simt_shared_bytes(shape.head_dim);

@@ -30,8 +30,10 @@ enum class ScoreBase { two, e };
 
 template <ScoreBase Base>
 __device__ __forceinline__ float score_exp(float x) {
-  if constexpr (Base == ScoreBase::two) return exp2f(x);
-  else return expf(x);
+  if constexpr (Base == ScoreBase::two)
+    return exp2f(x);
+  else
+    return expf(x);
 }
 
 struct WarpSoftmaxStep {

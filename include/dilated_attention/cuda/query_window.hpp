@@ -144,8 +144,12 @@ struct QueryWork {
   int queries = 0;    // set bits of rows
   int key_count = 0;  // keys streamed: all, or when causal those up to the last query
   DILATED_ATTENTION_HOST_DEVICE bool empty() const { return queries == 0; }
-  DILATED_ATTENTION_HOST_DEVICE int tiles() const { return (key_count + key_stage_rows - 1) / key_stage_rows; }
-  DILATED_ATTENTION_HOST_DEVICE int slices() const { return (queries + slice_rows - 1) / slice_rows; }
+  DILATED_ATTENTION_HOST_DEVICE int tiles() const {
+    return (key_count + key_stage_rows - 1) / key_stage_rows;
+  }
+  DILATED_ATTENTION_HOST_DEVICE int slices() const {
+    return (queries + slice_rows - 1) / slice_rows;
+  }
 };
 
 // The window rows that `keys` selects, as a mask. The kernel computes the same mask with two warp

@@ -49,7 +49,8 @@ __device__ __forceinline__ void copy_tile_rows(T* tile, const T* first_row, std:
                                                int rows_left, bool vector_io) {
   constexpr int pitch = D + 8;
   constexpr int chunks = D / 8;  // 16-byte chunks per row
-  static_assert(Rows * chunks % block_threads == 0, "every thread copies the same number of chunks");
+  static_assert(Rows * chunks % block_threads == 0,
+                "every thread copies the same number of chunks");
   constexpr int per_thread = Rows * chunks / block_threads;
   const int tid = opaque(threadIdx.x);
   if (vector_io) {

@@ -35,7 +35,8 @@ struct RowRecords {
 
   // The records at `memory` (launch_plan.hpp's forward_shared_bytes counts them).
   __device__ __forceinline__ static RowRecords in(float* memory) {
-    return {memory, memory + block_window_rows * D, memory + block_window_rows * D + block_window_rows};
+    return {memory, memory + block_window_rows * D,
+            memory + block_window_rows * D + block_window_rows};
   }
 
   // Every row empty: no key seen (max -inf, sum 0), zero accumulators; for mean a zero sum of

@@ -38,8 +38,8 @@ __global__ void __launch_bounds__(32 * detail::simt_rows_per_block, 4)
   const bool mean = p.mixing == Mixing::mean;
   const std::int64_t rows = p.batch * p.heads * p.seq_len;
 
-  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * rows_per_block + warp;
-       row < rows; row += static_cast<std::int64_t>(gridDim.x) * rows_per_block) {
+  for (std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * rows_per_block + warp; row < rows;
+       row += static_cast<std::int64_t>(gridDim.x) * rows_per_block) {
     const std::int64_t x = row % p.seq_len, head = (row / p.seq_len) % p.heads;
     const std::int64_t batch = row / (p.seq_len * p.heads);
     const std::int64_t kv_head = p.kv_head(head);
@@ -78,7 +78,8 @@ __global__ void __launch_bounds__(32 * detail::simt_rows_per_block, 4)
           const std::int64_t y_j = __shfl_sync(0xffffffffu, y, jj);
           const T* const v_row = v_base + y_j * p.v_seq;
 #pragma unroll
-          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e)
+            acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       if (mean) {

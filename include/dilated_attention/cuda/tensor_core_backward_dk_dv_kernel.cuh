@@ -31,8 +31,9 @@ __global__ void __launch_bounds__(block_threads, 1)
   using Mma = MmaOp<T>;
   constexpr int pitch = D + 8;
   constexpr int dim_tiles = D / 8;
-  constexpr int query_stage_rows = backward_query_stage_rows;  // queries per streamed tile (32: registers)
-  constexpr int query_tiles = query_stage_rows / 8;    // n-tiles of S^T
+  constexpr int query_stage_rows =
+      backward_query_stage_rows;                     // queries per streamed tile (32: registers)
+  constexpr int query_tiles = query_stage_rows / 8;  // n-tiles of S^T
   constexpr float log2e = 1.4426950408889634f;
   const float inf = __int_as_float(0x7f800000);
   const ForwardParams& p = bp.f;
@@ -40,7 +41,7 @@ __global__ void __launch_bounds__(block_threads, 1)
   extern __shared__ __align__(16) unsigned char shared_raw[];
   T* const k_tile = reinterpret_cast<T*>(shared_raw);  // the window's keys
   T* const v_tile = k_tile + block_window_rows * pitch;
-  T* const q_stages = v_tile + block_window_rows * pitch;    // two stages each
+  T* const q_stages = v_tile + block_window_rows * pitch;  // two stages each
   T* const do_stages = q_stages + 2 * query_stage_rows * pitch;
   float* const lse_stages = reinterpret_cast<float*>(do_stages + 2 * query_stage_rows * pitch);
   float* const delta_stages = lse_stages + 2 * query_stage_rows;
@@ -66,16 +67,14 @@ __global__ void __launch_bounds__(block_threads, 1)
   const int fragment_offset =
       (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * pitch + (lane / 16) * 8;
 
-  copy_tile_rows<T, D, block_window_rows>(
-      k_tile,
-      row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq, p.k_head, batch, kv_head,
-             window_first),
-      window_stride * p.k_seq, window_count, p.k_vector);
-  copy_tile_rows<T, D, block_window_rows>(
-      v_tile,
-      row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq, p.v_head, batch, kv_head,
-             window_first),
-      window_stride * p.v_seq, window_count, p.v_vector);
+  copy_tile_rows<T, D, block_window_rows>(k_tile,
+                                          row_at(static_cast<const T*>(p.k), p.k_batch, p.k_seq,
+                                                 p.k_head, batch, kv_head, window_first),
+                                          window_stride * p.k_seq, window_count, p.k_vector);
+  copy_tile_rows<T, D, block_window_rows>(v_tile,
+                                          row_at(static_cast<const T*>(p.v), p.v_batch, p.v_seq,
+                                                 p.v_head, batch, kv_head, window_first),
+                                          window_stride * p.v_seq, window_count, p.v_vector);
   cp_async_commit();
 
   float acc_k[dim_tiles][4], acc_v[dim_tiles][4];

@@ -86,11 +86,10 @@ __global__ void __launch_bounds__(block_threads, 1)
     for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q_frag[kk], fragment_row + kk * 16);
     __syncthreads();
   }
-  copy_tile_rows<T, D, block_window_rows>(
-      row_tile,
-      row_at(static_cast<const T*>(bp.d_out), bp.do_batch, bp.do_seq, bp.do_head, batch, head,
-             window_first),
-      window_stride * bp.do_seq, window_count, bp.do_vector);
+  copy_tile_rows<T, D, block_window_rows>(row_tile,
+                                          row_at(static_cast<const T*>(bp.d_out), bp.do_batch,
+                                                 bp.do_seq, bp.do_head, batch, head, window_first),
+                                          window_stride * bp.do_seq, window_count, bp.do_vector);
   cp_async_commit();
 
   float acc[dim_tiles][4];

@@ -41,12 +41,11 @@ __device__ __forceinline__ std::uint64_t ballot_rows(const Progression& keys,
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads)
-    tensor_core_forward_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(block_threads) tensor_core_forward_kernel(const ForwardParams p) {
   static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
   using Mma = MmaOp<T>;
   constexpr int pitch = D + 8;
-  constexpr int dim_tiles = D / 8;  // n-tiles of the output
+  constexpr int dim_tiles = D / 8;               // n-tiles of the output
   constexpr int key_tiles = key_stage_rows / 8;  // n-tiles of the scores
   const float inf = __int_as_float(0x7f800000);
 
@@ -122,11 +121,13 @@ __global__ void __launch_bounds__(block_threads)
     const std::int64_t first = of.keys.first + std::int64_t{tile} * key_stage_rows * of.keys.stride;
     const std::int64_t step = of.keys.count > 1 ? of.keys.stride : 0;
     const int rows_left = of.key_count - tile * key_stage_rows;
-    copy_tile_rows<T, D, key_stage_rows>(k_stages + into * key_stage_rows * pitch, k_base + first * p.k_seq,
-                                   step * p.k_seq, rows_left, p.k_vector);
+    copy_tile_rows<T, D, key_stage_rows>(k_stages + into * key_stage_rows * pitch,
+                                         k_base + first * p.k_seq, step * p.k_seq, rows_left,
+                                         p.k_vector);
     cp_async_commit();
-    copy_tile_rows<T, D, key_stage_rows>(v_stages + into * key_stage_rows * pitch, v_base + first * p.v_seq,
-                                   step * p.v_seq, rows_left, p.v_vector);
+    copy_tile_rows<T, D, key_stage_rows>(v_stages + into * key_stage_rows * pitch,
+                                         v_base + first * p.v_seq, step * p.v_seq, rows_left,
+                                         p.v_vector);
     cp_async_commit();
   };
 

@@ -46,14 +46,15 @@ struct Result {
 
 Result run_reference(const da::Config& config, const da::Shape& shape, const std::vector<double>& q,
                      const std::vector<double>& k, const std::vector<double>& v) {
-  Result r{std::vector<double>(q.size()), std::vector<double>(static_cast<std::size_t>(
-                                              shape.batch * shape.num_heads * shape.seq_len))};
-  da::reference::forward(config, shape,
-                         {da::contiguous_view(q.data(), shape, shape.num_heads),
-                          da::contiguous_view(k.data(), shape, shape.num_kv_heads),
-                          da::contiguous_view(v.data(), shape, shape.num_kv_heads)},
-                         da::Outputs{da::contiguous_view(r.out.data(), shape, shape.num_heads),
-                                     r.lse.data()});
+  Result r{
+      std::vector<double>(q.size()),
+      std::vector<double>(static_cast<std::size_t>(shape.batch * shape.num_heads * shape.seq_len))};
+  da::reference::forward(
+      config, shape,
+      {da::contiguous_view(q.data(), shape, shape.num_heads),
+       da::contiguous_view(k.data(), shape, shape.num_kv_heads),
+       da::contiguous_view(v.data(), shape, shape.num_kv_heads)},
+      da::Outputs{da::contiguous_view(r.out.data(), shape, shape.num_heads), r.lse.data()});
   return r;
 }
 
@@ -62,7 +63,8 @@ void check_dense(bool causal) {
   const da::Shape shape{2, 13, 2, 2, 8};
   const std::int64_t n = shape.seq_len, h_count = shape.num_heads, d_count = shape.head_dim;
   const auto elements = shape.batch * n * h_count * d_count;
-  const auto q = random_tensor(elements, 1), k = random_tensor(elements, 2), v = random_tensor(elements, 3);
+  const auto q = random_tensor(elements, 1), k = random_tensor(elements, 2),
+             v = random_tensor(elements, 3);
   da::Config config;
   config.segment_lengths = {16};  // w >= N
   config.dilation_rates = {1};
@@ -88,17 +90,19 @@ void check_dense(bool causal) {
         double sum = 0.0;
         for (double& e : s) sum += (e = std::exp(e - m));
         const double lse = m + std::log(sum);
-        worst_lse = std::max(worst_lse,
-                             std::abs(lse - r.lse[static_cast<std::size_t>((b * h_count + h) * n + x)]));
+        worst_lse = std::max(
+            worst_lse, std::abs(lse - r.lse[static_cast<std::size_t>((b * h_count + h) * n + x)]));
         for (std::int64_t d = 0; d < d_count; ++d) {
           double o = 0.0;
-          for (std::int64_t y = 0; y < keys; ++y) o += s[static_cast<std::size_t>(y)] / sum * v[at(b, y, h) + d];
+          for (std::int64_t y = 0; y < keys; ++y)
+            o += s[static_cast<std::size_t>(y)] / sum * v[at(b, y, h) + d];
           worst_out = std::max(worst_out, std::abs(o - r.out[at(b, x, h) + d]));
         }
       }
   expect(worst_out < 1e-12, causal ? "dense causal: max |O - O_dense|" : "dense: max |O - O_dense|",
          worst_out);
-  expect(worst_lse < 1e-12, causal ? "dense causal: max |LSE - LSE_dense|" : "dense: max |LSE - LSE_dense|",
+  expect(worst_lse < 1e-12,
+         causal ? "dense causal: max |LSE - LSE_dense|" : "dense: max |LSE - LSE_dense|",
          worst_lse);
 }
 
@@ -173,7 +177,9 @@ int main() {
 #ifdef CONSUMER_HAS_CPU_KERNEL
   check_cpu_kernel();
 #else
-  std::printf("skip the CPU kernel (reference only, or <dilated_attention/dilated_attention.hpp> absent)\n");
+  std::printf(
+      "skip the CPU kernel (reference only, or <dilated_attention/dilated_attention.hpp> "
+      "absent)\n");
 #endif
   std::printf("%s\n", failures == 0 ? "consumer: all checks passed" : "consumer: FAILED");
   return failures == 0 ? 0 : 1;

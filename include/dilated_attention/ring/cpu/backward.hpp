@@ -42,14 +42,15 @@ template <class T>
 Stats backward(const Config& config, const Shape& shape, Transport& transport,
                const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
                const Outputs<const dilated_attention::detail::identity_t<T>>& forward_outputs,
-               View<const dilated_attention::detail::identity_t<T>> d_out, const Gradients<T>& gradients,
-               const Options& options = {}) {
+               View<const dilated_attention::detail::identity_t<T>> d_out,
+               const Gradients<T>& gradients, const Options& options = {}) {
   using Acc = cpu::accumulator_t<T>;
   static_assert(std::is_same_v<lse_type_t<T>, Acc>, "the LSE is stored in the accumulator type");
   int threads = 1;
   return run_ring_call<CallOperation::backward>(
       config, shape, transport, options,
-      describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout), CallOperation::backward),
+      describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout),
+                       CallOperation::backward),
       [&](const Shape& local) {
         validate_backward(config, local, inputs.q, inputs.k, inputs.v, forward_outputs.out,
                           forward_outputs.lse, d_out, gradients.d_q, gradients.d_k, gradients.d_v);
@@ -59,26 +60,30 @@ Stats backward(const Config& config, const Shape& shape, Transport& transport,
       [&](const Shape& local, std::vector<Chunk> chunks) {
         return std::make_unique<CpuBackwardBackend<T>>(
             local, std::move(chunks), inputs.q, inputs.k, inputs.v, forward_outputs.out,
-            forward_outputs.lse, d_out, static_cast<Acc>(resolved_scale(config, shape)), config.causal,
-            static_cast<std::int64_t>(config.segment_lengths.size()), config.mixing == Mixing::mean,
-            threads, options.device.isa);
+            forward_outputs.lse, d_out, static_cast<Acc>(resolved_scale(config, shape)),
+            config.causal, static_cast<std::int64_t>(config.segment_lengths.size()),
+            config.mixing == Mixing::mean, threads, options.device.isa);
       },
-      [&](CpuBackwardBackend<T>& backend) { backend.finish(gradients.d_q, gradients.d_k, gradients.d_v); });
+      [&](CpuBackwardBackend<T>& backend) {
+        backend.finish(gradients.d_q, gradients.d_k, gradients.d_v);
+      });
 }
 
 // The positional spelling of 0.1.
 template <class T>
-[[deprecated("use ring::backward(config, shape, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, options); removed in 0.2.0")]]
-Stats backward(const Config& config, const Shape& shape, Transport& transport,
-               View<const dilated_attention::detail::identity_t<T>> q,
-               View<const dilated_attention::detail::identity_t<T>> k,
-               View<const dilated_attention::detail::identity_t<T>> v,
-               View<const dilated_attention::detail::identity_t<T>> out,
-               const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
-               View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
-               View<T> d_v, const Options& options = {}) {
-  return backward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
-                     Gradients<T>{d_q, d_k, d_v}, options);
+[[deprecated(
+    "use ring::backward(config, shape, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, "
+    "options); removed in 0.2.0")]] Stats
+backward(const Config& config, const Shape& shape, Transport& transport,
+         View<const dilated_attention::detail::identity_t<T>> q,
+         View<const dilated_attention::detail::identity_t<T>> k,
+         View<const dilated_attention::detail::identity_t<T>> v,
+         View<const dilated_attention::detail::identity_t<T>> out,
+         const lse_type_t<dilated_attention::detail::identity_t<T>>* lse,
+         View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
+         View<T> d_v, const Options& options = {}) {
+  return backward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<const T>{out, lse},
+                     d_out, Gradients<T>{d_q, d_k, d_v}, options);
 }
 
 }  // namespace dilated_attention::ring

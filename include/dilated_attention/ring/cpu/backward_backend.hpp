@@ -43,18 +43,28 @@ class CpuBackwardBackend : public CpuShard<T> {
                      View<const T> k, View<const T> v, View<const T> out, const Acc* lse,
                      View<const T> d_out, Acc scale, bool causal, std::int64_t branches, bool mean,
                      int threads, CpuIsa isa = CpuIsa::automatic)
-      : Base(local, std::move(chunks), q, k, v, threads, isa), out_(out), d_out_(d_out), lse_(lse),
-        scale_(scale), weight_(mean ? Acc(1) / static_cast<Acc>(branches) : Acc(1)),
-        causal_(causal), mean_(mean),
+      : Base(local, std::move(chunks), q, k, v, threads, isa),
+        out_(out),
+        d_out_(d_out),
+        lse_(lse),
+        scale_(scale),
+        weight_(mean ? Acc(1) / static_cast<Acc>(branches) : Acc(1)),
+        causal_(causal),
+        mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),
         delta_(static_cast<std::size_t>((mean ? branches : 1) * rows_), Acc(0)),
         d_q_(static_cast<std::size_t>(rows_ * local.head_dim), Acc(0)),
-        d_k_(static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim), Acc(0)),
+        d_k_(static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len *
+                                      local.head_dim),
+             Acc(0)),
         d_v_(d_k_.size(), Acc(0)) {
-    if (mean) branch_lse_.assign(static_cast<std::size_t>(branches * rows_), negative_infinity<Acc>());
+    if (mean)
+      branch_lse_.assign(static_cast<std::size_t>(branches * rows_), negative_infinity<Acc>());
   }
 
-  GradientBuffer make_gradient_buffer(std::size_t elements) const { return GradientBuffer(elements, Acc(0)); }
+  GradientBuffer make_gradient_buffer(std::size_t elements) const {
+    return GradientBuffer(elements, Acc(0));
+  }
   static void* gradient_bytes(GradientBuffer& buffer) { return buffer.data(); }
   static std::size_t gradient_element_size() { return sizeof(Acc); }
 
@@ -85,10 +95,13 @@ class CpuBackwardBackend : public CpuShard<T> {
     for (std::int64_t b = 0; b < shape_.batch; ++b)
       for (std::int64_t h = 0; h < shape_.num_heads; ++h)
         for (std::int64_t x = 0; x < shape_.seq_len; ++x) {
-          const T* o = out_.data + b * out_.batch_stride + x * out_.seq_stride + h * out_.head_stride;
-          const T* g = d_out_.data + b * d_out_.batch_stride + x * d_out_.seq_stride + h * d_out_.head_stride;
+          const T* o =
+              out_.data + b * out_.batch_stride + x * out_.seq_stride + h * out_.head_stride;
+          const T* g = d_out_.data + b * d_out_.batch_stride + x * d_out_.seq_stride +
+                       h * d_out_.head_stride;
           Acc sum = Acc(0);
-          for (std::int64_t d = 0; d < dim; ++d) sum += static_cast<Acc>(g[d]) * static_cast<Acc>(o[d]);
+          for (std::int64_t d = 0; d < dim; ++d)
+            sum += static_cast<Acc>(g[d]) * static_cast<Acc>(o[d]);
           delta_[static_cast<std::size_t>(row(0, b, h, x))] = sum;
         }
   }
@@ -139,8 +152,9 @@ class CpuBackwardBackend : public CpuShard<T> {
       d_v = {base + keys.count * dim, dim};
     }
     cpu::attend_backward(ws.grad, rows_at(q_, b, h, queries, shift), keys_rows.k, keys_rows.v,
-                     rows_at(d_out_, b, h, queries, shift), lse, delta_.data() + row(set, b, h, 0),
-                     dim, scale_, weight_, causal_, d_q, d_k, d_v);
+                         rows_at(d_out_, b, h, queries, shift), lse,
+                         delta_.data() + row(set, b, h, 0), dim, scale_, weight_, causal_, d_q, d_k,
+                         d_v);
   }
 
   // The owner's side: the dK and dV partials a peer computed for this rank's rows `rows` of
@@ -167,10 +181,10 @@ class CpuBackwardBackend : public CpuShard<T> {
   }
 
  private:
-  using Base::local_of;
-  using Base::shape_;
-  using Base::q_;
   using Base::k_;
+  using Base::local_of;
+  using Base::q_;
+  using Base::shape_;
   using Base::v_;
 
   struct KeyRows {
@@ -190,10 +204,12 @@ class CpuBackwardBackend : public CpuShard<T> {
   // received rows takes its whole unit, so the piece has exactly keys.count rows).
   KeyRows key_rows(std::int64_t b, std::int64_t g, const Progression& keys, const Buffer* received,
                    std::size_t element_offset, std::int64_t shift) const {
-    if (received == nullptr) return {rows_at(k_, b, g, keys, shift), rows_at(v_, b, g, keys, shift)};
+    if (received == nullptr)
+      return {rows_at(k_, b, g, keys, shift), rows_at(v_, b, g, keys, shift)};
     const std::int64_t dim = shape_.head_dim;
     const T* base = received->data() + element_offset;
-    return {{base, dim, shifted(keys, shift)}, {base + keys.count * dim, dim, shifted(keys, shift)}};
+    return {{base, dim, shifted(keys, shift)},
+            {base + keys.count * dim, dim, shifted(keys, shift)}};
   }
 
   std::int64_t row(std::int64_t set, std::int64_t b, std::int64_t h, std::int64_t x) const {
@@ -217,9 +233,9 @@ class CpuBackwardBackend : public CpuShard<T> {
   const Acc* lse_;
   Acc scale_, weight_;
   bool causal_, mean_;
-  std::int64_t rows_;                             // batch * heads * local rows
-  std::vector<Acc> branch_lse_, delta_;           // row statistics: [set][b][h][x]
-  std::vector<Acc> d_q_, d_k_, d_v_;              // gradient accumulators, head_dim per row
+  std::int64_t rows_;                    // batch * heads * local rows
+  std::vector<Acc> branch_lse_, delta_;  // row statistics: [set][b][h][x]
+  std::vector<Acc> d_q_, d_k_, d_v_;     // gradient accumulators, head_dim per row
 };
 
 }  // namespace dilated_attention::ring

@@ -38,12 +38,13 @@ namespace dilated_attention::ring {
 // call. A transfer that does not complete within options.timeout throws TransferTimeout.
 template <class T>
 Stats forward(const Config& config, const Shape& shape, Transport& transport,
-              const Inputs<dilated_attention::detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
-              const Options& options = {}) {
+              const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
+              const Outputs<T>& outputs, const Options& options = {}) {
   int threads = 1;
   return run_ring_call<CallOperation::forward>(
       config, shape, transport, options,
-      describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout), CallOperation::forward),
+      describe_call<T>(config, shape, static_cast<std::int64_t>(options.layout),
+                       CallOperation::forward),
       [&](const Shape& local) {
         validate(config, local, inputs.q, inputs.k, inputs.v, outputs.out, outputs.lse);
         threads = detail::resolve_ring_threads(options);
@@ -51,23 +52,26 @@ Stats forward(const Config& config, const Shape& shape, Transport& transport,
       },
       [&](const Shape& local, std::vector<Chunk> chunks) {
         const std::int64_t accumulators =
-            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
+            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size())
+                                          : 1;
         return std::make_unique<CpuForwardBackend<T>>(
             local, std::move(chunks), inputs.q, inputs.k, inputs.v,
-            static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)), config.causal, accumulators,
-            threads, options.device.isa);
+            static_cast<cpu::accumulator_t<T>>(resolved_scale(config, shape)), config.causal,
+            accumulators, threads, options.device.isa);
       },
       [&](CpuForwardBackend<T>& backend) { backend.finish(outputs.out, outputs.lse); });
 }
 
 // The positional spelling of 0.1.
 template <class T>
-[[deprecated("use ring::forward(config, shape, transport, {q, k, v}, {out, lse}, options); removed in 0.2.0")]]
-Stats forward(const Config& config, const Shape& shape, Transport& transport,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
-              lse_type_t<T>* lse = nullptr, const Options& options = {}) {
+[[deprecated(
+    "use ring::forward(config, shape, transport, {q, k, v}, {out, lse}, options); removed in "
+    "0.2.0")]] Stats
+forward(const Config& config, const Shape& shape, Transport& transport,
+        View<const dilated_attention::detail::identity_t<T>> q,
+        View<const dilated_attention::detail::identity_t<T>> k,
+        View<const dilated_attention::detail::identity_t<T>> v, View<T> out,
+        lse_type_t<T>* lse = nullptr, const Options& options = {}) {
   return forward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, options);
 }
 

@@ -34,21 +34,23 @@ class CpuForwardBackend : public CpuShard<T> {
   // (contiguous layout), or `chunks`: which global rows the views hold (ring/driver/layout.hpp);
   // accumulators: 1 for softmax mixing, G for mean mixing (one per branch).
   CpuForwardBackend(const Shape& local, std::int64_t shard_begin, View<const T> q, View<const T> k,
-             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
-             CpuIsa isa = CpuIsa::automatic)
-      : CpuForwardBackend(local, std::vector<Chunk>{{shard_begin, shard_begin + local.seq_len, 0}}, q, k, v,
-                   scale, causal, accumulators, threads, isa) {}
+                    View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
+                    CpuIsa isa = CpuIsa::automatic)
+      : CpuForwardBackend(local, std::vector<Chunk>{{shard_begin, shard_begin + local.seq_len, 0}},
+                          q, k, v, scale, causal, accumulators, threads, isa) {}
   CpuForwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
-             View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
-             CpuIsa isa = CpuIsa::automatic)
-      : Base(local, std::move(chunks), q, k, v, threads, isa), scale_(scale), causal_(causal),
+                    View<const T> v, Acc scale, bool causal, std::int64_t accumulators, int threads,
+                    CpuIsa isa = CpuIsa::automatic)
+      : Base(local, std::move(chunks), q, k, v, threads, isa),
+        scale_(scale),
+        causal_(causal),
         accumulators_(accumulators),
         acc_o_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
                                         local.seq_len * local.head_dim),
                Acc(0)),
-        acc_lse_(static_cast<std::size_t>(accumulators * local.batch * local.num_heads *
-                                          local.seq_len),
-                 negative_infinity<Acc>()) {}
+        acc_lse_(
+            static_cast<std::size_t>(accumulators * local.batch * local.num_heads * local.seq_len),
+            negative_infinity<Acc>()) {}
 
   // Scratch one thread reuses for every block it computes.
   struct Workspace {
@@ -64,7 +66,9 @@ class CpuForwardBackend : public CpuShard<T> {
     const std::int64_t heads = shape_.num_heads;
     this->run_units(
         shape_.batch * heads, [&](CpuIsa isa) { return Workspace(shape_.head_dim, isa); },
-        [&](std::int64_t unit, Workspace& workspace) { body(unit / heads, unit % heads, workspace); });
+        [&](std::int64_t unit, Workspace& workspace) {
+          body(unit / heads, unit % heads, workspace);
+        });
   }
 
   // The partial of query head h's rows `queries` (batch b) over key rows `keys` of kv head g,
@@ -86,12 +90,13 @@ class CpuForwardBackend : public CpuShard<T> {
     }
     workspace.o.resize(static_cast<std::size_t>(queries.count * dim));
     workspace.lse.resize(static_cast<std::size_t>(queries.count));
-    cpu::attend(workspace.attend, q_rows, k_rows, v_rows, dim, scale_, causal_,
-                workspace.o.data(), workspace.lse.data());
+    cpu::attend(workspace.attend, q_rows, k_rows, v_rows, dim, scale_, causal_, workspace.o.data(),
+                workspace.lse.data());
     for (std::int64_t j = 0; j < queries.count; ++j) {
       const std::int64_t x = local_of(queries.at(j));
       const std::size_t row = row_index(slot, b, h, x);
-      const MergeWeights<Acc> w = merge_weights(acc_lse_[row], workspace.lse[static_cast<std::size_t>(j)]);
+      const MergeWeights<Acc> w =
+          merge_weights(acc_lse_[row], workspace.lse[static_cast<std::size_t>(j)]);
       Acc* acc = acc_o_.data() + row * static_cast<std::size_t>(dim);
       const Acc* part = workspace.o.data() + j * dim;
       for (std::int64_t d = 0; d < dim; ++d) acc[d] = w.a * acc[d] + w.b * part[d];
@@ -122,21 +127,22 @@ class CpuForwardBackend : public CpuShard<T> {
             target[d] = static_cast<T>(accumulators_ == 1 ? o[static_cast<std::size_t>(d)]
                                                           : o[static_cast<std::size_t>(d)] * mean);
           if (lse != nullptr)
-            lse[(b * shape_.num_heads + h) * shape_.seq_len + x] = static_cast<lse_type_t<T>>(row_lse);
+            lse[(b * shape_.num_heads + h) * shape_.seq_len + x] =
+                static_cast<lse_type_t<T>>(row_lse);
         }
   }
 
  private:
+  using Base::k_;
   using Base::local_of;
   using Base::local_rows;
-  using Base::shape_;
   using Base::q_;
-  using Base::k_;
+  using Base::shape_;
   using Base::v_;
 
   std::size_t row_index(std::int64_t slot, std::int64_t b, std::int64_t h, std::int64_t x) const {
-    return static_cast<std::size_t>(((slot * shape_.batch + b) * shape_.num_heads + h) *
-                                        shape_.seq_len + x);
+    return static_cast<std::size_t>(
+        ((slot * shape_.batch + b) * shape_.num_heads + h) * shape_.seq_len + x);
   }
 
   Acc scale_;

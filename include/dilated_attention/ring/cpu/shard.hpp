@@ -32,7 +32,12 @@ class CpuShard {
   // DILATED_ATTENTION_CPU_ISA, else the best this CPU runs).
   CpuShard(const Shape& local, std::vector<Chunk> chunks, View<const T> q, View<const T> k,
            View<const T> v, int threads, CpuIsa isa = CpuIsa::automatic)
-      : shape_(local), chunks_(std::move(chunks)), q_(q), k_(k), v_(v), threads_(std::max(1, threads)),
+      : shape_(local),
+        chunks_(std::move(chunks)),
+        q_(q),
+        k_(k),
+        v_(v),
+        threads_(std::max(1, threads)),
         isa_(isa) {}
 
   Buffer make_buffer(std::size_t elements) const { return Buffer(elements); }

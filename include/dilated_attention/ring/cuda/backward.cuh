@@ -35,31 +35,35 @@ template <class T>
 Stats backward(const Config& config, const Shape& shape, Transport& transport,
                const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
                const Outputs<const dilated_attention::detail::identity_t<T>>& forward_outputs,
-               View<const dilated_attention::detail::identity_t<T>> d_out, const Gradients<T>& gradients,
-               const Options& options = {}) {
-  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>,
-                "dilated_attention::ring::cuda::backward supports __half, __nv_bfloat16 and float");
-  return backward_on_device<T>(CudaStreamDevice{options.device.stream}, config, shape, transport, inputs,
-                               forward_outputs, d_out, gradients, options);
+               View<const dilated_attention::detail::identity_t<T>> d_out,
+               const Gradients<T>& gradients, const Options& options = {}) {
+  static_assert(
+      std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>,
+      "dilated_attention::ring::cuda::backward supports __half, __nv_bfloat16 and float");
+  return backward_on_device<T>(CudaStreamDevice{options.device.stream}, config, shape, transport,
+                               inputs, forward_outputs, d_out, gradients, options);
 }
 
 // The positional spelling of 0.1 (ring::Options and the stream apart). Unlike the new call, it
 // still returns once the gradients are written (it synchronises the stream), as it always did.
 template <class T>
-[[deprecated("use ring::cuda::backward(config, shape, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, d_v}, options) with options.device.stream; removed in 0.2.0")]]
-Stats backward(const Config& config, const Shape& shape, Transport& transport,
-               View<const dilated_attention::detail::identity_t<T>> q,
-               View<const dilated_attention::detail::identity_t<T>> k,
-               View<const dilated_attention::detail::identity_t<T>> v,
-               View<const dilated_attention::detail::identity_t<T>> out, const float* lse,
-               View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
-               View<T> d_v, const dilated_attention::ring::Options& options = {},
-               cudaStream_t stream = nullptr) {
+[[deprecated(
+    "use ring::cuda::backward(config, shape, transport, {q, k, v}, {out, lse}, d_out, {d_q, d_k, "
+    "d_v}, options) with options.device.stream; removed in 0.2.0")]] Stats
+backward(const Config& config, const Shape& shape, Transport& transport,
+         View<const dilated_attention::detail::identity_t<T>> q,
+         View<const dilated_attention::detail::identity_t<T>> k,
+         View<const dilated_attention::detail::identity_t<T>> v,
+         View<const dilated_attention::detail::identity_t<T>> out, const float* lse,
+         View<const dilated_attention::detail::identity_t<T>> d_out, View<T> d_q, View<T> d_k,
+         View<T> d_v, const dilated_attention::ring::Options& options = {},
+         cudaStream_t stream = nullptr) {
   Options device_options;
   static_cast<CommonOptions&>(device_options) = options;
   device_options.device.stream = stream;
-  const Stats stats = backward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<const T>{out, lse},
-                                  d_out, Gradients<T>{d_q, d_k, d_v}, device_options);
+  const Stats stats =
+      backward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<const T>{out, lse}, d_out,
+                  Gradients<T>{d_q, d_k, d_v}, device_options);
   CudaStreamDevice{stream}.synchronize();
   return stats;
 }

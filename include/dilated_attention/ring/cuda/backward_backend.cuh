@@ -50,14 +50,20 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   // [batch, heads, local rows] (device); branches: G; mean: the mixing. Views are device views.
   CudaBackwardBackend(Device device, const Shape& local, std::vector<Chunk> chunks, View<const T> q,
                       View<const T> k, View<const T> v, View<const T> out, const float* lse,
-                      View<const T> d_out, double scale, bool causal, std::int64_t branches, bool mean)
-      : Base(device, local, std::move(chunks), q, k, v), out_(out),
-        d_out_(d_out), scale_(static_cast<float>(scale)),
-        weight_(mean ? 1.f / static_cast<float>(branches) : 1.f), causal_(causal), mean_(mean),
+                      View<const T> d_out, double scale, bool causal, std::int64_t branches,
+                      bool mean)
+      : Base(device, local, std::move(chunks), q, k, v),
+        out_(out),
+        d_out_(d_out),
+        scale_(static_cast<float>(scale)),
+        weight_(mean ? 1.f / static_cast<float>(branches) : 1.f),
+        causal_(causal),
+        mean_(mean),
         rows_(local.batch * local.num_heads * local.seq_len),
         delta_(device, static_cast<std::size_t>((mean ? branches : 1) * rows_)),
         d_q_(device, static_cast<std::size_t>(rows_ * local.head_dim)),
-        d_k_(device, static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len * local.head_dim)),
+        d_k_(device, static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len *
+                                              local.head_dim)),
         d_v_(device, d_k_.size()) {
     for (DeviceArray<float, Device>* a : {&delta_, &d_q_, &d_k_, &d_v_})
       device_.zero(a->data(), a->size() * sizeof(float));
@@ -82,7 +88,9 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   }
   // A buffer a transfer writes (returned partials): not zeroed, so that no stream operation
   // races the transport's copy into it.
-  GradientBuffer make_receive_buffer(std::size_t elements) const { return GradientBuffer(device_, elements); }
+  GradientBuffer make_receive_buffer(std::size_t elements) const {
+    return GradientBuffer(device_, elements);
+  }
   static void* gradient_bytes(GradientBuffer& buffer) { return buffer.data(); }
   static std::size_t gradient_element_size() { return sizeof(float); }
 
@@ -105,8 +113,9 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   // softmax: D = dO·O for every local row (the forward's LSE is read in place).
   void local_statistics() {
     if (mean_) return;
-    const device::DeltaParams p{out_.data, d_out_.data, strides(out_), strides(d_out_), delta_.data(),
-                                shape_.batch, shape_.num_heads, shape_.seq_len, shape_.head_dim};
+    const device::DeltaParams p{out_.data,        d_out_.data,    strides(out_),
+                                strides(d_out_),  delta_.data(),  shape_.batch,
+                                shape_.num_heads, shape_.seq_len, shape_.head_dim};
     device_.launch(&device::ring_delta_kernel<T>, grid_for(rows_), device::block_threads, 0, p);
   }
 
@@ -121,8 +130,9 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   void gradient(Workspace&, std::int64_t i, std::int64_t b, std::int64_t h, std::int64_t g,
                 const Progression& queries, const Progression& keys, const Buffer* received,
                 std::size_t element_offset, GradientBuffer* partials) {
-    backward_items_.push_back(item(mean_ ? i : 0, b, h, g, queries, keys, received, element_offset,
-                                   received != nullptr ? partials->data() + element_offset : nullptr));
+    backward_items_.push_back(
+        item(mean_ ? i : 0, b, h, g, queries, keys, received, element_offset,
+             received != nullptr ? partials->data() + element_offset : nullptr));
   }
 
   // Records the returned partials of this rank's rows `rows` of (b, g); flush_returned() adds them.
@@ -134,14 +144,23 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   void flush_returned() {
     if (returned_items_.empty()) return;
     const std::int64_t groups = shape_.batch * shape_.num_kv_heads;
-    const auto by_pair = [&](const device::ReturnedItem& r) { return r.batch * shape_.num_kv_heads + r.kv_head; };
+    const auto by_pair = [&](const device::ReturnedItem& r) {
+      return r.batch * shape_.num_kv_heads + r.kv_head;
+    };
     std::vector<device::ReturnedItem> sorted;
     const std::int64_t used = group_items(returned_items_, groups, by_pair, sorted);
     stage(sorted, returned_device_);
     stage(group_begin_, returned_groups_device_);
-    const device::ReturnedParams p{returned_device_.data(), returned_groups_device_.data(), d_k_.data(),
-                                   d_v_.data(), shape_.num_kv_heads, shape_.seq_len, tiles(), shape_.head_dim};
-    device_.launch(&device::ring_add_returned_kernel<float>, used * tiles(), device::block_threads, 0, p);
+    const device::ReturnedParams p{returned_device_.data(),
+                                   returned_groups_device_.data(),
+                                   d_k_.data(),
+                                   d_v_.data(),
+                                   shape_.num_kv_heads,
+                                   shape_.seq_len,
+                                   tiles(),
+                                   shape_.head_dim};
+    device_.launch(&device::ring_add_returned_kernel<float>, used * tiles(), device::block_threads,
+                   0, p);
     returned_items_.clear();
   }
 
@@ -154,11 +173,19 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
 
  private:
   device::BackwardItem item(std::int64_t set, std::int64_t b, std::int64_t h, std::int64_t g,
-                            const Progression& queries, const Progression& keys, const Buffer* received,
-                            std::size_t element_offset, float* partial) const {
-    return {set, b, h, g, queries, local_of(queries.first), keys,
+                            const Progression& queries, const Progression& keys,
+                            const Buffer* received, std::size_t element_offset,
+                            float* partial) const {
+    return {set,
+            b,
+            h,
+            g,
+            queries,
+            local_of(queries.first),
+            keys,
             received == nullptr ? local_of(keys.first) : -1,
-            received == nullptr ? nullptr : received->data() + element_offset, partial};
+            received == nullptr ? nullptr : received->data() + element_offset,
+            partial};
   }
   // A stable counting sort of `items` by group (the driver's order kept within a group), the
   // empty groups left out (no thread block is launched for them): group_begin_ holds the
@@ -171,7 +198,8 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     for (std::size_t g = 1; g < begin.size(); ++g) begin[g] += begin[g - 1];
     std::vector<std::int64_t> next(begin.begin(), begin.end() - 1);
     sorted.resize(items.size());
-    for (const Item& it : items) sorted[static_cast<std::size_t>(next[static_cast<std::size_t>(key(it))]++)] = it;
+    for (const Item& it : items)
+      sorted[static_cast<std::size_t>(next[static_cast<std::size_t>(key(it))]++)] = it;
     group_begin_.clear();
     for (std::size_t g = 0; g + 1 < begin.size(); ++g)
       if (begin[g + 1] > begin[g]) group_begin_.push_back(begin[g]);
@@ -179,34 +207,64 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     group_begin_.push_back(static_cast<std::int64_t>(items.size()));
     return used;
   }
-  device::RingBackwardParams params(const device::BackwardItem* items, const std::int64_t* groups) const {
-    return {items, groups, q_.data, k_.data, v_.data, d_out_.data, strides(q_), strides(k_), strides(v_),
-            strides(d_out_), lse_, delta_.data(), d_q_.data(), d_k_.data(), d_v_.data(), shape_.batch,
-            shape_.num_heads, shape_.num_kv_heads, shape_.seq_len, tiles(), scale_, weight_, causal_};
+  device::RingBackwardParams params(const device::BackwardItem* items,
+                                    const std::int64_t* groups) const {
+    return {items,
+            groups,
+            q_.data,
+            k_.data,
+            v_.data,
+            d_out_.data,
+            strides(q_),
+            strides(k_),
+            strides(v_),
+            strides(d_out_),
+            lse_,
+            delta_.data(),
+            d_q_.data(),
+            d_k_.data(),
+            d_v_.data(),
+            shape_.batch,
+            shape_.num_heads,
+            shape_.num_kv_heads,
+            shape_.seq_len,
+            tiles(),
+            scale_,
+            weight_,
+            causal_};
   }
   // Statistics or dQ: groups (batch, query head).
   void launch_query_side(const std::vector<device::BackwardItem>& items, bool statistics) {
     const std::int64_t groups = shape_.batch * shape_.num_heads;
-    const auto by_head = [&](const device::BackwardItem& it) { return it.batch * shape_.num_heads + it.head; };
+    const auto by_head = [&](const device::BackwardItem& it) {
+      return it.batch * shape_.num_heads + it.head;
+    };
     const std::int64_t used = group_items(items, groups, by_head, sorted_);
     stage(sorted_, query_items_device_);
     stage(group_begin_, query_groups_device_);
-    const device::RingBackwardParams p = params(query_items_device_.data(), query_groups_device_.data());
-    if (statistics) dispatch<true, false>(p, used * tiles());
-    else dispatch<false, false>(p, used * tiles());
+    const device::RingBackwardParams p =
+        params(query_items_device_.data(), query_groups_device_.data());
+    if (statistics)
+      dispatch<true, false>(p, used * tiles());
+    else
+      dispatch<false, false>(p, used * tiles());
   }
   // dK and dV: groups (batch, kv head).
   void launch_key_side() {
     const std::int64_t groups = shape_.batch * shape_.num_kv_heads;
-    const auto by_pair = [&](const device::BackwardItem& it) { return it.batch * shape_.num_kv_heads + it.kv_head; };
+    const auto by_pair = [&](const device::BackwardItem& it) {
+      return it.batch * shape_.num_kv_heads + it.kv_head;
+    };
     const std::int64_t used = group_items(backward_items_, groups, by_pair, sorted_);
     stage(sorted_, key_items_device_);
     stage(group_begin_, key_groups_device_);
-    dispatch<false, true>(params(key_items_device_.data(), key_groups_device_.data()), used * tiles());
+    dispatch<false, true>(params(key_items_device_.data(), key_groups_device_.data()),
+                          used * tiles());
   }
   template <bool Statistics, bool Keys>
   void dispatch(const device::RingBackwardParams& p, std::int64_t blocks) {
-    const std::size_t shared = static_cast<std::size_t>(device::block_warps * 2 * shape_.head_dim) * sizeof(float);
+    const std::size_t shared =
+        static_cast<std::size_t>(device::block_warps * 2 * shape_.head_dim) * sizeof(float);
     switch (shape_.head_dim) {
       case 32: launch_one<Statistics, Keys, 32>(p, blocks, shared); break;
       case 64: launch_one<Statistics, Keys, 64>(p, blocks, shared); break;
@@ -216,15 +274,22 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   }
   template <bool Statistics, bool Keys, int D>
   void launch_one(const device::RingBackwardParams& p, std::int64_t blocks, std::size_t shared) {
-    if constexpr (Keys) device_.launch(&device::ring_key_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
-    else if constexpr (Statistics) device_.launch(&device::ring_statistics_kernel<T, D>, blocks, device::block_threads, shared, p);
-    else device_.launch(&device::ring_query_gradient_kernel<T, D>, blocks, device::block_threads, shared, p);
+    if constexpr (Keys)
+      device_.launch(&device::ring_key_gradient_kernel<T, D>, blocks, device::block_threads, shared,
+                     p);
+    else if constexpr (Statistics)
+      device_.launch(&device::ring_statistics_kernel<T, D>, blocks, device::block_threads, shared,
+                     p);
+    else
+      device_.launch(&device::ring_query_gradient_kernel<T, D>, blocks, device::block_threads,
+                     shared, p);
   }
   void cast(const DeviceArray<float, Device>& from, View<T> to, std::int64_t heads) const {
     const std::int64_t elements = shape_.batch * heads * shape_.seq_len * shape_.head_dim;
-    const device::CastParams p{from.data(), to.data, strides(to), shape_.batch, heads, shape_.seq_len,
-                               shape_.head_dim};
-    device_.launch(&device::ring_gradient_cast_kernel<T>, grid_for(elements), device::block_threads, 0, p);
+    const device::CastParams p{from.data(), to.data,        strides(to),    shape_.batch,
+                               heads,       shape_.seq_len, shape_.head_dim};
+    device_.launch(&device::ring_gradient_cast_kernel<T>, grid_for(elements), device::block_threads,
+                   0, p);
   }
 
   using Base::device_;
@@ -250,7 +315,8 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
   std::vector<std::int64_t> group_begin_;
   DeviceArray<device::BackwardItem, Device> query_items_device_, key_items_device_;
   DeviceArray<device::ReturnedItem, Device> returned_device_;
-  DeviceArray<std::int64_t, Device> query_groups_device_, key_groups_device_, returned_groups_device_;
+  DeviceArray<std::int64_t, Device> query_groups_device_, key_groups_device_,
+      returned_groups_device_;
 };
 
 }  // namespace dilated_attention::ring

@@ -31,9 +31,10 @@ namespace dilated_attention::ring {
 // only when every rank succeeded and not waited for: the gradients are written once the stream
 // reaches that point.
 template <class T, class Device>
-Stats backward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
-                         const Inputs<T>& inputs, const Outputs<const T>& forward_outputs,
-                         View<const T> d_out, const Gradients<T>& gradients, const CommonOptions& options) {
+Stats backward_on_device(Device device, const Config& config, const Shape& shape,
+                         Transport& transport, const Inputs<T>& inputs,
+                         const Outputs<const T>& forward_outputs, View<const T> d_out,
+                         const Gradients<T>& gradients, const CommonOptions& options) {
   const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
   const View<const T> out = forward_outputs.out;
   const float* lse = forward_outputs.lse;
@@ -45,18 +46,24 @@ Stats backward_on_device(Device device, const Config& config, const Shape& shape
                           gradients.d_v);
         dilated_attention::cuda::check_backend_limits(config, local);
         const char* element = "every tensor element must be aligned to its type";
-        const std::pair<const void*, const char*> tensors[] = {
-            {q.data, "q.data"},         {k.data, "k.data"},     {v.data, "v.data"},
-            {out.data, "out.data"},     {d_out.data, "d_out.data"}, {gradients.d_q.data, "d_q.data"},
-            {gradients.d_k.data, "d_k.data"}, {gradients.d_v.data, "d_v.data"}};
+        const std::pair<const void*, const char*> tensors[] = {{q.data, "q.data"},
+                                                               {k.data, "k.data"},
+                                                               {v.data, "v.data"},
+                                                               {out.data, "out.data"},
+                                                               {d_out.data, "d_out.data"},
+                                                               {gradients.d_q.data, "d_q.data"},
+                                                               {gradients.d_k.data, "d_k.data"},
+                                                               {gradients.d_v.data, "d_v.data"}};
         for (const auto& [data, name] : tensors)
           dilated_attention::cuda::check_alignment(data, alignof(T), name, element);
-        dilated_attention::cuda::check_alignment(lse, alignof(float), "lse", "lse is an array of float");
+        dilated_attention::cuda::check_alignment(lse, alignof(float), "lse",
+                                                 "lse is an array of float");
       },
       [&](const Shape& local, std::vector<Chunk> chunks) {
         return std::make_unique<CudaBackwardBackend<T, Device>>(
-            device, local, std::move(chunks), q, k, v, out, lse, d_out, resolved_scale(config, shape),
-            config.causal, static_cast<std::int64_t>(config.segment_lengths.size()),
+            device, local, std::move(chunks), q, k, v, out, lse, d_out,
+            resolved_scale(config, shape), config.causal,
+            static_cast<std::int64_t>(config.segment_lengths.size()),
             config.mixing == Mixing::mean);
       },
       [&](CudaBackwardBackend<T, Device>& backend) {

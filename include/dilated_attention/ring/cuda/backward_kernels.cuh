@@ -35,7 +35,7 @@ namespace dilated_attention::ring::device {
 // One block of a step: query rows of one head against the keys of one (branch, segment, offset).
 struct BackwardItem {
   std::int64_t set, batch, head, kv_head;  // set: the branch's row statistics (mean), else 0
-  Progression queries;     // global positions (the causal cut compares these)
+  Progression queries;                     // global positions (the causal cut compares these)
   std::int64_t query_row;  // local row of queries.first; query j sits at query_row + j * stride
   Progression keys;        // global positions
   std::int64_t key_row;    // local row of keys.first, when the keys are the shard's own
@@ -45,7 +45,8 @@ struct BackwardItem {
 
 struct RingBackwardParams {
   const BackwardItem* items;
-  const std::int64_t* group_begin;  // items of (non-empty) group g: [group_begin[g], group_begin[g + 1])
+  const std::int64_t*
+      group_begin;  // items of (non-empty) group g: [group_begin[g], group_begin[g + 1])
   const void *q, *k, *v, *d_out;
   Strides q_strides, k_strides, v_strides, d_out_strides;
   float* lse;    // [set][batch][heads][rows]: the forward's LSE (softmax) or each branch's (mean)
@@ -74,8 +75,8 @@ __device__ __forceinline__ float dot(const float* shared_row, const T* row, int 
 }
 
 // The statistics of one (set, batch, head, local row): its index in lse / delta.
-__device__ __forceinline__ std::int64_t statistic(const RingBackwardParams& p, const BackwardItem& item,
-                                                  std::int64_t row) {
+__device__ __forceinline__ std::int64_t statistic(const RingBackwardParams& p,
+                                                  const BackwardItem& item, std::int64_t row) {
   return ((item.set * p.batch + item.batch) * p.heads + item.head) * p.rows + row;
 }
 
@@ -88,12 +89,12 @@ __device__ void query_side(const RingBackwardParams& p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
-  using dilated_attention::cuda::device::to_float;
+  using backward_detail::dot;
   using dilated_attention::cuda::device::ScoreBase;
+  using dilated_attention::cuda::device::to_float;
   using dilated_attention::cuda::device::warp_online_softmax_step;
   using dilated_attention::cuda::device::warp_sum;
   using dilated_attention::cuda::device::WarpSoftmaxStep;
-  using backward_detail::dot;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -101,7 +102,8 @@ __device__ void query_side(const RingBackwardParams& p) {
   float* const upstream = query + D;  // dO of the row
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
   const std::int64_t row_lo = tile * block_query_rows;
-  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
+  const std::int64_t row_hi =
+      row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const BackwardItem item = p.items[index];
@@ -120,8 +122,10 @@ __device__ void query_side(const RingBackwardParams& p) {
       const float row_delta = Statistics ? 0.f : p.delta[at];
       std::int64_t limit = p.causal ? item.keys.count_up_to(x) : item.keys.count;
       if (!Statistics && row_lse == -inf) limit = 0;  // an empty row: nothing flows back
-      const T* const q_row = backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
-      const T* const g_row = backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
+      const T* const q_row =
+          backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
+      const T* const g_row =
+          backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
       __syncwarp();  // the previous row is no longer read
       for (int d = lane; d < D; d += 32) {
         query[d] = to_float(q_row[d]);
@@ -137,16 +141,19 @@ __device__ void query_side(const RingBackwardParams& p) {
         const bool valid = j < limit;
         float score = -inf, d_prob = 0.f;
         if (valid) {
-          const T* const k_row = packed != nullptr ? packed + j * D
-                                                   : k_base + (item.key_row + j * item.keys.stride) * p.k_strides.seq;
-          const T* const v_row = packed != nullptr ? packed + (item.keys.count + j) * D
-                                                   : v_base + (item.key_row + j * item.keys.stride) * p.v_strides.seq;
+          const T* const k_row =
+              packed != nullptr ? packed + j * D
+                                : k_base + (item.key_row + j * item.keys.stride) * p.k_strides.seq;
+          const T* const v_row =
+              packed != nullptr ? packed + (item.keys.count + j) * D
+                                : v_base + (item.key_row + j * item.keys.stride) * p.v_strides.seq;
           score = dot(query, k_row, D) * p.scale;
           d_prob = dot(upstream, v_row, D);
         }
         if constexpr (Statistics) {
           // Online softmax of the block's scores; row_dot accumulates p_j (dO·v_j) beside it.
-          const WarpSoftmaxStep step = warp_online_softmax_step<ScoreBase::e>(row_max, row_sum, score, valid);
+          const WarpSoftmaxStep step =
+              warp_online_softmax_step<ScoreBase::e>(row_max, row_sum, score, valid);
           row_dot = row_dot * step.factor + warp_sum(step.prob * d_prob);
         } else {
           const float prob = valid ? expf(score - row_lse) : 0.f;
@@ -155,10 +162,13 @@ __device__ void query_side(const RingBackwardParams& p) {
           for (int jj = 0; jj < here; ++jj) {
             const float ds = __shfl_sync(0xffffffffu, d_score, jj);
             const std::int64_t key = chunk + jj;
-            const T* const k_row = packed != nullptr ? packed + key * D
-                                                     : k_base + (item.key_row + key * item.keys.stride) * p.k_strides.seq;
+            const T* const k_row =
+                packed != nullptr
+                    ? packed + key * D
+                    : k_base + (item.key_row + key * item.keys.stride) * p.k_strides.seq;
 #pragma unroll
-            for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(ds, to_float(k_row[lane + 32 * e]), acc[e]);
+            for (int e = 0; e < per_lane; ++e)
+              acc[e] = fmaf(ds, to_float(k_row[lane + 32 * e]), acc[e]);
           }
         }
       }
@@ -182,24 +192,27 @@ __device__ void query_side(const RingBackwardParams& p) {
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_statistics_kernel(const RingBackwardParams p) {
+__global__ void __launch_bounds__(block_threads)
+    ring_statistics_kernel(const RingBackwardParams p) {
   query_side<T, D, true>(p);
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_query_gradient_kernel(const RingBackwardParams p) {
+__global__ void __launch_bounds__(block_threads)
+    ring_query_gradient_kernel(const RingBackwardParams p) {
   query_side<T, D, false>(p);
 }
 
 // dK and dV of a step's blocks: one warp per key row, its k and v rows in shared memory; the
 // visible queries in chunks of 32 (lane i: query i of the chunk).
 template <class T, int D>
-__global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const RingBackwardParams p) {
+__global__ void __launch_bounds__(block_threads)
+    ring_key_gradient_kernel(const RingBackwardParams p) {
   static_assert(D % 32 == 0 && D <= 128, "head_dim must be a multiple of 32, at most 128");
   constexpr int per_lane = D / 32;
   const float inf = __int_as_float(0x7f800000);
-  using dilated_attention::cuda::device::to_float;
   using backward_detail::dot;
+  using dilated_attention::cuda::device::to_float;
 
   extern __shared__ float ring_query_rows[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -207,22 +220,28 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
   float* const value = key + D;
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
   const std::int64_t row_lo = tile * block_query_rows;
-  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
+  const std::int64_t row_hi =
+      row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const BackwardItem item = p.items[index];
     const T* const packed = static_cast<const T*>(item.received);
     // Destination rows: local key rows, or row j of the received piece.
-    const Progression destination = packed != nullptr ? Progression{0, 1, item.keys.count}
-                                                       : Progression{item.key_row, item.keys.stride, item.keys.count};
+    const Progression destination =
+        packed != nullptr ? Progression{0, 1, item.keys.count}
+                          : Progression{item.key_row, item.keys.stride, item.keys.count};
     const Progression mine = destination.within(row_lo, row_hi);
     for (std::int64_t m = warp; m < mine.count; m += block_warps) {
       const std::int64_t j = destination.index_of(mine.at(m));
       const std::int64_t y = item.keys.at(j);
-      const T* const k_row = packed != nullptr ? packed + j * D
-                                               : backward_detail::row_of<T>(p.k, p.k_strides, item.batch, mine.at(m), item.kv_head);
-      const T* const v_row = packed != nullptr ? packed + (item.keys.count + j) * D
-                                               : backward_detail::row_of<T>(p.v, p.v_strides, item.batch, mine.at(m), item.kv_head);
+      const T* const k_row =
+          packed != nullptr
+              ? packed + j * D
+              : backward_detail::row_of<T>(p.k, p.k_strides, item.batch, mine.at(m), item.kv_head);
+      const T* const v_row =
+          packed != nullptr
+              ? packed + (item.keys.count + j) * D
+              : backward_detail::row_of<T>(p.v, p.v_strides, item.batch, mine.at(m), item.kv_head);
       __syncwarp();
       for (int d = lane; d < D; d += 32) {
         key[d] = to_float(k_row[d]);
@@ -241,8 +260,12 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
           const std::int64_t at = backward_detail::statistic(p, item, row);
           const float row_lse = p.lse[at];
           if (row_lse != -inf) {
-            const float score = dot(key, backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head), D);
-            const float d_prob = dot(value, backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head), D);
+            const float score = dot(
+                key, backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head), D);
+            const float d_prob = dot(
+                value,
+                backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head),
+                D);
             prob = expf(score * p.scale - row_lse);
             d_score = p.scale * prob * (p.weight * d_prob - p.delta[at]);
           }
@@ -252,8 +275,10 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
           const float p_i = __shfl_sync(0xffffffffu, prob, ii);
           const float ds_i = __shfl_sync(0xffffffffu, d_score, ii);
           const std::int64_t row = item.query_row + (chunk + ii) * item.queries.stride;
-          const T* const q_row = backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
-          const T* const g_row = backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
+          const T* const q_row =
+              backward_detail::row_of<T>(p.q, p.q_strides, item.batch, row, item.head);
+          const T* const g_row =
+              backward_detail::row_of<T>(p.d_out, p.d_out_strides, item.batch, row, item.head);
 #pragma unroll
           for (int e = 0; e < per_lane; ++e) {
             acc_k[e] = fmaf(ds_i, to_float(q_row[lane + 32 * e]), acc_k[e]);
@@ -267,7 +292,8 @@ __global__ void __launch_bounds__(block_threads) ring_key_gradient_kernel(const 
         d_k_row = item.partial + j * D;
         d_v_row = item.partial + (item.keys.count + j) * D;
       } else {
-        const std::int64_t at = ((item.batch * p.kv_heads + item.kv_head) * p.rows + mine.at(m)) * D;
+        const std::int64_t at =
+            ((item.batch * p.kv_heads + item.kv_head) * p.rows + mine.at(m)) * D;
         d_k_row = p.d_k + at;
         d_v_row = p.d_v + at;
       }

@@ -60,14 +60,16 @@ template <class V = float>
 __global__ void __launch_bounds__(block_threads) ring_add_returned_kernel(const ReturnedParams p) {
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
   const std::int64_t row_lo = tile * block_query_rows;
-  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
+  const std::int64_t row_hi =
+      row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const ReturnedItem item = p.items[index];
     const Progression mine = item.rows.within(row_lo, row_hi);
     for (std::int64_t e = threadIdx.x; e < mine.count * p.head_dim; e += blockDim.x) {
       const std::int64_t row = mine.at(e / p.head_dim), d = e % p.head_dim;
       const std::int64_t j = item.rows.index_of(row);
-      const std::int64_t at = ((item.batch * p.kv_heads + item.kv_head) * p.rows + row) * p.head_dim + d;
+      const std::int64_t at =
+          ((item.batch * p.kv_heads + item.kv_head) * p.rows + row) * p.head_dim + d;
       p.d_k[at] += static_cast<V>(item.partial[j * p.head_dim + d]);
       p.d_v[at] += static_cast<V>(item.partial[(item.rows.count + j) * p.head_dim + d]);
     }
@@ -86,11 +88,12 @@ struct CastParams {
 template <class T>
 __global__ void __launch_bounds__(block_threads) ring_gradient_cast_kernel(const CastParams p) {
   const std::int64_t elements = p.batch * p.heads * p.rows * p.head_dim;
-  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < elements;
-       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       e < elements; e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t d = e % p.head_dim, row = e / p.head_dim;
     const std::int64_t x = row % p.rows, h = (row / p.rows) % p.heads, b = row / (p.rows * p.heads);
-    static_cast<T*>(p.to)[b * p.to_strides.batch + x * p.to_strides.seq + h * p.to_strides.head + d] =
+    static_cast<T*>(
+        p.to)[b * p.to_strides.batch + x * p.to_strides.seq + h * p.to_strides.head + d] =
         static_cast<T>(p.from[e]);
   }
 }

@@ -38,27 +38,31 @@ namespace dilated_attention::ring::cuda {
 // the ranks exchange verdicts. drive_progress does not apply (the host only records and launches).
 template <class T>
 Stats forward(const Config& config, const Shape& shape, Transport& transport,
-              const Inputs<dilated_attention::detail::identity_t<T>>& inputs, const Outputs<T>& outputs,
-              const Options& options = {}) {
-  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>,
-                "dilated_attention::ring::cuda::forward supports __half, __nv_bfloat16 and float");
-  return forward_on_device<T>(CudaStreamDevice{options.device.stream}, config, shape, transport, inputs,
-                              outputs, options);
+              const Inputs<dilated_attention::detail::identity_t<T>>& inputs,
+              const Outputs<T>& outputs, const Options& options = {}) {
+  static_assert(
+      std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, float>,
+      "dilated_attention::ring::cuda::forward supports __half, __nv_bfloat16 and float");
+  return forward_on_device<T>(CudaStreamDevice{options.device.stream}, config, shape, transport,
+                              inputs, outputs, options);
 }
 
 // The positional spelling of 0.1 (ring::Options and the stream apart). Unlike the new call, it
 // still returns once O and LSE are written (it synchronises the stream), as it always did.
 template <class T>
-[[deprecated("use ring::cuda::forward(config, shape, transport, {q, k, v}, {out, lse}, options) with options.device.stream; removed in 0.2.0")]]
-Stats forward(const Config& config, const Shape& shape, Transport& transport,
-              View<const dilated_attention::detail::identity_t<T>> q,
-              View<const dilated_attention::detail::identity_t<T>> k,
-              View<const dilated_attention::detail::identity_t<T>> v, View<T> out, float* lse = nullptr,
-              const dilated_attention::ring::Options& options = {}, cudaStream_t stream = nullptr) {
+[[deprecated(
+    "use ring::cuda::forward(config, shape, transport, {q, k, v}, {out, lse}, options) with "
+    "options.device.stream; removed in 0.2.0")]] Stats
+forward(const Config& config, const Shape& shape, Transport& transport,
+        View<const dilated_attention::detail::identity_t<T>> q,
+        View<const dilated_attention::detail::identity_t<T>> k,
+        View<const dilated_attention::detail::identity_t<T>> v, View<T> out, float* lse = nullptr,
+        const dilated_attention::ring::Options& options = {}, cudaStream_t stream = nullptr) {
   Options device_options;
   static_cast<CommonOptions&>(device_options) = options;
   device_options.device.stream = stream;
-  const Stats stats = forward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<T>{out, lse}, device_options);
+  const Stats stats = forward<T>(config, shape, transport, Inputs<T>{q, k, v}, Outputs<T>{out, lse},
+                                 device_options);
   CudaStreamDevice{stream}.synchronize();
   return stats;
 }

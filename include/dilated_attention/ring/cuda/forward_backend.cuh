@@ -65,9 +65,11 @@ class CudaForwardBackend : public CudaShard<T, Device> {
   // local: the shard's shape (seq_len = N / P); chunks: which global rows the views hold;
   // accumulators: 1 for softmax mixing, G for mean mixing. q, k, v are device views.
   CudaForwardBackend(Device device, const Shape& local, std::vector<Chunk> chunks, View<const T> q,
-              View<const T> k, View<const T> v, double scale, bool causal, std::int64_t accumulators)
+                     View<const T> k, View<const T> v, double scale, bool causal,
+                     std::int64_t accumulators)
       : Base(device, local, std::move(chunks), q, k, v),
-        scale_log2_(static_cast<float>(scale * 1.4426950408889634)), causal_(causal),
+        scale_log2_(static_cast<float>(scale * 1.4426950408889634)),
+        causal_(causal),
         accumulators_(accumulators),
         acc_o_(device, static_cast<std::size_t>(accumulators * rows_per_slot() * local.head_dim)),
         acc_lse_(device, static_cast<std::size_t>(accumulators * rows_per_slot())) {
@@ -97,17 +99,42 @@ class CudaForwardBackend : public CudaShard<T, Device> {
     stage(items_, items_device_);
     stage(group_begin_, groups_device_);
     const std::int64_t tiles = this->tiles();
-    const device::AttendParams p{items_device_.data(), groups_device_.data(), q_.data, k_.data,
-                                 v_.data, strides(q_), strides(k_), strides(v_), acc_o_.data(),
-                                 acc_lse_.data(), shape_.batch, shape_.num_heads, shape_.seq_len,
-                                 tiles, scale_log2_, causal_};
+    const device::AttendParams p{items_device_.data(),
+                                 groups_device_.data(),
+                                 q_.data,
+                                 k_.data,
+                                 v_.data,
+                                 strides(q_),
+                                 strides(k_),
+                                 strides(v_),
+                                 acc_o_.data(),
+                                 acc_lse_.data(),
+                                 shape_.batch,
+                                 shape_.num_heads,
+                                 shape_.seq_len,
+                                 tiles,
+                                 scale_log2_,
+                                 causal_};
     const std::int64_t blocks = shape_.batch * shape_.num_heads * tiles;
-    const std::size_t shared = static_cast<std::size_t>(device::block_warps * shape_.head_dim) * sizeof(float);
+    const std::size_t shared =
+        static_cast<std::size_t>(device::block_warps * shape_.head_dim) * sizeof(float);
     switch (shape_.head_dim) {
-      case 32: device_.launch(&device::ring_attend_merge_kernel<T, 32>, blocks, device::block_threads, shared, p); break;
-      case 64: device_.launch(&device::ring_attend_merge_kernel<T, 64>, blocks, device::block_threads, shared, p); break;
-      case 96: device_.launch(&device::ring_attend_merge_kernel<T, 96>, blocks, device::block_threads, shared, p); break;
-      default: device_.launch(&device::ring_attend_merge_kernel<T, 128>, blocks, device::block_threads, shared, p); break;
+      case 32:
+        device_.launch(&device::ring_attend_merge_kernel<T, 32>, blocks, device::block_threads,
+                       shared, p);
+        break;
+      case 64:
+        device_.launch(&device::ring_attend_merge_kernel<T, 64>, blocks, device::block_threads,
+                       shared, p);
+        break;
+      case 96:
+        device_.launch(&device::ring_attend_merge_kernel<T, 96>, blocks, device::block_threads,
+                       shared, p);
+        break;
+      default:
+        device_.launch(&device::ring_attend_merge_kernel<T, 128>, blocks, device::block_threads,
+                       shared, p);
+        break;
     }
   }
 
@@ -125,9 +152,9 @@ class CudaForwardBackend : public CudaShard<T, Device> {
   // Writes the shard's O and LSE (device memory), asynchronously on the stream.
   void finish(View<T> out, float* lse) const {
     const std::int64_t elements = rows_per_slot() * shape_.head_dim;
-    const device::FinishParams p{acc_o_.data(), acc_lse_.data(), out.data, strides(out), lse,
-                                 accumulators_, shape_.batch, shape_.num_heads, shape_.seq_len,
-                                 shape_.head_dim};
+    const device::FinishParams p{
+        acc_o_.data(), acc_lse_.data(), out.data,         strides(out),   lse,
+        accumulators_, shape_.batch,    shape_.num_heads, shape_.seq_len, shape_.head_dim};
     device_.launch(&device::ring_finish_kernel<T>, grid_for(elements), device::block_threads, 0, p);
   }
 
@@ -160,16 +187,20 @@ namespace detail {
 // type): bytes * 1000 + mantissa digits, as describe_call writes it for the others.
 template <class T>
 std::int64_t device_storage_code() {
-  if constexpr (sizeof(T) == 4) return 4024;
-  else if constexpr (std::is_same_v<T, __half>) return 2011;
-  else return 2008;
+  if constexpr (sizeof(T) == 4)
+    return 4024;
+  else if constexpr (std::is_same_v<T, __half>)
+    return 2011;
+  else
+    return 2008;
 }
 
 // The agreement record of a device call: describe_call's, with the storage field for T.
 template <class T>
 CallRecord describe_device_call(const Config& config, const Shape& shape, Layout layout,
                                 CallOperation operation) {
-  CallRecord record = describe_call<float>(config, shape, static_cast<std::int64_t>(layout), operation);
+  CallRecord record =
+      describe_call<float>(config, shape, static_cast<std::int64_t>(layout), operation);
   record.fields[CallRecord::storage_field] = device_storage_code<T>();
   return record;
 }
@@ -183,8 +214,9 @@ CallRecord describe_device_call(const Config& config, const Shape& shape, Layout
 // NOT waited for: the call returns with O and LSE written once the stream reaches that point
 // (one host synchronisation per call, none per step, none after the commit).
 template <class T, class Device>
-Stats forward_on_device(Device device, const Config& config, const Shape& shape, Transport& transport,
-                        const Inputs<T>& inputs, const Outputs<T>& outputs, const CommonOptions& options) {
+Stats forward_on_device(Device device, const Config& config, const Shape& shape,
+                        Transport& transport, const Inputs<T>& inputs, const Outputs<T>& outputs,
+                        const CommonOptions& options) {
   const View<const T> q = inputs.q, k = inputs.k, v = inputs.v;
   return run_ring_call<CallOperation::forward>(
       config, shape, transport, options,
@@ -198,14 +230,16 @@ Stats forward_on_device(Device device, const Config& config, const Shape& shape,
         dilated_attention::cuda::check_alignment(v.data, alignof(T), "v.data", element);
         dilated_attention::cuda::check_alignment(outputs.out.data, alignof(T), "out.data", element);
         if (outputs.lse != nullptr)
-          dilated_attention::cuda::check_alignment(outputs.lse, alignof(float), "lse", "lse is an array of float");
+          dilated_attention::cuda::check_alignment(outputs.lse, alignof(float), "lse",
+                                                   "lse is an array of float");
       },
       [&](const Shape& local, std::vector<Chunk> chunks) {
         const std::int64_t accumulators =
-            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size()) : 1;
-        return std::make_unique<CudaForwardBackend<T, Device>>(device, local, std::move(chunks), q, k, v,
-                                                               resolved_scale(config, shape), config.causal,
-                                                               accumulators);
+            config.mixing == Mixing::mean ? static_cast<std::int64_t>(config.segment_lengths.size())
+                                          : 1;
+        return std::make_unique<CudaForwardBackend<T, Device>>(device, local, std::move(chunks), q,
+                                                               k, v, resolved_scale(config, shape),
+                                                               config.causal, accumulators);
       },
       [&](CudaForwardBackend<T, Device>& backend) { backend.finish(outputs.out, outputs.lse); });
 }

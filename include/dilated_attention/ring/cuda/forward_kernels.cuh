@@ -30,7 +30,8 @@ namespace dilated_attention::ring::device {
 
 inline constexpr int block_warps = 4;
 inline constexpr int block_threads = 32 * block_warps;
-inline constexpr int block_query_rows = 64;  // local query rows per thread block of the attend kernel
+inline constexpr int block_query_rows =
+    64;  // local query rows per thread block of the attend kernel
 
 // Element strides of a [batch, seq, heads, head_dim] tensor.
 struct Strides {
@@ -82,8 +83,8 @@ struct AttendParams {
   const std::int64_t* group_begin;  // items of group (batch * heads + head): [begin[g], begin[g+1])
   const void *q, *k, *v;
   Strides q_strides, k_strides, v_strides;
-  float* acc_o;    // [slot][batch][heads][rows][head_dim]
-  float* acc_lse;  // [slot][batch][heads][rows]
+  float* acc_o;                     // [slot][batch][heads][rows][head_dim]
+  float* acc_lse;                   // [slot][batch][heads][rows]
   std::int64_t batch, heads, rows;  // the local shape (rows = N / P)
   std::int64_t tiles;               // ceil(rows / block_query_rows)
   float scale_log2;                 // scale * log2(e)
@@ -104,7 +105,8 @@ __global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const 
   float* const query = ring_query_rows + warp * D;
   const std::int64_t group = blockIdx.x / p.tiles, tile = blockIdx.x % p.tiles;
   const std::int64_t row_lo = tile * block_query_rows;
-  const std::int64_t row_hi = row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
+  const std::int64_t row_hi =
+      row_lo + block_query_rows < p.rows ? row_lo + block_query_rows : p.rows;
 
   for (std::int64_t index = p.group_begin[group]; index < p.group_begin[group + 1]; ++index) {
     const AttendItem item = p.items[index];
@@ -133,9 +135,9 @@ __global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const 
         const bool valid = j < limit;
         float score = -inf;
         if (valid) {
-          const T* const k_row = packed != nullptr
-                                     ? packed + j * D
-                                     : k_base + (item.key_row + j * item.keys.stride) * p.k_strides.seq;
+          const T* const k_row =
+              packed != nullptr ? packed + j * D
+                                : k_base + (item.key_row + j * item.keys.stride) * p.k_strides.seq;
           float dot = 0.f;
 #pragma unroll 8
           for (int d = 0; d < D; ++d) dot = fmaf(query[d], to_float(k_row[d]), dot);
@@ -146,17 +148,20 @@ __global__ void __launch_bounds__(block_threads) ring_attend_merge_kernel(const 
         for (int jj = 0; jj < here; ++jj) {
           const float p_j = __shfl_sync(0xffffffffu, prob, jj);
           const std::int64_t key = chunk + jj;
-          const T* const v_row = packed != nullptr
-                                     ? packed + (item.keys.count + key) * D
-                                     : v_base + (item.key_row + key * item.keys.stride) * p.v_strides.seq;
+          const T* const v_row =
+              packed != nullptr
+                  ? packed + (item.keys.count + key) * D
+                  : v_base + (item.key_row + key * item.keys.stride) * p.v_strides.seq;
 #pragma unroll
-          for (int e = 0; e < per_lane; ++e) acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
+          for (int e = 0; e < per_lane; ++e)
+            acc[e] = fmaf(p_j, to_float(v_row[lane + 32 * e]), acc[e]);
         }
       }
       // The block's partial (o = acc / sum, lse), merged into the running accumulator.
       const float lse = row_sum > 0.f ? (row_max + log2f(row_sum)) * ln2 : -inf;
       const float inverse = row_sum > 0.f ? 1.f / row_sum : 0.f;
-      const std::int64_t at = ((item.slot * p.batch + item.batch) * p.heads + item.head) * p.rows + row;
+      const std::int64_t at =
+          ((item.slot * p.batch + item.batch) * p.heads + item.head) * p.rows + row;
       const MergeWeights<float> w = merge_weights(p.acc_lse[at], lse);
       float* const acc_row = p.acc_o + at * D;
 #pragma unroll
@@ -184,7 +189,8 @@ __global__ void __launch_bounds__(block_threads) ring_finish_kernel(const Finish
   const std::int64_t stride_per_slot = p.batch * p.heads * p.rows;
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        e < elements; e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t d = e % p.head_dim, row = e / p.head_dim;  // row = (b * heads + h) * rows + x
+    const std::int64_t d = e % p.head_dim,
+                       row = e / p.head_dim;  // row = (b * heads + h) * rows + x
     const std::int64_t x = row % p.rows, h = (row / p.rows) % p.heads, b = row / (p.rows * p.heads);
     float o = 0.f, row_lse = negative_infinity<float>();
     for (std::int64_t slot = 0; slot < p.accumulators; ++slot) {
@@ -192,7 +198,8 @@ __global__ void __launch_bounds__(block_threads) ring_finish_kernel(const Finish
       row_lse = log_add_exp(row_lse, p.acc_lse[slot * stride_per_slot + row]);
     }
     if (p.accumulators != 1) o *= 1.f / static_cast<float>(p.accumulators);
-    static_cast<T*>(p.out)[b * p.out_strides.batch + x * p.out_strides.seq + h * p.out_strides.head + d] =
+    static_cast<T*>(
+        p.out)[b * p.out_strides.batch + x * p.out_strides.seq + h * p.out_strides.head + d] =
         static_cast<T>(o);
     if (p.lse != nullptr && d == 0) p.lse[row] = row_lse;
   }
@@ -208,8 +215,8 @@ struct FillParams {
 // every translation unit that includes this header may define it.
 template <class V = float>
 __global__ void __launch_bounds__(block_threads) ring_fill_kernel(const FillParams p) {
-  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < p.count;
-       e += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       e < p.count; e += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     p.data[e] = static_cast<V>(p.value);
 }
 

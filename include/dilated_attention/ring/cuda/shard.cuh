@@ -36,7 +36,8 @@ class DeviceArray {
         data_(static_cast<T*>(device_.allocate(std::max<std::size_t>(count, 1) * sizeof(T)))),
         count_(count) {}
   DeviceArray(DeviceArray&& other) noexcept
-      : device_(other.device_), data_(std::exchange(other.data_, nullptr)),
+      : device_(other.device_),
+        data_(std::exchange(other.data_, nullptr)),
         count_(std::exchange(other.count_, 0)) {}
   DeviceArray& operator=(DeviceArray&& other) noexcept {
     if (this != &other) {
@@ -104,8 +105,8 @@ class CudaShard {
   void flush_packs() {
     if (pack_items_.empty()) return;
     stage(pack_items_, pack_device_);
-    const device::PackParams p{pack_device_.data(), k_.data, v_.data, strides(k_), strides(v_),
-                               shape_.head_dim};
+    const device::PackParams p{pack_device_.data(), k_.data,     v_.data,
+                               strides(k_),         strides(v_), shape_.head_dim};
     device_.launch(&device::ring_pack_kernel<T>, static_cast<std::int64_t>(pack_items_.size()),
                    device::block_threads, 0, p);
     pack_items_.clear();
@@ -120,7 +121,9 @@ class CudaShard {
   static device::Strides strides(const View<U>& view) {
     return {view.batch_stride, view.seq_stride, view.head_stride};
   }
-  std::int64_t tiles() const { return (shape_.seq_len + device::block_query_rows - 1) / device::block_query_rows; }
+  std::int64_t tiles() const {
+    return (shape_.seq_len + device::block_query_rows - 1) / device::block_query_rows;
+  }
   // Uploads `host` into `on_device`, growing it (the old array is retired: a kernel may still read it).
   template <class Item>
   void stage(const std::vector<Item>& host, DeviceArray<Item, Device>& on_device) {

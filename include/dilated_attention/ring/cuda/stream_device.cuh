@@ -18,7 +18,8 @@ struct CudaStreamDevice {
 
   void* allocate(std::size_t bytes) const {
     void* data = nullptr;
-    dilated_attention::cuda::check(cudaMallocAsync(&data, bytes, stream), "cudaMallocAsync (ring buffer)");
+    dilated_attention::cuda::check(cudaMallocAsync(&data, bytes, stream),
+                                   "cudaMallocAsync (ring buffer)");
     return data;
   }
   // Stream-ordered: freed once the stream reaches this point (a back end goes with its finish()
@@ -27,20 +28,24 @@ struct CudaStreamDevice {
 
   // Host data is pageable: cudaMemcpyAsync stages it before returning, so the caller may reuse it.
   void upload(void* device, const void* host, std::size_t bytes) const {
-    dilated_attention::cuda::check(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream),
-                                   "cudaMemcpyAsync (ring work items)");
+    dilated_attention::cuda::check(
+        cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync (ring work items)");
   }
   void zero(void* device, std::size_t bytes) const {
-    dilated_attention::cuda::check(cudaMemsetAsync(device, 0, bytes, stream), "cudaMemsetAsync (ring accumulators)");
+    dilated_attention::cuda::check(cudaMemsetAsync(device, 0, bytes, stream),
+                                   "cudaMemsetAsync (ring accumulators)");
   }
   template <class Params>
   void launch(void (*kernel)(Params), std::int64_t blocks, int threads, std::size_t shared_bytes,
               const Params& params) const {
-    kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), shared_bytes, stream>>>(params);
+    kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), shared_bytes, stream>>>(
+        params);
     dilated_attention::cuda::check(cudaGetLastError(), "ring kernel launch");
   }
   void synchronize() const {
-    dilated_attention::cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize (ring call)");
+    dilated_attention::cuda::check(cudaStreamSynchronize(stream),
+                                   "cudaStreamSynchronize (ring call)");
   }
   void* queue() const { return static_cast<void*>(stream); }
 };

@@ -39,7 +39,12 @@ struct CallRecord {
 };
 static_assert(std::is_trivially_copyable_v<CallRecord>);
 
-enum CallStatus : std::int32_t { call_ok = 0, call_refused = 1, call_failed = 2, call_knock_on = 3 };
+enum CallStatus : std::int32_t {
+  call_ok = 0,
+  call_refused = 1,
+  call_failed = 2,
+  call_knock_on = 3
+};
 
 // Which collective the ranks are in: a rank calling ring::forward while another calls
 // ring::backward is refused like any other mismatch.
@@ -49,11 +54,13 @@ namespace detail {
 
 inline const char* call_field_name(int field) {
   static const char* const names[CallRecord::num_fields] = {
-      "shape.batch",     "shape.seq_len",          "shape.num_heads",
-      "shape.num_kv_heads", "shape.head_dim",      "config.segment_lengths",
-      "config.dilation_rates", "config.causal",    "config.offsets",
-      "config.mixing",   "config.scale",           "the storage type T",
-      "options.layout",  "operation (0 forward, 1 backward)"};
+      "shape.batch",           "shape.seq_len",
+      "shape.num_heads",       "shape.num_kv_heads",
+      "shape.head_dim",        "config.segment_lengths",
+      "config.dilation_rates", "config.causal",
+      "config.offsets",        "config.mixing",
+      "config.scale",          "the storage type T",
+      "options.layout",        "operation (0 forward, 1 backward)"};
   return names[field];
 }
 // Fields compared by hash only (lists); the message says "differ" without values.
@@ -91,11 +98,19 @@ CallRecord describe_call(const Config& config, const Shape& shape, std::int64_t 
   static_assert(sizeof(scale_bits) == sizeof(config.scale));
   std::memcpy(&scale_bits, &config.scale, sizeof(scale_bits));
   const std::int64_t values[CallRecord::num_fields] = {
-      shape.batch, shape.seq_len, shape.num_heads, shape.num_kv_heads, shape.head_dim,
-      detail::hash_list(config.segment_lengths), detail::hash_list(config.dilation_rates),
-      config.causal ? 1 : 0, static_cast<std::int64_t>(config.offsets),
-      static_cast<std::int64_t>(config.mixing), scale_bits,
-      static_cast<std::int64_t>(sizeof(T)) * 1000 + std::numeric_limits<T>::digits, layout,
+      shape.batch,
+      shape.seq_len,
+      shape.num_heads,
+      shape.num_kv_heads,
+      shape.head_dim,
+      detail::hash_list(config.segment_lengths),
+      detail::hash_list(config.dilation_rates),
+      config.causal ? 1 : 0,
+      static_cast<std::int64_t>(config.offsets),
+      static_cast<std::int64_t>(config.mixing),
+      scale_bits,
+      static_cast<std::int64_t>(sizeof(T)) * 1000 + std::numeric_limits<T>::digits,
+      layout,
       static_cast<std::int64_t>(operation)};
   std::memcpy(record.fields, values, sizeof(values));
   record.status = call_ok;
@@ -120,8 +135,10 @@ inline void check_agreement(const std::vector<CallRecord>& all, int me) {
   if (mine >= 0) {
     const std::string name = call_field_name(mine);
     if (call_field_is_hash(mine))
-      dilated_attention::detail::reject(name, " differ between rank ", me, " and rank 0: every rank "
-                                        "of a ring call must pass the same config, shape, type and layout");
+      dilated_attention::detail::reject(
+          name, " differ between rank ", me,
+          " and rank 0: every rank "
+          "of a ring call must pass the same config, shape, type and layout");
     dilated_attention::detail::reject(name, " = ", all[static_cast<std::size_t>(me)].fields[mine],
                                       " on rank ", me, " but ", all[0].fields[mine],
                                       " on rank 0: every rank of a ring call must pass the same "
@@ -131,8 +148,8 @@ inline void check_agreement(const std::vector<CallRecord>& all, int me) {
     const int f = first_difference(all[q]);
     if (f >= 0)
       throw PeerFailure(static_cast<int>(q), "dilated_attention: rank " + std::to_string(q) +
-                                                 " refused the ring call: its " + call_field_name(f) +
-                                                 " differs from rank 0's");
+                                                 " refused the ring call: its " +
+                                                 call_field_name(f) + " differs from rank 0's");
   }
 }
 
@@ -196,15 +213,15 @@ void run_agreed_call(Transport& transport, Transport::Duration timeout, CallReco
   if (verdict.status == call_failed) std::rethrow_exception(failure);
   for (std::size_t q = 0; q < all.size(); ++q)
     if (all[q].status == call_failed)
-      throw PeerFailure(static_cast<int>(q), "dilated_attention: rank " + std::to_string(q) +
-                                                 " failed during the ring call: " +
-                                                 detail::reason_of(all[q]));
+      throw PeerFailure(static_cast<int>(q),
+                        "dilated_attention: rank " + std::to_string(q) +
+                            " failed during the ring call: " + detail::reason_of(all[q]));
   if (failure) std::rethrow_exception(failure);
   for (std::size_t q = 0; q < all.size(); ++q)
     if (all[q].status != call_ok)
-      throw PeerFailure(static_cast<int>(q), "dilated_attention: rank " + std::to_string(q) +
-                                                 " could not finish the ring call: " +
-                                                 detail::reason_of(all[q]));
+      throw PeerFailure(static_cast<int>(q),
+                        "dilated_attention: rank " + std::to_string(q) +
+                            " could not finish the ring call: " + detail::reason_of(all[q]));
   commit();
 }
 

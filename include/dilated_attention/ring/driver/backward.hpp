@@ -84,21 +84,24 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   const auto for_each_block = [&](std::int64_t t, const auto& visit, std::int64_t first = 0,
                                   std::int64_t last = -1) {
     if (last < 0) last = pairs;
-    const detail::RowExchange* step = t == 0 ? nullptr : &steps[static_cast<std::size_t>(t)].exchange;
+    const detail::RowExchange* step =
+        t == 0 ? nullptr : &steps[static_cast<std::size_t>(t)].exchange;
     if (first >= last || (step != nullptr && !step->receiving())) return;
     const std::int64_t blocks = schedule.block_count(t);  // over every pair: count it once
     if (blocks == 0) return;
     if (first == 0) stats.blocks_computed += blocks;
     const Buffer* received = step == nullptr ? nullptr : &rows.buffer(step->recv);
-    backend.for_each_kv_head(first, last, [&](std::int64_t b, std::int64_t g, typename Backend::Workspace& ws) {
-      for (std::int64_t h = g * group; h < (g + 1) * group; ++h)
-        schedule.for_each_block(t, b, h, step == nullptr ? nullptr : &step->incoming,
-                                [&](std::int64_t i, const BlockPair& block, const detail::Piece* piece) {
-                                  visit(ws, i, b, h, g, block, piece ? received : nullptr,
-                                        piece ? piece->element_offset : 0);
-                                  tick();
-                                });
-    });
+    backend.for_each_kv_head(
+        first, last, [&](std::int64_t b, std::int64_t g, typename Backend::Workspace& ws) {
+          for (std::int64_t h = g * group; h < (g + 1) * group; ++h)
+            schedule.for_each_block(
+                t, b, h, step == nullptr ? nullptr : &step->incoming,
+                [&](std::int64_t i, const BlockPair& block, const detail::Piece* piece) {
+                  visit(ws, i, b, h, g, block, piece ? received : nullptr,
+                        piece ? piece->element_offset : 0);
+                  tick();
+                });
+        });
     tick.rethrow();
   };
   const auto receive_rows = [&](std::int64_t t) {
@@ -159,8 +162,9 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   // message per ordered pair per call). With post_early, the local blocks of the first half of
   // the (batch, kv head) pairs run first (while rows arrive) and those of the second half last
   // (while the last partials travel): a fixed split, so the order stays deterministic.
-  const auto local_gradient = [&](auto& ws, std::int64_t i, std::int64_t b, std::int64_t h, std::int64_t g,
-                                  const BlockPair& block, const Buffer*, std::size_t) {
+  const auto local_gradient = [&](auto& ws, std::int64_t i, std::int64_t b, std::int64_t h,
+                                  std::int64_t g, const BlockPair& block, const Buffer*,
+                                  std::size_t) {
     backend.gradient(ws, i, b, h, g, block.queries, block.keys, nullptr, 0, nullptr);
   };
   const std::int64_t early_pairs = options.post_early && num_ranks > 1 ? (pairs + 1) / 2 : pairs;
@@ -177,7 +181,8 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
                           const BlockPair& block, const Buffer* received, std::size_t offset) {
       backend.gradient(ws, i, b, h, g, block.queries, block.keys, received, offset, partial);
     });
-    if (step.exchange.receiving() && !rows.is_open(step.exchange.recv)) release(rows, step.exchange.recv);
+    if (step.exchange.receiving() && !rows.is_open(step.exchange.recv))
+      release(rows, step.exchange.recv);
     const std::size_t send_bytes = step.exchange.recv_elements * Backend::gradient_element_size();
     const std::size_t recv_bytes = step.exchange.send_elements * Backend::gradient_element_size();
     if (step.exchange.sending()) {
@@ -214,7 +219,8 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
     Step& step = steps[static_cast<std::size_t>(t)];
     if (!step.exchange.sending()) continue;
     bool on_stream = false;
-    if constexpr (stream_ordered) on_stream = partials.enqueue_wait(step.partial_recv, backend.queue());
+    if constexpr (stream_ordered)
+      on_stream = partials.enqueue_wait(step.partial_recv, backend.queue());
     if (!on_stream) partials.wait(step.partial_recv);
     std::size_t elements = 0;
     for (const detail::Piece& piece : schedule.pieces(t, true, elements))
@@ -227,7 +233,8 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
     for (const std::int64_t t : order) {
       Step& step = steps[static_cast<std::size_t>(t)];
       if (step.exchange.sending()) release(partials, step.partial_recv);
-      if (step.exchange.receiving() && rows.is_open(step.exchange.recv)) release(rows, step.exchange.recv);
+      if (step.exchange.receiving() && rows.is_open(step.exchange.recv))
+        release(rows, step.exchange.recv);
     }
   }
   for (const std::int64_t t : order) {

@@ -50,8 +50,9 @@ Stats run_ring_call(const Config& config, const Shape& shape, Transport& transpo
         validate_local(static_cast<const Shape&>(local));
       },
       [&] {
-        backend = make_backend(static_cast<const Shape&>(local),
-                               rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()));
+        backend = make_backend(
+            static_cast<const Shape&>(local),
+            rank_chunks(options.layout, shape.seq_len, transport.size(), transport.rank()));
         PatternCache& cache = options.cache != nullptr ? *options.cache : default_pattern_cache();
         if constexpr (Operation == CallOperation::forward)
           stats = run_ring_forward(config, shape, transport, *backend, cache, options);

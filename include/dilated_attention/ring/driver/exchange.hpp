@@ -64,9 +64,11 @@ inline std::vector<std::int64_t> kv_heads_of(const Progression& heads, std::int6
 
 class CallSchedule {
  public:
-  CallSchedule(const Config& config, const Shape& global, std::int64_t num_ranks,
-               std::int64_t rank, PatternCache& cache, Layout layout)
-      : pattern_(config, global), num_ranks_(num_ranks), rank_(rank),
+  CallSchedule(const Config& config, const Shape& global, std::int64_t num_ranks, std::int64_t rank,
+               PatternCache& cache, Layout layout)
+      : pattern_(config, global),
+        num_ranks_(num_ranks),
+        rank_(rank),
         plans_(step_plans(config, global, num_ranks, rank, cache, layout)) {
     const std::int64_t group = global.num_heads / global.num_kv_heads;
     kv_heads_.resize(static_cast<std::size_t>(pattern_.num_branches()));
@@ -81,7 +83,9 @@ class CallSchedule {
 
   // Null for an offset no query head uses.
   const StepPlan* plan(std::int64_t t, std::int64_t i, std::int64_t o) const {
-    return plans_[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)][static_cast<std::size_t>(o)].get();
+    return plans_[static_cast<std::size_t>(t)][static_cast<std::size_t>(i)]
+                 [static_cast<std::size_t>(o)]
+                     .get();
   }
 
   // The one peer of step t in each direction (every plan of a step agrees on it).
@@ -113,7 +117,8 @@ class CallSchedule {
         if (step == nullptr || !(outgoing ? step->sends() : step->receives())) continue;
         const std::vector<Progression>& units = outgoing ? step->send_rows : step->recv_rows;
         for (std::size_t u = 0; u < units.size(); ++u)
-          for (const std::int64_t g : kv_heads_[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)])
+          for (const std::int64_t g :
+               kv_heads_[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)])
             for (std::int64_t b = 0; b < shape.batch; ++b) {
               result.push_back({i, o, g, b, u, units[u], elements});
               elements += static_cast<std::size_t>(2 * units[u].count * shape.head_dim);
@@ -145,7 +150,8 @@ class CallSchedule {
       if (o < 0) continue;
       const StepPlan& step = *plan(t, i, o);
       if (incoming == nullptr) {
-        for (const BlockPair& block : step.blocks) visit(i, block, static_cast<const Piece*>(nullptr));
+        for (const BlockPair& block : step.blocks)
+          visit(i, block, static_cast<const Piece*>(nullptr));
         continue;
       }
       if (!step.receives()) continue;
@@ -248,8 +254,8 @@ struct RowExchange {
 // one tag serves every step) and posts the receive of the peer's, counting both in `stats`.
 template <class Backend>
 void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
-               Transfers<typename Backend::Buffer>& transfers, Transport& transport,
-               Stats& stats, RowExchange& step) {
+               Transfers<typename Backend::Buffer>& transfers, Transport& transport, Stats& stats,
+               RowExchange& step) {
   const std::vector<Piece> outgoing = schedule.pieces(t, true, step.send_elements);
   step.incoming = schedule.pieces(t, false, step.recv_elements);
   const std::size_t send_bytes = step.send_elements * Backend::element_size();
@@ -259,8 +265,9 @@ void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
     for (const Piece& piece : outgoing) {
       backend.pack(transfers.buffer(step.send), piece.element_offset, piece.batch, piece.kv_head,
                    piece.rows);
-      stats.bytes_sent_per_branch[static_cast<std::size_t>(piece.branch)] += static_cast<std::int64_t>(
-          2 * piece.rows.count * schedule.pattern().shape().head_dim * Backend::element_size());
+      stats.bytes_sent_per_branch[static_cast<std::size_t>(piece.branch)] +=
+          static_cast<std::int64_t>(2 * piece.rows.count * schedule.pattern().shape().head_dim *
+                                    Backend::element_size());
     }
   }
   if (step.receiving()) step.recv = transfers.add(backend.make_buffer(step.recv_elements));
@@ -294,7 +301,9 @@ void post_rows(std::int64_t t, const CallSchedule& schedule, Backend& backend,
 class ProgressTicker {
  public:
   ProgressTicker(Transport& transport, bool enabled, Stats& stats)
-      : transport_(transport), enabled_(enabled), stats_(stats),
+      : transport_(transport),
+        enabled_(enabled),
+        stats_(stats),
         caller_(std::this_thread::get_id()) {}
   void operator()() {
     // The thread check comes first: only the calling thread ever reads or writes error_.

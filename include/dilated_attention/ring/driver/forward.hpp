@@ -41,8 +41,8 @@ namespace dilated_attention::ring {
 // Runs the ring on an existing back end. Pattern, plans and layouts are host-side; the back end
 // owns every tensor buffer. Call only after validation (ring::forward does it).
 template <class Backend>
-Stats run_ring_forward(const Config& config, const Shape& global, Transport& transport, Backend& backend,
-               PatternCache& cache, const CommonOptions& options = {}) {
+Stats run_ring_forward(const Config& config, const Shape& global, Transport& transport,
+                       Backend& backend, PatternCache& cache, const CommonOptions& options = {}) {
   using Buffer = typename Backend::Buffer;
   const detail::CallSchedule schedule(config, global, transport.size(), transport.rank(), cache,
                                       options.layout);
@@ -59,7 +59,8 @@ Stats run_ring_forward(const Config& config, const Shape& global, Transport& tra
   // Each step's buffers live in `transfers`, which abandons them on any exit.
   std::vector<detail::RowExchange> steps(static_cast<std::size_t>(num_ranks));
   const auto post = [&](std::int64_t t) {
-    detail::post_rows(t, schedule, backend, transfers, transport, stats, steps[static_cast<std::size_t>(t)]);
+    detail::post_rows(t, schedule, backend, transfers, transport, stats,
+                      steps[static_cast<std::size_t>(t)]);
   };
 
   // Every block of step t, for every (batch, query head), merged into the back end's
@@ -73,13 +74,13 @@ Stats run_ring_forward(const Config& config, const Shape& global, Transport& tra
     const Buffer* received = step == nullptr ? nullptr : &transfers.buffer(step->recv);
     backend.for_each_head([&](std::int64_t b, std::int64_t h, typename Backend::Workspace& ws) {
       const std::int64_t g = pattern.kv_head(h);
-      schedule.for_each_block(t, b, h, step == nullptr ? nullptr : &step->incoming,
-                              [&](std::int64_t i, const BlockPair& block, const detail::Piece* piece) {
-                                backend.attend_merge(ws, mean ? i : 0, b, h, g, block.queries,
-                                                     block.keys, piece ? received : nullptr,
-                                                     piece ? piece->element_offset : 0);
-                                tick();
-                              });
+      schedule.for_each_block(
+          t, b, h, step == nullptr ? nullptr : &step->incoming,
+          [&](std::int64_t i, const BlockPair& block, const detail::Piece* piece) {
+            backend.attend_merge(ws, mean ? i : 0, b, h, g, block.queries, block.keys,
+                                 piece ? received : nullptr, piece ? piece->element_offset : 0);
+            tick();
+          });
     });
     tick.rethrow();
   };
@@ -95,8 +96,10 @@ Stats run_ring_forward(const Config& config, const Shape& global, Transport& tra
   };
   // A buffer no transfer uses any more: freed, or (device) retired until the stream is done.
   const auto release = [&](std::size_t id) {
-    if constexpr (stream_ordered) backend.retire(transfers.take(id));
-    else transfers.release(id);
+    if constexpr (stream_ordered)
+      backend.retire(transfers.take(id));
+    else
+      transfers.release(id);
   };
   const auto close_receive = [&](std::int64_t t) {
     const detail::RowExchange& step = steps[static_cast<std::size_t>(t)];

@@ -35,10 +35,12 @@ struct Chunk {
 // Rejects a layout the partition cannot hold (docs/semantics.md "Bad input" style: names the parameter).
 inline void validate_layout(Layout layout, std::int64_t seq_len, std::int64_t num_ranks) {
   if (layout != Layout::contiguous && layout != Layout::zigzag)
-    dilated_attention::detail::reject("options.layout = ", static_cast<int>(layout), " is not a layout");
+    dilated_attention::detail::reject("options.layout = ", static_cast<int>(layout),
+                                      " is not a layout");
   if (layout == Layout::zigzag && num_ranks > 0 && seq_len % (2 * num_ranks) != 0)
-    dilated_attention::detail::reject("shape.seq_len = ", seq_len, " is not a multiple of 2 * num_ranks = ",
-                                      2 * num_ranks, ": the zigzag layout cuts N into 2P equal chunks");
+    dilated_attention::detail::reject("shape.seq_len = ", seq_len,
+                                      " is not a multiple of 2 * num_ranks = ", 2 * num_ranks,
+                                      ": the zigzag layout cuts N into 2P equal chunks");
 }
 
 // The local row of global position x among `chunks` (-1 when no chunk holds it). A schedule's

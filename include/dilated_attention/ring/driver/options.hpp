@@ -60,7 +60,7 @@ struct Stats {
   std::int64_t sends_posted = 0, recvs_posted = 0;  // K/V messages, over steps 1..P-1
   std::int64_t sends_skipped = 0, recvs_skipped = 0;
   std::int64_t gradient_bytes_sent = 0, gradient_bytes_received = 0;  // dK/dV partials
-  std::int64_t gradient_sends = 0, gradient_recvs = 0;               // their messages
+  std::int64_t gradient_sends = 0, gradient_recvs = 0;                // their messages
   std::int64_t blocks_computed = 0;  // block computations (a backward counts both of its passes)
   double wait_seconds = 0;           // time blocked in Transport::wait
   std::int64_t progress_calls = 0;   // Transport::progress() calls between blocks
@@ -69,13 +69,14 @@ struct Stats {
 // What every ring entry point checks before its tensors (docs/semantics.md "Bad input"): the partition,
 // the layout, the config against the GLOBAL shape, and the options. Returns this rank's local
 // shape (seq_len = N / P), against which the entry point then checks its views.
-inline Shape validate_ring_call(const Config& config, const Shape& global, const Transport& transport,
-                                const CommonOptions& options) {
+inline Shape validate_ring_call(const Config& config, const Shape& global,
+                                const Transport& transport, const CommonOptions& options) {
   validate_partition(global.seq_len, transport.size(), transport.rank());
   validate_layout(options.layout, global.seq_len, transport.size());
   validate(config, global);
   if (options.timeout.count() <= 0)
-    dilated_attention::detail::reject("options.timeout = ", options.timeout.count(), " ms: must be positive");
+    dilated_attention::detail::reject("options.timeout = ", options.timeout.count(),
+                                      " ms: must be positive");
   Shape local = global;
   local.seq_len = global.seq_len / transport.size();
   return local;

@@ -155,15 +155,17 @@ inline std::vector<std::vector<std::vector<std::shared_ptr<const StepPlan>>>> st
       for (std::int64_t o = 0; o < g.r; ++o) {
         if (!used[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)]) continue;
         const StepKey key{global.seq_len, num_ranks, rank, g.w, g.r, o, config.causal, t, layout};
-        if (step_has_work(key)) wanted.emplace_back(key, i);
-        else step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] = empty;
+        if (step_has_work(key))
+          wanted.emplace_back(key, i);
+        else
+          step[static_cast<std::size_t>(i)][static_cast<std::size_t>(o)] = empty;
       }
     }
   }
   cache.reserve(wanted.size() * static_cast<std::size_t>(num_ranks));
   for (const auto& [key, i] : wanted)
-    plans[static_cast<std::size_t>(key.step)][static_cast<std::size_t>(i)][static_cast<std::size_t>(key.offset)] =
-        cache.plan(key);
+    plans[static_cast<std::size_t>(key.step)][static_cast<std::size_t>(i)]
+         [static_cast<std::size_t>(key.offset)] = cache.plan(key);
   return plans;
 }
 

@@ -62,9 +62,9 @@ struct StepKey {
   Layout layout = Layout::contiguous;
 
   friend bool operator==(const StepKey& a, const StepKey& b) {
-    return a.seq_len == b.seq_len && a.num_ranks == b.num_ranks && a.rank == b.rank &&
-           a.w == b.w && a.r == b.r && a.offset == b.offset && a.causal == b.causal &&
-           a.step == b.step && a.layout == b.layout;
+    return a.seq_len == b.seq_len && a.num_ranks == b.num_ranks && a.rank == b.rank && a.w == b.w &&
+           a.r == b.r && a.offset == b.offset && a.causal == b.causal && a.step == b.step &&
+           a.layout == b.layout;
   }
   friend bool operator!=(const StepKey& a, const StepKey& b) { return !(a == b); }
 };
@@ -79,12 +79,12 @@ struct BlockPair {
 // selected rows of one segment within one of the sender's chunks (one unit under the contiguous
 // layout; up to four under zigzag). The sender's send_rows equal the receiver's recv_rows.
 struct StepPlan {
-  std::int64_t send_peer = -1;            // -1: nothing to send for this (branch, offset)
-  std::vector<Progression> send_rows;     // own rows the peer's queries attend to, by unit
-  std::int64_t recv_peer = -1;            // -1: nothing to receive
-  std::vector<Progression> recv_rows;     // the units that arrive, in message order
-  std::vector<BlockPair> blocks;          // step 0: local blocks; step t > 0: on received units
-  std::vector<std::size_t> block_unit;    // step t > 0: the recv_rows unit of each block's keys
+  std::int64_t send_peer = -1;          // -1: nothing to send for this (branch, offset)
+  std::vector<Progression> send_rows;   // own rows the peer's queries attend to, by unit
+  std::int64_t recv_peer = -1;          // -1: nothing to receive
+  std::vector<Progression> recv_rows;   // the units that arrive, in message order
+  std::vector<BlockPair> blocks;        // step 0: local blocks; step t > 0: on received units
+  std::vector<std::size_t> block_unit;  // step t > 0: the recv_rows unit of each block's keys
 
   bool sends() const { return send_peer >= 0; }
   bool receives() const { return recv_peer >= 0; }
@@ -120,7 +120,8 @@ inline bool chunks_talk(const BranchGeometry& g, bool causal, const std::vector<
 // blocks. Both sides call it with the same arguments, so they agree on the message.
 template <class OnUnit>
 void for_each_unit(const BranchGeometry& g, std::int64_t offset, bool causal,
-                   const std::vector<Chunk>& sender, const std::vector<Chunk>& receiver, OnUnit&& on_unit) {
+                   const std::vector<Chunk>& sender, const std::vector<Chunk>& receiver,
+                   OnUnit&& on_unit) {
   std::vector<BlockPair> blocks;
   for (const Chunk& a : sender) {
     // Only a chunk's first and last segment can reach another rank's rows.
@@ -151,8 +152,10 @@ inline bool step_has_work(const StepKey& key) {
   const auto mine = rank_chunks(key.layout, key.seq_len, key.num_ranks, key.rank);
   const std::int64_t dest = (key.rank + key.step) % key.num_ranks;
   const std::int64_t source = (key.rank - key.step + key.num_ranks) % key.num_ranks;
-  return detail::chunks_talk(g, key.causal, mine, rank_chunks(key.layout, key.seq_len, key.num_ranks, dest)) ||
-         detail::chunks_talk(g, key.causal, rank_chunks(key.layout, key.seq_len, key.num_ranks, source), mine);
+  return detail::chunks_talk(g, key.causal, mine,
+                             rank_chunks(key.layout, key.seq_len, key.num_ranks, dest)) ||
+         detail::chunks_talk(g, key.causal,
+                             rank_chunks(key.layout, key.seq_len, key.num_ranks, source), mine);
 }
 
 // The plan of StepKey `key`. Pure: the same key always gives the same plan, on every rank, so the

@@ -68,7 +68,8 @@ class InProcessWorld {
       if (box.killed)
         throw std::runtime_error("dilated_attention: in-process ring aborted: another rank failed");
       const auto notice = box.notices.find(epoch);
-      if (notice != box.notices.end()) throw PeerFailure(notice->second.first, notice->second.second);
+      if (notice != box.notices.end())
+        throw PeerFailure(notice->second.first, notice->second.second);
       (void)ready;
       throw TransferTimeout("dilated_attention: rank " + std::to_string(to) +
                             ": a receive from rank " + std::to_string(from) +
@@ -125,13 +126,12 @@ class InProcessWorld {
     std::unique_lock<std::mutex> lock(gather_mutex_);
     Gathering& g = gatherings_[sequence];
     if (g.records.empty()) g.records.resize(mailboxes_.size());
-    g.records[static_cast<std::size_t>(rank)].assign(static_cast<const unsigned char*>(mine),
-                                                     static_cast<const unsigned char*>(mine) + bytes);
+    g.records[static_cast<std::size_t>(rank)].assign(
+        static_cast<const unsigned char*>(mine), static_cast<const unsigned char*>(mine) + bytes);
     ++g.arrived;
     gathered_.notify_all();
-    const bool complete = gathered_.wait_until(lock, deadline, [&] {
-      return g.arrived == size() || gather_killed_;
-    });
+    const bool complete =
+        gathered_.wait_until(lock, deadline, [&] { return g.arrived == size() || gather_killed_; });
     if (!complete || g.arrived != size()) {
       // Leave the record for the late ranks; this rank's call has failed.
       if (gather_killed_)
@@ -171,7 +171,7 @@ class InProcessWorld {
   struct Mailbox {
     std::mutex mutex;
     std::condition_variable ready;
-    std::map<std::pair<int, std::int64_t>, Channel> channels;  // by (sender, epoch * 8 + tag)
+    std::map<std::pair<int, std::int64_t>, Channel> channels;     // by (sender, epoch * 8 + tag)
     std::map<std::int64_t, std::pair<int, std::string>> notices;  // by epoch: (rank, reason)
     bool killed = false;
   };

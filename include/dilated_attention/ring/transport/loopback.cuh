@@ -92,10 +92,12 @@ class LoopbackWorld {
   std::shared_ptr<Link> post(const Key& key, bool send, const void* source, void* destination,
                              std::size_t bytes, cudaStream_t poster_stream) {
     cudaEvent_t ready = nullptr;  // either side's: the copy waits for both
-    dilated_attention::cuda::check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
+    dilated_attention::cuda::check(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming),
+                                   "cudaEventCreate");
     const cudaError_t status = cudaEventRecord(ready, poster_stream);
     if (status != cudaSuccess) cudaEventDestroy(ready);
-    dilated_attention::cuda::check(status, send ? "cudaEventRecord (loopback send)" : "cudaEventRecord (loopback receive)");
+    dilated_attention::cuda::check(
+        status, send ? "cudaEventRecord (loopback send)" : "cudaEventRecord (loopback receive)");
     std::shared_ptr<Link> link;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -108,7 +110,8 @@ class LoopbackWorld {
       if (send) {
         link->source = source, link->send_bytes = bytes, link->ready = ready, link->sent = true;
       } else {
-        link->destination = destination, link->recv_bytes = bytes, link->posted = ready, link->received = true;
+        link->destination = destination, link->recv_bytes = bytes, link->posted = ready,
+        link->received = true;
       }
       if (link->sent && link->received) {
         links_.erase(key);
@@ -129,7 +132,8 @@ class LoopbackWorld {
       if (link.matched) break;
       if (Clock::now() > deadline)
         throw TransferTimeout("dilated_attention: rank " + std::to_string(rank) +
-                              ": a loopback transfer with rank " + std::to_string(peer_of(link, rank)) +
+                              ": a loopback transfer with rank " +
+                              std::to_string(peer_of(link, rank)) +
                               " was not posted by that rank within options.timeout");
       ready_.wait_for(lock, std::chrono::milliseconds(2));
     }
@@ -149,7 +153,8 @@ class LoopbackWorld {
   void purge_before(int to, std::int64_t epoch) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = links_.begin(); it != links_.end();)
-      it = std::get<0>(it->first) == to && std::get<2>(it->first) < epoch * 8 ? links_.erase(it) : std::next(it);
+      it = std::get<0>(it->first) == to && std::get<2>(it->first) < epoch * 8 ? links_.erase(it)
+                                                                              : std::next(it);
   }
 
   void kill() {
@@ -165,10 +170,10 @@ class LoopbackWorld {
   void enqueue_copy(Link& link) {
     link.matched = true;
     if (link.send_bytes != link.recv_bytes) {
-      link.error = "dilated_attention: rank " + std::to_string(std::get<0>(link.key)) + " expected " +
-                   std::to_string(link.recv_bytes) + " bytes from rank " +
-                   std::to_string(std::get<1>(link.key)) + " but " + std::to_string(link.send_bytes) +
-                   " were sent";
+      link.error = "dilated_attention: rank " + std::to_string(std::get<0>(link.key)) +
+                   " expected " + std::to_string(link.recv_bytes) + " bytes from rank " +
+                   std::to_string(std::get<1>(link.key)) + " but " +
+                   std::to_string(link.send_bytes) + " were sent";
       return;
     }
     const cudaStream_t stream = copy_streams_[static_cast<std::size_t>(std::get<0>(link.key))];
@@ -176,10 +181,12 @@ class LoopbackWorld {
     if (status == cudaSuccess) status = cudaStreamWaitEvent(stream, link.ready, 0);
     if (status == cudaSuccess) status = cudaStreamWaitEvent(stream, link.posted, 0);
     if (status == cudaSuccess && link.send_bytes != 0)
-      status = cudaMemcpyAsync(link.destination, link.source, link.send_bytes, cudaMemcpyDeviceToDevice, stream);
+      status = cudaMemcpyAsync(link.destination, link.source, link.send_bytes,
+                               cudaMemcpyDeviceToDevice, stream);
     if (status == cudaSuccess) status = cudaEventRecord(link.copied, stream);
     if (status != cudaSuccess)
-      link.error = std::string("dilated_attention: loopback copy failed: ") + cudaGetErrorString(status);
+      link.error =
+          std::string("dilated_attention: loopback copy failed: ") + cudaGetErrorString(status);
   }
 
   InProcessWorld control_;
@@ -197,7 +204,8 @@ class LoopbackTransport final : public Transport {
       : world_(world), rank_(rank), send_stream_(stream) {
     if (rank < 0 || rank >= world.size())
       throw std::invalid_argument("dilated_attention: rank = " + std::to_string(rank) +
-                                  " is out of range: ranks are 0.." + std::to_string(world.size() - 1));
+                                  " is out of range: ranks are 0.." +
+                                  std::to_string(world.size() - 1));
   }
   LoopbackTransport(const LoopbackTransport&) = delete;
   LoopbackTransport& operator=(const LoopbackTransport&) = delete;
@@ -218,8 +226,9 @@ class LoopbackTransport final : public Transport {
   }
   bool enqueue_wait(Ticket ticket, void* queue) override {
     const LoopbackWorld::Link& link = matched(ticket);
-    dilated_attention::cuda::check(cudaStreamWaitEvent(static_cast<cudaStream_t>(queue), link.copied, 0),
-                                   "cudaStreamWaitEvent (loopback receive)");
+    dilated_attention::cuda::check(
+        cudaStreamWaitEvent(static_cast<cudaStream_t>(queue), link.copied, 0),
+        "cudaStreamWaitEvent (loopback receive)");
     return true;
   }
   void wait(Ticket ticket) override {
@@ -255,7 +264,8 @@ class LoopbackTransport final : public Transport {
   }
   void end_call() noexcept override {}
   void all_gather(const void* mine, void* all, std::size_t bytes) override {
-    world_.control().gather(rank_, gathers_++, mine, all, bytes, LoopbackWorld::Clock::now() + timeout_);
+    world_.control().gather(rank_, gathers_++, mine, all, bytes,
+                            LoopbackWorld::Clock::now() + timeout_);
   }
   void notify_failure(const std::string& reason) noexcept override {
     try {
@@ -265,12 +275,15 @@ class LoopbackTransport final : public Transport {
   }
 
  private:
-  Ticket post(int peer, int tag, bool send, const void* source, void* destination, std::size_t bytes) {
+  Ticket post(int peer, int tag, bool send, const void* source, void* destination,
+              std::size_t bytes) {
     if (peer < 0 || peer >= world_.size())
       throw std::invalid_argument("dilated_attention: peer = " + std::to_string(peer) +
-                                  " is out of range: ranks are 0.." + std::to_string(world_.size() - 1));
+                                  " is out of range: ranks are 0.." +
+                                  std::to_string(world_.size() - 1));
     if (tag < 0 || tag > 6)
-      throw std::invalid_argument("dilated_attention: tag = " + std::to_string(tag) + " is outside 0..6");
+      throw std::invalid_argument("dilated_attention: tag = " + std::to_string(tag) +
+                                  " is outside 0..6");
     const std::int64_t wire = epoch_ * 8 + tag;
     std::int64_t& sequence = (send ? sent_ : received_)[{peer, wire}];
     const LoopbackWorld::Key key = send ? LoopbackWorld::Key{peer, rank_, wire, sequence}
@@ -291,8 +304,8 @@ class LoopbackTransport final : public Transport {
   void release_parked(bool block) noexcept {
     for (auto it = parked_.begin(); it != parked_.end();) {
       cudaEvent_t copied = it->first->copied;
-      const bool done = copied == nullptr ||
-                        (block ? cudaEventSynchronize(copied) : cudaEventQuery(copied)) != cudaErrorNotReady;
+      const bool done = copied == nullptr || (block ? cudaEventSynchronize(copied)
+                                                    : cudaEventQuery(copied)) != cudaErrorNotReady;
       it = done ? parked_.erase(it) : std::next(it);
     }
   }

@@ -96,7 +96,8 @@ class MpiTransport final : public Transport {
       check(MPI_Test(&pending.request, &flag, &status), "MPI_Test");
       if (flag) {
         pending.done = true;
-        if (pending.receive) check(MPI_Get_count(&status, MPI_BYTE, &pending.received), "MPI_Get_count");
+        if (pending.receive)
+          check(MPI_Get_count(&status, MPI_BYTE, &pending.received), "MPI_Get_count");
         break;
       }
       check_notice();
@@ -140,7 +141,8 @@ class MpiTransport final : public Transport {
           "MPI_Testsome");
     if (completed == MPI_UNDEFINED) return;
     for (int j = 0; j < completed; ++j) {
-      Pending& pending = pending_.at(tickets_[static_cast<std::size_t>(indices_[static_cast<std::size_t>(j)])]);
+      Pending& pending =
+          pending_.at(tickets_[static_cast<std::size_t>(indices_[static_cast<std::size_t>(j)])]);
       pending.done = true;
       pending.request = MPI_REQUEST_NULL;
       if (pending.receive)
@@ -151,8 +153,10 @@ class MpiTransport final : public Transport {
 
   void begin_call(Duration timeout) override {
     if (broken_)
-      throw std::runtime_error("dilated_attention: this MpiTransport is unusable: an earlier "
-                               "agreement timed out (" + broken_reason_ + "); build a new one");
+      throw std::runtime_error(
+          "dilated_attention: this MpiTransport is unusable: an earlier "
+          "agreement timed out (" +
+          broken_reason_ + "); build a new one");
     timeout_ = timeout;
     ++epoch_;
     reap(false);
@@ -170,9 +174,10 @@ class MpiTransport final : public Transport {
   // Through buffers the transport owns: should the collective time out, MPI may still write
   // them, so they are then leaked rather than freed (see the header comment).
   void all_gather(const void* mine, void* all, std::size_t bytes) override {
-    auto in = std::make_unique<std::vector<unsigned char>>(static_cast<const unsigned char*>(mine),
-                                                           static_cast<const unsigned char*>(mine) + bytes);
-    auto out = std::make_unique<std::vector<unsigned char>>(bytes * static_cast<std::size_t>(size_));
+    auto in = std::make_unique<std::vector<unsigned char>>(
+        static_cast<const unsigned char*>(mine), static_cast<const unsigned char*>(mine) + bytes);
+    auto out =
+        std::make_unique<std::vector<unsigned char>>(bytes * static_cast<std::size_t>(size_));
     MPI_Request request = MPI_REQUEST_NULL;
     check(MPI_Iallgather(in->data(), count_of(bytes), MPI_BYTE, out->data(), count_of(bytes),
                          MPI_BYTE, comm_, &request),
@@ -235,8 +240,8 @@ class MpiTransport final : public Transport {
     char text[MPI_MAX_ERROR_STRING];
     int length = 0;
     MPI_Error_string(code, text, &length);
-    throw std::runtime_error(std::string("dilated_attention: ") + what + " failed: " +
-                             std::string(text, static_cast<std::size_t>(length)));
+    throw std::runtime_error(std::string("dilated_attention: ") + what +
+                             " failed: " + std::string(text, static_cast<std::size_t>(length)));
   }
   // MPI counts are int; a larger step message would need MPI-4's large-count calls.
   static int count_of(std::size_t bytes) {
@@ -268,7 +273,8 @@ class MpiTransport final : public Transport {
                     &notice_request_),
           "MPI_Irecv");
     if (notice.epoch != epoch_) return;
-    throw PeerFailure(notice.rank, std::string(notice.reason, strnlen(notice.reason, sizeof(notice.reason))));
+    throw PeerFailure(notice.rank,
+                      std::string(notice.reason, strnlen(notice.reason, sizeof(notice.reason))));
   }
   // Cancels and completes `request`; a send that will not complete is parked with its owner.
   void release(MPI_Request& request, std::shared_ptr<void> owner) noexcept {

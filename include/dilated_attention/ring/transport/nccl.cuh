@@ -46,7 +46,8 @@ namespace dilated_attention::ring {
 
 class NcclTransport final : public Transport {
  public:
-  NcclTransport(ncclComm_t communicator, cudaStream_t stream) : comm_(communicator), stream_(stream) {
+  NcclTransport(ncclComm_t communicator, cudaStream_t stream)
+      : comm_(communicator), stream_(stream) {
     check(ncclCommUserRank(comm_, &rank_), "ncclCommUserRank");
     check(ncclCommCount(comm_, &size_), "ncclCommCount");
   }
@@ -91,13 +92,17 @@ class NcclTransport final : public Transport {
     const bool ok = cudaEventRecord(packed, compute) == cudaSuccess &&
                     cudaStreamWaitEvent(stream_, packed, 0) == cudaSuccess;
     cudaEventDestroy(packed);  // released once the wait is done
-    if (!ok) throw std::runtime_error("dilated_attention: ordering NCCL sends after the compute stream failed");
+    if (!ok)
+      throw std::runtime_error(
+          "dilated_attention: ordering NCCL sends after the compute stream failed");
     return true;
   }
   bool enqueue_wait(Ticket ticket, void* queue) override {
     const auto found = events_.find(ticket);
     if (found == events_.end() || in_group_)
-      throw std::logic_error("dilated_attention: enqueue_wait on an unknown or finished NCCL ticket, or inside a group (its event is recorded at end_group)");
+      throw std::logic_error(
+          "dilated_attention: enqueue_wait on an unknown or finished NCCL ticket, or inside a "
+          "group (its event is recorded at end_group)");
     if (cudaStreamWaitEvent(static_cast<cudaStream_t>(queue), found->second, 0) != cudaSuccess)
       throw std::runtime_error("dilated_attention: cudaStreamWaitEvent on an NCCL transfer failed");
     return true;
@@ -122,8 +127,9 @@ class NcclTransport final : public Transport {
   }
   void begin_call(Duration timeout) override {
     if (broken_)
-      throw std::runtime_error("dilated_attention: this NcclTransport's communicator was aborted (" +
-                               broken_reason_ + "); build a new communicator and transport");
+      throw std::runtime_error(
+          "dilated_attention: this NcclTransport's communicator was aborted (" + broken_reason_ +
+          "); build a new communicator and transport");
     timeout_ = timeout;
   }
   void end_call() noexcept override {}
@@ -155,7 +161,8 @@ class NcclTransport final : public Transport {
       throw;
     }
     cudaEventDestroy(done);
-    if (cudaMemcpy(all, out, bytes * static_cast<std::size_t>(size_), cudaMemcpyDeviceToHost) != cudaSuccess)
+    if (cudaMemcpy(all, out, bytes * static_cast<std::size_t>(size_), cudaMemcpyDeviceToHost) !=
+        cudaSuccess)
       throw std::runtime_error("dilated_attention: cudaMemcpy of the agreement failed");
   }
   void notify_failure(const std::string& reason) noexcept override { abort(reason); }
@@ -166,8 +173,8 @@ class NcclTransport final : public Transport {
  private:
   static void check(ncclResult_t code, const char* what) {
     if (code != ncclSuccess)
-      throw std::runtime_error(std::string("dilated_attention: ") + what + " failed: " +
-                               ncclGetErrorString(code));
+      throw std::runtime_error(std::string("dilated_attention: ") + what +
+                               " failed: " + ncclGetErrorString(code));
   }
   Ticket issued() {
     const Ticket ticket = next_++;
@@ -175,8 +182,10 @@ class NcclTransport final : public Transport {
     if (cudaEventCreateWithFlags(&event, cudaEventDisableTiming) != cudaSuccess)
       throw std::runtime_error("dilated_attention: cudaEventCreate failed");
     events_.emplace(ticket, event);
-    if (in_group_) grouped_.push_back(ticket);
-    else record(ticket);
+    if (in_group_)
+      grouped_.push_back(ticket);
+    else
+      record(ticket);
     return ticket;
   }
   // Waits for `event` until the deadline, watching for asynchronous NCCL errors; aborts the
@@ -188,20 +197,21 @@ class NcclTransport final : public Transport {
       if (status == cudaSuccess) return;
       if (status != cudaErrorNotReady) {
         abort(cudaGetErrorString(status));
-        throw std::runtime_error(std::string("dilated_attention: ") + what + " failed: " +
-                                 cudaGetErrorString(status));
+        throw std::runtime_error(std::string("dilated_attention: ") + what +
+                                 " failed: " + cudaGetErrorString(status));
       }
       ncclResult_t async = ncclSuccess;
       ncclCommGetAsyncError(comm_, &async);
       if (async != ncclSuccess && async != ncclInProgress) {
         abort(ncclGetErrorString(async));
-        throw std::runtime_error(std::string("dilated_attention: ") + what + " failed: " +
-                                 ncclGetErrorString(async));
+        throw std::runtime_error(std::string("dilated_attention: ") + what +
+                                 " failed: " + ncclGetErrorString(async));
       }
       if (std::chrono::steady_clock::now() > deadline) {
         abort("a timeout");
-        throw TransferTimeout(std::string("dilated_attention: rank ") + std::to_string(rank_) + ": " +
-                              what + " did not complete within options.timeout; the communicator "
+        throw TransferTimeout(std::string("dilated_attention: rank ") + std::to_string(rank_) +
+                              ": " + what +
+                              " did not complete within options.timeout; the communicator "
                               "was aborted");
       }
     }

@@ -111,13 +111,17 @@ class TransportAdapter : public Transport {
   void begin_group() override { inner_.begin_group(); }
   void end_group() override { inner_.end_group(); }
   bool order_sends_after(void* queue) override { return inner_.order_sends_after(queue); }
-  bool enqueue_wait(Ticket ticket, void* queue) override { return inner_.enqueue_wait(ticket, queue); }
+  bool enqueue_wait(Ticket ticket, void* queue) override {
+    return inner_.enqueue_wait(ticket, queue);
+  }
   void begin_call(Duration timeout) override { inner_.begin_call(timeout); }
   void end_call() noexcept override { inner_.end_call(); }
   void all_gather(const void* mine, void* all, std::size_t bytes) override {
     inner_.all_gather(mine, all, bytes);
   }
-  void notify_failure(const std::string& reason) noexcept override { inner_.notify_failure(reason); }
+  void notify_failure(const std::string& reason) noexcept override {
+    inner_.notify_failure(reason);
+  }
 
  protected:
   Transport& inner() { return inner_; }

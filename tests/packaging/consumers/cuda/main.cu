@@ -14,13 +14,13 @@
 
 namespace da = dilated_attention;
 
-#define CONSUMER_CHECK(call)                                                        \
-  do {                                                                              \
-    const cudaError_t status = (call);                                              \
-    if (status != cudaSuccess) {                                                    \
-      std::printf("FAIL %s: %s\n", #call, cudaGetErrorString(status));              \
-      return 1;                                                                     \
-    }                                                                               \
+#define CONSUMER_CHECK(call)                                           \
+  do {                                                                 \
+    const cudaError_t status = (call);                                 \
+    if (status != cudaSuccess) {                                       \
+      std::printf("FAIL %s: %s\n", #call, cudaGetErrorString(status)); \
+      return 1;                                                        \
+    }                                                                  \
   } while (0)
 
 int main() {
@@ -37,9 +37,12 @@ int main() {
 
   std::mt19937 engine(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const std::size_t q_elements = static_cast<std::size_t>(shape.seq_len * shape.num_heads * shape.head_dim);
-  const std::size_t kv_elements = static_cast<std::size_t>(shape.seq_len * shape.num_kv_heads * shape.head_dim);
-  std::vector<float> q(q_elements), k(kv_elements), v(kv_elements), expected(q_elements), out(q_elements);
+  const std::size_t q_elements =
+      static_cast<std::size_t>(shape.seq_len * shape.num_heads * shape.head_dim);
+  const std::size_t kv_elements =
+      static_cast<std::size_t>(shape.seq_len * shape.num_kv_heads * shape.head_dim);
+  std::vector<float> q(q_elements), k(kv_elements), v(kv_elements), expected(q_elements),
+      out(q_elements);
   for (auto* t : {&q, &k, &v})
     for (float& x : *t) x = normal(engine);
   da::reference::forward(config, shape,
@@ -69,6 +72,7 @@ int main() {
   for (std::size_t j = 0; j < out.size(); ++j)
     worst = std::max(worst, std::abs(static_cast<double>(out[j]) - expected[j]));
   const bool ok = worst < 2e-3;  // fp32 storage; the kernel may use TF32-free fp32 or fp16 paths
-  std::printf("%s cuda forward<float> vs reference: max |dO| = %.3g\n", ok ? "ok  " : "FAIL", worst);
+  std::printf("%s cuda forward<float> vs reference: max |dO| = %.3g\n", ok ? "ok  " : "FAIL",
+              worst);
   return ok ? 0 : 1;
 }
