@@ -569,13 +569,15 @@ TEST(CudaInferencePlan, BadSequencesNameTheMember) {
             std::string::npos);
   const std::int64_t too_many[] = {0, 7, 14, 20};  // sequence 1: 7 queries, 5 keys
   s.query_offsets = too_many;
-  EXPECT_NE(message_of([&] { dc::plan_varlen<float>(config, heads, s, in, o); }).find("sequence 1"),
+  EXPECT_NE(message_of([&] {
+              dc::plan_varlen<float>(config, heads, s, in, o);
+            }).find("sequence 1: query_begin + query_count = -2 + 7 = 5 exceeds its kv_length = 5"),
             std::string::npos);
   const std::int64_t lengths[] = {7, 5, 8};
   s.kv_lengths = lengths;
   EXPECT_NE(message_of([&] {
               dc::plan_varlen<float>(config, heads, s, in, o);
-            }).find("sequences.kv_lengths is set with packed K/V"),
+            }).find("sequences.kv_lengths is not null: with packed keys and values"),
             std::string::npos);
 }
 
@@ -604,7 +606,7 @@ TEST(CudaInferencePlan, BadPageTableNamesTheEntry) {
   const auto qv = packed_view<const float>(q.data(), 2, 32);
   EXPECT_NE(message_of([&] {
               dc::plan_paged<float>(config, heads, s, qv, paged, o);
-            }).find("paged.page_table[4] = 99 (sequence 1, page 1) is not a page (num_pages = 64)"),
+            }).find("paged.page_table[1 * 3 + 1] = 99 is not a page (paged.num_pages = 64)"),
             std::string::npos);
   paged.page_table_stride = 2;
   EXPECT_NE(message_of([&] {
@@ -621,21 +623,22 @@ TEST(CudaInferencePlan, BadQueryRangeAndLengths) {
   const da::Inputs<float> in{da::contiguous_view(q, rows, 2), da::contiguous_view(k, shape, 1),
                              da::contiguous_view(v, shape, 1)};
   const da::Outputs<float> o{da::contiguous_view(out, rows, 2), lse.data()};
-  EXPECT_NE(message_of([&] {
-              dc::plan_query_range<float>(config, shape, {7, 4}, in, o);
-            }).find("range.begin + range.count = 7 + 4 exceeds shape.seq_len = 10"),
-            std::string::npos);
+  EXPECT_NE(
+      message_of([&] {
+        dc::plan_query_range<float>(config, shape, {7, 4}, in, o);
+      }).find("query_range.begin + query_range.count = 7 + 4 = 11 exceeds shape.seq_len = 10"),
+      std::string::npos);
   const da::Inputs<float> full{da::contiguous_view(q, shape, 2), da::contiguous_view(k, shape, 1),
                                da::contiguous_view(v, shape, 1)};
   const da::Outputs<float> full_out{da::contiguous_view(out, shape, 2), lse.data()};
   const std::int64_t lengths[] = {11};
   EXPECT_NE(message_of([&] {
               dc::plan_padded<float>(config, shape, {lengths}, full, full_out);
-            }).find("lengths.lengths[0] = 11: must lie in [0, shape.seq_len = 10]"),
+            }).find("valid_lengths.lengths[0] = 11 exceeds shape.seq_len = 10"),
             std::string::npos);
   EXPECT_NE(message_of([&] {
               dc::plan_padded<float>(config, shape, {nullptr}, full, full_out);
-            }).find("lengths.lengths is null"),
+            }).find("valid_lengths.lengths is null"),
             std::string::npos);
 }
 

@@ -284,7 +284,7 @@ TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
   paged.page_table = table;
   paged.page_table_stride = 3;
   expect_invalid([&] { dc::forward<__half>(config, heads, s, pv(0, 4), paged, out); },
-                 {"paged.page_table[4] = 99", "is not a page (num_pages = 64)"});
+                 {"paged.page_table[1 * 3 + 1] = 99", "is not a page (paged.num_pages = 64)"});
   paged.page_size = 0;
   expect_invalid([&] { dc::forward<__half>(config, heads, s, pv(0, 4), paged, out); },
                  {"paged.page_size = 0"});
@@ -300,7 +300,7 @@ TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
       [&] {
         dc::forward<__half>(config, shape, da::QueryRange{9, 2}, in, rows_out);
       },
-      {"range.begin + range.count = 9 + 2 exceeds shape.seq_len = 10"});
+      {"query_range.begin + query_range.count = 9 + 2 = 11 exceeds shape.seq_len = 10"});
   const da::Shape odd{1, 10, 4, 2, 48};
   const da::Shape odd_rows{1, 1, 4, 2, 48};
   const da::Inputs<__half> odd_in{
@@ -324,7 +324,7 @@ TEST(CudaInference, BadInputIsRejectedBeforeAnyCudaCall) {
         dc::forward<__half>(config, shape, da::ValidLengths{too_long}, full,
                             {da::contiguous_view(fake<__half>(3), shape, 4), fake<float>(4)});
       },
-      {"lengths.lengths[0] = 11"});
+      {"valid_lengths.lengths[0] = 11 exceeds shape.seq_len = 10"});
 }
 
 }  // namespace

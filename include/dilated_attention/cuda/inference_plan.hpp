@@ -36,7 +36,7 @@
 #include "../sequences.hpp"
 #include "../host_device.hpp"
 #include "../pattern.hpp"
-#include "inference_checks.hpp"
+#include "../validate_sequences.hpp"
 #include "launch_checks.hpp"
 #include "launch_plan.hpp"
 
@@ -207,16 +207,12 @@ inline std::int64_t capped_blocks(std::int64_t warps) {
 }
 }  // namespace detail
 
-// Back end limits of the inference kernels: the compiled head dims and the branch cap.
+// Back end limits of the inference kernels: the compiled head dims and the branch cap, i.e. the
+// head_dim and branch rules of check_backend_limits (launch_plan.hpp). Its grid rule is the
+// forward kernel's, not these kernels': a stand-in shape of one row keeps it out of the way.
+// The device-agnostic rules (validate_sequences.hpp) have run before.
 inline void check_inference_limits(const Config& config, std::int64_t head_dim) {
-  if (!head_dim_supported(head_dim))
-    dilated_attention::detail::reject("shape.head_dim = ", head_dim,
-                                      ": the CUDA back end supports head_dim in ",
-                                      supported_head_dims());
-  if (config.segment_lengths.size() > static_cast<std::size_t>(max_branches))
-    dilated_attention::detail::reject("config.segment_lengths has ", config.segment_lengths.size(),
-                                      " branches: the CUDA back end supports at most ",
-                                      max_branches);
+  check_backend_limits(config, Shape{1, 1, 1, 1, head_dim});
 }
 
 // The plan from the sequences (validated) and the tensors. `pages`: the page list of the paged
@@ -309,16 +305,18 @@ InferencePlan make_inference_plan(const Config& config, std::int64_t num_heads,
   return plan;
 }
 
-// The four forms: each validates its arguments (checks::, before anything else), describes its
-// sequences and tensors, and makes the plan. cuda::forward (inference.cuh) runs the plan; the
-// host emulation tests run the same plans on the CPU.
+// The four forms: each validates its arguments with the shared, device-agnostic rules of
+// validate_sequences.hpp (the ones the CPU forms use; LSE is float), before anything else, then
+// describes its sequences and tensors and makes the plan, which adds the CUDA back end's own
+// checks (check_inference_limits, check_alignment). cuda::forward (inference.cuh) runs the
+// plan; the host emulation tests run the same plans on the CPU.
 
 // Form 1: rows [range.begin, range.begin + range.count) of the forward over shape.seq_len.
 template <class T>
 InferencePlan plan_query_range(const Config& config, const Shape& shape, const QueryRange& range,
                                const Inputs<T>& in, const Outputs<T>& out,
                                std::int64_t piece_keys = decode_piece_keys) {
-  checks::check_query_range<T>(config, shape, range, in.q, in.k, in.v, out.out, out.lse);
+  validate_query_range<T>(config, shape, range, in.q, in.k, in.v, out.out, out.lse);
   std::vector<SequenceRecord> sequences(static_cast<std::size_t>(shape.batch));
   for (auto& s : sequences) s = {range.count, range.count, 0, range.begin, shape.seq_len, 0};
   InferenceTensors t{in.q.data,
@@ -360,7 +358,7 @@ template <class T>
 InferencePlan plan_varlen(const Config& config, const HeadShape& heads, const Sequences& s,
                           const Inputs<T>& in, const Outputs<T>& out,
                           std::int64_t piece_keys = decode_piece_keys) {
-  checks::check_varlen<T>(config, heads, s, in.q, in.k, in.v, out.out, out.lse);
+  validate_sequences<T>(config, heads, s, in.q, in.k, in.v, out.out, out.lse);
   const std::vector<SequenceRecord> records = detail::packed_records(s);
   InferenceTensors t{in.q.data,
                      in.k.data,
@@ -390,7 +388,7 @@ template <class T>
 InferencePlan plan_paged(const Config& config, const HeadShape& heads, const Sequences& s,
                          const View<const T>& q, const PagedKeyValues<T>& paged,
                          const Outputs<T>& out, std::int64_t piece_keys = decode_piece_keys) {
-  checks::check_paged<T>(config, heads, s, q, paged, out.out, out.lse);
+  validate_paged<T>(config, heads, s, q, paged, out.out, out.lse);
   std::vector<SequenceRecord> records = detail::packed_records(s);
   std::vector<std::int64_t> pages;
   for (std::int64_t b = 0; b < s.count; ++b) {
@@ -429,7 +427,7 @@ InferencePlan plan_paged(const Config& config, const HeadShape& heads, const Seq
 template <class T>
 InferencePlan plan_padded(const Config& config, const Shape& shape, const ValidLengths& lengths,
                           const Inputs<T>& in, const Outputs<T>& out) {
-  checks::check_padded<T>(config, shape, lengths, in.q, in.k, in.v, out.out, out.lse);
+  validate_valid_lengths<T>(config, shape, lengths, in.q, in.k, in.v, out.out, out.lse);
   std::vector<SequenceRecord> records(static_cast<std::size_t>(shape.batch));
   for (std::int64_t b = 0; b < shape.batch; ++b)
     records[static_cast<std::size_t>(b)] = {
