@@ -109,11 +109,14 @@ inline bool supported_dtype(const at::Tensor& t) {
 }
 
 // Rank, dtype, device and the contiguous last dimension of one tensor, by name. Works on meta
-// and fake tensors too (nothing here reads data or concrete sizes).
-inline void check_tensor(const char* name, const at::Tensor& t, const at::Tensor& q) {
+// and fake tensors too (nothing here reads data or concrete sizes). The inference forms' packed
+// tensors have rank 3, [total, heads, head_dim].
+inline void check_tensor(const char* name, const at::Tensor& t, const at::Tensor& q,
+                         std::int64_t rank = 4,
+                         const char* layout = "[batch, seq, heads, head_dim]") {
   TORCH_CHECK_VALUE(t.defined(), "dilated_attention: ", name, " is undefined");
-  TORCH_CHECK_VALUE(t.dim() == 4, "dilated_attention: ", name, " has ", t.dim(),
-                    " dimensions: expected 4, [batch, seq, heads, head_dim]");
+  TORCH_CHECK_VALUE(t.dim() == rank, "dilated_attention: ", name, " has ", t.dim(),
+                    " dimensions: expected ", rank, ", ", layout);
   TORCH_CHECK_VALUE(t.device() == q.device(), "dilated_attention: ", name, " is on ", t.device(),
                     " but q is on ", q.device(), ": all tensors must be on one device");
   TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "dilated_attention: ", name, " has dtype ",
@@ -125,8 +128,8 @@ inline void check_tensor(const char* name, const at::Tensor& t, const at::Tensor
                     t.scalar_type(), " on ", t.device(),
                     ": supported are float32, float64, bfloat16, float16 on cpu and float32, "
                     "bfloat16, float16 on cuda");
-  TORCH_CHECK_VALUE(t.sym_stride(3) == 1 || t.sym_size(3) == 1, "dilated_attention: ", name,
-                    ".stride(-1) = ", t.sym_stride(3),
+  TORCH_CHECK_VALUE(t.sym_stride(rank - 1) == 1 || t.sym_size(rank - 1) == 1,
+                    "dilated_attention: ", name, ".stride(-1) = ", t.sym_stride(rank - 1),
                     ": the last dimension (head_dim) must be contiguous (stride 1); call "
                     ".contiguous() first");
 }
