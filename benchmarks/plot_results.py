@@ -7,7 +7,11 @@ Reads the Google Benchmark JSON (--benchmark_out) of ONE run, so every ratio com
 measured in the same process on the same machine state:
 
   useful GFLOP/s    Pattern::useful_flops() (4 * head_dim per attended pair) / median real time
+  % peak            useful GFLOP/s / the measured FMA peak of the same binary (fma_peak/<isa>/threads:t
+                    of the run's kernel_isa at its thread count): per wall second, and (in brackets)
+                    per CPU second on both sides, which a shared machine disturbs less
   x SGEMM           useful GFLOP/s / GFLOP/s of the square Eigen SGEMM in the same binary
+  x OpenBLAS        the same against OpenBLAS's SGEMM (when the binary was built with it)
   cpu               process CPU time / (wall time * threads): the share of its cores the run got
   x SGEMM/core      the x SGEMM ratio from GFLOP per second of CPU time on both sides: on a shared
                     machine it tracks what an idle one would show better than wall-time rates do
@@ -24,6 +28,7 @@ second table covers the backward:
   bwd/fwd           backward time / forward time, same (N, D), same run (target <= 2.5)
   useful GFLOP/s    2.5 x Pattern::useful_flops() (FlashAttention-2's count of a backward) / time;
                     GFLOP/core-s divides by process CPU seconds instead (less load-sensitive)
+  % peak            of the FMA peak measured in the same binary, wall (CPU seconds), as above
   t(N)/t(N/4)       of the backward (target <= 4.4)
   heap MiB          heap the backward calls allocated beyond q, k, v, out, lse, d_out, dq, dk, dv
   max rel err       largest gradient error on sampled rows against docs/semantics.md "The gradient" in double,
@@ -92,13 +97,49 @@ def cpu_share(run):
     return run["cpu_time"] / (run["real_time"] * threads)
 
 
+def fma_peaks(runs):
+    """{(isa, threads): run} of the fma_peak/<isa>/threads:t rows."""
+    peaks = {}
+    for r in runs:
+        if kind_of(r) == "fma_peak":
+            parts = r["run_name"].split("/")
+            peaks[(parts[1], int(parts[2].split(":")[1]))] = r
+    return peaks
+
+
+def peak_for(runs, context, threads):
+    """The peak a kernel run is measured against: its instruction set (the JSON's kernel_isa;
+    without one, the widest measured) on its worker threads. None when the run measured none."""
+    peaks = fma_peaks(runs)
+    isa = context.get("kernel_isa")
+    candidates = [isa] if isa in {i for i, _ in peaks} else sorted({i for i, _ in peaks}, key=lambda i: i != "avx512")
+    for i in candidates:
+        if (i, threads) in peaks:
+            return peaks[(i, threads)]
+    return None
+
+
+def peak_shares(row, peak, flops):
+    """Adds the share of `peak` (a fma_peak run) to `row`: by wall time and by CPU time."""
+    row["peak_name"] = peak["run_name"].split("/repeats")[0] if peak else None
+    row["peak_GFLOPs"] = peak["GFLOPs"] if peak else None
+    row["peak_GFLOP_per_core_s"] = per_core_rate(peak) if peak else None
+    row["share_of_peak"] = row["useful_GFLOPs"] / peak["GFLOPs"] if peak else None
+    core, peak_core = row.get("useful_GFLOP_per_core_s"), row["peak_GFLOP_per_core_s"]
+    row["share_of_peak_per_core"] = core / peak_core if core and peak_core else None
+
+
 def summarise(data):
     runs = representative_runs(data["benchmarks"])
+    context = data.get("context", {})
     sgemm = [r for r in runs if kind_of(r) == "sgemm"]
+    openblas = [r for r in runs if kind_of(r) == "sgemm_openblas"]
     shaped = {int(r["run_name"].split("/D:")[1].split("/")[0]): r for r in runs if kind_of(r) == "sgemm_attention_shaped"}
     sgemm_gflops = sgemm[0]["GFLOPs"] if sgemm else None
     sgemm_share = cpu_share(sgemm[0]) if sgemm else None
     sgemm_core = per_core_rate(sgemm[0]) if sgemm else None
+    openblas_gflops = openblas[0]["GFLOPs"] if openblas else None
+    openblas_core = per_core_rate(openblas[0]) if openblas else None
     attention = {}
     for r in runs:
         kind = kind_of(r)
@@ -121,6 +162,7 @@ def summarise(data):
             "cpu_time_s": cpu_seconds(r),
             "useful_GFLOP_per_core_s": r["useful_flops"] / cpu_seconds(r) * 1e-9 if cpu_seconds(r) else None,
             "ratio_to_sgemm": gflops / sgemm_gflops if sgemm_gflops else None,
+            "ratio_to_openblas": gflops / openblas_gflops if openblas_gflops else None,
             "ratio_to_shaped_sgemm": gflops / shaped[d]["GFLOPs"] if d in shaped else None,
             "tensors_MiB": r.get("tensors_MiB"),
             "heap_peak_MiB": r.get("heap_peak_MiB"),
@@ -133,6 +175,8 @@ def summarise(data):
         }
         core = row["useful_GFLOP_per_core_s"]
         row["ratio_to_sgemm_per_core"] = core / sgemm_core if core and sgemm_core else None
+        row["ratio_to_openblas_per_core"] = core / openblas_core if core and openblas_core else None
+        peak_shares(row, peak_for(runs, context, r.get("worker_threads")), r["useful_flops"])
         shaped_core = per_core_rate(shaped[d]) if d in shaped else None
         row["ratio_to_shaped_sgemm_per_core"] = core / shaped_core if core and shaped_core else None
         row["idle_estimate_s"] = row["cpu_time_s"] / r["worker_threads"] if row["cpu_time_s"] and r.get("worker_threads") else None
@@ -146,17 +190,31 @@ def summarise(data):
                                     if quarter and cpu_seconds(r) and cpu_seconds(quarter) else None)
         rows.append(row)
 
-    context = data.get("context", {})
     return {
         "context": {k: context.get(k) for k in ("date", "host_name", "num_cpus", "mhz_per_cpu", "load_avg",
                                                   "implementation", "config", "sgemm_threads", "kernel_threads", "heap_counter",
+                                                  "kernel_isa", "best_isa", "build_flags", "openblas_core",
                                                   "eigen_version", "compiler", "assertions")},
+        "fma_peak": summarise_peaks(runs),
         "sgemm": {"name": sgemm[0]["run_name"], "GFLOPs": sgemm_gflops, "cpu_share": sgemm_share,
                   "GFLOP_per_core_s": sgemm_core} if sgemm else None,
+        "sgemm_openblas": {"name": openblas[0]["run_name"], "GFLOPs": openblas_gflops,
+                           "cpu_share": cpu_share(openblas[0]), "GFLOP_per_core_s": openblas_core} if openblas else None,
         "sgemm_attention_shaped": {str(d): {"name": r["run_name"], "GFLOPs": r["GFLOPs"],
                                            "GFLOP_per_core_s": per_core_rate(r)} for d, r in shaped.items()},
         "rows": rows,
     }
+
+
+def summarise_peaks(runs):
+    return {f"{isa}/threads:{t}": {"GFLOPs": r["GFLOPs"], "GFLOP_per_core_s": per_core_rate(r), "cpu_share": cpu_share(r)}
+            for (isa, t), r in sorted(fma_peaks(runs).items())}
+
+
+def print_peaks(peaks, out=sys.stdout):
+    for name, p in peaks.items():
+        print(f"FMA peak ({name}): {p['GFLOPs']:.1f} GFLOP/s (cpu share {fmt(p['cpu_share'], '.0%')}; "
+              f"{fmt(p['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)", file=out)
 
 
 def fmt(value, spec, missing="-"):
@@ -169,20 +227,29 @@ def both(wall, cpu, spec):
     return "-" if wall is None else f"{format(wall, spec)} ({fmt(cpu, spec)})"
 
 
+def percent(wall, cpu):
+    """A share of the peak, wall (CPU), in per cent."""
+    return "-" if wall is None else f"{100 * wall:.0f} % ({fmt(cpu and 100 * cpu, '.0f')} %)"
+
+
 def print_table(summary, out=sys.stdout):
     ctx = summary["context"]
     print(f"implementation: {ctx.get('implementation')}   config: {ctx.get('config')}", file=out)
     print(f"machine: {ctx.get('num_cpus')} CPUs @ {ctx.get('mhz_per_cpu')} MHz, load average at start "
           f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])}", file=out)
-    if summary["sgemm"]:
-        print(f"Eigen SGEMM ({summary['sgemm']['name'].split('/repeats')[0]}): "
-              f"{summary['sgemm']['GFLOPs']:.1f} GFLOP/s (cpu share {fmt(summary['sgemm']['cpu_share'], '.0%')}; "
-              f"{fmt(summary['sgemm']['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)",
-              file=out)
+    print(f"kernel isa: {ctx.get('kernel_isa')} (best here: {ctx.get('best_isa')})", file=out)
+    print_peaks(summary.get("fma_peak") or {}, out)
+    for key, label in (("sgemm", "Eigen SGEMM"), ("sgemm_openblas", "OpenBLAS SGEMM")):
+        s = summary.get(key)
+        if s:
+            print(f"{label} ({s['name'].split('/repeats')[0]}): {s['GFLOPs']:.1f} GFLOP/s "
+                  f"(cpu share {fmt(s['cpu_share'], '.0%')}; {fmt(s['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)",
+                  file=out)
     for d, s in summary["sgemm_attention_shaped"].items():
         print(f"Eigen attention-shaped products (Q K^T, P V; {s['name'].split('/repeats')[0]}): "
               f"{s['GFLOPs']:.1f} GFLOP/s ({fmt(s['GFLOP_per_core_s'], '.1f')} GFLOP per core-second)", file=out)
-    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "xSGEMM", "xSGEMM/core", "xshaped/core",
+    header = ("kind", "D", "N", "time", "cpu", "GFLOP/s", "% peak wall (cpu)", "xSGEMM", "xSGEMM/core",
+              "xOpenBLAS/core", "xshaped/core",
               "dense/dil wall (cpu)", "t(N)/t(N/4) wall (cpu)",
               "peak MiB (budget)", "max err O", "max err LSE")
     lines = []
@@ -191,8 +258,9 @@ def print_table(summary, out=sys.stdout):
         time_text = f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.2f} s"
         peak = f"{fmt(r['peak_MiB'], '.1f')} ({fmt(r['budget_MiB'], '.0f')})"
         lines.append((r["kind"], str(r["D"]), str(r["N"]), time_text, fmt(r["cpu_share"], ".0%"),
-                      fmt(r["useful_GFLOPs"], ".1f"),
+                      fmt(r["useful_GFLOPs"], ".1f"), percent(r["share_of_peak"], r["share_of_peak_per_core"]),
                       fmt(r["ratio_to_sgemm"], ".2f"), fmt(r["ratio_to_sgemm_per_core"], ".2f"),
+                      fmt(r["ratio_to_openblas_per_core"], ".2f"),
                       fmt(r["ratio_to_shaped_sgemm_per_core"], ".2f"),
                       both(r["dense_over_dilated"], r["dense_over_dilated_cpu"], ".1f"),
                       both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"), peak,
@@ -212,15 +280,18 @@ def print_table(summary, out=sys.stdout):
 
 def print_markdown(summary, out=sys.stdout):
     """The rows as a Markdown table, for docs/performance.md."""
-    print("| kind | D | N | wall time | CPU share | CPU s / threads | useful GFLOP/s | x SGEMM (wall) | "
-          "x SGEMM (per core) | x shaped (per core) | dense / dilated wall (CPU) | t(N)/t(N/4) wall (CPU) | "
+    print("| kind | D | N | wall time | CPU share | CPU s / threads | useful GFLOP/s | % of FMA peak wall (CPU) | "
+          "x SGEMM (wall) | x SGEMM (per core) | x OpenBLAS (per core) | x shaped (per core) | "
+          "dense / dilated wall (CPU) | t(N)/t(N/4) wall (CPU) | "
           "peak MiB (budget) | heap MiB | max err O | max err LSE |", file=out)
-    print("|" + "---|" * 16, file=out)
+    print("|" + "---|" * 18, file=out)
     for r in summary["rows"]:
         t = r["time_s"]
         print(f"| {r['kind']} | {r['D']} | {r['N']} | {t:.2f} s | {fmt(r['cpu_share'], '.0%')} | "
               f"{fmt(r['idle_estimate_s'], '.2f')} s | {fmt(r['useful_GFLOPs'], '.1f')} | "
+              f"{percent(r['share_of_peak'], r['share_of_peak_per_core'])} | "
               f"{fmt(r['ratio_to_sgemm'], '.2f')} | {fmt(r['ratio_to_sgemm_per_core'], '.2f')} | "
+              f"{fmt(r['ratio_to_openblas_per_core'], '.2f')} | "
               f"{fmt(r['ratio_to_shaped_sgemm_per_core'], '.2f')} | "
               f"{both(r['dense_over_dilated'], r['dense_over_dilated_cpu'], '.1f')} | "
               f"{both(r['time_ratio_4x'], r['time_ratio_4x_cpu'], '.2f')} | "
@@ -290,6 +361,7 @@ def plot(summary, path):
 
 def summarise_backward(data):
     runs = representative_runs(data["benchmarks"])
+    context = data.get("context", {})
     by_key = {(kind_of(r), int(r["D"]), int(r["N"])): r for r in runs
               if kind_of(r) in ("forward", "backward") and "D" in r}
     rows = []
@@ -326,9 +398,19 @@ def summarise_backward(data):
             "max_rel_err_dv": r.get("max_rel_err_dv"),
             "error": r.get("error_message"),
         })
-    context = data.get("context", {})
+        peak = peak_for(runs, context, r.get("worker_threads"))
+        peak_shares(rows[-1], peak, r["useful_flops"])
+        if fwd:
+            forward = {"useful_GFLOPs": fwd["useful_flops"] / seconds(fwd) * 1e-9,
+                       "useful_GFLOP_per_core_s": (fwd["useful_flops"] / cpu_seconds(fwd) * 1e-9
+                                                   if cpu_seconds(fwd) else None)}
+            peak_shares(forward, peak, fwd["useful_flops"])
+            rows[-1]["forward_share_of_peak"] = forward["share_of_peak"]
+            rows[-1]["forward_share_of_peak_per_core"] = forward["share_of_peak_per_core"]
     return {"context": {k: context.get(k) for k in ("date", "num_cpus", "load_avg", "implementation", "config",
-                                                      "kernel_threads", "heap_counter", "compiler")},
+                                                      "kernel_threads", "kernel_isa", "best_isa", "heap_counter",
+                                                      "compiler")},
+            "fma_peak": summarise_peaks(runs),
             "rows": rows}
 
 
@@ -336,8 +418,11 @@ def print_backward_table(summary, out=sys.stdout, markdown=False):
     ctx = summary["context"]
     print(f"\nbackward ({ctx.get('implementation')}; {ctx.get('config')}; load average at start "
           f"{', '.join(format(x, '.2f') for x in ctx.get('load_avg') or [])})", file=out)
+    if not markdown:
+        print_peaks(summary.get("fma_peak") or {}, out)
     header = ("D", "N", "forward", "backward", "cpu", "bwd/fwd wall (cpu)", "GFLOP/s", "GFLOP/core-s",
-              "t(N)/t(N/4) wall (cpu)", "heap MiB", "max rel err dQ/dK/dV")
+              "% peak wall (cpu)", "fwd % peak wall (cpu)", "t(N)/t(N/4) wall (cpu)", "heap MiB",
+              "max rel err dQ/dK/dV")
     lines = []
     for r in summary["rows"]:
         errors = "/".join(fmt(r[k], ".1e") for k in ("max_rel_err_dq", "max_rel_err_dk", "max_rel_err_dv"))
@@ -346,6 +431,8 @@ def print_backward_table(summary, out=sys.stdout, markdown=False):
         lines.append((str(r["D"]), str(r["N"]), fmt(r["forward_s"], ".3f") + " s", f"{r['backward_s']:.3f} s",
                       fmt(r["cpu_share"], ".0%"), both(r["backward_over_forward"], r["backward_over_forward_cpu"], ".2f"),
                       fmt(r["useful_GFLOPs"], ".1f"), fmt(r["useful_GFLOP_per_core_s"], ".1f"),
+                      percent(r["share_of_peak"], r["share_of_peak_per_core"]),
+                      percent(r.get("forward_share_of_peak"), r.get("forward_share_of_peak_per_core")),
                       both(r["time_ratio_4x"], r["time_ratio_4x_cpu"], ".2f"),
                       fmt(r["heap_peak_MiB"], ".2f"), errors))
     if markdown:
@@ -407,54 +494,78 @@ def plot_backward(summary, path):
 
 
 def summarise_inference(data):
-    """Decode rows of cpu_inference_benchmark: step time, tokens/s, K/V bytes per second and
-    their share of the STREAM-like copy measured in the same binary."""
+    """Decode rows of cpu_inference_benchmark (float, and bf16 / half storage): step time,
+    tokens/s, K/V bytes per step and per second and their share of the STREAM-like copy measured
+    in the same binary; prefill rows: useful GFLOP/s and their share of the binary's FMA peak."""
     stream = None
-    rows = []
-    for run in data.get("benchmarks", []):
-        if run.get("run_type") == "aggregate":
-            continue
-        name = run["name"]
+    rows, prefill = [], []
+    runs = representative_runs(data.get("benchmarks", []))
+    context = data.get("context", {})
+    dtypes = {"Decode": "float", "Decode_bf16": "bf16", "Decode_half": "half"}
+    for run in runs:
+        name = run["run_name"]
+        kind = kind_of(run)
         if name.startswith("Stream/copy"):
             stream = run.get("bytes_per_second")
-        elif name.startswith("Decode/"):
+        elif kind in dtypes:
             fields = dict(part.split(":", 1) for part in name.split("/")[1:] if ":" in part)
             rows.append({
+                "dtype": dtypes[kind],
                 "kv_len": int(fields["kv_len"]), "kv_heads": int(fields["Hkv"]),
                 "head_dim": int(fields["D"]), "batch": int(fields["batch"]),
                 "step_us": seconds(run) * 1e6, "tokens_per_second": run.get("tokens_per_second"),
+                "kv_bytes_per_step": run.get("kv_bytes_per_step"),
                 "kv_bytes_per_second": run.get("kv_bytes_per_second"),
                 "error": run.get("error_occurred", False), "max_err_out": run.get("max_err_out"),
             })
+        elif kind == "Prefill" and run.get("useful_flops"):
+            row = {"name": name, "time_s": seconds(run),
+                   "useful_GFLOPs": run["useful_flops"] / seconds(run) * 1e-9,
+                   "useful_GFLOP_per_core_s": None, "max_err_out": run.get("max_err_out")}
+            peak_shares(row, peak_for(runs, context, run.get("worker_threads")), run["useful_flops"])
+            prefill.append(row)
     for row in rows:
         bw = row["kv_bytes_per_second"]
         row["bandwidth_share"] = bw / stream if stream and bw else None
-    return {"stream_bytes_per_second": stream, "decode": rows}
+    return {"stream_bytes_per_second": stream, "fma_peak": summarise_peaks(runs), "decode": rows,
+            "prefill": prefill}
 
 
 def print_inference_table(summary, out=sys.stdout, markdown=False):
     stream = summary.get("stream_bytes_per_second")
     print(f"decode steps (STREAM-like copy: {fmt(stream and stream / 1e9, '.1f')} GB/s)", file=out)
-    header = ["kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V GB/s", "of copy", "max err"]
+    header = ["dtype", "kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V MB/step", "K/V GB/s", "of copy",
+              "max err"]
     lines = []
-    for row in sorted(summary["decode"], key=lambda r: (r["head_dim"], r["batch"], r["kv_heads"], r["kv_len"])):
+    order = {"float": 0, "bf16": 1, "half": 2}
+    for row in sorted(summary["decode"], key=lambda r: (r["head_dim"], r["batch"], r["kv_heads"], r["kv_len"],
+                                                        order.get(r.get("dtype", "float"), 3))):
         share = row["bandwidth_share"]
-        lines.append([str(row["kv_len"]), str(row["kv_heads"]), str(row["head_dim"]), str(row["batch"]),
+        step_bytes = row.get("kv_bytes_per_step")
+        lines.append([row.get("dtype", "float"), str(row["kv_len"]), str(row["kv_heads"]), str(row["head_dim"]),
+                      str(row["batch"]),
                       "ERROR" if row["error"] else fmt(row["step_us"], ".0f"),
                       fmt(row["tokens_per_second"], ".0f"),
+                      fmt(step_bytes and step_bytes / 1e6, ".2f"),
                       fmt(row["kv_bytes_per_second"] and row["kv_bytes_per_second"] / 1e9, ".2f"),
                       fmt(share and 100 * share, ".0f") + ("%" if share else ""),
                       fmt(row["max_err_out"], ".1e")])
+    prefill = summary.get("prefill") or []
     if markdown:
         print("| " + " | ".join(header) + " |", file=out)
         print("|" + "---|" * len(header), file=out)
         for line in lines:
             print("| " + " | ".join(line) + " |", file=out)
-        return
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
-    for line in lines:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+    else:
+        widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+        print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+        for line in lines:
+            print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=out)
+    for row in prefill:
+        print(f"{row['name']}: {row['time_s'] * 1e3:.1f} ms, {row['useful_GFLOPs']:.1f} useful GFLOP/s, "
+              f"{percent(row['share_of_peak'], None).split(' (')[0]} of the FMA peak ({row['peak_name']})"
+              if row["share_of_peak"] is not None else
+              f"{row['name']}: {row['time_s'] * 1e3:.1f} ms, {row['useful_GFLOPs']:.1f} useful GFLOP/s", file=out)
 
 
 def main():

@@ -19,11 +19,13 @@ Steps, each announced by a line starting with "==>":
      then the backward: cpu_backward_benchmark times forward and backward on the same inputs at
      N=16384,65536 (D as given) and checks sampled gradient rows against docs/semantics.md "The gradient"
      (a wrong gradient fails the job)
-  4. print a table (N, time, useful GFLOP/s, ratio to an Eigen SGEMM measured in the same binary,
+  4. print a table (N, time, useful GFLOP/s, its share of the FMA peak measured in the same
+     binary (fma_peak/<isa>/threads:t of the kernel's instruction set), ratio to an Eigen SGEMM
+     and (when libopenblas-dev is installed) an OpenBLAS SGEMM measured in the same binary,
      ratio to dense attention, time(4N)/time(N), peak memory, max error against
      docs/semantics.md "The forward" on sampled rows), then the backward's (backward/forward time, useful
-     GFLOP/s at 2.5x the forward's FLOPs, time(4N)/time(N), heap beyond the tensors, gradient
-     errors), and write, into RESULTS/<UTC date and time>/: cpu_forward_benchmark.json,
+     GFLOP/s at 2.5x the forward's FLOPs and its share of the backward binary's own FMA peak,
+     time(4N)/time(N), heap beyond the tensors, gradient errors), and write, into RESULTS/<UTC date and time>/: cpu_forward_benchmark.json,
      cpu_backward_benchmark.json, summary.json, benchmark_cpu.png and benchmark_cpu_backward.png
      (time against N, log-log). RESULTS/latest points to the newest run; earlier runs are kept.
 Whenever a step prints nothing for DA_PROGRESS_SECONDS (15) seconds, a "... still running" line

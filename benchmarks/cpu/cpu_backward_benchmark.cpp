@@ -3,6 +3,8 @@
 //
 //   forward/D:d/N:n     dilated_attention::forward (out and lse), as in cpu_forward_benchmark
 //   backward/D:d/N:n    dilated_attention::backward given that forward's out and lse
+//   fma_peak/<isa>/threads:t   the measured FMA peak (cpu_benchmark_support.hpp), the yardstick
+//                              benchmarks/plot_results.py gives each useful GFLOP/s a share of
 //
 // Counters: useful_flops (forward: Pattern::useful_flops(); backward: 2.5 times that, the
 // FlashAttention-2 convention of five products per pair against the forward's two), the
@@ -358,7 +360,16 @@ int main(int argc, char** argv) {
   if (const int status =
           bench::parse_command_line(argc, argv, "cpu_backward_benchmark", parse_option, options))
     return status;
+  std::string kernel_isa;
+  try {
+    kernel_isa = bench::select_isa(options.isa);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "cpu_backward_benchmark: %s\n", error.what());
+    return 2;
+  }
   benchmark::AddCustomContext("implementation", "dilated_attention::forward / backward");
+  benchmark::AddCustomContext("kernel_isa", kernel_isa);
+  benchmark::AddCustomContext("best_isa", to_string(dilated_attention::cpu::best_isa()));
   benchmark::AddCustomContext("config", options.describe());
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
   benchmark::AddCustomContext("heap_counter",
@@ -366,6 +377,7 @@ int main(int argc, char** argv) {
 #if defined(__VERSION__)
   benchmark::AddCustomContext("compiler", __VERSION__);
 #endif
+  if (options.fma_peak) bench::register_fma_peaks(kernel_threads(), options.repetitions);
   for (std::int64_t dim : options.head_dims)
     for (std::int64_t n : options.seq_lens) {
       const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);

@@ -1,22 +1,32 @@
 #pragma once
 // What the CPU benchmarks share: which forward they time, the attention options of their command
-// line, seeded inputs that fill fast in parallel, the two memory probes (live heap, resident
-// high-water mark) and their counters, and the sampled-row oracle that checks a long run against
-// docs/semantics.md "The forward" without paying for the O(N * w) reference.
+// line, seeded inputs that fill fast in parallel, the measured FMA peak every benchmark reports
+// beside its useful GFLOP/s, the two memory probes (live heap, resident high-water mark) and their
+// counters, and the sampled-row oracle that checks a long run against docs/semantics.md "The
+// forward" without paying for the O(N * w) reference.
 
 #include <dilated_attention/config.hpp>
+#include <dilated_attention/cpu/kernels/isa.hpp>
 #include <dilated_attention/pattern.hpp>
 #include <dilated_attention/reference.hpp>
+
+#include <benchmark/benchmark.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -68,15 +78,19 @@ inline std::string join(const std::vector<std::int64_t>& values) {
 
 // Their lines of --help, spliced into each benchmark's usage text (a macro, so that the text
 // stays one string literal).
-#define DA_BENCH_ATTENTION_USAGE                                                         \
-  "  --head_dims=64                head dims D (e.g. 64,128)\n"                          \
-  "  --batch=1 --heads=8           batch B and query heads H\n"                          \
-  "  --kv_heads=H                  key/value heads (grouped-query attention when < H)\n" \
-  "  --segments=2048,4096,8192     segment lengths w_i\n"                                \
-  "  --dilations=1,2,4             dilation rates r_i\n"                                 \
-  "  --causal=false                causal masking\n"                                     \
-  "  --offsets=modular             modular | blocked | partitioned\n"                    \
-  "  --mixing=softmax              softmax | mean\n"
+#define DA_BENCH_ATTENTION_USAGE                                                             \
+  "  --head_dims=64                head dims D (e.g. 64,128)\n"                              \
+  "  --batch=1 --heads=8           batch B and query heads H\n"                              \
+  "  --kv_heads=H                  key/value heads (grouped-query attention when < H)\n"     \
+  "  --segments=2048,4096,8192     segment lengths w_i\n"                                    \
+  "  --dilations=1,2,4             dilation rates r_i\n"                                     \
+  "  --causal=false                causal masking\n"                                         \
+  "  --offsets=modular             modular | blocked | partitioned\n"                        \
+  "  --mixing=softmax              softmax | mean\n"                                         \
+  "  --isa=                        kernel instruction set: generic | avx2 | avx512 | neon\n" \
+  "                                (default: the library's choice; sets\n"                   \
+  "                                DILATED_ATTENTION_CPU_ISA)\n"                             \
+  "  --fma_peak=true               false skips the FMA-loop peak benchmarks\n"
 
 struct AttentionOptions {
   std::vector<std::int64_t> seq_lens = {16384, 65536};
@@ -87,6 +101,8 @@ struct AttentionOptions {
   bool causal = false;
   OffsetRule offsets = OffsetRule::modular;
   Mixing mixing = Mixing::softmax;
+  std::string isa;  // empty: the library's choice
+  bool fma_peak = true;
 
   std::int64_t resolved_kv_heads() const { return kv_heads > 0 ? kv_heads : heads; }
 
@@ -109,10 +125,20 @@ struct AttentionOptions {
   }
 };
 
+inline bool parse_bool(const std::string& text) {
+  if (text == "1" || text == "true" || text == "yes" || text == "on") return true;
+  if (text == "0" || text == "false" || text == "no" || text == "off") return false;
+  throw std::invalid_argument("not a boolean: " + text);
+}
+
 // Returns false when `key` is not one of the shared options (--causal included: see above).
 inline bool parse_attention_option(AttentionOptions& options, const std::string& key,
                                    const std::string& value) {
-  if (key == "seq_lens")
+  if (key == "isa")
+    options.isa = value;
+  else if (key == "fma_peak")
+    options.fma_peak = parse_bool(value);
+  else if (key == "seq_lens")
     options.seq_lens = parse_list(value);
   else if (key == "head_dims")
     options.head_dims = parse_list(value);
@@ -183,6 +209,120 @@ int parse_command_line(int argc, char** argv, const char* program, const ParseOp
     return 2;
   }
   return 0;
+}
+
+// --isa: forces the kernels' instruction set through DILATED_ATTENTION_CPU_ISA (so that every
+// library call of the process runs it) and returns the one the kernels will run; throws
+// std::invalid_argument for a name this CPU or build cannot run.
+inline std::string select_isa(const std::string& isa) {
+  if (!isa.empty()) ::setenv("DILATED_ATTENTION_CPU_ISA", isa.c_str(), 1);
+  return to_string(cpu::resolve_isa(CpuIsa::automatic));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The measured peak: the yardstick every CPU benchmark reports its useful GFLOP/s against (issue
+// 22). 12 independent FMA chains of the widest vectors of one instruction set per thread (FMA
+// latency 4 x 2 pipes needs 8 in flight), long enough to time, on t threads at once: at t = 1 the
+// per-core peak, at the kernel's thread count what the same threads can do together. Target
+// attributes, so that a baseline build (no -march) measures the same peak as the native one.
+// benchmarks/plot_results.py divides each useful GFLOP/s by the fma_peak row of the run's
+// kernel_isa at the run's worker_threads, per wall second and per CPU second.
+
+template <class Body>
+void run_on_threads(int threads, const Body& body) {
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) workers.emplace_back(body, t);
+  body(0);
+  for (std::thread& worker : workers) worker.join();
+}
+
+inline constexpr std::int64_t fma_iterations = 1 << 24;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) inline double fma_loop_avx2(std::int64_t iterations) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
+  const __m256 m = _mm256_set1_ps(0.9999999f), add = _mm256_set1_ps(1e-7f);
+  for (std::int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, add);
+  }
+  __m256 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sum);
+  benchmark::DoNotOptimize(lanes[0]);
+  return static_cast<double>(iterations) * 12 * 8 * 2;
+}
+
+__attribute__((target("avx512f"))) inline double fma_loop_avx512(std::int64_t iterations) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  const __m512 m = _mm512_set1_ps(0.9999999f), add = _mm512_set1_ps(1e-7f);
+  for (std::int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, add);
+  }
+  __m512 sum = acc[0];
+  for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  float lanes[16];
+  _mm512_storeu_ps(lanes, sum);
+  benchmark::DoNotOptimize(lanes[0]);
+  return static_cast<double>(iterations) * 12 * 16 * 2;
+}
+#endif
+
+// Progress: a line on stderr as each benchmark starts (Google Benchmark may enter one several
+// times; the console table prints as each ends), so a minutes-long run is visibly under way.
+inline void announce(const std::string& name) {
+  static std::set<std::string> announced;
+  if (!announced.insert(name).second) return;
+  std::fprintf(stderr, "  ... running %s\n", name.c_str());
+  std::fflush(stderr);
+}
+
+inline void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, int threads) {
+  announce(name);
+  double flops = 0.0;
+  for (auto _ : state) {
+    std::vector<double> done(static_cast<std::size_t>(threads));
+    run_on_threads(threads, [&](int t) {
+#if defined(__x86_64__)
+      done[static_cast<std::size_t>(t)] =
+          isa == CpuIsa::avx512 ? fma_loop_avx512(fma_iterations) : fma_loop_avx2(fma_iterations);
+#else
+      static_cast<void>(isa);
+      done[static_cast<std::size_t>(t)] = 0.0;
+#endif
+    });
+    flops = 0.0;
+    for (double f : done) flops += f;
+  }
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["worker_threads"] = threads;
+}
+
+// fma_peak/<isa>/threads:t for every x86 instruction set this CPU runs (avx2, avx512), at t = 1
+// and t = `threads` (the kernel's count). Nothing elsewhere: the NEON path has no peak loop yet.
+inline void register_fma_peaks(int threads, int repetitions) {
+#if defined(__x86_64__)
+  for (const CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
+    if (!cpu::isa_supported(isa)) continue;
+    for (const int t : {1, threads}) {
+      const std::string name =
+          std::string("fma_peak/") + to_string(isa) + "/threads:" + std::to_string(t);
+      benchmark::RegisterBenchmark(name.c_str(), BM_FmaPeak, name, isa, t)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MeasureProcessCPUTime()
+          ->Repetitions(repetitions);
+      if (threads == 1) break;
+    }
+  }
+#else
+  static_cast<void>(threads), static_cast<void>(repetitions);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------

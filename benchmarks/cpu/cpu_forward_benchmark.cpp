@@ -35,15 +35,11 @@
 extern "C" void openblas_set_num_threads(int);
 extern "C" char* openblas_get_corename(void);
 #endif
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
-#include <set>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -65,8 +61,6 @@ struct Options : bench::AttentionOptions {
   std::int64_t repeat_max_seq_len = 65536;  // dilated runs above this N run once
   int sample_rows = 16;
   bool dilated = true;
-  bool fma_peak = true;
-  std::string isa;  // empty: the library's choice
   double max_error = 1e-5;
   std::uint64_t seed = 20261122;
 };
@@ -93,27 +87,18 @@ Options (defaults are the LongNet config of docs/performance.md):
   --sample_rows=16              hashed rows per (batch, head) checked against docs/semantics.md "The forward" (plus the
                                 ends and segment boundaries); 0 skips the check
   --seed=20261122               input seed
-  --isa=                        kernel instruction set: generic | avx2 | avx512 | neon (default:
-                                the library's choice; sets DILATED_ATTENTION_CPU_ISA)
-  --fma_peak=true               false skips the FMA-loop peak benchmarks
   --max_error=1e-5              a run whose sampled-row error (O or LSE) against fp64 exceeds
                                 this fails (error in the JSON, exit status 1)
 )";
 
-bool parse_bool(const std::string& text) {
-  if (text == "1" || text == "true" || text == "yes" || text == "on") return true;
-  if (text == "0" || text == "false" || text == "no" || text == "off") return false;
-  throw std::invalid_argument("not a boolean: " + text);
-}
-
 // Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
 bool parse_option(const std::string& key, const std::string& value) {
   if (key == "causal")
-    options.causal = parse_bool(value);
+    options.causal = bench::parse_bool(value);
   else if (key == "dense_max_seq_len")
     options.dense_max_seq_len = std::stoll(value);
   else if (key == "dilated")
-    options.dilated = parse_bool(value);
+    options.dilated = bench::parse_bool(value);
   else if (key == "sgemm_size")
     options.sgemm_size = std::stoll(value);
   else if (key == "sgemm_threads")
@@ -128,10 +113,6 @@ bool parse_option(const std::string& key, const std::string& value) {
     options.sample_rows = std::stoi(value);
   else if (key == "seed")
     options.seed = std::stoull(value);
-  else if (key == "isa")
-    options.isa = value;
-  else if (key == "fma_peak")
-    options.fma_peak = parse_bool(value);
   else if (key == "max_error")
     options.max_error = std::stod(value);
   else
@@ -147,26 +128,12 @@ int kernel_threads() { return dilated_attention::cpu::resolve_num_threads(CpuOpt
 // The SGEMMs use the kernel's count unless told otherwise, so the ratio compares like with like.
 int sgemm_threads() { return options.sgemm_threads > 0 ? options.sgemm_threads : kernel_threads(); }
 
-// Progress: a line on stderr as each run starts (the console table prints as each one ends), so a
-// minutes-long dense run is visibly under way.
-void announce(const std::string& name) {
-  static std::set<std::string> announced;  // Google Benchmark may enter a benchmark several times
-  if (!announced.insert(name).second) return;
-  std::fprintf(stderr, "  ... running %s\n", name.c_str());
-  std::fflush(stderr);
-}
-
 // ---------------------------------------------------------------------------------------------
 // SGEMM: C = A B with the columns of C split over threads, Eigen single-threaded inside each, so
 // the thread count is ours and not Eigen's (it is only multi-threaded under OpenMP).
 
-template <class Body>
-void run_on_threads(int threads, const Body& body) {
-  std::vector<std::thread> workers;
-  for (int t = 1; t < threads; ++t) workers.emplace_back(body, t);
-  body(0);
-  for (std::thread& worker : workers) worker.join();
-}
+using bench::announce;
+using bench::run_on_threads;
 
 void BM_Sgemm(benchmark::State& state, const std::string& name) {
   const Eigen::Index n = static_cast<Eigen::Index>(options.sgemm_size);
@@ -223,68 +190,6 @@ void BM_SgemmOpenBlas(benchmark::State& state, const std::string& name) {
   state.counters["worker_threads"] = threads;
 }
 #endif
-
-// ---------------------------------------------------------------------------------------------
-// Peak: 12 independent FMA chains of the widest vectors per thread (FMA latency 4 x 2 pipes
-// needs 8 in flight), iterated long enough to time. Target attributes, so the baseline build
-// measures the same peak as the native one.
-constexpr std::int64_t fma_iterations = 1 << 24;
-
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) double fma_loop_avx2(std::int64_t iterations) {
-  __m256 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
-  const __m256 m = _mm256_set1_ps(0.9999999f), add = _mm256_set1_ps(1e-7f);
-  for (std::int64_t it = 0; it < iterations; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, add);
-  }
-  __m256 sum = acc[0];
-  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
-  float lanes[8];
-  _mm256_storeu_ps(lanes, sum);
-  benchmark::DoNotOptimize(lanes[0]);
-  return static_cast<double>(iterations) * 12 * 8 * 2;
-}
-
-__attribute__((target("avx512f"))) double fma_loop_avx512(std::int64_t iterations) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
-  const __m512 m = _mm512_set1_ps(0.9999999f), add = _mm512_set1_ps(1e-7f);
-  for (std::int64_t it = 0; it < iterations; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, add);
-  }
-  __m512 sum = acc[0];
-  for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
-  float lanes[16];
-  _mm512_storeu_ps(lanes, sum);
-  benchmark::DoNotOptimize(lanes[0]);
-  return static_cast<double>(iterations) * 12 * 16 * 2;
-}
-#endif
-
-void BM_FmaPeak(benchmark::State& state, const std::string& name, CpuIsa isa, int threads) {
-  announce(name);
-  double flops = 0.0;
-  for (auto _ : state) {
-    std::vector<double> done(static_cast<std::size_t>(threads));
-    run_on_threads(threads, [&](int t) {
-#if defined(__x86_64__)
-      done[static_cast<std::size_t>(t)] =
-          isa == CpuIsa::avx512 ? fma_loop_avx512(fma_iterations) : fma_loop_avx2(fma_iterations);
-#else
-      static_cast<void>(isa);
-      done[static_cast<std::size_t>(t)] = 0.0;
-#endif
-    });
-    flops = 0.0;
-    for (double f : done) flops += f;
-  }
-  state.counters["GFLOPs"] =
-      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["worker_threads"] = threads;
-}
 
 // One attention block's products without the softmax: S = Q K^T (rows x rows), O = S V, one
 // block per thread. `rows` is the kernel's block length w / r.
@@ -476,22 +381,7 @@ void check_sampled_oracle() {
 
 void register_benchmarks() {
   const int threads = sgemm_threads();
-#if defined(__x86_64__)
-  if (options.fma_peak)
-    for (const CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
-      if (!dilated_attention::cpu::isa_supported(isa)) continue;
-      for (const int t : {1, threads}) {
-        const std::string name =
-            std::string("fma_peak/") + to_string(isa) + "/threads:" + std::to_string(t);
-        benchmark::RegisterBenchmark(name.c_str(), BM_FmaPeak, name, isa, t)
-            ->Unit(benchmark::kMillisecond)
-            ->UseRealTime()
-            ->MeasureProcessCPUTime()
-            ->Repetitions(options.repetitions);
-        if (threads == 1) break;
-      }
-    }
-#endif
+  if (options.fma_peak) bench::register_fma_peaks(threads, options.repetitions);
   if (options.sgemm_size > 0) {
     const std::string n = std::to_string(options.sgemm_size);
     const std::string name =
@@ -564,10 +454,9 @@ int main(int argc, char** argv) {
           bench::parse_command_line(argc, argv, "cpu_forward_benchmark", parse_option, options))
     return status;
   check_sampled_oracle();
-  if (!options.isa.empty()) ::setenv("DILATED_ATTENTION_CPU_ISA", options.isa.c_str(), 1);
   std::string kernel_isa;
   try {
-    kernel_isa = to_string(dilated_attention::cpu::resolve_isa(CpuIsa::automatic));
+    kernel_isa = bench::select_isa(options.isa);
   } catch (const std::exception& error) {
     std::fprintf(stderr, "cpu_forward_benchmark: %s\n", error.what());
     return 2;

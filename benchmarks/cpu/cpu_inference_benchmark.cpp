@@ -10,6 +10,8 @@
 //                    time, tokens/s (batch / step time), the K/V bytes the step must read (each
 //                    key/value row a query head of the step attends, once per kv head: the
 //                    unique bytes) and those bytes per second as a share of Stream/copy.
+//   Decode_bf16/..., Decode_half/...   the same step on Eigen::bfloat16 / Eigen::half tensors:
+//                    half the bytes per key/value row, read in place and widened in registers.
 //                    The caches are mapped with MAP_NORESERVE and only the rows a step reads are
 //                    written (the last max(w) positions of each element), so a 1M-token cache at
 //                    batch 16 costs its touched rows of memory, not 128 GiB; the layout and the
@@ -20,6 +22,9 @@
 //                    distribution (median 1024, sigma 1, clipped to [16, 8192], seed 7) packed
 //                    (Sequences), padded with ValidLengths, and padded computed as a dense
 //                    [B, max_len] forward (what a caller without valid lengths pays): valid tokens/s.
+//
+//   fma_peak/...     the measured FMA peak (cpu_benchmark_support.hpp): the yardstick of the
+//                    prefill rows' useful GFLOP/s.
 //
 // LongNet branches throughout: w = 2048, 4096, 8192, 16384, 32768 with r = 1, 2, 4, 8, 16.
 
@@ -38,6 +43,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_benchmark_support.hpp"
@@ -80,8 +86,9 @@ struct Mapping {
   Mapping& operator=(const Mapping&) = delete;
 };
 
-// Seeded values in [-sqrt(3), sqrt(3)) on elements [begin, end), on every core.
-void fill(float* data, std::size_t begin, std::size_t end, std::uint64_t seed) {
+// Seeded values in [-sqrt(3), sqrt(3)) on elements [begin, end), on every core (rounded to T).
+template <class T>
+void fill(T* data, std::size_t begin, std::size_t end, std::uint64_t seed) {
   const unsigned workers = static_cast<unsigned>(threads());
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < workers; ++t)
@@ -93,17 +100,21 @@ void fill(float* data, std::size_t begin, std::size_t end, std::uint64_t seed) {
         const double unit =
             static_cast<double>(bench::splitmix64(base ^ (i * 0xD1B54A32D192ED03ull)) >> 11) *
             0x1p-53;
-        data[i] = static_cast<float>((2.0 * unit - 1.0) * 1.7320508075688772);
+        data[i] = static_cast<T>(static_cast<float>((2.0 * unit - 1.0) * 1.7320508075688772));
       }
     });
   for (std::thread& thread : pool) thread.join();
 }
 
-void report_error(benchmark::State& state, double error) {
+// `budget` is kMaxError for float outputs; a half-width output adds its own rounding (the
+// reference is evaluated on the same rounded inputs, so that is the only other difference).
+void report_error(benchmark::State& state, double error, double budget = kMaxError) {
   state.counters["max_err_out"] = error;
-  if (!(error <= kMaxError)) {
+  if (!(error <= budget)) {
     error_budget_exceeded = true;
-    state.SkipWithError(("sampled-row error " + std::to_string(error) + " exceeds 1e-4").c_str());
+    state.SkipWithError(
+        ("sampled-row error " + std::to_string(error) + " exceeds " + std::to_string(budget))
+            .c_str());
   }
 }
 
@@ -134,7 +145,8 @@ void BM_StreamCopy(benchmark::State& state) {
 
 // The unique K/V bytes a decode step at row x reads: per (element, kv head, branch), the keys
 // of the block any query head of the group attends (the heads that attend share one offset).
-double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x) {
+double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x,
+                       std::size_t element_bytes) {
   const da::Pattern pattern(config, shape);
   const std::int64_t group = shape.num_heads / shape.num_kv_heads;
   double keys = 0;
@@ -145,10 +157,11 @@ double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x)
         most = std::max(most, pattern.keys(i, h, x).count);
       keys += static_cast<double>(most);
     }
-  return keys * 2.0 * static_cast<double>(shape.head_dim * sizeof(float)) *
+  return keys * 2.0 * static_cast<double>(shape.head_dim * element_bytes) *
          static_cast<double>(shape.batch);
 }
 
+template <class T>
 void BM_Decode(benchmark::State& state) {
   const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
                      B = state.range(3);
@@ -158,7 +171,7 @@ void BM_Decode(benchmark::State& state) {
   const std::int64_t x = kv_len - 1;
   const std::size_t row = static_cast<std::size_t>(Hkv * D),
                     element = static_cast<std::size_t>(kv_len) * row;
-  Mapping<float> k(static_cast<std::size_t>(B) * element), v(static_cast<std::size_t>(B) * element);
+  Mapping<T> k(static_cast<std::size_t>(B) * element), v(static_cast<std::size_t>(B) * element);
   const std::int64_t touched = std::min<std::int64_t>(kv_len, 32768);  // the last max(w) rows
   for (std::int64_t b = 0; b < B; ++b) {
     const std::size_t lo =
@@ -168,18 +181,18 @@ void BM_Decode(benchmark::State& state) {
     fill(v.data, lo, lo + static_cast<std::size_t>(touched) * row,
          100 + static_cast<std::uint64_t>(b));
   }
-  std::vector<float> q(static_cast<std::size_t>(B * H * D)), out(q.size()),
-      lse(static_cast<std::size_t>(B * H));
+  std::vector<T> q(static_cast<std::size_t>(B * H * D)), out(q.size());
+  std::vector<float> lse(static_cast<std::size_t>(B * H));
   fill(q.data(), 0, q.size(), 3);
-  const View<const float> qv{q.data(), H * D, H * D, D};
-  const View<const float> kv{k.data, kv_len * Hkv * D, Hkv * D, D},
+  const View<const T> qv{q.data(), H * D, H * D, D};
+  const View<const T> kv{k.data, kv_len * Hkv * D, Hkv * D, D},
       vv{v.data, kv_len * Hkv * D, Hkv * D, D};
-  const View<float> ov{out.data(), H * D, H * D, D};
-  da::cpu::DecodeWorkspace<float> workspace;
+  const View<T> ov{out.data(), H * D, H * D, D};
+  da::cpu::DecodeWorkspace<T> workspace;
   const da::CpuOptions options{threads()};
   auto step = [&] {
-    da::forward<float>(config, shape, da::QueryRange{x, 1}, {qv, kv, vv}, {ov, lse.data()}, options,
-                       &workspace);
+    da::forward<T>(config, shape, da::QueryRange{x, 1}, {qv, kv, vv}, {ov, lse.data()}, options,
+                   &workspace);
   };
   step();
   for (auto _ : state) {
@@ -188,20 +201,23 @@ void BM_Decode(benchmark::State& state) {
   }
   // Check: every head of elements 0 and B - 1 against the fp64 definition (q read as row x).
   const da::Pattern pattern(config, shape);
-  const View<const float> q_at_x{q.data(), H * D, 0, D};
+  const View<const T> q_at_x{q.data(), H * D, 0, D};
   double error = 0;
   for (std::int64_t b : {std::int64_t(0), B - 1})
     for (std::int64_t h = 0; h < H; ++h) {
       const bench::RowResult expected =
-          bench::reference_row<float>(pattern, shape, q_at_x, kv, vv, b, h, x);
+          bench::reference_row<T>(pattern, shape, q_at_x, kv, vv, b, h, x);
       for (std::int64_t d = 0; d < D; ++d)
         error = std::max(
             error,
             std::abs(static_cast<double>(out[static_cast<std::size_t>((b * H + h) * D + d)]) -
                      expected.out[static_cast<std::size_t>(d)]));
     }
-  report_error(state, error);
-  const double bytes = decode_kv_bytes(config, shape, x);
+  // |O| <= max |v| = sqrt 3 < 2: rounding O to T costs at most half an ulp of [1, 2).
+  const double rounding =
+      std::is_same_v<T, float> ? 0.0 : 0.5 * static_cast<double>(Eigen::NumTraits<T>::epsilon());
+  report_error(state, error, kMaxError + rounding);
+  const double bytes = decode_kv_bytes(config, shape, x, sizeof(T));
   state.counters["tokens_per_second"] =
       benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["kv_bytes_per_step"] = bytes;
@@ -413,16 +429,25 @@ void register_benchmarks() {
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
       ->MinTime(0.5);
-  auto* decode = benchmark::RegisterBenchmark("Decode", BM_Decode);
-  decode->ArgNames({"kv_len", "Hkv", "D", "batch"})
-      ->UseRealTime()
-      ->Unit(benchmark::kMicrosecond)
-      ->MinTime(0.3);
+  bench::register_fma_peaks(threads(), 1);
+  auto* decode = benchmark::RegisterBenchmark("Decode", BM_Decode<float>);
+  auto* decode_bf16 = benchmark::RegisterBenchmark("Decode_bf16", BM_Decode<Eigen::bfloat16>);
+  auto* decode_half = benchmark::RegisterBenchmark("Decode_half", BM_Decode<Eigen::half>);
+  for (auto* b : {decode, decode_bf16, decode_half})
+    b->ArgNames({"kv_len", "Hkv", "D", "batch"})
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond)
+        ->MinTime(0.3);
   for (std::int64_t batch : {1, 16})
     for (std::int64_t D : {64, 128})
       for (std::int64_t Hkv : {8, 2})
-        for (std::int64_t kv_len : {16384, 65536, 262144, 1048576})
+        for (std::int64_t kv_len : {16384, 65536, 262144, 1048576}) {
           decode->Args({kv_len, Hkv, D, batch});
+          if (Hkv == 8) {  // the half-width rows: the bytes, not the grouping, are the question
+            decode_bf16->Args({kv_len, Hkv, D, batch});
+            decode_half->Args({kv_len, Hkv, D, batch});
+          }
+        }
   benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)

@@ -755,6 +755,59 @@ TEST(CpuInferenceTypes, DoubleBfloat16Half) {
   check_storage_type<Eigen::half>(2.0 / 2048);
 }
 
+// A decode step on bfloat16 / half K, V and q at head_dim 64 and 128 (the widened fixed-size
+// kernel) is bitwise the float step on the same values widened (every bfloat16 and half is a
+// float), its output rounded to T: the half-width step reads its rows at their own width and
+// converts them exactly, nothing else. Values uniform in [-2, 2), rounded to T.
+template <class T>
+void check_half_width_decode() {
+  for (const std::int64_t D : {64, 128}) {
+    const std::int64_t N = 1500, H = 4, Hkv = 2, t = N - 1;
+    const Shape shape{1, N, H, Hkv, D};
+    auto values = [](std::size_t n, std::uint64_t seed) {
+      std::vector<float> x = random_values(n, seed);
+      for (std::size_t i = 0; i < n; ++i) x[i] = static_cast<float>(static_cast<T>(x[i] * 2.0f));
+      return x;
+    };
+    const auto qf = values(static_cast<std::size_t>(H * D), 61);
+    const auto kf = values(static_cast<std::size_t>(N * Hkv * D), 62);
+    const auto vf = values(static_cast<std::size_t>(N * Hkv * D), 63);
+    auto narrow = [](const std::vector<float>& x) {
+      std::vector<T> y(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) y[i] = static_cast<T>(x[i]);
+      return y;
+    };
+    const std::vector<T> q = narrow(qf), k = narrow(kf), v = narrow(vf);
+    for (const Mixing mixing : mixings) {
+      const Config config =
+          make_config({512, 1024, 2048}, {1, 2, 4}, true, OffsetRule::modular, mixing);
+      std::vector<float> out_f(static_cast<std::size_t>(H * D)), lse_f(static_cast<std::size_t>(H));
+      da::forward<float>(config, shape, QueryRange{t, 1},
+                         {View<const float>{qf.data(), 0, H * D, D, -1}, view_of(kf, N, Hkv, D),
+                          view_of(vf, N, Hkv, D)},
+                         {View<float>{out_f.data(), 0, H * D, D, -1}, lse_f.data()});
+      std::vector<T> out(out_f.size());
+      std::vector<float> lse(lse_f.size());
+      da::forward<T>(config, shape, QueryRange{t, 1},
+                     {View<const T>{q.data(), 0, H * D, D, -1},
+                      View<const T>{k.data(), N * Hkv * D, Hkv * D, D, -1},
+                      View<const T>{v.data(), N * Hkv * D, Hkv * D, D, -1}},
+                     {View<T>{out.data(), 0, H * D, D, -1}, lse.data()});
+      long mismatches = 0;
+      for (std::size_t i = 0; i < out.size(); ++i)
+        mismatches +=
+            !same_bits(static_cast<float>(out[i]), static_cast<float>(static_cast<T>(out_f[i])));
+      for (std::size_t h = 0; h < lse.size(); ++h) mismatches += !same_bits(lse[h], lse_f[h]);
+      EXPECT_EQ(mismatches, 0) << "D = " << D << ", " << name(config);
+    }
+  }
+}
+
+TEST(CpuInferenceTypes, HalfWidthDecodeIsTheFloatDecodeOfItsValues) {
+  check_half_width_decode<Eigen::bfloat16>();
+  check_half_width_decode<Eigen::half>();
+}
+
 // --- The README's "Inference" snippet, verbatim between the markers -----------------------------
 
 TEST(CpuInferenceReadme, DecodeLoopExample) {

@@ -44,6 +44,7 @@
 #include "attend.hpp"
 #include "backward.hpp"
 #include "forward.hpp"
+#include "kernels/widen.hpp"
 #include "threads.hpp"
 
 namespace dilated_attention {
@@ -147,6 +148,20 @@ void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
                                  (y % s.page_size) * stride;
     return Eigen::Map<const Row>(base + at + g * head_stride, dim);
   };
+  // Row y as Acc. Half-width storage (bfloat16, half) at a compile-time head_dim is widened into
+  // `widened` by kernels/widen.hpp (exact, vectorised) and read by the float code; Eigen's cast
+  // does the same conversion one scalar at a time, which made these steps 4-6x slower than float
+  // ones while they read half the bytes. Other head_dims keep the cast (no scratch to widen into).
+  constexpr bool widen_rows = !std::is_same_v<T, Acc> && Dim != Eigen::Dynamic;
+  alignas(64) Acc widened[widen_rows ? Dim : 1];
+  auto acc_row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
+    if constexpr (widen_rows) {
+      kernels::widen(row(base, stride, head_stride, y).data(), widened, Dim);
+      return Eigen::Map<const Vector, Eigen::Aligned64>(widened);
+    } else {
+      return row(base, stride, head_stride, y).template cast<Acc>();
+    }
+  };
   // The rows are strided (a dilated block, [.., Hkv, D] rows, pages): the hardware prefetcher
   // does not follow them across pages, so each pass asks for its rows a few keys ahead.
   constexpr std::int64_t ahead = 6;
@@ -166,7 +181,7 @@ void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
   Acc max = negative_infinity<Acc>();
   for (std::int64_t j = 0; j < keys.count; ++j) {
     prefetch(s.k, s.k_seq, s.k_head, j + ahead);
-    const Acc score = scale * row(s.k, s.k_seq, s.k_head, keys.at(j)).template cast<Acc>().dot(q);
+    const Acc score = scale * acc_row(s.k, s.k_seq, s.k_head, keys.at(j)).dot(q);
     scores[j] = score;
     max = std::max(max, score);
   }
@@ -181,7 +196,7 @@ void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
   for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
   for (std::int64_t j = 0; j < keys.count; ++j) {
     prefetch(s.v, s.v_seq, s.v_head, j + ahead);
-    out += scores[j] * row(s.v, s.v_seq, s.v_head, keys.at(j)).template cast<Acc>();
+    out += scores[j] * acc_row(s.v, s.v_seq, s.v_head, keys.at(j));
   }
   if (keys.count == 0 || !(sum > Acc(0))) {
     out.setZero();
