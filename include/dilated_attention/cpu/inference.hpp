@@ -10,11 +10,12 @@
 //                head, window of query rows), exactly the forward's work per row; every row is
 //                bitwise the row of the forward over its sequence (same blocks, same merge).
 //   decode path  (every sequence has at most one query row): a one-row kernel (decode_piece)
-//                that streams each key and value row once from the caller's memory -- in place,
-//                or straight from its page -- without packing. The row's keys are cut into fixed
-//                pieces (per block, decode_key_piece keys each, independent of the thread
-//                count) whose partials are computed in parallel (units of (row, piece)) and
-//                merged by LSE in block and piece order. Bitwise identical for any thread count
+//                that streams each key and value position once from the caller's memory -- in
+//                place, or straight from its page -- without packing, for every head that
+//                attends the block (they share its positions). Each block's keys are cut into
+//                fixed pieces (decode_key_piece keys each, independent of the thread count)
+//                whose partials are computed in parallel (units of (sequence, branch, piece))
+//                and merged per row by LSE in block and piece order. Bitwise identical for any thread count
 //                and between paged and contiguous K/V; within rounding of the forward's row (its
 //                own summation order: docs/semantics.md "Inference forms").
 // Paged keys on the window path: a block's key and value rows are copied from their pages into
@@ -53,6 +54,11 @@ namespace cpu {
 // Keys of one decode piece: a block's visible keys are cut at multiples of this (= key_chunk,
 // the attend primitive's own key chunk, so a block of at most this many keys is one piece).
 inline constexpr std::int64_t decode_key_piece = key_chunk;
+
+// Bytes of K or V rows the decode kernel asks for ahead of the row it reads: enough to cover the
+// memory latency on one core (about 1.5 KiB at ~100 ns and ~15 GB/s), few enough that the
+// requests fit the core's outstanding-miss buffers (docs/performance.md "Inference").
+inline constexpr std::int64_t decode_prefetch_bytes = 1536;
 
 template <class T>
 class DecodeWorkspace;
@@ -206,10 +212,15 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
     return Eigen::Map<const Row>(at + (heads[a] / group) * head_stride, dim);
   };
   // The rows are strided (a dilated block, pages): the hardware prefetcher does not follow them
-  // across pages, so each pass asks for its rows a few keys ahead: the rows of the kv heads the
-  // heads read (ascending, once each), and no other bytes of the position.
-  constexpr std::int64_t ahead = 6;
+  // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
+  // flight): the rows of the kv heads the heads read (ascending, once each), and no other bytes
+  // of the position.
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
+  std::int64_t rows_read = 0;  // distinct kv rows per position
+  for (std::int64_t a = 0; a < num_heads; ++a)
+    rows_read += (a == 0 || heads[a] / group != heads[a - 1] / group) ? 1 : 0;
+  const std::int64_t ahead =
+      std::clamp<std::int64_t>(decode_prefetch_bytes / (rows_read * row_bytes), 1, 8);
   auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
                       std::int64_t j) {
 #if defined(__GNUC__) || defined(__clang__)
