@@ -16,6 +16,8 @@
 //                    written (the last max(w) positions of each element), so a 1M-token cache at
 //                    batch 16 costs its touched rows of memory, not 128 GiB; the layout and the
 //                    addresses the kernel reads are those of the full [B, kv_len, Hkv, D] cache.
+//                    DA_KV_HUGE_PAGES=1 maps them with transparent huge pages (context
+//                    kv_cache_pages says which).
 //   Prefill/...      rows [64k - 2k, 64k) of a causal 64k-token sequence (QueryRange) and the
 //                    forward over the whole 64k: useful GFLOP/s of each (exact pair counts).
 //   Varlen/...       a batch of 16 sequences whose lengths are drawn from a log-normal
@@ -39,6 +41,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -70,6 +73,13 @@ Config longnet(bool causal = true) {
 
 int threads() { return da::cpu::default_num_threads(); }
 
+// DA_KV_HUGE_PAGES=1 asks for transparent huge pages on the K/V caches (madvise), as an engine
+// that allocates a multi-GiB cache would; the default is the kernel's 4 KiB pages.
+bool kv_huge_pages() {
+  const char* value = std::getenv("DA_KV_HUGE_PAGES");
+  return value != nullptr && std::string(value) == "1";
+}
+
 // Anonymous memory that costs only the pages written.
 template <class T>
 struct Mapping {
@@ -79,6 +89,7 @@ struct Mapping {
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
+    if (kv_huge_pages()) madvise(p, bytes, MADV_HUGEPAGE);
     data = static_cast<T*>(p);
   }
   ~Mapping() { munmap(data, bytes); }
@@ -493,6 +504,8 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("config", "LongNet w = 2048..32768, r = 1..16, causal, H = 8");
   benchmark::AddCustomContext("kernel_isa", to_string(da::cpu::resolve_isa(da::CpuIsa::automatic)));
   benchmark::AddCustomContext("kernel_threads", std::to_string(threads()));
+  benchmark::AddCustomContext("kv_cache_pages", kv_huge_pages() ? "transparent huge pages (madvise)"
+                                                                 : "4 KiB (default)");
 #if defined(NDEBUG)
   benchmark::AddCustomContext("assertions", "off (NDEBUG)");
 #else

@@ -10,11 +10,12 @@
 //                head, window of query rows), exactly the forward's work per row; every row is
 //                bitwise the row of the forward over its sequence (same blocks, same merge).
 //   decode path  (every sequence has at most one query row): a one-row kernel (decode_piece)
-//                that streams each key and value row once from the caller's memory -- in place,
-//                or straight from its page -- without packing. The row's keys are cut into fixed
-//                pieces (per block, decode_key_piece keys each, independent of the thread
-//                count) whose partials are computed in parallel (units of (row, piece)) and
-//                merged by LSE in block and piece order. Bitwise identical for any thread count
+//                that streams each key and value position once from the caller's memory -- in
+//                place, or straight from its page -- without packing, for every head that
+//                attends the block (they share its positions). Each block's keys are cut into
+//                fixed pieces (decode_key_piece keys each, independent of the thread count)
+//                whose partials are computed in parallel (units of (sequence, branch, piece))
+//                and merged per row by LSE in block and piece order. Bitwise identical for any thread count
 //                and between paged and contiguous K/V; within rounding of the forward's row (its
 //                own summation order: docs/semantics.md "Inference forms").
 // Paged keys on the window path: a block's key and value rows are copied from their pages into
@@ -55,6 +56,11 @@ namespace cpu {
 // the attend primitive's own key chunk, so a block of at most this many keys is one piece).
 inline constexpr std::int64_t decode_key_piece = key_chunk;
 
+// Bytes of K or V rows the decode kernel asks for ahead of the row it reads: enough to cover the
+// memory latency on one core (about 1.5 KiB at ~100 ns and ~15 GB/s), few enough that the
+// requests fit the core's outstanding-miss buffers (docs/performance.md "Inference").
+inline constexpr std::int64_t decode_prefetch_bytes = 1536;
+
 template <class T>
 class DecodeWorkspace;
 
@@ -78,6 +84,52 @@ struct SequenceRows {
   std::int64_t k_seq = 0, k_head = 0, v_seq = 0, v_head = 0;
   const std::int32_t* pages = nullptr;
   std::int64_t page_size = 1, page_stride = 0;
+
+  // One sequence of a call: kv_len positions, queries [query_begin, query_begin + query_count)
+  // whose q and out rows start at row `first` of batch element `b` of the views; its LSE of
+  // query row j of head h at lse[h * lse_head + j]. Keys are set by with_keys / with_pages.
+  static SequenceRows queries(std::int64_t kv_len, std::int64_t query_begin,
+                              std::int64_t query_count, const View<const T>& q,
+                              const View<T>& out, std::int64_t b, std::int64_t first,
+                              lse_type_t<T>* lse, std::int64_t lse_head) {
+    SequenceRows s;
+    s.kv_len = kv_len;
+    s.query_begin = query_begin;
+    s.query_count = query_count;
+    s.q = q.data + b * q.batch_stride + first * q.seq_stride;
+    s.q_seq = q.seq_stride;
+    s.q_head = q.head_stride;
+    s.out = out.data + b * out.batch_stride + first * out.seq_stride;
+    s.out_seq = out.seq_stride;
+    s.out_head = out.head_stride;
+    s.lse = lse;
+    s.lse_head = lse_head;
+    return s;
+  }
+  // Key and value rows from row `first` of batch element `b` of the views.
+  SequenceRows with_keys(const View<const T>& k_view, const View<const T>& v_view,
+                         std::int64_t b, std::int64_t first) const {
+    SequenceRows s = *this;
+    s.k = k_view.data + b * k_view.batch_stride + first * k_view.seq_stride;
+    s.v = v_view.data + b * v_view.batch_stride + first * v_view.seq_stride;
+    s.k_seq = k_view.seq_stride;
+    s.k_head = k_view.head_stride;
+    s.v_seq = v_view.seq_stride;
+    s.v_head = v_view.head_stride;
+    return s;
+  }
+  // Key and value rows in the pages of sequence b's page-table row.
+  SequenceRows with_pages(const PagedKeyValues<T>& paged, std::int64_t b) const {
+    SequenceRows s = *this;
+    s.k = paged.k;
+    s.v = paged.v;
+    s.k_seq = s.v_seq = paged.row_stride;
+    s.k_head = s.v_head = paged.head_stride;
+    s.pages = paged.page_table + b * paged.page_table_stride;
+    s.page_size = paged.page_size;
+    s.page_stride = paged.page_stride;
+    return s;
+  }
 
   HeadRows<T> head_rows(std::int64_t h) const {
     return {q + h * q_head,
@@ -123,98 +175,139 @@ inline std::int64_t pieces_of(const Progression& keys) {
   return (keys.count + decode_key_piece - 1) / decode_key_piece;
 }
 
-// One decode piece: the query row of head h against `keys` (at most decode_key_piece) of kv
-// head g, read in place (contiguous or from their pages, no copy), in two passes over the keys:
-// scores and their max, then the weights and O = sum_y p_y v_y / sum_y p_y. Fixed order; the
-// partial (o, lse) goes to o and lse.
+// One decode piece for the heads of a sequence that attend one branch: every such head has the
+// same offset there (a decode row is selected by exactly the heads whose offset is its own), so
+// they read the same key rows, and one pass over the rows serves them all. The rows are streamed
+// once, in increasing position, each position's [Hkv, D] row read from the first to the last kv
+// head the heads need: contiguous memory instead of one strided pass per head, and under GQA a
+// kv row is read from memory once for its whole group. Per head the arithmetic is that of a
+// one-head pass, in two passes over the keys (scores and their max, then the weights and
+// O = sum_y p_y v_y / sum_y p_y), in fixed order; head a's partial goes to o[a] and lse[a].
 template <class T, class Acc>
-void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
-                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse);
+void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
+                  std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
+                  Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima, Acc* const* o,
+                  Acc* const* lse);
 
 // decode_piece with a head_dim known at compile time (64, 128) or not (Eigen::Dynamic): a fixed
 // size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row).
 template <int Dim, class T, class Acc>
-void decode_piece_with(const SequenceRows<T>& s, std::int64_t h, std::int64_t g,
-                       const Progression& keys, std::int64_t dim, Acc scale, Acc* query,
-                       Acc* scores, Acc* o, Acc& lse) {
+void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
+                       std::int64_t num_heads, std::int64_t group, const Progression& keys,
+                       std::int64_t dim, Acc scale, Acc* query, Acc* scores,
+                       std::int64_t scores_stride, Acc* maxima, Acc* const* o,
+                  Acc* const* lse) {
   using Vector = Eigen::Matrix<Acc, Dim, 1>;
   using Row = Eigen::Matrix<T, Dim, 1>;
-  Eigen::Map<Vector> q(query, dim), out(o, dim);
-  q = Eigen::Map<const Row>(s.q + h * s.q_head, dim).template cast<Acc>();
-  auto row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
-    const std::int64_t at =
-        s.pages == nullptr ? y * stride
-                           : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
-                                 (y % s.page_size) * stride;
-    return Eigen::Map<const Row>(base + at + g * head_stride, dim);
+  for (std::int64_t a = 0; a < num_heads; ++a)
+    Eigen::Map<Vector>(query + a * dim, dim) =
+        Eigen::Map<const Row>(s.q + heads[a] * s.q_head, dim).template cast<Acc>();
+  // Position y's row (all kv heads) in place or in its page.
+  auto position = [&](const T* base, std::int64_t stride, std::int64_t y) {
+    return base + (s.pages == nullptr
+                       ? y * stride
+                       : static_cast<std::int64_t>(s.pages[y / s.page_size]) * s.page_stride +
+                             (y % s.page_size) * stride);
   };
-  // Row y as Acc. Half-width storage (bfloat16, half) at a compile-time head_dim is widened into
-  // `widened` by kernels/widen.hpp (exact, vectorised) and read by the float code; Eigen's cast
-  // does the same conversion one scalar at a time, which made these steps 4-6x slower than float
-  // ones while they read half the bytes. Other head_dims keep the cast (no scratch to widen into).
+  auto row = [&](const T* at, std::int64_t head_stride, std::int64_t a) {
+    return Eigen::Map<const Row>(at + (heads[a] / group) * head_stride, dim);
+  };
+  // Head a's row at `at` as Acc. Half-width storage (bfloat16, half) at a compile-time head_dim
+  // is widened into `widened` by kernels/widen.hpp (exact, vectorised) and read by the float
+  // code; Eigen's cast does the same conversion one scalar at a time, which made these steps
+  // 4-6x slower than float ones while they read half the bytes. Other head_dims keep the cast.
   constexpr bool widen_rows = !std::is_same_v<T, Acc> && Dim != Eigen::Dynamic;
   alignas(64) Acc widened[widen_rows ? Dim : 1];
-  auto acc_row = [&](const T* base, std::int64_t stride, std::int64_t head_stride, std::int64_t y) {
+  auto acc_row = [&](const T* at, std::int64_t head_stride, std::int64_t a) {
     if constexpr (widen_rows) {
-      kernels::widen(row(base, stride, head_stride, y).data(), widened, Dim);
+      kernels::widen(row(at, head_stride, a).data(), widened, Dim);
       return Eigen::Map<const Vector, Eigen::Aligned64>(widened);
     } else {
-      return row(base, stride, head_stride, y).template cast<Acc>();
+      return row(at, head_stride, a).template cast<Acc>();
     }
   };
-  // The rows are strided (a dilated block, [.., Hkv, D] rows, pages): the hardware prefetcher
-  // does not follow them across pages, so each pass asks for its rows a few keys ahead.
-  constexpr std::int64_t ahead = 6;
+  // The rows are strided (a dilated block, pages): the hardware prefetcher does not follow them
+  // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
+  // flight): the rows of the kv heads the heads read (ascending, once each), and no other bytes
+  // of the position.
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
+  std::int64_t rows_read = 0;  // distinct kv rows per position
+  for (std::int64_t a = 0; a < num_heads; ++a)
+    rows_read += (a == 0 || heads[a] / group != heads[a - 1] / group) ? 1 : 0;
+  const std::int64_t ahead =
+      std::clamp<std::int64_t>(decode_prefetch_bytes / (rows_read * row_bytes), 1, 8);
   auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
                       std::int64_t j) {
 #if defined(__GNUC__) || defined(__clang__)
     if (j >= keys.count) return;
-    const char* p =
-        reinterpret_cast<const char*>(row(base, stride, head_stride, keys.at(j)).data());
-    for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+    const T* at = position(base, stride, keys.at(j));
+    for (std::int64_t a = 0; a < num_heads; ++a) {
+      if (a > 0 && heads[a] / group == heads[a - 1] / group) continue;
+      const char* p = reinterpret_cast<const char*>(at + (heads[a] / group) * head_stride);
+      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
+    }
 #else
     (void)base, (void)stride, (void)head_stride, (void)j;
 #endif
   };
   for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.k, s.k_seq, s.k_head, j);
-  Acc max = negative_infinity<Acc>();
+  for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
   for (std::int64_t j = 0; j < keys.count; ++j) {
     prefetch(s.k, s.k_seq, s.k_head, j + ahead);
-    const Acc score = scale * acc_row(s.k, s.k_seq, s.k_head, keys.at(j)).dot(q);
-    scores[j] = score;
-    max = std::max(max, score);
+    const T* at = position(s.k, s.k_seq, keys.at(j));
+    for (std::int64_t a = 0; a < num_heads; ++a) {
+      const Acc score =
+          scale * acc_row(at, s.k_head, a).dot(Eigen::Map<const Vector>(query + a * dim, dim));
+      scores[a * scores_stride + j] = score;
+      maxima[a] = std::max(maxima[a], score);
+    }
   }
-  out.setZero();
-  // The weights, by Eigen's vectorised exp over the whole piece (`scores` starts on a 64-byte
-  // boundary, so the same elements take the same path in every call), summed in order.
+  // The weights, by Eigen's vectorised exp over the whole piece (each head's scores start on a
+  // 64-byte boundary, so the same elements take the same path in every call), summed in order.
   using Array = Eigen::Array<Acc, Eigen::Dynamic, 1>;
-  Eigen::Map<Array> weights(scores, keys.count);
-  weights = (weights - max).exp();
-  Acc sum = Acc(0);
-  for (std::int64_t j = 0; j < keys.count; ++j) sum += scores[j];
+  for (std::int64_t a = 0; a < num_heads; ++a) {
+    Eigen::Map<Vector>(o[a], dim).setZero();
+    Eigen::Map<Array> weights(scores + a * scores_stride, keys.count);
+    weights = (weights - maxima[a]).exp();
+  }
   for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
   for (std::int64_t j = 0; j < keys.count; ++j) {
     prefetch(s.v, s.v_seq, s.v_head, j + ahead);
-    out += scores[j] * acc_row(s.v, s.v_seq, s.v_head, keys.at(j));
+    const T* at = position(s.v, s.v_seq, keys.at(j));
+    for (std::int64_t a = 0; a < num_heads; ++a)
+      Eigen::Map<Vector>(o[a], dim) +=
+          scores[a * scores_stride + j] * acc_row(at, s.v_head, a);
   }
-  if (keys.count == 0 || !(sum > Acc(0))) {
-    out.setZero();
-    lse = negative_infinity<Acc>();
-    return;
+  for (std::int64_t a = 0; a < num_heads; ++a) {
+    const Acc* weights = scores + a * scores_stride;
+    Acc sum = Acc(0);
+    for (std::int64_t j = 0; j < keys.count; ++j) sum += weights[j];
+    Eigen::Map<Vector> out(o[a], dim);
+    if (keys.count == 0 || !(sum > Acc(0))) {
+      out.setZero();
+      *lse[a] = negative_infinity<Acc>();
+      continue;
+    }
+    out *= Acc(1) / sum;
+    *lse[a] = maxima[a] + std::log(sum);
   }
-  out *= Acc(1) / sum;
-  lse = max + std::log(sum);
 }
 
 template <class T, class Acc>
-void decode_piece(const SequenceRows<T>& s, std::int64_t h, std::int64_t g, const Progression& keys,
-                  std::int64_t dim, Acc scale, Acc* query, Acc* scores, Acc* o, Acc& lse) {
+void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
+                  std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
+                  Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima, Acc* const* o,
+                  Acc* const* lse) {
   switch (dim) {
-    case 64: return decode_piece_with<64>(s, h, g, keys, dim, scale, query, scores, o, lse);
-    case 128: return decode_piece_with<128>(s, h, g, keys, dim, scale, query, scores, o, lse);
+    case 64:
+      return decode_piece_with<64>(s, heads, num_heads, group, keys, dim, scale, query, scores,
+                                   scores_stride, maxima, o, lse);
+    case 128:
+      return decode_piece_with<128>(s, heads, num_heads, group, keys, dim, scale, query, scores,
+                                    scores_stride, maxima, o, lse);
     default:
-      return decode_piece_with<Eigen::Dynamic>(s, h, g, keys, dim, scale, query, scores, o, lse);
+      return decode_piece_with<Eigen::Dynamic>(s, heads, num_heads, group, keys, dim, scale,
+                                               query, scores, scores_stride, maxima, o, lse);
   }
 }
 
@@ -230,8 +323,8 @@ inline std::int64_t max_pieces_per_row(const Config& config) {
 
 }  // namespace detail
 
-// Reusable scratch of the decode path: per thread the attend primitive's packed operands and a
-// piece's worth of paged rows, and per call the pieces' partials. It grows to what a call needs
+// Reusable scratch of the decode path: per thread a piece's scores and widened query rows for
+// every head, and per call the pieces' partials and their index. It grows to what a call needs
 // and is kept: once it has served a call, a call of the same or smaller batch, heads, head_dim,
 // config and thread count allocates nothing here (docs/semantics.md "Inference forms" says what
 // else a call allocates). Not shared by concurrent calls.
@@ -244,31 +337,46 @@ class DecodeWorkspace {
   // Sizes it for calls of up to `rows` (batch x heads) decode rows on `threads` threads.
   void reserve(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
                CpuIsa isa = CpuIsa::automatic) {
-    prepare(config, heads, rows, threads, resolve_isa(isa));
+    const std::int64_t per_sequence = std::max<std::int64_t>(1, heads.num_heads);
+    prepare(config, heads, (rows + per_sequence - 1) / per_sequence, threads, resolve_isa(isa));
   }
 
  private:
+  // Scores of one head within a slot: a piece's worth, padded so that every head's start keeps
+  // the 64-byte alignment of the first.
+  static constexpr std::int64_t scores_stride = decode_key_piece + 64 / sizeof(Acc);
+
   struct Slot {
-    Slot(std::int64_t dim, CpuIsa)
-        : scores_storage(static_cast<std::size_t>(decode_key_piece + 16)),
-          query(static_cast<std::size_t>(dim)) {}
-    std::vector<Acc> scores_storage;  // a piece's scores, then its weights
-    std::vector<Acc> query;           // the query row, widened
+    Slot(std::int64_t dim, std::int64_t num_heads)
+        : scores_storage(static_cast<std::size_t>(num_heads * scores_stride + 64 / sizeof(Acc))),
+          query(static_cast<std::size_t>(num_heads * dim)),
+          maxima(static_cast<std::size_t>(num_heads)),
+          heads(static_cast<std::size_t>(num_heads)),
+          o(static_cast<std::size_t>(num_heads)),
+          lse(static_cast<std::size_t>(num_heads)) {}
+    std::vector<Acc> scores_storage;  // per head a piece's scores, then its weights
+    std::vector<Acc> query;           // the query rows, widened
+    std::vector<Acc> maxima;          // per head the piece's largest score
+    std::vector<std::int64_t> heads;  // the heads of the piece
+    std::vector<Acc*> o, lse;         // where their partials go
     Acc* scores() {                   // from a 64-byte boundary on
       const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
       return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
     }
   };
 
-  void prepare(const Config& config, const HeadShape& heads, std::int64_t rows, int threads,
+  void prepare(const Config& config, const HeadShape& heads, std::int64_t batch, int threads,
                CpuIsa isa) {
-    if (dim_ != heads.head_dim || isa_ != isa) {
+    if (dim_ != heads.head_dim || num_heads_ != heads.num_heads || isa_ != isa) {
       slots_.clear();
       dim_ = heads.head_dim;
+      num_heads_ = heads.num_heads;
       isa_ = isa;
     }
     while (static_cast<int>(slots_.size()) < threads)
-      slots_.push_back(std::make_unique<Slot>(dim_, isa_));
+      slots_.push_back(std::make_unique<Slot>(dim_, num_heads_));
+    const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
+    const std::int64_t rows = batch * num_heads_;
     const std::int64_t pieces = rows * detail::max_pieces_per_row(config);
     if (static_cast<std::int64_t>(partial_lse_.size()) < pieces) {
       partial_lse_.resize(static_cast<std::size_t>(pieces));
@@ -276,6 +384,10 @@ class DecodeWorkspace {
     }
     if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
       row_pieces_.resize(static_cast<std::size_t>(rows + 1));
+    if (static_cast<std::int64_t>(branch_pieces_.size()) < rows * branches)
+      branch_pieces_.resize(static_cast<std::size_t>(rows * branches));
+    if (static_cast<std::int64_t>(unit_begin_.size()) < batch * branches + 1)
+      unit_begin_.resize(static_cast<std::size_t>(batch * branches + 1));
     if (static_cast<std::int64_t>(row_o_.size()) < dim_)
       row_o_.resize(static_cast<std::size_t>(dim_));
   }
@@ -284,11 +396,15 @@ class DecodeWorkspace {
   friend void detail_decode(const Config&, const HeadShape&, std::int64_t, const Describe&, int,
                             CpuIsa, DecodeWorkspace<U>&);
 
-  std::int64_t dim_ = 0;
+  std::int64_t dim_ = 0, num_heads_ = 0;
   CpuIsa isa_ = CpuIsa::automatic;
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Acc> partial_o_, partial_lse_, row_o_;
-  std::vector<std::int64_t> row_pieces_;  // prefix sums of the pieces of each row
+  // Partials are stored by row (sequence, head), then branch, then piece: row_pieces_ holds the
+  // first piece of each row, branch_pieces_ that of each (row, branch). Work units are
+  // (sequence, branch, piece), each for all the heads that attend the branch: unit_begin_ holds
+  // the first unit of each (sequence, branch).
+  std::vector<std::int64_t> row_pieces_, branch_pieces_, unit_begin_;
 
   // The partials from a 64-byte boundary on: a piece's output row then has the same alignment
   // whatever the allocation (so Eigen's vectorised loops over it peel the same elements).
@@ -300,7 +416,8 @@ class DecodeWorkspace {
 };
 
 // The decode path over `count` sequences of at most one query row each (describe(b) gives
-// sequence b's SequenceRows). Rows are (sequence, head), units (row, piece).
+// sequence b's SequenceRows). Rows are (sequence, head); units (sequence, branch, piece), each
+// for every head that attends the branch (they share its key rows: decode_piece).
 template <class T, class Describe>
 void detail_decode(const Config& config, const HeadShape& heads, std::int64_t count,
                    const Describe& describe, int num_threads, CpuIsa isa, DecodeWorkspace<T>& ws) {
@@ -309,51 +426,66 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
   const std::int64_t group = heads.num_heads / heads.num_kv_heads;
   const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
   const std::int64_t rows = count * H;
-  ws.prepare(config, heads, rows, num_threads, isa);
+  ws.prepare(config, heads, count, num_threads, isa);
   const Acc scale = static_cast<Acc>(
       resolved_scale(config, Shape{1, 1, heads.num_heads, heads.num_kv_heads, dim}));
   const Acc branch_weight = Acc(1) / static_cast<Acc>(branches);
 
-  // Pieces of each row, as prefix sums.
-  ws.row_pieces_[0] = 0;
+  // Where each (row, branch)'s pieces are stored, and the units of each (sequence, branch).
+  std::int64_t stored = 0;
+  ws.unit_begin_[0] = 0;
   for (std::int64_t b = 0; b < count; ++b) {
     const detail::SequenceRows<T> s = describe(b);
     for (std::int64_t h = 0; h < H; ++h) {
-      std::int64_t pieces = 0;
-      if (s.query_count == 1)
-        for (std::int64_t i = 0; i < branches; ++i)
-          pieces +=
+      ws.row_pieces_[static_cast<std::size_t>(b * H + h)] = stored;
+      for (std::int64_t i = 0; i < branches; ++i) {
+        ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)] = stored;
+        if (s.query_count == 1)
+          stored +=
               detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
-      const std::size_t row = static_cast<std::size_t>(b * H + h);
-      ws.row_pieces_[row + 1] = ws.row_pieces_[row] + pieces;
+      }
+    }
+    for (std::int64_t i = 0; i < branches; ++i) {
+      std::int64_t pieces = 0;
+      for (std::int64_t h = 0; h < H && s.query_count == 1 && pieces == 0; ++h)
+        pieces = detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+      const std::size_t at = static_cast<std::size_t>(b * branches + i);
+      ws.unit_begin_[at + 1] = ws.unit_begin_[at] + pieces;
     }
   }
-  const std::int64_t units = ws.row_pieces_[static_cast<std::size_t>(rows)];
+  ws.row_pieces_[static_cast<std::size_t>(rows)] = stored;
+  const std::int64_t units = ws.unit_begin_[static_cast<std::size_t>(count * branches)];
 
-  // Phase 1: every piece's partial, by whichever thread takes it; stored by piece index.
+  // Phase 1: every piece's partials, by whichever thread takes it; stored by piece index.
   ws.next_slot_.store(0);
   run_units(units, num_threads, [&](const auto& next) {
     auto& slot = *ws.slots_[static_cast<std::size_t>(ws.next_slot_.fetch_add(1))];
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
-      const auto found =
-          std::upper_bound(ws.row_pieces_.begin(), ws.row_pieces_.begin() + rows + 1, unit);
-      const std::int64_t row = (found - ws.row_pieces_.begin()) - 1;
-      const std::int64_t b = row / H, h = row % H;
+      const auto found = std::upper_bound(
+          ws.unit_begin_.begin(), ws.unit_begin_.begin() + count * branches + 1, unit);
+      const std::int64_t at = (found - ws.unit_begin_.begin()) - 1;
+      const std::int64_t b = at / branches, i = at % branches;
+      const std::int64_t piece = unit - ws.unit_begin_[static_cast<std::size_t>(at)];
       const detail::SequenceRows<T> s = describe(b);
-      std::int64_t piece = unit - ws.row_pieces_[static_cast<std::size_t>(row)];
+      // The heads that attend branch i: one offset, so one set of keys (decode_piece).
       Progression keys{};
-      for (std::int64_t i = 0; i < branches; ++i) {
-        keys = detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
-        const std::int64_t pieces = detail::pieces_of(keys);
-        if (piece < pieces) {
-          keys = keys.slice(piece * decode_key_piece, (piece + 1) * decode_key_piece);
-          break;
-        }
-        piece -= pieces;
+      std::int64_t attending = 0;
+      for (std::int64_t h = 0; h < H; ++h) {
+        const Progression head_keys =
+            detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
+        if (head_keys.empty()) continue;
+        keys = head_keys;
+        const std::size_t a = static_cast<std::size_t>(attending++);
+        const std::int64_t stored_at =
+            ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)] + piece;
+        slot.heads[a] = h;
+        slot.o[a] = ws.partial_o() + stored_at * dim;
+        slot.lse[a] = &ws.partial_lse_[static_cast<std::size_t>(stored_at)];
       }
-      detail::decode_piece<T>(s, h, h / group, keys, dim, scale, slot.query.data(), slot.scores(),
-                              ws.partial_o() + unit * dim,
-                              ws.partial_lse_[static_cast<std::size_t>(unit)]);
+      keys = keys.slice(piece * decode_key_piece, (piece + 1) * decode_key_piece);
+      detail::decode_piece<T>(s, slot.heads.data(), attending, group, keys, dim, scale,
+                              slot.query.data(), slot.scores(), ws.scores_stride,
+                              slot.maxima.data(), slot.o.data(), slot.lse.data());
     }
   });
 
@@ -487,25 +619,11 @@ void forward(const Config& config, const Shape& shape, const QueryRange& range,
   cpu::resolve_isa(options.isa);
   const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
   auto describe = [&](std::int64_t b) {
-    cpu::detail::SequenceRows<T> s;
-    s.kv_len = shape.seq_len;
-    s.query_begin = range.begin;
-    s.query_count = range.count;
-    s.q = q.data + b * q.batch_stride;
-    s.q_seq = q.seq_stride;
-    s.q_head = q.head_stride;
-    s.out = out.data + b * out.batch_stride;
-    s.out_seq = out.seq_stride;
-    s.out_head = out.head_stride;
-    s.lse = outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * range.count : nullptr;
-    s.lse_head = range.count;
-    s.k = k.data + b * k.batch_stride;
-    s.v = v.data + b * v.batch_stride;
-    s.k_seq = k.seq_stride;
-    s.k_head = k.head_stride;
-    s.v_seq = v.seq_stride;
-    s.v_head = v.head_stride;
-    return s;
+    lse_type_t<T>* lse =
+        outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * range.count : nullptr;
+    return cpu::detail::SequenceRows<T>::queries(shape.seq_len, range.begin, range.count, q, out,
+                                                 b, 0, lse, range.count)
+        .with_keys(k, v, b, 0);
   };
   cpu::detail::run_forms<T>(config, heads, shape.batch, describe, options, workspace);
 }
@@ -526,26 +644,11 @@ void forward(const Config& config, const HeadShape& heads, const Sequences& sequ
   cpu::resolve_isa(options.isa);
   const std::int64_t total_q = sequences.total_queries();
   auto describe = [&](std::int64_t b) {
-    cpu::detail::SequenceRows<T> s;
-    s.kv_len = sequences.kv_length(b);
-    s.query_begin = sequences.query_begin(b);
-    s.query_count = sequences.query_count(b);
     const std::int64_t q0 = sequences.query_offsets[b], k0 = sequences.kv_offsets[b];
-    s.q = q.data + q0 * q.seq_stride;
-    s.q_seq = q.seq_stride;
-    s.q_head = q.head_stride;
-    s.out = out.data + q0 * out.seq_stride;
-    s.out_seq = out.seq_stride;
-    s.out_head = out.head_stride;
-    s.lse = outputs.lse != nullptr ? outputs.lse + q0 : nullptr;
-    s.lse_head = total_q;
-    s.k = k.data + k0 * k.seq_stride;
-    s.v = v.data + k0 * v.seq_stride;
-    s.k_seq = k.seq_stride;
-    s.k_head = k.head_stride;
-    s.v_seq = v.seq_stride;
-    s.v_head = v.head_stride;
-    return s;
+    return cpu::detail::SequenceRows<T>::queries(
+               sequences.kv_length(b), sequences.query_begin(b), sequences.query_count(b), q, out,
+               0, q0, outputs.lse != nullptr ? outputs.lse + q0 : nullptr, total_q)
+        .with_keys(k, v, 0, k0);
   };
   cpu::detail::run_forms<T>(config, heads, sequences.count, describe, options, workspace);
 }
@@ -565,27 +668,11 @@ void forward(const Config& config, const HeadShape& heads, const Sequences& sequ
   cpu::resolve_isa(options.isa);
   const std::int64_t total_q = sequences.total_queries();
   auto describe = [&](std::int64_t b) {
-    cpu::detail::SequenceRows<T> s;
-    s.kv_len = sequences.kv_length(b);
-    s.query_begin = sequences.query_begin(b);
-    s.query_count = sequences.query_count(b);
     const std::int64_t q0 = sequences.query_offsets[b];
-    s.q = q.data + q0 * q.seq_stride;
-    s.q_seq = q.seq_stride;
-    s.q_head = q.head_stride;
-    s.out = out.data + q0 * out.seq_stride;
-    s.out_seq = out.seq_stride;
-    s.out_head = out.head_stride;
-    s.lse = outputs.lse != nullptr ? outputs.lse + q0 : nullptr;
-    s.lse_head = total_q;
-    s.k = paged.k;
-    s.v = paged.v;
-    s.k_seq = s.v_seq = paged.row_stride;
-    s.k_head = s.v_head = paged.head_stride;
-    s.pages = paged.page_table + b * paged.page_table_stride;
-    s.page_size = paged.page_size;
-    s.page_stride = paged.page_stride;
-    return s;
+    return cpu::detail::SequenceRows<T>::queries(
+               sequences.kv_length(b), sequences.query_begin(b), sequences.query_count(b), q, out,
+               0, q0, outputs.lse != nullptr ? outputs.lse + q0 : nullptr, total_q)
+        .with_pages(paged, b);
   };
   cpu::detail::run_forms<T>(config, heads, sequences.count, describe, options, workspace);
 }
@@ -614,25 +701,11 @@ void forward(const Config& config, const Shape& shape, const ValidLengths& valid
               negative_infinity<lse_type_t<T>>();
       }
   auto describe = [&](std::int64_t b) {
-    cpu::detail::SequenceRows<T> s;
-    s.kv_len = valid.lengths[b];
-    s.query_begin = 0;
-    s.query_count = valid.lengths[b];
-    s.q = q.data + b * q.batch_stride;
-    s.q_seq = q.seq_stride;
-    s.q_head = q.head_stride;
-    s.out = out.data + b * out.batch_stride;
-    s.out_seq = out.seq_stride;
-    s.out_head = out.head_stride;
-    s.lse = outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * shape.seq_len : nullptr;
-    s.lse_head = shape.seq_len;
-    s.k = k.data + b * k.batch_stride;
-    s.v = v.data + b * v.batch_stride;
-    s.k_seq = k.seq_stride;
-    s.k_head = k.head_stride;
-    s.v_seq = v.seq_stride;
-    s.v_head = v.head_stride;
-    return s;
+    lse_type_t<T>* lse =
+        outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * shape.seq_len : nullptr;
+    return cpu::detail::SequenceRows<T>::queries(valid.lengths[b], 0, valid.lengths[b], q, out, b,
+                                                 0, lse, shape.seq_len)
+        .with_keys(k, v, b, 0);
   };
   cpu::detail::run_forms<T>(config, heads, shape.batch, describe, options,
                             static_cast<cpu::DecodeWorkspace<T>*>(nullptr));
