@@ -23,8 +23,8 @@
 //      per pair: seven in all instead of five).
 // Either way every gradient element is summed by one thread in one fixed order: results are
 // bitwise identical for any thread count. Extra memory: the row statistics (B·H·N values; 2G
-// times that for mean when some head's are recomputed) and per thread the primitive's tiles (plus, for narrow storage, a
-// window's float accumulators); never N x w or N x N. docs/design.md ("Backward") has the
+// times that for mean when some head's are recomputed) and per thread the primitive's tiles
+// (plus, for narrow storage, a window's float accumulators); never N x w or N x N. docs/design.md ("Backward") has the
 // measurements behind these choices. All index math comes from pattern.hpp; the block math
 // lives in cpu::attend_backward.
 
