@@ -190,6 +190,24 @@ class Pattern {
     return dilated_attention::heads_with_offset(config_.offsets, i, num_branches(), branch(i).r,
                                                 offset, shape_.num_heads);
   }
+  // Whether branch i selects any row for head `head`: the head runs the branch and its offset
+  // falls inside the first segment (the longest; only the last one may be short).
+  bool selects_any(std::int64_t i, std::int64_t head) const {
+    const std::int64_t o = offset(i, head);
+    return o >= 0 && !branch(i).rows(0, o).empty();
+  }
+  // The only branch that selects rows for `head`; -1 when none does, -2 when several do. Under
+  // one such branch every row of the head has at most one partial, so its mixed O and LSE are
+  // that branch's (divided by G for mean): docs/semantics.md "Gradient of the mean mixing".
+  std::int64_t sole_branch(std::int64_t head) const {
+    std::int64_t sole = -1;
+    for (std::int64_t i = 0; i < num_branches(); ++i)
+      if (selects_any(i, head)) {
+        if (sole >= 0) return -2;
+        sole = i;
+      }
+    return sole;
+  }
   // The key/value head that query head h reads (grouped-query attention).
   std::int64_t kv_head(std::int64_t head) const {
     return head / (shape_.num_heads / shape_.num_kv_heads);

@@ -2,7 +2,8 @@
 // reference::backward (fp64, itself checked against finite differences of reference::forward):
 // every offset rule x mixing x causal, GQA, partitioned with H not a multiple of G, r not
 // dividing w, N a multiple of no segment, w >= N, batches, padded views (padding untouched),
-// D = 64 and 128, empty rows, narrow storage; bitwise determinism across thread counts and calls;
+// D = 64 and 128, empty rows, narrow storage, mean with the forward's statistics for heads that
+// one branch selects rows for (and a mix of such heads with others); bitwise determinism across thread counts and calls;
 // a thread with a 128 KiB stack; one test per bad input.
 
 #include <dilated_attention/dilated_attention.hpp>
@@ -221,6 +222,39 @@ TEST(CpuBackward, SegmentsAtLeastTheSequence) {
     }
 }
 
+// Mean mixing where a head's rows are selected by one branch only: the backward takes that
+// head's LSE and D from the forward instead of recomputing them (docs/semantics.md "Gradient of
+// the mean mixing"). Every head so (partitioned, G = 1), and a mix of such heads with heads
+// that several branches select (the others' statistics recomputed, one set per branch).
+TEST(CpuBackward, MeanWithTheForwardsStatistics) {
+  for (bool causal : {false, true}) {
+    // partitioned: N a multiple of no w, H a multiple of no G, GQA, a tile-crossing block.
+    const Config partitioned =
+        make_config({7, 45, 301}, {3, 4, 7}, causal, OffsetRule::partitioned, Mixing::mean);
+    expect_matches_reference<double>(partitioned, Shape{1, 333, 5, 5, 4}, 40, 1);
+    expect_matches_reference<float>(partitioned, Shape{2, 333, 5, 5, 6}, 41);
+    expect_matches_reference<double>(partitioned, Shape{2, 211, 8, 2, 5}, 42, 2);
+    expect_matches_reference<float>(partitioned, Shape{1, 211, 7, 7, 64}, 43, 1);
+    expect_matches_reference<Eigen::bfloat16>(partitioned, Shape{1, 333, 5, 1, 8}, 44);
+    expect_matches_reference<Eigen::half>(partitioned, Shape{1, 333, 4, 2, 8}, 45, 1);
+    // G = 1 under modular: O = O_1 / 1, LSE = LSE_1.
+    const Config single = make_config({50}, {3}, causal, OffsetRule::modular, Mixing::mean);
+    expect_matches_reference<double>(single, Shape{1, 173, 4, 2, 7}, 46, 1);
+    expect_matches_reference<float>(single, Shape{2, 173, 4, 4, 8}, 47);
+    expect_matches_reference<Eigen::bfloat16>(single, Shape{1, 173, 4, 1, 8}, 48);
+    // N < w: under modular, heads 10, 11 have offset 10, 11 in branch 0, beyond its only
+    // segment, so branch 1 alone selects their rows; heads 0-9 have rows in both branches.
+    const Config mixed = make_config({20, 10}, {12, 1}, causal, OffsetRule::modular, Mixing::mean);
+    expect_matches_reference<double>(mixed, Shape{2, 10, 12, 4, 5}, 49, 1);
+    expect_matches_reference<float>(mixed, Shape{1, 10, 12, 12, 6}, 50);
+    expect_matches_reference<Eigen::half>(mixed, Shape{1, 10, 12, 3, 8}, 51);
+    // Heads 10, 11 select no row in either branch (empty rows); the rest in both.
+    const Config none = make_config({20, 16}, {12, 12}, causal, OffsetRule::modular, Mixing::mean);
+    expect_matches_reference<double>(none, Shape{1, 10, 12, 6, 5}, 52, 1);
+    expect_matches_reference<float>(none, Shape{1, 10, 12, 2, 5}, 53);
+  }
+}
+
 TEST(CpuBackward, LongBlocksCrossManyTiles) {
   // Blocks of several query and key tiles in both passes, and windows that cut blocks.
   for (bool causal : {false, true}) {
@@ -402,6 +436,28 @@ TEST(CpuBackward, BitwiseIdenticalForAnyThreadCount) {
       expect_bitwise_equal(one, run_fast(p, CpuOptions{1}));
       expect_bitwise_equal(one, run_fast(p, CpuOptions{7}));
     }
+}
+
+TEST(CpuBackward, MeanWithTheForwardsStatisticsBitwiseIdenticalForAnyThreadCount) {
+  // partitioned + mean (every head's statistics from the forward), H a multiple of no G, GQA;
+  // and a mix of heads with forward and recomputed statistics (N < w, see above).
+  for (bool causal : {false, true}) {
+    const Config partitioned =
+        make_config({64, 300, 600}, {1, 2, 4}, causal, OffsetRule::partitioned, Mixing::mean);
+    const Problem<float> p(partitioned, Shape{2, 600, 5, 5, 8}, 54, 1);
+    const Gradients<float> one = run_fast(p, CpuOptions{1});
+    for (int threads : {2, 3, 7}) expect_bitwise_equal(one, run_fast(p, CpuOptions{threads}));
+    const Problem<double> g(partitioned, Shape{1, 600, 6, 2, 8}, 55);
+    const Gradients<double> g_one = run_fast(g, CpuOptions{1});
+    for (int threads : {2, 5}) expect_bitwise_equal(g_one, run_fast(g, CpuOptions{threads}));
+    const Problem<Eigen::bfloat16> n(partitioned, Shape{1, 600, 4, 2, 8}, 56);
+    const Gradients<Eigen::bfloat16> n_one = run_fast(n, CpuOptions{1});
+    for (int threads : {2, 3}) expect_bitwise_equal(n_one, run_fast(n, CpuOptions{threads}));
+    const Config mixed = make_config({20, 10}, {12, 1}, causal, OffsetRule::modular, Mixing::mean);
+    const Problem<float> m(mixed, Shape{3, 10, 12, 4, 8}, 57);
+    const Gradients<float> m_one = run_fast(m, CpuOptions{1});
+    for (int threads : {2, 3, 7}) expect_bitwise_equal(m_one, run_fast(m, CpuOptions{threads}));
+  }
 }
 
 TEST(CpuBackward, NarrowStorageBitwiseIdenticalForAnyThreadCount) {

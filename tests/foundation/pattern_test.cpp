@@ -405,3 +405,43 @@ TEST(Pattern, ForEachBlockInMatchesBlocks) {
         }
   }
 }
+
+// sole_branch against brute force over the blocks: the branch whose blocks alone hold the head,
+// -1 when no block does, -2 when blocks of several branches do; selects_any agrees.
+TEST(Pattern, SoleBranchMatchesBlocks) {
+  struct Case {
+    std::vector<std::int64_t> w, r;
+    std::int64_t n, heads;
+  };
+  const std::vector<Case> cases = {{{4, 10, 24}, {1, 2, 3}, 29, 5},
+                                   {{20, 10}, {12, 1}, 10, 13},
+                                   {{20, 16}, {12, 12}, 10, 12},
+                                   {{50}, {3}, 7, 4},
+                                   {{9, 9, 9}, {9, 5, 2}, 3, 7}};
+  for (const da::OffsetRule rule :
+       {da::OffsetRule::modular, da::OffsetRule::blocked, da::OffsetRule::partitioned})
+    for (const Case& c : cases) {
+      if (rule == da::OffsetRule::partitioned && c.heads < static_cast<std::int64_t>(c.w.size()))
+        continue;
+      da::Config config;
+      config.segment_lengths = c.w;
+      config.dilation_rates = c.r;
+      config.offsets = rule;
+      const da::Pattern pattern(config, da::Shape{1, c.n, c.heads, 1, 4});
+      const std::vector<da::Block> blocks = pattern.blocks();
+      for (std::int64_t h = 0; h < c.heads; ++h) {
+        std::vector<std::int64_t> branches;
+        for (const da::Block& block : blocks)
+          if (block.heads.contains(h) &&
+              std::find(branches.begin(), branches.end(), block.branch) == branches.end())
+            branches.push_back(block.branch);
+        const std::int64_t want = branches.empty()       ? -1
+                                  : branches.size() == 1 ? branches.front()
+                                                         : -2;
+        EXPECT_EQ(pattern.sole_branch(h), want) << "head " << h << ", n " << c.n;
+        for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
+          EXPECT_EQ(pattern.selects_any(i, h),
+                    std::find(branches.begin(), branches.end(), i) != branches.end());
+      }
+    }
+}

@@ -172,6 +172,8 @@ inline std::vector<Case> backward_cases(std::int64_t head_dim) {
        shape(1, 40, 5, 5)},
       {"partitioned mean", make_config({8, 16, 32}, {1, 2, 4}, false, R::partitioned, M::mean),
        shape(1, 40, 4, 4)},
+      {"partitioned mean causal GQA 5:1, H not a multiple of G",
+       make_config({8, 16, 32}, {1, 2, 4}, true, R::partitioned, M::mean), shape(1, 37, 5, 1)},
       {"partitioned softmax causal (empty rows)",
        make_config({16, 32}, {2, 4}, true, R::partitioned), shape(1, 40, 3, 3)},
       {"GQA 4:2 mean causal", make_config({16, 32}, {1, 2}, true, R::modular, M::mean),

@@ -1,7 +1,8 @@
 #pragma once
-// The row statistics that mean mixing needs and the forward does not return (docs/semantics.md
-// docs/semantics.md "Gradient of the mean mixing"), on the backward primitive's workspace and micro-kernels (attend_backward.hpp): for each
-// query row of q over k/v's rows, LSE = ln sum_y exp(scale * q·k_y) and D = weight * dO·O with
+// The row statistics that mean mixing needs and the forward does not return for a head with rows
+// in several branches (docs/semantics.md "Gradient of the mean mixing"), on the backward
+// primitive's workspace and micro-kernels (attend_backward.hpp): for each query row of q over
+// k/v's rows, LSE = ln sum_y exp(scale * q·k_y) and D = weight * dO·O with
 // O = sum_y exp(scale * q·k_y - LSE) v_y. D is accumulated as sum_y p_y (dO·v_y) in an online
 // softmax, so O itself is never formed: the cost is the forward's (Products 1 and 2 per tile
 // pair instead of Q Kᵀ and P V).

@@ -3,9 +3,12 @@
 // straight from the caller's memory, bitwise identical for any thread count.
 //
 // Phase 1 (every storage type): row statistics, one unit per (batch, head, window of the
-// forward's length). softmax: D(x) = dO(x)·O(x), with the forward's LSE read in place. mean: each
-// branch's LSE_i(x) and D_i(x) = (dO(x)/G)·O_i(x), recomputed by cpu::attend_statistics over the
-// forward's blocks (one extra forward's worth of work; O_i itself is never formed).
+// forward's length). softmax: D(x) = dO(x)·O(x), with the forward's LSE read in place. mean, for
+// a head whose rows only one branch selects (every head under partitioned, any head when G = 1):
+// the same, since then O = O_i / G and LSE = LSE_i, so D_i = (dO/G)·O_i = dO·O. mean, for a head
+// with rows in several branches: each branch's LSE_i(x) and D_i(x) = (dO(x)/G)·O_i(x),
+// recomputed by cpu::attend_statistics over the forward's blocks (one extra forward's worth of
+// that head's work; O_i itself is never formed).
 //
 // Then, for float and double storage (gradients accumulate in place, in the output's type):
 //   2. branch by branch, one unit per (batch, kv head, block): every query head of the GQA group
@@ -19,15 +22,16 @@
 //   3. dQ: a unit owns (batch, head, query window); P and dS are recomputed (two more products
 //      per pair: seven in all instead of five).
 // Either way every gradient element is summed by one thread in one fixed order: results are
-// bitwise identical for any thread count. Extra memory: the row statistics (B·H·N values, G
-// times that for mean) and per thread the primitive's tiles (plus, for narrow storage, a
-// window's float accumulators); never N x w or N x N. docs/design.md ("Backward") has the
+// bitwise identical for any thread count. Extra memory: the row statistics (B·H·N values; 2G
+// times that for mean when some head's are recomputed) and per thread the primitive's tiles
+// (plus, for narrow storage, a window's float accumulators); never N x w or N x N. docs/design.md ("Backward") has the
 // measurements behind these choices. All index math comes from pattern.hpp; the block math
 // lives in cpu::attend_backward.
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -69,13 +73,23 @@ void backward(const Config& config, const Shape& shape, const Inputs<detail::ide
   const std::int64_t window = cpu::detail::window_length(pattern);
   const std::int64_t windows = (shape.seq_len + window - 1) / window;
   const std::int64_t dim = shape.head_dim;
-  const bool mean = config.mixing == Mixing::mean;
-  const std::int64_t sets = mean ? pattern.num_branches() : 1;
   const std::int64_t rows = shape.batch * shape.num_heads * shape.seq_len;
 
-  cpu::detail::RowStatistics<Acc> stats{lse, {}, {}, shape.batch, shape.num_heads, shape.seq_len};
+  // mean: a head whose rows only one branch selects has the forward's statistics (its sole
+  // branch's); only heads with rows in several branches need each branch's recomputed.
+  std::vector<std::int64_t> direct(static_cast<std::size_t>(shape.num_heads), 0);
+  bool recompute = false;
+  if (config.mixing == Mixing::mean)
+    for (std::int64_t h = 0; h < shape.num_heads; ++h) {
+      const std::int64_t sole = pattern.sole_branch(h);
+      direct[static_cast<std::size_t>(h)] = sole == -2 ? -1 : std::max<std::int64_t>(sole, 0);
+      recompute = recompute || sole == -2;
+    }
+  const std::int64_t sets = recompute ? pattern.num_branches() : 1;
+  cpu::detail::RowStatistics<Acc> stats{
+      lse, lse, {}, {}, sets, shape.batch, shape.num_heads, shape.seq_len, std::move(direct)};
   stats.delta.assign(static_cast<std::size_t>(sets * rows), Acc(0));
-  if (mean) {
+  if (recompute) {
     stats.own_lse.assign(static_cast<std::size_t>(sets * rows), negative_infinity<Acc>());
     stats.lse = stats.own_lse.data();
   }

@@ -23,16 +23,24 @@ namespace dilated_attention {
 
 namespace cpu::detail {
 
-// Per (branch, batch, head) row statistics, indexed by position: the LSE the probabilities are
-// normalised with and D = weight * dO·O. softmax keeps one set (the forward's LSE is read in
-// place); mean keeps one per branch.
+// Row statistics, indexed by position: the LSE the probabilities are normalised with and
+// D = weight * dO·O_i. One set (sets == 1) when every head's are the forward's own: softmax
+// mixing, and mean mixing where no head has rows selected by two branches (partitioned, G = 1);
+// then lse is the caller's and D = dO·O. Otherwise one set per branch in own_lse and delta, and
+// per head `direct` says how phase 1 fills them.
 template <class Acc>
 struct RowStatistics {
-  const Acc* lse;  // softmax: the caller's lse; mean: own_lse
+  const Acc* forward_lse;  // the caller's, [batch, heads, seq_len]
+  const Acc* lse;          // forward_lse (sets == 1) or own_lse
   std::vector<Acc> own_lse, delta;
-  std::int64_t batch, heads, seq_len;
+  std::int64_t sets, batch, heads, seq_len;
+  // Per head, with one set per branch: the branch whose statistics are the forward's (the only
+  // one selecting rows for the head, or 0 when none does), or -1 when several branches select
+  // rows and each branch's are recomputed.
+  std::vector<std::int64_t> direct;
 
-  std::int64_t offset(std::int64_t set, std::int64_t b, std::int64_t h) const {
+  std::int64_t offset(std::int64_t branch, std::int64_t b, std::int64_t h) const {
+    const std::int64_t set = sets == 1 ? 0 : branch;
     return ((set * batch + b) * heads + h) * seq_len;
   }
 };
@@ -54,8 +62,11 @@ void statistics_window(const Pattern& pattern, std::int64_t b, std::int64_t h, s
   using Acc = accumulator_t<T>;
   const Config& config = pattern.config();
   const std::int64_t dim = pattern.shape().head_dim;
-  if (config.mixing == Mixing::softmax) {
-    Acc* delta = stats.delta.data() + stats.offset(0, b, h);
+  const std::int64_t direct = stats.sets == 1 ? 0 : stats.direct[static_cast<std::size_t>(h)];
+  if (direct >= 0) {
+    // The forward's own statistics (docs/semantics.md "Gradient of the mean mixing"): its LSE,
+    // and D = dO·O, which under mean is (dO / G)·O_i for the one branch i with O = O_i / G.
+    Acc* delta = stats.delta.data() + stats.offset(direct, b, h);
     for (std::int64_t x = x0; x < x1; ++x) {
       const T* o = out.data + b * out.batch_stride + x * out.seq_stride + h * out.head_stride;
       const T* g =
@@ -64,10 +75,14 @@ void statistics_window(const Pattern& pattern, std::int64_t b, std::int64_t h, s
       for (std::int64_t d = 0; d < dim; ++d) sum += static_cast<Acc>(g[d]) * static_cast<Acc>(o[d]);
       delta[x] = sum;
     }
+    if (stats.sets > 1)
+      std::copy(stats.forward_lse + stats.offset(0, b, h) + x0,
+                stats.forward_lse + stats.offset(0, b, h) + x1,
+                stats.own_lse.data() + stats.offset(direct, b, h) + x0);
     return;
   }
-  // mean: each branch's LSE_i and D_i = (dO / G)·O_i of the window's rows, recomputed over the
-  // same blocks and keys as the forward visits.
+  // mean, a head with rows in several branches: each branch's LSE_i and D_i = (dO / G)·O_i of the
+  // window's rows, recomputed over the same blocks and keys as the forward visits.
   const Acc scale = static_cast<Acc>(resolved_scale(config, pattern.shape()));
   const Acc weight = Acc(1) / static_cast<Acc>(pattern.num_branches());
   const std::int64_t kv_head = pattern.kv_head(h);
@@ -148,21 +163,20 @@ void key_window(const Pattern& pattern, std::int64_t b, std::int64_t kv_head, st
   std::fill_n(workspace.first.begin(), (y1 - y0) * dim, Acc(0));
   std::fill_n(workspace.second.begin(), (y1 - y0) * dim, Acc(0));
   for (std::int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
-    pattern.for_each_block_in(h, y0, y1, [&](std::int64_t i, const Progression& block,
-                                             const Progression& keys) {
-      const std::int64_t set = mean ? i : 0;
-      // A causal key is seen only by the queries at or after it.
-      const Progression queries =
-          config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
-      const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
-      attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                      rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
-                      stats.lse + stats.offset(set, b, h),
-                      stats.delta.data() + stats.offset(set, b, h), dim, scale, weight,
-                      config.causal, GradientRows<Acc>{},
-                      GradientRows<Acc>{workspace.first.data() + row * dim, stride},
-                      GradientRows<Acc>{workspace.second.data() + row * dim, stride});
-    });
+    pattern.for_each_block_in(
+        h, y0, y1, [&](std::int64_t i, const Progression& block, const Progression& keys) {
+          // A causal key is seen only by the queries at or after it.
+          const Progression queries =
+              config.causal ? block.slice(block.index_of(keys.first), block.count) : block;
+          const std::int64_t row = keys.first - y0, stride = keys.stride * dim;
+          attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+                          rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                          stats.lse + stats.offset(i, b, h),
+                          stats.delta.data() + stats.offset(i, b, h), dim, scale, weight,
+                          config.causal, GradientRows<Acc>{},
+                          GradientRows<Acc>{workspace.first.data() + row * dim, stride},
+                          GradientRows<Acc>{workspace.second.data() + row * dim, stride});
+        });
   store_rows<T>(workspace.first, d_k, b, kv_head, y0, y1, dim);
   store_rows<T>(workspace.second, d_v, b, kv_head, y0, y1, dim);
 }
@@ -181,18 +195,19 @@ void query_window(const Pattern& pattern, std::int64_t b, std::int64_t h, std::i
   const bool mean = config.mixing == Mixing::mean;
   const Acc weight = mean ? Acc(1) / static_cast<Acc>(pattern.num_branches()) : Acc(1);
   std::fill_n(workspace.first.begin(), (x1 - x0) * dim, Acc(0));
-  pattern.for_each_block_in(h, x0, x1, [&](std::int64_t i, const Progression& block,
-                                            const Progression& queries) {
-    const std::int64_t set = mean ? i : 0;
-    const Progression keys = config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
-    const std::int64_t row = queries.first - x0;
-    attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
-                    rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
-                    stats.lse + stats.offset(set, b, h),
-                    stats.delta.data() + stats.offset(set, b, h), dim, scale, weight, config.causal,
-                    GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
-                    GradientRows<Acc>{}, GradientRows<Acc>{});
-  });
+  pattern.for_each_block_in(
+      h, x0, x1, [&](std::int64_t i, const Progression& block, const Progression& queries) {
+        const Progression keys =
+            config.causal ? block.prefix(block.index_of(queries.last()) + 1) : block;
+        const std::int64_t row = queries.first - x0;
+        attend_backward(workspace.grad, rows_of(q, b, h, queries), rows_of(k, b, kv_head, keys),
+                        rows_of(v, b, kv_head, keys), rows_of(d_out, b, h, queries),
+                        stats.lse + stats.offset(i, b, h),
+                        stats.delta.data() + stats.offset(i, b, h), dim, scale, weight,
+                        config.causal,
+                        GradientRows<Acc>{workspace.first.data() + row * dim, queries.stride * dim},
+                        GradientRows<Acc>{}, GradientRows<Acc>{});
+      });
   store_rows<T>(workspace.first, d_q, b, h, x0, x1, dim);
 }
 
@@ -222,12 +237,12 @@ void block_unit(const Pattern& pattern, const Block& block, std::int64_t b, std:
   };
   for (std::int64_t j = 0; j < heads.count; ++j) {
     const std::int64_t h = heads.at(j);
-    const std::int64_t set = mean ? block.branch : 0;
     attend_backward(workspace, rows_of(q, b, h, rows), rows_of(k, b, kv_head, rows),
                     rows_of(v, b, kv_head, rows), rows_of(d_out, b, h, rows),
-                    stats.lse + stats.offset(set, b, h),
-                    stats.delta.data() + stats.offset(set, b, h), dim, scale, weight, config.causal,
-                    gradient(d_q, h), gradient(d_k, kv_head), gradient(d_v, kv_head));
+                    stats.lse + stats.offset(block.branch, b, h),
+                    stats.delta.data() + stats.offset(block.branch, b, h), dim, scale, weight,
+                    config.causal, gradient(d_q, h), gradient(d_k, kv_head),
+                    gradient(d_v, kv_head));
   }
 }
 

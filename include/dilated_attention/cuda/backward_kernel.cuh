@@ -46,8 +46,9 @@ __device__ __forceinline__ RowStatistics row_statistics(const BackwardParams& p,
   return {lse * log2e, p.delta[at]};
 }
 
-// Kernel 1: D = dO . O per row (softmax), or per branch LSE_i and D_i = (dO / G) . O_i with O_i
-// recomputed by an online softmax over the branch's keys (mean).
+// Kernel 1: D = dO . O per row (softmax, and mean for a row that at most one branch selects), or
+// per branch LSE_i and D_i = (dO / G) . O_i with O_i recomputed by an online softmax over the
+// branch's keys (mean, a row that several branches select).
 template <class T, int D>
 __global__ void __launch_bounds__(backward_block_threads, 4)
     backward_row_statistics_kernel(const BackwardParams p) {
@@ -64,14 +65,30 @@ __global__ void __launch_bounds__(backward_block_threads, 4)
     const std::int64_t x = row % f.seq_len, head = (row / f.seq_len) % f.heads;
     const std::int64_t batch = row / (f.seq_len * f.heads);
     const T* const do_row = static_cast<const T*>(p.d_out) + batch * p.do_batch + x * p.do_seq + head * p.do_head;
-    if (f.mixing == Mixing::softmax) {
+    // mean: the branches that select this row. With at most one, O = O_i / G and LSE = LSE_i,
+    // so D_i = (dO / G) . O_i = dO . O and the forward's LSE serve as they do for softmax
+    // (docs/semantics.md "Gradient of the mean mixing"); only rows of several branches recompute.
+    int selecting = 0, sole = -1;
+    if (f.mixing == Mixing::mean)
+      for (int i = 0; i < f.num_branches; ++i)
+        if (f.branch(i).selected(x, f.offset(i, head))) ++selecting, sole = i;
+    if (selecting <= 1) {
       const T* const o_row = static_cast<const T*>(f.out) + batch * f.o_batch + x * f.o_seq + head * f.o_head;
       float partial = 0.f;
 #pragma unroll
       for (int e = 0; e < per_lane; ++e)
         partial = fmaf(to_float(do_row[lane + 32 * e]), to_float(o_row[lane + 32 * e]), partial);
       const float delta = warp_sum(partial);
-      if (lane == 0) p.delta[row] = delta;
+      if (lane == 0) {
+        if (f.mixing == Mixing::softmax) {
+          p.delta[row] = delta;
+        } else {
+          for (int i = 0; i < f.num_branches; ++i) {
+            p.delta[i * p.rows + row] = i == sole ? delta : 0.f;
+            p.branch_lse[i * p.rows + row] = i == sole ? f.lse[row] : -inf;
+          }
+        }
+      }
       continue;
     }
     const std::int64_t kv_head = f.kv_head(head);

@@ -6,8 +6,10 @@
 // gradient element is owned by exactly one warp, which sums its terms in a fixed order, so the
 // result is bitwise reproducible (docs/semantics.md "Guarantees of the gradient"):
 //   1. row statistics, one warp per query row (b, h, x): D(x) = dO(x) . O(x) from the forward's
-//      O (softmax mixing, docs/semantics.md "Gradient of the softmax mixing"); for mean mixing each branch's O_i and LSE_i are recomputed and
-//      D_i = (dO / G) . O_i (docs/semantics.md "Gradient of the mean mixing"). Written to the workspace.
+//      O (softmax mixing, docs/semantics.md "Gradient of the softmax mixing"); for mean mixing
+//      each branch's LSE_i and D_i = (dO / G) . O_i (docs/semantics.md "Gradient of the mean
+//      mixing"): the forward's LSE and dO . O for a row that one branch selects, O_i recomputed
+//      for a row that several select. Written to the workspace.
 //   2. dQ, one warp per query row: the row's keys in each branch, P = exp(s - LSE), dS.
 //   3. dK and dV, one warp per key row (b, kv head, y): the queries that attend y -- in every
 //      branch and every query head of the GQA group -- are y's block (cut to x >= y when causal),
