@@ -10,98 +10,41 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
 #include <cstdint>
-#include <string>
+
+#include "cuda_benchmark_support.cuh"
 
 namespace {
 
 namespace da = dilated_attention;
+namespace bench = dilated_attention::bench;
 using Bf16 = __nv_bfloat16;
-
-std::string why_no_device() {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) return std::string("no CUDA device: ") + cudaGetErrorString(status);
-  if (count == 0) return "no CUDA device: cudaGetDeviceCount returned 0";
-  return {};
-}
-
-template <class T>
-__global__ void fill_random(T* data, std::int64_t count, std::uint64_t seed) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i);
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    x ^= x >> 31;
-    data[i] = T((static_cast<float>(x >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f) * 1.7320508f);
-  }
-}
-
-struct DeviceMemory {
-  void* data = nullptr;
-  explicit DeviceMemory(std::size_t bytes) {
-    da::cuda::check(cudaMalloc(&data, bytes), "cudaMalloc");
-  }
-  ~DeviceMemory() { cudaFree(data); }
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-};
 
 template <class T>
 void run(benchmark::State& state, const da::Config& config, const da::Shape& shape) {
-  if (const std::string why = why_no_device(); !why.empty()) {
-    state.SkipWithError(why.c_str());
-    return;
-  }
+  if (bench::skip_without_device(state)) return;
   const std::int64_t q_count = shape.batch * shape.seq_len * shape.num_heads * shape.head_dim;
   const std::int64_t kv_count = shape.batch * shape.seq_len * shape.num_kv_heads * shape.head_dim;
-  DeviceMemory q(q_count * sizeof(T)), k(kv_count * sizeof(T)), v(kv_count * sizeof(T)),
-      out(q_count * sizeof(T)), d_out(q_count * sizeof(T)), d_q(q_count * sizeof(T)),
-      d_k(kv_count * sizeof(T)), d_v(kv_count * sizeof(T)),
-      lse(shape.batch * shape.num_heads * shape.seq_len * sizeof(float));
+  bench::DeviceTensor<T> q(q_count, 1), k(kv_count, 2), v(kv_count, 3), out(q_count),
+      d_out(q_count, 4), d_q(q_count), d_k(kv_count), d_v(kv_count);
+  bench::DeviceTensor<float> lse(shape.batch * shape.num_heads * shape.seq_len);
   const std::size_t workspace_bytes = da::cuda::backward_workspace_size(config, shape);
-  DeviceMemory workspace(workspace_bytes);
-  fill_random<<<1024, 256>>>(static_cast<T*>(q.data), q_count, 1);
-  fill_random<<<1024, 256>>>(static_cast<T*>(k.data), kv_count, 2);
-  fill_random<<<1024, 256>>>(static_cast<T*>(v.data), kv_count, 3);
-  fill_random<<<1024, 256>>>(static_cast<T*>(d_out.data), q_count, 4);
-  da::cuda::check(cudaGetLastError(), "fill_random");
-  auto in = [&](const DeviceMemory& m, std::int64_t heads) {
-    return da::contiguous_view<const T>(static_cast<const T*>(m.data), shape, heads);
+  bench::DeviceTensor<unsigned char> workspace(static_cast<std::int64_t>(workspace_bytes));
+  auto in = [&](const bench::DeviceTensor<T>& m, std::int64_t heads) {
+    return da::contiguous_view<const T>(m.data, shape, heads);
   };
-  auto grad = [&](DeviceMemory& m, std::int64_t heads) {
-    return da::contiguous_view(static_cast<T*>(m.data), shape, heads);
+  auto grad = [&](bench::DeviceTensor<T>& m, std::int64_t heads) {
+    return da::contiguous_view(m.data, shape, heads);
   };
   const std::int64_t h = shape.num_heads, hkv = shape.num_kv_heads;
-  da::cuda::forward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)},
-                       {grad(out, h), static_cast<float*>(lse.data)});
-  auto call = [&] {
-    da::cuda::backward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)},
-                          {in(out, h), static_cast<const float*>(lse.data)}, in(d_out, h),
-                          {grad(d_q, h), grad(d_k, hkv), grad(d_v, hkv)},
+  da::cuda::forward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)}, {grad(out, h), lse.data});
+  const double per_call = bench::time_calls(state, [&] {
+    da::cuda::backward<T>(config, shape, {in(q, h), in(k, hkv), in(v, hkv)}, {in(out, h), lse.data},
+                          in(d_out, h), {grad(d_q, h), grad(d_k, hkv), grad(d_v, hkv)},
                           {nullptr, workspace.data, workspace_bytes});
-  };
-  call();  // warm-up
-  da::cuda::check(cudaDeviceSynchronize(), "warm-up");
-  cudaEvent_t start, stop;
-  da::cuda::check(cudaEventCreate(&start), "cudaEventCreate");
-  da::cuda::check(cudaEventCreate(&stop), "cudaEventCreate");
-  double total_seconds = 0.0;
-  for (auto _ : state) {
-    da::cuda::check(cudaEventRecord(start), "cudaEventRecord");
-    call();
-    da::cuda::check(cudaEventRecord(stop), "cudaEventRecord");
-    da::cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    float ms = 0.f;
-    da::cuda::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    state.SetIterationTime(ms * 1e-3);
-    total_seconds += ms * 1e-3;
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
+  });
   const double flops = 2.5 * da::Pattern(config, shape).useful_flops();
-  const double per_call = total_seconds / static_cast<double>(state.iterations());
   state.counters["useful_TFLOP/s"] = flops / per_call * 1e-12;
   state.counters["ms"] = per_call * 1e3;
   state.counters["N"] = static_cast<double>(shape.seq_len);

@@ -21,80 +21,17 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
-#include <string>
 #include <vector>
+
+#include "cuda_benchmark_support.cuh"
 
 namespace {
 
 namespace da = dilated_attention;
+namespace bench = dilated_attention::bench;
+using bench::DeviceTensor;
+using bench::time_calls;
 using Bf16 = __nv_bfloat16;
-
-std::string why_no_device() {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) return std::string("no CUDA device: ") + cudaGetErrorString(status);
-  if (count == 0) return "no CUDA device: cudaGetDeviceCount returned 0";
-  return {};
-}
-
-template <class T>
-__global__ void fill_random(T* data, std::int64_t count, std::uint64_t seed) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(i);
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    x ^= x >> 31;
-    const float unit = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
-    data[i] = T((unit * 2.0f - 1.0f) * 1.7320508f);
-  }
-}
-
-template <class T>
-struct DeviceTensor {
-  T* data = nullptr;
-  explicit DeviceTensor(std::int64_t n, std::uint64_t seed = 0) {
-    da::cuda::check(
-        cudaMalloc(&data, static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T)),
-        "cudaMalloc");
-    if (seed != 0) {
-      fill_random<<<1024, 256>>>(data, n, seed);
-      da::cuda::check(cudaGetLastError(), "fill_random");
-    }
-  }
-  ~DeviceTensor() { cudaFree(data); }
-  DeviceTensor(const DeviceTensor&) = delete;
-  DeviceTensor& operator=(const DeviceTensor&) = delete;
-};
-
-// Times `call` (one forward) with CUDA events; returns seconds per call.
-template <class Call>
-double time_calls(benchmark::State& state, Call&& call) {
-  cudaEvent_t start, stop;
-  da::cuda::check(cudaEventCreate(&start), "cudaEventCreate");
-  da::cuda::check(cudaEventCreate(&stop), "cudaEventCreate");
-  call();  // warm-up: module load, pool growth
-  da::cuda::check(cudaDeviceSynchronize(), "warm-up");
-  double total = 0.0;
-  for (auto _ : state) {
-    da::cuda::check(cudaEventRecord(start), "cudaEventRecord");
-    call();
-    da::cuda::check(cudaEventRecord(stop), "cudaEventRecord");
-    da::cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    float ms = 0.f;
-    da::cuda::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-    state.SetIterationTime(ms * 1e-3);
-    total += ms * 1e-3;
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  cudaDeviceProp props{};
-  int device = 0;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaGetDeviceProperties(&props, device) == cudaSuccess)
-    state.SetLabel(props.name);
-  return total / static_cast<double>(std::max<benchmark::IterationCount>(state.iterations(), 1));
-}
 
 da::Config longnet(bool causal = true) {
   da::Config config;
@@ -126,8 +63,7 @@ void report_decode(benchmark::State& state, double seconds, const da::Config& co
 
 // (a) args: batch, kv_len, kv_heads.
 void BM_DecodeStep(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty())
-    return state.SkipWithError(why.c_str());
+  if (bench::skip_without_device(state)) return;
   const std::int64_t batch = state.range(0), kv = state.range(1), hkv = state.range(2);
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet();
@@ -143,6 +79,7 @@ void BM_DecodeStep(benchmark::State& state) {
   const double seconds = time_calls(state, [&] {
     da::cuda::forward<Bf16>(config, shape, da::QueryRange{kv - 1, 1}, in, o);
   });
+  bench::label_with_device(state);
   report_decode(state, seconds, config, batch, kv, h, d);
 }
 BENCHMARK(BM_DecodeStep)
@@ -153,8 +90,7 @@ BENCHMARK(BM_DecodeStep)
 
 // (b) args: batch, kv_len, page_size. Pages in a shuffled order, host page table.
 void BM_PagedDecodeStep(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty())
-    return state.SkipWithError(why.c_str());
+  if (bench::skip_without_device(state)) return;
   const std::int64_t batch = state.range(0), kv = state.range(1), page_size = state.range(2);
   const std::int64_t h = 16, hkv = 4, d = 128;
   const da::Config config = longnet();
@@ -189,6 +125,7 @@ void BM_PagedDecodeStep(benchmark::State& state) {
   const double seconds = time_calls(state, [&] {
     da::cuda::forward<Bf16>(config, da::HeadShape{h, hkv, d}, s, qv, paged, o);
   });
+  bench::label_with_device(state);
   report_decode(state, seconds, config, batch, kv, h, d);
 }
 BENCHMARK(BM_PagedDecodeStep)
@@ -209,8 +146,7 @@ double varlen_flops(const da::Config& config, std::int64_t h, std::int64_t d) {
 
 // (c) args: causal. Varlen prefill of varlen_lengths, H = Hkv = 16, D = 128, bf16.
 void BM_VarlenPrefill(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty())
-    return state.SkipWithError(why.c_str());
+  if (bench::skip_without_device(state)) return;
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet(state.range(0) != 0);
   std::vector<std::int64_t> offsets = {0};
@@ -230,6 +166,7 @@ void BM_VarlenPrefill(benchmark::State& state) {
   const double seconds = time_calls(state, [&] {
     da::cuda::forward<Bf16>(config, da::HeadShape{h, h, d}, s, in, o);
   });
+  bench::label_with_device(state);
   state.counters["ms"] = seconds * 1e3;
   state.counters["useful_TFLOP/s"] = varlen_flops(config, h, d) / seconds * 1e-12;
   state.counters["tokens"] = static_cast<double>(total);
@@ -243,8 +180,7 @@ BENCHMARK(BM_VarlenPrefill)
 
 // (c') the same tokens, one ordinary (tensor-core) forward per sequence.
 void BM_VarlenAsSeparateForwards(benchmark::State& state) {
-  if (const std::string why = why_no_device(); !why.empty())
-    return state.SkipWithError(why.c_str());
+  if (bench::skip_without_device(state)) return;
   const std::int64_t h = 16, d = 128;
   const da::Config config = longnet(state.range(0) != 0);
   std::int64_t total = 0;
@@ -266,6 +202,7 @@ void BM_VarlenAsSeparateForwards(benchmark::State& state) {
       at += n;
     }
   });
+  bench::label_with_device(state);
   state.counters["ms"] = seconds * 1e3;
   state.counters["useful_TFLOP/s"] = varlen_flops(config, h, d) / seconds * 1e-12;
 }

@@ -20,6 +20,7 @@
 
 #include "support/cuda_test_support.cuh"
 #include "support/ring_cuda_cases.hpp"
+#include "support/ring_cuda_device.cuh"
 #include "support/ring_cuda_backward_cases.hpp"
 
 namespace {
@@ -30,18 +31,8 @@ namespace dt = dilated_attention::testing;
 
 bool use_deprecated_spelling = false;  // DeprecatedSpellingEqualsTheGroupedCall
 
-// The CUDA ring's options: the common settings of `options` and the rank's stream.
-inline ring::cuda::Options device_options(const ring::Options& options, cudaStream_t stream) {
-  ring::cuda::Options device;
-  static_cast<ring::CommonOptions&>(device) = options;
-  device.device.stream = stream;
-  return device;
-}
-
-template <class T>
-da::View<T> on_device(const dt::Tensor<T>& host, T* data) {
-  return {data, host.batch_stride, host.seq_stride, host.head_stride};
-}
+using dt::device_options;
+using dt::on_device;
 
 // One rank: its local tensors to the device, the ring backward on its stream, the gradients back.
 template <class T>

@@ -20,33 +20,29 @@
 #include <string>
 #include <vector>
 
+#include "support/random_config.hpp"
 #include "support/ring_faults.hpp"
 #include "support/ring_rows.hpp"
 #include "support/tensors.hpp"
 
 namespace da = dilated_attention;
+using da::testing::make_config;
 using da::testing::Tensor;
+using Rule = da::OffsetRule;
+using Mix = da::Mixing;
 
 namespace {
 
 struct Case {
   const char* name;
-  std::vector<std::int64_t> w, r;
-  bool causal;
-  da::OffsetRule rule;
-  da::Mixing mixing;
+  da::Config config;
   da::Shape shape;
   da::ring::Layout layout = da::ring::Layout::contiguous;
 };
 
 // 0 when the ring's rows equal the single-process forward's (and the fp64 reference's).
 int check(const Case& c, da::ring::MpiTransport& transport) {
-  da::Config config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.causal = c.causal;
-  config.offsets = c.rule;
-  config.mixing = c.mixing;
+  const da::Config& config = c.config;
   const da::Shape& s = c.shape;
   Tensor<double> q(s, s.num_heads), k(s, s.num_kv_heads), v(s, s.num_kv_heads);
   q.fill_random(101);  // the same seeds on every rank: the same global problem
@@ -120,12 +116,7 @@ int check(const Case& c, da::ring::MpiTransport& transport) {
 // 0 when the ring backward's rows of dQ, dK and dV equal the single-process backward's (and the
 // fp64 reference's) and every gradient byte sent back is received.
 int check_backward(const Case& c, da::ring::MpiTransport& transport) {
-  da::Config config;
-  config.segment_lengths = c.w;
-  config.dilation_rates = c.r;
-  config.causal = c.causal;
-  config.offsets = c.rule;
-  config.mixing = c.mixing;
+  const da::Config& config = c.config;
   const da::Shape& s = c.shape;
   Tensor<double> q(s, s.num_heads), k(s, s.num_kv_heads), v(s, s.num_kv_heads), out(s, s.num_heads),
       d_out(s, s.num_heads);
@@ -200,48 +191,20 @@ int main(int argc, char** argv) {
     da::ring::MpiTransport transport(MPI_COMM_WORLD);
     // N = 48: shards of 24, 16, 12 for P = 2, 3, 4 (zigzag: chunks of 12, 8, 6).
     const std::vector<Case> cases = {
-        {"below_and_above",
-         {8, 20, 48},
-         {1, 2, 4},
-         false,
-         da::OffsetRule::modular,
-         da::Mixing::softmax,
-         {2, 48, 4, 2, 8}},
-        {"causal_not_multiple",
-         {7, 30},
-         {2, 3},
-         true,
-         da::OffsetRule::modular,
-         da::Mixing::softmax,
-         {1, 48, 4, 4, 8}},
+        {"below_and_above", make_config({8, 20, 48}, {1, 2, 4}), {2, 48, 4, 2, 8}},
+        {"causal_not_multiple", make_config({7, 30}, {2, 3}, true), {1, 48, 4, 4, 8}},
         {"blocked_mean",
-         {12, 24, 64},
-         {2, 3, 4},
-         true,
-         da::OffsetRule::blocked,
-         da::Mixing::mean,
+         make_config({12, 24, 64}, {2, 3, 4}, true, Rule::blocked, Mix::mean),
          {1, 48, 6, 3, 8}},
         {"partitioned_mean",
-         {16, 48},
-         {1, 2},
-         false,
-         da::OffsetRule::partitioned,
-         da::Mixing::mean,
+         make_config({16, 48}, {1, 2}, false, Rule::partitioned, Mix::mean),
          {1, 48, 4, 2, 8}},
         {"zigzag_causal",
-         {8, 20, 48},
-         {1, 2, 4},
-         true,
-         da::OffsetRule::modular,
-         da::Mixing::softmax,
+         make_config({8, 20, 48}, {1, 2, 4}, true),
          {2, 48, 4, 2, 8},
          da::ring::Layout::zigzag},
         {"zigzag_blocked_mean",
-         {12, 24, 64},
-         {2, 3, 4},
-         false,
-         da::OffsetRule::blocked,
-         da::Mixing::mean,
+         make_config({12, 24, 64}, {2, 3, 4}, false, Rule::blocked, Mix::mean),
          {1, 48, 6, 3, 8},
          da::ring::Layout::zigzag},
     };
