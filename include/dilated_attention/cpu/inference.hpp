@@ -45,6 +45,7 @@
 #include "attend.hpp"
 #include "backward.hpp"
 #include "forward.hpp"
+#include "kernels/prefetch.hpp"
 #include "kernels/widen.hpp"
 #include "threads.hpp"
 
@@ -175,6 +176,20 @@ inline std::int64_t pieces_of(const Progression& keys) {
   return (keys.count + decode_key_piece - 1) / decode_key_piece;
 }
 
+// Asks for the rows a decode piece will read at one position (`at`: the position's [Hkv, D]
+// row): the slices of the kv heads the heads read, ascending, once each, and no other bytes.
+template <class T>
+DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at,
+                                                             const std::int64_t* heads,
+                                                             std::int64_t num_heads,
+                                                             std::int64_t group,
+                                                             std::int64_t head_stride,
+                                                             std::int64_t row_bytes) {
+  for (std::int64_t a = 0; a < num_heads; ++a)
+    if (a == 0 || heads[a] / group != heads[a - 1] / group)
+      kernels::prefetch_bytes(at + (heads[a] / group) * head_stride, row_bytes);
+}
+
 // One decode piece for the heads of a sequence that attend one branch: every such head has the
 // same offset there (a decode row is selected by exactly the heads whose offset is its own), so
 // they read the same key rows, and one pass over the rows serves them all. The rows are streamed
@@ -228,32 +243,21 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   };
   // The rows are strided (a dilated block, pages): the hardware prefetcher does not follow them
   // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
-  // flight): the rows of the kv heads the heads read (ascending, once each), and no other bytes
-  // of the position.
+  // flight).
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
   std::int64_t rows_read = 0;  // distinct kv rows per position
   for (std::int64_t a = 0; a < num_heads; ++a)
     rows_read += (a == 0 || heads[a] / group != heads[a - 1] / group) ? 1 : 0;
   const std::int64_t ahead =
       std::clamp<std::int64_t>(decode_prefetch_bytes / (rows_read * row_bytes), 1, 8);
-  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
-                      std::int64_t j) {
-#if defined(__GNUC__) || defined(__clang__)
-    if (j >= keys.count) return;
-    const T* at = position(base, stride, keys.at(j));
-    for (std::int64_t a = 0; a < num_heads; ++a) {
-      if (a > 0 && heads[a] / group == heads[a - 1] / group) continue;
-      const char* p = reinterpret_cast<const char*>(at + (heads[a] / group) * head_stride);
-      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
-    }
-#else
-    (void)base, (void)stride, (void)head_stride, (void)j;
-#endif
-  };
-  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.k, s.k_seq, s.k_head, j);
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
+    prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), heads, num_heads, group, s.k_head,
+                     row_bytes);
   for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
   for (std::int64_t j = 0; j < keys.count; ++j) {
-    prefetch(s.k, s.k_seq, s.k_head, j + ahead);
+    if (j + ahead < keys.count)
+      prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), heads, num_heads, group,
+                       s.k_head, row_bytes);
     const T* at = position(s.k, s.k_seq, keys.at(j));
     for (std::int64_t a = 0; a < num_heads; ++a) {
       const Acc score =
@@ -270,9 +274,13 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
     Eigen::Map<Array> weights(scores + a * scores_stride, keys.count);
     weights = (weights - maxima[a]).exp();
   }
-  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
+    prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), heads, num_heads, group, s.v_head,
+                     row_bytes);
   for (std::int64_t j = 0; j < keys.count; ++j) {
-    prefetch(s.v, s.v_seq, s.v_head, j + ahead);
+    if (j + ahead < keys.count)
+      prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), heads, num_heads, group,
+                       s.v_head, row_bytes);
     const T* at = position(s.v, s.v_seq, keys.at(j));
     for (std::int64_t a = 0; a < num_heads; ++a)
       Eigen::Map<Vector>(o[a], dim) +=
