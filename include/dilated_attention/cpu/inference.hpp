@@ -253,17 +253,30 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
     prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), heads, num_heads, group, s.k_head,
                      row_bytes);
+  // Both passes go through the piece in chunks of `chunk` positions and, within a chunk, head by
+  // head: the first head's loop asks for every head's rows ahead, the others find them in cache,
+  // and each head's running max and output stay in registers over the chunk.
+  constexpr std::int64_t chunk = 32;
+  const T* at[chunk];
+  auto positions = [&](const T* base, std::int64_t stride, std::int64_t j0, std::int64_t j1) {
+    for (std::int64_t j = j0; j < j1; ++j) at[j - j0] = position(base, stride, keys.at(j));
+  };
   for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
-  for (std::int64_t j = 0; j < keys.count; ++j) {
-    if (j + ahead < keys.count)
-      prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), heads, num_heads, group,
-                       s.k_head, row_bytes);
-    const T* at = position(s.k, s.k_seq, keys.at(j));
+  for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
+    const std::int64_t j1 = std::min(keys.count, j0 + chunk);
+    positions(s.k, s.k_seq, j0, j1);
     for (std::int64_t a = 0; a < num_heads; ++a) {
-      const Acc score =
-          scale * acc_row(at, s.k_head, a).dot(Eigen::Map<const Vector>(query + a * dim, dim));
-      scores[a * scores_stride + j] = score;
-      maxima[a] = std::max(maxima[a], score);
+      const Eigen::Map<const Vector> q(query + a * dim, dim);
+      Acc max = maxima[a];
+      for (std::int64_t j = j0; j < j1; ++j) {
+        if (a == 0 && j + ahead < keys.count)
+          prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), heads, num_heads, group,
+                           s.k_head, row_bytes);
+        const Acc score = scale * acc_row(at[j - j0], s.k_head, a).dot(q);
+        scores[a * scores_stride + j] = score;
+        max = std::max(max, score);
+      }
+      maxima[a] = max;
     }
   }
   // The weights, by Eigen's vectorised exp over the whole piece (each head's scores start on a
@@ -277,14 +290,31 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
     prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), heads, num_heads, group, s.v_head,
                      row_bytes);
-  for (std::int64_t j = 0; j < keys.count; ++j) {
-    if (j + ahead < keys.count)
-      prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), heads, num_heads, group,
-                       s.v_head, row_bytes);
-    const T* at = position(s.v, s.v_seq, keys.at(j));
-    for (std::int64_t a = 0; a < num_heads; ++a)
-      Eigen::Map<Vector>(o[a], dim) +=
-          scores[a * scores_stride + j] * acc_row(at, s.v_head, a);
+  for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
+    const std::int64_t j1 = std::min(keys.count, j0 + chunk);
+    positions(s.v, s.v_seq, j0, j1);
+    for (std::int64_t a = 0; a < num_heads; ++a) {
+      const Acc* weights = scores + a * scores_stride;
+      auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
+        if (a == 0 && j + ahead < keys.count)
+          prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), heads, num_heads, group,
+                           s.v_head, row_bytes);
+      };
+      if constexpr (Dim != Eigen::Dynamic) {  // the chunk's sum in registers, then added
+        Vector sum = Vector::Zero();
+        for (std::int64_t j = j0; j < j1; ++j) {
+          prefetch_ahead(j);
+          sum += weights[j] * acc_row(at[j - j0], s.v_head, a);
+        }
+        Eigen::Map<Vector>(o[a], dim) += sum;
+      } else {  // no fixed-size register vector: straight into the partial
+        Eigen::Map<Vector> out(o[a], dim);
+        for (std::int64_t j = j0; j < j1; ++j) {
+          prefetch_ahead(j);
+          out += weights[j] * acc_row(at[j - j0], s.v_head, a);
+        }
+      }
+    }
   }
   for (std::int64_t a = 0; a < num_heads; ++a) {
     const Acc* weights = scores + a * scores_stride;
