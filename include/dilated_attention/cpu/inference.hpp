@@ -45,6 +45,7 @@
 #include "attend.hpp"
 #include "backward.hpp"
 #include "forward.hpp"
+#include "kernels/prefetch.hpp"
 #include "kernels/widen.hpp"
 #include "threads.hpp"
 
@@ -175,6 +176,20 @@ inline std::int64_t pieces_of(const Progression& keys) {
   return (keys.count + decode_key_piece - 1) / decode_key_piece;
 }
 
+// Asks for the rows a decode piece will read at one position (`at`: the position's [Hkv, D]
+// row): the slices of the kv heads the heads read, ascending, once each, and no other bytes.
+template <class T>
+DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at,
+                                                             const std::int64_t* heads,
+                                                             std::int64_t num_heads,
+                                                             std::int64_t group,
+                                                             std::int64_t head_stride,
+                                                             std::int64_t row_bytes) {
+  for (std::int64_t a = 0; a < num_heads; ++a)
+    if (a == 0 || heads[a] / group != heads[a - 1] / group)
+      kernels::prefetch_bytes(at + (heads[a] / group) * head_stride, row_bytes);
+}
+
 // One decode piece for the heads of a sequence that attend one branch: every such head has the
 // same offset there (a decode row is selected by exactly the heads whose offset is its own), so
 // they read the same key rows, and one pass over the rows serves them all. The rows are streamed
@@ -228,38 +243,40 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   };
   // The rows are strided (a dilated block, pages): the hardware prefetcher does not follow them
   // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
-  // flight): the rows of the kv heads the heads read (ascending, once each), and no other bytes
-  // of the position.
+  // flight).
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
   std::int64_t rows_read = 0;  // distinct kv rows per position
   for (std::int64_t a = 0; a < num_heads; ++a)
     rows_read += (a == 0 || heads[a] / group != heads[a - 1] / group) ? 1 : 0;
   const std::int64_t ahead =
       std::clamp<std::int64_t>(decode_prefetch_bytes / (rows_read * row_bytes), 1, 8);
-  auto prefetch = [&](const T* base, std::int64_t stride, std::int64_t head_stride,
-                      std::int64_t j) {
-#if defined(__GNUC__) || defined(__clang__)
-    if (j >= keys.count) return;
-    const T* at = position(base, stride, keys.at(j));
-    for (std::int64_t a = 0; a < num_heads; ++a) {
-      if (a > 0 && heads[a] / group == heads[a - 1] / group) continue;
-      const char* p = reinterpret_cast<const char*>(at + (heads[a] / group) * head_stride);
-      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
-    }
-#else
-    (void)base, (void)stride, (void)head_stride, (void)j;
-#endif
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
+    prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), heads, num_heads, group, s.k_head,
+                     row_bytes);
+  // Both passes go through the piece in chunks of `chunk` positions and, within a chunk, head by
+  // head: the first head's loop asks for every head's rows ahead, the others find them in cache,
+  // and each head's running max and output stay in registers over the chunk.
+  constexpr std::int64_t chunk = 32;
+  const T* at[chunk];
+  auto positions = [&](const T* base, std::int64_t stride, std::int64_t j0, std::int64_t j1) {
+    for (std::int64_t j = j0; j < j1; ++j) at[j - j0] = position(base, stride, keys.at(j));
   };
-  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.k, s.k_seq, s.k_head, j);
   for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
-  for (std::int64_t j = 0; j < keys.count; ++j) {
-    prefetch(s.k, s.k_seq, s.k_head, j + ahead);
-    const T* at = position(s.k, s.k_seq, keys.at(j));
+  for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
+    const std::int64_t j1 = std::min(keys.count, j0 + chunk);
+    positions(s.k, s.k_seq, j0, j1);
     for (std::int64_t a = 0; a < num_heads; ++a) {
-      const Acc score =
-          scale * acc_row(at, s.k_head, a).dot(Eigen::Map<const Vector>(query + a * dim, dim));
-      scores[a * scores_stride + j] = score;
-      maxima[a] = std::max(maxima[a], score);
+      const Eigen::Map<const Vector> q(query + a * dim, dim);
+      Acc max = maxima[a];
+      for (std::int64_t j = j0; j < j1; ++j) {
+        if (a == 0 && j + ahead < keys.count)
+          prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), heads, num_heads, group,
+                           s.k_head, row_bytes);
+        const Acc score = scale * acc_row(at[j - j0], s.k_head, a).dot(q);
+        scores[a * scores_stride + j] = score;
+        max = std::max(max, score);
+      }
+      maxima[a] = max;
     }
   }
   // The weights, by Eigen's vectorised exp over the whole piece (each head's scores start on a
@@ -270,13 +287,34 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
     Eigen::Map<Array> weights(scores + a * scores_stride, keys.count);
     weights = (weights - maxima[a]).exp();
   }
-  for (std::int64_t j = 0; j < ahead; ++j) prefetch(s.v, s.v_seq, s.v_head, j);
-  for (std::int64_t j = 0; j < keys.count; ++j) {
-    prefetch(s.v, s.v_seq, s.v_head, j + ahead);
-    const T* at = position(s.v, s.v_seq, keys.at(j));
-    for (std::int64_t a = 0; a < num_heads; ++a)
-      Eigen::Map<Vector>(o[a], dim) +=
-          scores[a * scores_stride + j] * acc_row(at, s.v_head, a);
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
+    prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), heads, num_heads, group, s.v_head,
+                     row_bytes);
+  for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
+    const std::int64_t j1 = std::min(keys.count, j0 + chunk);
+    positions(s.v, s.v_seq, j0, j1);
+    for (std::int64_t a = 0; a < num_heads; ++a) {
+      const Acc* weights = scores + a * scores_stride;
+      auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
+        if (a == 0 && j + ahead < keys.count)
+          prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), heads, num_heads, group,
+                           s.v_head, row_bytes);
+      };
+      if constexpr (Dim != Eigen::Dynamic) {  // the chunk's sum in registers, then added
+        Vector sum = Vector::Zero();
+        for (std::int64_t j = j0; j < j1; ++j) {
+          prefetch_ahead(j);
+          sum += weights[j] * acc_row(at[j - j0], s.v_head, a);
+        }
+        Eigen::Map<Vector>(o[a], dim) += sum;
+      } else {  // no fixed-size register vector: straight into the partial
+        Eigen::Map<Vector> out(o[a], dim);
+        for (std::int64_t j = j0; j < j1; ++j) {
+          prefetch_ahead(j);
+          out += weights[j] * acc_row(at[j - j0], s.v_head, a);
+        }
+      }
+    }
   }
   for (std::int64_t a = 0; a < num_heads; ++a) {
     const Acc* weights = scores + a * scores_stride;

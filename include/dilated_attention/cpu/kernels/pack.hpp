@@ -11,6 +11,7 @@
 //
 // AlignedBuffer is the owning storage (64-byte aligned, so each panel starts on a cache line).
 
+#include "prefetch.hpp"
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -24,15 +25,6 @@ namespace dilated_attention::cpu::kernels {
 // (`perf`: the K transpose's hottest instruction, 4 % of a forward on Zen 3).
 inline constexpr std::int64_t pack_prefetch_rows = 8;
 
-// Asks for the cache lines of one row of `bytes` bytes; a hint only.
-inline void prefetch_row(const void* row, std::int64_t bytes) {
-#if defined(__GNUC__) || defined(__clang__)
-  const char* p = static_cast<const char*>(row);
-  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
-#else
-  static_cast<void>(row), static_cast<void>(bytes);
-#endif
-}
 
 inline std::int64_t round_up(std::int64_t value, std::int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -82,7 +74,7 @@ void pack_key_panels(const T* data, std::int64_t row_stride, std::int64_t count,
     const std::int64_t live = std::min<std::int64_t>(cols, count - p * cols);
     for (std::int64_t j = 0; j < live; ++j) {
       const std::int64_t ahead = p * cols + j + pack_prefetch_rows;
-      if (ahead < count) prefetch_row(data + ahead * row_stride, dim * std::int64_t(sizeof(T)));
+      if (ahead < count) prefetch_bytes(data + ahead * row_stride, dim * std::int64_t(sizeof(T)));
       const T* row = data + (p * cols + j) * row_stride;
       for (std::int64_t d = 0; d < dim; ++d) panel[d * cols + j] = static_cast<Acc>(row[d]);
     }
@@ -102,7 +94,7 @@ void pack_column_panels(const T* data, std::int64_t row_stride, std::int64_t cou
     const std::int64_t d0 = c * cols, live = std::min<std::int64_t>(cols, dim - d0);
     for (std::int64_t i = 0; i < count; ++i) {
       if (i + pack_prefetch_rows < count)
-        prefetch_row(data + (i + pack_prefetch_rows) * row_stride + d0,
+        prefetch_bytes(data + (i + pack_prefetch_rows) * row_stride + d0,
                      live * std::int64_t(sizeof(T)));
       const T* row = data + i * row_stride + d0;
       Acc* to = panel + i * cols;
