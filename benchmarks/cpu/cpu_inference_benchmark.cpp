@@ -504,8 +504,8 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("config", "LongNet w = 2048..32768, r = 1..16, causal, H = 8");
   benchmark::AddCustomContext("kernel_isa", to_string(da::cpu::resolve_isa(da::CpuIsa::automatic)));
   benchmark::AddCustomContext("kernel_threads", std::to_string(threads()));
-  benchmark::AddCustomContext("kv_cache_pages", kv_huge_pages() ? "transparent huge pages (madvise)"
-                                                                 : "4 KiB (default)");
+  benchmark::AddCustomContext(
+      "kv_cache_pages", kv_huge_pages() ? "transparent huge pages (madvise)" : "4 KiB (default)");
 #if defined(NDEBUG)
   benchmark::AddCustomContext("assertions", "off (NDEBUG)");
 #else

@@ -90,9 +90,9 @@ struct SequenceRows {
   // whose q and out rows start at row `first` of batch element `b` of the views; its LSE of
   // query row j of head h at lse[h * lse_head + j]. Keys are set by with_keys / with_pages.
   static SequenceRows queries(std::int64_t kv_len, std::int64_t query_begin,
-                              std::int64_t query_count, const View<const T>& q,
-                              const View<T>& out, std::int64_t b, std::int64_t first,
-                              lse_type_t<T>* lse, std::int64_t lse_head) {
+                              std::int64_t query_count, const View<const T>& q, const View<T>& out,
+                              std::int64_t b, std::int64_t first, lse_type_t<T>* lse,
+                              std::int64_t lse_head) {
     SequenceRows s;
     s.kv_len = kv_len;
     s.query_begin = query_begin;
@@ -108,8 +108,8 @@ struct SequenceRows {
     return s;
   }
   // Key and value rows from row `first` of batch element `b` of the views.
-  SequenceRows with_keys(const View<const T>& k_view, const View<const T>& v_view,
-                         std::int64_t b, std::int64_t first) const {
+  SequenceRows with_keys(const View<const T>& k_view, const View<const T>& v_view, std::int64_t b,
+                         std::int64_t first) const {
     SequenceRows s = *this;
     s.k = k_view.data + b * k_view.batch_stride + first * k_view.seq_stride;
     s.v = v_view.data + b * v_view.batch_stride + first * v_view.seq_stride;
@@ -179,8 +179,7 @@ inline std::int64_t pieces_of(const Progression& keys) {
 // Asks for the rows a decode piece will read at one position (`at`: the position's [Hkv, D]
 // row): the slices of the kv heads the heads read, ascending, once each, and no other bytes.
 template <class T>
-DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at,
-                                                             const std::int64_t* heads,
+DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at, const std::int64_t* heads,
                                                              std::int64_t num_heads,
                                                              std::int64_t group,
                                                              std::int64_t head_stride,
@@ -207,11 +206,10 @@ void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int6
 // decode_piece with a head_dim known at compile time (64, 128) or not (Eigen::Dynamic): a fixed
 // size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row).
 template <int Dim, class T, class Acc>
-void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
-                       std::int64_t num_heads, std::int64_t group, const Progression& keys,
-                       std::int64_t dim, Acc scale, Acc* query, Acc* scores,
-                       std::int64_t scores_stride, Acc* maxima, Acc* const* o,
-                  Acc* const* lse) {
+void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
+                       std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
+                       Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima,
+                       Acc* const* o, Acc* const* lse) {
   using Vector = Eigen::Matrix<Acc, Dim, 1>;
   using Row = Eigen::Matrix<T, Dim, 1>;
   for (std::int64_t a = 0; a < num_heads; ++a)
@@ -344,8 +342,8 @@ void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int6
       return decode_piece_with<128>(s, heads, num_heads, group, keys, dim, scale, query, scores,
                                     scores_stride, maxima, o, lse);
     default:
-      return decode_piece_with<Eigen::Dynamic>(s, heads, num_heads, group, keys, dim, scale,
-                                               query, scores, scores_stride, maxima, o, lse);
+      return decode_piece_with<Eigen::Dynamic>(s, heads, num_heads, group, keys, dim, scale, query,
+                                               scores, scores_stride, maxima, o, lse);
   }
 }
 
@@ -499,8 +497,8 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
   run_units(units, num_threads, [&](const auto& next) {
     auto& slot = *ws.slots_[static_cast<std::size_t>(ws.next_slot_.fetch_add(1))];
     for (std::int64_t unit = next(); unit >= 0; unit = next()) {
-      const auto found = std::upper_bound(
-          ws.unit_begin_.begin(), ws.unit_begin_.begin() + count * branches + 1, unit);
+      const auto found = std::upper_bound(ws.unit_begin_.begin(),
+                                          ws.unit_begin_.begin() + count * branches + 1, unit);
       const std::int64_t at = (found - ws.unit_begin_.begin()) - 1;
       const std::int64_t b = at / branches, i = at % branches;
       const std::int64_t piece = unit - ws.unit_begin_[static_cast<std::size_t>(at)];
@@ -509,8 +507,7 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
       Progression keys{};
       std::int64_t attending = 0;
       for (std::int64_t h = 0; h < H; ++h) {
-        const Progression head_keys =
-            detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
+        const Progression head_keys = detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
         if (head_keys.empty()) continue;
         keys = head_keys;
         const std::size_t a = static_cast<std::size_t>(attending++);
@@ -659,8 +656,8 @@ void forward(const Config& config, const Shape& shape, const QueryRange& range,
   auto describe = [&](std::int64_t b) {
     lse_type_t<T>* lse =
         outputs.lse != nullptr ? outputs.lse + b * shape.num_heads * range.count : nullptr;
-    return cpu::detail::SequenceRows<T>::queries(shape.seq_len, range.begin, range.count, q, out,
-                                                 b, 0, lse, range.count)
+    return cpu::detail::SequenceRows<T>::queries(shape.seq_len, range.begin, range.count, q, out, b,
+                                                 0, lse, range.count)
         .with_keys(k, v, b, 0);
   };
   cpu::detail::run_forms<T>(config, heads, shape.batch, describe, options, workspace);

@@ -25,7 +25,6 @@ namespace dilated_attention::cpu::kernels {
 // (`perf`: the K transpose's hottest instruction, 4 % of a forward on Zen 3).
 inline constexpr std::int64_t pack_prefetch_rows = 8;
 
-
 inline std::int64_t round_up(std::int64_t value, std::int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
@@ -95,7 +94,7 @@ void pack_column_panels(const T* data, std::int64_t row_stride, std::int64_t cou
     for (std::int64_t i = 0; i < count; ++i) {
       if (i + pack_prefetch_rows < count)
         prefetch_bytes(data + (i + pack_prefetch_rows) * row_stride + d0,
-                     live * std::int64_t(sizeof(T)));
+                       live * std::int64_t(sizeof(T)));
       const T* row = data + i * row_stride + d0;
       Acc* to = panel + i * cols;
       for (std::int64_t j = 0; j < live; ++j) to[j] = static_cast<Acc>(row[j]);
