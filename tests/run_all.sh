@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The full test suite, as CI runs it (.ci/run):
 #   debug   Debug build, every CTest test (CUDA code compiled when nvcc is found; GPU tests skip
-#           without a GPU)                                          ~2 min on 2 idle cores
+#           without a GPU)                     ~17 min on 2 idle Zen 3 cores, torch tests included
 #           and the PyTorch operator tests (label torch, tests/torch): before this phase
 #           tests/torch/ensure_torch.sh installs torch + numpy from PyPI into the git-ignored
-#           .venv-torch/ when missing (~3 GB download, once)      +4-6 min on 2 cores
-#   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test        ~5 min
-#   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~1 min
+#           .venv-torch/ when missing (~3 GB download, once)      +1-2 min
+#   asan    AddressSanitizer + UndefinedBehaviorSanitizer build, every CTest test       ~14 min
+#   tsan    ThreadSanitizer build, the tests labelled `tsan`                             ~5 min
 #   format  the C++/CUDA lines changed since .clang-format was added follow it
 #           (tests/check_format.sh, git clang-format)                                    seconds
 #
