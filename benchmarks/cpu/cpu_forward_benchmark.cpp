@@ -11,10 +11,14 @@
 //                              these thin shapes.
 //   dense/D:d/N:n              the same kernel with one branch w = N, r = 1 (dense attention).
 //   dilated/D:d/N:n            the kernel on the configured branches.
+//   dense_<storage>/..., dilated_<storage>/...
+//                              the same with --storage=bfloat16 or half: q, k, v, out in that
+//                              storage (the kernel widens to float; its LSE is float).
 //
 // The kernel runs the instruction set --isa names (default: the best this CPU runs; the JSON
-// context says which). A run whose sampled-row error against fp64 exceeds 1e-5 is marked as an
-// error and the binary exits with status 1, so no broken kernel can publish a speed.
+// context says which). A run whose sampled-row error against fp64 exceeds its budget (1e-5 for
+// float storage) is marked as an error and the binary exits with status 1, so no broken kernel
+// can publish a speed.
 //
 // Each attention benchmark reports counters: useful GFLOP/s (exact count from
 // Pattern::useful_flops(): 4 * head_dim per attended pair, causal halves), the tensors' bytes,
@@ -61,7 +65,8 @@ struct Options : bench::AttentionOptions {
   std::int64_t repeat_max_seq_len = 65536;  // dilated runs above this N run once
   int sample_rows = 16;
   bool dilated = true;
-  double max_error = 1e-5;
+  double max_error = -1.0;  // < 0: the storage type's own budget (max_error_for)
+  std::string storage = "float";
   std::uint64_t seed = 20261122;
 };
 
@@ -87,8 +92,14 @@ Options (defaults are the LongNet config of docs/performance.md):
   --sample_rows=16              hashed rows per (batch, head) checked against docs/semantics.md "The forward" (plus the
                                 ends and segment boundaries); 0 skips the check
   --seed=20261122               input seed
-  --max_error=1e-5              a run whose sampled-row error (O or LSE) against fp64 exceeds
-                                this fails (error in the JSON, exit status 1)
+  --storage=float               storage of q, k, v and out: float | bfloat16 | half (the
+                                inputs are the float inputs rounded once; the kernel computes in
+                                float either way; the LSE is float)
+  --max_error=                  a run whose sampled-row error (O or LSE) against fp64 exceeds
+                                this fails (error in the JSON, exit status 1). Default by
+                                storage: 1e-5 (float); 5e-3 (bfloat16) and 1e-3 (half), the
+                                rounding of an output of magnitude up to sqrt 3 to 8 and 11
+                                significant bits
 )";
 
 // Our own --key=value flags, beyond those of bench::AttentionOptions; false when `key` is not ours.
@@ -115,6 +126,11 @@ bool parse_option(const std::string& key, const std::string& value) {
     options.seed = std::stoull(value);
   else if (key == "max_error")
     options.max_error = std::stod(value);
+  else if (key == "storage") {
+    if (value != "float" && value != "bfloat16" && value != "half")
+      throw std::invalid_argument("--storage must be float, bfloat16 or half, not " + value);
+    options.storage = value;
+  }
   else
     return false;
   return true;
@@ -231,17 +247,25 @@ void BM_SgemmAttentionShaped(benchmark::State& state, const std::string& name, E
 // Attention benchmarks. Inputs of one (N, D) are made once and kept while consecutive
 // benchmarks (dense, then dilated, their repetitions) use them.
 
+double max_error_for(const std::string& storage) {
+  if (options.max_error >= 0.0) return options.max_error;
+  return storage == "bfloat16" ? 5e-3 : storage == "half" ? 1e-3 : 1e-5;
+}
+
+template <class T>
 struct Inputs {
   Shape shape;
-  std::vector<float> q, k, v;
+  std::vector<T> q, k, v;
 };
 
-const Inputs& inputs_for(std::int64_t n, std::int64_t dim) {
-  static std::unique_ptr<Inputs> cached;
+// The inputs in storage T: the same draws as the float run's, each rounded once to T.
+template <class T>
+const Inputs<T>& inputs_for(std::int64_t n, std::int64_t dim) {
+  static std::unique_ptr<Inputs<T>> cached;
   const std::int64_t kv_heads = options.resolved_kv_heads();
   if (cached && cached->shape.seq_len == n && cached->shape.head_dim == dim) return *cached;
   cached.reset();  // release the previous size first: N = 262144 inputs are GiBs
-  auto made = std::make_unique<Inputs>();
+  auto made = std::make_unique<Inputs<T>>();
   made->shape = Shape{options.batch, n, options.heads, kv_heads, dim};
   const auto q_size = static_cast<std::size_t>(options.batch * n * options.heads * dim);
   const auto kv_size = static_cast<std::size_t>(options.batch * n * kv_heads * dim);
@@ -264,33 +288,34 @@ Config dense_config(std::int64_t n) {
   return config;
 }
 
+template <class T>
 void BM_Attention(benchmark::State& state, const std::string& name, bool dense, std::int64_t n,
                   std::int64_t dim) {
   announce(name);
-  const Inputs& in = inputs_for(n, dim);
+  const Inputs<T>& in = inputs_for<T>(n, dim);
   const Shape& shape = in.shape;
   const Config config = dense ? dense_config(n) : main_config();
   const Pattern pattern(config, shape);
 
-  std::vector<float> out(in.q.size(), 0.0f);
-  std::vector<float> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * n), 0.0f);
-  const View<const float> q = contiguous_view<const float>(in.q.data(), shape, shape.num_heads);
-  const View<const float> k = contiguous_view<const float>(in.k.data(), shape, shape.num_kv_heads);
-  const View<const float> v = contiguous_view<const float>(in.v.data(), shape, shape.num_kv_heads);
-  const View<float> o = contiguous_view<float>(out.data(), shape, shape.num_heads);
+  std::vector<T> out(in.q.size(), T(0));
+  std::vector<lse_type_t<T>> lse(static_cast<std::size_t>(shape.batch * shape.num_heads * n));
+  const View<const T> q = contiguous_view<const T>(in.q.data(), shape, shape.num_heads);
+  const View<const T> k = contiguous_view<const T>(in.k.data(), shape, shape.num_kv_heads);
+  const View<const T> v = contiguous_view<const T>(in.v.data(), shape, shape.num_kv_heads);
+  const View<T> o = contiguous_view<T>(out.data(), shape, shape.num_heads);
 
   const std::int64_t rss_at_reset = bench::reset_resident_peak();
   bench::heap::reset_peak();
   for (auto _ : state) {
-    bench::timed_forward<float>(config, shape, q, k, v, o, lse.data());
+    bench::timed_forward<T>(config, shape, q, k, v, o, lse.data());
     benchmark::ClobberMemory();
   }
   const std::int64_t heap_peak = bench::heap::peak_since_reset();
   const std::int64_t rss_peak = bench::resident_peak_bytes();
 
   const double tensor_bytes =
-      static_cast<double>((in.q.size() + in.k.size() + in.v.size() + out.size()) * sizeof(float) +
-                          lse.size() * sizeof(float));
+      static_cast<double>((in.q.size() + in.k.size() + in.v.size() + out.size()) * sizeof(T) +
+                          lse.size() * sizeof(lse_type_t<T>));
   const double flops = pattern.useful_flops();
   state.counters["useful_GFLOPs"] =
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -302,17 +327,19 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
   bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, rss_peak);
 
   if (options.sample_rows > 0) {
-    const bench::SampledError error = bench::sampled_error<float>(
+    const bench::SampledError error = bench::sampled_error<T>(
         config, shape, q, k, v, o, lse.data(), options.sample_rows, options.seed);
     state.counters["max_err_out"] = error.out;
     state.counters["max_err_lse"] = error.lse_mismatch_infinite ? INFINITY : error.lse;
     state.counters["sampled_rows"] = static_cast<double>(error.rows);
-    if (!(error.out <= options.max_error) || !(error.lse <= options.max_error) ||
+    const double budget = max_error_for(options.storage);
+    state.counters["max_error_budget"] = budget;
+    if (!(error.out <= budget) || !(error.lse <= budget) ||
         error.lse_mismatch_infinite) {
       error_budget_exceeded = true;
       char message[160];
       std::snprintf(message, sizeof message,
-                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", options.max_error,
+                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", budget,
                     error.out, error.lse,
                     error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
       state.SkipWithError(message);
@@ -420,18 +447,24 @@ void register_benchmarks() {
           ->Repetitions(options.repetitions);
     }
   }
+  // A non-float storage is named in the benchmark (dilated_bfloat16/...), so that float rows
+  // and half-width rows of different runs never share a name.
+  const auto attention = options.storage == "bfloat16" ? BM_Attention<Eigen::bfloat16>
+                         : options.storage == "half"   ? BM_Attention<Eigen::half>
+                                                       : BM_Attention<float>;
+  const std::string tag = options.storage == "float" ? "" : "_" + options.storage;
   for (std::int64_t dim : options.head_dims)
     for (std::int64_t n : options.seq_lens) {
-      const std::string suffix = "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
+      const std::string suffix = tag + "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
       if (n <= options.dense_max_seq_len)
-        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), BM_Attention, "dense" + suffix,
+        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), attention, "dense" + suffix,
                                      true, n, dim)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime()
             ->MeasureProcessCPUTime()
             ->Repetitions(options.dense_repetitions);
       if (options.dilated)
-        benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), BM_Attention, "dilated" + suffix,
+        benchmark::RegisterBenchmark(("dilated" + suffix).c_str(), attention, "dilated" + suffix,
                                      false, n, dim)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime()
@@ -469,6 +502,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("sgemm_threads", std::to_string(sgemm_threads()));
   benchmark::AddCustomContext("kernel_threads", std::to_string(kernel_threads()));
   benchmark::AddCustomContext("kernel_isa", kernel_isa);
+  benchmark::AddCustomContext("storage", options.storage);
   benchmark::AddCustomContext("best_isa", to_string(dilated_attention::cpu::best_isa()));
 #if defined(DA_BENCH_OPENBLAS)
   benchmark::AddCustomContext("openblas_core", openblas_get_corename());
@@ -499,7 +533,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "cpu_forward_benchmark: FAILED: a run's sampled-row error against fp64 "
                  "exceeded %g (marked as an error in the output)\n",
-                 options.max_error);
+                 max_error_for(options.storage));
     return 1;
   }
   return 0;
