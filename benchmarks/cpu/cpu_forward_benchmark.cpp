@@ -130,8 +130,7 @@ bool parse_option(const std::string& key, const std::string& value) {
     if (value != "float" && value != "bfloat16" && value != "half")
       throw std::invalid_argument("--storage must be float, bfloat16 or half, not " + value);
     options.storage = value;
-  }
-  else
+  } else
     return false;
   return true;
 }
@@ -327,21 +326,19 @@ void BM_Attention(benchmark::State& state, const std::string& name, bool dense, 
   bench::memory_counters(state, tensor_bytes, heap_peak, rss_at_reset, rss_peak);
 
   if (options.sample_rows > 0) {
-    const bench::SampledError error = bench::sampled_error<T>(
-        config, shape, q, k, v, o, lse.data(), options.sample_rows, options.seed);
+    const bench::SampledError error = bench::sampled_error<T>(config, shape, q, k, v, o, lse.data(),
+                                                              options.sample_rows, options.seed);
     state.counters["max_err_out"] = error.out;
     state.counters["max_err_lse"] = error.lse_mismatch_infinite ? INFINITY : error.lse;
     state.counters["sampled_rows"] = static_cast<double>(error.rows);
     const double budget = max_error_for(options.storage);
     state.counters["max_error_budget"] = budget;
-    if (!(error.out <= budget) || !(error.lse <= budget) ||
-        error.lse_mismatch_infinite) {
+    if (!(error.out <= budget) || !(error.lse <= budget) || error.lse_mismatch_infinite) {
       error_budget_exceeded = true;
       char message[160];
       std::snprintf(message, sizeof message,
-                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", budget,
-                    error.out, error.lse,
-                    error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
+                    "sampled-row error against fp64 above %g: O %g, LSE %g%s", budget, error.out,
+                    error.lse, error.lse_mismatch_infinite ? " (infinite mismatch)" : "");
       state.SkipWithError(message);
     }
   }
@@ -457,8 +454,8 @@ void register_benchmarks() {
     for (std::int64_t n : options.seq_lens) {
       const std::string suffix = tag + "/D:" + std::to_string(dim) + "/N:" + std::to_string(n);
       if (n <= options.dense_max_seq_len)
-        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), attention, "dense" + suffix,
-                                     true, n, dim)
+        benchmark::RegisterBenchmark(("dense" + suffix).c_str(), attention, "dense" + suffix, true,
+                                     n, dim)
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime()
             ->MeasureProcessCPUTime()
