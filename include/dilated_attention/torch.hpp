@@ -212,6 +212,23 @@ lse_type_t<T>* lse_pointer(const at::Tensor& lse) {
   return static_cast<lse_type_t<T>*>(const_cast<void*>(lse.const_data_ptr()));
 }
 
+// The library's argument groups as views of the tensors (no copies). Outputs<const T>: the
+// forward's out and lse as a backward reads them.
+template <class T>
+Inputs<T> inputs_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)};
+}
+
+template <class T>
+Outputs<T> outputs_of(const at::Tensor& out, const at::Tensor& lse) {
+  return {view_of<T>(out), lse_pointer<T>(lse)};
+}
+
+template <class T>
+Gradients<T> gradients_of(const at::Tensor& d_q, const at::Tensor& d_k, const at::Tensor& d_v) {
+  return {view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)};
+}
+
 inline at::ScalarType lse_dtype(at::ScalarType type) {
   return type == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -276,9 +293,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const
   std::tie(out, lse) = empty_outputs(q, shape);
   call_cpu(q, {}, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::forward<T>(
-        config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::forward<T>(config, shape, inputs_of<T>(q, k, v), outputs_of<T>(out, lse),
+                                  options);
   });
   return {out, lse};
 }
@@ -345,10 +361,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
   call_cpu(q, {}, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::backward<T>(
-        config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-        Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
+    dilated_attention::backward<T>(config, shape, inputs_of<T>(q, k, v),
+                                   outputs_of<const T>(out, lse), const_view_of<T>(grad_out),
+                                   gradients_of<T>(d_q, d_k, d_v), options);
   });
   return {d_q, d_k, d_v};
 }
@@ -404,9 +419,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q, cons
   std::tie(out, lse) = empty_outputs(q, shape);
   call_cuda(q, {}, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    dilated_attention::cuda::forward<T>(
-        config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::cuda::forward<T>(config, shape, inputs_of<T>(q, k, v),
+                                        outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -431,10 +445,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     using T = decltype(tag);
     options.workspace = workspace.data_ptr();
     options.workspace_bytes = bytes;
-    dilated_attention::cuda::backward<T>(
-        config, shape, Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-        Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
+    dilated_attention::cuda::backward<T>(config, shape, inputs_of<T>(q, k, v),
+                                         outputs_of<const T>(out, lse), const_view_of<T>(grad_out),
+                                         gradients_of<T>(d_q, d_k, d_v), options);
   });
   return {d_q, d_k, d_v};
 }

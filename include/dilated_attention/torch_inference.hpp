@@ -171,10 +171,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_varlen_cpu(
   at::Tensor lse = at::empty({heads.num_heads, q.size(0)}, lse_options(q));
   call_cpu(q, varlen_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::forward<T>(
-        config, heads, host.sequences,
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::forward<T>(config, heads, host.sequences, inputs_of<T>(q, k, v),
+                                  outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -214,11 +212,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen_cpu(
   std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
   call_cpu(q, varlen_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::backward<T>(
-        config, packed_heads(q, k), host.sequences,
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-        Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
+    dilated_attention::backward<T>(config, packed_heads(q, k), host.sequences,
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -257,10 +254,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_padded_cpu(
   std::tie(out, lse) = empty_outputs(q, shape);
   call_cpu(q, padded_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::forward<T>(
-        config, shape, ValidLengths{int64_data(host)},
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::forward<T>(config, shape, ValidLengths{int64_data(host)},
+                                  inputs_of<T>(q, k, v), outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -287,11 +282,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_padded_cpu(
   std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
   call_cpu(q, padded_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::backward<T>(
-        config, shape, ValidLengths{int64_data(host)},
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-        Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
+    dilated_attention::backward<T>(config, shape, ValidLengths{int64_data(host)},
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -327,10 +321,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_query_range_cpu(
   at::Tensor lse = at::empty({shape.batch, shape.num_heads, range.count}, lse_options(q));
   call_cpu(q, query_range_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::forward<T>(
-        config, shape, range,
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::forward<T>(config, shape, range, inputs_of<T>(q, k, v),
+                                  outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -357,11 +349,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_query_range_cpu(
   std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
   call_cpu(q, query_range_names, [&](auto tag) {
     using T = decltype(tag);
-    dilated_attention::backward<T>(
-        config, shape, QueryRange{query_begin, q.size(1)},
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-        Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
+    dilated_attention::backward<T>(config, shape, QueryRange{query_begin, q.size(1)},
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -501,8 +492,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_cpu(
   call_cpu(q, kvcache_names, [&](auto tag) {
     using T = decltype(tag);
     dilated_attention::forward<T>(config, heads, cache.host.sequences, const_view_of<T>(packed_q),
-                                  paged_of<T>(cache, k_cache, v_cache),
-                                  Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+                                  paged_of<T>(cache, k_cache, v_cache), outputs_of<T>(out, lse),
+                                  options);
   });
   return {out.view(q.sizes()), kvcache_lse(lse, batch, rows)};
 }
@@ -535,10 +526,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_varlen_cuda(
   at::Tensor lse = at::empty({heads.num_heads, q.size(0)}, lse_options(q));
   call_cuda(q, varlen_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    dilated_attention::cuda::forward<T>(
-        config, heads, host.sequences,
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::cuda::forward<T>(config, heads, host.sequences, inputs_of<T>(q, k, v),
+                                        outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -556,10 +545,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_padded_cuda(
   std::tie(out, lse) = empty_outputs(q, shape);
   call_cuda(q, padded_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    dilated_attention::cuda::forward<T>(
-        config, shape, ValidLengths{int64_data(host)},
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::cuda::forward<T>(config, shape, ValidLengths{int64_data(host)},
+                                        inputs_of<T>(q, k, v), outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -576,10 +563,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_query_range_cuda(
   at::Tensor lse = at::empty({shape.batch, shape.num_heads, range.count}, lse_options(q));
   call_cuda(q, query_range_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    dilated_attention::cuda::forward<T>(
-        config, shape, range,
-        Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::cuda::forward<T>(config, shape, range, inputs_of<T>(q, k, v),
+                                        outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -600,10 +585,9 @@ inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_cuda(
   at::Tensor lse = at::empty({heads.num_heads, batch * rows}, lse_options(q));
   call_cuda(q, kvcache_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    dilated_attention::cuda::forward<T>(config, heads, cache.host.sequences,
-                                        const_view_of<T>(packed_q),
-                                        paged_of<T>(cache, k_cache, v_cache),
-                                        Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
+    dilated_attention::cuda::forward<T>(
+        config, heads, cache.host.sequences, const_view_of<T>(packed_q),
+        paged_of<T>(cache, k_cache, v_cache), outputs_of<T>(out, lse), options);
   });
   return {out.view(q.sizes()), kvcache_lse(lse, batch, rows)};
 }
