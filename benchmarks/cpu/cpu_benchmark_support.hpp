@@ -239,36 +239,55 @@ void run_on_threads(int threads, const Body& body) {
 inline constexpr std::int64_t fma_iterations = 1 << 24;
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) inline double fma_loop_avx2(std::int64_t iterations) {
-  __m256 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(static_cast<float>(i));
-  const __m256 m = _mm256_set1_ps(0.9999999f), add = _mm256_set1_ps(1e-7f);
+// One instruction set's vector operations for fma_loop. GCC inlines an intrinsic only into a
+// function compiled for its instruction set, so each operation carries the target attribute and
+// takes its vectors by reference (by value, an untargeted caller would change the vector ABI);
+// fma_loop<Isa> is untargeted and runs only inlined into a `flatten` function of Isa's target,
+// which inlines everything into one loop of 12 independent FMAs an iteration.
+struct Avx2Vectors {
+  using V = __m256;
+  static constexpr int lanes = 8;
+  __attribute__((target("avx2,fma"))) static void set(V& v, float x) { v = _mm256_set1_ps(x); }
+  __attribute__((target("avx2,fma"))) static void add(V& a, const V& b) { a = _mm256_add_ps(a, b); }
+  __attribute__((target("avx2,fma"))) static void fmadd(V& a, const V& b, const V& c) {
+    a = _mm256_fmadd_ps(a, b, c);
+  }
+};
+
+struct Avx512Vectors {
+  using V = __m512;
+  static constexpr int lanes = 16;
+  __attribute__((target("avx512f"))) static void set(V& v, float x) { v = _mm512_set1_ps(x); }
+  __attribute__((target("avx512f"))) static void add(V& a, const V& b) { a = _mm512_add_ps(a, b); }
+  __attribute__((target("avx512f"))) static void fmadd(V& a, const V& b, const V& c) {
+    a = _mm512_fmadd_ps(a, b, c);
+  }
+};
+
+// 12 accumulators: enough independent chains to cover the FMA latency times the FMA ports.
+template <class Isa>
+double fma_loop(std::int64_t iterations) {
+  typename Isa::V acc[12], m, add;
+  for (int i = 0; i < 12; ++i) Isa::set(acc[i], static_cast<float>(i));
+  Isa::set(m, 0.9999999f);
+  Isa::set(add, 1e-7f);
   for (std::int64_t it = 0; it < iterations; ++it) {
 #pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], m, add);
+    for (int i = 0; i < 12; ++i) Isa::fmadd(acc[i], m, add);
   }
-  __m256 sum = acc[0];
-  for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, acc[i]);
-  float lanes[8];
-  _mm256_storeu_ps(lanes, sum);
+  for (int i = 1; i < 12; ++i) Isa::add(acc[0], acc[i]);
+  float lanes[Isa::lanes];
+  std::memcpy(lanes, &acc[0], sizeof lanes);
   benchmark::DoNotOptimize(lanes[0]);
-  return static_cast<double>(iterations) * 12 * 8 * 2;
+  return static_cast<double>(iterations) * 12 * Isa::lanes * 2;
 }
 
-__attribute__((target("avx512f"))) inline double fma_loop_avx512(std::int64_t iterations) {
-  __m512 acc[12];
-  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
-  const __m512 m = _mm512_set1_ps(0.9999999f), add = _mm512_set1_ps(1e-7f);
-  for (std::int64_t it = 0; it < iterations; ++it) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, add);
-  }
-  __m512 sum = acc[0];
-  for (int i = 1; i < 12; ++i) sum = _mm512_add_ps(sum, acc[i]);
-  float lanes[16];
-  _mm512_storeu_ps(lanes, sum);
-  benchmark::DoNotOptimize(lanes[0]);
-  return static_cast<double>(iterations) * 12 * 16 * 2;
+__attribute__((target("avx2,fma"), flatten)) inline double fma_loop_avx2(std::int64_t iterations) {
+  return fma_loop<Avx2Vectors>(iterations);
+}
+
+__attribute__((target("avx512f"), flatten)) inline double fma_loop_avx512(std::int64_t iterations) {
+  return fma_loop<Avx512Vectors>(iterations);
 }
 #endif
 

@@ -14,37 +14,14 @@
 // dtype, but a device-to-host copy (which waits for the stream) for device tensors.
 //
 // The library's messages name its own members (sequences.query_offsets, paged.page_table, ...);
-// each op appends which of its arguments those are, e.g. "[sequences.query_offsets is
-// cu_seqlens_q]", so the caller finds the argument by its name.
+// each op lists which of its arguments those are (translating_errors appends them), e.g.
+// "[sequences.query_offsets is cu_seqlens_q]", so the caller finds the argument by its name.
 
 #include <initializer_list>
-#include <string>
 
 #include "torch.hpp"
 
 namespace dilated_attention::torch_ops {
-
-// A library member and the op argument it comes from.
-struct ArgumentName {
-  const char* library;
-  const char* argument;
-};
-
-// translating_errors, with the op's argument names appended for the members the message names.
-template <class F>
-decltype(auto) translating_errors_named(std::initializer_list<ArgumentName> names, F&& f) {
-  try {
-    return f();
-  } catch (const std::invalid_argument& error) {
-    std::string message = error.what(), glossary;
-    for (const ArgumentName& name : names)
-      if (message.find(name.library) != std::string::npos)
-        glossary +=
-            (glossary.empty() ? "" : ", ") + std::string(name.library) + " is " + name.argument;
-    if (!glossary.empty()) message += " [" + glossary + "]";
-    TORCH_CHECK_VALUE(false, message);
-  }
-}
 
 inline constexpr std::initializer_list<ArgumentName> varlen_names = {
     {"query_offsets", "cu_seqlens_q"},
@@ -73,15 +50,9 @@ inline constexpr std::initializer_list<ArgumentName> kvcache_names = {
 // ---- argument checks (metadata only: they run on meta and fake tensors too) --------------------
 
 inline void check_packed_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  constexpr const char* layout = "[total, heads, head_dim] (packed sequences)";
-  check_tensor("q", q, q, 3, layout);
-  check_tensor("k", k, q, 3, layout);
-  check_tensor("v", v, q, 3, layout);
-  TORCH_CHECK_VALUE(k.sym_sizes() == v.sym_sizes(), "dilated_attention: k has shape ",
-                    k.sym_sizes(), " but v has ", v.sym_sizes(),
-                    ": k and v must have the same shape");
-  TORCH_CHECK_VALUE(q.sym_size(2) == k.sym_size(2), "dilated_attention: q has shape ",
-                    q.sym_sizes(), " but k has ", k.sym_sizes(), ": head_dim must agree");
+  check_inputs(q, k, v, 3, "[total, heads, head_dim] (packed sequences)");
+  check_same_kv(k, v);
+  check_shapes(q.sym_size(2) == k.sym_size(2), "q", q, "k", k, "head_dim must agree");
 }
 
 // An index argument: 1-D (2-D for block_table), int32 or int64, on the cpu or on q's device.
@@ -108,23 +79,19 @@ inline void check_count(const char* name, const at::Tensor& t, const c10::SymInt
 inline void check_lse(const at::Tensor& lse, const at::Tensor& q, at::IntArrayRef sizes,
                       const char* layout) {
   TORCH_CHECK_VALUE(lse.defined(), "dilated_attention: lse is undefined");
-  TORCH_CHECK_VALUE(lse.scalar_type() == lse_dtype(q.scalar_type()),
-                    "dilated_attention: lse has dtype ", lse.scalar_type(), ": expected ",
-                    lse_dtype(q.scalar_type()), " for ", q.scalar_type(),
-                    " inputs (what forward returns)");
-  TORCH_CHECK_VALUE(lse.device() == q.device(), "dilated_attention: lse is on ", lse.device(),
-                    " but q is on ", q.device());
+  check_lse_type(lse, q);
   TORCH_CHECK_VALUE(lse.sizes() == sizes, "dilated_attention: lse has shape ", lse.sizes(),
                     ": expected ", sizes, ", ", layout, " (what forward returns)");
-  TORCH_CHECK_VALUE(lse.is_contiguous(), "dilated_attention: lse must be contiguous, ", layout,
-                    " (what forward returns)");
+  check_lse_contiguous(lse, layout);
 }
 
-inline void check_like(const char* name, const at::Tensor& t, const at::Tensor& like,
-                       const char* like_name, std::int64_t rank, const char* layout) {
-  check_tensor(name, t, like, rank, layout);
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "dilated_attention: ", name, " has shape ",
-                    t.sizes(), " but ", like_name, " has ", like.sizes());
+// out and grad_out of a backward: checked as q is, and of q's shape.
+inline void check_like_q(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                         std::int64_t rank, const char* layout) {
+  check_tensor("out", out, q, rank, layout);
+  check_shapes(out.sizes() == q.sizes(), "out", out, "q", q);
+  check_tensor("grad_out", grad_out, q, rank, layout);
+  check_shapes(grad_out.sizes() == q.sizes(), "grad_out", grad_out, "q", q);
 }
 
 // ---- host copies of the index tensors and the library's descriptions ---------------------------
@@ -140,21 +107,6 @@ struct HostSequences {
   at::Tensor query_offsets, kv_offsets, kv_lengths, query_begins;
   Sequences sequences;
 };
-
-// A packed [total, heads, head_dim] tensor as a View of batch 1 (its own strides, no copy).
-template <class T>
-View<T> packed_view_of(const at::Tensor& t) {
-  const std::int64_t extent = static_cast<std::int64_t>(t.storage().nbytes()) /
-                                  static_cast<std::int64_t>(t.element_size()) -
-                              t.storage_offset();
-  return View<T>{static_cast<T*>(const_cast<void*>(t.const_data_ptr())), 0, t.stride(0),
-                 t.stride(1), extent};
-}
-
-template <class T>
-View<const T> const_packed_view_of(const at::Tensor& t) {
-  return packed_view_of<T>(t);
-}
 
 // ---- variable-length packed batches (flash_attn_varlen_func) -----------------------------------
 
@@ -216,17 +168,11 @@ inline std::tuple<at::Tensor, at::Tensor> forward_varlen_cpu(
   const HostSequences host = varlen_sequences(q, k, cu_seqlens_q, cu_seqlens_k, query_begins);
   const HeadShape heads = packed_heads(q, k);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse =
-      at::empty({heads.num_heads, q.size(0)}, q.options().dtype(lse_dtype(q.scalar_type())));
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor lse = at::empty({heads.num_heads, q.size(0)}, lse_options(q));
+  call_cpu(q, varlen_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(varlen_names, [&] {
-      dilated_attention::forward<T>(
-          config, heads, host.sequences,
-          Inputs<T>{const_packed_view_of<T>(q), const_packed_view_of<T>(k),
-                    const_packed_view_of<T>(v)},
-          Outputs<T>{packed_view_of<T>(out), lse_pointer<T>(lse)}, options);
-    });
+    dilated_attention::forward<T>(config, heads, host.sequences, inputs_of<T>(q, k, v),
+                                  outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -236,11 +182,10 @@ inline std::tuple<at::Tensor, at::Tensor> forward_varlen_meta(
     const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& query_begins,
     const OpConfig& op, std::int64_t num_threads) {
   check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, query_begins);
-  make_config(op);
-  resolve_threads(num_threads);
+  check_config(op, num_threads);
   const auto sizes = q.sym_sizes();
   return {at::empty_symint(sizes, q.options()),
-          at::empty_symint({sizes[1], sizes[0]}, q.options().dtype(lse_dtype(q.scalar_type())))};
+          at::empty_symint({sizes[1], sizes[0]}, lse_options(q))};
 }
 
 inline void check_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q,
@@ -249,9 +194,7 @@ inline void check_varlen_backward(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& cu_seqlens_k,
                                   const std::optional<at::Tensor>& query_begins) {
   check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, query_begins);
-  constexpr const char* layout = "[total_q, heads, head_dim]";
-  check_like("out", out, q, "q", 3, layout);
-  check_like("grad_out", grad_out, q, "q", 3, layout);
+  check_like_q(grad_out, q, out, 3, "[total_q, heads, head_dim]");
   check_lse(lse, q, {q.size(1), q.size(0)}, "[heads, total_q]");
 }
 
@@ -265,21 +208,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen_cpu(
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
   const HostSequences host = varlen_sequences(q, k, cu_seqlens_q, cu_seqlens_k, query_begins);
-  at::Tensor d_q = at::empty(q.sizes(), q.options());
-  at::Tensor d_k = at::empty(k.sizes(), k.options());
-  at::Tensor d_v = at::empty(v.sizes(), v.options());
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor d_q, d_k, d_v;
+  std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
+  call_cpu(q, varlen_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(varlen_names, [&] {
-      dilated_attention::backward<T>(
-          config, packed_heads(q, k), host.sequences,
-          Inputs<T>{const_packed_view_of<T>(q), const_packed_view_of<T>(k),
-                    const_packed_view_of<T>(v)},
-          Outputs<const T>{const_packed_view_of<T>(out), lse_pointer<T>(lse)},
-          const_packed_view_of<T>(grad_out),
-          Gradients<T>{packed_view_of<T>(d_q), packed_view_of<T>(d_k), packed_view_of<T>(d_v)},
-          options);
-    });
+    dilated_attention::backward<T>(config, packed_heads(q, k), host.sequences,
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -292,12 +228,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_varlen_meta(
   check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, query_begins);
   check_tensor("out", out, q, 3, "[total_q, heads, head_dim]");
   check_tensor("grad_out", grad_out, q, 3, "[total_q, heads, head_dim]");
-  make_config(op);
-  resolve_threads(num_threads);
+  check_config(op, num_threads);
   (void)lse;
-  return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+  return empty_gradients(q, k, v);
 }
 
 // ---- padded batches with valid lengths ---------------------------------------------------------
@@ -317,18 +250,12 @@ inline std::tuple<at::Tensor, at::Tensor> forward_padded_cpu(
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
   const at::Tensor host = padded_lengths(q, lengths);
-  at::Tensor out =
-      at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim}, q.options());
-  at::Tensor lse = at::empty({shape.batch, shape.num_heads, shape.seq_len},
-                             q.options().dtype(lse_dtype(q.scalar_type())));
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor out, lse;
+  std::tie(out, lse) = empty_outputs(q, shape);
+  call_cpu(q, padded_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(padded_names, [&] {
-      dilated_attention::forward<T>(
-          config, shape, ValidLengths{int64_data(host)},
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
-    });
+    dilated_attention::forward<T>(config, shape, ValidLengths{int64_data(host)},
+                                  inputs_of<T>(q, k, v), outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -351,18 +278,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_padded_cpu(
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
   const at::Tensor host = padded_lengths(q, lengths);
-  at::Tensor d_q = at::empty(q.sizes(), q.options());
-  at::Tensor d_k = at::empty(k.sizes(), k.options());
-  at::Tensor d_v = at::empty(v.sizes(), v.options());
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor d_q, d_k, d_v;
+  std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
+  call_cpu(q, padded_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(padded_names, [&] {
-      dilated_attention::backward<T>(
-          config, shape, ValidLengths{int64_data(host)},
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-          Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
-    });
+    dilated_attention::backward<T>(config, shape, ValidLengths{int64_data(host)},
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -380,11 +303,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_padded_meta(
 // q [B, count, H, D] at positions [query_begin, query_begin + count) of k, v [B, kv_len, Hkv, D].
 inline Shape query_range_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_inputs(q, k, v);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "dilated_attention: k has shape ", k.sizes(),
-                    " but v has ", v.sizes(), ": k and v must have the same shape");
-  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(3) == k.size(3),
-                    "dilated_attention: q has shape ", q.sizes(), " but k has ", k.sizes(),
-                    ": batch and head_dim must agree (q has the range's rows, k all kv_len)");
+  check_same_kv(k, v);
+  check_shapes(q.size(0) == k.size(0) && q.size(3) == k.size(3), "q", q, "k", k,
+               "batch and head_dim must agree (q has the range's rows, k all kv_len)");
   return Shape{q.size(0), k.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
@@ -396,33 +317,22 @@ inline std::tuple<at::Tensor, at::Tensor> forward_query_range_cpu(
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
   const QueryRange range{query_begin, q.size(1)};
-  at::Tensor out =
-      at::empty({shape.batch, range.count, shape.num_heads, shape.head_dim}, q.options());
-  at::Tensor lse = at::empty({shape.batch, shape.num_heads, range.count},
-                             q.options().dtype(lse_dtype(q.scalar_type())));
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({shape.batch, shape.num_heads, range.count}, lse_options(q));
+  call_cpu(q, query_range_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(query_range_names, [&] {
-      dilated_attention::forward<T>(
-          config, shape, range,
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<T>{view_of<T>(out), lse_pointer<T>(lse)}, options);
-    });
+    dilated_attention::forward<T>(config, shape, range, inputs_of<T>(q, k, v),
+                                  outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
 
+// The shapes of forward's: out like q, lse [batch, heads, count].
 inline std::tuple<at::Tensor, at::Tensor> forward_query_range_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::int64_t query_begin,
     const OpConfig& op, std::int64_t num_threads) {
-  check_inputs(q, k, v);
-  make_config(op);
-  resolve_threads(num_threads);
   (void)query_begin;
-  const auto sizes = q.sym_sizes();
-  return {at::empty_symint(sizes, q.options()),
-          at::empty_symint({sizes[0], sizes[2], sizes[1]},
-                           q.options().dtype(lse_dtype(q.scalar_type())))};
+  return forward_meta(q, k, v, op, num_threads);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_query_range_cpu(
@@ -430,25 +340,19 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_query_range_cpu(
     const at::Tensor& out, const at::Tensor& lse, std::int64_t query_begin, const OpConfig& op,
     std::int64_t num_threads) {
   const Shape shape = query_range_shape(q, k, v);
-  constexpr const char* layout = "[batch, count, heads, head_dim]";
-  check_like("out", out, q, "q", 4, layout);
-  check_like("grad_out", grad_out, q, "q", 4, layout);
+  check_like_q(grad_out, q, out, 4, "[batch, count, heads, head_dim]");
   check_lse(lse, q, {q.size(0), q.size(2), q.size(1)}, "[batch, heads, count]");
   const Config config = make_config(op);
   CpuOptions options;
   options.num_threads = resolve_threads(num_threads);
-  at::Tensor d_q = at::empty(q.sizes(), q.options());
-  at::Tensor d_k = at::empty(k.sizes(), k.options());
-  at::Tensor d_v = at::empty(v.sizes(), v.options());
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor d_q, d_k, d_v;
+  std::tie(d_q, d_k, d_v) = empty_gradients(q, k, v);
+  call_cpu(q, query_range_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(query_range_names, [&] {
-      dilated_attention::backward<T>(
-          config, shape, QueryRange{query_begin, q.size(1)},
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<const T>{const_view_of<T>(out), lse_pointer<T>(lse)}, const_view_of<T>(grad_out),
-          Gradients<T>{view_of<T>(d_q), view_of<T>(d_k), view_of<T>(d_v)}, options);
-    });
+    dilated_attention::backward<T>(config, shape, QueryRange{query_begin, q.size(1)},
+                                   inputs_of<T>(q, k, v), outputs_of<const T>(out, lse),
+                                   const_view_of<T>(grad_out), gradients_of<T>(d_q, d_k, d_v),
+                                   options);
   });
   return {d_q, d_k, d_v};
 }
@@ -460,12 +364,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_query_range_meta(
   check_inputs(q, k, v);
   check_tensor("out", out, q);
   check_tensor("grad_out", grad_out, q);
-  make_config(op);
-  resolve_threads(num_threads);
+  check_config(op, num_threads);
   (void)lse, (void)query_begin;
-  return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options())};
+  return empty_gradients(q, k, v);
 }
 
 // ---- KV cache, contiguous or paged (flash_attn_with_kvcache) -----------------------------------
@@ -482,12 +383,10 @@ inline void check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const 
                                                : "[batch, cache_len, kv_heads, head_dim]";
   check_tensor("k_cache", k_cache, q, 4, layout);
   check_tensor("v_cache", v_cache, q, 4, layout);
-  TORCH_CHECK_VALUE(k_cache.sym_sizes() == v_cache.sym_sizes(),
-                    "dilated_attention: k_cache has shape ", k_cache.sym_sizes(),
-                    " but v_cache has ", v_cache.sym_sizes(), ": they must have the same shape");
-  TORCH_CHECK_VALUE(q.sym_size(3) == k_cache.sym_size(3), "dilated_attention: q has shape ",
-                    q.sym_sizes(), " but k_cache has ", k_cache.sym_sizes(),
-                    ": head_dim must agree");
+  check_shapes(k_cache.sym_sizes() == v_cache.sym_sizes(), "k_cache", k_cache, "v_cache", v_cache,
+               "they must have the same shape");
+  check_shapes(q.sym_size(3) == k_cache.sym_size(3), "q", q, "k_cache", k_cache,
+               "head_dim must agree");
   check_index("cache_seqlens", cache_seqlens, q);
   check_count("cache_seqlens", cache_seqlens, q.sym_size(0), "one per sequence");
   if (block_table.has_value()) {
@@ -589,16 +488,12 @@ inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_cpu(
   // q's rows of all sequences, packed: a view when q's strides allow it (a copy otherwise).
   const at::Tensor packed_q = q.reshape({batch * rows, heads.num_heads, heads.head_dim});
   at::Tensor out = at::empty({batch * rows, heads.num_heads, heads.head_dim}, q.options());
-  at::Tensor lse =
-      at::empty({heads.num_heads, batch * rows}, q.options().dtype(lse_dtype(q.scalar_type())));
-  dispatch_cpu(q.scalar_type(), [&](auto tag) {
+  at::Tensor lse = at::empty({heads.num_heads, batch * rows}, lse_options(q));
+  call_cpu(q, kvcache_names, [&](auto tag) {
     using T = decltype(tag);
-    translating_errors_named(kvcache_names, [&] {
-      dilated_attention::forward<T>(
-          config, heads, cache.host.sequences, const_packed_view_of<T>(packed_q),
-          paged_of<T>(cache, k_cache, v_cache),
-          Outputs<T>{packed_view_of<T>(out), lse_pointer<T>(lse)}, options);
-    });
+    dilated_attention::forward<T>(config, heads, cache.host.sequences, const_view_of<T>(packed_q),
+                                  paged_of<T>(cache, k_cache, v_cache), outputs_of<T>(out, lse),
+                                  options);
   });
   return {out.view(q.sizes()), kvcache_lse(lse, batch, rows)};
 }
@@ -608,12 +503,8 @@ inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_meta(
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
     const OpConfig& op, std::int64_t num_threads) {
   check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table);
-  make_config(op);
-  resolve_threads(num_threads);
-  const auto sizes = q.sym_sizes();
-  return {at::empty_symint(sizes, q.options()),
-          at::empty_symint({sizes[0], sizes[2], sizes[1]},
-                           q.options().dtype(lse_dtype(q.scalar_type())))};
+  check_config(op, num_threads);
+  return empty_outputs_meta(q);
 }
 
 #if defined(DILATED_ATTENTION_TORCH_CUDA)
@@ -632,19 +523,11 @@ inline std::tuple<at::Tensor, at::Tensor> forward_varlen_cuda(
   const HostSequences host = varlen_sequences(q, k, cu_seqlens_q, cu_seqlens_k, query_begins);
   const HeadShape heads = packed_heads(q, k);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({heads.num_heads, q.size(0)}, q.options().dtype(at::kFloat));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  dispatch_cuda(q.scalar_type(), [&](auto tag) {
+  at::Tensor lse = at::empty({heads.num_heads, q.size(0)}, lse_options(q));
+  call_cuda(q, varlen_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    translating_errors_named(varlen_names, [&] {
-      cuda::Options options;
-      options.stream = stream;
-      dilated_attention::cuda::forward<T>(
-          config, heads, host.sequences,
-          Inputs<T>{const_packed_view_of<T>(q), const_packed_view_of<T>(k),
-                    const_packed_view_of<T>(v)},
-          Outputs<T>{packed_view_of<T>(out), static_cast<float*>(lse.data_ptr())}, options);
-    });
+    dilated_attention::cuda::forward<T>(config, heads, host.sequences, inputs_of<T>(q, k, v),
+                                        outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -658,21 +541,12 @@ inline std::tuple<at::Tensor, at::Tensor> forward_padded_cuda(
   const Shape shape = shape_of(q, k, v);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor host = padded_lengths(q, lengths);
-  at::Tensor out =
-      at::empty({shape.batch, shape.seq_len, shape.num_heads, shape.head_dim}, q.options());
-  at::Tensor lse =
-      at::empty({shape.batch, shape.num_heads, shape.seq_len}, q.options().dtype(at::kFloat));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  dispatch_cuda(q.scalar_type(), [&](auto tag) {
+  at::Tensor out, lse;
+  std::tie(out, lse) = empty_outputs(q, shape);
+  call_cuda(q, padded_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    translating_errors_named(padded_names, [&] {
-      cuda::Options options;
-      options.stream = stream;
-      dilated_attention::cuda::forward<T>(
-          config, shape, ValidLengths{int64_data(host)},
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<T>{view_of<T>(out), static_cast<float*>(lse.data_ptr())}, options);
-    });
+    dilated_attention::cuda::forward<T>(config, shape, ValidLengths{int64_data(host)},
+                                        inputs_of<T>(q, k, v), outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -686,19 +560,11 @@ inline std::tuple<at::Tensor, at::Tensor> forward_query_range_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const QueryRange range{query_begin, q.size(1)};
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse =
-      at::empty({shape.batch, shape.num_heads, range.count}, q.options().dtype(at::kFloat));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  dispatch_cuda(q.scalar_type(), [&](auto tag) {
+  at::Tensor lse = at::empty({shape.batch, shape.num_heads, range.count}, lse_options(q));
+  call_cuda(q, query_range_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    translating_errors_named(query_range_names, [&] {
-      cuda::Options options;
-      options.stream = stream;
-      dilated_attention::cuda::forward<T>(
-          config, shape, range,
-          Inputs<T>{const_view_of<T>(q), const_view_of<T>(k), const_view_of<T>(v)},
-          Outputs<T>{view_of<T>(out), static_cast<float*>(lse.data_ptr())}, options);
-    });
+    dilated_attention::cuda::forward<T>(config, shape, range, inputs_of<T>(q, k, v),
+                                        outputs_of<T>(out, lse), options);
   });
   return {out, lse};
 }
@@ -716,18 +582,12 @@ inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_cuda(
   const HeadShape heads{q.size(2), k_cache.size(2), q.size(3)};
   const at::Tensor packed_q = q.reshape({batch * rows, heads.num_heads, heads.head_dim});
   at::Tensor out = at::empty({batch * rows, heads.num_heads, heads.head_dim}, q.options());
-  at::Tensor lse = at::empty({heads.num_heads, batch * rows}, q.options().dtype(at::kFloat));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index()).stream();
-  dispatch_cuda(q.scalar_type(), [&](auto tag) {
+  at::Tensor lse = at::empty({heads.num_heads, batch * rows}, lse_options(q));
+  call_cuda(q, kvcache_names, [&](auto tag, const cuda::Options& options) {
     using T = decltype(tag);
-    translating_errors_named(kvcache_names, [&] {
-      cuda::Options options;
-      options.stream = stream;
-      dilated_attention::cuda::forward<T>(
-          config, heads, cache.host.sequences, const_packed_view_of<T>(packed_q),
-          paged_of<T>(cache, k_cache, v_cache),
-          Outputs<T>{packed_view_of<T>(out), static_cast<float*>(lse.data_ptr())}, options);
-    });
+    dilated_attention::cuda::forward<T>(
+        config, heads, cache.host.sequences, const_view_of<T>(packed_q),
+        paged_of<T>(cache, k_cache, v_cache), outputs_of<T>(out, lse), options);
   });
   return {out.view(q.sizes()), kvcache_lse(lse, batch, rows)};
 }

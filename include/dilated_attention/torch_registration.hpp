@@ -24,9 +24,19 @@
 // and backward_query_range / backward_varlen / backward_padded, their Autograd backward (CPU; on
 // cuda the Autograd kernels refuse a forward that needs a gradient). forward_kvcache is
 // inference-only: its Autograd kernel raises when an input requires grad.
+//
+// Each operator pair is described once (Attention, QueryRange, Varlen, Padded, KvCache below: its
+// names, its own arguments and their schema); Operator<Op> derives from that description the
+// schemas, the kernels in the schema's argument order and the autograd Function, and the
+// TORCH_LIBRARY blocks at the end are the table of which function serves which device.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <cstddef>
+#include <string>
+#include <tuple>
+#include <type_traits>
 
 #include "torch.hpp"
 #include "torch_inference.hpp"
@@ -46,109 +56,10 @@ inline OpConfig op_config(c10::IntArrayRef segment_lengths, c10::IntArrayRef dil
   return op;
 }
 
-// The kernels in the schema's argument order, for each device.
-template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> forward_kernel(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
-    std::optional<double> scale, std::int64_t num_threads) {
-  return Forward(q, k, v,
-                 op_config(segment_lengths, dilation_rates, causal, offsets, mixing, scale),
-                 num_threads);
-}
-
-template <auto Backward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
-    std::optional<double> scale, std::int64_t num_threads) {
-  return Backward(grad_out, q, k, v, out, lse,
-                  op_config(segment_lengths, dilation_rates, causal, offsets, mixing, scale),
-                  num_threads);
-}
-
-inline std::tuple<at::Tensor, at::Tensor> call_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
-    std::optional<double> scale, std::int64_t num_threads) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dilated_attention::forward", "")
-                             .typed<decltype(forward_kernel<forward_cpu>)>();
-  return op.call(q, k, v, segment_lengths, dilation_rates, causal, offsets, mixing, scale,
-                 num_threads);
-}
-
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
-    std::optional<double> scale, std::int64_t num_threads) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dilated_attention::backward", "")
-                             .typed<decltype(backward_kernel<backward_cpu>)>();
-  return op.call(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates, causal, offsets,
-                 mixing, scale, num_threads);
-}
-
-// Autograd: saves q, k, v, out, lse; its backward is the `backward` operator.
-class Function : public torch::autograd::Function<Function> {
- public:
-  static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-      const at::Tensor& v, c10::IntArrayRef segment_lengths, c10::IntArrayRef dilation_rates,
-      bool causal, c10::string_view offsets, c10::string_view mixing, std::optional<double> scale,
-      std::int64_t num_threads) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = call_forward(q, k, v, segment_lengths, dilation_rates, causal, offsets,
-                                   mixing, scale, num_threads);
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["segment_lengths"] = segment_lengths.vec();
-    ctx->saved_data["dilation_rates"] = dilation_rates.vec();
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["offsets"] = std::string(offsets);
-    ctx->saved_data["mixing"] = std::string(mixing);
-    ctx->saved_data["has_scale"] = scale.has_value();
-    ctx->saved_data["scale"] = scale.value_or(0.0);
-    ctx->saved_data["num_threads"] = num_threads;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    at::Tensor grad_out = grads[0];
-    if (!grad_out.defined()) grad_out = at::zeros_like(out);
-    if (grad_out.stride(3) != 1 && grad_out.size(3) != 1) grad_out = grad_out.contiguous();
-    const auto segment_lengths = ctx->saved_data["segment_lengths"].toIntVector();
-    const auto dilation_rates = ctx->saved_data["dilation_rates"].toIntVector();
-    const std::string offsets = ctx->saved_data["offsets"].toStringRef();
-    const std::string mixing = ctx->saved_data["mixing"].toStringRef();
-    std::optional<double> scale;
-    if (ctx->saved_data["has_scale"].toBool()) scale = ctx->saved_data["scale"].toDouble();
-    auto [d_q, d_k, d_v] =
-        call_backward(grad_out, q, k, v, out, lse, segment_lengths, dilation_rates,
-                      ctx->saved_data["causal"].toBool(), offsets, mixing, scale,
-                      ctx->saved_data["num_threads"].toInt());
-    return {d_q,          d_k,          d_v,          at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-inline std::tuple<at::Tensor, at::Tensor> forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c10::IntArrayRef segment_lengths,
-    c10::IntArrayRef dilation_rates, bool causal, c10::string_view offsets, c10::string_view mixing,
-    std::optional<double> scale, std::int64_t num_threads) {
-  auto result = Function::apply(q, k, v, segment_lengths, dilation_rates, causal, offsets, mixing,
-                                scale, num_threads);
-  return {result[0], result[1]};
-}
-
-// ---- the inference forms (docs/torch.md "Inference forms") -------------------------------------
-
 // The config arguments every operator takes, in the schema's order.
+#define DILATED_ATTENTION_CONFIG_SCHEMA                                                       \
+  "int[] segment_lengths, int[] dilation_rates, bool causal=False, str offsets=\"modular\", " \
+  "str mixing=\"softmax\", float? scale=None, int num_threads=0"
 #define DILATED_ATTENTION_CONFIG_PARAMETERS                                           \
   c10::IntArrayRef segment_lengths, c10::IntArrayRef dilation_rates, bool causal,     \
       c10::string_view offsets, c10::string_view mixing, std::optional<double> scale, \
@@ -157,70 +68,82 @@ inline std::tuple<at::Tensor, at::Tensor> forward_autograd(
   segment_lengths, dilation_rates, causal, offsets, mixing, scale, num_threads
 #define DILATED_ATTENTION_OP_CONFIG \
   op_config(segment_lengths, dilation_rates, causal, offsets, mixing, scale), num_threads
+inline constexpr std::size_t config_arguments = 7;
 
-template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> query_range_forward_kernel(const at::Tensor& q,
-                                                              const at::Tensor& k,
-                                                              const at::Tensor& v,
-                                                              std::int64_t query_begin,
-                                                              DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  return Forward(q, k, v, query_begin, DILATED_ATTENTION_OP_CONFIG);
-}
+// An operator's own arguments, as the kernels take them.
+template <class... T>
+struct Args {};
 
-template <auto Backward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> query_range_backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, std::int64_t query_begin,
-    DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  return Backward(grad_out, q, k, v, out, lse, query_begin, DILATED_ATTENTION_OP_CONFIG);
-}
+// ---- the operators --------------------------------------------------------------------------
+// name, backward: the operators' names (backward nullptr: inference-only). inputs: the schema's
+// names of q, k, v. Own / own: the op's arguments before the config (types; schema, each followed
+// by ", "); Trailing / trailing: after it (schema, each preceded by ", "). differentiable_on_cuda:
+// whether the CUDA kernels have a backward.
 
-template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> varlen_forward_kernel(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, DILATED_ATTENTION_CONFIG_PARAMETERS,
-    const std::optional<at::Tensor>& query_begins) {
-  return Forward(q, k, v, cu_seqlens_q, cu_seqlens_k, query_begins, DILATED_ATTENTION_OP_CONFIG);
-}
+struct Attention {
+  static constexpr const char *name = "forward", *backward = "backward";
+  static constexpr const char* inputs = "Tensor q, Tensor k, Tensor v";
+  using Own = Args<>;
+  static constexpr const char* own = "";
+  using Trailing = Args<>;
+  static constexpr const char* trailing = "";
+  static constexpr bool differentiable_on_cuda = true;
+};
 
-template <auto Backward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, DILATED_ATTENTION_CONFIG_PARAMETERS,
-    const std::optional<at::Tensor>& query_begins) {
-  return Backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, query_begins,
-                  DILATED_ATTENTION_OP_CONFIG);
-}
+struct QueryRange {
+  static constexpr const char *name = "forward_query_range", *backward = "backward_query_range";
+  static constexpr const char* inputs = "Tensor q, Tensor k, Tensor v";
+  using Own = Args<std::int64_t>;
+  static constexpr const char* own = "int query_begin, ";
+  using Trailing = Args<>;
+  static constexpr const char* trailing = "";
+  static constexpr bool differentiable_on_cuda = false;
+};
 
-template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> padded_forward_kernel(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v,
-                                                         const at::Tensor& lengths,
-                                                         DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  return Forward(q, k, v, lengths, DILATED_ATTENTION_OP_CONFIG);
-}
+struct Varlen {
+  static constexpr const char *name = "forward_varlen", *backward = "backward_varlen";
+  static constexpr const char* inputs = "Tensor q, Tensor k, Tensor v";
+  using Own = Args<const at::Tensor&, const at::Tensor&>;
+  static constexpr const char* own = "Tensor cu_seqlens_q, Tensor cu_seqlens_k, ";
+  using Trailing = Args<const std::optional<at::Tensor>&>;
+  static constexpr const char* trailing = ", Tensor? query_begins=None";
+  static constexpr bool differentiable_on_cuda = false;
+};
 
-template <auto Backward>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_backward_kernel(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& lengths,
-    DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  return Backward(grad_out, q, k, v, out, lse, lengths, DILATED_ATTENTION_OP_CONFIG);
-}
+struct Padded {
+  static constexpr const char *name = "forward_padded", *backward = "backward_padded";
+  static constexpr const char* inputs = "Tensor q, Tensor k, Tensor v";
+  using Own = Args<const at::Tensor&>;
+  static constexpr const char* own = "Tensor lengths, ";
+  using Trailing = Args<>;
+  static constexpr const char* trailing = "";
+  static constexpr bool differentiable_on_cuda = false;
+};
 
-template <auto Forward>
-std::tuple<at::Tensor, at::Tensor> kvcache_forward_kernel(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, DILATED_ATTENTION_CONFIG_PARAMETERS,
-    const std::optional<at::Tensor>& block_table) {
-  return Forward(q, k_cache, v_cache, cache_seqlens, block_table, DILATED_ATTENTION_OP_CONFIG);
-}
+// Paged K/V and the KV cache are inference-only (the library has no backward of its paged form):
+// asking for a gradient raises in the forward instead of returning none.
+struct KvCache {
+  static constexpr const char *name = "forward_kvcache", *backward = nullptr;
+  static constexpr const char* inputs = "Tensor q, Tensor k_cache, Tensor v_cache";
+  using Own = Args<const at::Tensor&>;
+  static constexpr const char* own = "Tensor cache_seqlens, ";
+  using Trailing = Args<const std::optional<at::Tensor>&>;
+  static constexpr const char* trailing = ", Tensor? block_table=None";
+  static constexpr const char* no_gradient =
+      "dilated_attention::forward_kvcache is inference-only (the KV cache and paged K/V have no "
+      "backward), but q, k_cache or v_cache requires grad: call it under torch.no_grad() or "
+      "torch.inference_mode(), or detach the inputs; to train, use forward_varlen, "
+      "forward_padded or forward_query_range";
+};
 
-// The operator `name` through the dispatcher, typed like the kernel wrapper Kernel.
-template <class Kernel>
-c10::TypedOperatorHandle<Kernel> typed_operator(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Kernel>();
+// ---- autograd support -----------------------------------------------------------------------
+
+// The operator `name` through the dispatcher, typed like a kernel of signature Signature.
+template <class Signature>
+c10::TypedOperatorHandle<Signature> typed_operator(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow((std::string("dilated_attention::") + name).c_str(), "")
+      .typed<Signature>();
 }
 
 // The config as an autograd context keeps it between forward and backward.
@@ -259,6 +182,37 @@ inline SavedConfig saved_config(torch::autograd::AutogradContext* ctx) {
 #define DILATED_ATTENTION_SAVED_CONFIG(c) \
   c.segment_lengths, c.dilation_rates, c.causal, c.offsets, c.mixing, c.scale, c.num_threads
 
+// An op's own arguments from its forward to its backward: tensors (an absent optional as an
+// undefined tensor) by save_for_backward after q, k, v, out, lse, so that PyTorch checks them for
+// in-place changes; integers in saved_data.
+struct OwnArguments {
+  torch::autograd::AutogradContext* ctx;
+  std::vector<at::Tensor> tensors;
+  std::size_t next_tensor = 5;
+  int next_integer = 0;
+
+  void save(const at::Tensor& t) { tensors.push_back(t); }
+  void save(const std::optional<at::Tensor>& t) { tensors.push_back(t.value_or(at::Tensor())); }
+  void save(std::int64_t i) { ctx->saved_data[integer_key()] = i; }
+
+  template <class T>
+  T load() {
+    if constexpr (std::is_same_v<T, std::int64_t>) {
+      return ctx->saved_data[integer_key()].toInt();
+    } else {
+      const at::Tensor& t = tensors[next_tensor++];
+      if constexpr (std::is_same_v<T, std::optional<at::Tensor>>) {
+        return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+      } else {
+        return t;
+      }
+    }
+  }
+
+ private:
+  std::string integer_key() { return "own_" + std::to_string(next_integer++); }
+};
+
 // The incoming gradient of `out` as the backward operators take it.
 inline at::Tensor usable_grad(const at::Tensor& grad, const at::Tensor& out) {
   if (!grad.defined()) return at::zeros_like(out);
@@ -282,261 +236,199 @@ inline void check_differentiable_device(const char* op, const at::Tensor& q) {
                               "the cpu to differentiate it");
 }
 
-class QueryRangeFunction : public torch::autograd::Function<QueryRangeFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, std::int64_t query_begin,
-                                                DILATED_ATTENTION_CONFIG_PARAMETERS) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op =
-        typed_operator<decltype(query_range_forward_kernel<forward_query_range_cpu>)>(
-            "dilated_attention::forward_query_range");
-    auto [out, lse] = op.call(q, k, v, query_begin, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-    ctx->save_for_backward({q, k, v, out, lse});
-    save_config(ctx, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-    ctx->saved_data["query_begin"] = query_begin;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
+// ---- what an operator description gives ------------------------------------------------------
+
+template <class Op, class Own = typename Op::Own, class Trailing = typename Op::Trailing>
+struct Operator;
+
+template <class Op, class... Own, class... Trailing>
+struct Operator<Op, Args<Own...>, Args<Trailing...>> {
+  using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, Own..., c10::IntArrayRef,
+      c10::IntArrayRef, bool, c10::string_view, c10::string_view, std::optional<double>,
+      std::int64_t, Trailing...);
+  using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, Own..., c10::IntArrayRef, c10::IntArrayRef, bool, c10::string_view,
+      c10::string_view, std::optional<double>, std::int64_t, Trailing...);
+
+  static void define(torch::Library& m) {
+    const std::string config = DILATED_ATTENTION_CONFIG_SCHEMA;
+    m.def((std::string(Op::name) + "(" + Op::inputs + ", " + Op::own + config + Op::trailing +
+           ") -> (Tensor out, Tensor lse)")
+              .c_str());
+    if constexpr (Op::backward != nullptr)
+      m.def((std::string(Op::backward) + "(Tensor grad_out, " + Op::inputs +
+             ", Tensor out, Tensor lse, " + Op::own + config + Op::trailing +
+             ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
+                .c_str());
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const SavedConfig c = saved_config(ctx);
-    static const auto op =
-        typed_operator<decltype(query_range_backward_kernel<backward_query_range_cpu>)>(
-            "dilated_attention::backward_query_range");
-    auto [d_q, d_k, d_v] =
-        op.call(usable_grad(grads[0], out), q, k, v, out, lse,
-                ctx->saved_data["query_begin"].toInt(), DILATED_ATTENTION_SAVED_CONFIG(c));
-    torch::autograd::variable_list result(11);  // q, k, v, query_begin, 7 config arguments
-    result[0] = d_q, result[1] = d_k, result[2] = d_v;
-    return result;
+  // The kernels in the schema's argument order: torch_ops' functions take the op's own arguments
+  // together, then the config.
+  template <auto Forward>
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, Own... own,
+                                                    DILATED_ATTENTION_CONFIG_PARAMETERS,
+                                                    Trailing... trailing) {
+    return Forward(q, k, v, own..., trailing..., DILATED_ATTENTION_OP_CONFIG);
+  }
+
+  template <auto Backward>
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const at::Tensor& out, const at::Tensor& lse, Own... own, DILATED_ATTENTION_CONFIG_PARAMETERS,
+      Trailing... trailing) {
+    return Backward(grad_out, q, k, v, out, lse, own..., trailing..., DILATED_ATTENTION_OP_CONFIG);
+  }
+
+  // Registers Forward (and Backward, for an op that has one) as the kernels of a device.
+  template <auto Forward, auto Backward = nullptr>
+  static void impl(torch::Library& m) {
+    m.impl(Op::name, &forward<Forward>);
+    if constexpr (!std::is_null_pointer_v<decltype(Backward)>)
+      m.impl(Op::backward, &backward<Backward>);
+  }
+
+  // Autograd: saves q, k, v, out, lse and the op's own arguments; its backward is the op's
+  // backward operator.
+  class Function : public torch::autograd::Function<Function> {
+   public:
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                  const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, Own... own,
+                                                  DILATED_ATTENTION_CONFIG_PARAMETERS,
+                                                  Trailing... trailing) {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      static const auto op = typed_operator<ForwardSignature>(Op::name);
+      // No structured bindings here: GCC 12 cannot brace-initialise a variable_list from them in
+      // a template.
+      at::Tensor out, lse;
+      std::tie(out, lse) =
+          op.call(q, k, v, own..., DILATED_ATTENTION_CONFIG_ARGUMENTS, trailing...);
+      OwnArguments kept{ctx, {q, k, v, out, lse}};
+      (kept.save(own), ...);
+      (kept.save(trailing), ...);
+      ctx->save_for_backward(kept.tensors);
+      save_config(ctx, DILATED_ATTENTION_CONFIG_ARGUMENTS);
+      ctx->mark_non_differentiable({lse});
+      return {out, lse};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+      OwnArguments kept{ctx, ctx->get_saved_variables()};
+      const at::Tensor &q = kept.tensors[0], &k = kept.tensors[1], &v = kept.tensors[2],
+                       &out = kept.tensors[3], &lse = kept.tensors[4];
+      // Braced lists: loaded in order, as they were saved.
+      const std::tuple<std::decay_t<Own>...> own{kept.load<std::decay_t<Own>>()...};
+      const std::tuple<std::decay_t<Trailing>...> trailing{kept.load<std::decay_t<Trailing>>()...};
+      const SavedConfig c = saved_config(ctx);
+      static const auto op = typed_operator<BackwardSignature>(Op::backward);
+      at::Tensor d_q, d_k, d_v;
+      std::tie(d_q, d_k, d_v) = std::apply(
+          [&](const auto&... own_arguments) {
+            return std::apply(
+                [&](const auto&... trailing_arguments) {
+                  return op.call(usable_grad(grads[0], out), q, k, v, out, lse, own_arguments...,
+                                 DILATED_ATTENTION_SAVED_CONFIG(c), trailing_arguments...);
+                },
+                trailing);
+          },
+          own);
+      // A gradient for q, k, v; none for the other arguments.
+      torch::autograd::variable_list result(3 + sizeof...(Own) + config_arguments +
+                                            sizeof...(Trailing));
+      result[0] = d_q, result[1] = d_k, result[2] = d_v;
+      return result;
+    }
+  };
+
+  static std::tuple<at::Tensor, at::Tensor> autograd(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, Own... own,
+                                                     DILATED_ATTENTION_CONFIG_PARAMETERS,
+                                                     Trailing... trailing) {
+    if constexpr (!Op::differentiable_on_cuda)
+      if (wants_grad({q, k, v})) check_differentiable_device(Op::name, q);
+    auto result = Function::apply(q, k, v, own..., DILATED_ATTENTION_CONFIG_ARGUMENTS, trailing...);
+    return {result[0], result[1]};
+  }
+
+  // The Autograd kernel of an inference-only op: raises when a gradient is asked for.
+  static std::tuple<at::Tensor, at::Tensor> inference_only(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, Own... own,
+                                                           DILATED_ATTENTION_CONFIG_PARAMETERS,
+                                                           Trailing... trailing) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!wants_grad({q, k, v}), Op::no_gradient);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = typed_operator<ForwardSignature>(Op::name);
+    return op.call(q, k, v, own..., DILATED_ATTENTION_CONFIG_ARGUMENTS, trailing...);
+  }
+
+  static void impl_autograd(torch::Library& m) {
+    if constexpr (Op::backward == nullptr) {
+      m.impl(Op::name, &inference_only);
+    } else {
+      m.impl(Op::name, &autograd);
+      m.impl(Op::backward, torch::autograd::autogradNotImplementedFallback());
+    }
   }
 };
-
-class VarlenFunction : public torch::autograd::Function<VarlenFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                const at::Tensor& cu_seqlens_k,
-                                                DILATED_ATTENTION_CONFIG_PARAMETERS,
-                                                const std::optional<at::Tensor>& query_begins) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = typed_operator<decltype(varlen_forward_kernel<forward_varlen_cpu>)>(
-        "dilated_attention::forward_varlen");
-    auto [out, lse] = op.call(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                              DILATED_ATTENTION_CONFIG_ARGUMENTS, query_begins);
-    ctx->save_for_backward(
-        {q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, query_begins.value_or(at::Tensor())});
-    save_config(ctx, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    std::optional<at::Tensor> query_begins;
-    if (saved[7].defined()) query_begins = saved[7];
-    const SavedConfig c = saved_config(ctx);
-    static const auto op = typed_operator<decltype(varlen_backward_kernel<backward_varlen_cpu>)>(
-        "dilated_attention::backward_varlen");
-    auto [d_q, d_k, d_v] = op.call(usable_grad(grads[0], out), q, k, v, out, lse, saved[5],
-                                   saved[6], DILATED_ATTENTION_SAVED_CONFIG(c), query_begins);
-    // q, k, v, cu_seqlens_q, cu_seqlens_k, 7 config arguments, query_begins
-    torch::autograd::variable_list result(13);
-    result[0] = d_q, result[1] = d_k, result[2] = d_v;
-    return result;
-  }
-};
-
-class PaddedFunction : public torch::autograd::Function<PaddedFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& lengths,
-                                                DILATED_ATTENTION_CONFIG_PARAMETERS) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto op = typed_operator<decltype(padded_forward_kernel<forward_padded_cpu>)>(
-        "dilated_attention::forward_padded");
-    auto [out, lse] = op.call(q, k, v, lengths, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-    ctx->save_for_backward({q, k, v, out, lse, lengths});
-    save_config(ctx, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const SavedConfig c = saved_config(ctx);
-    static const auto op = typed_operator<decltype(padded_backward_kernel<backward_padded_cpu>)>(
-        "dilated_attention::backward_padded");
-    auto [d_q, d_k, d_v] = op.call(usable_grad(grads[0], out), q, k, v, out, lse, saved[5],
-                                   DILATED_ATTENTION_SAVED_CONFIG(c));
-    torch::autograd::variable_list result(11);  // q, k, v, lengths, 7 config arguments
-    result[0] = d_q, result[1] = d_k, result[2] = d_v;
-    return result;
-  }
-};
-
-inline std::tuple<at::Tensor, at::Tensor> forward_query_range_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::int64_t query_begin,
-    DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  if (wants_grad({q, k, v})) check_differentiable_device("forward_query_range", q);
-  auto result = QueryRangeFunction::apply(q, k, v, query_begin, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-  return {result[0], result[1]};
-}
-
-inline std::tuple<at::Tensor, at::Tensor> forward_varlen_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, DILATED_ATTENTION_CONFIG_PARAMETERS,
-    const std::optional<at::Tensor>& query_begins) {
-  if (wants_grad({q, k, v})) check_differentiable_device("forward_varlen", q);
-  auto result = VarlenFunction::apply(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                      DILATED_ATTENTION_CONFIG_ARGUMENTS, query_begins);
-  return {result[0], result[1]};
-}
-
-inline std::tuple<at::Tensor, at::Tensor> forward_padded_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lengths,
-    DILATED_ATTENTION_CONFIG_PARAMETERS) {
-  if (wants_grad({q, k, v})) check_differentiable_device("forward_padded", q);
-  auto result = PaddedFunction::apply(q, k, v, lengths, DILATED_ATTENTION_CONFIG_ARGUMENTS);
-  return {result[0], result[1]};
-}
-
-// Paged K/V and the KV cache are inference-only (the library has no backward of its paged
-// form): asking for a gradient raises here, in the forward, instead of returning none.
-inline std::tuple<at::Tensor, at::Tensor> forward_kvcache_autograd(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, DILATED_ATTENTION_CONFIG_PARAMETERS,
-    const std::optional<at::Tensor>& block_table) {
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !wants_grad({q, k_cache, v_cache}),
-      "dilated_attention::forward_kvcache is inference-only (the KV cache and paged K/V have no "
-      "backward), but q, k_cache or v_cache requires grad: call it under torch.no_grad() or "
-      "torch.inference_mode(), or detach the inputs; to train, use forward_varlen, "
-      "forward_padded or forward_query_range");
-  at::AutoDispatchBelowADInplaceOrView guard;
-  static const auto op = typed_operator<decltype(kvcache_forward_kernel<forward_kvcache_cpu>)>(
-      "dilated_attention::forward_kvcache");
-  return op.call(q, k_cache, v_cache, cache_seqlens, DILATED_ATTENTION_CONFIG_ARGUMENTS,
-                 block_table);
-}
 
 #undef DILATED_ATTENTION_SAVED_CONFIG
 #undef DILATED_ATTENTION_OP_CONFIG
 #undef DILATED_ATTENTION_CONFIG_ARGUMENTS
 #undef DILATED_ATTENTION_CONFIG_PARAMETERS
+#undef DILATED_ATTENTION_CONFIG_SCHEMA
 
 }  // namespace dilated_attention::torch_ops::registration
 
 TORCH_LIBRARY(dilated_attention, m) {
-  m.def(
-      "forward(Tensor q, Tensor k, Tensor v, int[] segment_lengths, int[] dilation_rates, "
-      "bool causal=False, str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, "
-      "int num_threads=0) -> (Tensor out, Tensor lse)");
-  m.def(
-      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "int[] segment_lengths, int[] dilation_rates, bool causal=False, str offsets=\"modular\", "
-      "str mixing=\"softmax\", float? scale=None, int num_threads=0) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  // The inference forms (docs/torch.md "Inference forms").
-  m.def(
-      "forward_query_range(Tensor q, Tensor k, Tensor v, int query_begin, int[] segment_lengths, "
-      "int[] dilation_rates, bool causal=False, str offsets=\"modular\", str mixing=\"softmax\", "
-      "float? scale=None, int num_threads=0) -> (Tensor out, Tensor lse)");
-  m.def(
-      "backward_query_range(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, int query_begin, int[] segment_lengths, int[] dilation_rates, "
-      "bool causal=False, str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, "
-      "int num_threads=0) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def(
-      "forward_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int[] segment_lengths, int[] dilation_rates, bool causal=False, "
-      "str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, int num_threads=0, "
-      "Tensor? query_begins=None) -> (Tensor out, Tensor lse)");
-  m.def(
-      "backward_varlen(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int[] segment_lengths, int[] dilation_rates, "
-      "bool causal=False, str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, "
-      "int num_threads=0, Tensor? query_begins=None) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def(
-      "forward_padded(Tensor q, Tensor k, Tensor v, Tensor lengths, int[] segment_lengths, "
-      "int[] dilation_rates, bool causal=False, str offsets=\"modular\", str mixing=\"softmax\", "
-      "float? scale=None, int num_threads=0) -> (Tensor out, Tensor lse)");
-  m.def(
-      "backward_padded(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor lengths, int[] segment_lengths, int[] dilation_rates, bool causal=False, "
-      "str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, int num_threads=0) "
-      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
-  m.def(
-      "forward_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
-      "int[] segment_lengths, int[] dilation_rates, bool causal=False, "
-      "str offsets=\"modular\", str mixing=\"softmax\", float? scale=None, int num_threads=0, "
-      "Tensor? block_table=None) -> (Tensor out, Tensor lse)");
+  namespace r = dilated_attention::torch_ops::registration;
+  r::Operator<r::Attention>::define(m);
+  r::Operator<r::QueryRange>::define(m);  // the inference forms (docs/torch.md)
+  r::Operator<r::Varlen>::define(m);
+  r::Operator<r::Padded>::define(m);
+  r::Operator<r::KvCache>::define(m);
 }
 
 TORCH_LIBRARY_IMPL(dilated_attention, CPU, m) {
   namespace r = dilated_attention::torch_ops::registration;
   namespace t = dilated_attention::torch_ops;
-  m.impl("forward", &r::forward_kernel<t::forward_cpu>);
-  m.impl("backward", &r::backward_kernel<t::backward_cpu>);
-  m.impl("forward_query_range", &r::query_range_forward_kernel<t::forward_query_range_cpu>);
-  m.impl("backward_query_range", &r::query_range_backward_kernel<t::backward_query_range_cpu>);
-  m.impl("forward_varlen", &r::varlen_forward_kernel<t::forward_varlen_cpu>);
-  m.impl("backward_varlen", &r::varlen_backward_kernel<t::backward_varlen_cpu>);
-  m.impl("forward_padded", &r::padded_forward_kernel<t::forward_padded_cpu>);
-  m.impl("backward_padded", &r::padded_backward_kernel<t::backward_padded_cpu>);
-  m.impl("forward_kvcache", &r::kvcache_forward_kernel<t::forward_kvcache_cpu>);
+  r::Operator<r::Attention>::impl<t::forward_cpu, t::backward_cpu>(m);
+  r::Operator<r::QueryRange>::impl<t::forward_query_range_cpu, t::backward_query_range_cpu>(m);
+  r::Operator<r::Varlen>::impl<t::forward_varlen_cpu, t::backward_varlen_cpu>(m);
+  r::Operator<r::Padded>::impl<t::forward_padded_cpu, t::backward_padded_cpu>(m);
+  r::Operator<r::KvCache>::impl<t::forward_kvcache_cpu>(m);
 }
 
 TORCH_LIBRARY_IMPL(dilated_attention, Meta, m) {
   namespace r = dilated_attention::torch_ops::registration;
   namespace t = dilated_attention::torch_ops;
-  m.impl("forward", &r::forward_kernel<t::forward_meta>);
-  m.impl("backward", &r::backward_kernel<t::backward_meta>);
-  m.impl("forward_query_range", &r::query_range_forward_kernel<t::forward_query_range_meta>);
-  m.impl("backward_query_range", &r::query_range_backward_kernel<t::backward_query_range_meta>);
-  m.impl("forward_varlen", &r::varlen_forward_kernel<t::forward_varlen_meta>);
-  m.impl("backward_varlen", &r::varlen_backward_kernel<t::backward_varlen_meta>);
-  m.impl("forward_padded", &r::padded_forward_kernel<t::forward_padded_meta>);
-  m.impl("backward_padded", &r::padded_backward_kernel<t::backward_padded_meta>);
-  m.impl("forward_kvcache", &r::kvcache_forward_kernel<t::forward_kvcache_meta>);
+  r::Operator<r::Attention>::impl<t::forward_meta, t::backward_meta>(m);
+  r::Operator<r::QueryRange>::impl<t::forward_query_range_meta, t::backward_query_range_meta>(m);
+  r::Operator<r::Varlen>::impl<t::forward_varlen_meta, t::backward_varlen_meta>(m);
+  r::Operator<r::Padded>::impl<t::forward_padded_meta, t::backward_padded_meta>(m);
+  r::Operator<r::KvCache>::impl<t::forward_kvcache_meta>(m);
 }
 
 #if defined(DILATED_ATTENTION_TORCH_CUDA)
 TORCH_LIBRARY_IMPL(dilated_attention, CUDA, m) {
   namespace r = dilated_attention::torch_ops::registration;
   namespace t = dilated_attention::torch_ops;
-  m.impl("forward", &r::forward_kernel<t::forward_cuda>);
-  m.impl("backward", &r::backward_kernel<t::backward_cuda>);
-  m.impl("forward_query_range", &r::query_range_forward_kernel<t::forward_query_range_cuda>);
-  m.impl("backward_query_range", &r::query_range_backward_kernel<t::backward_query_range_cuda>);
-  m.impl("forward_varlen", &r::varlen_forward_kernel<t::forward_varlen_cuda>);
-  m.impl("backward_varlen", &r::varlen_backward_kernel<t::backward_varlen_cuda>);
-  m.impl("forward_padded", &r::padded_forward_kernel<t::forward_padded_cuda>);
-  m.impl("backward_padded", &r::padded_backward_kernel<t::backward_padded_cuda>);
-  m.impl("forward_kvcache", &r::kvcache_forward_kernel<t::forward_kvcache_cuda>);
+  r::Operator<r::Attention>::impl<t::forward_cuda, t::backward_cuda>(m);
+  r::Operator<r::QueryRange>::impl<t::forward_query_range_cuda, t::backward_query_range_cuda>(m);
+  r::Operator<r::Varlen>::impl<t::forward_varlen_cuda, t::backward_varlen_cuda>(m);
+  r::Operator<r::Padded>::impl<t::forward_padded_cuda, t::backward_padded_cuda>(m);
+  r::Operator<r::KvCache>::impl<t::forward_kvcache_cuda>(m);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(dilated_attention, Autograd, m) {
   namespace r = dilated_attention::torch_ops::registration;
-  m.impl("forward", &r::forward_autograd);
-  m.impl("backward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("forward_query_range", &r::forward_query_range_autograd);
-  m.impl("forward_varlen", &r::forward_varlen_autograd);
-  m.impl("forward_padded", &r::forward_padded_autograd);
-  m.impl("forward_kvcache", &r::forward_kvcache_autograd);
-  for (const char* name : {"backward_query_range", "backward_varlen", "backward_padded"})
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  r::Operator<r::Attention>::impl_autograd(m);
+  r::Operator<r::QueryRange>::impl_autograd(m);
+  r::Operator<r::Varlen>::impl_autograd(m);
+  r::Operator<r::Padded>::impl_autograd(m);
+  r::Operator<r::KvCache>::impl_autograd(m);
 }
