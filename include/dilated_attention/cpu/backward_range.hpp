@@ -24,7 +24,7 @@
 // Rounding: the block primitive lays the query tiles of each block on the grid of the whole
 // block's rows (attend_backward's query_skip), and every other summation (key chunks and tiles,
 // the key windows, the order of branches, blocks and heads) is the ordinary backward's. Rows
-// outside the range would add exact zeros there, so every gradient element equals (==) the
+// outside the range would add exact zeros there, so every gradient element equals the
 // ordinary backward's over n positions fed the zero rows (the composition this replaced); only
 // the sign of an exactly zero element may differ. Bitwise identical for any thread count: every
 // gradient element is summed by one unit in a fixed order.

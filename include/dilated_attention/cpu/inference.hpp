@@ -773,7 +773,7 @@ void zero_view_rows(const View<T>& view, std::int64_t x0, std::int64_t x1, std::
 // one; views already validated; lse[h * lse_head + j] the forward's LSE of query row j of head
 // h). When the rows are the whole sequence (n = begin + count when causal, else kv_len, is
 // count), the ordinary backward; otherwise the row-restricted one (cpu/backward_range.hpp), which
-// costs the range's pairs and equals (==) the ordinary backward over the first n positions fed
+// costs the range's pairs and equals the ordinary backward over the first n positions fed
 // zero q, O and dO on the other rows. d_q gets the range's rows; d_k, d_v all kv_len rows.
 template <class T>
 void backward_range(const Config& config, const HeadShape& heads, std::int64_t kv_len,
@@ -809,8 +809,8 @@ void backward_range(const Config& config, const HeadShape& heads, std::int64_t k
 // D] of the range's rows; d_k, d_v [B, kv_len, Hkv, D] with respect to every K/V row, all
 // overwritten: the sum of d_k (d_v) over the chunks of a chunked prefill is the full sequence's.
 // forward_outputs are what forward returned for the range (lse [B, H, count], not null). Costs
-// the range's own (query, key) pairs -- about 2.5 times the range's forward -- plus writing
-// d_k, d_v (cpu/backward_range.hpp); each element equals (==) the ordinary backward's over the
+// the range's own (query, key) pairs -- about 3 times the range's forward -- plus writing
+// d_k, d_v (cpu/backward_range.hpp); each element equals the ordinary backward's over the
 // first begin + count positions (causal) or kv_len (not causal) with zero q, O, dO outside the
 // range. Nothing prefix-sized is allocated: the range's rows are read and written in place.
 template <class T>
