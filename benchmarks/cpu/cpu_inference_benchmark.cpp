@@ -19,7 +19,9 @@
 //                    DA_KV_HUGE_PAGES=1 maps them with transparent huge pages (context
 //                    kv_cache_pages says which).
 //   Prefill/...      rows [64k - 2k, 64k) of a causal 64k-token sequence (QueryRange) and the
-//                    forward over the whole 64k: useful GFLOP/s of each (exact pair counts).
+//                    forward over the whole 64k: useful GFLOP/s of each (exact pair counts);
+//                    and the backward of the same chunk (d_q of its rows, d_k and d_v of all
+//                    64k), counted at 10 * head_dim flops per pair (the fused path's products).
 //   Varlen/...       a batch of 16 sequences whose lengths are drawn from a log-normal
 //                    distribution (median 1024, sigma 1, clipped to [16, 8192], seed 7) packed
 //                    (Sequences), padded with ValidLengths, and padded computed as a dense
@@ -333,6 +335,93 @@ void BM_PrefillForward(benchmark::State& state) {
   state.counters["worker_threads"] = threads();
 }
 
+// d_q of query row x, head h, in fp64 from the definition (softmax mixing: one softmax over the
+// multiset of the branches' keys): scale * sum_y P_y (dO·v_y - dO·O) k_y.
+std::vector<double> reference_d_q_row(const da::Pattern& pattern, const Shape& shape,
+                                      View<const float> q, View<const float> k, View<const float> v,
+                                      const float* d_out, std::int64_t h, std::int64_t x) {
+  const double scale = da::resolved_scale(pattern.config(), shape);
+  const std::int64_t dim = shape.head_dim, g = pattern.kv_head(h);
+  auto row = [&](const View<const float>& view, std::int64_t y, std::int64_t head) {
+    return view.data + y * view.seq_stride + head * view.head_stride;
+  };
+  std::vector<std::int64_t> keys;
+  for (std::int64_t i = 0; i < pattern.num_branches(); ++i) {
+    const da::Progression p = pattern.keys(i, h, x);
+    for (std::int64_t j = 0; j < p.count; ++j) keys.push_back(p.at(j));
+  }
+  std::vector<double> s(keys.size()), dv(keys.size());
+  double top = -1e300, sum = 0;
+  for (std::size_t j = 0; j < keys.size(); ++j) {
+    double dot = 0, dpv = 0;
+    for (std::int64_t d = 0; d < dim; ++d) {
+      dot += static_cast<double>(row(q, x, h)[d]) * row(k, keys[j], g)[d];
+      dpv += static_cast<double>(d_out[d]) * row(v, keys[j], g)[d];
+    }
+    s[j] = scale * dot;
+    dv[j] = dpv;
+    top = std::max(top, s[j]);
+  }
+  for (double& value : s) sum += (value = std::exp(value - top));
+  double delta = 0;
+  for (std::size_t j = 0; j < keys.size(); ++j) delta += s[j] / sum * dv[j];
+  std::vector<double> d_q(static_cast<std::size_t>(dim), 0.0);
+  for (std::size_t j = 0; j < keys.size(); ++j)
+    for (std::int64_t d = 0; d < dim; ++d)
+      d_q[static_cast<std::size_t>(d)] +=
+          scale * s[j] / sum * (dv[j] - delta) * row(k, keys[j], g)[d];
+  return d_q;
+}
+
+// The backward of the same chunk (QueryRange): d_q of its rows, d_k and d_v of all 64k rows.
+// Its useful work counts the chunk's pairs at 10 * head_dim flops each (the fused path's five
+// products); checked on sampled d_q rows against the definition.
+void BM_PrefillChunkBackward(benchmark::State& state) {
+  using P = PrefillData;
+  PrefillData& data = prefill_data();
+  const Config config = longnet();
+  const Shape shape{1, P::N, P::H, P::H, P::D};
+  const std::int64_t begin = P::N - P::chunk, row = P::H * P::D;
+  const View<const float> q_all{data.q.data(), 0, row, P::D};
+  const View<const float> q_rows{data.q.data() + begin * row, 0, row, P::D};
+  const View<const float> k{data.k.data(), 0, row, P::D}, v{data.v.data(), 0, row, P::D};
+  std::vector<float> out(static_cast<std::size_t>(P::chunk * row)),
+      lse(static_cast<std::size_t>(P::chunk * P::H)), d_out(out.size()), d_q(out.size()),
+      d_k(data.k.size()), d_v(data.v.size());
+  fill(d_out.data(), 0, d_out.size(), 23);
+  da::forward<float>(config, shape, da::QueryRange{begin, P::chunk}, {q_rows, k, v},
+                     {View<float>{out.data(), 0, row, P::D}, lse.data()},
+                     da::CpuOptions{threads()});
+  for (auto _ : state) {
+    da::backward<float>(
+        config, shape, da::QueryRange{begin, P::chunk}, {q_rows, k, v},
+        {View<const float>{out.data(), 0, row, P::D}, lse.data()},
+        View<const float>{d_out.data(), 0, row, P::D},
+        {View<float>{d_q.data(), 0, row, P::D}, View<float>{d_k.data(), 0, row, P::D},
+         View<float>{d_v.data(), 0, row, P::D}},
+        da::CpuOptions{threads()});
+    benchmark::DoNotOptimize(d_q.data());
+    benchmark::DoNotOptimize(d_k.data());
+  }
+  const da::Pattern pattern(config, shape);
+  double error = 0;
+  for (std::int64_t x : {begin, begin + 1, begin + P::chunk / 2, P::N - 1})
+    for (std::int64_t h : {std::int64_t(0), P::H - 1}) {
+      const std::vector<double> expected = reference_d_q_row(
+          pattern, shape, q_all, k, v, d_out.data() + (x - begin) * row + h * P::D, h, x);
+      for (std::int64_t d = 0; d < P::D; ++d)
+        error = std::max(error,
+                         std::abs(d_q[static_cast<std::size_t>((x - begin) * row + h * P::D + d)] -
+                                  expected[static_cast<std::size_t>(d)]));
+    }
+  report_error(state, error);
+  const double flops = 2.5 * useful_flops(config, shape, begin, P::N);
+  state.counters["useful_GFLOPs"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["useful_flops"] = flops;
+  state.counters["worker_threads"] = threads();
+}
+
 // --- Varlen against padded ---------------------------------------------------------------------
 
 struct VarlenData {
@@ -460,6 +549,10 @@ void register_benchmarks() {
           }
         }
   benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+  benchmark::RegisterBenchmark("Prefill/chunk_backward_2k_at_64k", BM_PrefillChunkBackward)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
       ->MinTime(0.5);

@@ -685,6 +685,298 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
     }
 }
 
+// The backward of a range of rows (cpu/backward_range.hpp) costs the range's pairs; each of its
+// elements is bitwise the composition's it replaced (only the sign of an exact zero could differ):
+// the ordinary backward over the first n positions (n = begin + count causal, else N) fed the
+// range's q, O, dO and LSE and zeros on every other row. Checked for every offset rule and
+// mixing (mean with recomputed statistics: rates 1, 3, 7 under modular give heads rows in
+// several branches), GQA, causal and not, ranges that start and end inside query tiles of long
+// blocks (w = 400, r = 1: 400-row blocks), a decode row; float and double (fused path) and
+// bfloat16 (narrow path); bitwise the same on 1 and 3 threads.
+template <class T>
+void check_range_against_composition(const Config& config, std::int64_t N, std::int64_t H,
+                                     std::int64_t Hkv, std::int64_t D, std::int64_t begin,
+                                     std::int64_t count, long& mismatches) {
+  using L = da::lse_type_t<T>;
+  auto convert = [](const std::vector<float>& from) {
+    std::vector<T> to(from.size());
+    for (std::size_t i = 0; i < from.size(); ++i) to[i] = static_cast<T>(from[i]);
+    return to;
+  };
+  const std::vector<T> q = convert(random_values(static_cast<std::size_t>(N * H * D), 80));
+  const std::vector<T> k = convert(random_values(static_cast<std::size_t>(N * Hkv * D), 81));
+  const std::vector<T> v = convert(random_values(static_cast<std::size_t>(N * Hkv * D), 82));
+  const std::vector<T> d_out = convert(random_values(q.size(), 83));
+  auto view = [&](const T* data, std::int64_t heads) {
+    return View<const T>{data, 0, heads * D, D, -1};
+  };
+  auto mut = [&](std::vector<T>& data, std::int64_t heads) {
+    return View<T>{data.data(), 0, heads * D, D, static_cast<std::int64_t>(data.size())};
+  };
+  const Shape shape{1, N, H, Hkv, D};
+  const QueryRange range{begin, count};
+  const std::size_t rows = static_cast<std::size_t>(count * H * D);
+  std::vector<T> out(rows);
+  std::vector<L> lse(static_cast<std::size_t>(H * count));
+  const da::Inputs<T> in{view(q.data() + begin * H * D, H), view(k.data(), Hkv),
+                         view(v.data(), Hkv)};
+  da::forward<T>(config, shape, range, in, {mut(out, H), lse.data()});
+  std::vector<T> d_q[2], d_k[2], d_v[2];
+  for (int t = 0; t < 2; ++t) {
+    d_q[t].assign(rows, T(-7.0f));
+    d_k[t].assign(k.size(), T(-7.0f));
+    d_v[t].assign(k.size(), T(-7.0f));
+    da::backward<T>(config, shape, range, in, {view(out.data(), H), lse.data()},
+                    view(d_out.data() + begin * H * D, H),
+                    {mut(d_q[t], H), mut(d_k[t], Hkv), mut(d_v[t], Hkv)},
+                    CpuOptions{t == 0 ? 1 : 3});
+  }
+  for (const auto* pair : {&d_q, &d_k, &d_v})
+    mismatches +=
+        std::memcmp((*pair)[0].data(), (*pair)[1].data(), (*pair)[0].size() * sizeof(T)) != 0;
+  // The composition: prefix-sized buffers, zero outside the range.
+  const std::int64_t n = config.causal ? begin + count : N;
+  std::vector<T> qf(static_cast<std::size_t>(n * H * D), T(0)), of(qf.size(), T(0)),
+      dof(qf.size(), T(0)), dqf(qf.size()), dkf(static_cast<std::size_t>(n * Hkv * D)),
+      dvf(dkf.size());
+  std::vector<L> lf(static_cast<std::size_t>(H * n), L(0));
+  std::copy_n(q.begin() + begin * H * D, rows, qf.begin() + begin * H * D);
+  std::copy_n(out.begin(), rows, of.begin() + begin * H * D);
+  std::copy_n(d_out.begin() + begin * H * D, rows, dof.begin() + begin * H * D);
+  for (std::int64_t h = 0; h < H; ++h)
+    std::copy_n(lse.begin() + h * count, count, lf.begin() + h * n + begin);
+  da::backward<T>(config, Shape{1, n, H, Hkv, D},
+                  {view(qf.data(), H), view(k.data(), Hkv), view(v.data(), Hkv)},
+                  {view(of.data(), H), lf.data()}, view(dof.data(), H),
+                  {mut(dqf, H), mut(dkf, Hkv), mut(dvf, Hkv)});
+  // Bitwise: == plus the sign of zero, which the tested data never makes differ.
+  auto equal = [](T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; };
+  for (std::size_t i = 0; i < rows; ++i)
+    mismatches += !equal(d_q[0][i], dqf[static_cast<std::size_t>(begin * H * D) + i]);
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    const bool inside = i < dkf.size();
+    mismatches += !equal(d_k[0][i], inside ? dkf[i] : T(0));
+    mismatches += !equal(d_v[0][i], inside ? dvf[i] : T(0));
+  }
+}
+
+TEST(CpuInferenceBackward, RangeEqualsTheZeroFilledComposition) {
+  const std::int64_t N = 430, H = 4, D = 16;
+  // (begin, count): inside tiles of the 400-row blocks, a range crossing a segment start, a
+  // decode row, the last rows, the first rows (non-causal: not the whole sequence).
+  const std::pair<std::int64_t, std::int64_t> ranges[] = {
+      {150, 190}, {390, 25}, {429, 1}, {37, 1}, {0, 77}};
+  for (OffsetRule rule : rules)
+    for (Mixing mixing : mixings)
+      for (bool causal : {true, false}) {
+        // Without and with GQA, each in half of the (mixing, causal) cases of every rule.
+        const std::int64_t Hkv = causal == (mixing == Mixing::softmax) ? 4 : 2;
+        const Config config = make_config({64, 400, 130}, {1, 1, 7}, causal, rule, mixing);
+        SCOPED_TRACE(name(config) + " Hkv " + std::to_string(Hkv));
+        long mismatches = 0;
+        for (const auto& [begin, count] : ranges)
+          check_range_against_composition<float>(config, N, H, Hkv, D, begin, count, mismatches);
+        EXPECT_EQ(mismatches, 0);
+      }
+  for (Mixing mixing : mixings) {
+    const Config config = make_config({64, 400, 130}, {1, 1, 7}, true, OffsetRule::modular, mixing);
+    SCOPED_TRACE(name(config) + " double, bfloat16");
+    long mismatches = 0;
+    for (const auto& [begin, count] : ranges) {
+      check_range_against_composition<double>(config, N, H, 2, D, begin, count, mismatches);
+      check_range_against_composition<Eigen::bfloat16>(config, N, H, 2, D, begin, count,
+                                                       mismatches);
+    }
+    check_range_against_composition<Eigen::half>(
+        make_config({64, 400, 130}, {1, 1, 7}, false, OffsetRule::blocked, mixing), N, H, 2, D, 150,
+        190, mismatches);
+    EXPECT_EQ(mismatches, 0);
+  }
+}
+
+// A decode row's backward (QueryRange{N - 1, 1}): d_q is the full backward's last row, and d_k,
+// d_v are the fp64 reference's for a d_out that is zero on every other row.
+TEST(CpuInferenceBackward, DecodeRowMatchesTheReference) {
+  const std::int64_t N = 300, H = 4, Hkv = 2, D = 16;
+  const Shape shape{1, N, H, Hkv, D};
+  const auto q = random_values(static_cast<std::size_t>(N * H * D), 74);
+  const auto k = random_values(static_cast<std::size_t>(N * Hkv * D), 75);
+  const auto v = random_values(static_cast<std::size_t>(N * Hkv * D), 76);
+  auto d_out = random_values(q.size(), 77);
+  std::fill(d_out.begin(), d_out.end() - H * D, 0.0f);
+  for (Mixing mixing : mixings) {
+    const Config config = make_config({64, 100, 300}, {1, 3, 7}, true, OffsetRule::modular, mixing);
+    SCOPED_TRACE(name(config));
+    std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
+        dod(d_out.begin(), d_out.end()), od(q.size()), ld(static_cast<std::size_t>(H * N)),
+        dqd(q.size()), dkd(k.size()), dvd(k.size());
+    const da::Inputs<double> din{View<const double>{qd.data(), 0, H * D, D},
+                                 View<const double>{kd.data(), 0, Hkv * D, D},
+                                 View<const double>{vd.data(), 0, Hkv * D, D}};
+    da::reference::forward<double>(config, shape, din,
+                                   {View<double>{od.data(), 0, H * D, D}, ld.data()});
+    da::reference::backward<double>(
+        config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
+        View<const double>{dod.data(), 0, H * D, D},
+        {View<double>{dqd.data(), 0, H * D, D}, View<double>{dkd.data(), 0, Hkv * D, D},
+         View<double>{dvd.data(), 0, Hkv * D, D}});
+    const QueryRange range{N - 1, 1};
+    const da::Inputs<float> in{View<const float>{q.data() + (N - 1) * H * D, 0, H * D, D, H * D},
+                               view_of(k, N, Hkv, D), view_of(v, N, Hkv, D)};
+    std::vector<float> out(static_cast<std::size_t>(H * D)), lse(static_cast<std::size_t>(H));
+    da::forward<float>(config, shape, range, in, {view_of(out, 1, H, D), lse.data()});
+    std::vector<float> d_q(out.size(), -7.0f), d_k(k.size(), -7.0f), d_v(k.size(), -7.0f);
+    da::backward<float>(config, shape, range, in, {view_of(out, 1, H, D), lse.data()},
+                        View<const float>{d_out.data() + (N - 1) * H * D, 0, H * D, D, H * D},
+                        {view_of(d_q, 1, H, D), view_of(d_k, N, Hkv, D), view_of(d_v, N, Hkv, D)});
+    double worst = 0;
+    for (std::int64_t e = 0; e < H * D; ++e)
+      worst = std::max(worst, std::abs(d_q[static_cast<std::size_t>(e)] -
+                                       dqd[static_cast<std::size_t>((N - 1) * H * D + e)]));
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      worst = std::max(worst, std::abs(d_k[i] - dkd[i]));
+      worst = std::max(worst, std::abs(d_v[i] - dvd[i]));
+    }
+    EXPECT_LT(worst, 2e-5);
+  }
+}
+
+// Varlen sequences whose query rows are not all of their rows take the row-restricted path:
+// each sequence's gradient is bitwise that of QueryRange on the sequence alone.
+TEST(CpuInferenceBackward, VarlenQueryTailsAreTheirRangesBackwardBitwise) {
+  const std::int64_t H = 4, Hkv = 2, D = 16;
+  const Batch batch = random_batch(H, Hkv, D, 62);
+  const std::int64_t B = static_cast<std::int64_t>(batch.lengths.size());
+  const std::int64_t total_k = batch.offsets.back();
+  std::vector<std::int64_t> q_offsets(1, 0);
+  for (std::int64_t b = 0; b < B; ++b)  // 1, 30, 100, 2, 0 (none), 45 query rows: their last
+    q_offsets.push_back(q_offsets.back() +
+                        std::min<std::int64_t>(batch.lengths[static_cast<std::size_t>(b)],
+                                               std::int64_t{1 + (b * 37) % 101} * (b != 4)));
+  const std::int64_t total_q = q_offsets.back();
+  std::vector<float> q(static_cast<std::size_t>(total_q * H * D));
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t rows =
+        q_offsets[static_cast<std::size_t>(b + 1)] - q_offsets[static_cast<std::size_t>(b)];
+    const std::int64_t first = batch.offsets[static_cast<std::size_t>(b + 1)] - rows;
+    std::copy_n(batch.q.begin() + first * H * D, rows * H * D,
+                q.begin() + q_offsets[static_cast<std::size_t>(b)] * H * D);
+  }
+  const auto d_out = random_values(q.size(), 63);
+  const Sequences sequences{B, q_offsets.data(), batch.offsets.data(), nullptr, nullptr};
+  for (bool causal : {true, false})
+    for (Mixing mixing : mixings) {
+      const Config config =
+          make_config({64, 100, 333}, {1, 2, 5}, causal, OffsetRule::modular, mixing);
+      SCOPED_TRACE(name(config));
+      const HeadShape heads{H, Hkv, D};
+      const da::Inputs<float> in{view_of(q, total_q, H, D), view_of(batch.k, total_k, Hkv, D),
+                                 view_of(batch.v, total_k, Hkv, D)};
+      std::vector<float> out(q.size()), lse(static_cast<std::size_t>(H * total_q));
+      da::forward<float>(config, heads, sequences, in, {view_of(out, total_q, H, D), lse.data()});
+      Grads g{std::vector<float>(q.size(), -7.0f), std::vector<float>(batch.k.size(), -7.0f),
+              std::vector<float>(batch.k.size(), -7.0f)};
+      da::backward<float>(config, heads, sequences, in, {view_of(out, total_q, H, D), lse.data()},
+                          view_of(d_out, total_q, H, D),
+                          {view_of(g.d_q, total_q, H, D), view_of(g.d_k, total_k, Hkv, D),
+                           view_of(g.d_v, total_k, Hkv, D)});
+      long mismatches = 0;
+      for (std::int64_t b = 0; b < B; ++b) {
+        const std::int64_t n = batch.lengths[static_cast<std::size_t>(b)],
+                           o = batch.offsets[static_cast<std::size_t>(b)],
+                           q0 = q_offsets[static_cast<std::size_t>(b)],
+                           rows = q_offsets[static_cast<std::size_t>(b + 1)] - q0;
+        std::vector<float> d_q(static_cast<std::size_t>(rows * H * D)),
+            d_k(static_cast<std::size_t>(n * Hkv * D), 0.0f), d_v(d_k.size(), 0.0f);
+        if (rows > 0) {
+          std::vector<float> lse_b(static_cast<std::size_t>(H * rows));
+          for (std::int64_t h = 0; h < H; ++h)
+            std::copy_n(lse.begin() + h * total_q + q0, rows, lse_b.begin() + h * rows);
+          const View<const float> k_b{batch.k.data() + o * Hkv * D, 0, Hkv * D, D, -1},
+              v_b{batch.v.data() + o * Hkv * D, 0, Hkv * D, D, -1};
+          da::backward<float>(
+              config, Shape{1, n, H, Hkv, D}, QueryRange{n - rows, rows},
+              {View<const float>{q.data() + q0 * H * D, 0, H * D, D, -1}, k_b, v_b},
+              {View<const float>{out.data() + q0 * H * D, 0, H * D, D, -1}, lse_b.data()},
+              View<const float>{d_out.data() + q0 * H * D, 0, H * D, D, -1},
+              {view_of(d_q, rows, H, D), view_of(d_k, n, Hkv, D), view_of(d_v, n, Hkv, D)});
+        }
+        auto differs = [](const std::vector<float>& a, const float* b) {  // a may be empty
+          return !a.empty() && std::memcmp(a.data(), b, a.size() * sizeof(float)) != 0;
+        };
+        mismatches += differs(d_q, g.d_q.data() + q0 * H * D);
+        mismatches += differs(d_k, g.d_k.data() + o * Hkv * D);
+        mismatches += differs(d_v, g.d_v.data() + o * Hkv * D);
+      }
+      EXPECT_EQ(mismatches, 0);
+    }
+}
+
+// Chunked prefill's backward in bfloat16 (the narrow path): the chunks' d_q are the full
+// bfloat16 backward's rows and their d_k, d_v sum to its d_k, d_v, within bfloat16 rounding.
+TEST(CpuInferenceBackward, Bfloat16ChunksSumToTheFullGradient) {
+  using T = Eigen::bfloat16;
+  const std::int64_t N = 400, H = 4, Hkv = 2, D = 16;
+  const Shape shape{1, N, H, Hkv, D};
+  auto convert = [](const std::vector<float>& from) {
+    std::vector<T> to(from.size());
+    for (std::size_t i = 0; i < from.size(); ++i) to[i] = static_cast<T>(from[i]);
+    return to;
+  };
+  const auto q = convert(random_values(static_cast<std::size_t>(N * H * D), 70));
+  const auto k = convert(random_values(static_cast<std::size_t>(N * Hkv * D), 71));
+  const auto v = convert(random_values(static_cast<std::size_t>(N * Hkv * D), 72));
+  const auto d_out = convert(random_values(q.size(), 73));
+  auto view = [&](const T* data, std::int64_t heads) {
+    return View<const T>{data, 0, heads * D, D, -1};
+  };
+  auto mut = [&](std::vector<T>& data, std::int64_t heads) {
+    return View<T>{data.data(), 0, heads * D, D, static_cast<std::int64_t>(data.size())};
+  };
+  const std::int64_t chunks[] = {3, 150, 1, 246};
+  for (bool causal : {true, false}) {
+    const Config config =
+        make_config({64, 100, 400}, {1, 3, 7}, causal, OffsetRule::modular, Mixing::mean);
+    SCOPED_TRACE(name(config));
+    std::vector<T> out(q.size()), fq(q.size()), fk(k.size()), fv(k.size());
+    std::vector<float> lse(static_cast<std::size_t>(H * N));
+    const da::Inputs<T> all{view(q.data(), H), view(k.data(), Hkv), view(v.data(), Hkv)};
+    da::forward<T>(config, shape, all, {mut(out, H), lse.data()});
+    da::backward<T>(config, shape, all, {view(out.data(), H), lse.data()}, view(d_out.data(), H),
+                    {mut(fq, H), mut(fk, Hkv), mut(fv, Hkv)});
+    std::vector<double> d_k_sum(k.size(), 0.0), d_v_sum(k.size(), 0.0);
+    double worst_q = 0, worst_kv = 0;
+    std::int64_t begin = 0;
+    for (std::int64_t count : chunks) {
+      const QueryRange range{begin, count};
+      const da::Inputs<T> in{view(q.data() + begin * H * D, H), view(k.data(), Hkv),
+                             view(v.data(), Hkv)};
+      std::vector<T> c_out(static_cast<std::size_t>(count * H * D));
+      std::vector<float> c_lse(static_cast<std::size_t>(H * count));
+      da::forward<T>(config, shape, range, in, {mut(c_out, H), c_lse.data()});
+      std::vector<T> d_q(c_out.size()), d_k(k.size()), d_v(k.size());
+      da::backward<T>(config, shape, range, in, {view(c_out.data(), H), c_lse.data()},
+                      view(d_out.data() + begin * H * D, H),
+                      {mut(d_q, H), mut(d_k, Hkv), mut(d_v, Hkv)});
+      for (std::size_t i = 0; i < d_q.size(); ++i)
+        worst_q = std::max(worst_q, std::abs(static_cast<double>(d_q[i]) -
+                                             static_cast<double>(fq[begin * H * D + i])));
+      for (std::size_t i = 0; i < k.size(); ++i) {
+        d_k_sum[i] += static_cast<double>(d_k[i]);
+        d_v_sum[i] += static_cast<double>(d_v[i]);
+      }
+      begin += count;
+    }
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      worst_kv = std::max(worst_kv, std::abs(d_k_sum[i] - static_cast<double>(fk[i])));
+      worst_kv = std::max(worst_kv, std::abs(d_v_sum[i] - static_cast<double>(fv[i])));
+    }
+    // Each chunk's gradients are rounded to bfloat16 (8 bits) on their own: |d_k| <= ~2 here.
+    EXPECT_LT(worst_q, 2.0 / 256);
+    EXPECT_LT(worst_kv, 4 * 2.0 / 256);
+  }
+}
+
 // --- Other storage types: double, bfloat16, half ------------------------------------------------
 
 // A varlen batch in storage T: prefill rows bitwise the forward over each sequence alone, and a

@@ -126,7 +126,7 @@ class AttendBackwardWorkspace {
   friend void attend_backward_with(AttendBackwardWorkspace<A>&, const StridedRows<T>&,
                                    const StridedRows<T>&, const StridedRows<T>&,
                                    const StridedRows<T>&, const A*, const A*, A, A, bool,
-                                   GradientRows<A>, GradientRows<A>, GradientRows<A>);
+                                   GradientRows<A>, GradientRows<A>, GradientRows<A>, std::int64_t);
   template <class K, class T, class A>
   friend void attend_statistics_with(AttendBackwardWorkspace<A>&, const StridedRows<T>&,
                                      const StridedRows<T>&, const StridedRows<T>&,
@@ -181,7 +181,7 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
                           const StridedRows<T>& k, const StridedRows<T>& v,
                           const StridedRows<T>& d_out, const Acc* lse, const Acc* delta, Acc scale,
                           Acc weight, bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
-                          GradientRows<Acc> d_v) {
+                          GradientRows<Acc> d_v, std::int64_t query_skip) {
   static_assert(std::is_same_v<typename K::value_type, Acc>, "kernel set of another type");
   using kernels::round_up;
   constexpr int mr = K::rows, nr = K::cols;
@@ -212,8 +212,11 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
     if (d_k.data != nullptr) std::fill(d_k_chunk, d_k_chunk + ccm * padded_dim, Acc(0));
     if (d_v.data != nullptr) std::fill(d_v_chunk, d_v_chunk + ccm * padded_dim, Acc(0));
 
-    for (std::int64_t q0 = 0; q0 < num_queries; q0 += t) {
-      const std::int64_t bq = std::min(t, num_queries - q0), bqm = round_up(bq, mr);
+    // The first tile is cut short by query_skip (mod t), so later tiles fall on the grid of the
+    // longer list q's rows are the tail of (attend_backward below).
+    for (std::int64_t q0 = 0, bq = 0; q0 < num_queries; q0 += bq) {
+      bq = std::min(q0 == 0 ? t - query_skip % t : t, num_queries - q0);
+      const std::int64_t bqm = round_up(bq, mr);
       std::int64_t key_limit = 0;  // keys of this chunk that some row of the tile sees
       for (std::int64_t j = 0; j < bq; ++j) {
         const std::int64_t x = q.positions.at(q0 + j);
@@ -298,13 +301,17 @@ void attend_backward_with(AttendBackwardWorkspace<Acc>& ws, const StridedRows<T>
 // with, and D = weight * rowsum(dO ∘ O). A row with lse = -inf attends nothing and contributes
 // nothing. Results are added (+=) to d_q (q's rows), d_k and d_v (k's rows); null ones are
 // skipped. Causal means key position <= query position. Single-threaded and deterministic: the
-// summation order depends only on the row counts and workspace.isa().
+// summation order depends only on the row counts, query_skip and workspace.isa().
+// query_skip: q's rows are the rows from query_skip on of a longer list whose first query_skip
+// rows would contribute exact zeros (zero q and dO): the query tiles are laid on that list's grid
+// (the first one cut short), so dK and dV are summed in the same groups, and round the same, as
+// over the longer list. A row-restricted backward (cpu/backward_range.hpp) relies on it.
 template <class T, class Acc>
 void attend_backward(AttendBackwardWorkspace<Acc>& workspace, const StridedRows<T>& q,
                      const StridedRows<T>& k, const StridedRows<T>& v, const StridedRows<T>& d_out,
                      const Acc* lse, const Acc* delta, std::int64_t head_dim, Acc scale, Acc weight,
                      bool causal, GradientRows<Acc> d_q, GradientRows<Acc> d_k,
-                     GradientRows<Acc> d_v) {
+                     GradientRows<Acc> d_v, std::int64_t query_skip = 0) {
   static_assert(std::is_same_v<Acc, accumulator_t<T>>,
                 "attend_backward: Acc must be accumulator_t<T>");
   if (head_dim != workspace.head_dim())
@@ -314,9 +321,12 @@ void attend_backward(AttendBackwardWorkspace<Acc>& workspace, const StridedRows<
     throw std::invalid_argument(
         "dilated_attention::cpu::attend_backward: k and v (or q and d_out) have different row "
         "counts");
+  if (query_skip < 0)
+    throw std::invalid_argument(
+        "dilated_attention::cpu::attend_backward: query_skip must not be negative");
   kernels::with_kernels<Acc>(workspace.isa(), [&](auto kernel_set) {
     attend_backward_with<decltype(kernel_set)>(workspace, q, k, v, d_out, lse, delta, scale, weight,
-                                               causal, d_q, d_k, d_v);
+                                               causal, d_q, d_k, d_v, query_skip);
   });
 }
 

@@ -44,6 +44,7 @@
 #include "../validate_sequences.hpp"
 #include "attend.hpp"
 #include "backward.hpp"
+#include "backward_range.hpp"
 #include "forward.hpp"
 #include "kernels/prefetch.hpp"
 #include "kernels/widen.hpp"
@@ -769,53 +770,35 @@ void zero_view_rows(const View<T>& view, std::int64_t x0, std::int64_t x1, std::
 }
 
 // The backward of rows [begin, begin + count) of one sequence of kv_len positions (batch of
-// one; views already validated, lse_at(h, j) the forward's LSE of query row j of head h): the
-// ordinary backward over the sequence's first n positions (n = begin + count when causal, whose
-// later rows these queries never see, else kv_len), fed the range's q, out, dO and LSE and, on
-// every other row, zero q, out and dO, whose gradient terms are exactly zero (dS = P (dO·v - D)
-// with dO = 0 and D = 0). d_q gets the range's rows; d_k, d_v all kv_len rows (zero past n).
-template <class T, class LseAt>
+// one; views already validated; lse[h * lse_head + j] the forward's LSE of query row j of head
+// h). When the rows are the whole sequence (n = begin + count when causal, else kv_len, is
+// count), the ordinary backward; otherwise the row-restricted one (cpu/backward_range.hpp), which
+// costs the range's pairs and equals the ordinary backward over the first n positions fed
+// zero q, O and dO on the other rows. d_q gets the range's rows; d_k, d_v all kv_len rows.
+template <class T>
 void backward_range(const Config& config, const HeadShape& heads, std::int64_t kv_len,
                     std::int64_t begin, std::int64_t count, View<const T> q, View<const T> k,
-                    View<const T> v, View<const T> out, const LseAt& lse_at, View<const T> d_out,
-                    View<T> d_q, View<T> d_k, View<T> d_v, const CpuOptions& options) {
+                    View<const T> v, View<const T> out, const lse_type_t<T>* lse,
+                    std::int64_t lse_head, View<const T> d_out, View<T> d_q, View<T> d_k,
+                    View<T> d_v, const CpuOptions& options) {
   using L = lse_type_t<T>;
   const std::int64_t H = heads.num_heads, G = heads.num_kv_heads, dim = heads.head_dim;
   const std::int64_t n = config.causal ? begin + count : kv_len;
-  const Shape shape{1, n, H, G, dim};
-  const bool whole = begin == 0 && count == n;
-  std::vector<L> lse(static_cast<std::size_t>(H * n), L(0));
-  for (std::int64_t h = 0; h < H; ++h)
-    for (std::int64_t j = 0; j < count; ++j)
-      lse[static_cast<std::size_t>(h * n + begin + j)] = lse_at(h, j);
-  if (whole) {
-    backward<T>(config, shape, Inputs<T>{q, k, v}, Outputs<const T>{out, lse.data()}, d_out,
-                Gradients<T>{d_q, d_k, d_v}, options);
-  } else {
-    const std::size_t elements = static_cast<std::size_t>(n * H * dim);
-    std::vector<T> q_full(elements, T(0)), out_full(elements, T(0)), d_out_full(elements, T(0)),
-        d_q_full(elements);
-    auto copy_in = [&](const View<const T>& from, std::vector<T>& to) {
-      for (std::int64_t j = 0; j < count; ++j)
-        for (std::int64_t h = 0; h < H; ++h)
-          std::copy_n(from.data + j * from.seq_stride + h * from.head_stride, dim,
-                      to.data() + ((begin + j) * H + h) * dim);
-    };
-    copy_in(q, q_full);
-    copy_in(out, out_full);
-    copy_in(d_out, d_out_full);
-    auto full = [&](std::vector<T>& data) { return contiguous_view(data, shape, H); };
-    const std::vector<T>& qf = q_full;
-    const std::vector<T>& of = out_full;
-    const std::vector<T>& df = d_out_full;
-    backward<T>(config, shape, Inputs<T>{contiguous_view(qf, shape, H), k, v},
-                Outputs<const T>{contiguous_view(of, shape, H), lse.data()},
-                contiguous_view(df, shape, H), Gradients<T>{full(d_q_full), d_k, d_v}, options);
-    for (std::int64_t j = 0; j < count; ++j)
-      for (std::int64_t h = 0; h < H; ++h)
-        std::copy_n(d_q_full.data() + ((begin + j) * H + h) * dim, dim,
-                    d_q.data + j * d_q.seq_stride + h * d_q.head_stride);
+  if (begin != 0 || count != n) {
+    backward_range_rows<T>(config, heads, kv_len, begin, count, q, k, v, out, lse, lse_head, d_out,
+                           d_q, d_k, d_v, options);
+    return;
   }
+  const Shape shape{1, n, H, G, dim};
+  std::vector<L> lse_rows;  // [H, n] as the ordinary backward reads it
+  if (lse_head != n) {
+    lse_rows.resize(static_cast<std::size_t>(H * n));
+    for (std::int64_t h = 0; h < H; ++h)
+      std::copy_n(lse + h * lse_head, n, lse_rows.begin() + h * n);
+  }
+  backward<T>(config, shape, Inputs<T>{q, k, v},
+              Outputs<const T>{out, lse_rows.empty() ? lse : lse_rows.data()}, d_out,
+              Gradients<T>{d_q, d_k, d_v}, options);
   zero_view_rows(d_k, n, kv_len, G, dim);
   zero_view_rows(d_v, n, kv_len, G, dim);
 }
@@ -826,7 +809,10 @@ void backward_range(const Config& config, const HeadShape& heads, std::int64_t k
 // D] of the range's rows; d_k, d_v [B, kv_len, Hkv, D] with respect to every K/V row, all
 // overwritten: the sum of d_k (d_v) over the chunks of a chunked prefill is the full sequence's.
 // forward_outputs are what forward returned for the range (lse [B, H, count], not null). Costs
-// the ordinary backward over the first begin + count positions (causal) or kv_len (not causal).
+// the range's own (query, key) pairs -- about 3 times the range's forward -- plus writing
+// d_k, d_v (cpu/backward_range.hpp); each element equals the ordinary backward's over the
+// first begin + count positions (causal) or kv_len (not causal) with zero q, O, dO outside the
+// range. Nothing prefix-sized is allocated: the range's rows are read and written in place.
 template <class T>
 void backward(const Config& config, const Shape& shape, const QueryRange& range,
               const Inputs<detail::identity_t<T>>& inputs,
@@ -844,19 +830,18 @@ void backward(const Config& config, const Shape& shape, const QueryRange& range,
   const HeadShape heads{shape.num_heads, shape.num_kv_heads, shape.head_dim};
   for (std::int64_t b = 0; b < shape.batch; ++b) {
     const lse_type_t<T>* lse_b = lse + b * shape.num_heads * range.count;
-    cpu::detail::backward_range<T>(
-        config, heads, shape.seq_len, range.begin, range.count, element(q, b), element(k, b),
-        element(v, b), element(out, b),
-        [&](std::int64_t h, std::int64_t j) { return lse_b[h * range.count + j]; },
-        element(d_out, b), element(gradients.d_q, b), element(gradients.d_k, b),
-        element(gradients.d_v, b), options);
+    cpu::detail::backward_range<T>(config, heads, shape.seq_len, range.begin, range.count,
+                                   element(q, b), element(k, b), element(v, b), element(out, b),
+                                   lse_b, range.count, element(d_out, b), element(gradients.d_q, b),
+                                   element(gradients.d_k, b), element(gradients.d_v, b), options);
   }
 }
 
 // Backward of 2 (variable-length batch): packed d_out, d_q [total_q, H, D], d_k, d_v [total_k,
 // Hkv, D], overwritten; lse [H, total_q] as forward returned it. Each sequence's gradient is the
-// ordinary backward over that sequence alone (of its query rows, as in 1, when they are not the
-// whole sequence); rows of a sequence without queries get zero d_k, d_v.
+// ordinary backward over that sequence alone when its query rows are all of its rows, else that
+// of its query rows as in 1 (at their own pairs' cost); rows of a sequence without queries get
+// zero d_k, d_v.
 template <class T>
 void backward(const Config& config, const HeadShape& heads, const Sequences& sequences,
               const Inputs<detail::identity_t<T>>& inputs,
@@ -881,16 +866,16 @@ void backward(const Config& config, const HeadShape& heads, const Sequences& seq
       cpu::detail::zero_view_rows(d_v, 0, length, heads.num_kv_heads, heads.head_dim);
       continue;
     }
-    cpu::detail::backward_range<T>(
-        config, heads, length, sequences.query_begin(b), rows, shifted(q, q0), shifted(k, k0),
-        shifted(v, k0), shifted(out, q0),
-        [&](std::int64_t h, std::int64_t j) { return lse[h * total_q + q0 + j]; },
-        shifted(d_out, q0), shifted(gradients.d_q, q0), d_k, d_v, options);
+    cpu::detail::backward_range<T>(config, heads, length, sequences.query_begin(b), rows,
+                                   shifted(q, q0), shifted(k, k0), shifted(v, k0), shifted(out, q0),
+                                   lse + q0, total_q, shifted(d_out, q0),
+                                   shifted(gradients.d_q, q0), d_k, d_v, options);
   }
 }
 
 // Backward of 4 (padded batch): d_q, d_k, d_v [B, N, ...] overwritten; rows at or past a length
-// are written 0. lse [B, H, N] as forward returned it.
+// are written 0. lse [B, H, N] as forward returned it. Each element's valid rows are its whole
+// sequence: the ordinary backward over its length.
 template <class T>
 void backward(const Config& config, const Shape& shape, const ValidLengths& valid,
               const Inputs<detail::identity_t<T>>& inputs,
@@ -913,10 +898,9 @@ void backward(const Config& config, const Shape& shape, const ValidLengths& vali
                   d_v = element(gradients.d_v, b);
     if (length > 0) {
       const lse_type_t<T>* lse_b = lse + b * shape.num_heads * N;
-      cpu::detail::backward_range<T>(
-          config, heads, length, 0, length, element(q, b), element(k, b), element(v, b),
-          element(out, b), [&](std::int64_t h, std::int64_t j) { return lse_b[h * N + j]; },
-          element(d_out, b), d_q, d_k, d_v, options);
+      cpu::detail::backward_range<T>(config, heads, length, 0, length, element(q, b), element(k, b),
+                                     element(v, b), element(out, b), lse_b, N, element(d_out, b),
+                                     d_q, d_k, d_v, options);
     }
     cpu::detail::zero_view_rows(d_q, length, N, shape.num_heads, dim);
     cpu::detail::zero_view_rows(d_k, length, N, shape.num_kv_heads, dim);
