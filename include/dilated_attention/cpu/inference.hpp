@@ -518,10 +518,8 @@ class DecodeWorkspace {
       partial_lse_.resize(static_cast<std::size_t>(pieces));
       partial_o_.resize(static_cast<std::size_t>(pieces * dim_ + 16));
     }
-    if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
-      row_pieces_.resize(static_cast<std::size_t>(rows + 1));
-    if (static_cast<std::int64_t>(branch_pieces_.size()) < rows * branches)
-      branch_pieces_.resize(static_cast<std::size_t>(rows * branches));
+    if (static_cast<std::int64_t>(branch_pieces_.size()) < rows * branches + 1)
+      branch_pieces_.resize(static_cast<std::size_t>(rows * branches + 1));
     if (static_cast<std::int64_t>(unit_begin_.size()) < batch * branches + 1)
       unit_begin_.resize(static_cast<std::size_t>(batch * branches + 1));
     if (static_cast<std::int64_t>(row_o_.size()) < dim_)
@@ -536,11 +534,12 @@ class DecodeWorkspace {
   CpuIsa isa_ = CpuIsa::automatic;
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Acc> partial_o_, partial_lse_, row_o_;
-  // Partials are stored by row (sequence, head), then branch, then piece: row_pieces_ holds the
-  // first piece of each row, branch_pieces_ that of each (row, branch). Work units are
+  // Partials are stored by row (sequence, head), then branch, then piece: branch_pieces_ holds
+  // the first piece of each (row, branch), and one past the last at rows * branches, so that
+  // (row, branch)'s piece count is the difference of neighbours. Work units are
   // (sequence, branch, piece), each for all the heads that attend the branch: unit_begin_ holds
   // the first unit of each (sequence, branch).
-  std::vector<std::int64_t> row_pieces_, branch_pieces_, unit_begin_;
+  std::vector<std::int64_t> branch_pieces_, unit_begin_;
 
   // The partials from a 64-byte boundary on: a piece's output row then has the same alignment
   // whatever the allocation (so Eigen's vectorised loops over it peel the same elements).
@@ -567,29 +566,32 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
       resolved_scale(config, Shape{1, 1, heads.num_heads, heads.num_kv_heads, dim}));
   const Acc branch_weight = Acc(1) / static_cast<Acc>(branches);
 
-  // Where each (row, branch)'s pieces are stored, and the units of each (sequence, branch).
+  // Where each (row, branch)'s pieces are stored; then the units of each (sequence, branch):
+  // the pieces of its attending heads' block (all attending heads have the same keys).
   std::int64_t stored = 0;
-  ws.unit_begin_[0] = 0;
   for (std::int64_t b = 0; b < count; ++b) {
     const detail::SequenceRows<T> s = describe(b);
-    for (std::int64_t h = 0; h < H; ++h) {
-      ws.row_pieces_[static_cast<std::size_t>(b * H + h)] = stored;
+    for (std::int64_t h = 0; h < H; ++h)
       for (std::int64_t i = 0; i < branches; ++i) {
         ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)] = stored;
         if (s.query_count == 1)
           stored +=
               detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
       }
-    }
+  }
+  ws.branch_pieces_[static_cast<std::size_t>(rows * branches)] = stored;
+  auto pieces_at = [&](std::int64_t row, std::int64_t i) {
+    const auto at = static_cast<std::size_t>(row * branches + i);
+    return ws.branch_pieces_[at + 1] - ws.branch_pieces_[at];
+  };
+  ws.unit_begin_[0] = 0;
+  for (std::int64_t b = 0; b < count; ++b)
     for (std::int64_t i = 0; i < branches; ++i) {
       std::int64_t pieces = 0;
-      for (std::int64_t h = 0; h < H && s.query_count == 1 && pieces == 0; ++h)
-        pieces = detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
-      const std::size_t at = static_cast<std::size_t>(b * branches + i);
+      for (std::int64_t h = 0; h < H && pieces == 0; ++h) pieces = pieces_at(b * H + h, i);
+      const auto at = static_cast<std::size_t>(b * branches + i);
       ws.unit_begin_[at + 1] = ws.unit_begin_[at] + pieces;
     }
-  }
-  ws.row_pieces_[static_cast<std::size_t>(rows)] = stored;
   const std::int64_t units = ws.unit_begin_[static_cast<std::size_t>(count * branches)];
 
   // Phase 1: every piece's partials, by whichever thread takes it; stored by piece index.
@@ -635,12 +637,12 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
     const detail::SequenceRows<T> s = describe(b);
     if (s.query_count != 1) continue;
     for (std::int64_t h = 0; h < H; ++h) {
-      std::int64_t unit = ws.row_pieces_[static_cast<std::size_t>(b * H + h)];
       std::fill_n(row_o, dim, Acc(0));
       Acc row_lse = negative_infinity<Acc>();
       for (std::int64_t i = 0; i < branches; ++i) {
-        const std::int64_t pieces =
-            detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+        const std::int64_t unit =
+            ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)];
+        const std::int64_t pieces = pieces_at(b * H + h, i);
         if (pieces == 0) continue;
         Acc* block_o = ws.partial_o() + unit * dim;
         Acc block_lse = ws.partial_lse_[static_cast<std::size_t>(unit)];
@@ -650,7 +652,6 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
                                     Mixing::softmax, Acc(1));
         detail::merge_partial_row(row_o, row_lse, block_o, block_lse, dim, config.mixing,
                                   branch_weight);
-        unit += pieces;
       }
       T* destination = s.out + h * s.out_head;
       for (std::int64_t d = 0; d < dim; ++d) destination[d] = static_cast<T>(row_o[d]);
