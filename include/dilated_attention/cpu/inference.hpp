@@ -324,10 +324,30 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   // Both passes go through the piece in chunks of `chunk` positions and, within a chunk, head by
   // head: the first head's loop asks for every head's rows ahead, the others find them in cache,
   // and each head's running max and output stay in registers over the chunk.
+  // at[] holds the chunk's rows and the `ahead` after them (the prefetch's), found by stepping
+  // through the pages: one division per chunk, not one per key (a 64-bit idiv costs more than a
+  // key's dot at D = 64).
   constexpr std::int64_t chunk = 32;
-  const T* at[chunk];
+  const T* at[chunk + 8];
   auto positions = [&](const T* base, std::int64_t stride, std::int64_t j0, std::int64_t j1) {
-    for (std::int64_t j = j0; j < j1; ++j) at[j - j0] = position(base, stride, keys.at(j));
+    const std::int64_t end = std::min(keys.count, j1 + ahead);
+    if (s.pages == nullptr) {
+      for (std::int64_t j = j0; j < end; ++j) at[j - j0] = base + keys.at(j) * stride;
+      return;
+    }
+    const std::int64_t y = keys.at(j0), page_step = keys.stride / s.page_size,
+                       row_step = keys.stride % s.page_size;
+    std::int64_t page = y / s.page_size, row_in_page = y % s.page_size;
+    for (std::int64_t j = j0; j < end; ++j) {
+      at[j - j0] =
+          base + static_cast<std::int64_t>(s.pages[page]) * s.page_stride + row_in_page * stride;
+      page += page_step;
+      row_in_page += row_step;
+      if (row_in_page >= s.page_size) {
+        row_in_page -= s.page_size;
+        ++page;
+      }
+    }
   };
   for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
   for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
@@ -338,8 +358,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
       Acc* const head_scores = scores + a * scores_stride;
       auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
         if (a == 0 && j + ahead < keys.count)
-          prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), kv_read, num_kv_read,
-                           s.k_head, row_bytes);
+          prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.k_head, row_bytes);
       };
       Acc max = maxima[a];
       std::int64_t j = j0;
@@ -391,8 +410,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
       const Acc* weights = scores + a * scores_stride;
       auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
         if (a == 0 && j + ahead < keys.count)
-          prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), kv_read, num_kv_read,
-                           s.v_head, row_bytes);
+          prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.v_head, row_bytes);
       };
       if constexpr (Dim != Eigen::Dynamic) {  // the chunk's sum in registers, then added
         Vector sum = Vector::Zero();
