@@ -503,20 +503,21 @@ class DecodeWorkspace {
           query(static_cast<std::size_t>(num_heads * dim)),
           maxima(static_cast<std::size_t>(num_heads)),
           heads(static_cast<std::size_t>(num_heads)),
-          kv_heads(static_cast<std::size_t>(num_heads)),
-          kv_read(static_cast<std::size_t>(num_heads)),
           o(static_cast<std::size_t>(num_heads)),
-          lse(static_cast<std::size_t>(num_heads)) {}
+          lse(static_cast<std::size_t>(num_heads)),
+          kv_heads(static_cast<std::size_t>(num_heads)),
+          kv_read(static_cast<std::size_t>(num_heads)) {}
     std::vector<Acc> scores_storage;  // per head a piece's scores, then its weights
     std::vector<Acc> query;           // the query rows, widened
     std::vector<Acc> maxima;          // per head the piece's largest score
     std::vector<std::int64_t> heads;  // the heads of the piece
-    std::vector<std::int64_t> kv_heads, kv_read;  // their kv heads; those, once each, ascending
     std::vector<Acc*> o, lse;         // where their partials go
     Acc* scores() {                   // from a 64-byte boundary on
       const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
       return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
     }
+    // The kv head of each head of the piece; those kv heads once each, ascending.
+    std::vector<std::int64_t> kv_heads, kv_read;
   };
 
   void prepare(const Config& config, const HeadShape& heads, std::int64_t batch, int threads,
