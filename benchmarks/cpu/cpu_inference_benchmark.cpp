@@ -10,6 +10,8 @@
 //                    time, tokens/s (batch / step time), the K/V bytes the step must read (each
 //                    key/value row a query head of the step attends, once per kv head: the
 //                    unique bytes) and those bytes per second as a share of Stream/copy.
+//   Decode_paged/... the float step at 1M tokens, batch 16, with K/V in shuffled pages of 16 or
+//                    256 positions (PagedKeyValues): the decode kernel reads through the table.
 //   Decode_bf16/..., Decode_half/...   the same step on Eigen::bfloat16 / Eigen::half tensors:
 //                    half the bytes per key/value row, read in place and widened in registers.
 //                    The caches are mapped with MAP_NORESERVE and only the rows a step reads are
@@ -238,6 +240,103 @@ void BM_Decode(benchmark::State& state) {
       benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
   state.counters["kv_len"] = static_cast<double>(kv_len);
+  state.counters["worker_threads"] = threads();
+}
+
+// The same step with K/V in pages (form 3, PagedKeyValues) of `page_size` positions, the page
+// table a shuffled permutation of the pool (what an engine's allocator leaves after a while), so
+// consecutive pages of a sequence are anywhere in the pool. The pool is mapped like the
+// contiguous caches and only the pages holding the last max(w) positions are written. Checked
+// like Decode/... (elements 0 and B - 1, every head, against the fp64 definition).
+template <class T>
+void BM_DecodePaged(benchmark::State& state) {
+  const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
+                     B = state.range(3), page_size = state.range(4);
+  const std::int64_t H = 8;
+  const Config config = longnet();
+  const Shape shape{B, kv_len, H, Hkv, D};
+  const std::int64_t x = kv_len - 1;
+  const std::size_t row = static_cast<std::size_t>(Hkv * D);
+  const std::int64_t pages_per_sequence = (kv_len + page_size - 1) / page_size;
+  const std::int64_t num_pages = B * pages_per_sequence;
+  std::vector<std::int32_t> table(static_cast<std::size_t>(num_pages));
+  for (std::size_t p = 0; p < table.size(); ++p) table[p] = static_cast<std::int32_t>(p);
+  std::shuffle(table.begin(), table.end(), std::mt19937_64(static_cast<std::uint64_t>(page_size)));
+  const std::size_t page_elements = static_cast<std::size_t>(page_size) * row;
+  Mapping<T> k(static_cast<std::size_t>(num_pages) * page_elements),
+      v(static_cast<std::size_t>(num_pages) * page_elements);
+  const std::int64_t touched = std::min<std::int64_t>(kv_len, 32768);  // the last max(w) rows
+  const std::int64_t first_page = (kv_len - touched) / page_size;
+  // Element b's touched rows, contiguous at their positions (seeded as in BM_Decode).
+  auto element = [&](std::int64_t b, Mapping<T>& ek, Mapping<T>& ev) {
+    const std::size_t lo = static_cast<std::size_t>(first_page * page_size) * row;
+    fill(ek.data, lo, static_cast<std::size_t>(kv_len) * row, 10 + static_cast<std::uint64_t>(b));
+    fill(ev.data, lo, static_cast<std::size_t>(kv_len) * row, 100 + static_cast<std::uint64_t>(b));
+  };
+  for (std::int64_t b = 0; b < B; ++b) {
+    Mapping<T> ek(static_cast<std::size_t>(kv_len) * row),
+        ev(static_cast<std::size_t>(kv_len) * row);
+    element(b, ek, ev);
+    for (std::int64_t j = first_page; j < pages_per_sequence; ++j) {
+      const std::size_t page =
+          static_cast<std::size_t>(table[static_cast<std::size_t>(b * pages_per_sequence + j)]);
+      const std::size_t from = static_cast<std::size_t>(j * page_size) * row;
+      const std::size_t count =
+          static_cast<std::size_t>(std::min(page_size, kv_len - j * page_size)) * row;
+      std::memcpy(k.data + page * page_elements, ek.data + from, count * sizeof(T));
+      std::memcpy(v.data + page * page_elements, ev.data + from, count * sizeof(T));
+    }
+  }
+  std::vector<T> q(static_cast<std::size_t>(B * H * D)), out(q.size());
+  std::vector<float> lse(static_cast<std::size_t>(B * H));
+  fill(q.data(), 0, q.size(), 3);
+  std::vector<std::int64_t> q_offsets(static_cast<std::size_t>(B + 1)),
+      kv_lengths(static_cast<std::size_t>(B), kv_len);
+  for (std::int64_t b = 0; b <= B; ++b) q_offsets[static_cast<std::size_t>(b)] = b;
+  const da::Sequences sequences{B, q_offsets.data(), nullptr, kv_lengths.data(), nullptr};
+  const da::PagedKeyValues<T> paged{
+      k.data,  v.data, num_pages,    page_size,         static_cast<std::int64_t>(page_elements),
+      Hkv * D, D,      table.data(), pages_per_sequence};
+  da::cpu::DecodeWorkspace<T> workspace;
+  const da::CpuOptions options{threads()};
+  auto step = [&] {
+    da::forward<T>(config, da::HeadShape{H, Hkv, D}, sequences,
+                   View<const T>{q.data(), 0, H * D, D}, paged,
+                   {View<T>{out.data(), 0, H * D, D}, lse.data()}, options, &workspace);
+  };
+  step();
+  for (auto _ : state) {
+    step();
+    benchmark::DoNotOptimize(out.data());
+  }
+  const da::Pattern pattern(config, shape);
+  double error = 0;
+  for (std::int64_t b : {std::int64_t(0), B - 1}) {
+    Mapping<T> ek(static_cast<std::size_t>(kv_len) * row),
+        ev(static_cast<std::size_t>(kv_len) * row);
+    element(b, ek, ev);
+    const View<const T> q_row{q.data() + b * H * D, 0, 0, D};
+    const View<const T> kv{ek.data, 0, Hkv * D, D}, vv{ev.data, 0, Hkv * D, D};
+    for (std::int64_t h = 0; h < H; ++h) {
+      const bench::RowResult expected =
+          bench::reference_row<T>(pattern, shape, q_row, kv, vv, 0, h, x);
+      for (std::int64_t d = 0; d < D; ++d)
+        error = std::max(
+            error,
+            std::abs(static_cast<double>(out[static_cast<std::size_t>((b * H + h) * D + d)]) -
+                     expected.out[static_cast<std::size_t>(d)]));
+    }
+  }
+  report_error(state, error);
+  const double bytes = decode_kv_bytes(config, shape, x, sizeof(T));
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_step"] = bytes;
+  state.counters["kv_bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
+  state.counters["kv_len"] = static_cast<double>(kv_len);
+  state.counters["page_size"] = static_cast<double>(page_size);
   state.counters["worker_threads"] = threads();
 }
 
@@ -548,6 +647,14 @@ void register_benchmarks() {
             decode_half->Args({kv_len, Hkv, D, batch});
           }
         }
+  auto* decode_paged = benchmark::RegisterBenchmark("Decode_paged", BM_DecodePaged<float>);
+  decode_paged->ArgNames({"kv_len", "Hkv", "D", "batch", "page_size"})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
+  for (std::int64_t D : {64, 128})
+    for (std::int64_t Hkv : {8, 2})
+      for (std::int64_t page_size : {16, 256}) decode_paged->Args({1048576, Hkv, D, 16, page_size});
   benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)

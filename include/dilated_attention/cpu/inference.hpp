@@ -178,17 +178,82 @@ inline std::int64_t pieces_of(const Progression& keys) {
 }
 
 // Asks for the rows a decode piece will read at one position (`at`: the position's [Hkv, D]
-// row): the slices of the kv heads the heads read, ascending, once each, and no other bytes.
+// row): the slices of the kv heads the heads read (kv_read: ascending, once each), and no other
+// bytes.
 template <class T>
-DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at, const std::int64_t* heads,
-                                                             std::int64_t num_heads,
-                                                             std::int64_t group,
+DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at,
+                                                             const std::int64_t* kv_read,
+                                                             std::int64_t num_kv_read,
                                                              std::int64_t head_stride,
                                                              std::int64_t row_bytes) {
-  for (std::int64_t a = 0; a < num_heads; ++a)
-    if (a == 0 || heads[a] / group != heads[a - 1] / group)
-      kernels::prefetch_bytes(at + (heads[a] / group) * head_stride, row_bytes);
+  for (std::int64_t c = 0; c < num_kv_read; ++c)
+    kernels::prefetch_bytes(at + kv_read[c] * head_stride, row_bytes);
 }
+
+// Four keys' dot products with one query row, reduced together: per key a packet of partial
+// sums (one multiply-add per packet of the row, in order), each halved to four lanes, then one
+// 4 x 4 transpose and three adds leave key t's dot in lane t. One transpose for four keys where a
+// dot per key pays its own horizontal sum, and the four scores are stored and maxed as one
+// packet. Available where Acc has packets of 4, 8 or 16 lanes that divide Dim (SSE, AVX2,
+// AVX-512 and NEON floats; AVX doubles); elsewhere decode_piece_with takes one dot per key.
+// Eigen's packet types carry vector attributes that GCC drops (and warns about) when they are
+// template arguments; only their size and operations are used here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+template <class Acc, int Dim>
+struct FourDots {
+  using Packet = typename Eigen::internal::packet_traits<Acc>::type;
+  static constexpr int lanes = Eigen::internal::unpacket_traits<Packet>::size;
+  static constexpr bool available = Dim != Eigen::Dynamic &&
+                                    Eigen::internal::packet_traits<Acc>::Vectorizable &&
+                                    (lanes == 4 || lanes == 8 || lanes == 16) && Dim % lanes == 0;
+
+  // The packet of four lanes a packet halves to (itself where it has four).
+  template <class P, int Size = Eigen::internal::unpacket_traits<P>::size>
+  struct Halved {
+    using type = P;
+  };
+  template <class P>
+  struct Halved<P, 8> {
+    using type = typename Eigen::internal::unpacket_traits<P>::half;
+  };
+  template <class P>
+  struct Halved<P, 16> {
+    using type = typename Halved<typename Eigen::internal::unpacket_traits<P>::half>::type;
+  };
+  using Quad = typename Halved<Packet>::type;
+
+  template <class P>
+  static Quad four_lanes(const P& p) {
+    if constexpr (Eigen::internal::unpacket_traits<P>::size == 4)
+      return p;
+    else
+      return four_lanes(Eigen::internal::predux_half_dowto4(p));
+  }
+
+  // scale * (row t . q) in lane t, t = 0..3.
+  static Quad scores(const Acc* q, const Acc* const* rows, Acc scale) {
+    using namespace Eigen::internal;
+    Packet sum[4];
+    const Packet q0 = ploadu<Packet>(q);
+    for (int t = 0; t < 4; ++t) sum[t] = pmul(ploadu<Packet>(rows[t]), q0);
+    for (int d = lanes; d < Dim; d += lanes) {
+      const Packet qd = ploadu<Packet>(q + d);
+      for (int t = 0; t < 4; ++t) sum[t] = pmadd(ploadu<Packet>(rows[t] + d), qd, sum[t]);
+    }
+    PacketBlock<Quad, 4> block;
+    for (int t = 0; t < 4; ++t) block.packet[t] = four_lanes(sum[t]);
+    ptranspose(block);
+    const Quad dots =
+        padd(padd(block.packet[0], block.packet[1]), padd(block.packet[2], block.packet[3]));
+    return pmul(pset1<Quad>(scale), dots);
+  }
+};
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // One decode piece for the heads of a sequence that attend one branch: every such head has the
 // same offset there (a decode row is selected by exactly the heads whose offset is its own), so
@@ -198,21 +263,30 @@ DILATED_ATTENTION_ALWAYS_INLINE inline void prefetch_kv_rows(const T* at, const 
 // kv row is read from memory once for its whole group. Per head the arithmetic is that of a
 // one-head pass, in two passes over the keys (scores and their max, then the weights and
 // O = sum_y p_y v_y / sum_y p_y), in fixed order; head a's partial goes to o[a] and lse[a].
+// Head a reads kv head kv_heads[a]; kv_read lists those kv heads once each, ascending (the
+// caller divides once per piece: a 64-bit division per head and key, in the prefetch and the
+// row addresses, held about 45 % of the samples of a step whose rows were in cache).
 template <class T, class Acc>
-void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
-                  std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
-                  Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima, Acc* const* o,
-                  Acc* const* lse);
+void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, const std::int64_t* kv_heads,
+                  std::int64_t num_heads, const std::int64_t* kv_read, std::int64_t num_kv_read,
+                  const Progression& keys, std::int64_t dim, Acc scale, Acc* query, Acc* scores,
+                  std::int64_t scores_stride, Acc* maxima, Acc* const* o, Acc* const* lse);
 
 // decode_piece with a head_dim known at compile time (64, 128) or not (Eigen::Dynamic): a fixed
-// size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row).
+// size unrolls the dot and the axpy (no loop or alignment bookkeeping per key row), and the
+// scores go four keys at a time (FourDots) where the packets allow; a piece's last keys (its
+// count mod 4) and other head_dims take one Eigen dot per key. Either way a key's score depends
+// only on its place in the piece, never on the thread or the addresses.
 template <int Dim, class T, class Acc>
-void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
-                       std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
-                       Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima,
-                       Acc* const* o, Acc* const* lse) {
+void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
+                       const std::int64_t* kv_heads, std::int64_t num_heads,
+                       const std::int64_t* kv_read, std::int64_t num_kv_read,
+                       const Progression& keys, std::int64_t dim, Acc scale, Acc* query,
+                       Acc* scores, std::int64_t scores_stride, Acc* maxima, Acc* const* o,
+                       Acc* const* lse) {
   using Vector = Eigen::Matrix<Acc, Dim, 1>;
   using Row = Eigen::Matrix<T, Dim, 1>;
+  using Four = FourDots<Acc, Dim>;
   for (std::int64_t a = 0; a < num_heads; ++a)
     Eigen::Map<Vector>(query + a * dim, dim) =
         Eigen::Map<const Row>(s.q + heads[a] * s.q_head, dim).template cast<Acc>();
@@ -224,18 +298,18 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
                              (y % s.page_size) * stride);
   };
   auto row = [&](const T* at, std::int64_t head_stride, std::int64_t a) {
-    return Eigen::Map<const Row>(at + (heads[a] / group) * head_stride, dim);
+    return Eigen::Map<const Row>(at + kv_heads[a] * head_stride, dim);
   };
   // Head a's row at `at` as Acc. Half-width storage (bfloat16, half) at a compile-time head_dim
   // is widened into `widened` by kernels/widen.hpp (exact, vectorised) and read by the float
   // code; Eigen's cast does the same conversion one scalar at a time, which made these steps
   // 4-6x slower than float ones while they read half the bytes. Other head_dims keep the cast.
   constexpr bool widen_rows = !std::is_same_v<T, Acc> && Dim != Eigen::Dynamic;
-  alignas(64) Acc widened[widen_rows ? Dim : 1];
+  alignas(64) Acc widened[widen_rows ? 4 : 1][widen_rows ? Dim : 1];
   auto acc_row = [&](const T* at, std::int64_t head_stride, std::int64_t a) {
     if constexpr (widen_rows) {
-      kernels::widen(row(at, head_stride, a).data(), widened, Dim);
-      return Eigen::Map<const Vector, Eigen::Aligned64>(widened);
+      kernels::widen(row(at, head_stride, a).data(), widened[0], Dim);
+      return Eigen::Map<const Vector, Eigen::Aligned64>(widened[0]);
     } else {
       return row(at, head_stride, a).template cast<Acc>();
     }
@@ -244,21 +318,37 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
   // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
   // flight).
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
-  std::int64_t rows_read = 0;  // distinct kv rows per position
-  for (std::int64_t a = 0; a < num_heads; ++a)
-    rows_read += (a == 0 || heads[a] / group != heads[a - 1] / group) ? 1 : 0;
   const std::int64_t ahead =
-      std::clamp<std::int64_t>(decode_prefetch_bytes / (rows_read * row_bytes), 1, 8);
+      std::clamp<std::int64_t>(decode_prefetch_bytes / (num_kv_read * row_bytes), 1, 8);
   for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
-    prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), heads, num_heads, group, s.k_head,
-                     row_bytes);
+    prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), kv_read, num_kv_read, s.k_head, row_bytes);
   // Both passes go through the piece in chunks of `chunk` positions and, within a chunk, head by
   // head: the first head's loop asks for every head's rows ahead, the others find them in cache,
   // and each head's running max and output stay in registers over the chunk.
+  // at[] holds the chunk's rows and the `ahead` after them (the prefetch's), found by stepping
+  // through the pages: one division per chunk, not one per key (a 64-bit idiv costs more than a
+  // key's dot at D = 64).
   constexpr std::int64_t chunk = 32;
-  const T* at[chunk];
+  const T* at[chunk + 8];
   auto positions = [&](const T* base, std::int64_t stride, std::int64_t j0, std::int64_t j1) {
-    for (std::int64_t j = j0; j < j1; ++j) at[j - j0] = position(base, stride, keys.at(j));
+    const std::int64_t end = std::min(keys.count, j1 + ahead);
+    if (s.pages == nullptr) {
+      for (std::int64_t j = j0; j < end; ++j) at[j - j0] = base + keys.at(j) * stride;
+      return;
+    }
+    const std::int64_t y = keys.at(j0), page_step = keys.stride / s.page_size,
+                       row_step = keys.stride % s.page_size;
+    std::int64_t page = y / s.page_size, row_in_page = y % s.page_size;
+    for (std::int64_t j = j0; j < end; ++j) {
+      at[j - j0] =
+          base + static_cast<std::int64_t>(s.pages[page]) * s.page_stride + row_in_page * stride;
+      page += page_step;
+      row_in_page += row_step;
+      if (row_in_page >= s.page_size) {
+        row_in_page -= s.page_size;
+        ++page;
+      }
+    }
   };
   for (std::int64_t a = 0; a < num_heads; ++a) maxima[a] = negative_infinity<Acc>();
   for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
@@ -266,13 +356,39 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
     positions(s.k, s.k_seq, j0, j1);
     for (std::int64_t a = 0; a < num_heads; ++a) {
       const Eigen::Map<const Vector> q(query + a * dim, dim);
-      Acc max = maxima[a];
-      for (std::int64_t j = j0; j < j1; ++j) {
+      Acc* const head_scores = scores + a * scores_stride;
+      auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
         if (a == 0 && j + ahead < keys.count)
-          prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j + ahead)), heads, num_heads, group,
-                           s.k_head, row_bytes);
+          prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.k_head, row_bytes);
+      };
+      Acc max = maxima[a];
+      std::int64_t j = j0;
+      if constexpr (Four::available && (std::is_same_v<T, Acc> || widen_rows)) {
+        // Four keys at a time (FourDots); the piece's last keys (fewer than four) one by one.
+        using Quad = typename Four::Quad;
+        Quad quad_max = Eigen::internal::pset1<Quad>(max);
+        for (; j + 4 <= j1; j += 4) {
+          const Acc* rows[4];
+          for (int t = 0; t < 4; ++t) {
+            prefetch_ahead(j + t);
+            const T* r = row(at[j + t - j0], s.k_head, a).data();
+            if constexpr (widen_rows) {
+              kernels::widen(r, widened[t], Dim);
+              rows[t] = widened[t];
+            } else {
+              rows[t] = r;
+            }
+          }
+          const Quad four = Four::scores(q.data(), rows, scale);
+          Eigen::internal::pstoreu(head_scores + j, four);
+          quad_max = Eigen::internal::pmax(quad_max, four);
+        }
+        max = Eigen::internal::predux_max(quad_max);
+      }
+      for (; j < j1; ++j) {
+        prefetch_ahead(j);
         const Acc score = scale * acc_row(at[j - j0], s.k_head, a).dot(q);
-        scores[a * scores_stride + j] = score;
+        head_scores[j] = score;
         max = std::max(max, score);
       }
       maxima[a] = max;
@@ -287,8 +403,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
     weights = (weights - maxima[a]).exp();
   }
   for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
-    prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), heads, num_heads, group, s.v_head,
-                     row_bytes);
+    prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), kv_read, num_kv_read, s.v_head, row_bytes);
   for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
     const std::int64_t j1 = std::min(keys.count, j0 + chunk);
     positions(s.v, s.v_seq, j0, j1);
@@ -296,8 +411,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
       const Acc* weights = scores + a * scores_stride;
       auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
         if (a == 0 && j + ahead < keys.count)
-          prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j + ahead)), heads, num_heads, group,
-                           s.v_head, row_bytes);
+          prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.v_head, row_bytes);
       };
       if constexpr (Dim != Eigen::Dynamic) {  // the chunk's sum in registers, then added
         Vector sum = Vector::Zero();
@@ -331,20 +445,21 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads, std:
 }
 
 template <class T, class Acc>
-void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, std::int64_t num_heads,
-                  std::int64_t group, const Progression& keys, std::int64_t dim, Acc scale,
-                  Acc* query, Acc* scores, std::int64_t scores_stride, Acc* maxima, Acc* const* o,
-                  Acc* const* lse) {
+void decode_piece(const SequenceRows<T>& s, const std::int64_t* heads, const std::int64_t* kv_heads,
+                  std::int64_t num_heads, const std::int64_t* kv_read, std::int64_t num_kv_read,
+                  const Progression& keys, std::int64_t dim, Acc scale, Acc* query, Acc* scores,
+                  std::int64_t scores_stride, Acc* maxima, Acc* const* o, Acc* const* lse) {
   switch (dim) {
     case 64:
-      return decode_piece_with<64>(s, heads, num_heads, group, keys, dim, scale, query, scores,
-                                   scores_stride, maxima, o, lse);
+      return decode_piece_with<64>(s, heads, kv_heads, num_heads, kv_read, num_kv_read, keys, dim,
+                                   scale, query, scores, scores_stride, maxima, o, lse);
     case 128:
-      return decode_piece_with<128>(s, heads, num_heads, group, keys, dim, scale, query, scores,
-                                    scores_stride, maxima, o, lse);
+      return decode_piece_with<128>(s, heads, kv_heads, num_heads, kv_read, num_kv_read, keys, dim,
+                                    scale, query, scores, scores_stride, maxima, o, lse);
     default:
-      return decode_piece_with<Eigen::Dynamic>(s, heads, num_heads, group, keys, dim, scale, query,
-                                               scores, scores_stride, maxima, o, lse);
+      return decode_piece_with<Eigen::Dynamic>(s, heads, kv_heads, num_heads, kv_read, num_kv_read,
+                                               keys, dim, scale, query, scores, scores_stride,
+                                               maxima, o, lse);
   }
 }
 
@@ -390,7 +505,9 @@ class DecodeWorkspace {
           maxima(static_cast<std::size_t>(num_heads)),
           heads(static_cast<std::size_t>(num_heads)),
           o(static_cast<std::size_t>(num_heads)),
-          lse(static_cast<std::size_t>(num_heads)) {}
+          lse(static_cast<std::size_t>(num_heads)),
+          kv_heads(static_cast<std::size_t>(num_heads)),
+          kv_read(static_cast<std::size_t>(num_heads)) {}
     std::vector<Acc> scores_storage;  // per head a piece's scores, then its weights
     std::vector<Acc> query;           // the query rows, widened
     std::vector<Acc> maxima;          // per head the piece's largest score
@@ -400,6 +517,8 @@ class DecodeWorkspace {
       const auto address = reinterpret_cast<std::uintptr_t>(scores_storage.data());
       return scores_storage.data() + ((64 - address % 64) % 64) / sizeof(Acc);
     }
+    // The kv head of each head of the piece; those kv heads once each, ascending.
+    std::vector<std::int64_t> kv_heads, kv_read;
   };
 
   void prepare(const Config& config, const HeadShape& heads, std::int64_t batch, int threads,
@@ -419,10 +538,8 @@ class DecodeWorkspace {
       partial_lse_.resize(static_cast<std::size_t>(pieces));
       partial_o_.resize(static_cast<std::size_t>(pieces * dim_ + 16));
     }
-    if (static_cast<std::int64_t>(row_pieces_.size()) < rows + 1)
-      row_pieces_.resize(static_cast<std::size_t>(rows + 1));
-    if (static_cast<std::int64_t>(branch_pieces_.size()) < rows * branches)
-      branch_pieces_.resize(static_cast<std::size_t>(rows * branches));
+    if (static_cast<std::int64_t>(branch_pieces_.size()) < rows * branches + 1)
+      branch_pieces_.resize(static_cast<std::size_t>(rows * branches + 1));
     if (static_cast<std::int64_t>(unit_begin_.size()) < batch * branches + 1)
       unit_begin_.resize(static_cast<std::size_t>(batch * branches + 1));
     if (static_cast<std::int64_t>(row_o_.size()) < dim_)
@@ -437,11 +554,12 @@ class DecodeWorkspace {
   CpuIsa isa_ = CpuIsa::automatic;
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Acc> partial_o_, partial_lse_, row_o_;
-  // Partials are stored by row (sequence, head), then branch, then piece: row_pieces_ holds the
-  // first piece of each row, branch_pieces_ that of each (row, branch). Work units are
+  // Partials are stored by row (sequence, head), then branch, then piece: branch_pieces_ holds
+  // the first piece of each (row, branch), and one past the last at rows * branches, so that
+  // (row, branch)'s piece count is the difference of neighbours. Work units are
   // (sequence, branch, piece), each for all the heads that attend the branch: unit_begin_ holds
   // the first unit of each (sequence, branch).
-  std::vector<std::int64_t> row_pieces_, branch_pieces_, unit_begin_;
+  std::vector<std::int64_t> branch_pieces_, unit_begin_;
 
   // The partials from a 64-byte boundary on: a piece's output row then has the same alignment
   // whatever the allocation (so Eigen's vectorised loops over it peel the same elements).
@@ -468,29 +586,32 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
       resolved_scale(config, Shape{1, 1, heads.num_heads, heads.num_kv_heads, dim}));
   const Acc branch_weight = Acc(1) / static_cast<Acc>(branches);
 
-  // Where each (row, branch)'s pieces are stored, and the units of each (sequence, branch).
+  // Where each (row, branch)'s pieces are stored; then the units of each (sequence, branch):
+  // the pieces of its attending heads' block (all attending heads have the same keys).
   std::int64_t stored = 0;
-  ws.unit_begin_[0] = 0;
   for (std::int64_t b = 0; b < count; ++b) {
     const detail::SequenceRows<T> s = describe(b);
-    for (std::int64_t h = 0; h < H; ++h) {
-      ws.row_pieces_[static_cast<std::size_t>(b * H + h)] = stored;
+    for (std::int64_t h = 0; h < H; ++h)
       for (std::int64_t i = 0; i < branches; ++i) {
         ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)] = stored;
         if (s.query_count == 1)
           stored +=
               detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
       }
-    }
+  }
+  ws.branch_pieces_[static_cast<std::size_t>(rows * branches)] = stored;
+  auto pieces_at = [&](std::int64_t row, std::int64_t i) {
+    const auto at = static_cast<std::size_t>(row * branches + i);
+    return ws.branch_pieces_[at + 1] - ws.branch_pieces_[at];
+  };
+  ws.unit_begin_[0] = 0;
+  for (std::int64_t b = 0; b < count; ++b)
     for (std::int64_t i = 0; i < branches; ++i) {
       std::int64_t pieces = 0;
-      for (std::int64_t h = 0; h < H && s.query_count == 1 && pieces == 0; ++h)
-        pieces = detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
-      const std::size_t at = static_cast<std::size_t>(b * branches + i);
+      for (std::int64_t h = 0; h < H && pieces == 0; ++h) pieces = pieces_at(b * H + h, i);
+      const auto at = static_cast<std::size_t>(b * branches + i);
       ws.unit_begin_[at + 1] = ws.unit_begin_[at] + pieces;
     }
-  }
-  ws.row_pieces_[static_cast<std::size_t>(rows)] = stored;
   const std::int64_t units = ws.unit_begin_[static_cast<std::size_t>(count * branches)];
 
   // Phase 1: every piece's partials, by whichever thread takes it; stored by piece index.
@@ -506,7 +627,7 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
       const detail::SequenceRows<T> s = describe(b);
       // The heads that attend branch i: one offset, so one set of keys (decode_piece).
       Progression keys{};
-      std::int64_t attending = 0;
+      std::int64_t attending = 0, read = 0;
       for (std::int64_t h = 0; h < H; ++h) {
         const Progression head_keys = detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len);
         if (head_keys.empty()) continue;
@@ -515,13 +636,17 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
         const std::int64_t stored_at =
             ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)] + piece;
         slot.heads[a] = h;
+        slot.kv_heads[a] = h / group;
+        if (read == 0 || slot.kv_read[static_cast<std::size_t>(read - 1)] != h / group)
+          slot.kv_read[static_cast<std::size_t>(read++)] = h / group;
         slot.o[a] = ws.partial_o() + stored_at * dim;
         slot.lse[a] = &ws.partial_lse_[static_cast<std::size_t>(stored_at)];
       }
       keys = keys.slice(piece * decode_key_piece, (piece + 1) * decode_key_piece);
-      detail::decode_piece<T>(s, slot.heads.data(), attending, group, keys, dim, scale,
-                              slot.query.data(), slot.scores(), ws.scores_stride,
-                              slot.maxima.data(), slot.o.data(), slot.lse.data());
+      detail::decode_piece<T>(s, slot.heads.data(), slot.kv_heads.data(), attending,
+                              slot.kv_read.data(), read, keys, dim, scale, slot.query.data(),
+                              slot.scores(), ws.scores_stride, slot.maxima.data(), slot.o.data(),
+                              slot.lse.data());
     }
   });
 
@@ -532,12 +657,12 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
     const detail::SequenceRows<T> s = describe(b);
     if (s.query_count != 1) continue;
     for (std::int64_t h = 0; h < H; ++h) {
-      std::int64_t unit = ws.row_pieces_[static_cast<std::size_t>(b * H + h)];
       std::fill_n(row_o, dim, Acc(0));
       Acc row_lse = negative_infinity<Acc>();
       for (std::int64_t i = 0; i < branches; ++i) {
-        const std::int64_t pieces =
-            detail::pieces_of(detail::decode_keys(config, H, i, h, s.query_begin, s.kv_len));
+        const std::int64_t unit =
+            ws.branch_pieces_[static_cast<std::size_t>((b * H + h) * branches + i)];
+        const std::int64_t pieces = pieces_at(b * H + h, i);
         if (pieces == 0) continue;
         Acc* block_o = ws.partial_o() + unit * dim;
         Acc block_lse = ws.partial_lse_[static_cast<std::size_t>(unit)];
@@ -547,7 +672,6 @@ void detail_decode(const Config& config, const HeadShape& heads, std::int64_t co
                                     Mixing::softmax, Acc(1));
         detail::merge_partial_row(row_o, row_lse, block_o, block_lse, dim, config.mixing,
                                   branch_weight);
-        unit += pieces;
       }
       T* destination = s.out + h * s.out_head;
       for (std::int64_t d = 0; d < dim; ++d) destination[d] = static_cast<T>(row_o[d]);
