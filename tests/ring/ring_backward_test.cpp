@@ -160,6 +160,33 @@ TEST_P(RingBackward, EqualsSingleDeviceAndReturnsExactlyThePartialsOfSentRows) {
 INSTANTIATE_TEST_SUITE_P(Sweep, RingBackward, da::testing::ring_sweep_values(),
                          da::testing::ring_sweep_name);
 
+// Mean mixing recomputes each branch's statistics over the steps' blocks only where some head
+// has rows in several branches (docs/semantics.md "Gradient of the mean mixing"). Under
+// partitioned every head has one branch: the backward computes the softmax preset's blocks
+// (no statistics pass) and still equals the single-device gradient. Under modular each head
+// runs every branch: the statistics pass doubles the blocks.
+TEST(RingBackward, MeanRecomputesStatisticsOnlyWhereAHeadHasSeveralBranches) {
+  for (const da::OffsetRule rule : {da::OffsetRule::partitioned, da::OffsetRule::modular}) {
+    std::int64_t blocks[2] = {0, 0};
+    for (const da::Mixing mixing : {da::Mixing::softmax, da::Mixing::mean}) {
+      da::Config config = da::testing::make_config({8, 16, 48}, {1, 2, 4});
+      config.offsets = rule;
+      config.mixing = mixing;
+      config.causal = true;
+      const Problem<double> problem(config, da::Shape{1, 48, 6, 3, 8}, 41);
+      const auto run = problem.ring(3);
+      problem.expect_exact(run, 1e-12);
+      for (const da::ring::Stats& stats : run.stats)
+        blocks[mixing == da::Mixing::mean] += stats.blocks_computed;
+    }
+    SCOPED_TRACE(da::to_string(rule));
+    if (rule == da::OffsetRule::partitioned)
+      EXPECT_EQ(blocks[1], blocks[0]);
+    else
+      EXPECT_EQ(blocks[1], 2 * blocks[0]);
+  }
+}
+
 // Zigzag at every P = 1..8 (N = 1680 = lcm(2, 4, ..., 16)), LongNet-like branches below, across
 // and beyond the chunks: each rule and mixing once, causal and not, GQA.
 TEST(RingBackward, ZigzagEqualsSingleDeviceForEveryPUpTo8) {

@@ -111,7 +111,7 @@ TEST(RingCudaBackwardEmulated, MembersEqualCpuBackwardBackend) {
       const std::int64_t branches = 3;
       ring::CpuBackwardBackend<float> cpu(local, chunks, q.view(), k.view(), v.view(), out.view(),
                                           lse.data(), d_out.view(), 0.3f, causal, branches, mean,
-                                          1);
+                                          /*recompute=*/mean, 1);
       EmulatedBackwardBackend<float> gpu(EmulatedDevice{}, local, chunks, q.view(), k.view(),
                                          v.view(), out.view(), lse.data(), d_out.view(), 0.3,
                                          causal, branches, mean);

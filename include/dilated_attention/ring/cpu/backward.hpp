@@ -12,6 +12,7 @@
 #include "../../arguments.hpp"
 #include "../../config.hpp"
 #include "../../cpu/kernels/isa.hpp"
+#include "../../pattern.hpp"
 #include "../driver/call.hpp"
 #include "../driver/agreement.hpp"
 #include "../driver/backward.hpp"
@@ -58,11 +59,17 @@ Stats backward(const Config& config, const Shape& shape, Transport& transport,
         (void)cpu::resolve_isa(options.device.isa);  // a bad ISA is this rank's refusal
       },
       [&](const Shape& local, std::vector<Chunk> chunks) {
+        bool recompute = false;  // mean: does some head have rows in several branches?
+        if (config.mixing == Mixing::mean) {
+          const Pattern pattern(config, shape);
+          for (std::int64_t h = 0; h < shape.num_heads && !recompute; ++h)
+            recompute = pattern.sole_branch(h) == -2;
+        }
         return std::make_unique<CpuBackwardBackend<T>>(
             local, std::move(chunks), inputs.q, inputs.k, inputs.v, forward_outputs.out,
             forward_outputs.lse, d_out, static_cast<Acc>(resolved_scale(config, shape)),
             config.causal, static_cast<std::int64_t>(config.segment_lengths.size()),
-            config.mixing == Mixing::mean, threads, options.device.isa);
+            config.mixing == Mixing::mean, recompute, threads, options.device.isa);
       },
       [&](CpuBackwardBackend<T>& backend) {
         backend.finish(gradients.d_q, gradients.d_k, gradients.d_v);

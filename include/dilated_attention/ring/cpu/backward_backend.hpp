@@ -38,11 +38,14 @@ class CpuBackwardBackend : public CpuShard<T> {
   using GradientBuffer = std::vector<Acc>;  // dK then dV rows of each piece, as the K/V message
 
   // local: the shard's shape; chunks: which global rows the views hold; lse: the forward's
-  // [batch, heads, local rows]; branches: G; mean: the mixing.
+  // [batch, heads, local rows]; branches: G; mean: the mixing; recompute: mean mixing with some
+  // head whose rows several branches select (Pattern::sole_branch == -2), the only case whose
+  // per-branch statistics differ from the forward's LSE and dO·O (docs/semantics.md "Gradient
+  // of the mean mixing").
   CpuBackwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q,
                      View<const T> k, View<const T> v, View<const T> out, const Acc* lse,
                      View<const T> d_out, Acc scale, bool causal, std::int64_t branches, bool mean,
-                     int threads, CpuIsa isa = CpuIsa::automatic)
+                     bool recompute, int threads, CpuIsa isa = CpuIsa::automatic)
       : Base(local, std::move(chunks), q, k, v, threads, isa),
         out_(out),
         d_out_(d_out),
@@ -50,17 +53,21 @@ class CpuBackwardBackend : public CpuShard<T> {
         scale_(scale),
         weight_(mean ? Acc(1) / static_cast<Acc>(branches) : Acc(1)),
         causal_(causal),
-        mean_(mean),
+        recompute_(mean && recompute),
         rows_(local.batch * local.num_heads * local.seq_len),
-        delta_(static_cast<std::size_t>((mean ? branches : 1) * rows_), Acc(0)),
+        delta_(static_cast<std::size_t>((recompute_ ? branches : 1) * rows_), Acc(0)),
         d_q_(static_cast<std::size_t>(rows_ * local.head_dim), Acc(0)),
         d_k_(static_cast<std::size_t>(local.batch * local.num_kv_heads * local.seq_len *
                                       local.head_dim),
              Acc(0)),
         d_v_(d_k_.size(), Acc(0)) {
-    if (mean)
+    if (recompute_)
       branch_lse_.assign(static_cast<std::size_t>(branches * rows_), negative_infinity<Acc>());
   }
+
+  // Whether the driver runs the statistics pass over every step's blocks (else
+  // local_statistics).
+  bool recomputes_statistics() const { return recompute_; }
 
   GradientBuffer make_gradient_buffer(std::size_t elements) const {
     return GradientBuffer(elements, Acc(0));
@@ -87,10 +94,12 @@ class CpuBackwardBackend : public CpuShard<T> {
         });
   }
 
-  // softmax: D(x) = dO(x)·O(x) for every local row (the forward's LSE is read in place). mean
-  // needs each branch's LSE_i and D_i, which come from blocks (statistics below).
+  // D(x) = dO(x)·O(x) for every local row (the forward's LSE is read in place): softmax, and
+  // mean where every head has one branch (then D_i = (dO/G)·O_i = dO·O and LSE_i = LSE, while
+  // the weight 1/G stays on dO). Otherwise mean needs each branch's LSE_i and D_i, which come
+  // from blocks (statistics below).
   void local_statistics() {
-    if (mean_) return;
+    if (recompute_) return;
     const std::int64_t dim = shape_.head_dim;
     for (std::int64_t b = 0; b < shape_.batch; ++b)
       for (std::int64_t h = 0; h < shape_.num_heads; ++h)
@@ -136,8 +145,8 @@ class CpuBackwardBackend : public CpuShard<T> {
                 std::size_t element_offset, GradientBuffer* partials) {
     const std::int64_t dim = shape_.head_dim;
     const std::int64_t shift = queries.first - local_of(queries.first);  // positions -> local rows
-    const std::int64_t set = mean_ ? i : 0;
-    const Acc* lse = mean_ ? branch_lse_.data() + row(set, b, h, 0) : lse_ + row(0, b, h, 0);
+    const std::int64_t set = recompute_ ? i : 0;
+    const Acc* lse = recompute_ ? branch_lse_.data() + row(set, b, h, 0) : lse_ + row(0, b, h, 0);
     const KeyRows keys_rows = key_rows(b, g, keys, received, element_offset, shift);
     const cpu::GradientRows<Acc> d_q{d_q_.data() + row(0, b, h, local_of(queries.first)) * dim,
                                      queries.stride * dim};
@@ -232,7 +241,7 @@ class CpuBackwardBackend : public CpuShard<T> {
   View<const T> out_, d_out_;
   const Acc* lse_;
   Acc scale_, weight_;
-  bool causal_, mean_;
+  bool causal_, recompute_;
   std::int64_t rows_;                    // batch * heads * local rows
   std::vector<Acc> branch_lse_, delta_;  // row statistics: [set][b][h][x]
   std::vector<Acc> d_q_, d_k_, d_v_;     // gradient accumulators, head_dim per row

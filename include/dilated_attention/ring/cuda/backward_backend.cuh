@@ -110,6 +110,10 @@ class CudaBackwardBackend : public CudaShard<T, Device> {
     }
   }
 
+  // Whether the driver runs the statistics pass over every step's blocks: always for mean here
+  // (the CPU back end skips it where every head has one branch; this one does not yet).
+  bool recomputes_statistics() const { return mean_; }
+
   // softmax: D = dO·O for every local row (the forward's LSE is read in place).
   void local_statistics() {
     if (mean_) return;

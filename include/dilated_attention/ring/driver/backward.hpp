@@ -16,7 +16,9 @@
 //   2. post every K/V exchange (Options::post_early; nearest peers first);
 //   3. row statistics. softmax: D = dO·O from the rank's own rows; the forward's LSE is global
 //      already. mean: every branch's LSE_i and D_i over keys on several ranks: a statistics pass
-//      over all steps' blocks, merged per row like partial outputs (one forward's work extra);
+//      over all steps' blocks, merged per row like partial outputs (one forward's work extra),
+//      where the back end recomputes (recomputes_statistics(); the CPU back end only when some
+//      head has rows in several branches, else mean takes softmax's statistics);
 //   4. the gradient pass: half of the local blocks, then each step's blocks as its rows arrive
 //      (dQ and the local dK/dV accumulate in the back end; the received rows' dK/dV go to a
 //      partial buffer), each step's partials going back to their owner while the next step
@@ -58,7 +60,10 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   const Pattern& pattern = schedule.pattern();
   const std::int64_t num_ranks = transport.size();
   const std::int64_t group = global.num_heads / global.num_kv_heads;
-  const bool mean = config.mixing == Mixing::mean;
+  // mean mixing with a head whose rows several branches select: each branch's LSE_i and D_i
+  // are recomputed over every step's blocks (the back end decides; docs/semantics.md "Gradient
+  // of the mean mixing").
+  const bool recompute = backend.recomputes_statistics();
   constexpr bool stream_ordered = detail::is_stream_ordered<Backend>::value;
 
   Stats stats;
@@ -142,7 +147,7 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
 
   // Row statistics.
   begin_posting();
-  if (mean) {
+  if (recompute) {
     const auto statistics = [&](auto& ws, std::int64_t i, std::int64_t b, std::int64_t h,
                                 std::int64_t g, const BlockPair& block, const Buffer* received,
                                 std::size_t offset) {
@@ -171,7 +176,7 @@ Stats run_ring_backward(const Config& config, const Shape& global, Transport& tr
   for_each_block(0, local_gradient, 0, early_pairs);
   for (const std::int64_t t : order) {
     Step& step = steps[static_cast<std::size_t>(t)];
-    if (!mean) arrive(t);
+    if (!recompute) arrive(t);
     GradientBuffer* partial = nullptr;
     if (step.exchange.receiving()) {
       step.partial_send = partials.add(backend.make_gradient_buffer(step.exchange.recv_elements));
