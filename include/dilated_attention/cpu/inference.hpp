@@ -316,19 +316,11 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
   };
   // The rows are strided (a dilated block, pages): the hardware prefetcher does not follow them
   // across pages, so each pass asks for its rows some keys ahead (about decode_prefetch_bytes in
-  // flight). Not where a pass reads one contiguous range (r = 1, unpaged, every byte of each
-  // position's row read): the hardware follows that stream, and the asks cost about 25
-  // instructions per (head, key) pair at D = 64 (docs/performance.md "Inference").
+  // flight).
   const std::int64_t row_bytes = dim * static_cast<std::int64_t>(sizeof(T));
-  auto streamed = [&](std::int64_t seq_stride) {
-    return s.pages == nullptr && keys.stride == 1 && num_kv_read * dim == seq_stride;
-  };
-  // Keys j with j + ahead below these are asked for ahead of their pass (none where streamed).
-  const std::int64_t k_asked = streamed(s.k_seq) ? 0 : keys.count,
-                     v_asked = streamed(s.v_seq) ? 0 : keys.count;
   const std::int64_t ahead =
       std::clamp<std::int64_t>(decode_prefetch_bytes / (num_kv_read * row_bytes), 1, 8);
-  for (std::int64_t j = 0; j < std::min(ahead, k_asked); ++j)
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
     prefetch_kv_rows(position(s.k, s.k_seq, keys.at(j)), kv_read, num_kv_read, s.k_head, row_bytes);
   // Both passes go through the piece in chunks of `chunk` positions and, within a chunk, head by
   // head: the first head's loop asks for every head's rows ahead, the others find them in cache,
@@ -366,7 +358,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
       const Eigen::Map<const Vector> q(query + a * dim, dim);
       Acc* const head_scores = scores + a * scores_stride;
       auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
-        if (a == 0 && j + ahead < k_asked)
+        if (a == 0 && j + ahead < keys.count)
           prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.k_head, row_bytes);
       };
       Acc max = maxima[a];
@@ -410,7 +402,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
     Eigen::Map<Array> weights(scores + a * scores_stride, keys.count);
     weights = (weights - maxima[a]).exp();
   }
-  for (std::int64_t j = 0; j < std::min(ahead, v_asked); ++j)
+  for (std::int64_t j = 0; j < std::min(ahead, keys.count); ++j)
     prefetch_kv_rows(position(s.v, s.v_seq, keys.at(j)), kv_read, num_kv_read, s.v_head, row_bytes);
   for (std::int64_t j0 = 0; j0 < keys.count; j0 += chunk) {
     const std::int64_t j1 = std::min(keys.count, j0 + chunk);
@@ -418,7 +410,7 @@ void decode_piece_with(const SequenceRows<T>& s, const std::int64_t* heads,
     for (std::int64_t a = 0; a < num_heads; ++a) {
       const Acc* weights = scores + a * scores_stride;
       auto prefetch_ahead = [&](std::int64_t j) DILATED_ATTENTION_ALWAYS_INLINE {
-        if (a == 0 && j + ahead < v_asked)
+        if (a == 0 && j + ahead < keys.count)
           prefetch_kv_rows(at[j + ahead - j0], kv_read, num_kv_read, s.v_head, row_bytes);
       };
       if constexpr (Dim != Eigen::Dynamic) {  // the chunk's sum in registers, then added
