@@ -38,6 +38,7 @@
 #include "../arguments.hpp"
 #include "../config.hpp"
 #include "../pattern.hpp"
+#include "../sequences.hpp"
 #include "attend_backward.hpp"
 #include "attend_statistics.hpp"
 #include "backward_units.hpp"
