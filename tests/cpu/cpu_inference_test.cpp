@@ -540,6 +540,34 @@ Grads full_backward(const Config& config, const Shape& shape, const std::vector<
   return g;
 }
 
+struct ReferenceGrads {
+  std::vector<double> d_q, d_k, d_v;
+};
+
+// docs/semantics.md "The gradient" in fp64 (reference::forward, then reference::backward) of a
+// whole [1, n] sequence of float inputs.
+ReferenceGrads reference_backward(const Config& config, const Shape& shape,
+                                  const std::vector<float>& q, const std::vector<float>& k,
+                                  const std::vector<float>& v, const std::vector<float>& d_out) {
+  const std::int64_t H = shape.num_heads, G = shape.num_kv_heads, D = shape.head_dim;
+  std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
+      dod(d_out.begin(), d_out.end()), od(q.size()),
+      ld(static_cast<std::size_t>(H * shape.seq_len));
+  ReferenceGrads g{std::vector<double>(q.size()), std::vector<double>(k.size()),
+                   std::vector<double>(v.size())};
+  const da::Inputs<double> din{View<const double>{qd.data(), 0, H * D, D},
+                               View<const double>{kd.data(), 0, G * D, D},
+                               View<const double>{vd.data(), 0, G * D, D}};
+  da::reference::forward<double>(config, shape, din,
+                                 {View<double>{od.data(), 0, H * D, D}, ld.data()});
+  da::reference::backward<double>(
+      config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
+      View<const double>{dod.data(), 0, H * D, D},
+      {View<double>{g.d_q.data(), 0, H * D, D}, View<double>{g.d_k.data(), 0, G * D, D},
+       View<double>{g.d_v.data(), 0, G * D, D}});
+  return g;
+}
+
 TEST(CpuInferenceBackward, VarlenIsEachSequencesBackwardAndPaddedEqualsIt) {
   const std::int64_t H = 4, Hkv = 2, D = 16;
   const Batch batch = random_batch(H, Hkv, D, 60);
@@ -634,19 +662,8 @@ TEST(CpuInferenceBackward, ChunksSumToTheFullGradient) {
           make_config({64, 100, 400}, {1, 3, 7}, causal, OffsetRule::modular, mixing);
       SCOPED_TRACE(name(config));
       const Grads full = full_backward(config, shape, q, k, v, d_out);
-      std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
-          dod(d_out.begin(), d_out.end()), od(q.size()), ld(static_cast<std::size_t>(H * N)),
-          dqd(q.size()), dkd(k.size()), dvd(k.size());
-      const da::Inputs<double> din{View<const double>{qd.data(), 0, H * D, D},
-                                   View<const double>{kd.data(), 0, Hkv * D, D},
-                                   View<const double>{vd.data(), 0, Hkv * D, D}};
-      da::reference::forward<double>(config, shape, din,
-                                     {View<double>{od.data(), 0, H * D, D}, ld.data()});
-      da::reference::backward<double>(
-          config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
-          View<const double>{dod.data(), 0, H * D, D},
-          {View<double>{dqd.data(), 0, H * D, D}, View<double>{dkd.data(), 0, Hkv * D, D},
-           View<double>{dvd.data(), 0, Hkv * D, D}});
+      const ReferenceGrads ref = reference_backward(config, shape, q, k, v, d_out);
+      const std::vector<double>&dqd = ref.d_q, &dkd = ref.d_k, &dvd = ref.d_v;
       std::vector<float> d_k_sum(k.size(), 0.0f), d_v_sum(k.size(), 0.0f);
       std::int64_t begin = 0;
       double worst_q = 0, worst_kv = 0, worst_ref = 0;
@@ -807,19 +824,8 @@ TEST(CpuInferenceBackward, DecodeRowMatchesTheReference) {
   for (Mixing mixing : mixings) {
     const Config config = make_config({64, 100, 300}, {1, 3, 7}, true, OffsetRule::modular, mixing);
     SCOPED_TRACE(name(config));
-    std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end()),
-        dod(d_out.begin(), d_out.end()), od(q.size()), ld(static_cast<std::size_t>(H * N)),
-        dqd(q.size()), dkd(k.size()), dvd(k.size());
-    const da::Inputs<double> din{View<const double>{qd.data(), 0, H * D, D},
-                                 View<const double>{kd.data(), 0, Hkv * D, D},
-                                 View<const double>{vd.data(), 0, Hkv * D, D}};
-    da::reference::forward<double>(config, shape, din,
-                                   {View<double>{od.data(), 0, H * D, D}, ld.data()});
-    da::reference::backward<double>(
-        config, shape, din, {View<const double>{od.data(), 0, H * D, D}, ld.data()},
-        View<const double>{dod.data(), 0, H * D, D},
-        {View<double>{dqd.data(), 0, H * D, D}, View<double>{dkd.data(), 0, Hkv * D, D},
-         View<double>{dvd.data(), 0, Hkv * D, D}});
+    const ReferenceGrads ref = reference_backward(config, shape, q, k, v, d_out);
+    const std::vector<double>&dqd = ref.d_q, &dkd = ref.d_k, &dvd = ref.d_v;
     const QueryRange range{N - 1, 1};
     const da::Inputs<float> in{View<const float>{q.data() + (N - 1) * H * D, 0, H * D, D, H * D},
                                view_of(k, N, Hkv, D), view_of(v, N, Hkv, D)};
