@@ -208,6 +208,20 @@ class Pattern {
       }
     return sole;
   }
+  // Mean mixing's statistics for `head`: the branch whose LSE and D = dO·O are the forward's own
+  // (its sole branch, or 0 when no branch selects rows), or -1 where several branches select
+  // rows and each one's are recomputed (docs/semantics.md "Gradient of the mean mixing").
+  std::int64_t mean_statistics_branch(std::int64_t head) const {
+    const std::int64_t sole = sole_branch(head);
+    return sole == -2 ? -1 : std::max<std::int64_t>(sole, 0);
+  }
+  // Whether mean mixing recomputes any head's per-branch statistics (some head has rows in
+  // several branches); when not, every backward reads the forward's LSE and dO·O as softmax does.
+  bool mean_recomputes_statistics() const {
+    for (std::int64_t h = 0; h < shape_.num_heads; ++h)
+      if (sole_branch(h) == -2) return true;
+    return false;
+  }
   // The key/value head that query head h reads (grouped-query attention).
   std::int64_t kv_head(std::int64_t head) const {
     return head / (shape_.num_heads / shape_.num_kv_heads);

@@ -407,7 +407,8 @@ TEST(Pattern, ForEachBlockInMatchesBlocks) {
 }
 
 // sole_branch against brute force over the blocks: the branch whose blocks alone hold the head,
-// -1 when no block does, -2 when blocks of several branches do; selects_any agrees.
+// -1 when no block does, -2 when blocks of several branches do; selects_any, the mean mixing's
+// statistics branch and whether mean recomputes any head's statistics agree.
 TEST(Pattern, SoleBranchMatchesBlocks) {
   struct Case {
     std::vector<std::int64_t> w, r;
@@ -429,6 +430,7 @@ TEST(Pattern, SoleBranchMatchesBlocks) {
       config.offsets = rule;
       const da::Pattern pattern(config, da::Shape{1, c.n, c.heads, 1, 4});
       const std::vector<da::Block> blocks = pattern.blocks();
+      bool several_anywhere = false;
       for (std::int64_t h = 0; h < c.heads; ++h) {
         std::vector<std::int64_t> branches;
         for (const da::Block& block : blocks)
@@ -439,9 +441,13 @@ TEST(Pattern, SoleBranchMatchesBlocks) {
                                   : branches.size() == 1 ? branches.front()
                                                          : -2;
         EXPECT_EQ(pattern.sole_branch(h), want) << "head " << h << ", n " << c.n;
+        EXPECT_EQ(pattern.mean_statistics_branch(h),
+                  branches.size() > 1 ? -1 : (branches.empty() ? 0 : branches.front()));
+        several_anywhere = several_anywhere || branches.size() > 1;
         for (std::int64_t i = 0; i < pattern.num_branches(); ++i)
           EXPECT_EQ(pattern.selects_any(i, h),
                     std::find(branches.begin(), branches.end(), i) != branches.end());
       }
+      EXPECT_EQ(pattern.mean_recomputes_statistics(), several_anywhere) << "n " << c.n;
     }
 }

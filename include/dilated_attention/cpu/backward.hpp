@@ -77,14 +77,11 @@ void backward(const Config& config, const Shape& shape, const Inputs<detail::ide
 
   // mean: a head whose rows only one branch selects has the forward's statistics (its sole
   // branch's); only heads with rows in several branches need each branch's recomputed.
+  const bool recompute = config.mixing == Mixing::mean && pattern.mean_recomputes_statistics();
   std::vector<std::int64_t> direct(static_cast<std::size_t>(shape.num_heads), 0);
-  bool recompute = false;
-  if (config.mixing == Mixing::mean)
-    for (std::int64_t h = 0; h < shape.num_heads; ++h) {
-      const std::int64_t sole = pattern.sole_branch(h);
-      direct[static_cast<std::size_t>(h)] = sole == -2 ? -1 : std::max<std::int64_t>(sole, 0);
-      recompute = recompute || sole == -2;
-    }
+  if (recompute)
+    for (std::int64_t h = 0; h < shape.num_heads; ++h)
+      direct[static_cast<std::size_t>(h)] = pattern.mean_statistics_branch(h);
   const std::int64_t sets = recompute ? pattern.num_branches() : 1;
   cpu::detail::RowStatistics<Acc> stats{
       lse, lse, {}, {}, sets, shape.batch, shape.num_heads, shape.seq_len, std::move(direct)};

@@ -123,13 +123,10 @@ void backward_range_rows(const Config& config, const HeadShape& heads, std::int6
   RangeStatistics<Acc> stats{
       lse,   lse_head, 1,  H,
       count, {},       {}, std::vector<std::int64_t>(static_cast<std::size_t>(H), 0)};
-  bool recompute = false;
-  if (mean)
-    for (std::int64_t h = 0; h < H; ++h) {
-      const std::int64_t sole = pattern.sole_branch(h);
-      stats.direct[static_cast<std::size_t>(h)] = sole == -2 ? -1 : std::max<std::int64_t>(sole, 0);
-      recompute = recompute || sole == -2;
-    }
+  const bool recompute = mean && pattern.mean_recomputes_statistics();
+  if (recompute)
+    for (std::int64_t h = 0; h < H; ++h)
+      stats.direct[static_cast<std::size_t>(h)] = pattern.mean_statistics_branch(h);
   stats.sets = recompute ? pattern.num_branches() : 1;
   stats.delta.assign(static_cast<std::size_t>(stats.sets * H * count), Acc(0));
   if (recompute)

@@ -59,12 +59,8 @@ Stats backward(const Config& config, const Shape& shape, Transport& transport,
         (void)cpu::resolve_isa(options.device.isa);  // a bad ISA is this rank's refusal
       },
       [&](const Shape& local, std::vector<Chunk> chunks) {
-        bool recompute = false;  // mean: does some head have rows in several branches?
-        if (config.mixing == Mixing::mean) {
-          const Pattern pattern(config, shape);
-          for (std::int64_t h = 0; h < shape.num_heads && !recompute; ++h)
-            recompute = pattern.sole_branch(h) == -2;
-        }
+        const bool recompute =
+            config.mixing == Mixing::mean && Pattern(config, shape).mean_recomputes_statistics();
         return std::make_unique<CpuBackwardBackend<T>>(
             local, std::move(chunks), inputs.q, inputs.k, inputs.v, forward_outputs.out,
             forward_outputs.lse, d_out, static_cast<Acc>(resolved_scale(config, shape)),

@@ -39,7 +39,7 @@ class CpuBackwardBackend : public CpuShard<T> {
 
   // local: the shard's shape; chunks: which global rows the views hold; lse: the forward's
   // [batch, heads, local rows]; branches: G; mean: the mixing; recompute: mean mixing with some
-  // head whose rows several branches select (Pattern::sole_branch == -2), the only case whose
+  // head whose rows several branches select (Pattern::mean_recomputes_statistics), the only case whose
   // per-branch statistics differ from the forward's LSE and dO·O (docs/semantics.md "Gradient
   // of the mean mixing").
   CpuBackwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q,
