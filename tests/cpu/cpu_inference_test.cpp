@@ -907,8 +907,9 @@ TEST(CpuInferenceBackward, VarlenQueryTailsAreTheirRangesBackwardBitwise) {
               View<const float>{d_out.data() + q0 * H * D, 0, H * D, D, -1},
               {view_of(d_q, rows, H, D), view_of(d_k, n, Hkv, D), view_of(d_v, n, Hkv, D)});
         }
-        auto differs = [](const std::vector<float>& a, const float* b) {  // a may be empty
-          return !a.empty() && std::memcmp(a.data(), b, a.size() * sizeof(float)) != 0;
+        auto differs = [](const std::vector<float>& alone, const float* packed) {  // may be empty
+          return !alone.empty() &&
+                 std::memcmp(alone.data(), packed, alone.size() * sizeof(float)) != 0;
         };
         mismatches += differs(d_q, g.d_q.data() + q0 * H * D);
         mismatches += differs(d_k, g.d_k.data() + o * Hkv * D);
