@@ -497,7 +497,7 @@ def summarise_inference(data):
     """Decode rows of cpu_inference_benchmark (float, and bf16 / half storage): step time,
     tokens/s, K/V bytes per step and per second and their share of the STREAM-like copy measured
     in the same binary; prefill rows: useful GFLOP/s and their share of the binary's FMA peak."""
-    stream = None
+    stream = stream_read = None
     rows, prefill = [], []
     runs = representative_runs(data.get("benchmarks", []))
     context = data.get("context", {})
@@ -507,6 +507,8 @@ def summarise_inference(data):
         kind = kind_of(run)
         if name.startswith("Stream/copy"):
             stream = run.get("bytes_per_second")
+        elif name.startswith("Stream/read"):
+            stream_read = run.get("bytes_per_second")
         elif kind in dtypes:
             fields = dict(part.split(":", 1) for part in name.split("/")[1:] if ":" in part)
             rows.append({
@@ -516,6 +518,8 @@ def summarise_inference(data):
                 "step_us": seconds(run) * 1e6, "tokens_per_second": run.get("tokens_per_second"),
                 "kv_bytes_per_step": run.get("kv_bytes_per_step"),
                 "kv_bytes_per_second": run.get("kv_bytes_per_second"),
+                "copy_bytes_per_second": run.get("copy_bytes_per_second"),
+                "share_of_copy": run.get("share_of_copy"),
                 "error": run.get("error_occurred", False), "max_err_out": run.get("max_err_out"),
             })
         elif kind == "Prefill" and run.get("useful_flops"):
@@ -525,17 +529,23 @@ def summarise_inference(data):
             peak_shares(row, peak_for(runs, context, run.get("worker_threads")), run["useful_flops"])
             prefill.append(row)
     for row in rows:
+        # The copy measured beside the row where the binary reports it; else the Stream/copy row.
         bw = row["kv_bytes_per_second"]
-        row["bandwidth_share"] = bw / stream if stream and bw else None
-    return {"stream_bytes_per_second": stream, "fma_peak": summarise_peaks(runs), "decode": rows,
+        row["bandwidth_share"] = row.get("share_of_copy") or (bw / stream if stream and bw else None)
+        row["read_share"] = bw / stream_read if stream_read and bw else None
+    return {"stream_bytes_per_second": stream, "read_bytes_per_second": stream_read,
+            "fma_peak": summarise_peaks(runs), "decode": rows,
             "prefill": prefill}
 
 
 def print_inference_table(summary, out=sys.stdout, markdown=False):
     stream = summary.get("stream_bytes_per_second")
-    print(f"decode steps (STREAM-like copy: {fmt(stream and stream / 1e9, '.1f')} GB/s)", file=out)
-    header = ["dtype", "kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V MB/step", "K/V GB/s", "of copy",
-              "max err"]
+    read = summary.get("read_bytes_per_second")
+    print(f"decode steps (STREAM-like copy: {fmt(stream and stream / 1e9, '.1f')} GB/s, pure read: "
+          f"{fmt(read and read / 1e9, '.1f')} GB/s; 'of copy' divides by the copy measured beside each row, "
+          "'copy GB/s'; 'of read' by the pure read)", file=out)
+    header = ["dtype", "kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V MB/step", "K/V GB/s", "copy GB/s",
+              "of copy", "of read", "max err"]
     lines = []
     order = {"float": 0, "bf16": 1, "half": 2}
     for row in sorted(summary["decode"], key=lambda r: (r["head_dim"], r["batch"], r["kv_heads"], r["kv_len"],
@@ -548,7 +558,9 @@ def print_inference_table(summary, out=sys.stdout, markdown=False):
                       fmt(row["tokens_per_second"], ".0f"),
                       fmt(step_bytes and step_bytes / 1e6, ".2f"),
                       fmt(row["kv_bytes_per_second"] and row["kv_bytes_per_second"] / 1e9, ".2f"),
+                      fmt(row.get("copy_bytes_per_second") and row["copy_bytes_per_second"] / 1e9, ".1f"),
                       fmt(share and 100 * share, ".0f") + ("%" if share else ""),
+                      fmt(row.get("read_share") and 100 * row["read_share"], ".0f") + ("%" if row.get("read_share") else ""),
                       fmt(row["max_err_out"], ".1e")])
     prefill = summary.get("prefill") or []
     if markdown:

@@ -53,7 +53,7 @@ Options (each also read from the environment variable in brackets):
   --backward-seq-lens LIST  sequence lengths of the backward run
                                                       [DA_BACKWARD_SEQ_LENS=16384,65536]
   --no-backward           skip the backward run       [DA_BACKWARD=1]
-  --no-decode             skip the decode run (cpu_inference_benchmark: a STREAM copy and
+  --no-decode             skip the decode run (cpu_inference_benchmark: a STREAM copy, a read and
                           decode steps of B=1 and 16, H=8, Hkv=8, D as given, LongNet
                           branches w=2048..32768, causal, at kv_len 16k and 1M; its
                           tokens/s and share of the copy's bandwidth go into the table)

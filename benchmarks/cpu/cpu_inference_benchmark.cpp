@@ -6,10 +6,14 @@
 //
 //   Stream/copy      a STREAM-like copy (2 x bytes moved per second) on every core: the machine's
 //                    memory bandwidth, measured in the same binary as the decode steps.
+//   Stream/read      a pure read (a sum) of 1 GiB on every core: what a step that only reads can
+//                    draw (on the Zen 3 guest 55-65 % of the copy's figure), a second yardstick.
 //   Decode/...       one decode step (QueryRange{kv_len - 1, 1}) with a reused DecodeWorkspace:
 //                    time, tokens/s (batch / step time), the K/V bytes the step must read (each
 //                    key/value row a query head of the step attends, once per kv head: the
-//                    unique bytes) and those bytes per second as a share of Stream/copy.
+//                    unique bytes) and those bytes per second as a share of the same copy
+//                    measured right before the row's timed loop (share_of_copy, against
+//                    copy_bytes_per_second) and of Stream/copy (stream_bytes_per_second).
 //   Decode_paged/... the float step at 1M tokens, batch 16, with K/V in shuffled pages of 16 or
 //                    256 positions (PagedKeyValues): the decode kernel reads through the table.
 //   Decode_bf16/..., Decode_half/...   the same step on Eigen::bfloat16 / Eigen::half tensors:
@@ -135,27 +139,110 @@ void report_error(benchmark::State& state, double error, double budget = kMaxErr
 
 // ---------------------------------------------------------------------------------------------
 
+// b = a over `count` floats, each core copying its share (memcpy: streaming stores for arrays
+// this large, so the copy moves 2 x bytes: one read, one write).
+void copy_on_every_core(const float* a, float* b, std::size_t count) {
+  const int workers = threads();
+  std::vector<std::thread> pool;
+  for (int t = 0; t < workers; ++t)
+    pool.emplace_back([=] {
+      const std::size_t begin = count * t / workers, end = count * (t + 1) / workers;
+      std::memcpy(b + begin, a + begin, (end - begin) * sizeof(float));
+    });
+  for (std::thread& thread : pool) thread.join();
+}
+
+// The sum of `count` floats, each core reading its share in order: the bandwidth of a pure read,
+// which is what a decode step does (it writes next to nothing). 16 partial sums, so the loop is
+// two vector adds per 64 bytes and the loads, not the adds, set its pace.
+double read_on_every_core(const float* a, std::size_t count) {
+  const int workers = threads();
+  std::vector<float> sums(static_cast<std::size_t>(workers));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < workers; ++t)
+    pool.emplace_back([=, &sums] {
+      const std::size_t begin = count * t / workers / 16 * 16,
+                        end = t + 1 == workers ? count : count * (t + 1) / workers / 16 * 16;
+      float partial[16] = {};
+      for (std::size_t i = begin; i + 16 <= end; i += 16)
+        for (int j = 0; j < 16; ++j) partial[j] += a[i + static_cast<std::size_t>(j)];
+      float sum = 0;
+      for (float value : partial) sum += value;
+      sums[static_cast<std::size_t>(t)] = sum;
+    });
+  for (std::thread& thread : pool) thread.join();
+  double total = 0;
+  for (float value : sums) total += value;
+  return total;
+}
+
 void BM_StreamCopy(benchmark::State& state) {
   const std::size_t count = std::size_t(1) << 28;  // 1 GiB of float per array
   std::vector<float> a(count), b(count);
   fill(a.data(), 0, count, 1);
   fill(b.data(), 0, count, 2);
-  const int workers = threads();
   for (auto _ : state) {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < workers; ++t)
-      pool.emplace_back([&, t] {
-        const std::size_t begin = count * t / workers, end = count * (t + 1) / workers;
-        std::memcpy(b.data() + begin, a.data() + begin, (end - begin) * sizeof(float));
-      });
-    for (std::thread& thread : pool) thread.join();
+    copy_on_every_core(a.data(), b.data(), count);
     benchmark::DoNotOptimize(b.data());
     benchmark::ClobberMemory();
   }
   const double bytes = 2.0 * static_cast<double>(count * sizeof(float));  // read + write
   state.counters["bytes_per_second"] =
       benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["threads"] = workers;
+  state.counters["threads"] = threads();
+}
+
+void BM_StreamRead(benchmark::State& state) {
+  const std::size_t count = std::size_t(1) << 28;  // 1 GiB of float
+  std::vector<float> a(count);
+  fill(a.data(), 0, count, 1);
+  for (auto _ : state) benchmark::DoNotOptimize(read_on_every_core(a.data(), count));
+  state.counters["bytes_per_second"] = benchmark::Counter(
+      static_cast<double>(count * sizeof(float)), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = threads();
+}
+
+// The same copy measured beside one decode row (after its set-up, right before its timed loop):
+// the median rate of 5 copies of the same 1 GiB arrays as Stream/copy. On a shared guest the
+// copy drifted between 27 and 49 GB/s within half an hour (docs/performance.md "Inference"), so
+// a share against the Stream/copy row, measured minutes earlier, divides by another minute's
+// machine; this one pairs each step with the bandwidth of its own minute. Not smaller arrays:
+// glibc's memcpy takes another path below about 384 MiB per thread and ran at 22 GB/s against
+// 28-40 for 1 GiB on the Zen 3 guest, which would flatter every share.
+double adjacent_copy_bytes_per_second() {
+  constexpr std::size_t count = std::size_t(1) << 28;
+  static std::vector<float> a, b;  // once per process: 2 GiB
+  if (a.empty()) {
+    a.resize(count);
+    b.resize(count);
+    fill(a.data(), 0, count, 1);
+    fill(b.data(), 0, count, 2);
+  }
+  double rates[5];
+  for (double& rate : rates) {
+    const auto start = std::chrono::steady_clock::now();
+    copy_on_every_core(a.data(), b.data(), count);
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    rate = 2.0 * static_cast<double>(count * sizeof(float)) / elapsed.count();
+  }
+  benchmark::DoNotOptimize(b.data());
+  std::sort(std::begin(rates), std::end(rates));
+  return rates[2];
+}
+
+// Counters every decode row reports: tokens/s, the K/V bytes a step reads, per second, and as a
+// share of the copy measured beside the row (`adjacent_copy`) and of the Stream/copy row.
+void report_decode(benchmark::State& state, double bytes, std::int64_t batch,
+                   double adjacent_copy) {
+  state.counters["tokens_per_second"] =
+      benchmark::Counter(static_cast<double>(batch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["kv_bytes_per_step"] = bytes;
+  state.counters["kv_bytes_per_second"] =
+      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
+  state.counters["copy_bytes_per_second"] = adjacent_copy;
+  state.counters["share_of_copy"] =
+      benchmark::Counter(bytes / adjacent_copy, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // The unique K/V bytes a decode step at row x reads: per (element, kv head, branch), the keys
@@ -210,6 +297,7 @@ void BM_Decode(benchmark::State& state) {
                    &workspace);
   };
   step();
+  const double adjacent_copy = adjacent_copy_bytes_per_second();
   for (auto _ : state) {
     step();
     benchmark::DoNotOptimize(out.data());
@@ -232,13 +320,7 @@ void BM_Decode(benchmark::State& state) {
   const double rounding =
       std::is_same_v<T, float> ? 0.0 : 0.5 * static_cast<double>(Eigen::NumTraits<T>::epsilon());
   report_error(state, error, kMaxError + rounding);
-  const double bytes = decode_kv_bytes(config, shape, x, sizeof(T));
-  state.counters["tokens_per_second"] =
-      benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["kv_bytes_per_step"] = bytes;
-  state.counters["kv_bytes_per_second"] =
-      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
+  report_decode(state, decode_kv_bytes(config, shape, x, sizeof(T)), B, adjacent_copy);
   state.counters["kv_len"] = static_cast<double>(kv_len);
   state.counters["worker_threads"] = threads();
 }
@@ -305,6 +387,7 @@ void BM_DecodePaged(benchmark::State& state) {
                    {View<T>{out.data(), 0, H * D, D}, lse.data()}, options, &workspace);
   };
   step();
+  const double adjacent_copy = adjacent_copy_bytes_per_second();
   for (auto _ : state) {
     step();
     benchmark::DoNotOptimize(out.data());
@@ -328,13 +411,7 @@ void BM_DecodePaged(benchmark::State& state) {
     }
   }
   report_error(state, error);
-  const double bytes = decode_kv_bytes(config, shape, x, sizeof(T));
-  state.counters["tokens_per_second"] =
-      benchmark::Counter(static_cast<double>(B), benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["kv_bytes_per_step"] = bytes;
-  state.counters["kv_bytes_per_second"] =
-      benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["stream_bytes_per_second"] = stream_bytes_per_second;
+  report_decode(state, decode_kv_bytes(config, shape, x, sizeof(T)), B, adjacent_copy);
   state.counters["kv_len"] = static_cast<double>(kv_len);
   state.counters["page_size"] = static_cast<double>(page_size);
   state.counters["worker_threads"] = threads();
@@ -625,6 +702,10 @@ void BM_Varlen(benchmark::State& state) {
 
 void register_benchmarks() {
   benchmark::RegisterBenchmark("Stream/copy", BM_StreamCopy)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
+  benchmark::RegisterBenchmark("Stream/read", BM_StreamRead)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
       ->MinTime(0.5);
