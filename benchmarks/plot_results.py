@@ -498,7 +498,7 @@ def summarise_inference(data):
     tokens/s, K/V bytes per step and per second and their share of the STREAM-like copy measured
     in the same binary; prefill rows: useful GFLOP/s and their share of the binary's FMA peak."""
     stream = stream_read = None
-    rows, prefill = [], []
+    rows, prefill, roofs = [], [], {}
     runs = representative_runs(data.get("benchmarks", []))
     context = data.get("context", {})
     dtypes = {"Decode": "float", "Decode_bf16": "bf16", "Decode_half": "half"}
@@ -509,6 +509,10 @@ def summarise_inference(data):
             stream = run.get("bytes_per_second")
         elif name.startswith("Stream/read"):
             stream_read = run.get("bytes_per_second")
+        elif kind == "Decode_read":
+            fields = dict(part.split(":", 1) for part in name.split("/")[1:] if ":" in part)
+            key = (int(fields["kv_len"]), int(fields["Hkv"]), int(fields["D"]), int(fields["batch"]))
+            roofs[key] = run.get("kv_bytes_per_second")
         elif kind in dtypes:
             fields = dict(part.split(":", 1) for part in name.split("/")[1:] if ":" in part)
             rows.append({
@@ -533,6 +537,8 @@ def summarise_inference(data):
         bw = row["kv_bytes_per_second"]
         row["bandwidth_share"] = row.get("share_of_copy") or (bw / stream if stream and bw else None)
         row["read_share"] = bw / stream_read if stream_read and bw else None
+        roof = roofs.get((row["kv_len"], row["kv_heads"], row["head_dim"], row["batch"]))
+        row["roof_share"] = bw / roof if roof and bw and row["dtype"] == "float" else None
     return {"stream_bytes_per_second": stream, "read_bytes_per_second": stream_read,
             "fma_peak": summarise_peaks(runs), "decode": rows,
             "prefill": prefill}
@@ -543,9 +549,9 @@ def print_inference_table(summary, out=sys.stdout, markdown=False):
     read = summary.get("read_bytes_per_second")
     print(f"decode steps (STREAM-like copy: {fmt(stream and stream / 1e9, '.1f')} GB/s, pure read: "
           f"{fmt(read and read / 1e9, '.1f')} GB/s; 'of copy' divides by the copy measured beside each row, "
-          "'copy GB/s'; 'of read' by the pure read)", file=out)
+          "'copy GB/s'; 'of read' by the pure read; 'of roof' by the same rows read alone, Decode_read)", file=out)
     header = ["dtype", "kv_len", "Hkv", "D", "batch", "step (us)", "tokens/s", "K/V MB/step", "K/V GB/s", "copy GB/s",
-              "of copy", "of read", "max err"]
+              "of copy", "of read", "of roof", "max err"]
     lines = []
     order = {"float": 0, "bf16": 1, "half": 2}
     for row in sorted(summary["decode"], key=lambda r: (r["head_dim"], r["batch"], r["kv_heads"], r["kv_len"],
@@ -561,6 +567,7 @@ def print_inference_table(summary, out=sys.stdout, markdown=False):
                       fmt(row.get("copy_bytes_per_second") and row["copy_bytes_per_second"] / 1e9, ".1f"),
                       fmt(share and 100 * share, ".0f") + ("%" if share else ""),
                       fmt(row.get("read_share") and 100 * row["read_share"], ".0f") + ("%" if row.get("read_share") else ""),
+                      fmt(row.get("roof_share") and 100 * row["roof_share"], ".0f") + ("%" if row.get("roof_share") else ""),
                       fmt(row["max_err_out"], ".1e")])
     prefill = summary.get("prefill") or []
     if markdown:

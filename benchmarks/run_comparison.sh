@@ -53,7 +53,8 @@ Options (each also read from the environment variable in brackets):
   --backward-seq-lens LIST  sequence lengths of the backward run
                                                       [DA_BACKWARD_SEQ_LENS=16384,65536]
   --no-backward           skip the backward run       [DA_BACKWARD=1]
-  --no-decode             skip the decode run (cpu_inference_benchmark: a STREAM copy, a read and
+  --no-decode             skip the decode run (cpu_inference_benchmark: a STREAM copy, a read, the
+                          decode step's rows read alone (Decode_read) and
                           decode steps of B=1 and 16, H=8, Hkv=8, D as given, LongNet
                           branches w=2048..32768, causal, at kv_len 16k and 1M; its
                           tokens/s and share of the copy's bandwidth go into the table)
@@ -301,7 +302,7 @@ if [[ $DECODE -eq 1 ]]; then
   say "running the decode steps (load before: $(uptime | sed 's/.*load average/load average/'))"
   # Exit status 1: a sampled decode row disagrees with docs/semantics.md "The forward".
   with_progress decode "$BUILD_DIR/benchmarks/cpu_inference_benchmark" \
-    --benchmark_filter="Stream|Decode/kv_len:(16384|1048576)/Hkv:8/D:($DECODE_DIMS)/" \
+    --benchmark_filter="Stream|Decode(_read)?/kv_len:(16384|1048576)/Hkv:8/D:($DECODE_DIMS)/" \
     --benchmark_out="$DECODE_JSON" --benchmark_out_format=json
   echo "    load after: $(uptime | sed 's/.*load average/load average/')"
   BACKWARD_ARGS+=(--inference "$DECODE_JSON")

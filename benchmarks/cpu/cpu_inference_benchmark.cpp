@@ -14,6 +14,8 @@
 //                    unique bytes) and those bytes per second as a share of the same copy
 //                    measured right before the row's timed loop (share_of_copy, against
 //                    copy_bytes_per_second) and of Stream/copy (stream_bytes_per_second).
+//   Decode_read/...  the rows a float Decode/... step at 1M tokens, batch 16 reads, read alone
+//                    (same units, same order, same threads, no arithmetic): the step's roof.
 //   Decode_paged/... the float step at 1M tokens, batch 16, with K/V in shuffled pages of 16 or
 //                    256 positions (PagedKeyValues): the decode kernel reads through the table.
 //   Decode_bf16/..., Decode_half/...   the same step on Eigen::bfloat16 / Eigen::half tensors:
@@ -261,6 +263,105 @@ double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x,
     }
   return keys * 2.0 * static_cast<double>(shape.head_dim * element_bytes) *
          static_cast<double>(shape.batch);
+}
+
+// The decode step's reads without its arithmetic: the kernel's units (sequence, branch, piece of
+// decode_key_piece keys), handed out by the same cpu::run_units, each reading its keys' K rows
+// and then their V rows position by position, the attending heads' kv slices in order, into a
+// sum (16 partial sums: the loads, not the adds, set the pace). What this access pattern can
+// draw from this machine's memory: the roof of a decode step, where Stream/read is the roof of a
+// sequential read. `row_of(cache, b, y)` is position y's [Hkv, D] row of element b.
+class DecodeReads {
+ public:
+  DecodeReads(const Config& config, std::int64_t B, std::int64_t H, std::int64_t Hkv,
+              std::int64_t D, std::int64_t x)
+      : dim_(D) {
+    const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t i = 0; i < branches; ++i) {
+        Unit unit{b, {}, {}};
+        for (std::int64_t h = 0; h < H; ++h) {
+          const da::Progression keys = da::cpu::detail::decode_keys(config, H, i, h, x, x + 1);
+          if (keys.empty()) continue;
+          unit.keys = keys;
+          if (unit.kv_read.empty() || unit.kv_read.back() != h / (H / Hkv))
+            unit.kv_read.push_back(h / (H / Hkv));
+        }
+        if (unit.kv_read.empty()) continue;
+        const std::int64_t piece = da::cpu::decode_key_piece;
+        for (std::int64_t p = 0; p * piece < unit.keys.count; ++p)
+          units_.push_back(Unit{b, unit.keys.slice(p * piece, (p + 1) * piece), unit.kv_read});
+      }
+  }
+
+  template <class RowOf>
+  float read(const float* k, const float* v, const RowOf& row_of) const {
+    std::atomic<std::uint32_t> sink{0};
+    da::cpu::run_units(static_cast<std::int64_t>(units_.size()), threads(), [&](const auto& next) {
+      float partial[16] = {};
+      for (std::int64_t u = next(); u >= 0; u = next()) {
+        const Unit& unit = units_[static_cast<std::size_t>(u)];
+        for (const float* cache : {k, v})
+          for (std::int64_t j = 0; j < unit.keys.count; ++j) {
+            const float* at = row_of(cache, unit.b, unit.keys.at(j));
+            for (std::int64_t c : unit.kv_read)
+              for (std::int64_t d = 0; d + 16 <= dim_; d += 16)
+                for (int l = 0; l < 16; ++l) partial[l] += at[c * dim_ + d + l];
+          }
+      }
+      float sum = 0;
+      for (float value : partial) sum += value;
+      std::uint32_t bits;
+      std::memcpy(&bits, &sum, sizeof bits);
+      sink.fetch_xor(bits, std::memory_order_relaxed);
+    });
+    const std::uint32_t bits = sink.load();
+    float result;
+    std::memcpy(&result, &bits, sizeof result);
+    return result;
+  }
+
+ private:
+  struct Unit {
+    std::int64_t b;
+    da::Progression keys;
+    std::vector<std::int64_t> kv_read;
+  };
+  std::int64_t dim_;
+  std::vector<Unit> units_;
+};
+
+// Decode_read/...: the rows a Decode/... step reads, read alone (DecodeReads), with the same
+// counters: its share of the copy is the ceiling the step's share can reach here.
+void BM_DecodeRead(benchmark::State& state) {
+  const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
+                     B = state.range(3);
+  const std::int64_t H = 8;
+  const Config config = longnet();
+  const Shape shape{B, kv_len, H, Hkv, D};
+  const std::int64_t x = kv_len - 1;
+  const std::size_t row = static_cast<std::size_t>(Hkv * D),
+                    element = static_cast<std::size_t>(kv_len) * row;
+  Mapping<float> k(static_cast<std::size_t>(B) * element), v(static_cast<std::size_t>(B) * element);
+  const std::int64_t touched = std::min<std::int64_t>(kv_len, 32768);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::size_t lo =
+        static_cast<std::size_t>(b) * element + static_cast<std::size_t>(kv_len - touched) * row;
+    fill(k.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         10 + static_cast<std::uint64_t>(b));
+    fill(v.data, lo, lo + static_cast<std::size_t>(touched) * row,
+         100 + static_cast<std::uint64_t>(b));
+  }
+  const DecodeReads reads(config, B, H, Hkv, D, x);
+  auto row_of = [&](const float* cache, std::int64_t b, std::int64_t y) {
+    return cache + static_cast<std::size_t>(b) * element + static_cast<std::size_t>(y) * row;
+  };
+  benchmark::DoNotOptimize(reads.read(k.data, v.data, row_of));
+  const double adjacent_copy = adjacent_copy_bytes_per_second();
+  for (auto _ : state) benchmark::DoNotOptimize(reads.read(k.data, v.data, row_of));
+  report_decode(state, decode_kv_bytes(config, shape, x, sizeof(float)), B, adjacent_copy);
+  state.counters["kv_len"] = static_cast<double>(kv_len);
+  state.counters["worker_threads"] = threads();
 }
 
 template <class T>
@@ -728,6 +829,13 @@ void register_benchmarks() {
             decode_half->Args({kv_len, Hkv, D, batch});
           }
         }
+  auto* decode_read = benchmark::RegisterBenchmark("Decode_read", BM_DecodeRead);
+  decode_read->ArgNames({"kv_len", "Hkv", "D", "batch"})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
+  for (std::int64_t D : {64, 128})
+    for (std::int64_t Hkv : {8, 2}) decode_read->Args({1048576, Hkv, D, 16});
   auto* decode_paged = benchmark::RegisterBenchmark("Decode_paged", BM_DecodePaged<float>);
   decode_paged->ArgNames({"kv_len", "Hkv", "D", "batch", "page_size"})
       ->UseRealTime()
