@@ -18,6 +18,7 @@
 //                    (same units, same order, same threads, no arithmetic): the step's roof.
 //   Decode_paged/... the float step at 1M tokens, batch 16, with K/V in shuffled pages of 16 or
 //                    256 positions (PagedKeyValues): the decode kernel reads through the table.
+//   Decode_paged_read/...  its rows read alone through the same table (D = 64): its roof.
 //   Decode_bf16/..., Decode_half/...   the same step on Eigen::bfloat16 / Eigen::half tensors:
 //                    half the bytes per key/value row, read in place and widened in registers.
 //                    The caches are mapped with MAP_NORESERVE and only the rows a step reads are
@@ -431,7 +432,9 @@ void BM_Decode(benchmark::State& state) {
 // consecutive pages of a sequence are anywhere in the pool. The pool is mapped like the
 // contiguous caches and only the pages holding the last max(w) positions are written. Checked
 // like Decode/... (elements 0 and B - 1, every head, against the fp64 definition).
-template <class T>
+// ReadsOnly: Decode_paged_read/..., the step's rows read alone through the same table
+// (DecodeReads), the paged step's roof.
+template <class T, bool ReadsOnly = false>
 void BM_DecodePaged(benchmark::State& state) {
   const std::int64_t kv_len = state.range(0), Hkv = state.range(1), D = state.range(2),
                      B = state.range(3), page_size = state.range(4);
@@ -469,6 +472,22 @@ void BM_DecodePaged(benchmark::State& state) {
       std::memcpy(k.data + page * page_elements, ek.data + from, count * sizeof(T));
       std::memcpy(v.data + page * page_elements, ev.data + from, count * sizeof(T));
     }
+  }
+  if constexpr (ReadsOnly) {
+    const DecodeReads reads(config, B, H, Hkv, D, x);
+    auto row_of = [&](const float* cache, std::int64_t b, std::int64_t y) {
+      const auto page = static_cast<std::size_t>(
+          table[static_cast<std::size_t>(b * pages_per_sequence + y / page_size)]);
+      return cache + page * page_elements + static_cast<std::size_t>(y % page_size) * row;
+    };
+    benchmark::DoNotOptimize(reads.read(k.data, v.data, row_of));
+    const double adjacent_copy = adjacent_copy_bytes_per_second();
+    for (auto _ : state) benchmark::DoNotOptimize(reads.read(k.data, v.data, row_of));
+    report_decode(state, decode_kv_bytes(config, shape, x, sizeof(T)), B, adjacent_copy);
+    state.counters["kv_len"] = static_cast<double>(kv_len);
+    state.counters["page_size"] = static_cast<double>(page_size);
+    state.counters["worker_threads"] = threads();
+    return;
   }
   std::vector<T> q(static_cast<std::size_t>(B * H * D)), out(q.size());
   std::vector<float> lse(static_cast<std::size_t>(B * H));
@@ -844,6 +863,15 @@ void register_benchmarks() {
   for (std::int64_t D : {64, 128})
     for (std::int64_t Hkv : {8, 2})
       for (std::int64_t page_size : {16, 256}) decode_paged->Args({1048576, Hkv, D, 16, page_size});
+  auto* decode_paged_read =
+      benchmark::RegisterBenchmark("Decode_paged_read", BM_DecodePaged<float, true>);
+  decode_paged_read->ArgNames({"kv_len", "Hkv", "D", "batch", "page_size"})
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->MinTime(0.3);
+  for (std::int64_t Hkv : {8, 2})
+    for (std::int64_t page_size : {16, 256})
+      decode_paged_read->Args({1048576, Hkv, 64, 16, page_size});
   benchmark::RegisterBenchmark("Prefill/chunk_2k_at_64k", BM_PrefillChunk)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond)
