@@ -269,14 +269,16 @@ double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x,
 // The decode step's reads without its arithmetic: the kernel's units (sequence, branch, piece of
 // decode_key_piece keys), handed out by the same cpu::run_units, each reading its keys' K rows
 // and then their V rows position by position, the attending heads' kv slices in order, into a
-// sum (16 partial sums: the loads, not the adds, set the pace). What this access pattern can
-// draw from this machine's memory: the roof of a decode step, where Stream/read is the roof of a
-// sequential read. `row_of(cache, b, y)` is position y's [Hkv, D] row of element b.
+// sum (16 partial sums: the loads, not the adds, set the pace), asking for the rows
+// `prefetch_bytes` ahead as the kernel does (without that, the kernel outran this loop by up to
+// 1.3x on the strided rows). What this access pattern draws from this machine's memory: the roof
+// of a decode step, where Stream/read is the roof of a sequential read. `row_of(cache, b, y)` is
+// position y's [Hkv, D] row of element b.
 class DecodeReads {
  public:
   DecodeReads(const Config& config, std::int64_t B, std::int64_t H, std::int64_t Hkv,
-              std::int64_t D, std::int64_t x)
-      : dim_(D) {
+              std::int64_t D, std::int64_t x, std::int64_t prefetch = 4096)
+      : dim_(D), prefetch_bytes(prefetch) {
     const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t i = 0; i < branches; ++i) {
@@ -302,8 +304,17 @@ class DecodeReads {
       float partial[16] = {};
       for (std::int64_t u = next(); u >= 0; u = next()) {
         const Unit& unit = units_[static_cast<std::size_t>(u)];
+        const auto read = static_cast<std::int64_t>(unit.kv_read.size());
+        const std::int64_t row_bytes = dim_ * std::int64_t(sizeof(float));
+        const std::int64_t ahead =
+            std::clamp<std::int64_t>(prefetch_bytes / (read * row_bytes), 1, 32);
         for (const float* cache : {k, v})
           for (std::int64_t j = 0; j < unit.keys.count; ++j) {
+            if (j + ahead < unit.keys.count) {
+              const float* later = row_of(cache, unit.b, unit.keys.at(j + ahead));
+              for (std::int64_t c : unit.kv_read)
+                da::cpu::kernels::prefetch_bytes(later + c * dim_, row_bytes);
+            }
             const float* at = row_of(cache, unit.b, unit.keys.at(j));
             for (std::int64_t c : unit.kv_read)
               for (std::int64_t d = 0; d + 16 <= dim_; d += 16)
@@ -329,6 +340,7 @@ class DecodeReads {
     std::vector<std::int64_t> kv_read;
   };
   std::int64_t dim_;
+  std::int64_t prefetch_bytes;
   std::vector<Unit> units_;
 };
 
