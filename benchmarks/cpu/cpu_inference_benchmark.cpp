@@ -270,7 +270,7 @@ double decode_kv_bytes(const Config& config, const Shape& shape, std::int64_t x,
 // decode_key_piece keys), handed out by the same cpu::run_units, each reading its keys' K rows
 // and then their V rows position by position, the attending heads' kv slices in order, into a
 // sum (16 partial sums: the loads, not the adds, set the pace), asking for the rows
-// `prefetch_bytes` ahead as the kernel does (without that, the kernel outran this loop by up to
+// `prefetch` bytes ahead as the kernel does (without that, the kernel outran this loop by up to
 // 1.3x on the strided rows). What this access pattern draws from this machine's memory: the roof
 // of a decode step, where Stream/read is the roof of a sequential read. `row_of(cache, b, y)` is
 // position y's [Hkv, D] row of element b.
@@ -278,7 +278,7 @@ class DecodeReads {
  public:
   DecodeReads(const Config& config, std::int64_t B, std::int64_t H, std::int64_t Hkv,
               std::int64_t D, std::int64_t x, std::int64_t prefetch = 4096)
-      : dim_(D), prefetch_bytes(prefetch) {
+      : dim_(D), prefetch_bytes_(prefetch) {
     const auto branches = static_cast<std::int64_t>(config.segment_lengths.size());
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t i = 0; i < branches; ++i) {
@@ -307,7 +307,7 @@ class DecodeReads {
         const auto read = static_cast<std::int64_t>(unit.kv_read.size());
         const std::int64_t row_bytes = dim_ * std::int64_t(sizeof(float));
         const std::int64_t ahead =
-            std::clamp<std::int64_t>(prefetch_bytes / (read * row_bytes), 1, 32);
+            std::clamp<std::int64_t>(prefetch_bytes_ / (read * row_bytes), 1, 32);
         for (const float* cache : {k, v})
           for (std::int64_t j = 0; j < unit.keys.count; ++j) {
             if (j + ahead < unit.keys.count) {
@@ -340,7 +340,7 @@ class DecodeReads {
     std::vector<std::int64_t> kv_read;
   };
   std::int64_t dim_;
-  std::int64_t prefetch_bytes;
+  std::int64_t prefetch_bytes_;
   std::vector<Unit> units_;
 };
 
