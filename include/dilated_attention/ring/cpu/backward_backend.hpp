@@ -39,9 +39,9 @@ class CpuBackwardBackend : public CpuShard<T> {
 
   // local: the shard's shape; chunks: which global rows the views hold; lse: the forward's
   // [batch, heads, local rows]; branches: G; mean: the mixing; recompute: mean mixing with some
-  // head whose rows several branches select (Pattern::mean_recomputes_statistics), the only case whose
-  // per-branch statistics differ from the forward's LSE and dO·O (docs/semantics.md "Gradient
-  // of the mean mixing").
+  // head whose rows several branches select (Pattern::mean_recomputes_statistics), the only
+  // case whose per-branch statistics differ from the forward's LSE and dO·O
+  // (docs/semantics.md "Gradient of the mean mixing").
   CpuBackwardBackend(const Shape& local, std::vector<Chunk> chunks, View<const T> q,
                      View<const T> k, View<const T> v, View<const T> out, const Acc* lse,
                      View<const T> d_out, Acc scale, bool causal, std::int64_t branches, bool mean,
